@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CorruptCheckpointError, DownloadError, SaeNotFoundError
+from .hyperparams import Hyperparams
 from .registry import FOLDER_TEMPLATES, ORGS, SaeRef, resolve
 from .release import CHECKPOINT, HYPERPARAMS, LM_CONFIG, atomic_write_text
 from .sae import Source
@@ -112,6 +113,27 @@ def download(name: str, *, revision: str | None = None, cache_dir: str | os.Path
     source = Source(path=str(Path(hp_path).parent), repo_id=repo_id, subfolder=folder,
                     revision=rev, commit=commit, sha256=sha)
     return Downloaded(folder=Path(hp_path).parent, ref=ref, source=source)
+
+
+def fetch_hyperparams(name: str, *, revision: str | None = None,
+                      cache_dir: str | os.PathLike[str] | None = None, token: str | bool | None = None,
+                      local_files_only: bool = False) -> tuple[Hyperparams, Source]:
+    """Fetch only hyperparams.json (a few hundred bytes, not the weights) with the same
+    name resolution, fallbacks and pinning as :func:`download`.
+
+    Returns:
+        (the parsed :class:`Hyperparams`, a :class:`Source` with repo, folder and commit).
+
+    Raises:
+        The same errors as :func:`download`, and HyperparamsError for an invalid file.
+    """
+    ref = resolve(name)
+    settings = _settings(cache_dir, token, False, local_files_only)
+    rev = revision or DEFAULT_REVISION
+    hp_path, repo_id, folder = _fetch_hyperparams(name, ref, rev, settings)
+    source = Source(path=str(Path(hp_path).parent), repo_id=repo_id, subfolder=folder, revision=rev,
+                    commit=_commit_from_path(hp_path), sha256={HYPERPARAMS: _sha256_file(hp_path)})
+    return Hyperparams.from_file(hp_path), source
 
 
 # --------------------------------------------------------------------------- settings
@@ -239,31 +261,32 @@ def _fetch_optional(repo_id: str, folder: str, filename: str, revision: str,
 
 
 def _hf_download(repo_id: str, folder: str, filename: str, revision: str, s: _Settings) -> str:
-    import httpx2
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         return hf_hub_download(repo_id, filename, subfolder=folder or None, revision=revision,
                                cache_dir=s.cache_dir, token=s.token, endpoint=s.endpoint,
                                force_download=s.force_download and not s.offline,
                                local_files_only=s.offline)
-    except httpx2.HTTPError as exc:  # a cut connection that the retries could not resume
+    except (LocalEntryNotFoundError, RemoteEntryNotFoundError, RepositoryNotFoundError,
+            RevisionNotFoundError):
+        raise  # the callers turn these into SaeNotFoundError / DownloadError with context
+    except Exception as exc:
+        # A connection cut that huggingface_hub's resume retries could not recover, a size
+        # mismatch, a 5xx: nothing partial is kept (hf_hub_download deletes its temp file).
+        import httpx2
+
+        if not isinstance(exc, (httpx2.HTTPError, OSError)):
+            raise
         raise DownloadError(
             f"download of {repo_id}:{folder}/{filename} failed: {type(exc).__name__}: {exc}",
             hint="check the connection and load again; nothing partial is kept") from None
-    except OSError as exc:
-        from huggingface_hub.errors import (
-            LocalEntryNotFoundError,
-            RemoteEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-
-        if isinstance(exc, (LocalEntryNotFoundError, RemoteEntryNotFoundError,
-                            RepositoryNotFoundError, RevisionNotFoundError)):
-            raise  # the callers turn these into SaeNotFoundError / DownloadError with context
-        raise DownloadError(f"download of {repo_id}:{folder}/{filename} failed: {exc}",
-                            hint="load again; use force_download=True if it keeps failing") from None
 
 
 def _is_connection_problem(exc: BaseException) -> bool:

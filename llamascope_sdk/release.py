@@ -31,6 +31,8 @@ CHECKPOINT = "checkpoints/final.safetensors"
 RELEASE_FILES = (HYPERPARAMS, LM_CONFIG, CHECKPOINT)
 TENSOR_NAMES = ("encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias")
 FORMAT_VERSION = "llamascope-release-v1"
+#: safetensors dtype names the loader accepts.
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 
 
 def expected_shapes(hp: Hyperparams) -> dict[str, tuple[int, ...]]:
@@ -78,11 +80,16 @@ def open_checkpoint(path: Path, hp: Hyperparams, device: str = "cpu") -> Any:
             f"{path}: tensor names do not match the release layout: missing {missing}, "
             f"unexpected {unexpected}; expected {list(want)}")
     for name, shape in want.items():
-        got = tuple(handle.get_slice(name).get_shape())
+        sl = handle.get_slice(name)
+        got = tuple(sl.get_shape())
         if got != shape:
             raise CorruptCheckpointError(
                 f"{path}: tensor '{name}' has shape {list(got)}, but hyperparams.json "
                 f"(d_model={hp.d_model}, d_sae={hp.d_sae}) requires {list(shape)}")
+        if sl.get_dtype() not in FLOAT_DTYPES:
+            raise CorruptCheckpointError(
+                f"{path}: tensor '{name}' has dtype {sl.get_dtype()}; a release checkpoint holds "
+                f"floating-point tensors ({', '.join(FLOAT_DTYPES)}; the releases use BF16)")
     return handle
 
 

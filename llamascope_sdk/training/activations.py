@@ -83,7 +83,7 @@ class ActivationGenerator:
         """Activations at the kept positions of ``tokens`` [B, T] (row-major order).
 
         Returns a dict with one [n, D] tensor per hook point and ``tokens`` [n] (the token at
-        each kept position), ``row`` [n] and ``pos`` [n].
+        each kept position), ``row`` [n] (batch row) and ``pos`` [n] (position in the row).
         """
         dev = next(self.model.parameters()).device
         b, t = tokens.shape
@@ -120,11 +120,12 @@ class LiveSource:
         self.store_batch_size, self.pad_id = store_batch_size, pad_id
 
     def __iter__(self) -> Iterator[Chunk]:
-        for rows in self.tokens.batches(self.store_batch_size):
-            start = self.tokens.position
+        for docs, rows in self.tokens.batches(self.store_batch_size):
             lengths = torch.tensor([len(r) for r in rows])
             chunk = self.generator(pad_rows(rows, self.pad_id), lengths)
-            chunk["doc"] = torch.full_like(chunk["row"], start)  # position after this batch
+            meta = torch.tensor(docs, dtype=torch.int32)[chunk.pop("row").long()]
+            chunk["doc"] = meta[:, 0].contiguous()
+            chunk["pos"] = chunk["pos"] + meta[:, 1]  # index into [BOS] + document tokens
             yield chunk
 
     def state_dict(self) -> dict[str, Any]:

@@ -41,6 +41,10 @@ class TrainConfig(BaseModel):
     holdout_fraction: float = Field(default=0.0, ge=0, lt=1,
                                     description="tail of each local file kept out of training")
     context_size: int = Field(default=1024, gt=1, description="documents are truncated to this")
+    split_long_documents: bool = Field(default=False,
+                                       description="cut long documents into context-size rows "
+                                                   "(each with BOS) instead of truncating; for "
+                                                   "small corpora, not the recipe")
     store_batch_size: int = Field(default=32, gt=0, description="documents per LM forward")
     buffer_tokens: int = Field(default=500_000, ge=0,
                                description="shuffle buffer; refilled when half is consumed")
@@ -137,7 +141,7 @@ class TrainConfig(BaseModel):
 
     def data_key(self) -> tuple[Any, ...]:
         """Fields that must agree for SAEs that share one LM pass and one buffer."""
-        return (self.model, self.dataset, self.dataset_split, self.text_field, self.context_size,
+        return (self.model, self.dataset, self.dataset_split, self.text_field, self.context_size, self.split_long_documents,
                 self.store_batch_size, self.buffer_tokens, self.activation_cache,
                 self.batch_size, self.total_tokens, self.seed, self.holdout_fraction,
                 self.epochs, self.ddp_data, self.device, self.lm_dtype)

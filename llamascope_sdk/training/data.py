@@ -126,11 +126,12 @@ class TokenSource:
     def __init__(self, tokenizer: Any, dataset: str, *, split: str = "train",
                  text_field: str = "text", context_size: int = 1024,
                  holdout_fraction: float = 0.0, rank: int = 0, world: int = 1,
-                 loop: bool = True) -> None:
+                 loop: bool = True, split_long: bool = False) -> None:
         self.tokenizer = tokenizer
         self.dataset, self.split, self.text_field = dataset, split, text_field
         self.context_size = context_size
         self.rank, self.world, self.loop = rank, world, loop
+        self.split_long = split_long
         self.position = 0  # documents consumed (global index over all ranks)
         self._local = (local_documents(dataset, text_field, holdout_fraction)
                        if is_local(dataset) else None)
@@ -149,28 +150,34 @@ class TokenSource:
             if i >= start:
                 yield i, text
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[tuple[int, list[int]]]:
+        """(offset in the document's tokens, row) pairs: BOS + the first context-1 tokens, or
+        with ``split_long`` every (context-1)-token window, each with its own BOS."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         bos = self.tokenizer.bos_token_id
-        if bos is not None:
-            ids = [bos, *ids]
-        return ids[:self.context_size]
+        head = [] if bos is None else [bos]
+        n = self.context_size - len(head)
+        starts = range(0, max(len(ids), 1), n) if self.split_long else [0]
+        return [(j, head + ids[j:j + n]) for j in starts]
 
-    def batches(self, n_docs: int) -> Iterator[list[list[int]]]:
-        """Lists of ``n_docs`` token lists for this rank; advances :attr:`position`."""
+    def batches(self, n_docs: int) -> Iterator[tuple[list[tuple[int, int]], list[list[int]]]]:
+        """((document index, token offset) per row, token rows) of up to ``n_docs`` rows for
+        this rank; advances :attr:`position` past the last document yielded."""
+        docs: list[tuple[int, int]] = []
         batch: list[list[int]] = []
         for i, text in self._documents(self.position):
             self.position = i + 1
             if i % self.world != self.rank:
                 continue
-            ids = self.encode(text)
-            if len(ids) > 1:
-                batch.append(ids)
-            if len(batch) == n_docs:
-                yield batch
-                batch = []
+            for off, row in self.encode(text):
+                if len(row) > 1:
+                    docs.append((i, off))
+                    batch.append(row)
+            if len(batch) >= n_docs:
+                yield docs, batch
+                docs, batch = [], []
         if batch:
-            yield batch
+            yield docs, batch
 
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position}

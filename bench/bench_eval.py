@@ -1,0 +1,88 @@
+"""Evaluation throughput relative to the bare model forward on the same tokens.
+
+    python bench/bench_eval.py [--tokens 512] [--context 128] [--repeats 2]
+
+Runs SmolLM2-135M on CPU over wikitext tokens (or random ids when the corpus is absent) and
+times: the bare forward; ``evaluate`` with 1 synthetic SAE; with 3 synthetic SAEs (R, M and a
+transcoder, d_sae = 4608). ``evaluate`` does one clean forward plus one spliced forward per SAE,
+so the floor is (1 + n_saes) x; the rest is SAE encode/decode and the log-softmax over the
+49,152-token vocabulary. Prints a table; asserts nothing. About 1-2 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # for tests.helpers (synthetic release tensors)
+
+from llamascope_sdk import SAE  # noqa: E402
+from llamascope_sdk.evaluation import evaluate  # noqa: E402
+from llamascope_sdk.models import load_model, tokenize  # noqa: E402
+from tests.helpers import raw_tensors, release_hyperparams  # noqa: E402
+
+CORPUS = Path("/work/shared/corpus/wikitext2-valid.txt")
+
+
+def token_ids(tok, n_seq: int, context: int) -> torch.Tensor:
+    if CORPUS.is_file():
+        text = CORPUS.read_text(encoding="utf-8")[: n_seq * context * 8]
+        ids = tokenize(tok, text, prepend_bos=False)[0]
+        rows = ids[: n_seq * (context - 1)].reshape(n_seq, context - 1)
+    else:
+        rows = torch.randint(3, 49152, (n_seq, context - 1))
+    bos = torch.full((n_seq, 1), tok.bos_token_id, dtype=torch.long)
+    return torch.cat([bos, rows], dim=1)
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    model, tok = load_model("smollm2-135m")
+    ids = token_ids(tok, max(1, args.tokens // args.context), args.context)
+    n_tok = ids.numel()
+    saes = [SAE.from_raw(release_hyperparams(d_model=576, d_sae=4608, layer=layer, position=pos,
+                                             norm_in=24.0 if pos == "TC" else 5.0, norm_out=2.0),
+                         raw_tensors(576, 4608, seed=layer))
+            for layer, pos in ((10, "R"), (14, "M"), (20, "TC"))]
+    batch = ids.shape[0]
+
+    @torch.inference_mode()
+    def bare() -> None:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+
+    def run(k: int):
+        return lambda: evaluate(model, tok, saes[:k], ids, tokens=n_tok, context=args.context,
+                                batch_size=batch, progress=False)
+
+    bare()  # warm-up
+    t_bare = best_of(bare, args.repeats)
+    rows = [("bare forward", t_bare, 1)]
+    for k in (1, 3):
+        rows.append((f"evaluate, {k} SAE{'s' if k > 1 else ''}", best_of(run(k), args.repeats), 1 + k))
+    print(f"SmolLM2-135M, CPU ({torch.get_num_threads()} threads), {n_tok} tokens "
+          f"({batch} x {args.context}), best of {args.repeats}")
+    print(f"{'run':<22}{'seconds':>9}{'tokens/s':>10}{'x bare':>8}{'floor':>7}")
+    for name, t, floor in rows:
+        print(f"{name:<22}{t:>9.2f}{n_tok / t:>10.0f}{t / t_bare:>8.2f}{floor:>7d}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Model cards: one README.md per checkpoint, from the Jinja template and family data in cards/.
+
+The data (``families.yaml``) and the template (``template.md.j2``) live in the repository's
+``cards/`` folder, next to the code that renders them; ``huggingface_hub.ModelCard`` writes the
+YAML front matter. ``render_card`` takes a registry :class:`SaeRef` (a released checkpoint) or a
+plain dict describing a custom SAE (what the training export passes); ``render_all`` writes the
+256 release cards plus a demo card.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .registry import ALL_SAES, BASE_MODEL, SaeRef
+
+#: A custom SAE card from a dict of metrics (what the training export produces), for render_all.
+DEMO_INFO: dict[str, Any] = {
+    "name": "smollm2-135m-L12R-demo",
+    "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "layer": 12, "position": "R", "d_model": 576, "d_sae": 4608,
+    "hook_point_in": "blocks.12.hook_resid_post", "hook_point_out": "blocks.12.hook_resid_post",
+    "load_name": "./smollm2-135m-L12R-demo", "datasets": ["Salesforce/wikitext"],
+    "recipe": {"data": "wikitext-2 (demo)", "tokens": "2M", "top_k": 50, "lr": 8e-4},
+    "metrics": {"l0_mean": 48.7, "explained_variance_centred": 0.71,
+                "explained_variance_uncentred": 0.83, "mse": 0.012, "delta_lm_loss": 0.21,
+                "kl_div": 0.19, "frac_dead": 0.03, "frac_dense": 0.004, "n_tokens": 100000,
+                "context": 1024},
+}
+
+_METRIC_LABELS = (
+    ("l0_mean", "L0 (mean active features per token)"),
+    ("explained_variance_centred", "explained variance, centred: 1 - SSE / sum ‖y - mean y‖²"),
+    ("explained_variance_uncentred", "explained variance, uncentred (paper): 1 - SSE / sum ‖y‖²"),
+    ("mse", "MSE per element (model units)"),
+    ("delta_lm_loss", "delta LM loss (nats; spliced CE - clean CE)"),
+    ("kl_div", "KL(clean ‖ spliced) (nats)"),
+    ("loss_recovered", "loss recovered vs zero ablation"),
+    ("frac_dead", "dead features (fraction; none fired)"),
+    ("frac_dense", "dense features (fraction; fired on > 10% of tokens)"),
+)
+
+
+def cards_dir() -> Path:
+    """The folder holding template.md.j2 and families.yaml: $LLAMASCOPE_CARDS_DIR, the
+    repository's cards/, or a copy shipped in the package (llamascope_sdk/assets/cards)."""
+    here = Path(__file__).resolve().parent
+    candidates = [Path(p) for p in [os.environ.get("LLAMASCOPE_CARDS_DIR")] if p]
+    candidates += [here.parent / "cards", here / "assets" / "cards"]
+    for c in candidates:
+        if (c / "template.md.j2").is_file() and (c / "families.yaml").is_file():
+            return c
+    raise FileNotFoundError(
+        "model-card template not found: looked in " + ", ".join(str(c) for c in candidates)
+        + "; set LLAMASCOPE_CARDS_DIR to a folder holding template.md.j2 and families.yaml")
+
+
+@lru_cache(maxsize=4)
+def _load(folder: str) -> tuple[dict[str, Any], str]:
+    import yaml  # a dependency of huggingface_hub
+
+    data = yaml.safe_load((Path(folder) / "families.yaml").read_text(encoding="utf-8"))
+    return data, (Path(folder) / "template.md.j2").read_text(encoding="utf-8")
+
+
+def _family() -> tuple[dict[str, Any], str]:
+    return _load(str(cards_dir()))
+
+
+def _metric_rows(metrics: Any) -> tuple[list[tuple[str, str]], str]:
+    """(label, value) rows and a one-line context from an EvalResult or its dict."""
+    if metrics is None:
+        return [], ""
+    d = metrics.to_dict() if hasattr(metrics, "to_dict") else dict(metrics)
+    rows = []
+    for key, label in _METRIC_LABELS:
+        v = d.get(key)
+        if isinstance(v, int | float):
+            rows.append((label, f"{v:.4g}".replace("|", "/")))
+    ctx = [f"{d[k]:,} {w}" for k, w in (("n_tokens", "tokens"),) if isinstance(d.get(k), int)]
+    ctx += [f"context {d['context']}"] if d.get("context") else []
+    ctx += [f"model {d['model']}"] if d.get("model") else []
+    return rows, ", ".join(ctx)
+
+
+def _release_fields(ref: SaeRef, data: dict[str, Any]) -> dict[str, Any]:
+    pos, width = data["positions"][ref.position], data["widths"][ref.expansion]
+    short = f"L{ref.layer}{ref.position}-{'32k' if ref.expansion == 8 else '128k'}"
+    saelens = ref.saelens_id
+    return {
+        "is_release": True, "title": f"Llama Scope {ref.name}: {pos['title']}, layer {ref.layer}",
+        "summary": pos["summary"].format(layer=ref.layer), "warning": pos.get("warning"),
+        "note": pos.get("note"), "layer": ref.layer, "position": ref.position,
+        "position_title": pos["title"], "d_sae": ref.d_sae, "d_model": 4096,
+        "width_label": width["label"], "base_model": BASE_MODEL,
+        "hook_point_in": ref.hook_point_in, "hook_point_out": ref.hook_point_out,
+        "hf_in": ref.hf_in, "hf_out": ref.hf_out, "load_name": short, "canonical_name": ref.name,
+        "saelens_id": None if saelens is None else f"{saelens[0]} / {saelens[1]}",
+        "neuronpedia_id": ref.neuronpedia_id, "neuronpedia_url": ref.neuronpedia_url,
+        "hub_label": f"{ref.repo_id()} / {ref.subfolder()}",
+        "hub_url": f"https://huggingface.co/{ref.repo_id()}/tree/main/{ref.subfolder()}",
+        "tokens_line": f"This checkpoint ({width['label']} features) was trained on "
+                       f"{width['tokens']}.",
+        "recipe": [{**row, "released": str(row["released"]).format(tokens=width["tokens"])}
+                   for row in data["recipe"]],
+        "tags": [*data["common"]["tags"], pos["kind_tag"], f"layer-{ref.layer}"],
+        "model_name": f"Llama Scope {ref.name}",
+    }
+
+
+def _custom_fields(info: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    required = ("layer", "position", "d_model", "d_sae", "hook_point_in", "hook_point_out")
+    missing = [k for k in required if k not in info]
+    if missing:
+        raise ValueError(f"custom SAE card info is missing {missing}; required are {list(required)}")
+    from .sites import parse_hook_point
+
+    pos_key = str(info["position"]).upper()
+    pos = data["positions"].get(pos_key, {"title": pos_key, "summary": "", "kind_tag": "sae"})
+    name = info.get("name") or f"L{info['layer']}{pos_key}"
+    recipe = [{"item": k, "released": str(v), "paper": ""} for k, v in (info.get("recipe") or {}).items()]
+    sites = [parse_hook_point(info[k]) for k in ("hook_point_in", "hook_point_out")]
+    return {
+        "is_release": False, "title": f"{name}: {pos['title']}, layer {info['layer']}",
+        "summary": info.get("summary") or pos["summary"].format(layer=info["layer"]),
+        "warning": info.get("warning"), "note": info.get("note"), "layer": info["layer"],
+        "position": pos_key, "position_title": pos["title"], "d_sae": info["d_sae"],
+        "d_model": info["d_model"], "width_label": f"{info['d_sae'] // info['d_model']}x",
+        "base_model": info.get("model", BASE_MODEL),
+        "hook_point_in": info["hook_point_in"], "hook_point_out": info["hook_point_out"],
+        "hf_in": info.get("hf_in") or _hf_words(sites[0]),
+        "hf_out": info.get("hf_out") or _hf_words(sites[1]),
+        "load_name": info.get("load_name") or info.get("repo_id") or name,
+        "neuronpedia_id": info.get("neuronpedia_id"), "neuronpedia_url": info.get("neuronpedia_url"),
+        "hub_label": info.get("repo_id"),
+        "hub_url": f"https://huggingface.co/{info['repo_id']}" if info.get("repo_id") else None,
+        "tokens_line": "Trained with llamascope-sdk; the recipe as exported:" if recipe
+                       else "No training recipe was recorded.",
+        "recipe": recipe, "tags": [*data["common"]["tags"], pos["kind_tag"], *info.get("tags", [])],
+        "model_name": name,
+    }
+
+
+def _hf_words(site: Any) -> str:
+    if site.reads_input:
+        return f"{site.module_path} (input / rms, no gain)"
+    return f"{site.module_path} (output)"
+
+
+def render_card(ref_or_info: SaeRef | str | dict[str, Any], metrics: Any = None) -> str:
+    """The README.md text (YAML front matter + markdown) for one SAE.
+
+    Args:
+        ref_or_info: a registry :class:`SaeRef` (or any name :func:`resolve` accepts) for a
+            released checkpoint, or a dict describing a custom SAE with keys ``layer``,
+            ``position``, ``d_model``, ``d_sae``, ``hook_point_in``, ``hook_point_out`` and
+            optionally ``name``, ``model`` (base model id), ``recipe`` (dict), ``metrics``,
+            ``repo_id``, ``load_name``, ``hf_in``/``hf_out``, ``tags``, ``datasets``,
+            ``license``, ``warning``, ``note``, ``summary``.
+        metrics: an :class:`~llamascope_sdk.evaluation.EvalResult` or its ``to_dict()``;
+            overrides ``info["metrics"]``.
+
+    Returns:
+        The card text; ``huggingface_hub.ModelCard(text).data`` parses its front matter.
+
+    Example:
+        >>> (folder / "README.md").write_text(render_card(resolve("L12M-128k")))
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data, template = _family()
+    common = data["common"]
+    if isinstance(ref_or_info, str):
+        from .registry import resolve
+
+        ref_or_info = resolve(ref_or_info)
+    if isinstance(ref_or_info, SaeRef):
+        fields, info = _release_fields(ref_or_info, data), {}
+    else:
+        fields, info = _custom_fields(ref_or_info, data), ref_or_info
+    rows, ctx = _metric_rows(metrics if metrics is not None else info.get("metrics"))
+    card_data = ModelCardData(
+        library_name=common["library_name"], base_model=fields["base_model"],
+        license=info.get("license", common["license"]),
+        datasets=info.get("datasets", common["datasets"]), tags=fields["tags"],
+        model_name=fields["model_name"])
+    math_note = ("For a transcoder s_in and s_out differ (the input is RMS-normalised, n_in ~ 64) "
+                 "and must not be merged." if fields["position"] == "TC" else
+                 "For an SAE s_in = s_out, so the gate reads ||d_i|| h_i / s > theta.")
+    card = ModelCard.from_template(
+        card_data, template_str=template, metrics=rows, metrics_context=ctx, math_note=math_note,
+        architecture="JumpReLU SAE (trained Top-K, K = 50; one global threshold)"
+        if fields["position"] != "TC" else "JumpReLU transcoder (trained Top-K, K = 50)",
+        paper_title=common["paper"]["title"], paper_url=common["paper"]["url"], **fields)
+    return str(card)
+
+
+def render_all(out_dir: str | os.PathLike[str], metrics: dict[str, Any] | str | None = None,
+               *, demo: bool = True) -> list[Path]:
+    """Write ``out_dir/<name>/README.md`` for each of the 256 checkpoints (and ``demo/``).
+
+    Args:
+        out_dir: where the card folders go.
+        metrics: ``{sae name: EvalResult or its dict}`` (any spelling :func:`resolve` accepts)
+            or the path of a JSON file holding that mapping, as written from ``evaluate``.
+        demo: also render the demo card of a custom SAE from :data:`DEMO_INFO`.
+
+    Returns:
+        The paths written, the demo card last.
+    """
+    from .registry import resolve
+    from .release import atomic_write_text
+
+    if isinstance(metrics, str | os.PathLike):
+        metrics = json.loads(Path(metrics).read_text(encoding="utf-8"))
+    by_name = {resolve(k).name: v for k, v in (metrics or {}).items()}
+    out, paths = Path(out_dir), []
+    for ref in ALL_SAES:
+        path = out / ref.name / "README.md"
+        atomic_write_text(path, render_card(ref, by_name.get(ref.name)))
+        paths.append(path)
+    if demo:
+        path = out / "demo" / "README.md"
+        atomic_write_text(path, render_card(DEMO_INFO))
+        paths.append(path)
+    return paths

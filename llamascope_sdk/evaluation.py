@@ -1,0 +1,461 @@
+"""Running a model and SAEs over text: L0, MSE, EV, delta LM loss, KL, dead/dense features.
+
+The protocol follows the authors' evals (spec section 5): documents get BOS prepended and are
+truncated to ``context`` tokens; BOS/EOS/pad positions are excluded from every metric and left
+clean when the reconstruction is spliced in at ``hook_point_out``; cross-entropy is averaged over
+non-special targets. Per batch there is ONE clean forward that captures every SAE's input and
+output sites, then one spliced forward per SAE (plus one zero-ablation forward per SAE when
+asked). Reconstructions are computed from the clean input; for every Llama Scope position the
+input site lies upstream of (or at) the output site, so this equals the spliced-run input.
+
+Generalisation checks (spec 5): ``context`` up to 8192 (the long-context check; needs a model
+whose ``max_position_embeddings`` allows it, and documents that long, or ``pack=True``), and
+any other model with the same hidden size, e.g. Llama-3.1-8B-Instruct with the base SAEs: just
+pass that model (``--model`` in the CLI).
+
+The hooks here are deliberately minimal (capture / replace on :mod:`.sites`); they can be
+swapped for :func:`llamascope_sdk.hooks.attach` without touching the metric code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import metrics as M
+from .errors import IncompatibleModelError
+from .models import special_ids
+from .sae import SAE
+from .sites import Site, first, hidden_size, module_for, parse_hook_point, read_activation, replace_first
+
+#: The recipe's sequence length (spec 4): documents truncated to 1024 tokens.
+DEFAULT_CONTEXT = 1024
+#: Tokens per SAE encode/decode chunk: bounds the [tokens, d_sae] activation temporaries.
+_ENCODE_CHUNK = 4096
+#: Documents sorted by length together before batching, in units of batch_size (less padding).
+_SORT_POOL = 16
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one SAE over one evaluation run. ``to_dict()`` is JSON-safe."""
+
+    sae: str
+    hook_point_in: str
+    hook_point_out: str
+    model: str
+    n_tokens: int  # activation positions counted (non-special unless include_special)
+    n_targets: int  # next-token targets counted for CE / KL
+    n_sequences: int
+    context: int
+    include_special: bool
+    l0_mean: float
+    l0: dict[str, Any]  # mean, std, quantiles, histogram
+    mse: float
+    explained_variance_centred: float  # 1 - SSE / sum ||y - mean y||^2
+    explained_variance_uncentred: float  # 1 - SSE / sum ||y||^2 (the paper's formula)
+    ce_clean: float
+    ce_spliced: float
+    delta_lm_loss: float  # ce_spliced - ce_clean
+    kl_div: float  # KL(clean || spliced), nats per counted position
+    n_dead: int
+    frac_dead: float
+    n_dense: int
+    frac_dense: float
+    dense_threshold: float = M.DENSE_FREQUENCY
+    ce_zero_ablation: float | None = None
+    loss_recovered: float | None = None  # (ce_zero - ce_spliced) / (ce_zero - ce_clean)
+    feature_frequency: torch.Tensor | None = field(default=None, repr=False)  # [F] float64
+
+    def to_dict(self, *, frequencies: bool = False) -> dict[str, Any]:
+        """Plain JSON types; non-finite floats become None. ``frequencies`` adds the [F] list."""
+        d = asdict(self)
+        freq = d.pop("feature_frequency")
+        if frequencies and freq is not None:
+            d["feature_frequency"] = [float(x) for x in freq]
+        d["kl_direction"] = "KL(clean || spliced)"
+        return _json_safe(d)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(**kwargs), indent=2, sort_keys=True)
+
+    def plot_frequencies(self, path: str | Path) -> Path:
+        """Write the firing-frequency histogram as a PNG (needs matplotlib)."""
+        if self.feature_frequency is None:
+            raise ValueError(f"{self.sae}: no feature frequencies recorded")
+        return M.plot_firing_histogram(self.feature_frequency, path, title=self.sae)
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+# ---------------------------------------------------------------------------- documents
+def iter_documents(source: str | os.PathLike[str] | Iterable[str], *, split: str = "train",
+                   text_field: str = "text") -> Iterator[str]:
+    """Documents from a local .txt/.jsonl/.parquet file, a Hugging Face dataset name, or an
+    iterable of strings. A .txt file is split into documents at blank lines."""
+    if isinstance(source, str | os.PathLike):
+        path = Path(os.fspath(source)).expanduser()
+        if path.is_file():
+            yield from _file_documents(path, text_field)
+            return
+        if isinstance(source, os.PathLike) or path.suffix in {".txt", ".jsonl", ".parquet"}:
+            raise FileNotFoundError(f"{path} does not exist")
+        yield from _hf_documents(str(source), split, text_field)
+        return
+    for doc in source:
+        if not isinstance(doc, str):
+            raise TypeError(f"documents must be strings, got {type(doc).__name__}")
+        yield doc
+
+
+def _file_documents(path: Path, text_field: str) -> Iterator[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    row = json.loads(line)
+                    yield row if isinstance(row, str) else _field(row, text_field, f"{path}:{n}")
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, columns=[text_field])
+        yield from (t for t in table.column(text_field).to_pylist() if t)
+    elif suffix in {".txt", ".md", ""}:
+        para: list[str] = []
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    para.append(line.rstrip("\n"))
+                elif para:
+                    yield "\n".join(para)
+                    para = []
+        if para:
+            yield "\n".join(para)
+    else:
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use .txt, .jsonl or .parquet")
+
+
+def _field(row: Any, text_field: str, where: str) -> str:
+    if not isinstance(row, dict) or text_field not in row:
+        keys = list(row)[:5] if isinstance(row, dict) else type(row).__name__
+        raise KeyError(f"{where}: no {text_field!r} field (found {keys}); pass text_field=")
+    return str(row[text_field])
+
+
+def _hf_documents(name: str, split: str, text_field: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ImportError("Hugging Face datasets need the `datasets` package: "
+                          "pip install 'llamascope-sdk[train]' (or pip install datasets)") from exc
+    ds = datasets.load_dataset(name, split=split, streaming=True)
+    for n, row in enumerate(ds):
+        yield _field(row, text_field, f"{name}[{split}][{n}]")
+
+
+def token_batches(tokenizer: Any, docs: Iterable[str], *, tokens: int, context: int,
+                  batch_size: int, pack: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids [B, T], valid [B, T] bool) batches holding at most ``tokens`` real tokens.
+
+    Every sequence starts with BOS. Without ``pack`` each document is one sequence, truncated
+    to ``context`` (the recipe's way); with ``pack`` documents are joined by EOS and cut into
+    sequences of exactly ``context`` tokens (for long-context checks on short documents).
+    """
+    seqs = _packed(tokenizer, docs, context) if pack else _per_document(tokenizer, docs, context)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    left, pool = tokens, []
+    for ids in seqs:
+        ids = ids[:left]
+        left -= len(ids)
+        pool.append(ids)
+        if len(pool) == batch_size * _SORT_POOL or left <= 0:
+            yield from _emit(pool, batch_size, int(pad or 0))
+            pool = []
+        if left <= 0:
+            return
+    yield from _emit(pool, batch_size, int(pad or 0))
+
+
+def _per_document(tokenizer: Any, docs: Iterable[str], context: int) -> Iterator[list[int]]:
+    bos = tokenizer.bos_token_id
+    for doc in docs:
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        if ids:
+            yield ([bos] if bos is not None else []) + ids[: context - (bos is not None)]
+
+
+def _packed(tokenizer: Any, docs: Iterable[str], context: int) -> Iterator[list[int]]:
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    head = [bos] if bos is not None else []
+    buf: list[int] = []
+    for doc in docs:
+        buf += tokenizer(doc, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        while len(buf) >= context - len(head):
+            yield head + buf[: context - len(head)]
+            buf = buf[context - len(head):]
+
+
+def _emit(pool: list[list[int]], batch_size: int, pad: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    pool = sorted((p for p in pool if p), key=len)
+    for i in range(0, len(pool), batch_size):
+        rows = pool[i:i + batch_size]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        valid = torch.zeros((len(rows), width), dtype=torch.bool)
+        for j, r in enumerate(rows):
+            ids[j, :len(r)] = torch.tensor(r, dtype=torch.long)
+            valid[j, :len(r)] = True
+        yield ids, valid
+
+
+# ---------------------------------------------------------------------------- hooks
+@contextmanager
+def _hooked(model: nn.Module, hooks: Mapping[Site, Callable[..., Any]]) -> Iterator[None]:
+    handles = []
+    try:
+        for site, fn in hooks.items():
+            handles.append(module_for(model, site).register_forward_hook(fn))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _capture_hook(store: dict[Site, torch.Tensor], site: Site) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        store[site] = read_activation(site, module, args, output).detach()
+    return hook
+
+
+def _replace_hook(new_BTD: torch.Tensor) -> Callable[..., Any]:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        return replace_first(output, new_BTD.to(first(output).dtype))
+    return hook
+
+
+# ---------------------------------------------------------------------------- evaluation
+@dataclass
+class _Running:
+    """Per-SAE sums over batches."""
+
+    sae: SAE
+    site_in: Site
+    site_out: Site
+    stats: M.ReconstructionStats
+    nll_spliced: float = 0.0
+    nll_zero: float = 0.0
+    kl: float = 0.0
+
+
+def _named(saes: SAE | Iterable[SAE] | Mapping[str, SAE]) -> dict[str, SAE]:
+    if isinstance(saes, SAE):
+        return {saes.name: saes}
+    if isinstance(saes, Mapping):
+        return dict(saes)
+    out: dict[str, SAE] = {}
+    for sae in saes:
+        name, n = sae.name, 2
+        while name in out:
+            name, n = f"{sae.name}#{n}", n + 1
+        out[name] = sae
+    return out
+
+
+def _check(model: nn.Module, named: Mapping[str, SAE], context: int) -> None:
+    d = hidden_size(model)
+    for name, sae in named.items():
+        if sae.d_model != d:
+            raise IncompatibleModelError(f"{name}: d_model={sae.d_model} but the model's hidden "
+                                         f"size is {d}; Llama Scope SAEs need Llama-3.1-8B (4096)")
+        for hp in (sae.hyperparams.hook_point_in, sae.hyperparams.hook_point_out):
+            module_for(model, parse_hook_point(hp))
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context < 2:
+        raise ValueError(f"context must be at least 2 tokens, got {context}")
+    if max_pos is not None and context > max_pos:
+        raise IncompatibleModelError(
+            f"context={context} exceeds the model's max_position_embeddings={max_pos}; use "
+            f"context <= {max_pos}, or a model with a longer window (Llama-3.1-8B: 131072)")
+
+
+def _reconstruct(sae: SAE, x_ND: torch.Tensor, y_ND: torch.Tensor,
+                 stats: M.ReconstructionStats) -> torch.Tensor:
+    """y^ for the counted tokens, chunked so [tokens, d_sae] temporaries stay small."""
+    out = torch.empty_like(y_ND)
+    for i in range(0, x_ND.shape[0], _ENCODE_CHUNK):
+        f = sae.encode(x_ND[i:i + _ENCODE_CHUNK])
+        y_hat = sae.decode(f)
+        stats.update(y_ND[i:i + _ENCODE_CHUNK], y_hat, f)
+        out[i:i + _ENCODE_CHUNK] = y_hat.to(device=out.device, dtype=out.dtype)
+    return out
+
+
+def _forward(model: nn.Module, ids: torch.Tensor, valid: torch.Tensor,
+             hooks: Mapping[Site, Callable[..., Any]]) -> torch.Tensor:
+    with _hooked(model, hooks):
+        out = model(input_ids=ids, attention_mask=valid.long(), use_cache=False)
+    return M.log_probs(out.logits)
+
+
+def _masked_sum(v_BT: torch.Tensor, m_BT: torch.Tensor) -> float:
+    return float((v_BT * m_BT).sum())
+
+
+def _run_batch(model: nn.Module, ids: torch.Tensor, valid: torch.Tensor, count: torch.Tensor,
+               runs: list[_Running], zero_ablation: bool) -> float:
+    """One clean pass, then one spliced pass per SAE; returns the clean NLL sum."""
+    acts: dict[Site, torch.Tensor] = {}
+    sites = {s for r in runs for s in (r.site_in, r.site_out)}
+    log_p = _forward(model, ids, valid, {s: _capture_hook(acts, s) for s in sites})
+    tmask = count[:, 1:].float()  # position t counts iff its target t+1 does
+    nll_clean = _masked_sum(M.nll_from_log_probs(log_p, ids), tmask)
+    # KL(p || q) = sum p log p - sum p log q: the first term and p are shared by all SAEs,
+    # so each SAE costs one dot product over the vocabulary, not an exp and a subtraction.
+    p = log_p.exp()
+    neg_entropy = torch.linalg.vecdot(p, log_p)
+    for r in runs:
+        y = acts[r.site_out]
+        spliced = y.clone()
+        spliced[count] = _reconstruct(r.sae, acts[r.site_in][count], y[count], r.stats)
+        log_q = _forward(model, ids, valid, {r.site_out: _replace_hook(spliced)})
+        r.nll_spliced += _masked_sum(M.nll_from_log_probs(log_q, ids), tmask)
+        kl = neg_entropy - torch.linalg.vecdot(p, log_q)
+        r.kl += _masked_sum(kl[:, :-1], tmask)
+        del log_q
+        if zero_ablation:
+            spliced[count] = 0
+            log_z = _forward(model, ids, valid, {r.site_out: _replace_hook(spliced)})
+            r.nll_zero += _masked_sum(M.nll_from_log_probs(log_z, ids), tmask)
+    return nll_clean
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, tokenizer: Any,
+             saes: SAE | Iterable[SAE] | Mapping[str, SAE],
+             texts_or_dataset: str | os.PathLike[str] | Iterable[str] | torch.Tensor, *,
+             tokens: int = 100_000, context: int | None = None, batch_size: int | None = None,
+             include_special: bool = False, progress: bool = True, pack: bool = False,
+             zero_ablation: bool = False, split: str = "train",
+             text_field: str = "text") -> dict[str, EvalResult]:
+    """Evaluate SAEs on a model over text: L0, MSE, EV (centred and uncentred), delta LM loss,
+    KL(clean || spliced), dead and dense features.
+
+    Args:
+        model, tokenizer: a Llama-family causal LM (any with the SAEs' hidden size: the
+            Instruct model works with the base SAEs) and its tokenizer.
+        saes: one SAE, several (their names key the result), or a ``{name: SAE}`` mapping.
+            All share one clean forward per batch; each adds one spliced forward.
+        texts_or_dataset: a .txt/.jsonl/.parquet path, a Hugging Face dataset name (streamed
+            with ``datasets``; ``split`` and ``text_field`` pick the rows), an iterable of
+            strings, or a LongTensor [B, T] of token ids used as given (no padding).
+        tokens: at most this many tokens (BOS included) are fed to the model.
+        context: at most this many tokens per sequence; default 1024 (the recipe's), capped
+            at the model's window. Up to 8192 for the long-context check; a value beyond the
+            model's ``max_position_embeddings`` is an error.
+        batch_size: sequences per forward; default ``max(1, 2048 // context)``.
+        include_special: also count BOS/EOS/pad positions and splice there (default: no, as
+            in the recipe: special positions are excluded and left clean).
+        progress: show a tqdm bar over tokens.
+        pack: join documents (EOS-separated) and cut sequences of exactly ``context`` tokens.
+        zero_ablation: also run the output site zeroed, giving ``ce_zero_ablation`` and
+            ``loss_recovered`` (one more forward per SAE).
+
+    Returns:
+        ``{sae name: EvalResult}``.
+
+    Raises:
+        IncompatibleModelError: wrong hidden size, missing layer, or context longer than the
+            model's ``max_position_embeddings``.
+
+    Example:
+        >>> model, tok = load_model("meta-llama/Llama-3.1-8B", device="cuda")
+        >>> res = evaluate(model, tok, [SAE.from_pretrained("L15R-8x")], "corpus.txt",
+        ...                tokens=50_000)
+        >>> res["L15R-8x"].to_dict()["delta_lm_loss"]
+    """
+    named = _named(saes)
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    context = context or min(DEFAULT_CONTEXT, max_pos or DEFAULT_CONTEXT)
+    _check(model, named, context)
+    batch_size = batch_size or max(1, 2048 // context)
+    device = next(model.parameters()).device
+    runs = [_Running(sae, parse_hook_point(sae.hyperparams.hook_point_in),
+                     parse_hook_point(sae.hyperparams.hook_point_out),
+                     M.ReconstructionStats(sae.d_model, sae.d_sae)) for sae in named.values()]
+    specials = torch.tensor(sorted(special_ids(tokenizer)), dtype=torch.long, device=device)
+    if isinstance(texts_or_dataset, torch.Tensor):
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = _tensor_batches(
+            texts_or_dataset, tokens, context, batch_size)
+    else:
+        docs = iter_documents(texts_or_dataset, split=split, text_field=text_field)
+        batches = token_batches(tokenizer, docs, tokens=tokens, context=context,
+                                batch_size=batch_size, pack=pack)
+    from tqdm.auto import tqdm
+
+    n_seq, nll_clean, n_targets = 0, 0.0, 0
+    with tqdm(total=tokens, unit="tok", disable=not progress, desc="evaluate") as bar:
+        for ids, valid in batches:
+            ids, valid = ids.to(device), valid.to(device)
+            count = valid if include_special else valid & ~torch.isin(ids, specials)
+            nll_clean += _run_batch(model, ids, valid, count, runs, zero_ablation)
+            n_targets += int(count[:, 1:].sum())
+            n_seq += ids.shape[0]
+            bar.update(int(valid.sum()))
+    name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+    return {key: _result(key, r, name, n_seq, n_targets, nll_clean, context, include_special,
+                         zero_ablation) for key, r in zip(named, runs, strict=True)}
+
+
+def _tensor_batches(ids: torch.Tensor, tokens: int, context: int,
+                    batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if ids.dim() != 2:
+        raise ValueError(f"token ids must be [batch, seq], got shape {list(ids.shape)}")
+    ids = ids[:, :context].long()
+    rows = max(1, min(ids.shape[0], tokens // max(1, ids.shape[1])))
+    for i in range(0, rows, batch_size):
+        chunk = ids[i:min(i + batch_size, rows)]
+        yield chunk, torch.ones_like(chunk, dtype=torch.bool)
+
+
+def _result(key: str, r: _Running, model_name: str, n_seq: int, n_targets: int, nll_clean: float,
+            context: int, include_special: bool, zero_ablation: bool) -> EvalResult:
+    st = r.stats
+    nt = max(1, n_targets)
+    ce_clean, ce_spliced = nll_clean / nt, r.nll_spliced / nt
+    counts = st.fire_counts if st.fire_counts is not None else torch.zeros(r.sae.d_sae, dtype=torch.long)
+    n_tok = max(1, st.n_tokens)
+    n_dead = int(M.dead_features(counts).numel())
+    n_dense = int(M.dense_features(counts, n_tok).numel())
+    l0 = M.l0_summary(st.l0_all)
+    ce_zero = r.nll_zero / nt if zero_ablation else None
+    recovered = None
+    if ce_zero is not None and ce_zero != ce_clean:
+        recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean)
+    return EvalResult(
+        sae=key, hook_point_in=r.site_in.hook_point, hook_point_out=r.site_out.hook_point,
+        model=model_name, n_tokens=st.n_tokens, n_targets=n_targets, n_sequences=n_seq,
+        context=context, include_special=include_special, l0_mean=float(l0["mean"]), l0=l0,
+        mse=st.mse, explained_variance_centred=st.ev_centred,
+        explained_variance_uncentred=st.ev_uncentred, ce_clean=ce_clean, ce_spliced=ce_spliced,
+        delta_lm_loss=ce_spliced - ce_clean, kl_div=r.kl / nt, n_dead=n_dead,
+        frac_dead=n_dead / r.sae.d_sae, n_dense=n_dense, frac_dense=n_dense / r.sae.d_sae,
+        ce_zero_ablation=ce_zero, loss_recovered=recovered,
+        feature_frequency=M.firing_frequency(counts.cpu(), n_tok))

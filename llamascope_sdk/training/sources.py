@@ -1,0 +1,57 @@
+"""Wire a run's data: load the LM and build a live or cached activation source for a rank."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .activations import ActivationGenerator, LiveSource, special_ids_of
+from .cache import CacheSource
+from .config import TrainConfig
+from .data import TokenSource
+
+
+def hook_points_of(cfgs: list[TrainConfig]) -> list[str]:
+    """Every hook point the SAEs read or predict, deduplicated in order."""
+    return list(dict.fromkeys(h for c in cfgs for h in (c.hook_point_in, c.hook_point_out)))
+
+
+def load_lm(cfg: TrainConfig) -> tuple[Any, Any]:
+    from ..models import load_model
+
+    dtype = cfg.lm_dtype or ("bfloat16" if cfg.device.startswith("cuda") else "float32")
+    return load_model(cfg.model, device=cfg.device, dtype=dtype)
+
+
+def live_source(cfg: TrainConfig, hook_points: list[str], model: Any, tokenizer: Any, *,
+                rank: int = 0, world: int = 1, heldout: bool = False,
+                loop: bool = True) -> LiveSource:
+    """A live source; rank r of world generates documents i % world == r."""
+    tokens = TokenSource(tokenizer, cfg.dataset, split=cfg.dataset_split,
+                         text_field=cfg.text_field, context_size=cfg.context_size,
+                         holdout_fraction=0.0 if heldout else cfg.holdout_fraction,
+                         rank=rank, world=world, loop=loop,
+                         split_long=cfg.split_long_documents)
+    if heldout:
+        from .data import local_documents
+
+        tokens._local = local_documents(cfg.dataset, cfg.text_field, cfg.holdout_fraction,
+                                        heldout=True)
+    gen = ActivationGenerator(model, hook_points, special_ids_of(tokenizer), dtype=torch.float32)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return LiveSource(gen, tokens, cfg.store_batch_size, int(pad or 0))
+
+
+def build_source(cfgs: list[TrainConfig], *, rank: int = 0, world: int = 1,
+                 model: Any = None, tokenizer: Any = None) -> LiveSource | CacheSource:
+    """The training source for these SAEs (which share data settings) on one rank."""
+    cfg = cfgs[0]
+    hps = hook_points_of(cfgs)
+    shard_rank, shard_world = (rank, world) if cfg.ddp_data == "shard" else (0, 1)
+    if cfg.activation_cache:
+        return CacheSource(cfg.activation_cache, epochs=cfg.epochs, seed=cfg.seed,
+                           rank=shard_rank, world=shard_world, hook_points=hps)
+    if model is None:
+        model, tokenizer = load_lm(cfg)
+    return live_source(cfg, hps, model, tokenizer, rank=shard_rank, world=shard_world)

@@ -1,0 +1,288 @@
+"""attach(): sites against independent captures, lifetime, reading, splicing, errors and dtypes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from llamascope_sdk import SAE, attach
+from llamascope_sdk.errors import FeatureIndexError, HookpointNotFoundError, IncompatibleModelError
+from llamascope_sdk.interventions import Clamp, Steer
+from llamascope_sdk.models import tokenize
+from llamascope_sdk.sites import rms_normalized
+
+from .helpers import raw_tensors, release_hyperparams
+
+TEXT = "The quick brown fox jumps over the lazy dog near the river bank."
+
+
+def synthetic_sae(model: nn.Module, ids: torch.Tensor, layer: int, position: str, d_sae: int = 2304,
+                  seed: int = 0, l0: int = 40, tied: bool = False) -> SAE:
+    """A random SAE at a real site whose threshold makes about ``l0`` features fire per token
+    of ``ids`` (BOS excluded). ``tied``: encoder rows along the decoder directions, so that
+    steering a feature raises its own activation."""
+    d = model.config.hidden_size
+    raw = raw_tensors(d, d_sae, seed, dtype=torch.float32)
+    if tied:
+        raw["encoder.weight"] = raw["decoder.weight"].t().contiguous()
+    sae = SAE.from_raw(release_hyperparams(d_model=d, d_sae=d_sae, layer=layer, position=position,
+                                           threshold=0.0, norm_in=float(d) ** 0.5), raw)
+    sae.source.subfolder = f"L{layer}{position}-s{seed}"
+    with attach(model, [sae], capture=("inputs",)) as h, torch.no_grad():
+        model(input_ids=ids)
+    pre = sae.pre_acts(h.inputs[sae.name][:, 1:]).flatten()
+    sae.threshold.fill_(float(pre.topk(l0 * (ids.shape[1] - 1)).values[-1]))
+    return sae
+
+
+def _no_hooks(model: nn.Module) -> bool:
+    """No hook of ours is left (transformers installs its own output-capturing hooks on the
+    first ``output_hidden_states=True`` call and keeps them, so those are ignored here)."""
+    return not any(getattr(fn, "__module__", "") == "llamascope_sdk.hooks"
+                   for m in model.modules()
+                   for fn in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
+
+
+def _empty_hook_dicts(model: nn.Module) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+# ---------------------------------------------------------------- sites on the real model
+@pytest.fixture(scope="module")
+def smol(smollm2):
+    model, tok = smollm2
+    return model, tok, tokenize(tok, TEXT)
+
+
+@pytest.mark.smollm
+def test_sites_match_independent_capture(smol):
+    model, _, ids = smol
+    L = 5
+    layer = model.model.layers[L]
+    saes = {p: synthetic_sae(model, ids, L, p, seed=i) for i, p in enumerate(["R", "A", "M", "TC"])}
+    attn = {}
+    probe = layer.self_attn.o_proj.register_forward_hook(lambda m, a, o: attn.setdefault("out", o))
+    try:
+        with torch.no_grad():
+            clean = model(input_ids=ids, output_hidden_states=True)
+    finally:
+        probe.remove()
+    hs = clean.hidden_states
+    with torch.no_grad():
+        resid_mid = hs[L] + attn["out"]
+        mlp_out = layer.mlp(layer.post_attention_layernorm(resid_mid))
+    eps = model.config.rms_norm_eps
+    tc_in = resid_mid / torch.sqrt(resid_mid.pow(2).mean(-1, keepdim=True) + eps)
+    torch.testing.assert_close(resid_mid + mlp_out, hs[L + 1], atol=1e-4, rtol=1e-4)
+
+    with attach(model, saes) as h, torch.no_grad():
+        model(input_ids=ids)
+    want = {"R": (hs[L + 1], hs[L + 1]), "A": (attn["out"], attn["out"]), "M": (mlp_out, mlp_out),
+            "TC": (tc_in, mlp_out)}
+    for p, (x, y) in want.items():
+        torch.testing.assert_close(h.inputs[p], x, atol=1e-5, rtol=1e-5, msg=p)
+        torch.testing.assert_close(h.targets[p], y, atol=1e-5, rtol=1e-5, msg=p)
+        f = saes[p].encode(h.inputs[p])
+        f[:, 0] = 0  # BOS excluded by default
+        torch.testing.assert_close(h.features[p], f, msg=p)
+        torch.testing.assert_close(h.recons[p], saes[p].decode(saes[p].encode(x)), atol=1e-4, rtol=1e-4)
+        assert 5 < (h.features[p][0, 1:] > 0).sum(-1).float().mean() < 200, p
+    assert _no_hooks(model)
+
+
+@pytest.mark.smollm
+def test_two_saes_on_one_site_and_last_layer(smol):
+    model, _, ids = smol
+    last = model.config.num_hidden_layers - 1
+    a, b = synthetic_sae(model, ids, 3, "R", seed=1), synthetic_sae(model, ids, 3, "R", seed=2)
+    top = synthetic_sae(model, ids, last, "R", seed=3)
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    with attach(model, {"a": a, "b": b, "top": top}) as h, torch.no_grad():
+        model(input_ids=ids)
+    torch.testing.assert_close(h.inputs["a"], hs[4])
+    torch.testing.assert_close(h.inputs["b"], hs[4])
+    assert not torch.equal(h.features["a"], h.features["b"])
+    # hidden_states[-1] is after the final norm: the last layer's output is not in it.
+    torch.testing.assert_close(model.model.norm(h.inputs["top"]), hs[last + 1])
+
+
+# ---------------------------------------------------------------- splicing
+@pytest.mark.smollm
+@pytest.mark.parametrize("position", ["R", "A", "M", "TC"])
+def test_splice_with_error_term_keeps_logits(smol, position):
+    model, _, ids = smol
+    sae = synthetic_sae(model, ids, 7, position)
+    with torch.no_grad():
+        clean = model(input_ids=ids).logits
+        with attach(model, [sae], splice=True):
+            spliced = model(input_ids=ids).logits
+        with attach(model, [sae], splice=True, error_term=False):
+            lossy = model(input_ids=ids).logits
+    assert (spliced - clean).abs().max() <= 1e-4
+    assert (lossy - clean).abs().max() > 1e-2
+    assert _no_hooks(model)
+
+
+@pytest.mark.smollm
+def test_splice_leaves_special_positions_clean(smol):
+    model, _, ids = smol
+    sae = synthetic_sae(model, ids, 4, "R")
+
+    def flowing(**kw):  # what reaches layer 5 (transformers' own hidden_states hooks run first)
+        seen = {}
+        probe = model.model.layers[5].register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+        try:
+            with torch.no_grad(), attach(model, [sae], **kw) as h:
+                model(input_ids=ids)
+        finally:
+            probe.remove()
+        return seen["x"], h
+
+    clean, _ = flowing()
+    spliced, _ = flowing(splice=True, error_term=False)
+    everywhere, h = flowing(splice=True, error_term=False, include_special=True)
+    torch.testing.assert_close(spliced[:, 0], clean[:, 0])  # BOS untouched
+    torch.testing.assert_close(spliced[:, 1:], sae(clean[:, 1:]), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(everywhere[:, 0], clean[:, 0])
+    assert (h.features[sae.name][0, 0] > 0).any()
+
+
+# ---------------------------------------------------------------- lifetime (tiny model)
+def _tiny_sae(d: int = 64, layer: int = 1, position: str = "R", d_sae: int = 256, seed: int = 0) -> SAE:
+    return SAE.from_raw(release_hyperparams(d_model=d, d_sae=d_sae, layer=layer, position=position,
+                                            threshold=0.05), raw_tensors(d, d_sae, seed, torch.float32))
+
+
+def test_hooks_removed_on_exit_exception_and_interrupt(tiny_llama):
+    from transformers import LlamaForCausalLM
+
+    tiny_llama = LlamaForCausalLM(tiny_llama.config).eval()  # fresh: no transformers hooks yet
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    saes = [_tiny_sae(position=p) for p in ("R", "A", "M", "TC")] + [_tiny_sae(seed=1)]
+    with attach(tiny_llama, saes, splice=False, interventions=[Steer(saes[0], [1], 2.0)]) as h:
+        assert not _empty_hook_dicts(tiny_llama)
+        tiny_llama(input_ids=ids)
+    assert _empty_hook_dicts(tiny_llama) and len(h.features) == 5
+    for exc in (RuntimeError, KeyboardInterrupt):
+        with pytest.raises(exc), attach(tiny_llama, saes):
+            tiny_llama(input_ids=ids)
+            raise exc("stop")
+        assert _empty_hook_dicts(tiny_llama)
+    # An interrupt raised inside a hook, in the middle of the forward.
+    boom = tiny_llama.model.layers[0].register_forward_hook(lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    try:
+        with pytest.raises(KeyboardInterrupt), attach(tiny_llama, saes):
+            tiny_llama(input_ids=ids)
+    finally:
+        boom.remove()
+    assert _empty_hook_dicts(tiny_llama)
+    h = attach(tiny_llama, saes)
+    h.remove()
+    h.remove()  # idempotent
+    assert _empty_hook_dicts(tiny_llama)
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int, as_tuple: bool):
+        super().__init__()
+        self.mlp = nn.Linear(d, d)
+        self.as_tuple = as_tuple
+
+    def forward(self, h):
+        out = h + self.mlp(h)
+        return (out, None) if self.as_tuple else out
+
+
+class _Toy(nn.Module):
+    """The layout attach() needs (model.layers, config.hidden_size), with tuple or tensor layers."""
+
+    def __init__(self, as_tuple: bool, d: int = 64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.config = type("Cfg", (), {"hidden_size": d, "bos_token_id": 1, "eos_token_id": 2,
+                                       "pad_token_id": 0})()
+        self.model = nn.Module()
+        self.model.embed = nn.Embedding(16, d)
+        self.model.layers = nn.ModuleList([_Block(d, as_tuple) for _ in range(2)])
+        self.as_tuple = as_tuple
+
+    def forward(self, input_ids):
+        return self.model_forward(input_ids)
+
+    def model_forward(self, input_ids):
+        h = self.model.embed(input_ids)
+        for layer in self.model.layers:
+            out = layer(h)
+            h = out[0] if self.as_tuple else out
+        return h
+
+
+def test_tuple_and_tensor_outputs_give_the_same_result():
+    ids = torch.tensor([[1, 3, 4, 5]])
+    sae = _tiny_sae(layer=0)
+    results = []
+    for as_tuple in (False, True):
+        toy = _Toy(as_tuple)
+        with attach(toy, [sae], interventions=[Clamp(sae, [0, 3], 1.5)]) as h, torch.no_grad():
+            results.append((toy(ids), h.features[sae.name]))
+        with torch.no_grad():
+            assert not torch.allclose(results[-1][0], toy(ids))
+        assert _empty_hook_dicts(toy)
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+# ---------------------------------------------------------------- errors
+def test_bad_input_errors(tiny_llama):
+    with pytest.raises(IncompatibleModelError, match=r"d_model=32.*hidden_size=64"):
+        attach(tiny_llama, [_tiny_sae(d=32)])
+    with pytest.raises(IncompatibleModelError, match="layer 40 does not exist"):
+        attach(tiny_llama, [_tiny_sae(layer=40)])
+    toy = _Toy(False)
+    with pytest.raises(HookpointNotFoundError, match="self_attn"):
+        attach(toy, [_tiny_sae(layer=0, position="A")])
+    with pytest.raises(FeatureIndexError, match="256"):
+        Steer(_tiny_sae(), [3, 256], 1.0)
+    with pytest.raises(ValueError, match="only one can replace"):
+        attach(tiny_llama, [_tiny_sae(), _tiny_sae(seed=1)], splice=True)
+    # A failed attach leaves nothing behind.
+    with pytest.raises(IncompatibleModelError):
+        attach(tiny_llama, [_tiny_sae(), _tiny_sae(layer=7)])
+    assert _no_hooks(tiny_llama) and _no_hooks(toy)
+
+
+@pytest.mark.parametrize(("model_dtype", "sae_dtype"), [(torch.bfloat16, torch.float32),
+                                                        (torch.float32, torch.bfloat16)])
+def test_dtypes_reconciled_at_the_boundary(tiny_llama, model_dtype, sae_dtype):
+    model = copy.deepcopy(tiny_llama).to(model_dtype)
+    sae = _tiny_sae(position="TC").to(sae_dtype)
+    res = _tiny_sae(layer=0).to(sae_dtype)
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        clean = model(input_ids=ids, output_hidden_states=True)
+        with attach(model, [sae, res], splice=True,
+                    interventions=[Steer(res, [2], 3.0), Clamp(sae, [1], 0.5)]) as h:
+            out = model(input_ids=ids, output_hidden_states=True)
+    assert all(t.dtype == model_dtype for t in out.hidden_states) and out.logits.dtype == model_dtype
+    assert h.features[sae.name].dtype == sae_dtype and h.inputs[sae.name].dtype == model_dtype
+    assert not torch.allclose(out.logits, clean.logits)
+    with torch.no_grad(), attach(model, [sae, res], splice=True):
+        same = model(input_ids=ids).logits
+    torch.testing.assert_close(same, clean.logits, atol=2e-2, rtol=2e-2)
+
+
+def test_tc_input_is_gain_free_normalised(tiny_llama):
+    sae = _tiny_sae(position="TC", layer=2)
+    ln = tiny_llama.model.layers[2].post_attention_layernorm
+    seen = {}
+    probe = ln.register_forward_pre_hook(lambda m, a: seen.setdefault("r", a[0]))
+    try:
+        with attach(tiny_llama, [sae]) as h, torch.no_grad():
+            tiny_llama(input_ids=torch.tensor([[1, 4, 5, 6]]))
+    finally:
+        probe.remove()
+    torch.testing.assert_close(h.inputs[sae.name], rms_normalized(ln, seen["r"]))
