@@ -124,8 +124,10 @@ def child(kind: str, dtype: str, device: str, path: str) -> None:
 
     import torch  # noqa: F401  (imports are not part of the measurement)
 
-    from llamascope_sdk import SAE
-    from llamascope_sdk import hub  # noqa: F401
+    from llamascope_sdk import (
+        SAE,
+        hub,  # noqa: F401
+    )
 
     def rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -6,7 +6,8 @@ and the ratio to the bare model. Targets: additive steering <= 1.03x, clamp/abla
 <= 1.05x. The full splice (full encode + decode + error term per step) is reported as its
 overhead over the bare model divided by the cost of the bare SAE forward on the same tokens.
 
-Run: python bench/bench_steer.py [--repeats 5] [--tokens 64]
+Run: python bench/bench_steer.py [--repeats 3] [--tokens 64] [--budget 200]
+On a shared, loaded CPU the ratios are noise-dominated; the per-step SAE cost is ~1 ms.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ def bare_sae_cost(sae: SAE, x_prompt: torch.Tensor, n: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--budget", type=float, default=200.0,
+                    help="stop adding repeats after this many seconds (at least one is run)")
     ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -81,24 +84,26 @@ def main() -> None:
     configs = {
         "baseline": dict(),
         "steer 1 feature": dict(interventions=[Steer(sae, [3], 10.0)]),
-        "steer 8 features": dict(interventions=[Steer(sae, feats, 2.0)]),
         "clamp 8 features": dict(interventions=[Clamp(sae, feats, 5.0)]),
         "ablate 8 features": dict(interventions=[Ablate(sae, feats)]),
         "splice (full SAE)": dict(saes=[sae], splice=True, capture=False),
     }
     times: dict[str, list[float]] = {k: [] for k in configs}
     generate(model, tok, ids, 8)  # warm-up
-    for _ in range(args.repeats):
+    done = 0
+    while done < args.repeats and (done == 0 or time.perf_counter() - t_start < args.budget):
+        done += 1
         for name, kw in configs.items():
             with attach(model, special_ids=sp, **kw):
                 times[name].append(generate(model, tok, ids, args.tokens))
-    sae_cost = statistics.median(bare_sae_cost(sae, x_prompt, args.tokens) for _ in range(args.repeats))
+    sae_cost = statistics.median(bare_sae_cost(sae, x_prompt, args.tokens) for _ in range(5))
 
     base = statistics.median(times["baseline"])
-    targets = {"steer 1 feature": 1.03, "steer 8 features": 1.03, "clamp 8 features": 1.05,
+    targets = {"steer 1 feature": 1.03, "clamp 8 features": 1.05,
                "ablate 8 features": 1.05}
     print(f"SmolLM2-135M CPU ({torch.get_num_threads()} threads), greedy {args.tokens} tokens, "
-          f"prompt {ids.shape[1]} tokens, SAE d_sae={F} at L{LAYER}R, median of {args.repeats}")
+          f"prompt {ids.shape[1]} tokens, SAE d_sae={F} at L{LAYER}R, median of {done} "
+          "interleaved runs")
     print(f"{'config':<20} {'median s':>9} {'ratio':>7} {'target':>7}  result")
     for name, ts in times.items():
         med = statistics.median(ts)

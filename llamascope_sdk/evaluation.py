@@ -6,7 +6,10 @@ clean when the reconstruction is spliced in at ``hook_point_out``; cross-entropy
 non-special targets. Per batch there is ONE clean forward that captures every SAE's input and
 output sites, then one spliced forward per SAE (plus one zero-ablation forward per SAE when
 asked). Reconstructions are computed from the clean input; for every Llama Scope position the
-input site lies upstream of (or at) the output site, so this equals the spliced-run input.
+input site lies upstream of (or at) the output site, so this equals the spliced-run input. For
+the same reason a spliced pass starts at the SAE's layer: the layers below it are replaced,
+for that pass only, by a replay of their clean output (forward hooks a user put on those
+layers therefore do not fire in spliced passes).
 
 Generalisation checks (spec 5): ``context`` up to 8192 (the long-context check; needs a model
 whose ``max_position_embeddings`` allows it, and documents that long, or ``pack=True``), and
@@ -23,7 +26,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,16 @@ from . import metrics as M
 from .errors import IncompatibleModelError
 from .models import special_ids
 from .sae import SAE
-from .sites import Site, first, hidden_size, module_for, parse_hook_point, read_activation, replace_first
+from .sites import (
+    Site,
+    decoder_layers,
+    first,
+    hidden_size,
+    module_for,
+    parse_hook_point,
+    read_activation,
+    replace_first,
+)
 
 #: The recipe's sequence length (spec 4): documents truncated to 1024 tokens.
 DEFAULT_CONTEXT = 1024
@@ -239,6 +251,16 @@ def _hooked(model: nn.Module, hooks: Mapping[Site, Callable[..., Any]]) -> Itera
             h.remove()
 
 
+def _chain(*fns: Callable[..., Any] | None) -> Callable[..., None]:
+    """One forward hook that calls several read-only hooks."""
+    live = [f for f in fns if f is not None]
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        for f in live:
+            f(module, args, output)
+    return hook
+
+
 def _capture_hook(store: dict[Site, torch.Tensor], site: Site) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         store[site] = read_activation(site, module, args, output).detach()
@@ -308,11 +330,50 @@ def _reconstruct(sae: SAE, x_ND: torch.Tensor, y_ND: torch.Tensor,
     return out
 
 
+class _Replay(nn.Module):
+    """Stands in for the decoder layers before a spliced site: returns the clean output of the
+    last skipped layer, so a spliced pass runs only the layers from the site on."""
+
+    def __init__(self, output: Any) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output
+
+
+@contextmanager
+def _skip_layers(model: nn.Module, n: int, output: Any) -> Iterator[None]:
+    """Replace decoder layers [0, n) by a replay of layer n-1's clean output, then restore.
+
+    The spliced site lies in layer n, so its upstream is unchanged and recomputing it would
+    only repeat the clean pass (for a late-layer SAE that is most of the model).
+    """
+    layers = decoder_layers(model)
+    saved = [layers[i] for i in range(n)]
+    replay = _Replay(output)
+    try:
+        for i in range(n):
+            layers[i] = replay
+        yield
+    finally:
+        for i, layer in enumerate(saved):
+            layers[i] = layer
+
+
 def _forward(model: nn.Module, ids: torch.Tensor, valid: torch.Tensor,
-             hooks: Mapping[Site, Callable[..., Any]]) -> torch.Tensor:
-    with _hooked(model, hooks):
+             hooks: Mapping[Site, Callable[..., Any]],
+             resume: tuple[int, Any] | None = None) -> torch.Tensor:
+    """Log-probs of one forward with ``hooks``; ``resume=(n, out)`` skips layers below n."""
+    with _hooked(model, hooks), (_skip_layers(model, *resume) if resume else nullcontext()):
         out = model(input_ids=ids, attention_mask=valid.long(), use_cache=False)
     return M.log_probs(out.logits)
+
+
+def _raw_hook(store: dict[int, Any], layer: int) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        store[layer] = output
+    return hook
 
 
 def _masked_sum(v_BT: torch.Tensor, m_BT: torch.Tensor) -> float:
@@ -324,7 +385,13 @@ def _run_batch(model: nn.Module, ids: torch.Tensor, valid: torch.Tensor, count: 
     """One clean pass, then one spliced pass per SAE; returns the clean NLL sum."""
     acts: dict[Site, torch.Tensor] = {}
     sites = {s for r in runs for s in (r.site_in, r.site_out)}
-    log_p = _forward(model, ids, valid, {s: _capture_hook(acts, s) for s in sites})
+    hooks = {s: _capture_hook(acts, s) for s in sites}
+    # The clean output of the layer before each spliced site, to resume the spliced pass there.
+    before: dict[int, Any] = {}
+    for layer in {r.site_out.layer - 1 for r in runs} - {-1}:
+        site = Site(layer, "resid_post")
+        hooks[site] = _chain(hooks.get(site), _raw_hook(before, layer))
+    log_p = _forward(model, ids, valid, hooks)
     tmask = count[:, 1:].float()  # position t counts iff its target t+1 does
     nll_clean = _masked_sum(M.nll_from_log_probs(log_p, ids), tmask)
     # KL(p || q) = sum p log p - sum p log q: the first term and p are shared by all SAEs,
@@ -335,14 +402,16 @@ def _run_batch(model: nn.Module, ids: torch.Tensor, valid: torch.Tensor, count: 
         y = acts[r.site_out]
         spliced = y.clone()
         spliced[count] = _reconstruct(r.sae, acts[r.site_in][count], y[count], r.stats)
-        log_q = _forward(model, ids, valid, {r.site_out: _replace_hook(spliced)})
+        n = r.site_out.layer
+        resume = (n, before[n - 1]) if n > 0 else None
+        log_q = _forward(model, ids, valid, {r.site_out: _replace_hook(spliced)}, resume)
         r.nll_spliced += _masked_sum(M.nll_from_log_probs(log_q, ids), tmask)
         kl = neg_entropy - torch.linalg.vecdot(p, log_q)
         r.kl += _masked_sum(kl[:, :-1], tmask)
         del log_q
         if zero_ablation:
             spliced[count] = 0
-            log_z = _forward(model, ids, valid, {r.site_out: _replace_hook(spliced)})
+            log_z = _forward(model, ids, valid, {r.site_out: _replace_hook(spliced)}, resume)
             r.nll_zero += _masked_sum(M.nll_from_log_probs(log_z, ids), tmask)
     return nll_clean
 

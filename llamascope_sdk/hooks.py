@@ -33,8 +33,16 @@ from torch import nn
 from .errors import IncompatibleModelError
 from .interventions import Intervention, Steer, position_mask
 from .sae import SAE
-from .sites import (Site, decoder_layers, hidden_size, module_for, parse_hook_point, read_activation,
-                    replace_first, first)
+from .sites import (
+    Site,
+    decoder_layers,
+    first,
+    hidden_size,
+    module_for,
+    parse_hook_point,
+    read_activation,
+    replace_first,
+)
 
 CAPTURE_ALL = ("features", "inputs", "targets", "recons")
 
@@ -272,10 +280,7 @@ class Attachment:
         for iv, m_BT in edits:
             idx = iv.idx
             old = f_new[..., idx]
-            if isinstance(iv, Steer):
-                new = old + iv.coefficients().to(old)
-            else:
-                new = iv.target(old)
+            new = old + iv.coefficients().to(old) if isinstance(iv, Steer) else iv.target(old)
             f_new[..., idx] = torch.where(m_BT[..., None].to(old.device), new, old)
         # The error term is added in the wider of the two dtypes, so that a bf16 SAE on an
         # fp32 model does not round the clean activation to bf16.

@@ -30,6 +30,7 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -228,7 +229,11 @@ def _fetch_hyperparams(name: str, ref: SaeRef, revision: str,
 
 
 def _fetch(repo_id: str, folder: str, filename: str, revision: str, s: _Settings) -> str:
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RemoteEntryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+    )
 
     try:
         return _hf_download(repo_id, folder, filename, revision, s)
@@ -358,8 +363,6 @@ def verify_checkpoint(path: str | Path) -> str:
             f"{link.name} from {link.parent}: content sha256 {actual[:12]}... does not match the "
             f"sha256 {announced[:12]}... announced by the Hub; the corrupt file was deleted",
             hint="load again (force_download=True); if it repeats, the mirror serves bad data")
-    try:
+    with contextlib.suppress(OSError):  # a read-only SDK cache only costs a re-hash next time
         atomic_write_text(record, json.dumps({**stamp, "sha256": actual}) + "\n")
-    except OSError:
-        pass  # a read-only SDK cache only costs a re-hash next time
     return actual

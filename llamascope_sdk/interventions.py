@@ -143,7 +143,7 @@ class Intervention:
 
     def _validate(self) -> None:
         if not isinstance(self.sae, SAE):
-            raise TypeError(f"{type(self).__name__}.sae must be an SAE, got {type(self).__name__}")
+            raise TypeError(f"{type(self).__name__}.sae must be an SAE, got {type(self.sae).__name__}")
         self.idx = self.sae.check_features(self.features)
         if self.idx.numel() == 0:
             raise FeatureIndexError(f"{type(self).__name__}: no features given")

@@ -14,10 +14,12 @@ from llamascope_sdk import SAE
 from llamascope_sdk.errors import CorruptCheckpointError, DownloadError, SaeNotFoundError
 from llamascope_sdk.hub import download
 
-from .fakehub import D_MODEL, fake_hub, set_offline  # noqa: F401  (fixture)
+from .fakehub import D_MODEL, set_offline
 from .helpers import reference_encode
 
 CKPT = "checkpoints/final.safetensors"
+
+pytest_plugins = ["tests.fakehub"]  # the fake_hub fixture
 
 
 def _x(hp: dict, n: int = 6) -> torch.Tensor:

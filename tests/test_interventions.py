@@ -8,8 +8,15 @@ import torch
 
 from llamascope_sdk import SAE, attach
 from llamascope_sdk.errors import SaeNotFoundError
-from llamascope_sdk.interventions import (Ablate, Clamp, FeatureStats, Scale, Steer, register_stats,
-                                          stats_for)
+from llamascope_sdk.interventions import (
+    Ablate,
+    Clamp,
+    FeatureStats,
+    Scale,
+    Steer,
+    register_stats,
+    stats_for,
+)
 
 from .helpers import make_release, raw_tensors, release_hyperparams
 

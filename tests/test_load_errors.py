@@ -21,11 +21,13 @@ from llamascope_sdk.errors import (
     UnknownSaeError,
 )
 
-from .fakehub import D_MODEL, D_SAE, fake_hub, release_files  # noqa: F401  (fixture)
+from .fakehub import D_MODEL, D_SAE, release_files
 from .helpers import make_release, raw_tensors, release_hyperparams
 
 REPO_R8 = "OpenMOSS-Team/Llama3_1-8B-Base-LXR-8x"
 FOLDER = "Llama3_1-8B-Base-L20R-8x"
+
+pytest_plugins = ["tests.fakehub"]  # the fake_hub fixture
 
 
 def _publish(hub, hp: dict | None = None, tensors: dict | None = None, *,

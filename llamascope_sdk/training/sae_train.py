@@ -21,7 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
-from .kernels import bag_sum, gather_dot
+from .kernels import bag_sum, select
+
+#: Above this fraction of selected features the dense masked path is faster on CPU.
+_SPARSE_MAX_DENSITY = 0.02
 
 
 class TopKOutput(NamedTuple):
@@ -74,11 +77,13 @@ class TopKSAE(nn.Module):
     def forward(self, x_n: torch.Tensor, k: int) -> TopKOutput:
         """Top-k forward on normalised inputs x_n [B, D]."""
         x_n = x_n.to(self.W_e.dtype)
-        if self.sparse:
+        if self.sparse and k <= _SPARSE_MAX_DENSITY * self.W_e.shape[0]:
             with torch.no_grad():
-                h = F.linear(x_n, self.W_e, self.b_e)  # [B, F], selection only
-                idx = (F.relu(h.float()) * self.decoder_norms()).topk(k, dim=-1, sorted=False).indices
-            vals = F.relu(gather_dot(x_n, self.W_e, idx) + self.b_e[idx])
+                h0 = F.linear(x_n, self.W_e)  # [B, F]: ranking only, no autograd graph
+                key = F.relu((h0 + self.b_e).float()) * self.decoder_norms()
+                idx = key.topk(k, dim=-1, sorted=False).indices
+                h_sel = h0.gather(-1, idx)
+            vals = F.relu(select(h_sel, x_n, self.W_e, idx) + self.b_e[idx])
             return TopKOutput(bag_sum(vals, self.W_d, idx) + self.b_d, idx, vals)
         h = F.linear(x_n, self.W_e, self.b_e)
         idx = (F.relu(h.detach().float()) * self.decoder_norms()).topk(k, dim=-1, sorted=False).indices

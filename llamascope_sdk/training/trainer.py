@@ -163,6 +163,7 @@ class Run:
             bar = tqdm(total=cfg.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
         stop_at = cfg.total_steps if max_steps is None else min(cfg.total_steps, self.step + max_steps)
         t0, s0 = time.time(), self.step
+        batch: dict[str, torch.Tensor] | None = {}
         while self.step < stop_at:
             batch = self.next_batch()
             if batch is None:

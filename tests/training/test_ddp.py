@@ -1,0 +1,60 @@
+"""training/run.py under torchrun (2 CPU processes, gloo) equals one process on the same data.
+
+Both read the same cached activations with ``ddp_data=replicate`` (each rank keeps its half of
+every global batch), so the runs differ only in the order of floating-point sums: the batch
+mean and the gradients are all-reduced. Tolerance: 1e-4 absolute on the final parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llamascope_sdk.training.cache import write_cache
+from llamascope_sdk.training.sources import live_source
+
+from .tiny import CharTokenizer, tiny_config, tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    run_dir = out / "tiny-L1R"
+    latest = json.loads((run_dir / "latest.json").read_text())
+    return load_file(str(run_dir / latest["dir"] / "model.safetensors"))
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_two_processes_equal_one(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path)
+    src = live_source(cfg, [cfg.hook_point_in], tiny_model(), CharTokenizer(), loop=False)
+    write_cache(src, tmp_path / "cache", shard_tokens=400, progress=False)
+    cfg = cfg.model_copy(update={"activation_cache": str(tmp_path / "cache"), "epochs": 3,
+                                 "ddp_data": "replicate", "total_tokens": 64 * 30})
+    cfg.save(tmp_path / "c.yaml")
+    base = [str(ROOT / "training/run.py"), "--config", str(tmp_path / "c.yaml")]
+    env = {"OMP_NUM_THREADS": "1", "PATH": shutil.os.environ["PATH"]}
+    subprocess.run([sys.executable, *base, "--set", f"output_dir={tmp_path / 'one'}"],
+                   check=True, cwd=ROOT, timeout=120, env=env, capture_output=True)
+    subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                    *base, "--set", f"output_dir={tmp_path / 'two'}"],
+                   check=True, cwd=ROOT, timeout=120, env=env, capture_output=True)
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-4, rtol=1e-4)
+    hp = json.loads((tmp_path / "two/tiny-L1R/export/tiny-L1R/hyperparams.json").read_text())
+    assert hp["ddp_size"] == 2 and hp["act_fn"] == "jumprelu"
