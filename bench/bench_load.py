@@ -122,7 +122,7 @@ def env_for(cache: Path, sdk_cache: Path) -> dict[str, str]:
 def child(kind: str, dtype: str, device: str, path: str) -> None:
     import resource
 
-    import torch  # noqa: F401  (imports are not part of the measurement)
+    import torch  # imports are not part of the measurement
 
     from llamascope_sdk import (
         SAE,
@@ -132,10 +132,23 @@ def child(kind: str, dtype: str, device: str, path: str) -> None:
     def rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    out: dict = {}
-    before = rss()
+    def hwm() -> int:  # per-process high-water mark; unlike ru_maxrss, not inherited at fork
+        try:
+            status = Path("/proc/self/status").read_text()
+        except OSError:
+            return 0
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    out: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                 "cuda": torch.cuda.is_available()}
+    before, before_hwm = rss(), hwm()
     t = time.perf_counter()
-    if kind == "read_bytes":
+    if kind == "build":
+        build_cache(Path(path))
+    elif kind == "read_bytes":
         data = Path(path).read_bytes()
         out["bytes"] = len(data)
     else:
@@ -150,6 +163,7 @@ def child(kind: str, dtype: str, device: str, path: str) -> None:
             out["cuda_peak"] = torch.cuda.max_memory_allocated()
     out["seconds"] = time.perf_counter() - t
     out["rss_growth"] = rss() - before
+    out["hwm_growth"] = hwm() - before_hwm
     print(json.dumps(out))
 
 
@@ -172,16 +186,16 @@ def main() -> None:
     if args.child:
         child(*args.child)
         return
-    import torch
-
+    # This process never imports torch or holds tensors: on Linux a child's ru_maxrss starts
+    # at its parent's RSS (it survives fork and exec), which would hide the load's growth.
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench_load_"))
     try:
         t = time.perf_counter()
         cache = root / "hub"
-        if not (cache / REPO_DIR).is_dir():
-            build_cache(cache)
-        print(f"checkpoint written in {time.perf_counter() - t:.1f} s ({cache})")
         env = env_for(cache, root / "sdk")
+        if not (cache / REPO_DIR).is_dir():
+            run_child(env, "build", "-", "cpu", str(cache))
+        print(f"checkpoint written in {time.perf_counter() - t:.1f} s ({cache})")
         blob = next((cache / REPO_DIR / "blobs").glob("?" * 64))
         # First load: verifies the sha256 once and writes the record; also warms the page cache.
         run_child(env, "load", "float32", "cpu", "-")
@@ -195,8 +209,8 @@ def main() -> None:
         rss_b16 = statistics.median(r["rss_growth"] for r in b16)
         w_f32, w_b16 = f32[0]["weights_bytes"], b16[0]["weights_bytes"]
         size = rb[0]["bytes"]
-        print(f"\nfile {size / 1e6:.1f} MB; best of {args.runs} fresh subprocesses per row; torch "
-              f"{torch.__version__}, {torch.get_num_threads()} threads\n")
+        print(f"\nfile {size / 1e6:.1f} MB; best time of {args.runs} fresh subprocesses per row, median "
+              f"RSS; torch {f32[0]['torch']}, {f32[0]['threads']} threads\n")
         print(f"{'measurement':46s} {'value':>12s}")
         print(f"{'Path.read_bytes() warm':46s} {t_read:11.3f}s")
         print(f"{'from_pretrained fp32 (warm cache, offline)':46s} {t_f32:11.3f}s")
@@ -204,6 +218,8 @@ def main() -> None:
         print(f"{'peak-RSS growth fp32':46s} {_gb(rss_f32):>12s}")
         print(f"{'final weights fp32':46s} {_gb(w_f32):>12s}")
         print(f"{'peak-RSS growth bf16':46s} {_gb(rss_b16):>12s}")
+        print(f"{'(check: VmHWM growth fp32 / bf16)':46s} "
+              f"{_gb(f32[0]['hwm_growth'])} / {_gb(b16[0]['hwm_growth'])}")
         print(f"{'final weights bf16':46s} {_gb(w_b16):>12s}")
         print("\n(c) parameters after from_pretrained(..., dtype='bfloat16'):")
         for name, dt, dev in b16[0]["params"]:
@@ -221,7 +237,7 @@ def main() -> None:
             print(f"{name:46s} {ratio:7.2f} {limit:6.2f}  {'PASS' if ok else 'FAIL'}")
         print(f"{'(c) every weight bf16 (decoder_norm stays fp32)':46s} {'':>7s} {'':>6s}  "
               f"{'PASS' if params_ok else 'FAIL'}")
-        if torch.cuda.is_available():
+        if f32[0]["cuda"]:
             cu = run_child(env, "load", "bfloat16", "cuda", "-")
             devs = {dev for _, _, dev in cu["params"]}
             print(f"(c) CUDA: devices {sorted(devs)}, load {cu['seconds']:.3f}s, CPU peak-RSS growth "

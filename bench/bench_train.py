@@ -38,7 +38,8 @@ def _peak_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench(d: int, f: int, k: int, b: int, device: str, reps: int) -> list[tuple]:  # noqa: ANN001
+def bench(d: int, f: int, k: int, b: int, device: str, reps: int,
+          modes: tuple[bool, ...] = (True, False)) -> list[tuple]:  # noqa: ANN001
     from llamascope_sdk.training.sae_train import TopKSAE, batch_norm_mse
 
     x = torch.randn(b, d, device=device)
@@ -50,7 +51,7 @@ def bench(d: int, f: int, k: int, b: int, device: str, reps: int) -> list[tuple]
 
     floor = _time(dense_floor, reps)
     rows = []
-    for sparse in (True, False):
+    for sparse in modes:
         m = TopKSAE(d, f, sparse=sparse, device=device)
         with torch.no_grad():
             m.W_e.normal_(0, d ** -0.5)
@@ -78,16 +79,28 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2048)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--one", choices=["sparse", "dense"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.one:  # child process: one mode, so peak memory is its own
+        r = bench(args.d_model, args.d_model * args.expansion[0], args.k[0], args.batch,
+                  args.device, args.reps, (args.one == "sparse",))[0]
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]:.3f} | {r[6]:.2f} | "
+              f"{r[7]:,.0f} | {r[8]:,.0f} |", flush=True)
+        return
     print(f"device {args.device}, torch threads {torch.get_num_threads()}")
     print("| decoder | d_model | d_sae | k | batch | s/step | step / dense-encoder fwd+bwd | "
           "tokens/s | peak MB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for e in args.expansion:
         for k in args.k:
-            for r in bench(args.d_model, args.d_model * e, k, args.batch, args.device, args.reps):
-                print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]:.3f} | {r[6]:.2f} | "
-                      f"{r[7]:,.0f} | {r[8]:,.0f} |", flush=True)
+            for mode in ("sparse", "dense"):
+                import subprocess
+
+                cmd = [sys.executable, __file__, "--one", mode, "--d-model", str(args.d_model),
+                       "--expansion", str(e), "--k", str(k), "--batch", str(args.batch),
+                       "--device", args.device, "--reps", str(args.reps)]
+                print(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout,
+                      end="", flush=True)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,13 @@ _METRIC_LABELS = (
     ("loss_recovered", "loss recovered vs zero ablation"),
     ("frac_dead", "dead features (fraction; none fired)"),
     ("frac_dense", "dense features (fraction; fired on > 10% of tokens)"),
+    ("ce_clean", "clean cross-entropy (nats)"),
+    ("ce_spliced", "cross-entropy with the reconstruction spliced in (nats)"),
 )
+#: EvalResult keys that describe the run rather than the SAE; shown in the context line or not at all.
+_RUN_KEYS = {"sae", "hook_point_in", "hook_point_out", "model", "n_tokens", "n_targets",
+             "n_sequences", "context", "include_special", "l0", "n_dead", "n_dense",
+             "dense_threshold", "ce_zero_ablation", "kl_direction", "feature_frequency"}
 
 
 def cards_dir() -> Path:
@@ -75,11 +81,15 @@ def _metric_rows(metrics: Any) -> tuple[list[tuple[str, str]], str]:
     if metrics is None:
         return [], ""
     d = metrics.to_dict() if hasattr(metrics, "to_dict") else dict(metrics)
+    known = dict(_METRIC_LABELS)
+    keys = [k for k in known if k in d] + [k for k in d if k not in known and k not in _RUN_KEYS]
     rows = []
-    for key, label in _METRIC_LABELS:
-        v = d.get(key)
-        if isinstance(v, int | float):
-            rows.append((label, f"{v:.4g}".replace("|", "/")))
+    for key in keys:  # labelled metrics first, then any other scalar (e.g. from training)
+        v = d[key]
+        if isinstance(v, bool) or not isinstance(v, int | float | str):
+            continue
+        text = f"{v:.4g}" if isinstance(v, float) else str(v)
+        rows.append((known.get(key, key).replace("|", "/"), text.replace("|", "/")))
     ctx = [f"{d[k]:,} {w}" for k, w in (("n_tokens", "tokens"),) if isinstance(d.get(k), int)]
     ctx += [f"context {d['context']}"] if d.get("context") else []
     ctx += [f"model {d['model']}"] if d.get("model") else []

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import metrics as M
-from .errors import IncompatibleModelError
+from .errors import DownloadError, IncompatibleModelError
 from .models import special_ids
 from .sae import SAE
 from .sites import (
@@ -178,7 +178,12 @@ def _hf_documents(name: str, split: str, text_field: str) -> Iterator[str]:
     except ImportError as exc:
         raise ImportError("Hugging Face datasets need the `datasets` package: "
                           "pip install 'llamascope-sdk[train]' (or pip install datasets)") from exc
-    ds = datasets.load_dataset(name, split=split, streaming=True)
+    try:
+        ds = datasets.load_dataset(name, split=split, streaming=True)
+    except (OSError, ValueError, ConnectionError) as exc:  # datasets' not-found errors are these
+        raise DownloadError(f"could not open dataset {name!r} (split {split!r}): {exc}",
+                            hint="pass a local .txt/.jsonl/.parquet path, or check the name, "
+                                 "the split and the network (HF_HUB_OFFLINE)") from None
     for n, row in enumerate(ds):
         yield _field(row, text_field, f"{name}[{split}][{n}]")
 

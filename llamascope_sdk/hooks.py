@@ -344,16 +344,15 @@ def attach(model: nn.Module, saes: SAE | Sequence[SAE] | Mapping[str, SAE] = (),
     """
     named = _named(saes)
     ivs = [interventions] if isinstance(interventions, Intervention) else list(interventions)
-    d = hidden_size(model)
     decoder_layers(model)
     slots: dict[int, _Slot] = {}
     for name, sae in named.items():
-        slots[id(sae)] = _make_slot(model, sae, name, read=True, splice=splice, d=d)
+        slots[id(sae)] = _make_slot(model, sae, name, read=True, splice=splice)
     for iv in ivs:
         if not isinstance(iv, Intervention):
             raise TypeError(f"interventions must be Steer/Clamp/Scale/Ablate, got {type(iv).__name__}")
         if id(iv.sae) not in slots:
-            slots[id(iv.sae)] = _make_slot(model, iv.sae, iv.sae.name, read=False, splice=False, d=d)
+            slots[id(iv.sae)] = _make_slot(model, iv.sae, iv.sae.name, read=False, splice=False)
         slots[id(iv.sae)].interventions.append(iv)
     spliced: dict[Site, str] = {}
     for s in slots.values():
@@ -377,15 +376,28 @@ def attach(model: nn.Module, saes: SAE | Sequence[SAE] | Mapping[str, SAE] = (),
     return handle
 
 
-def _make_slot(model: nn.Module, sae: SAE, name: str, *, read: bool, splice: bool, d: int) -> _Slot:
+def check_compatible(model: nn.Module, sae: SAE, name: str | None = None) -> tuple[Site, Site]:
+    """Check that ``sae`` fits ``model``; return its (input, output) sites.
+
+    Raises:
+        IncompatibleModelError: hidden sizes differ, or the SAE's layer is beyond the model.
+        HookpointNotFoundError: the model's layers lack the module a site needs.
+    """
     if not isinstance(sae, SAE):
         raise TypeError(f"expected an SAE, got {type(sae).__name__}")
+    d = hidden_size(model)
     if sae.d_model != d:
         raise IncompatibleModelError(
-            f"{name}: SAE d_model={sae.d_model} does not match the model's hidden_size={d} "
-            f"({type(model).__name__}); Llama Scope SAEs need Llama-3.1-8B (hidden_size 4096)")
+            f"{name or sae.name}: SAE d_model={sae.d_model} does not match the model's "
+            f"hidden_size={d} ({type(model).__name__}); Llama Scope SAEs need Llama-3.1-8B "
+            "(hidden_size 4096), the demo SAE needs SmolLM2-135M (576)")
     site_in = parse_hook_point(sae.hyperparams.hook_point_in)
     site_out = parse_hook_point(sae.hyperparams.hook_point_out)
     module_for(model, site_in)
     module_for(model, site_out)
+    return site_in, site_out
+
+
+def _make_slot(model: nn.Module, sae: SAE, name: str, *, read: bool, splice: bool) -> _Slot:
+    site_in, site_out = check_compatible(model, sae, name)
     return _Slot(sae, name, site_in, site_out, read=read, splice=splice and read)

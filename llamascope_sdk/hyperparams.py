@@ -107,8 +107,11 @@ class Hyperparams(BaseModel):
         except ValidationError as exc:
             problems = []
             for err in exc.errors():
-                field = ".".join(str(p) for p in err["loc"]) or "(root)"
-                got = err.get("input")
-                got_text = "" if err["type"] == "missing" else f" (got {got!r})"
-                problems.append(f"field '{field}': {err['msg']}{got_text}")
+                msg = err["msg"].removeprefix("Value error, ")
+                if not err["loc"]:  # a cross-field check: its message names the fields
+                    problems.append(msg)
+                    continue
+                field = ".".join(str(p) for p in err["loc"])
+                got = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+                problems.append(f"field '{field}': {msg}{got}")
             raise HyperparamsError(f"{source} is invalid: " + "; ".join(problems)) from None

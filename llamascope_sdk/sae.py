@@ -240,9 +240,9 @@ class SAE(nn.Module):
 
         * Transposes use torch's blocked transpose kernel, which ``copy_`` takes only for a
           transposed *contiguous* source of the *same* dtype; a cast and a transpose in one
-          ``copy_`` is ~5x slower. For an fp32 target the bf16 decoder is transposed whole in
-          bf16 (a 0.27 GB temporary, freed before the encoder is read, so the peak is
-          unchanged), then cast, normed and divided as whole contiguous tensors: four
+          ``copy_`` is ~5x slower. The bf16 decoder is transposed whole in bf16, into the
+          memory of ``W_enc`` before the encoder is read (no temporary); for an fp32 target
+          it is then cast, normed and divided as whole contiguous tensors: four
           parallel regions instead of ~130 block ops, which matters on a loaded machine,
           where every OpenMP region waits for a descheduled thread.
         * Norms are taken along contiguous rows: ``vector_norm(dim=0)`` of a [D, b] block
@@ -258,30 +258,35 @@ class SAE(nn.Module):
         dev = self.device
         compute = torch.float32 if self.dtype != torch.float64 else torch.float64
         dec_raw = get("decoder.weight")  # [D, F]
+        # The transposed raw decoder lives in W_enc's (not yet written) memory when it fits:
+        # no extra allocation and no extra page faults.
+        if self.W_enc.element_size() >= dec_raw.element_size() and dec_raw.dtype != compute:
+            dec_FD = self.W_enc.view(-1).view(dec_raw.dtype)[:f_dim * d_dim].view(f_dim, d_dim)
+            dec_FD.copy_(dec_raw.t())
+        elif dec_raw.dtype == compute:
+            dec_FD = dec_raw.t()  # strided view; cast + normalise below read it in blocks
+        else:
+            dec_FD = torch.empty((f_dim, d_dim), device=dev, dtype=dec_raw.dtype)
+            dec_FD.copy_(dec_raw.t())
         if self.dtype == compute:
-            if dec_raw.dtype == compute:
-                self.W_dec.copy_(dec_raw.t())
-            else:
-                dec_FD = torch.empty((f_dim, d_dim), device=dev, dtype=dec_raw.dtype)
-                dec_FD.copy_(dec_raw.t())
-                self.W_dec.copy_(dec_FD)
-                del dec_FD
+            self.W_dec.copy_(dec_FD)
             norms_c = torch.linalg.vector_norm(self.W_dec, dim=1)
             self.W_dec.div_(torch.where(norms_c > 0, norms_c, torch.ones_like(norms_c))[:, None])
         else:
-            # bf16/fp16 weights: normalise each block in an fp32 scratch, then cast once.
+            # bf16/fp16 weights: normalise each block of rows in an fp32 scratch, cast once.
             norms_c = torch.empty(f_dim, device=dev, dtype=compute)
             blk = _LOAD_BLOCK * 4
             scratch_bD = torch.empty(min(blk, f_dim), d_dim, device=dev, dtype=compute)
             for j in range(0, f_dim, blk):
                 b = min(blk, f_dim - j)
                 rows_bD = scratch_bD[:b]
-                rows_bD.copy_(dec_raw[:, j:j + b].to(device=dev, dtype=compute).t())
+                rows_bD.copy_(dec_FD[j:j + b])
                 n = torch.linalg.vector_norm(rows_bD, dim=1)
                 norms_c[j:j + b] = n
                 rows_bD.div_(torch.where(n > 0, n, torch.ones_like(n))[:, None])
                 self.W_dec[j:j + b].copy_(rows_bD)
             del scratch_bD
+        del dec_FD
         norms = norms_c.to(torch.float32)
         if not bool(torch.isfinite(norms).all()):
             _check_finite(dec_raw, "decoder.weight")

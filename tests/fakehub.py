@@ -15,7 +15,7 @@ the next GET of a matching file after n bytes (once; ``cut_always`` keeps cuttin
 ``corrupt`` serves flipped bytes under the right sha256, ``gated`` + ``token`` require
 ``Authorization: Bearer <token>``.
 
-Use the ``fake_hub`` fixture (``pytest_plugins = ["tests.fakehub"]`` or import it): it
+Use the ``fake_hub`` fixture (``from .fakehub import fake_hub_fixture`` in a test module): it
 starts a server on 127.0.0.1:0, points HF_ENDPOINT/HF_HUB_CACHE/LLAMASCOPE_CACHE at it and
 a temp folder (patching ``huggingface_hub.constants`` too, which reads them at import).
 """
@@ -407,8 +407,8 @@ def populate(hub: FakeHub) -> HubData:
     return HubData(hub, hp, raw, commits)
 
 
-@pytest.fixture
-def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+@pytest.fixture(name="fake_hub")
+def fake_hub_fixture(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
     """A running, populated :class:`FakeHub` with HF_* env pointing at it; yields HubData."""
     hub = FakeHub().start()
     cache = tmp_path / "hf-cache"

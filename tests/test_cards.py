@@ -88,11 +88,14 @@ def test_demo_and_custom_cards(rendered: dict[str, str]) -> None:
             "position": "TC", "d_model": 4096, "d_sae": 32768,
             "hook_point_in": "blocks.3.ln2.hook_normalized", "hook_point_out": "blocks.3.hook_mlp_out",
             "recipe": {"lr": 8e-4, "tokens": "800M"}}
-    text = render_card(info, metrics={"delta_lm_loss": 0.05, "model": "instruct"})
+    text = render_card(info, metrics={"delta_lm_loss": 0.05, "model": "instruct",
+                                      "threshold-batch mean L0": 50.0, "train steps": 1200})
     card = ModelCard(text)
     assert card.data.base_model == "meta-llama/Llama-3.1-8B-Instruct"
     assert "model.layers.3.post_attention_layernorm (input / rms, no gain)" in text
     assert "| lr | 0.0008 |" in text and "| delta LM loss" in text and "s_in and s_out differ" in text
+    assert "| threshold-batch mean L0 | 50 |" in text and "| train steps | 1200 |" in text
+    _tables_are_well_formed(text)
     with pytest.raises(ValueError, match="missing"):
         render_card({"layer": 3})
 

@@ -10,7 +10,7 @@ import torch
 
 from llamascope_sdk import SAE
 from llamascope_sdk import metrics as M
-from llamascope_sdk.errors import IncompatibleModelError
+from llamascope_sdk.errors import DownloadError, IncompatibleModelError
 from llamascope_sdk.evaluation import EvalResult, evaluate, iter_documents, token_batches
 from llamascope_sdk.hyperparams import Hyperparams
 
@@ -235,6 +235,13 @@ def test_hf_dataset_name_streams_through_datasets(monkeypatch) -> None:
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: [{"body": "x"}])
     with pytest.raises(KeyError, match="text_field"):
         list(iter_documents("someone/corpus"))
+
+    def missing(*_a, **_k):
+        raise FileNotFoundError("Dataset 'nobody/nothing' doesn't exist on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    with pytest.raises(DownloadError, match="nobody/nothing"):
+        list(iter_documents("nobody/nothing"))
 
 
 def test_incompatible_models_raise_clear_errors(tiny_llama) -> None:

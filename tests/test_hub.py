@@ -14,12 +14,10 @@ from llamascope_sdk import SAE
 from llamascope_sdk.errors import CorruptCheckpointError, DownloadError, SaeNotFoundError
 from llamascope_sdk.hub import download
 
-from .fakehub import D_MODEL, set_offline
+from .fakehub import D_MODEL, fake_hub_fixture, set_offline  # noqa: F401  (fixture)
 from .helpers import reference_encode
 
 CKPT = "checkpoints/final.safetensors"
-
-pytest_plugins = ["tests.fakehub"]  # the fake_hub fixture
 
 
 def _x(hp: dict, n: int = 6) -> torch.Tensor:
@@ -326,9 +324,11 @@ def test_full_8x_size_bf16_checkpoint(fake_hub, tmp_path: Path) -> None:
     ref = reference_encode(hp, {k: v[:64] if k.startswith("encoder") else v[:, :64] if k == "decoder.weight"
                                 else v for k, v in raw.items()}, x)
     torch.testing.assert_close(sae.encode(x)[:, :64].double(), ref, rtol=1e-4, atol=1e-4)
-    t0 = time.perf_counter()
-    SAE.from_pretrained("L8R-8x")
-    assert time.perf_counter() - t0 < first
+    fake_hub.hub.clear_log()
+    again = SAE.from_pretrained("L8R-8x")  # warm cache: no weight request, no re-hash
+    assert fake_hub.hub.requests(CKPT) == []
+    assert again.source.sha256[CKPT] == sae.source.sha256[CKPT]
+    print(f"first load through the fake Hub: {first:.1f} s")
 
 
 def test_fetch_hyperparams_reads_only_hyperparams(fake_hub) -> None:
@@ -337,3 +337,14 @@ def test_fetch_hyperparams_reads_only_hyperparams(fake_hub) -> None:
     hp, source = fetch_hyperparams("L12R-8x", revision="v0")
     assert hp.d_sae == 256 and source.commit == fake_hub.commits["R-old"]
     assert {r.filename for r in fake_hub.hub.log} == {"hyperparams.json"}
+
+
+def test_hf_endpoint_set_after_import_is_honoured(fake_hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub froze HF_ENDPOINT at import; download() reads it at call time."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "https://huggingface.co")
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        "https://huggingface.co/{repo_id}/resolve/{revision}/{filename}")
+    sae = SAE.from_pretrained("L12R-8x")  # HF_ENDPOINT (env) points at the fake Hub
+    assert sae.source.commit == fake_hub.commits["R-new"] and fake_hub.hub.log

@@ -21,13 +21,11 @@ from llamascope_sdk.errors import (
     UnknownSaeError,
 )
 
-from .fakehub import D_MODEL, D_SAE, release_files
+from .fakehub import D_MODEL, D_SAE, fake_hub_fixture, release_files  # noqa: F401  (fixture)
 from .helpers import make_release, raw_tensors, release_hyperparams
 
 REPO_R8 = "OpenMOSS-Team/Llama3_1-8B-Base-LXR-8x"
 FOLDER = "Llama3_1-8B-Base-L20R-8x"
-
-pytest_plugins = ["tests.fakehub"]  # the fake_hub fixture
 
 
 def _publish(hub, hp: dict | None = None, tensors: dict | None = None, *,
@@ -145,13 +143,25 @@ def test_hyperparams_not_json(fake_hub) -> None:
         SAE.from_pretrained("L20R-8x")
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_non_finite_weights(fake_hub, bad: float) -> None:
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("name", ["encoder.weight", "decoder.weight", "encoder.bias", "decoder.bias"])
+def test_non_finite_weights(fake_hub, bad: float, name: str) -> None:
     tensors = raw_tensors(D_MODEL, D_SAE)
-    tensors["encoder.weight"][3, 5] = bad
+    tensors[name].view(-1)[5] = bad
     _publish(fake_hub.hub, tensors=tensors)
-    with pytest.raises(CorruptCheckpointError, match="'encoder.weight' holds 1 non-finite"):
+    with pytest.raises(CorruptCheckpointError, match=f"'{name}' holds 1 non-finite"):
         SAE.from_pretrained("L20R-8x")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_non_finite_detected_for_every_target_dtype(tmp_path: Path, dtype: str) -> None:
+    tensors = raw_tensors(D_MODEL, D_SAE)
+    tensors["encoder.weight"][7, 1] = math.nan
+    from .helpers import write_release
+
+    folder = write_release(tmp_path / "sae", release_hyperparams(d_model=D_MODEL, d_sae=D_SAE), tensors)
+    with pytest.raises(CorruptCheckpointError, match="'encoder.weight' holds 1 non-finite"):
+        SAE.from_pretrained(folder, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool])

@@ -31,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 RECIPE = ROOT / "training/recipes/smollm2-135m-L15R-8x.yaml"
 COMMAND = "python training/build_demo.py"
 PROMPT = "My favourite thing about the city is"
+#: Steering strengths tried, as multiples of the feature's largest activation on the cache.
+STRENGTH_MULTIPLES = (2.0, 4.0, 8.0)
 
 
 def heldout_rows(cfg, tokenizer, n_rows: int):  # noqa: ANN001, ANN201
@@ -74,14 +76,15 @@ def steer_text(model, tokenizer, sae, feature: int, strength: float, prompt: str
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--cache", default=str(ROOT / "runs/demo-cache"))
-    p.add_argument("--cache-tokens", type=int, default=262_144)
+    p.add_argument("--cache-tokens", type=int, default=353_990,
+                   help="the shipped SAE used exactly 5 shards = 353,990 tokens")
     p.add_argument("--eval-rows", type=int, default=8, help="held-out rows of 1024 tokens")
     p.add_argument("--skip-train", action="store_true", help="reuse runs/demo-export")
     args = p.parse_args()
     torch.manual_seed(0)
     from llamascope_sdk.models import load_model
     from llamascope_sdk.sae import SAE
-    from llamascope_sdk.training.cache import CacheSource, read_manifest
+    from llamascope_sdk.training.cache import read_manifest
     from llamascope_sdk.training.config import TrainConfig
     from llamascope_sdk.training.evaluate import evaluate
     from llamascope_sdk.training.activations import special_ids_of
@@ -107,19 +110,16 @@ def main() -> None:
     metrics = evaluate(model, sae, tokens, lengths, special_ids_of(tok))
     print(json.dumps(metrics, indent=1))
 
-    # features: Shakespeare-selective ones, from the first two cache shards
-    src = CacheSource(args.cache, hook_points=[cfg.hook_point_in])
-    chunks = [c for _, c in zip(range(2), iter(src), strict=False)]
+    # features: from the first shard (Wikipedia) and the last one (mostly Shakespeare)
     from safetensors.torch import load_file
 
     man = read_manifest(args.cache)
-    docs = torch.cat([load_file(str(Path(args.cache) / s["file"]))["doc"]
-                      for s in man["shards"][:2]])  # same shards, natural order below
-    x = torch.cat([load_file(str(Path(args.cache) / s["file"]))[cfg.hook_point_in]
-                   for s in man["shards"][:2]])
-    toks = torch.cat([load_file(str(Path(args.cache) / s["file"]))["tokens"]
-                      for s in man["shards"][:2]])
-    del chunks
+    shards = [load_file(str(Path(args.cache) / s["file"]))
+              for s in (man["shards"][0], man["shards"][-1])]
+    docs = torch.cat([s["doc"] for s in shards])
+    x = torch.cat([s[cfg.hook_point_in] for s in shards])
+    toks = torch.cat([s["tokens"] for s in shards])
+    del shards
     from llamascope_sdk.training.data import local_documents
 
     first_file = cfg.dataset.split(",")[0]
@@ -133,12 +133,13 @@ def main() -> None:
     feats = []
     for i in [*shakes[:3], *punct[:2]]:
         acts = sae.encode_features(x[:65536].float(), [i])[:, 0]
-        strength = 6.0 * float(acts.max())
+        grid = {m: steer_text(model, tok, sae, i, m * float(acts.max()), PROMPT)
+                for m in STRENGTH_MULTIPLES}
         feats.append({"feature": i, "freq": float(stats["fires"][i] / x.shape[0]),
                       "shakespeare_share": float(stats["fires_group"][i] / stats["fires"][i].clamp_min(1)),
                       "top_tokens": top_tokens(sae, x, toks, i, tok),
-                      "max_act": float(acts.max()), "strength": strength,
-                      "steered": steer_text(model, tok, sae, i, strength, PROMPT)})
+                      "max_act": float(acts.max()), "strength": 4.0 * float(acts.max()),
+                      "steered": grid[4.0], "steer_grid": grid})
         print(json.dumps(feats[-1]))
     baseline = steer_text(model, tok, sae, -1, 0.0, PROMPT)
     result = {"metrics": metrics, "features": feats, "prompt": PROMPT, "baseline": baseline,

@@ -8,7 +8,7 @@ vanilla SAE adds an L1 penalty weighted by decoder norms (sum_i |f_i| ||d_i||, t
 ``sparsity_include_decoder_norm`` form), the Top-K SAE anneals K as in the recipe. A small sweep
 of the L1 coefficient and of K traces L0 against centred EV; the table reports the L0 each
 needs at matched EV (log-linear interpolation). Writes ``compare.md`` and ``compare.png``.
-Runs in a few minutes on 2 CPU cores (width 2x = 1152 features, ~100K training tokens).
+Runs in a few minutes on 2 CPU cores (width 2x = 1152 features, 120 steps of 512 tokens).
 """
 
 from __future__ import annotations
@@ -115,10 +115,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--cache", default=str(ROOT / "runs/demo-cache"))
     p.add_argument("--out", default=str(ROOT / "runs/compare"))
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--batch", type=int, default=512)
     p.add_argument("--width", type=int, default=1152)
-    p.add_argument("--l1", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
+    p.add_argument("--l1", type=float, nargs="+", default=[0.01, 0.04, 0.16, 0.64])
     p.add_argument("--k", type=int, nargs="+", default=[8, 16, 32])
     args = p.parse_args()
     torch.manual_seed(0)

@@ -62,7 +62,8 @@ def write_cache(source: LiveSource, folder: str | Path, *, max_tokens: int | Non
     parts: list[Chunk] = []
     n_parts = 0
     t0, done0 = time.time(), manifest["tokens"]
-    for chunk in source:
+    done = max_tokens is not None and manifest["tokens"] >= max_tokens
+    for chunk in ([] if done else source):
         for h in gen.hook_points:  # activations stored in bf16 by default, as the recipe ran
             chunk[h] = chunk[h].to(dtype)
         parts.append(chunk)

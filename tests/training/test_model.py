@@ -91,3 +91,15 @@ def test_batch_norm_mse_divides_by_the_centred_norm() -> None:
     y_hat = torch.zeros_like(y)
     # centred norms are 5 each; squared errors sum to 25 per row; 4 elements
     assert float(batch_norm_mse(y_hat, y, y.mean(0), 2)) == pytest.approx((25 / 5 * 2) / 4)
+
+
+def test_bf16_parameters_train_with_sparse_kernels() -> None:
+    m = TopKSAE(32, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        m.W_e.normal_(0, 0.1)
+        m.W_d.copy_(m.W_e)
+    x = torch.randn(64, 32)
+    out = m(x, 4)
+    batch_norm_mse(out.y_hat, x, x.mean(0), 64).backward()
+    assert m.W_d.grad is not None and m.W_d.grad.dtype == torch.bfloat16
+    assert (m.W_d.grad.abs().sum(1) > 0).sum() <= 64 * 4  # only selected rows touched

@@ -1,0 +1,41 @@
+"""The offline demo: a small SAE shipped inside the package, trained on SmolLM2-135M.
+
+``DEMO_SAE_DIR`` is a release folder (same layout as the Llama Scope checkpoints) of a Top-K ->
+JumpReLU SAE on the layer-15 residual stream of SmolLM2-135M (576 -> 4608 features, K=32),
+built by ``python training/build_demo.py``; its README.md holds the held-out metrics.
+
+Example:
+    >>> from llamascope_sdk import SAE, demo, load_model
+    >>> sae = SAE.from_pretrained(demo.DEMO_SAE_DIR)
+    >>> model, tok = load_model(demo.DEMO_MODEL)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+DEMO_MODEL = "smollm2-135m"
+DEMO_SAE_NAME = "smollm2-135m-L15R-8x"
+DEMO_SAE_DIR = Path(__file__).resolve().parent / "assets" / DEMO_SAE_NAME
+#: The hook point the demo SAE reads and writes (output of model.model.layers[15]).
+DEMO_HOOK_POINT = "blocks.15.hook_resid_post"
+
+
+class DemoFeature(NamedTuple):
+    """A feature that steers well: add ``strength`` x its unit decoder row at the site."""
+
+    index: int
+    label: str
+    top_tokens: tuple[str, ...]
+    prompt: str
+    strength: float
+
+
+#: Filled in from training/build_demo.py's output (see the card for the measured effect).
+DEMO_FEATURES: tuple[DemoFeature, ...] = (
+    DemoFeature(0, "placeholder", (), "My favourite thing about the city is", 1.0),
+)
+DEMO_FEATURE = DEMO_FEATURES[0]
+DEMO_PROMPT = DEMO_FEATURE.prompt
+DEMO_STRENGTH = DEMO_FEATURE.strength

@@ -1,0 +1,23 @@
+"""The shipped demo SAE: release layout, size budget, loadable, constants consistent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llamascope_sdk import demo
+from llamascope_sdk.sae import SAE
+
+
+def test_demo_sae_is_a_small_release_folder() -> None:
+    folder = Path(demo.DEMO_SAE_DIR)
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size <= 12 * 2**20
+    hp = json.loads((folder / "hyperparams.json").read_text())
+    assert hp["act_fn"] == "jumprelu" and hp["d_model"] == 576 and hp["d_sae"] == 4608
+    assert (folder / "recipe.yaml").is_file() and (folder / "README.md").is_file()
+    sae = SAE.from_pretrained(folder)
+    assert sae.d_sae == 4608 and demo.DEMO_MODEL == "smollm2-135m"
+    for f in demo.DEMO_FEATURES:
+        assert 0 <= f.index < sae.d_sae and f.strength > 0 and f.prompt
+    assert demo.DEMO_FEATURE.index == demo.DEMO_FEATURES[0].index
