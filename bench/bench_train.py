@@ -59,11 +59,11 @@ def bench(d: int, f: int, k: int, b: int, device: str, reps: int,
         opt = torch.optim.Adam(m.parameters(), lr=1e-4)
 
         def step() -> None:
-            out = m(x, k)
+            out = m(x, k)  # noqa: B023
             loss = batch_norm_mse(out.y_hat, x, x.mean(0), b)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)  # noqa: B023
             loss.backward()
-            opt.step()
+            opt.step()  # noqa: B023
 
         dt = _time(step, reps)
         rows.append(("sparse" if sparse else "dense", d, f, k, b, dt, dt / floor, b / dt,

@@ -32,9 +32,24 @@ class DemoFeature(NamedTuple):
     strength: float
 
 
-#: Filled in from training/build_demo.py's output (see the card for the measured effect).
+#: Found by training/build_demo.py (demo_results.json in the asset folder has the full
+#: steering grid). Strengths are in model units (the residual norm here averages ~168) and
+#: are 4x / 2x / 8x the feature's largest activation on the training cache.
 DEMO_FEATURES: tuple[DemoFeature, ...] = (
-    DemoFeature(0, "placeholder", (), "My favourite thing about the city is", 1.0),
+    # Fires on almost every token of Shakespeare (96% of its firings) and almost never on
+    # Wikipedia. Greedy continuation of the prompt turns into Early Modern English:
+    # "..., I have not, ever, been so merry. I am but a wanderer, a wanderer".
+    DemoFeature(4154, "Shakespeare / Early Modern English style",
+                (",", " to", " the", " of", " and", "And"),
+                "My favourite thing about the city is", 635.6),
+    # Archaic second-person pronouns and verse: " thou", " thy", " my", "And".
+    DemoFeature(1297, "archaic pronouns (thou, thy)",
+                (" thou", " I", " to", " thy", " you", " my"),
+                "My favourite thing about the city is", 315.9),
+    # Line breaks and quote/list markers ("\n", ">", ":"); steering makes list-formatted text:
+    # "* **A sense of community**\n* **A chance to share experiences**".
+    DemoFeature(1062, "line break / list structure", ("\n", ">", ":"),
+                "My favourite thing about the city is", 224.7),
 )
 DEMO_FEATURE = DEMO_FEATURES[0]
 DEMO_PROMPT = DEMO_FEATURE.prompt

@@ -280,7 +280,7 @@ class Attachment:
         for iv, m_BT in edits:
             idx = iv.idx
             old = f_new[..., idx]
-            new = old + iv.coefficients().to(old) if isinstance(iv, Steer) else iv.target(old)
+            new = iv.target(old)
             f_new[..., idx] = torch.where(m_BT[..., None].to(old.device), new, old)
         # The error term is added in the wider of the two dtypes, so that a bf16 SAE on an
         # fp32 model does not round the clean activation to bf16.

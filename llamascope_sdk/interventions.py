@@ -150,7 +150,9 @@ class Intervention:
         check_positions(self.positions)
 
     def target(self, old: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """New activations [..., n] given the old ones; each subclass defines its own."""
+        raise TypeError(f"{type(self).__name__} does not define target(); subclass Steer, "
+                        "Clamp, Scale or Ablate")
 
 
 @dataclass
@@ -182,6 +184,9 @@ class Steer(Intervention):
                                  "text, so it has no typical activation; use a raw strength")
             alpha = alpha * typical
         return alpha
+
+    def target(self, old: torch.Tensor) -> torch.Tensor:
+        return old + self.coefficients().to(old)
 
 
 @dataclass

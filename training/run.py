@@ -77,10 +77,14 @@ def main(argv: list[str] | None = None) -> None:
         m = write_cache(src, args.make_cache, max_tokens=args.cache_tokens, info=info)
         print(f"cached {m['tokens']:,} tokens in {len(m['shards'])} shards at {args.make_cache}")
         return
+    from llamascope_sdk.errors import LlamascopeError
     from llamascope_sdk.training.trainer import train
 
-    for folder in train(cfgs, resume=not args.no_resume, max_steps=args.max_steps):
-        print(f"exported {folder}")
+    try:
+        for folder in train(cfgs, resume=not args.no_resume, max_steps=args.max_steps):
+            print(f"exported {folder}")
+    except LlamascopeError as exc:  # offline dataset, gated model, ...: one clear line
+        sys.exit(f"error: {exc}")
 
 
 if __name__ == "__main__":

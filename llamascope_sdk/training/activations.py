@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..sites import Site, module_for, parse_hook_point, read_activation
+from llamascope_sdk.sites import Site, module_for, parse_hook_point, read_activation
+
 from .data import TokenSource, pad_rows
 
 #: Order in which a decoder layer's hooked modules run.

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import LlamascopeError
+from llamascope_sdk.errors import LlamascopeError
 
 #: A top-level WikiText heading: " = Title = " (sub-headings use " = = ... = = ").
 _HEADING = re.compile(r"^ ?= [^=].* = ?$")

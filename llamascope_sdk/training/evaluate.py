@@ -15,14 +15,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..sae import SAE
-from ..sites import first, module_for, parse_hook_point, read_activation, replace_first
+from llamascope_sdk.sae import SAE
+from llamascope_sdk.sites import first, module_for, parse_hook_point, read_activation, replace_first
 
 
 @torch.no_grad()
 def evaluate(model: Any, sae: SAE, tokens: torch.Tensor, lengths: torch.Tensor,
-             special: set[int], batch_rows: int = 4) -> dict[str, float]:
-    """Metrics of ``sae`` on token rows [N, T] (right-padded; ``lengths`` valid per row)."""
+             special: set[int], batch_rows: int = 4,
+             max_norm: float | None = None) -> dict[str, float]:
+    """Metrics of ``sae`` on token rows [N, T] (right-padded; ``lengths`` valid per row).
+
+    ``max_norm``: positions whose input norm exceeds it (massive activations, e.g. SmolLM2's
+    first token after BOS, which can reach 40x the mean norm) are treated like special tokens:
+    left clean and excluded from the metrics. The count is reported as "excluded".
+    """
     site_in = parse_hook_point(sae.hyperparams.hook_point_in)
     site_out = parse_hook_point(sae.hyperparams.hook_point_out)
     mod_in, mod_out = module_for(model, site_in), module_for(model, site_out)
@@ -40,14 +46,18 @@ def evaluate(model: Any, sae: SAE, tokens: torch.Tensor, lengths: torch.Tensor,
         grabbed: dict[str, torch.Tensor] = {}
 
         def read_in(m: Any, args: Any, out: Any = None) -> None:
-            grabbed["x"] = read_activation(site_in, m, args, out)
+            grabbed["x"] = read_activation(site_in, m, args, out)  # noqa: B023
+            if max_norm is not None:
+                big = grabbed["x"].float().norm(dim=-1) > max_norm  # noqa: B023
+                grabbed["excluded"] = (big & keep).sum()  # noqa: B023
+                keep.mul_(~big)  # noqa: B023
 
         def splice(m: Any, args: Any, out: Any) -> Any:
             y = first(out)
-            f = sae.encode(grabbed["x"].float())
+            f = sae.encode(grabbed["x"].float())  # noqa: B023
             y_hat = sae.decode(f).to(y.dtype)
-            grabbed["y"], grabbed["y_hat"], grabbed["l0"] = y, y_hat, (f > 0).sum(-1)
-            return replace_first(out, torch.where(keep[..., None], y_hat, y))
+            grabbed["y"], grabbed["y_hat"], grabbed["l0"] = y, y_hat, (f > 0).sum(-1)  # noqa: B023
+            return replace_first(out, torch.where(keep[..., None], y_hat, y))  # noqa: B023
 
         h1 = (mod_in.register_forward_pre_hook(lambda m, a: read_in(m, a)) if site_in.reads_input
               else mod_in.register_forward_hook(read_in))
@@ -62,6 +72,7 @@ def evaluate(model: Any, sae: SAE, tokens: torch.Tensor, lengths: torch.Tensor,
         errs.append((y - y_hat).pow(2).sum(-1))
         tot["l0"] += float(grabbed["l0"][keep].sum())
         tot["n"] += float(keep.sum())
+        tot["excluded"] = tot.get("excluded", 0.0) + float(grabbed.get("excluded", 0))
         tgt_keep = keep[:, 1:]
         tgt = tok[:, 1:][tgt_keep]
         for key, lg in (("ce_clean", logits_clean), ("ce_sae", logits_sae)):
@@ -71,6 +82,6 @@ def evaluate(model: Any, sae: SAE, tokens: torch.Tensor, lengths: torch.Tensor,
     sq_c = float((y_all - y_all.mean(0)).pow(2).sum())
     sq = float(y_all.pow(2).sum())
     ce_c, ce_s = tot["ce_clean"] / tot["n_ce"], tot["ce_sae"] / tot["n_ce"]
-    return {"tokens": int(tot["n"]), "L0": tot["l0"] / tot["n"], "EV (centred)": 1 - err / sq_c,
+    return {"tokens": int(tot["n"]), "excluded": int(tot.get("excluded", 0)), "L0": tot["l0"] / tot["n"], "EV (centred)": 1 - err / sq_c,
             "EV (uncentred)": 1 - err / sq, "MSE (raw, per element)": err / y_all.numel(),
             "CE clean": ce_c, "CE with SAE": ce_s, "delta LM loss": ce_s - ce_c}

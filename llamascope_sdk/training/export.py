@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from ..release import atomic_write_text, default_lm_config, write_release
+from llamascope_sdk.release import atomic_write_text, default_lm_config, write_release
+
 from .config import TrainConfig
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -70,7 +71,7 @@ def card(cfg: TrainConfig, hp: dict[str, Any], metrics: dict[str, Any] | None = 
 def export(folder: str | Path, cfg: TrainConfig, raw: dict[str, torch.Tensor],
            hp: dict[str, Any], card_text: str) -> Path:
     """Write the release folder plus ``recipe.yaml`` (the serialised TrainConfig)."""
-    from ..hyperparams import Hyperparams
+    from llamascope_sdk.hyperparams import Hyperparams
 
     lm = default_lm_config(cfg.model, cfg.d_model)
     tensors = {k: v.to(_DTYPES[cfg.export_dtype]) for k, v in raw.items()}

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..sae import SAE
+from llamascope_sdk.sae import SAE
 
 
 @torch.no_grad()

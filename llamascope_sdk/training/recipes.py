@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..registry import list_saes, resolve
+from llamascope_sdk.registry import list_saes, resolve
+
 from .config import TrainConfig
 
 #: 800M tokens for 8x, 1.6B for 32x (the released k_warmup_steps are 10% of these steps).
@@ -24,7 +25,7 @@ def recipe_for(name: str) -> TrainConfig:
         name=ref.name, hook_point_in=ref.hook_point_in, hook_point_out=ref.hook_point_out,
         d_model=4096, expansion_factor=ref.expansion, top_k=50,
         total_tokens=TOKENS[ref.expansion], lr=8e-4,
-        init_encoder_norm=0.5 if tc else None, dtype="bfloat16" if False else "float32")
+        init_encoder_norm=0.5 if tc else None)
 
 
 def all_recipes() -> list[TrainConfig]:

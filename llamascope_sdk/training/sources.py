@@ -18,7 +18,7 @@ def hook_points_of(cfgs: list[TrainConfig]) -> list[str]:
 
 
 def load_lm(cfg: TrainConfig) -> tuple[Any, Any]:
-    from ..models import load_model
+    from llamascope_sdk.models import load_model
 
     dtype = cfg.lm_dtype or ("bfloat16" if cfg.device.startswith("cuda") else "float32")
     return load_model(cfg.model, device=cfg.device, dtype=dtype)

@@ -8,12 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamascope_sdk.sites import parse_hook_point, module_for, rms_normalized
+from llamascope_sdk.sites import module_for, parse_hook_point, rms_normalized
 from llamascope_sdk.training.activations import ActivationGenerator
 from llamascope_sdk.training.buffer import ShuffleBuffer
 from llamascope_sdk.training.cache import CacheSource, write_cache
-from llamascope_sdk.training.data import (DataUnavailableError, TokenSource, local_documents,
-                                          split_text)
+from llamascope_sdk.training.data import (
+    DataUnavailableError,
+    TokenSource,
+    local_documents,
+    split_text,
+)
 from llamascope_sdk.training.sources import live_source
 
 from .tiny import CharTokenizer, tiny_config, tiny_model
