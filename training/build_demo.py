@@ -166,6 +166,8 @@ def ship(folder: Path, cfg, result: dict) -> Path:  # noqa: ANN001
     shutil.copytree(folder, dest)
     for f in dest.rglob("*"):  # mkstemp creates 0600 files; ship world-readable ones
         f.chmod(0o755 if f.is_dir() else 0o644)
+        if f.suffix in {".yaml", ".json", ".md"}:  # no machine-specific absolute paths
+            f.write_text(f.read_text().replace(f"{ROOT}/", ""))
     m = result["metrics"]
     lines = [(folder / "README.md").read_text().split("## Metrics")[0].rstrip(), "",
              "## Held-out evaluation", "",
@@ -199,9 +201,13 @@ def ship(folder: Path, cfg, result: dict) -> Path:  # noqa: ANN001
               "(Shakespearean style), 1297 at 2x (archaic pronouns) and 1062 at 8x (list/line "
               "structure), chosen by reading that grid.",
               "", "## Reproduce", "", "```", result["command"], "```", "",
-              f"Training took {result['train_seconds']:.0f} s on a shared 2-core CPU. Seeded and "
-              "deterministic on CPU: a re-run reproduces the metrics above to within 0.01 "
-              "(EV, delta LM loss) and 0.5 (L0); thread count can change float summation order.", ""]
+              f"Training took {result['train_seconds']:.0f} s on a shared 2-core CPU. Seeded; "
+              "multi-threaded CPU sparse kernels sum in a varying order, so a re-run is close but "
+              "not bit-identical. Measured on a second run of this command: EV excluding massive "
+              "activations 0.8309 vs 0.8313, delta LM loss 0.1817 vs 0.1773, L0 34.19 vs 34.21, "
+              "same three features; all-token EV 0.401 vs 0.423 (dominated by one token). "
+              "Tolerance: 0.01 for EV (excluding massive) and delta LM loss, 0.5 for L0, 0.05 for "
+              "the all-token EV.", ""]
     atomic_write_text(dest / "README.md", "\n".join(lines))
     return dest
 
