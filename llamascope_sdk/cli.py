@@ -81,9 +81,12 @@ def _load(sae_name: str, model: str | None, device: str | None, dtype: str | Non
     from .models import DEFAULT_MODEL, load_model
     from .sae import SAE
 
-    sae = SAE.from_pretrained(demo.resolve_alias(sae_name), revision=revision, device=device)
+    sae = SAE.from_pretrained(sae_name, revision=revision, device=device)
     if model is None:
         model = demo.DEMO_MODEL if demo.is_demo(sae_name) else DEFAULT_MODEL
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise here
     lm, tok = load_model(model, device=device, dtype=dtype)
     from .hooks import check_compatible
 
@@ -96,7 +99,7 @@ def _features_and_prompt(sae_name: str, features: list[int] | None, prompt: str 
     from . import demo
 
     if demo.is_demo(sae_name):
-        features = features or list(demo.DEMO_FEATURES)
+        features = features or [demo.DEMO_FEATURE.index]
         prompt = prompt or demo.DEMO_PROMPT
         strength = demo.DEMO_STRENGTH if strength is None else strength
     if not features:
@@ -247,7 +250,7 @@ def eval_cmd(names: Annotated[list[str], typer.Argument(help="SAE names sharing 
     from .models import DEFAULT_MODEL, load_model
     from .sae import SAE
 
-    saes = [SAE.from_pretrained(demo.resolve_alias(n), revision=revision, device=device) for n in names]
+    saes = [SAE.from_pretrained(n, revision=revision, device=device) for n in names]
     model = model or (demo.DEMO_MODEL if all(demo.is_demo(n) for n in names) else DEFAULT_MODEL)
     lm, tok = load_model(model, device=device, dtype=dtype)
     for s in saes:

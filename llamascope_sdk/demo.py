@@ -32,25 +32,46 @@ class DemoFeature(NamedTuple):
     strength: float
 
 
-#: Found by training/build_demo.py (demo_results.json in the asset folder has the full
-#: steering grid). Strengths are in model units (the residual norm here averages ~168) and
-#: are 4x / 2x / 8x the feature's largest activation on the training cache.
+#: Found by training/build_demo.py (demo_results.json in the asset folder has its ranking).
+#: Strengths are in model units, the length of the vector added to the residual stream at
+#: every non-special position, prompt and generated tokens alike (positions="all"); the
+#: residual norm at this layer averages ~168. They were chosen by greedy generation from the
+#: prompt below with ``llamascope steer --sae demo -f N -a S``: stronger values (>= ~150)
+#: make the text degenerate into repetitions.
 DEMO_FEATURES: tuple[DemoFeature, ...] = (
     # Fires on almost every token of Shakespeare (96% of its firings) and almost never on
-    # Wikipedia. Greedy continuation of the prompt turns into Early Modern English:
-    # "..., I have not, ever, been so merry. I am but a wanderer, a wanderer".
+    # Wikipedia. At 80 the continuation turns archaic: "the sight of a stranger's beauty,
+    # that is a true delight, a true delight, a beauty that is not a man's own, nor a".
     DemoFeature(4154, "Shakespeare / Early Modern English style",
                 (",", " to", " the", " of", " and", "And"),
-                "My favourite thing about the city is", 635.6),
-    # Archaic second-person pronouns and verse: " thou", " thy", " my", "And".
+                "My favourite thing about the city is", 80.0),
+    # Archaic pronouns and verse (" thou", " thy", " my", "And"). At 120: "the ancient ones,
+    # the ones that have been long forgotten, the ones that have been long gone".
     DemoFeature(1297, "archaic pronouns (thou, thy)",
                 (" thou", " I", " to", " thy", " you", " my"),
-                "My favourite thing about the city is", 315.9),
-    # Line breaks and quote/list markers ("\n", ">", ":"); steering makes list-formatted text:
-    # "* **A sense of community**\n* **A chance to share experiences**".
+                "My favourite thing about the city is", 120.0),
+    # Line breaks and quote/list markers ("\n", ">", ":"). At 80 the text breaks into short
+    # lines: "a good old-fashioned beer.\n\nThe only thing that can make a man's life ...".
     DemoFeature(1062, "line break / list structure", ("\n", ">", ":"),
-                "My favourite thing about the city is", 224.7),
+                "My favourite thing about the city is", 80.0),
 )
 DEMO_FEATURE = DEMO_FEATURES[0]
 DEMO_PROMPT = DEMO_FEATURE.prompt
 DEMO_STRENGTH = DEMO_FEATURE.strength
+
+#: Names that mean the bundled demo SAE wherever an SAE name is accepted.
+DEMO_ALIASES = ("demo", DEMO_SAE_NAME.lower())
+
+
+def is_demo(name: str | Path) -> bool:
+    """True for ``"demo"``, the demo's folder name, or its path."""
+    text = str(name).strip()
+    if text.lower() in DEMO_ALIASES:
+        return True
+    path = Path(text).expanduser()
+    return path.is_dir() and path.resolve() == DEMO_SAE_DIR
+
+
+def resolve_alias(name: str | Path) -> str:
+    """The demo SAE's folder for a demo alias, else ``name`` unchanged."""
+    return str(DEMO_SAE_DIR) if is_demo(name) else str(name)

@@ -34,6 +34,29 @@ class DownloadError(LlamascopeError, OSError):
     """A download that failed (network cut, offline with a cold cache, gated repo, ...)."""
 
 
+class DataUnavailableError(LlamascopeError, OSError):
+    """Text data that cannot be read: a missing or unsupported file, or an unreachable dataset."""
+
+
+class DataFileNotFoundError(DataUnavailableError, FileNotFoundError):
+    """A local corpus file that does not exist."""
+
+
+class DataFormatError(DataUnavailableError, ValueError):
+    """A local corpus file of a type that cannot be read (not .txt/.jsonl/.parquet)."""
+
+
+class DatasetStreamError(DataUnavailableError, DownloadError, ConnectionError):
+    """A Hugging Face dataset that cannot be opened or streamed (offline, wrong name or split)."""
+
+
+class TextFieldError(LlamascopeError, KeyError):
+    """A dataset row without the requested text field."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class CorruptCheckpointError(LlamascopeError, ValueError):
     """A checkpoint file that cannot be read, has the wrong shapes or holds non-finite values."""
 

@@ -367,8 +367,8 @@ class SAE(nn.Module):
         """Load a Llama Scope checkpoint by name, Hub id or local folder.
 
         Args:
-            name_or_path: ``"L12M-128k"`` and every spelling :func:`resolve` accepts, or a
-                local folder in the release layout.
+            name_or_path: ``"L12M-128k"`` and every spelling :func:`resolve` accepts, a
+                local folder in the release layout, or ``"demo"`` (the bundled SmolLM2 SAE).
             revision: branch, tag or commit to pin; the resolved commit is kept in ``source``.
             device, dtype: where and in which dtype the folded weights live (default CPU, fp32).
             cache_dir, token, force_download, local_files_only: as in ``huggingface_hub``;
@@ -381,7 +381,9 @@ class SAE(nn.Module):
         Example:
             >>> sae = SAE.from_pretrained("L12M-128k", revision="main", dtype="bfloat16")
         """
-        path = Path(os.fspath(name_or_path)).expanduser()
+        from .demo import resolve_alias
+
+        path = Path(resolve_alias(os.fspath(name_or_path))).expanduser()
         if path.is_dir():
             return cls.from_folder(path, device=device, dtype=dtype)
         from .hub import download
