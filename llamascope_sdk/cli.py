@@ -96,8 +96,13 @@ def _load(sae_name: str, model: str | None, device: str | None, dtype: str | Non
 
 def _features_and_prompt(sae_name: str, features: list[int] | None, prompt: str | None,
                          strength: float | None) -> tuple[list[int], str, float]:
-    from . import demo
+    from pathlib import Path
 
+    from . import demo
+    from .registry import resolve
+
+    if not demo.is_demo(sae_name) and not Path(sae_name).expanduser().is_dir():
+        resolve(sae_name)  # an unknown name is the first thing to report
     if demo.is_demo(sae_name):
         features = features or [demo.DEMO_FEATURE.index]
         prompt = prompt or demo.DEMO_PROMPT

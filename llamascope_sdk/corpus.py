@@ -251,6 +251,19 @@ def _packed(tokenizer: Any, docs: Iterable[str], context: int) -> Iterator[list[
             buf = buf[context - len(head):]
 
 
+def tensor_batches(ids: torch.Tensor, tokens: int, context: int,
+                   batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, all-True valid) batches of token rows used as given: rows cut to ``context``,
+    at most ``tokens`` tokens in all (at least one row)."""
+    if ids.dim() != 2:
+        raise ValueError(f"token ids must be [batch, seq], got shape {list(ids.shape)}")
+    ids = ids[:, :context].long()
+    rows = max(1, min(ids.shape[0], tokens // max(1, ids.shape[1])))
+    for i in range(0, rows, batch_size):
+        chunk = ids[i:min(i + batch_size, rows)]
+        yield chunk, torch.ones_like(chunk, dtype=torch.bool)
+
+
 def pad_rows(rows: list[list[int]], pad_id: int) -> torch.Tensor:
     """Right-pad token lists into a [n, max_len] LongTensor."""
     width = max(len(r) for r in rows)

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from . import metrics as M
-from .errors import DownloadError, IncompatibleModelError
+from .corpus import iter_documents, tensor_batches, token_batches
+from .errors import IncompatibleModelError
 from .models import special_ids
 from .sae import SAE
 from .sites import (
@@ -53,8 +54,6 @@ from .sites import (
 DEFAULT_CONTEXT = 1024
 #: Tokens per SAE encode/decode chunk: bounds the [tokens, d_sae] activation temporaries.
 _ENCODE_CHUNK = 4096
-#: Documents sorted by length together before batching, in units of batch_size (less padding).
-_SORT_POOL = 16
 
 
 @dataclass
@@ -86,6 +85,8 @@ class EvalResult:
     dense_threshold: float = M.DENSE_FREQUENCY
     ce_zero_ablation: float | None = None
     loss_recovered: float | None = None  # (ce_zero - ce_spliced) / (ce_zero - ce_clean)
+    exclude_norm_above: float | None = None  # input-norm cut-off (massive activations), if any
+    n_excluded: int = 0  # non-special positions above it: left clean, not counted
     feature_frequency: torch.Tensor | None = field(default=None, repr=False)  # [F] float64
 
     def to_dict(self, *, frequencies: bool = False) -> dict[str, Any]:
@@ -115,132 +116,6 @@ def _json_safe(v: Any) -> Any:
     if isinstance(v, list | tuple):
         return [_json_safe(x) for x in v]
     return v
-
-
-# ---------------------------------------------------------------------------- documents
-def iter_documents(source: str | os.PathLike[str] | Iterable[str], *, split: str = "train",
-                   text_field: str = "text") -> Iterator[str]:
-    """Documents from a local .txt/.jsonl/.parquet file, a Hugging Face dataset name, or an
-    iterable of strings. A .txt file is split into documents at blank lines."""
-    if isinstance(source, str | os.PathLike):
-        path = Path(os.fspath(source)).expanduser()
-        if path.is_file():
-            yield from _file_documents(path, text_field)
-            return
-        if isinstance(source, os.PathLike) or path.suffix in {".txt", ".jsonl", ".parquet"}:
-            raise FileNotFoundError(f"{path} does not exist")
-        yield from _hf_documents(str(source), split, text_field)
-        return
-    for doc in source:
-        if not isinstance(doc, str):
-            raise TypeError(f"documents must be strings, got {type(doc).__name__}")
-        yield doc
-
-
-def _file_documents(path: Path, text_field: str) -> Iterator[str]:
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    row = json.loads(line)
-                    yield row if isinstance(row, str) else _field(row, text_field, f"{path}:{n}")
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path, columns=[text_field])
-        yield from (t for t in table.column(text_field).to_pylist() if t)
-    elif suffix in {".txt", ".md", ""}:
-        para: list[str] = []
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    para.append(line.rstrip("\n"))
-                elif para:
-                    yield "\n".join(para)
-                    para = []
-        if para:
-            yield "\n".join(para)
-    else:
-        raise ValueError(f"{path}: unsupported file type {suffix!r}; use .txt, .jsonl or .parquet")
-
-
-def _field(row: Any, text_field: str, where: str) -> str:
-    if not isinstance(row, dict) or text_field not in row:
-        keys = list(row)[:5] if isinstance(row, dict) else type(row).__name__
-        raise KeyError(f"{where}: no {text_field!r} field (found {keys}); pass text_field=")
-    return str(row[text_field])
-
-
-def _hf_documents(name: str, split: str, text_field: str) -> Iterator[str]:
-    try:
-        import datasets
-    except ImportError as exc:
-        raise ImportError("Hugging Face datasets need the `datasets` package: "
-                          "pip install 'llamascope-sdk[train]' (or pip install datasets)") from exc
-    try:
-        ds = datasets.load_dataset(name, split=split, streaming=True)
-    except (OSError, ValueError, ConnectionError) as exc:  # datasets' not-found errors are these
-        raise DownloadError(f"could not open dataset {name!r} (split {split!r}): {exc}",
-                            hint="pass a local .txt/.jsonl/.parquet path, or check the name, "
-                                 "the split and the network (HF_HUB_OFFLINE)") from None
-    for n, row in enumerate(ds):
-        yield _field(row, text_field, f"{name}[{split}][{n}]")
-
-
-def token_batches(tokenizer: Any, docs: Iterable[str], *, tokens: int, context: int,
-                  batch_size: int, pack: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(input_ids [B, T], valid [B, T] bool) batches holding at most ``tokens`` real tokens.
-
-    Every sequence starts with BOS. Without ``pack`` each document is one sequence, truncated
-    to ``context`` (the recipe's way); with ``pack`` documents are joined by EOS and cut into
-    sequences of exactly ``context`` tokens (for long-context checks on short documents).
-    """
-    seqs = _packed(tokenizer, docs, context) if pack else _per_document(tokenizer, docs, context)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    left, pool = tokens, []
-    for ids in seqs:
-        ids = ids[:left]
-        left -= len(ids)
-        pool.append(ids)
-        if len(pool) == batch_size * _SORT_POOL or left <= 0:
-            yield from _emit(pool, batch_size, int(pad or 0))
-            pool = []
-        if left <= 0:
-            return
-    yield from _emit(pool, batch_size, int(pad or 0))
-
-
-def _per_document(tokenizer: Any, docs: Iterable[str], context: int) -> Iterator[list[int]]:
-    bos = tokenizer.bos_token_id
-    for doc in docs:
-        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
-        if ids:
-            yield ([bos] if bos is not None else []) + ids[: context - (bos is not None)]
-
-
-def _packed(tokenizer: Any, docs: Iterable[str], context: int) -> Iterator[list[int]]:
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    head = [bos] if bos is not None else []
-    buf: list[int] = []
-    for doc in docs:
-        buf += tokenizer(doc, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        while len(buf) >= context - len(head):
-            yield head + buf[: context - len(head)]
-            buf = buf[context - len(head):]
-
-
-def _emit(pool: list[list[int]], batch_size: int, pad: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    pool = sorted((p for p in pool if p), key=len)
-    for i in range(0, len(pool), batch_size):
-        rows = pool[i:i + batch_size]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        valid = torch.zeros((len(rows), width), dtype=torch.bool)
-        for j, r in enumerate(rows):
-            ids[j, :len(r)] = torch.tensor(r, dtype=torch.long)
-            valid[j, :len(r)] = True
-        yield ids, valid
 
 
 # ---------------------------------------------------------------------------- hooks
@@ -287,9 +162,12 @@ class _Running:
     site_in: Site
     site_out: Site
     stats: M.ReconstructionStats
+    nll_clean: float = 0.0
     nll_spliced: float = 0.0
     nll_zero: float = 0.0
     kl: float = 0.0
+    n_targets: int = 0
+    n_excluded: int = 0
 
 
 def _named(saes: SAE | Iterable[SAE] | Mapping[str, SAE]) -> dict[str, SAE]:
@@ -385,9 +263,16 @@ def _masked_sum(v_BT: torch.Tensor, m_BT: torch.Tensor) -> float:
     return float((v_BT * m_BT).sum())
 
 
+def _kept(count: torch.Tensor, x_BTD: torch.Tensor, max_norm: float | None) -> torch.Tensor:
+    """``count`` without the positions whose input norm exceeds ``max_norm``."""
+    if max_norm is None:
+        return count
+    return count & (x_BTD.float().norm(dim=-1) <= max_norm)
+
+
 def _run_batch(model: nn.Module, ids: torch.Tensor, valid: torch.Tensor, count: torch.Tensor,
-               runs: list[_Running], zero_ablation: bool) -> float:
-    """One clean pass, then one spliced pass per SAE; returns the clean NLL sum."""
+               runs: list[_Running], zero_ablation: bool, max_norm: float | None) -> None:
+    """One clean pass, then one spliced pass per SAE; adds to each run's sums."""
     acts: dict[Site, torch.Tensor] = {}
     sites = {s for r in runs for s in (r.site_in, r.site_out)}
     hooks = {s: _capture_hook(acts, s) for s in sites}
@@ -397,16 +282,20 @@ def _run_batch(model: nn.Module, ids: torch.Tensor, valid: torch.Tensor, count: 
         site = Site(layer, "resid_post")
         hooks[site] = _chain(hooks.get(site), _raw_hook(before, layer))
     log_p = _forward(model, ids, valid, hooks)
-    tmask = count[:, 1:].float()  # position t counts iff its target t+1 does
-    nll_clean = _masked_sum(M.nll_from_log_probs(log_p, ids), tmask)
+    nll_clean = M.nll_from_log_probs(log_p, ids)
     # KL(p || q) = sum p log p - sum p log q: the first term and p are shared by all SAEs,
     # so each SAE costs one dot product over the vocabulary, not an exp and a subtraction.
     p = log_p.exp()
     neg_entropy = torch.linalg.vecdot(p, log_p)
     for r in runs:
+        keep = _kept(count, acts[r.site_in], max_norm)  # excluded positions stay clean
+        r.n_excluded += int((count & ~keep).sum())
+        tmask = keep[:, 1:].float()  # position t counts iff its target t+1 does
+        r.n_targets += int(keep[:, 1:].sum())
+        r.nll_clean += _masked_sum(nll_clean, tmask)
         y = acts[r.site_out]
         spliced = y.clone()
-        spliced[count] = _reconstruct(r.sae, acts[r.site_in][count], y[count], r.stats)
+        spliced[keep] = _reconstruct(r.sae, acts[r.site_in][keep], y[keep], r.stats)
         n = r.site_out.layer
         resume = (n, before[n - 1]) if n > 0 else None
         log_q = _forward(model, ids, valid, {r.site_out: _replace_hook(spliced)}, resume)
@@ -415,10 +304,9 @@ def _run_batch(model: nn.Module, ids: torch.Tensor, valid: torch.Tensor, count: 
         r.kl += _masked_sum(kl[:, :-1], tmask)
         del log_q
         if zero_ablation:
-            spliced[count] = 0
+            spliced[keep] = 0
             log_z = _forward(model, ids, valid, {r.site_out: _replace_hook(spliced)}, resume)
             r.nll_zero += _masked_sum(M.nll_from_log_probs(log_z, ids), tmask)
-    return nll_clean
 
 
 @torch.inference_mode()
@@ -427,8 +315,8 @@ def evaluate(model: nn.Module, tokenizer: Any,
              texts_or_dataset: str | os.PathLike[str] | Iterable[str] | torch.Tensor, *,
              tokens: int = 100_000, context: int | None = None, batch_size: int | None = None,
              include_special: bool = False, progress: bool = True, pack: bool = False,
-             zero_ablation: bool = False, split: str = "train",
-             text_field: str = "text") -> dict[str, EvalResult]:
+             zero_ablation: bool = False, split: str = "train", text_field: str = "text",
+             exclude_norm_above: float | None = None) -> dict[str, EvalResult]:
     """Evaluate SAEs on a model over text: L0, MSE, EV (centred and uncentred), delta LM loss,
     KL(clean || spliced), dead and dense features.
 
@@ -451,6 +339,10 @@ def evaluate(model: nn.Module, tokenizer: Any,
         pack: join documents (EOS-separated) and cut sequences of exactly ``context`` tokens.
         zero_ablation: also run the output site zeroed, giving ``ce_zero_ablation`` and
             ``loss_recovered`` (one more forward per SAE).
+        exclude_norm_above: positions whose SAE input has an L2 norm above this (massive
+            activations: SmolLM2 gives one token a norm of ~7,000 against a mean of ~170) are
+            treated like special tokens: left clean in the spliced pass and left out of every
+            metric, CE and KL included. Their number is ``EvalResult.n_excluded``.
 
     Returns:
         ``{sae name: EvalResult}``.
@@ -476,7 +368,7 @@ def evaluate(model: nn.Module, tokenizer: Any,
                      M.ReconstructionStats(sae.d_model, sae.d_sae)) for sae in named.values()]
     specials = torch.tensor(sorted(special_ids(tokenizer)), dtype=torch.long, device=device)
     if isinstance(texts_or_dataset, torch.Tensor):
-        batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = _tensor_batches(
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = tensor_batches(
             texts_or_dataset, tokens, context, batch_size)
     else:
         docs = iter_documents(texts_or_dataset, split=split, text_field=text_field)
@@ -484,36 +376,24 @@ def evaluate(model: nn.Module, tokenizer: Any,
                                 batch_size=batch_size, pack=pack)
     from tqdm.auto import tqdm
 
-    n_seq, nll_clean, n_targets = 0, 0.0, 0
+    n_seq = 0
     with tqdm(total=tokens, unit="tok", disable=not progress, desc="evaluate") as bar:
         for ids, valid in batches:
             ids, valid = ids.to(device), valid.to(device)
             count = valid if include_special else valid & ~torch.isin(ids, specials)
-            nll_clean += _run_batch(model, ids, valid, count, runs, zero_ablation)
-            n_targets += int(count[:, 1:].sum())
+            _run_batch(model, ids, valid, count, runs, zero_ablation, exclude_norm_above)
             n_seq += ids.shape[0]
             bar.update(int(valid.sum()))
     name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
-    return {key: _result(key, r, name, n_seq, n_targets, nll_clean, context, include_special,
-                         zero_ablation) for key, r in zip(named, runs, strict=True)}
+    return {key: _result(key, r, name, n_seq, context, include_special, zero_ablation,
+                         exclude_norm_above) for key, r in zip(named, runs, strict=True)}
 
 
-def _tensor_batches(ids: torch.Tensor, tokens: int, context: int,
-                    batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    if ids.dim() != 2:
-        raise ValueError(f"token ids must be [batch, seq], got shape {list(ids.shape)}")
-    ids = ids[:, :context].long()
-    rows = max(1, min(ids.shape[0], tokens // max(1, ids.shape[1])))
-    for i in range(0, rows, batch_size):
-        chunk = ids[i:min(i + batch_size, rows)]
-        yield chunk, torch.ones_like(chunk, dtype=torch.bool)
-
-
-def _result(key: str, r: _Running, model_name: str, n_seq: int, n_targets: int, nll_clean: float,
-            context: int, include_special: bool, zero_ablation: bool) -> EvalResult:
+def _result(key: str, r: _Running, model_name: str, n_seq: int, context: int,
+            include_special: bool, zero_ablation: bool, max_norm: float | None) -> EvalResult:
     st = r.stats
-    nt = max(1, n_targets)
-    ce_clean, ce_spliced = nll_clean / nt, r.nll_spliced / nt
+    nt = max(1, r.n_targets)
+    ce_clean, ce_spliced = r.nll_clean / nt, r.nll_spliced / nt
     counts = st.fire_counts if st.fire_counts is not None else torch.zeros(r.sae.d_sae, dtype=torch.long)
     n_tok = max(1, st.n_tokens)
     n_dead = int(M.dead_features(counts).numel())
@@ -525,11 +405,12 @@ def _result(key: str, r: _Running, model_name: str, n_seq: int, n_targets: int, 
         recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean)
     return EvalResult(
         sae=key, hook_point_in=r.site_in.hook_point, hook_point_out=r.site_out.hook_point,
-        model=model_name, n_tokens=st.n_tokens, n_targets=n_targets, n_sequences=n_seq,
+        model=model_name, n_tokens=st.n_tokens, n_targets=r.n_targets, n_sequences=n_seq,
         context=context, include_special=include_special, l0_mean=float(l0["mean"]), l0=l0,
         mse=st.mse, explained_variance_centred=st.ev_centred,
         explained_variance_uncentred=st.ev_uncentred, ce_clean=ce_clean, ce_spliced=ce_spliced,
         delta_lm_loss=ce_spliced - ce_clean, kl_div=r.kl / nt, n_dead=n_dead,
         frac_dead=n_dead / r.sae.d_sae, n_dense=n_dense, frac_dense=n_dense / r.sae.d_sae,
-        ce_zero_ablation=ce_zero, loss_recovered=recovered,
+        ce_zero_ablation=ce_zero, loss_recovered=recovered, n_excluded=r.n_excluded,
+        exclude_norm_above=max_norm,
         feature_frequency=M.firing_frequency(counts.cpu(), n_tok))

@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 
 from llamascope_sdk.cli import app
 
+from .fakehub import fake_hub_fixture  # noqa: F401  (fixture)
+
 runner = CliRunner()
 
 
@@ -84,3 +86,113 @@ def test_subprocess_offline_cold_cache(tmp_path) -> None:
     assert "Traceback" not in p.stderr
     assert "offline" in p.stderr.lower()
     assert "hint:" in p.stderr
+
+
+# ---------------------------------------------------------------- the offline demo (real model)
+
+@pytest.mark.smollm
+def test_steer_demo_json_changes_text() -> None:
+    res = runner.invoke(app, ["steer", "--sae", "demo", "-n", "6", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["features"] == [4154] and out["sae"] == "smollm2-135m-L15R-8x"
+    assert out["baseline"] != out["steered"]
+    assert len(out["baseline_ids"]) == 6
+
+
+@pytest.mark.smollm
+def test_steer_strength_zero_reproduces_baseline() -> None:
+    res = runner.invoke(app, ["steer", "--sae", "demo", "-f", "1297", "-a", "0", "-n", "6", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["baseline_ids"] == out["steered_ids"]
+
+
+@pytest.mark.smollm
+def test_encode_demo_table_and_json() -> None:
+    res = runner.invoke(app, ["encode", "--sae", "demo", "--prompt", "To be, or not to be", "--json", "-k", "3"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["tokens"][0] == "<|im_start|>"
+    name = "smollm2-135m-L15R-8x"
+    assert out["top"][name][0] == []  # BOS skipped by default
+    assert all(len(row) == 3 for row in out["top"][name][1:])
+    res = runner.invoke(app, ["encode", "--sae", "demo", "--prompt", "To be", "--include-special", "--json"])
+    assert json.loads(res.output)["top"][name][0] != []
+    res = runner.invoke(app, ["encode", "--sae", "demo", "--prompt", "To be"])
+    assert res.exit_code == 0 and "feature (activation)" in res.output
+
+
+@pytest.mark.smollm
+def test_ablate_demo_json() -> None:
+    res = runner.invoke(app, ["ablate", "--sae", "demo", "-f", "4154", "-f", "1297", "-n", "4",
+                              "--prompt", "Thou art", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["features"] == [4154, 1297]
+
+
+@pytest.mark.smollm
+def test_feature_out_of_range_is_one_line() -> None:
+    res = runner.invoke(app, ["steer", "--sae", "demo", "-f", "4608", "-n", "2"])
+    assert res.exit_code == 1
+    assert "feature index 4608 is out of range; allowed are 0..4607" in res.output
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.smollm
+def test_sae_that_does_not_fit_the_model(tmp_path) -> None:
+    from .helpers import make_release
+
+    folder = make_release(tmp_path / "tiny", d_model=64, d_sae=256, layer=3)
+    res = runner.invoke(app, ["encode", "--sae", str(folder), "--model", "smollm2-135m", "--prompt", "hi"])
+    assert res.exit_code == 1
+    assert "d_model=64 does not match the model's hidden_size=576" in res.output
+
+
+def test_gated_model_without_token(fake_hub, monkeypatch) -> None:
+    hub = fake_hub.hub
+    hub.commit("meta-llama/Llama-3.1-8B", {"config.json": b"{}", "tokenizer_config.json": b"{}"})
+    hub.gated.add("meta-llama/Llama-3.1-8B")
+    res = runner.invoke(app, ["encode", "--sae", "demo", "--model", "meta-llama/Llama-3.1-8B", "--prompt", "hi"])
+    assert res.exit_code == 1, res.output
+    assert "could not load model 'meta-llama/Llama-3.1-8B'" in res.output
+    assert "HF_TOKEN" in res.output
+
+
+def test_subprocess_model_offline_cold_cache(tmp_path) -> None:
+    p = _run("encode", "--sae", "demo", "--model", "meta-llama/Llama-3.1-8B", "--prompt", "hi",
+             env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)})
+    assert p.returncode == 1
+    assert "Traceback" not in p.stderr
+    assert "error: could not load model" in p.stderr and "hint:" in p.stderr
+
+
+def test_subprocess_unknown_sae_suggests() -> None:
+    p = _run("steer", "--sae", "L12X-8x", "-f", "1")
+    assert p.returncode == 1
+    assert "unknown position 'X'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_download_and_info_through_fake_hub(fake_hub) -> None:
+    res = runner.invoke(app, ["download", "L12R-8x", "l12m_32x", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert [r["commit"] for r in rows] == [fake_hub.commits["R-new"], fake_hub.commits["M32"]]
+    res = runner.invoke(app, ["info", "L12R-8x", "--json"])
+    assert res.exit_code == 0, res.output
+    facts = json.loads(res.output)
+    hp = fake_hub.hp["L12R-8x"]
+    assert facts["jump_relu_threshold"] == hp["jump_relu_threshold"]
+    assert facts["dataset_norm_in"] == hp["dataset_average_activation_norm"]["in"]
+    assert facts["commit"] == fake_hub.commits["R-new"]
+    res = runner.invoke(app, ["info", "L12R-8x", "--revision", "v0", "--json"])
+    assert json.loads(res.output)["subfolder"] == "Llama3_1Base-L12R-8x"
+
+
+def test_download_interrupted_resumes(fake_hub) -> None:
+    fake_hub.hub.cut_after["final.safetensors"] = 1000
+    res = runner.invoke(app, ["download", "L12R-8x"])
+    assert res.exit_code == 0, res.output
+    gets = fake_hub.hub.requests("final.safetensors", method="GET")
+    assert len(gets) >= 2 and any("bytes=1000-" in {k.lower(): v for k, v in r.headers.items()}.get("range", "")
+                                   for r in gets[1:])

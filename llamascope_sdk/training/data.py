@@ -1,4 +1,7 @@
-"""Documents -> token rows: SlimPajama streamed from the Hub, or local .txt/.jsonl/.parquet.
+"""Documents -> token rows for training: SlimPajama streamed from the Hub, or local files.
+
+Documents are read by :mod:`llamascope_sdk.corpus` (the same rules as evaluation); this module
+adds training's paragraph packing, the rank split and resumable tokenisation.
 
 The recipe (spec section 4): every document is tokenised on its own, BOS prepended, truncated
 to ``context_size`` tokens (``concat_tokens=False``); special positions are dropped later, when
