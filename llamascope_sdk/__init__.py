@@ -27,7 +27,9 @@ _EXPORTS = {
     "LlamascopeError": "errors",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+# Spelled out (not ``[*_EXPORTS]``) so that linters see the TYPE_CHECKING imports as exported.
+__all__ = ["__version__", "SAE", "Hyperparams", "SaeRef", "list_saes", "resolve", "load_model",
+           "attach", "Intervention", "LlamascopeError"]
 
 if TYPE_CHECKING:
     from .errors import LlamascopeError

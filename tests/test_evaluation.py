@@ -71,10 +71,13 @@ def _module(model, hook_point: str):
     return {"hook_resid_post": block, "hook_attn_out": block.self_attn, "hook_mlp_out": block.mlp}[kind]
 
 
-def reference_run(model, ids: torch.Tensor, sae: SAE, replace) -> tuple[float, float, float]:
+def reference_run(model, ids: torch.Tensor, sae: SAE, replace,
+                  exclude: torch.Tensor | None = None) -> tuple[float, float, float]:
     """(clean CE, spliced CE, KL) written out plainly for R/A/M: ``replace(y, keep)`` gives the
-    spliced activation; BOS/EOS positions stay clean and are not counted as targets."""
+    spliced activation; BOS/EOS positions (and ``exclude``) stay clean and are not counted."""
     keep = ~torch.isin(ids, torch.tensor([0, 1, 2]))
+    if exclude is not None:
+        keep &= ~exclude
     mod = _module(model, sae.hyperparams.hook_point_out)
 
     def hook(_m, _a, out):
@@ -121,6 +124,37 @@ def test_zero_sae_gives_zero_ablation_loss(tiny_llama) -> None:
     assert res.kl_div == pytest.approx(kl, abs=1e-6)  # float32 sums over the vocabulary
     assert res.loss_recovered == pytest.approx(0.0, abs=1e-6)
     assert res.l0_mean == 0.0 and res.n_dead == 128 and res.frac_dead == 1.0
+
+
+def test_exclude_norm_above_leaves_large_inputs_clean_and_uncounted(tiny_llama) -> None:
+    """The two non-special positions with the largest input norm lie above the cut-off: they
+    are spliced clean and left out of every metric (a zero SAE, so MSE = mean y^2 of the rest)."""
+    ids, sae = ids_with_specials(), zero_sae(1, "R")
+    seen = {}
+    hook = tiny_llama.model.layers[1].register_forward_hook(
+        lambda _m, _a, out: seen.setdefault("y", out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        tiny_llama(ids)
+    hook.remove()
+    y, special = seen["y"], torch.isin(ids, torch.tensor([0, 1, 2]))
+    norms = y.norm(dim=-1).masked_fill(special, -1.0)
+    top = norms.flatten().topk(3).values
+    cut = float(top[1] + top[2]) / 2
+    big = norms > cut
+    assert int(big.sum()) == 2
+    res = evaluate(tiny_llama, CharTokenizer(), sae, ids, progress=False,
+                   exclude_norm_above=cut)["sae"]
+    assert res.n_excluded == 2 and res.exclude_norm_above == cut
+    assert res.n_tokens == 2 * 24 - 3 - 2 and res.n_targets == 2 * 23 - 1 - 2
+    assert res.mse == pytest.approx(float(y[~special & ~big].double().pow(2).mean()), rel=1e-6)
+    ce_clean, ce_spliced, kl = reference_run(tiny_llama, ids, sae, torch.zeros_like, exclude=big)
+    assert res.ce_clean == pytest.approx(ce_clean, rel=1e-5)
+    assert res.ce_spliced == pytest.approx(ce_spliced, rel=1e-5)
+    assert res.kl_div == pytest.approx(kl, abs=1e-6)
+    everything = evaluate(tiny_llama, CharTokenizer(), sae, ids, progress=False,
+                          exclude_norm_above=math.inf)["sae"]
+    default = evaluate(tiny_llama, CharTokenizer(), sae, ids, progress=False)["sae"]
+    assert everything.n_excluded == 0 and everything.to_dict() == default.to_dict()
 
 
 @pytest.mark.parametrize(("layer", "position"), [(0, "R"), (1, "R"), (2, "M"), (2, "A")])

@@ -37,42 +37,40 @@ STRENGTH_MULTIPLES = (2.0, 4.0, 8.0)
 MASSIVE = 10.0
 
 
-def heldout_rows(cfg, tokenizer, n_rows: int):  # noqa: ANN001, ANN201
-    from llamascope_sdk.training.data import TokenSource, local_documents, pad_rows
+def heldout_rows(cfg, tokenizer, n_rows: int) -> torch.Tensor:  # noqa: ANN001
+    """[n_rows, context] token rows of the held-out text, spread evenly over both files."""
+    from llamascope_sdk.training.data import TokenSource
 
-    src = TokenSource(tokenizer, cfg.dataset, context_size=cfg.context_size, split_long=True,
-                      loop=False)
-    docs = local_documents(cfg.dataset, cfg.text_field, cfg.holdout_fraction, heldout=True)
-    # alternate between the files' held-out tails so both kinds of text are measured
-    src._local = docs
-    rows = [r for d in docs for _, r in src.encode(d) if len(r) == cfg.context_size]
+    src = TokenSource(tokenizer, cfg.dataset, text_field=cfg.text_field,
+                      context_size=cfg.context_size, holdout_fraction=cfg.holdout_fraction,
+                      heldout=True, split_long=True, loop=False)
+    rows = [r for d in src._local or [] for _, r in src.encode(d) if len(r) == cfg.context_size]
     step = max(1, len(rows) // n_rows)
-    rows = rows[::step][:n_rows]
-    pad = tokenizer.pad_token_id or 0
-    return pad_rows(rows, pad), torch.tensor([len(r) for r in rows])
+    return torch.tensor(rows[::step][:n_rows], dtype=torch.long)
 
 
-def steer_text(model, tokenizer, sae, feature: int, strength: float, prompt: str) -> str:  # noqa: ANN001
-    from llamascope_sdk.models import tokenize
-    from llamascope_sdk.sites import first, module_for, parse_hook_point, replace_first
+def measure(model, tokenizer, sae, cfg, n_rows: int) -> dict[str, dict]:  # noqa: ANN001
+    """Held-out metrics on all non-special tokens and without the massive activations."""
+    from llamascope_sdk.evaluation import evaluate
 
-    site = parse_hook_point(sae.hyperparams.hook_point_out)
-    direction = sae.W_dec[feature].detach() * strength if feature >= 0 else None
+    ids = heldout_rows(cfg, tokenizer, n_rows)
+    cut = MASSIVE * sae.hyperparams.dataset_average_activation_norm.in_
+    out = {}
+    for label, exclude in ((ALL, None), (EXCLUDING, cut)):
+        res = evaluate(model, tokenizer, sae, ids, tokens=ids.numel(), context=cfg.context_size,
+                       progress=False, exclude_norm_above=exclude)
+        out[label] = next(iter(res.values())).to_dict()
+        print(label, json.dumps({k: v for k, v in out[label].items() if k != "l0"}))
+    return out
 
-    def hook(m, a, out):  # noqa: ANN001, ANN202
-        y = first(out)
-        y = y.clone()
-        y[:, 1:] += direction.to(y.dtype)  # leave BOS clean
-        return replace_first(out, y)
 
-    ids = tokenize(tokenizer, prompt)
-    h = module_for(model, site).register_forward_hook(hook) if direction is not None else None
-    try:
-        out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=2)
-    finally:
-        if h is not None:
-            h.remove()
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+def steer_text(model, tokenizer, sae, feature: int, strength: float, prompt: str):  # noqa: ANN001, ANN201
+    """Greedy continuations of ``prompt`` without and with the feature steered (all positions)."""
+    from llamascope_sdk.interventions import Steer
+    from llamascope_sdk.steering import compare_generations
+
+    return compare_generations(model, tokenizer, prompt, Steer(sae, [feature], strength),
+                               max_new_tokens=24)
 
 
 def main() -> None:

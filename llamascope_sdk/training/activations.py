@@ -29,12 +29,6 @@ class _StopForward(Exception):
     """Raised from the last needed hook; caught by the generator (early exit)."""
 
 
-def special_ids_of(tokenizer: Any) -> set[int]:
-    ids = {getattr(tokenizer, a, None) for a in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    ids.update(getattr(tokenizer, "all_special_ids", None) or [])
-    return {int(i) for i in ids if i is not None}
-
-
 class ActivationGenerator:
     """Run the LM once per batch and collect the raw activations at several hook points.
 

@@ -45,19 +45,21 @@ class TokenSource:
         dataset: Hub name (streamed) or local file(s).
         rank, world: document i is used by rank ``i % world``.
         loop: restart from the first document when the stream ends (for small local corpora).
+        holdout_fraction, heldout: local files only: the last ``holdout_fraction`` of each
+            file's documents is held out; ``heldout=True`` reads only that part.
     """
 
     def __init__(self, tokenizer: Any, dataset: str, *, split: str = "train",
                  text_field: str = "text", context_size: int = 1024,
                  holdout_fraction: float = 0.0, rank: int = 0, world: int = 1,
-                 loop: bool = True, split_long: bool = False) -> None:
+                 loop: bool = True, split_long: bool = False, heldout: bool = False) -> None:
         self.tokenizer = tokenizer
         self.dataset, self.split, self.text_field = dataset, split, text_field
         self.context_size = context_size
         self.rank, self.world, self.loop = rank, world, loop
         self.split_long = split_long
         self.position = 0  # documents consumed (global index over all ranks)
-        self._local = (local_documents(dataset, text_field, holdout_fraction)
+        self._local = (local_documents(dataset, text_field, holdout_fraction, heldout)
                        if corpus.local_paths(dataset) is not None else None)
         if self._local is not None and not self._local:
             raise DataUnavailableError(f"{dataset} holds no documents")

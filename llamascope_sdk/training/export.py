@@ -1,4 +1,8 @@
-"""Export a trained SAE in the release layout, with a card that records the recipe."""
+"""Export a trained SAE in the release layout, with a card that records the recipe.
+
+The card is rendered by :func:`llamascope_sdk.cards.render_card` from :func:`card_info`, the
+same template as the 256 release cards.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,11 @@ from typing import Any
 
 import torch
 
+from llamascope_sdk.cards import render_card
+from llamascope_sdk.corpus import local_paths
+from llamascope_sdk.models import SMOLLM2_ID, is_smollm2
 from llamascope_sdk.release import atomic_write_text, default_lm_config, write_release
+from llamascope_sdk.sites import parse_hook_point
 
 from .config import TrainConfig
 
@@ -35,46 +43,59 @@ def release_hyperparams(cfg: TrainConfig, norm_in: float, norm_out: float, thres
     }
 
 
-def recipe_table(cfg: TrainConfig) -> str:
-    rows = [("variant", cfg.variant), ("Adam betas", str(tuple(cfg.betas))),
-            ("lr", f"{cfg.lr:g}"), ("warm-up steps", str(cfg.warmup_steps)),
-            ("final lr ratio", f"{cfg.lr_end_ratio:g}"),
-            ("K annealing", f"{cfg.k_init} -> {cfg.top_k} over {cfg.k_warmup_steps} steps"),
-            ("init decoder norm", f"{cfg.init_decoder_norm:g}"),
-            ("grad clip", str(cfg.clip_grad_norm)), ("batch", f"{cfg.batch_size} tokens"),
-            ("steps", str(cfg.total_steps)), ("param dtype", cfg.dtype)]
-    return "| setting | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+def _position(cfg: TrainConfig) -> str:
+    if cfg.is_transcoder:
+        return "TC"
+    kind = parse_hook_point(cfg.hook_point_out).kind
+    return {"resid_post": "R", "attn_out": "A", "mlp_out": "M"}[kind]
 
 
-def card(cfg: TrainConfig, hp: dict[str, Any], metrics: dict[str, Any] | None = None,
-         extra: str = "") -> str:
-    lines = [f"# {cfg.name}", "",
-             f"Top-K SAE trained with llamascope-sdk's reproduction of the Llama Scope recipe "
-             f"(spec section 4, **{cfg.variant}** column) and converted to JumpReLU (one global "
-             f"threshold θ = {hp['jump_relu_threshold']:.6g}, folded space).", "",
-             f"- model: `{cfg.model}`; input `{cfg.hook_point_in}`, target `{cfg.hook_point_out}`",
-             f"- d_model {cfg.d_model}, d_sae {cfg.d_sae}, training K {cfg.top_k}",
-             f"- dataset: `{cfg.dataset}`",
-             f"- dataset norms: in {hp['dataset_average_activation_norm']['in']}, out "
-             f"{hp['dataset_average_activation_norm']['out']}", "", "## Recipe", "",
-             recipe_table(cfg), ""]
-    if metrics:
-        lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                  for k, v in metrics.items()]
-        lines.append("")
-    if extra:
-        lines += [extra, ""]
-    return "\n".join(lines)
+def card_info(cfg: TrainConfig, hp: dict[str, Any], metrics: Any = None,
+              **extra: Any) -> dict[str, Any]:
+    """The :func:`llamascope_sdk.cards.render_card` description of a trained SAE.
+
+    Args:
+        cfg, hp: the recipe and the release hyperparams (threshold, dataset norms).
+        metrics: training metrics, an ``EvalResult`` (or its dict), or
+            ``{column label: EvalResult}``; see ``render_card``.
+        extra: more card keys (``command``, ``extra``, ``metrics_note``, ``load_name``, ...).
+
+    Returns:
+        The dict; ``render_card(card_info(...))`` is the README.md text.
+    """
+    norms = hp["dataset_average_activation_norm"]
+    summary = (f"Top-K SAE trained with llamascope-sdk's reproduction of the Llama Scope recipe "
+               f"(spec section 4, **{cfg.variant}** column) and converted to JumpReLU (one global "
+               f"threshold θ = {hp['jump_relu_threshold']:.6g}, folded space). Trained on "
+               f"`{cfg.dataset}` with `{cfg.model}`; dataset norms: in {norms['in']}, out "
+               f"{norms['out']}.")
+    recipe = {"variant": cfg.variant, "Adam betas": str(tuple(cfg.betas)), "lr": f"{cfg.lr:g}",
+              "warm-up steps": cfg.warmup_steps, "final lr ratio": f"{cfg.lr_end_ratio:g}",
+              "K annealing": f"{cfg.k_init} -> {cfg.top_k} over {cfg.k_warmup_steps} steps",
+              "init decoder norm": f"{cfg.init_decoder_norm:g}", "grad clip": cfg.clip_grad_norm,
+              "batch": f"{cfg.batch_size} tokens", "steps": cfg.total_steps,
+              "param dtype": cfg.dtype}
+    kind = "transcoder" if cfg.is_transcoder else "SAE"
+    return {
+        "name": cfg.name, "model": SMOLLM2_ID if is_smollm2(cfg.model) else cfg.model,
+        "layer": parse_hook_point(cfg.hook_point_out).layer, "position": _position(cfg),
+        "d_model": cfg.d_model, "d_sae": cfg.d_sae, "hook_point_in": cfg.hook_point_in,
+        "hook_point_out": cfg.hook_point_out, "load_name": f"./{cfg.name}", "summary": summary,
+        "datasets": [] if local_paths(cfg.dataset) else [cfg.dataset],
+        "architecture": f"JumpReLU {kind} (trained Top-K, K = {cfg.top_k}; one global threshold)",
+        "recipe": recipe, "recipe_variant": cfg.variant, "metrics": metrics, **extra,
+    }
 
 
 def export(folder: str | Path, cfg: TrainConfig, raw: dict[str, torch.Tensor],
-           hp: dict[str, Any], card_text: str) -> Path:
-    """Write the release folder plus ``recipe.yaml`` (the serialised TrainConfig)."""
+           hp: dict[str, Any], card_text: str | None = None) -> Path:
+    """Write the release folder plus ``recipe.yaml`` (the serialised TrainConfig); the card
+    defaults to ``render_card(card_info(cfg, hp))``."""
     from llamascope_sdk.hyperparams import Hyperparams
 
     lm = default_lm_config(cfg.model, cfg.d_model)
     tensors = {k: v.to(_DTYPES[cfg.export_dtype]) for k, v in raw.items()}
+    card_text = card_text if card_text is not None else render_card(card_info(cfg, hp))
     out = write_release(folder, Hyperparams.from_dict(hp), tensors, lm, card=card_text)
     atomic_write_text(Path(out) / "recipe.yaml", cfg.to_yaml())
     return Path(out)

@@ -6,7 +6,9 @@ from typing import Any
 
 import torch
 
-from .activations import ActivationGenerator, LiveSource, special_ids_of
+from llamascope_sdk.models import special_ids
+
+from .activations import ActivationGenerator, LiveSource
 from .cache import CacheSource
 from .config import TrainConfig
 from .data import TokenSource
@@ -30,15 +32,9 @@ def live_source(cfg: TrainConfig, hook_points: list[str], model: Any, tokenizer:
     """A live source; rank r of world generates documents i % world == r."""
     tokens = TokenSource(tokenizer, cfg.dataset, split=cfg.dataset_split,
                          text_field=cfg.text_field, context_size=cfg.context_size,
-                         holdout_fraction=0.0 if heldout else cfg.holdout_fraction,
-                         rank=rank, world=world, loop=loop,
-                         split_long=cfg.split_long_documents)
-    if heldout:
-        from .data import local_documents
-
-        tokens._local = local_documents(cfg.dataset, cfg.text_field, cfg.holdout_fraction,
-                                        heldout=True)
-    gen = ActivationGenerator(model, hook_points, special_ids_of(tokenizer), dtype=torch.float32)
+                         holdout_fraction=cfg.holdout_fraction, rank=rank, world=world,
+                         loop=loop, split_long=cfg.split_long_documents, heldout=heldout)
+    gen = ActivationGenerator(model, hook_points, special_ids(tokenizer), dtype=torch.float32)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return LiveSource(gen, tokens, cfg.store_batch_size, int(pad or 0))
 

@@ -202,7 +202,9 @@ def threshold_inputs(run: Run, cfg: TrainConfig) -> dict[str, torch.Tensor]:
 
 def export_run(run: Run, out_root: Path | None = None) -> list[Path]:
     """Post-process every SAE of a finished run to JumpReLU and write release folders."""
-    from .export import card, export, release_hyperparams
+    from llamascope_sdk.cards import render_card
+
+    from .export import card_info, export, release_hyperparams
     from .postprocess import fold, jumprelu_threshold, mean_l0
 
     folders = []
@@ -219,7 +221,7 @@ def export_run(run: Run, out_root: Path | None = None) -> list[Path]:
         metrics.update({f"last train {k}": v for k, v in getattr(run, "last_metrics", [{}])[
             run.trainers.index(t)].items() if k in ("ev", "mse", "dead")})
         folder = (out_root or run.run_dir / "export") / cfg.name
-        folders.append(export(folder, cfg, raw, hp, card(cfg, hp, metrics)))
+        folders.append(export(folder, cfg, raw, hp, render_card(card_info(cfg, hp, metrics))))
     return folders
 
 

@@ -50,15 +50,18 @@ def test_multi_sae_run_exports_release_folders(tmp_path: Path) -> None:
 
 
 def test_evaluate_splices_and_reports_both_ev(tmp_path: Path) -> None:
-    from llamascope_sdk.training.evaluate import evaluate
+    from llamascope_sdk.evaluation import evaluate
 
     hp = release_hyperparams(layer=1, d_model=32, d_sae=128, norm_in=1.0)
     sae = SAE.from_raw(hp, raw_tensors(32, 128))
     model = tiny_model()
     tokens = torch.randint(3, 99, (3, 20))
     tokens[:, 0] = 1
-    m = evaluate(model, sae, tokens, torch.tensor([20, 20, 15]), {0, 1, 2}, batch_rows=2)
-    assert m["tokens"] == 19 + 19 + 14 and m["EV (uncentred)"] >= m["EV (centred)"] - 1
-    assert m["CE with SAE"] != m["CE clean"]
-    none = evaluate(model, sae, tokens, torch.tensor([20, 20, 15]), {0, 1, 2}, max_norm=1e9)
-    assert none["excluded"] == 0 and none["tokens"] == m["tokens"]
+    tokens[2, 15:] = 0  # a row of 15 tokens, right-padded
+    m = evaluate(model, CharTokenizer(), sae, tokens, batch_size=2, progress=False)["sae"]
+    assert m.n_tokens == 19 + 19 + 14
+    assert m.explained_variance_uncentred >= m.explained_variance_centred - 1
+    assert m.ce_spliced != m.ce_clean
+    none = evaluate(model, CharTokenizer(), sae, tokens, exclude_norm_above=1e9,
+                    progress=False)["sae"]
+    assert none.n_excluded == 0 and none.n_tokens == m.n_tokens
