@@ -22,7 +22,7 @@ model, tokenizer = load_model(args.model, device=args.device)
 print(sae)
 
 reading = read_features(model, tokenizer, sae, args.prompt, top_k=3)
-for token, top in zip(reading.tokens, reading.top[sae.name]):
+for token, top in zip(reading.tokens, reading.top[sae.name], strict=True):
     feats = ", ".join(f"#{i}={v:.2f}" for i, v in top) or "(special token, skipped)"
     print(f"{token!r:>14}  {feats}")
 l0 = (reading.acts[sae.name] > 0).sum(-1)[1:].float().mean()

@@ -30,4 +30,4 @@ print(tc.source)
 print("mean L0 :", float((h.features[tc.name][0, 1:] > 0).sum(-1).float().mean()))
 for name, p in (("clean", clean), ("transcoder", spliced)):
     top = p.topk(5)
-    print(f"{name:>10}:", [(tokenizer.decode(int(i)), round(float(v), 3)) for v, i in zip(top.values, top.indices)])
+    print(f"{name:>10}:", [(tokenizer.decode(int(i)), round(float(v), 3)) for v, i in zip(top.values, top.indices, strict=True)])

@@ -122,8 +122,8 @@ def _metric_table(metrics: Any) -> tuple[list[str], list[tuple[str, list[str]]],
     labels = list(dict.fromkeys(label for t in tables.values() for label in t))
     rows = [(label, [t.get(label, "-") for t in tables.values()]) for label in labels]
     ctx = [_metric_context(next(iter(columns.values())))]
-    ctx += [f"{c}: {d['n_excluded']:,} positions with input norm > {d['exclude_norm_above']:.4g} "
-            "left clean and not counted" for c, d in columns.items()
+    ctx += [f"{c}: {d['n_excluded']:,} position(s) with input norm > "
+            f"{d['exclude_norm_above']:.4g} left clean and not counted" for c, d in columns.items()
             if d.get("exclude_norm_above") is not None]
     return list(columns), rows, "; ".join(c for c in ctx if c)
 
@@ -182,7 +182,8 @@ def _custom_fields(info: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]
                        else "No training recipe was recorded.",
         "recipe": recipe, "command": info.get("command"), "extra": info.get("extra"),
         "metrics_note": info.get("metrics_note"), "architecture": info.get("architecture"),
-        "family_recipe": (_family_recipe(data, "see above") if info.get("recipe_variant")
+        "family_recipe": (_family_recipe(data, info.get("tokens", "not recorded"))
+                          if info.get("recipe_variant")
                           else []),
         "family_line": f"The run follows the **{info.get('recipe_variant')}** column of the "
                        "Llama Scope recipe; the released script and the paper differ as follows:",
@@ -213,7 +214,7 @@ def render_card(ref_or_info: SaeRef | str | dict[str, Any], metrics: Any = None)
             ``repo_id``, ``load_name``, ``hf_in``/``hf_out``, ``tags``, ``datasets``,
             ``license``, ``warning``, ``note``, ``summary``, ``architecture``,
             ``recipe_variant`` ("released" or "paper": adds the family's released-script-vs-
-            paper table), ``command`` (the exact command that built it), ``metrics_note``
+            paper table; ``tokens`` fills its tokens row), ``command`` (the exact command that built it), ``metrics_note``
             (markdown under the metrics table) and ``extra`` (markdown sections before the
             citation).
         metrics: an :class:`~llamascope_sdk.evaluation.EvalResult` or its ``to_dict()``, or

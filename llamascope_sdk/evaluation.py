@@ -37,6 +37,7 @@ from torch import nn
 from . import metrics as M
 from .corpus import iter_documents, tensor_batches, token_batches
 from .errors import IncompatibleModelError
+from .hooks import named_saes
 from .models import special_ids
 from .sae import SAE
 from .sites import (
@@ -168,20 +169,6 @@ class _Running:
     kl: float = 0.0
     n_targets: int = 0
     n_excluded: int = 0
-
-
-def _named(saes: SAE | Iterable[SAE] | Mapping[str, SAE]) -> dict[str, SAE]:
-    if isinstance(saes, SAE):
-        return {saes.name: saes}
-    if isinstance(saes, Mapping):
-        return dict(saes)
-    out: dict[str, SAE] = {}
-    for sae in saes:
-        name, n = sae.name, 2
-        while name in out:
-            name, n = f"{sae.name}#{n}", n + 1
-        out[name] = sae
-    return out
 
 
 def _check(model: nn.Module, named: Mapping[str, SAE], context: int) -> None:
@@ -357,7 +344,7 @@ def evaluate(model: nn.Module, tokenizer: Any,
         ...                tokens=50_000)
         >>> res["L15R-8x"].to_dict()["delta_lm_loss"]
     """
-    named = _named(saes)
+    named = named_saes(saes)
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     context = context or min(DEFAULT_CONTEXT, max_pos or DEFAULT_CONTEXT)
     _check(model, named, context)

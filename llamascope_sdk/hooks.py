@@ -79,7 +79,8 @@ def _special_ids_of(model: nn.Module) -> set[int]:
     return ids
 
 
-def _named(saes: SAE | Sequence[SAE] | Mapping[str, SAE]) -> dict[str, SAE]:
+def named_saes(saes: SAE | Iterable[SAE] | Mapping[str, SAE]) -> dict[str, SAE]:
+    """``{name: SAE}`` from one SAE, several (repeated names get ``#2``, ``#3``) or a mapping."""
     if isinstance(saes, SAE):
         saes = [saes]
     if isinstance(saes, Mapping):
@@ -342,7 +343,7 @@ def attach(model: nn.Module, saes: SAE | Sequence[SAE] | Mapping[str, SAE] = (),
         ...     out = model.generate(ids, max_new_tokens=20)
         >>> h.features[sae.name].shape  # [1, prompt + generated - 1, d_sae]
     """
-    named = _named(saes)
+    named = named_saes(saes)
     ivs = [interventions] if isinstance(interventions, Intervention) else list(interventions)
     decoder_layers(model)
     slots: dict[int, _Slot] = {}

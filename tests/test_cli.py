@@ -199,7 +199,7 @@ def test_download_interrupted_resumes(fake_hub, tmp_path) -> None:
     data = save_safetensors(fake_hub.raw["L12R-8x"])
     sha = hashlib.sha256(data).hexdigest()
     blobs = tmp_path / "hf-cache" / "models--OpenMOSS-Team--Llama3_1-8B-Base-LXR-8x" / "blobs"
-    assert constants.HF_HUB_CACHE == str(tmp_path / "hf-cache")
+    assert str(tmp_path / "hf-cache") == constants.HF_HUB_CACHE
     blobs.mkdir(parents=True)
     (blobs / f"{sha}.llamascope-partial").write_bytes(data[:1000])
     res = runner.invoke(app, ["download", "L12R-8x", "--json"])

@@ -7,8 +7,14 @@ import torch
 
 from llamascope_sdk import SAE
 
-from .helpers import (make_release, raw_tensors, reference_decode, reference_encode,
-                      reference_forward_training_space, release_hyperparams)
+from .helpers import (
+    make_release,
+    raw_tensors,
+    reference_decode,
+    reference_encode,
+    reference_forward_training_space,
+    release_hyperparams,
+)
 
 POSITIONS = ["R", "A", "M", "TC"]
 

@@ -2,6 +2,7 @@
 """Build the shipped demo SAE (SmolLM2-135M, L15R, 4608 features, K=32) end to end.
 
     python training/build_demo.py                  # cache -> train -> evaluate -> features -> ship
+    python training/build_demo.py --eval-only      # re-measure the shipped SAE, re-render its card
 
 1. caches layer-15 residual activations of the training part of the corpus once (early stop
    after layer 15; ~262K tokens, resumable);
@@ -17,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -35,6 +37,10 @@ PROMPT = "My favourite thing about the city is"
 STRENGTH_MULTIPLES = (2.0, 4.0, 8.0)
 #: Positions with ||x|| above this multiple of the dataset norm are "massive activations".
 MASSIVE = 10.0
+#: Metric columns of the card: every non-special token, and without massive activations.
+ALL, EXCLUDING = "all non-special tokens", "excluding massive activations"
+#: The corpus files' Hub sources, for the card's front matter (the run reads local copies).
+DATASETS = ["Salesforce/wikitext", "karpathy/tiny_shakespeare"]
 
 
 def heldout_rows(cfg, tokenizer, n_rows: int) -> torch.Tensor:  # noqa: ANN001
@@ -59,7 +65,7 @@ def measure(model, tokenizer, sae, cfg, n_rows: int) -> dict[str, dict]:  # noqa
     for label, exclude in ((ALL, None), (EXCLUDING, cut)):
         res = evaluate(model, tokenizer, sae, ids, tokens=ids.numel(), context=cfg.context_size,
                        progress=False, exclude_norm_above=exclude)
-        out[label] = next(iter(res.values())).to_dict()
+        out[label] = {**next(iter(res.values())).to_dict(), "model": cfg.model}  # not a cache path
         print(label, json.dumps({k: v for k, v in out[label].items() if k != "l0"}))
     return out
 
@@ -80,15 +86,18 @@ def main() -> None:
                    help="the shipped SAE used exactly 5 shards = 353,990 tokens")
     p.add_argument("--eval-rows", type=int, default=8, help="held-out rows of 1024 tokens")
     p.add_argument("--skip-train", action="store_true", help="reuse runs/demo-export")
+    p.add_argument("--eval-only", action="store_true",
+                   help="re-measure the shipped SAE in llamascope_sdk/assets and re-render its "
+                        "card and demo_results.json; the weights are not touched")
     args = p.parse_args()
     torch.manual_seed(0)
+    if args.eval_only:
+        eval_only(args.eval_rows)
+        return
     from llamascope_sdk.models import load_model
     from llamascope_sdk.sae import SAE
-    from llamascope_sdk.training.activations import special_ids_of
     from llamascope_sdk.training.cache import read_manifest
     from llamascope_sdk.training.config import TrainConfig
-    from llamascope_sdk.training.evaluate import evaluate
-    from llamascope_sdk.training.features import feature_stats, selective_features, top_tokens
     from llamascope_sdk.training.trainer import train
 
     cfg = TrainConfig.load(RECIPE).model_copy(update={"activation_cache": args.cache})
@@ -106,26 +115,30 @@ def main() -> None:
     folder = export_root / cfg.name
     sae = SAE.from_pretrained(folder)
     model, tok = load_model(cfg.model)
-    tokens, lengths = heldout_rows(cfg, tok, args.eval_rows)
-    metrics = evaluate(model, sae, tokens, lengths, special_ids_of(tok))
-    print(json.dumps(metrics, indent=1))
-    n_in = sae.hyperparams.dataset_average_activation_norm.in_
-    metrics_clean = evaluate(model, sae, tokens, lengths, special_ids_of(tok),
-                             max_norm=MASSIVE * n_in)
-    print(json.dumps(metrics_clean, indent=1))
+    metrics = measure(model, tok, sae, cfg, args.eval_rows)
+    feats, baseline = find_features(model, tok, sae, cfg, args.cache)
+    result = {"metrics": metrics, "features": feats, "prompt": PROMPT, "baseline": baseline,
+              "steer_positions": "all", "train_seconds": train_s, "command": COMMAND}
+    (folder / "demo_results.json").write_text(json.dumps(result, indent=1) + "\n")
+    ship(folder, cfg, result)
 
-    # features: from the first shard (Wikipedia) and the last one (mostly Shakespeare)
+
+def find_features(model, tok, sae, cfg, cache: str) -> tuple[list[dict], str]:  # noqa: ANN001
+    """Shakespeare-selective and punctuation features from the cache, each steered at
+    2x/4x/8x its largest activation; returns them and the unsteered continuation."""
     from safetensors.torch import load_file
 
-    man = read_manifest(args.cache)
-    shards = [load_file(str(Path(args.cache) / s["file"]))
-              for s in (man["shards"][0], man["shards"][-1])]
+    from llamascope_sdk.training.cache import read_manifest
+    from llamascope_sdk.training.data import local_documents
+    from llamascope_sdk.training.features import feature_stats, selective_features, top_tokens
+
+    # features: from the first shard (Wikipedia) and the last one (mostly Shakespeare)
+    man = read_manifest(cache)
+    shards = [load_file(str(Path(cache) / s["file"])) for s in (man["shards"][0], man["shards"][-1])]
     docs = torch.cat([s["doc"] for s in shards])
     x = torch.cat([s[cfg.hook_point_in] for s in shards])
     toks = torch.cat([s["tokens"] for s in shards])
     del shards
-    from llamascope_sdk.training.data import local_documents
-
     first_file = cfg.dataset.split(",")[0]
     n_wiki = len(local_documents(first_file, holdout_fraction=cfg.holdout_fraction))
     group = docs >= n_wiki  # Shakespeare documents come after the Wikipedia ones
@@ -136,29 +149,53 @@ def main() -> None:
     punct = [i for i in stats["fires"].topk(200).indices.tolist()
              if (tt := top_tokens(sae, x, toks, i, tok, n=1)) and tt[0][1] > 0.6
              and not tt[0][0].strip().isalnum() and i not in shakes[:2]][:1]
-    feats = []
+    feats, baseline = [], ""
     for i in [*shakes[:2], *punct]:
         acts = sae.encode_features(x[:65536].float(), [i])[:, 0]
-        grid = {m: steer_text(model, tok, sae, i, m * float(acts.max()), PROMPT)
+        runs = {m: steer_text(model, tok, sae, i, m * float(acts.max()), PROMPT)
                 for m in STRENGTH_MULTIPLES}
+        baseline = runs[4.0].baseline
         feats.append({"feature": i, "freq": float(stats["fires"][i] / x.shape[0]),
                       "shakespeare_share": float(stats["fires_group"][i] / stats["fires"][i].clamp_min(1)),
                       "top_tokens": top_tokens(sae, x, toks, i, tok),
                       "max_act": float(acts.max()), "strength": 4.0 * float(acts.max()),
-                      "steered": grid[4.0], "steer_grid": grid})
+                      "steered": runs[4.0].steered,
+                      "steer_grid": {m: r.steered for m, r in runs.items()}})
         print(json.dumps(feats[-1]))
-    baseline = steer_text(model, tok, sae, -1, 0.0, PROMPT)
-    result = {"metrics": metrics, "metrics_excluding_massive": metrics_clean, "features": feats, "prompt": PROMPT, "baseline": baseline,
-              "train_seconds": train_s, "eval_tokens": metrics["tokens"], "command": COMMAND}
-    (folder / "demo_results.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({"baseline": baseline}))
-    ship(folder, cfg, result)
+    return feats, baseline
+
+
+def eval_only(n_rows: int) -> None:
+    """Re-measure the shipped SAE on the held-out text and rewrite its card and results; the
+    weights are checked to be byte-identical before and after."""
+    from llamascope_sdk.models import load_model
+    from llamascope_sdk.release import atomic_write_text
+    from llamascope_sdk.sae import SAE
+    from llamascope_sdk.training.config import TrainConfig
+
+    dest = ROOT / "llamascope_sdk/assets" / TrainConfig.load(RECIPE).name
+    cfg = TrainConfig.load(dest / "recipe.yaml")
+    before = _weight_digests(dest)
+    sae = SAE.from_pretrained(dest)
+    model, tok = load_model(cfg.model)
+    result = json.loads((dest / "demo_results.json").read_text())
+    result.pop("metrics_excluding_massive", None)  # now a column of "metrics"
+    result.pop("eval_tokens", None)
+    result["metrics"] = measure(model, tok, sae, cfg, n_rows)
+    atomic_write_text(dest / "demo_results.json", json.dumps(result, indent=1) + "\n")
+    write_card(dest, cfg, result)
+    if _weight_digests(dest) != before:
+        raise RuntimeError(f"the weights in {dest} changed")
+    print(json.dumps({"weights_sha256": before}, indent=1))
+
+
+def _weight_digests(folder: Path) -> dict[str, str]:
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*.safetensors"))}
 
 
 def ship(folder: Path, cfg, result: dict) -> Path:  # noqa: ANN001
     """Copy the release folder into the package with its card, recipe and results."""
-    from llamascope_sdk.release import atomic_write_text
-
     dest = ROOT / "llamascope_sdk/assets" / cfg.name
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(folder, dest)
@@ -166,48 +203,62 @@ def ship(folder: Path, cfg, result: dict) -> Path:  # noqa: ANN001
         f.chmod(0o755 if f.is_dir() else 0o644)
         if f.suffix in {".yaml", ".json", ".md"}:  # no machine-specific absolute paths
             f.write_text(f.read_text().replace(f"{ROOT}/", ""))
+    write_card(dest, cfg, result)
+    return dest
+
+
+def write_card(dest: Path, cfg, result: dict) -> Path:  # noqa: ANN001
+    """The demo's README.md through llamascope_sdk.cards.render_card (the release template)."""
+    from llamascope_sdk.cards import render_card
+    from llamascope_sdk.demo import DEMO_FEATURES
+    from llamascope_sdk.release import atomic_write_text
+    from llamascope_sdk.training.export import card_info
+
+    hp = json.loads((dest / "hyperparams.json").read_text())
+    cfg = cfg.model_copy(update={"activation_cache": None})
     m = result["metrics"]
-    lines = [(folder / "README.md").read_text().split("## Metrics")[0].rstrip(), "",
-             "## Held-out evaluation", "",
-             f"On {m['tokens']:,} held-out tokens (the last 10% of each corpus file: WikiText-2 "
-             "valid and Tiny Shakespeare; never cached or trained on), special tokens left clean:", "",
-             "| metric | value |", "|---|---|"]
-    mc = result["metrics_excluding_massive"]
-    lines[-2] = "| metric | all non-special tokens | excluding massive activations |"
-    lines[-1] = "|---|---|---|"
-    lines += [f"| {k} | {v:.4g} | {mc[k]:.4g} |" for k, v in m.items()
-              if k not in ("tokens", "excluded")]
-    lines += ["", f"Massive activations: {mc['excluded']} of {m['tokens']:,} positions have "
-              f"||x|| > {MASSIVE:g} x the dataset norm (SmolLM2 gives some first tokens after BOS "
-              "norms of several thousand vs ~170 on average). The SAE, like any SAE trained on "
-              "this distribution, reconstructs them badly, and they dominate the summed error; the "
-              "right column leaves them clean (like BOS) and excludes them."]
-    lines += ["", "EV (centred) = 1 - sum||y - y^||^2 / sum||y - mean(y)||^2 (the authors' code); "
-              "EV (uncentred) = 1 - sum||y - y^||^2 / sum||y||^2 (the paper's formula). Delta LM "
-              "loss = next-token CE with the reconstruction spliced at the site minus clean CE.", "",
-              "## Features", "", f"Steering adds strength * (unit decoder row) to the residual "
-              f"stream at every non-BOS position; prompt: \"{result['prompt']}\"; "
-              f"unsteered greedy continuation: \"{result['baseline']}\".", "",
-              "| feature | fires on (top tokens, share of activation) | freq | Shakespeare share | "
-              "strength | steered continuation |", "|---|---|---|---|---|---|"]
+    n_tok, n_big = m[ALL]["n_tokens"], m[EXCLUDING]["n_excluded"]
+    note = (f"Held-out text: the last 10% of each corpus file (WikiText-2 valid and Tiny "
+            f"Shakespeare), never cached or trained on; {n_tok:,} non-special tokens, special "
+            f"tokens left clean. Massive activations: {n_big} of {n_tok:,} positions have "
+            f"||x|| > {MASSIVE:g} x the dataset norm (SmolLM2 gives some first tokens after BOS "
+            "norms of several thousand vs ~170 on average). The SAE, like any SAE trained on "
+            "this distribution, reconstructs them badly, and they dominate the summed error; the "
+            "right column leaves them clean (like BOS) and excludes them "
+            "(`evaluate(..., exclude_norm_above=...)`).")
+    info = card_info(cfg, hp, m, load_name="demo", command=result["command"],
+                     metrics_note=note, extra=_features_markdown(result, DEMO_FEATURES),
+                     datasets=DATASETS)
+    return atomic_write_text(dest / "README.md", render_card(info))
+
+
+def _features_markdown(result: dict, demo_features) -> str:  # noqa: ANN001
+    where = {"all": "every non-special position, prompt and generated tokens alike",
+             "prompt": "the prompt's non-BOS positions only (the build that produced this table "
+                       "did not steer KV-cached generation steps; `llamascope steer` and "
+                       "`compare_generations` steer every position)"}[result.get("steer_positions",
+                                                                              "prompt")]
+    lines = ["## Features", "", "Steering adds strength * (unit decoder row) to the residual "
+             f"stream at {where}; prompt: \"{result['prompt']}\"; unsteered greedy continuation: "
+             f"\"{result['baseline']}\".", "",
+             "| feature | fires on (top tokens, share of activation) | freq | Shakespeare share | "
+             "strength | steered continuation |", "|---|---|---|---|---|---|"]
     for f in result["features"]:
         tops = ", ".join(f"`{t!r}` {s:.0%}" for t, s in f["top_tokens"][:5])
+        steered = repr(f["steered"]).replace("|", "/")
         lines.append(f"| {f['feature']} | {tops} | {f['freq']:.3%} | {f['shakespeare_share']:.0%} "
-                     f"| {f['strength']:.3g} | {f['steered']!r} |")
+                     f"| {f['strength']:.3g} | {steered} |")
+    chosen = ", ".join(f"{d.index} at {d.strength:g} ({d.label})" for d in demo_features)
     lines += ["", "The table shows 4x each feature's largest activation; `demo_results.json` holds "
-              "the 2x/4x/8x grid. `llamascope_sdk.demo.DEMO_FEATURES` suggests 4154 at 4x "
-              "(Shakespearean style), 1297 at 2x (archaic pronouns) and 1062 at 8x (list/line "
-              "structure), chosen by reading that grid.",
-              "", "## Reproduce", "", "```", result["command"], "```", "",
+              f"the 2x/4x/8x grid. `llamascope_sdk.demo.DEMO_FEATURES` recommends {chosen}.", "",
               f"Training took {result['train_seconds']:.0f} s on a shared 2-core CPU. Seeded; "
               "multi-threaded CPU sparse kernels sum in a varying order, so a re-run is close but "
-              "not bit-identical. Measured on a second run of this command: EV excluding massive "
-              "activations 0.8309 vs 0.8313, delta LM loss 0.1817 vs 0.1773, L0 34.19 vs 34.21, "
-              "same three features; all-token EV 0.401 vs 0.423 (dominated by one token). "
-              "Tolerance: 0.01 for EV (excluding massive) and delta LM loss, 0.5 for L0, 0.05 for "
-              "the all-token EV.", ""]
-    atomic_write_text(dest / "README.md", "\n".join(lines))
-    return dest
+              "not bit-identical. Measured on a second run of the build (with the earlier "
+              "training-side evaluator): EV excluding massive activations 0.8309 vs 0.8313, delta "
+              "LM loss 0.1817 vs 0.1773, L0 34.19 vs 34.21, same three features; all-token EV "
+              "0.401 vs 0.423 (dominated by one token). Tolerance: 0.01 for EV (excluding massive) "
+              "and delta LM loss, 0.5 for L0, 0.05 for the all-token EV."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,9 @@ def card_info(cfg: TrainConfig, hp: dict[str, Any], metrics: Any = None,
         "hook_point_out": cfg.hook_point_out, "load_name": f"./{cfg.name}", "summary": summary,
         "datasets": [] if local_paths(cfg.dataset) else [cfg.dataset],
         "architecture": f"JumpReLU {kind} (trained Top-K, K = {cfg.top_k}; one global threshold)",
-        "recipe": recipe, "recipe_variant": cfg.variant, "metrics": metrics, **extra,
+        "recipe": recipe, "recipe_variant": cfg.variant,
+        "tokens": f"{cfg.total_steps * cfg.batch_size:,} tokens in this run",
+        "metrics": metrics, **extra,
     }
 
 
