@@ -33,8 +33,11 @@ sys.path.insert(0, str(ROOT))
 RECIPE = ROOT / "training/recipes/smollm2-135m-L15R-8x.yaml"
 COMMAND = "python training/build_demo.py"
 PROMPT = "My favourite thing about the city is"
-#: Steering strengths tried, as multiples of the feature's largest activation on the cache.
-STRENGTH_MULTIPLES = (2.0, 4.0, 8.0)
+#: Steering strengths tried, as fractions of the site's dataset-average norm n_in (~168 here):
+#: steering every position, prompt and generated, degenerates into repetition above ~1x.
+STRENGTH_FRACTIONS = (0.25, 0.5, 1.0)
+#: The fraction shown in the card's table.
+SHOWN = 0.5
 #: Positions with ||x|| above this multiple of the dataset norm are "massive activations".
 MASSIVE = 10.0
 #: Metric columns of the card: every non-special token, and without massive activations.
@@ -149,20 +152,29 @@ def find_features(model, tok, sae, cfg, cache: str) -> tuple[list[dict], str]:  
     punct = [i for i in stats["fires"].topk(200).indices.tolist()
              if (tt := top_tokens(sae, x, toks, i, tok, n=1)) and tt[0][1] > 0.6
              and not tt[0][0].strip().isalnum() and i not in shakes[:2]][:1]
-    feats, baseline = [], ""
+    feats = []
     for i in [*shakes[:2], *punct]:
         acts = sae.encode_features(x[:65536].float(), [i])[:, 0]
-        runs = {m: steer_text(model, tok, sae, i, m * float(acts.max()), PROMPT)
-                for m in STRENGTH_MULTIPLES}
-        baseline = runs[4.0].baseline
         feats.append({"feature": i, "freq": float(stats["fires"][i] / x.shape[0]),
                       "shakespeare_share": float(stats["fires_group"][i] / stats["fires"][i].clamp_min(1)),
-                      "top_tokens": top_tokens(sae, x, toks, i, tok),
-                      "max_act": float(acts.max()), "strength": 4.0 * float(acts.max()),
-                      "steered": runs[4.0].steered,
-                      "steer_grid": {m: r.steered for m, r in runs.items()}})
-        print(json.dumps(feats[-1]))
+                      "top_tokens": top_tokens(sae, x, toks, i, tok), "max_act": float(acts.max())})
+    baseline = steer_grid(model, tok, sae, feats)
+    for f in feats:
+        print(json.dumps(f))
     return feats, baseline
+
+
+def steer_grid(model, tok, sae, feats: list[dict]) -> str:  # noqa: ANN001
+    """Steer each feature at STRENGTH_FRACTIONS x n_in (every position); fill the entries in
+    place and return the unsteered continuation."""
+    norm = sae.hyperparams.dataset_average_activation_norm.in_
+    baseline = ""
+    for f in feats:
+        runs = {m: steer_text(model, tok, sae, f["feature"], m * norm, PROMPT) for m in STRENGTH_FRACTIONS}
+        baseline = runs[SHOWN].baseline
+        f.update({"strength": SHOWN * norm, "steered": runs[SHOWN].steered,
+                  "steer_grid": {f"{m * norm:g}": r.steered for m, r in runs.items()}})
+    return baseline
 
 
 def eval_only(n_rows: int) -> None:
@@ -182,6 +194,8 @@ def eval_only(n_rows: int) -> None:
     result.pop("metrics_excluding_massive", None)  # now a column of "metrics"
     result.pop("eval_tokens", None)
     result["metrics"] = measure(model, tok, sae, cfg, n_rows)
+    result["baseline"] = steer_grid(model, tok, sae, result["features"])
+    result["steer_positions"] = "all"
     atomic_write_text(dest / "demo_results.json", json.dumps(result, indent=1) + "\n")
     write_card(dest, cfg, result)
     if _weight_digests(dest) != before:
@@ -249,8 +263,10 @@ def _features_markdown(result: dict, demo_features) -> str:  # noqa: ANN001
         lines.append(f"| {f['feature']} | {tops} | {f['freq']:.3%} | {f['shakespeare_share']:.0%} "
                      f"| {f['strength']:.3g} | {steered} |")
     chosen = ", ".join(f"{d.index} at {d.strength:g} ({d.label})" for d in demo_features)
-    lines += ["", "The table shows 4x each feature's largest activation; `demo_results.json` holds "
-              f"the 2x/4x/8x grid. `llamascope_sdk.demo.DEMO_FEATURES` recommends {chosen}.", "",
+    grid = "/".join(f"{m:g}x" for m in STRENGTH_FRACTIONS)
+    lines += ["", f"The table steers at {SHOWN:g} x the dataset-average norm n_in; "
+              f"`demo_results.json` holds the {grid} n_in grid. "
+              f"`llamascope_sdk.demo.DEMO_FEATURES` recommends {chosen}.", "",
               f"Training took {result['train_seconds']:.0f} s on a shared 2-core CPU. Seeded; "
               "multi-threaded CPU sparse kernels sum in a varying order, so a re-run is close but "
               "not bit-identical. Measured on a second run of the build (with the earlier "
