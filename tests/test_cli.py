@@ -224,3 +224,17 @@ def test_download_cut_keeps_partial_then_resumes(fake_hub, tmp_path) -> None:
     assert res.exit_code == 0, res.output
     ranges = [r.headers.get("range") for r in hub.requests("final.safetensors", method="GET")]
     assert len(ranges) == 1 and ranges[0] is not None and ranges[0] != "bytes=0-"
+
+
+@pytest.mark.smollm
+def test_eval_demo_json(tmp_path) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text(" = Rome = \n\nRome is the capital city of Italy. It has a long history, and many "
+                    "people visit it every year to see the ancient ruins and the churches.\n" * 4)
+    res = runner.invoke(app, ["eval", "demo", "--dataset", str(text), "--tokens", "120",
+                              "--context", "64", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)["smollm2-135m-L15R-8x"]
+    assert 5 < out["l0_mean"] < 200
+    assert out["explained_variance_centred"] < out["explained_variance_uncentred"] <= 1
+    assert out["delta_lm_loss"] == pytest.approx(out["ce_spliced"] - out["ce_clean"])

@@ -154,3 +154,31 @@ def test_standalone_no_model_needed() -> None:
     hp, raw, x = _setup("A")
     sae = SAE.from_raw(hp, raw)
     assert sae(x).shape == x.shape
+
+
+def test_push_to_hub_uploads_the_release_layout_in_one_commit(tmp_path, monkeypatch) -> None:
+    """push_to_hub saves the release layout and hands it to huggingface_hub in one upload."""
+    from huggingface_hub import HfApi
+
+    calls: dict = {}
+
+    def fake_create_repo(self, repo_id, **kw):
+        calls["create"] = (repo_id, kw)
+
+    def fake_upload_folder(self, *, repo_id, folder_path, path_in_repo, revision, commit_message):
+        import shutil
+
+        calls["upload"] = (repo_id, path_in_repo, revision, commit_message)
+        shutil.copytree(folder_path, tmp_path / "uploaded")  # what would reach the Hub
+        return "https://huggingface.co/me/my-saes/commit/abc"
+
+    monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
+    sae = SAE.from_pretrained(make_release(tmp_path / "src", position="TC"))
+    url = sae.push_to_hub("me/my-saes", subfolder="L12TC-tiny", private=True)
+    assert url.endswith("/commit/abc")
+    assert calls["create"] == ("me/my-saes", {"private": True, "exist_ok": True})
+    assert calls["upload"][:2] == ("me/my-saes", "L12TC-tiny")
+    again = SAE.from_pretrained(tmp_path / "uploaded")
+    x = torch.randn(3, 64)
+    assert torch.equal(again.encode(x), sae.encode(x))
