@@ -190,7 +190,8 @@ def encode(sae: SaeOpt, prompt: PromptOpt = None, model: ModelOpt = None,
 
 def _generate(sae: str, features: list[int] | None, prompt: str | None, make: Any, strength: float | None,
               model: str | None, max_new_tokens: int, seed: int | None, device: str | None,
-              dtype: str | None, revision: str | None, as_json: bool, title: str) -> None:
+              dtype: str | None, revision: str | None, as_json: bool, title: str,
+              caption: str | None = None) -> None:
     from .steering import compare_generations
 
     feats, text, value = _features_and_prompt(sae, features, prompt, strength)
@@ -201,7 +202,8 @@ def _generate(sae: str, features: list[int] | None, prompt: str | None, make: An
     if as_json:
         _echo_json({**result.to_dict(), "sae": s.name, "features": feats, "value": value})
         return
-    _table(f"{title} {s.name} features {feats}", ["baseline", title],
+    what = caption or f"{value:+g} x unit decoder direction"
+    _table(f"{s.name}: features {feats} {what}", ["baseline", title],
            [[text + result.baseline, text + result.steered]])
 
 
@@ -237,7 +239,7 @@ def ablate(sae: SaeOpt, feature: FeatureOpt = None,
         return Ablate(s, feats, mode=mode, positions=positions)
 
     _generate(sae, feature, prompt, make, 0.0, model, max_new_tokens, seed, device, dtype, revision,
-              as_json, "ablated")
+              as_json, "ablated", caption=f"ablated ({mode})")
 
 
 @app.command("eval")

@@ -37,8 +37,6 @@ from .registry import BASE_MODEL, SaeRef
 _DENSE_DECODE_DENSITY = 0.05
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
                        "F64": torch.float64}
-#: Features per block when the decoder is transposed at load; keeps the temporaries small.
-_LOAD_BLOCK = 1024
 
 
 class TopKOutput(NamedTuple):
@@ -231,95 +229,11 @@ class SAE(nn.Module):
     reconstruct = forward
 
     # ------------------------------------------------------------------ folding
-    @torch.no_grad()
     def _fold_from(self, get: Any) -> None:
-        """Fill the inference weights from raw tensors. ``get(name)`` returns one raw tensor.
+        """Fill the inference weights from the raw release tensors (see :mod:`.fold`)."""
+        from .fold import fold_into
 
-        Fold in fp32 and cast once. Performance facts (8x size, 2-core CPU), which set the
-        shape of this code:
-
-        * Transposes use torch's blocked transpose kernel, which ``copy_`` takes only for a
-          transposed *contiguous* source of the *same* dtype; a cast and a transpose in one
-          ``copy_`` is ~5x slower. The bf16 decoder is transposed whole in bf16, into the
-          memory of ``W_enc`` before the encoder is read (no temporary); for an fp32 target
-          it is then cast, normed and divided as whole contiguous tensors: four
-          parallel regions instead of ~130 block ops, which matters on a loaded machine,
-          where every OpenMP region waits for a descheduled thread.
-        * Norms are taken along contiguous rows: ``vector_norm(dim=0)`` of a [D, b] block
-          is ~20x slower than ``dim=1`` of [b, D] rows.
-        * ``torch.isfinite`` on a bf16 tensor costs ~1 s per 134M elements, more than the
-          whole fold, so finiteness is read off reductions that propagate NaN/inf: the decoder
-          row norms and the fp32 row sums of the folded encoder. Only when one is not
-          finite is the raw tensor scanned, to name the culprit exactly.
-        """
-        hp = self.hyperparams
-        s_in, s_out = hp.scale_in, hp.scale_out
-        f_dim, d_dim = hp.d_sae, hp.d_model
-        dev = self.device
-        compute = torch.float32 if self.dtype != torch.float64 else torch.float64
-        dec_raw = get("decoder.weight")  # [D, F]
-        # The transposed raw decoder lives in W_enc's (not yet written) memory when it fits:
-        # no extra allocation and no extra page faults.
-        if self.W_enc.element_size() >= dec_raw.element_size() and dec_raw.dtype != compute:
-            dec_FD = self.W_enc.view(-1).view(dec_raw.dtype)[:f_dim * d_dim].view(f_dim, d_dim)
-            dec_FD.copy_(dec_raw.t())
-        elif dec_raw.dtype == compute:
-            dec_FD = dec_raw.t()  # strided view; cast + normalise below read it in blocks
-        else:
-            dec_FD = torch.empty((f_dim, d_dim), device=dev, dtype=dec_raw.dtype)
-            dec_FD.copy_(dec_raw.t())
-        if self.dtype == compute:
-            self.W_dec.copy_(dec_FD)
-            norms_c = torch.linalg.vector_norm(self.W_dec, dim=1)
-            self.W_dec.div_(torch.where(norms_c > 0, norms_c, torch.ones_like(norms_c))[:, None])
-        else:
-            # bf16/fp16 weights: normalise each block of rows in an fp32 scratch, cast once.
-            norms_c = torch.empty(f_dim, device=dev, dtype=compute)
-            blk = _LOAD_BLOCK * 4
-            scratch_bD = torch.empty(min(blk, f_dim), d_dim, device=dev, dtype=compute)
-            for j in range(0, f_dim, blk):
-                b = min(blk, f_dim - j)
-                rows_bD = scratch_bD[:b]
-                rows_bD.copy_(dec_FD[j:j + b])
-                n = torch.linalg.vector_norm(rows_bD, dim=1)
-                norms_c[j:j + b] = n
-                rows_bD.div_(torch.where(n > 0, n, torch.ones_like(n))[:, None])
-                self.W_dec[j:j + b].copy_(rows_bD)
-            del scratch_bD
-        del dec_FD
-        norms = norms_c.to(torch.float32)
-        if not bool(torch.isfinite(norms).all()):
-            _check_finite(dec_raw, "decoder.weight")
-            raise CorruptCheckpointError("tensor 'decoder.weight' has columns whose norm overflows")
-        # A feature with an all-zero decoder column can never fire in the reference (a_i = 0).
-        enc_scale = (norms_c * (s_in / s_out))[:, None]
-        del dec_raw
-        enc_raw = get("encoder.weight")
-        finite = True
-        if self.dtype == compute:
-            self.W_enc.copy_(enc_raw)
-            self.W_enc.mul_(enc_scale)
-            finite = bool(torch.isfinite(self.W_enc.sum(dim=1)).all())
-        else:
-            for j in range(0, f_dim, _LOAD_BLOCK * 4):
-                sl = slice(j, j + _LOAD_BLOCK * 4)
-                block = enc_raw[sl].to(device=dev, dtype=compute).mul_(enc_scale[sl])
-                finite = finite and bool(torch.isfinite(block.sum(dim=1)).all())
-                self.W_enc[sl].copy_(block)
-        if not finite:
-            _check_finite(enc_raw, "encoder.weight")
-            raise CorruptCheckpointError("tensor 'encoder.weight' overflows when folded")
-        del enc_raw
-        b_e = get("encoder.bias").to(device=dev, dtype=compute)
-        _check_finite(b_e, "encoder.bias")
-        self.b_enc.copy_(b_e * norms_c / s_out)
-        if hp.use_decoder_bias:
-            b_d = get("decoder.bias").to(device=dev, dtype=compute)
-            _check_finite(b_d, "decoder.bias")
-            self.b_dec.copy_(b_d / s_out)
-        else:
-            self.b_dec.zero_()
-        self.decoder_norm.copy_(norms)
+        fold_into(self, get)
 
     @classmethod
     def from_raw(cls, hyperparams: Hyperparams | dict[str, Any], tensors: dict[str, torch.Tensor],
@@ -396,22 +310,11 @@ class SAE(nn.Module):
         return sae
 
     # ------------------------------------------------------------------ saving
-    @torch.no_grad()
     def raw_state_dict(self) -> dict[str, torch.Tensor]:
         """The training-space tensors of the release file, unfolded, in the file's dtype."""
-        hp = self.hyperparams
-        s_in, s_out = hp.scale_in, hp.scale_out
-        compute = torch.float64 if self.dtype == torch.float64 else torch.float32
-        n = self.decoder_norm.to(device=self.device, dtype=compute)
-        safe_n = torch.where(n > 0, n, torch.ones_like(n))
-        out = {
-            "encoder.weight": (self.W_enc.to(compute) * (s_out / s_in) / safe_n[:, None]),
-            "encoder.bias": self.b_enc.to(compute) * s_out / safe_n,
-            "decoder.weight": (self.W_dec.to(compute) * n[:, None]).t(),
-        }
-        if hp.use_decoder_bias:
-            out["decoder.bias"] = self.b_dec.to(compute) * s_out
-        return {k: v.to(device="cpu", dtype=self.file_dtype).contiguous() for k, v in out.items()}
+        from .fold import unfold
+
+        return unfold(self)
 
     def save_pretrained(self, folder: str | Path, *, lm_config: dict[str, Any] | None = None,
                         card: str | None = None) -> Path:
@@ -442,11 +345,4 @@ class SAE(nn.Module):
                                      path_in_repo=subfolder or "", revision=revision,
                                      commit_message=commit_message)
         return str(info)
-
-
-def _check_finite(t: torch.Tensor, name: str) -> None:
-    if not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise CorruptCheckpointError(f"tensor '{name}' holds {bad} non-finite values (NaN or inf)",
-                                     hint="the file is corrupt; download it again")
 
