@@ -93,6 +93,17 @@ def open_checkpoint(path: Path, hp: Hyperparams, device: str = "cpu") -> Any:
     return handle
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: str | Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries; give the final file the usual mode (umask)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -101,6 +112,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        _publish_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -124,6 +136,7 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        _publish_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -158,7 +171,9 @@ def write_release(folder: str | Path, hp: Hyperparams, tensors: dict[str, torch.
         atomic_write_text(tmp / LM_CONFIG, json.dumps(lm_config, indent=4) + "\n")
         if card is not None:
             atomic_write_text(tmp / "README.md", card)
+        _publish_mode(tmp / "checkpoints", directory=True)
         if not folder.exists():
+            _publish_mode(tmp, directory=True)
             os.replace(tmp, folder)
             return folder
         for src in sorted(p for p in tmp.rglob("*") if p.is_file()):

@@ -238,3 +238,16 @@ def test_eval_demo_json(tmp_path) -> None:
     assert 5 < out["l0_mean"] < 200
     assert out["explained_variance_centred"] < out["explained_variance_uncentred"] <= 1
     assert out["delta_lm_loss"] == pytest.approx(out["ce_spliced"] - out["ce_clean"])
+
+
+@pytest.mark.smollm
+def test_relative_strength_uses_the_shipped_feature_stats() -> None:
+    """The demo ships feature_stats.safetensors: --relative 4 equals a raw 4 x typical."""
+    from llamascope_sdk.demo import DEMO_SAE_DIR
+    from llamascope_sdk.interventions import FeatureStats
+
+    typical = float(FeatureStats.load(DEMO_SAE_DIR / "feature_stats.safetensors").typical[4154])
+    rel = runner.invoke(app, ["steer", "--sae", "demo", "-a", "4", "--relative", "-n", "5", "--json"])
+    raw = runner.invoke(app, ["steer", "--sae", "demo", "-a", str(4 * typical), "-n", "5", "--json"])
+    assert rel.exit_code == 0 and raw.exit_code == 0, rel.output + raw.output
+    assert json.loads(rel.output)["steered_ids"] == json.loads(raw.output)["steered_ids"]

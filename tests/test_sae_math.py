@@ -182,3 +182,18 @@ def test_push_to_hub_uploads_the_release_layout_in_one_commit(tmp_path, monkeypa
     again = SAE.from_pretrained(tmp_path / "uploaded")
     x = torch.randn(3, 64)
     assert torch.equal(again.encode(x), sae.encode(x))
+
+
+def test_saved_files_are_readable_by_others(tmp_path) -> None:
+    """Atomic writes go through mkstemp (0600); the published files get the umask's mode."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        SAE.from_pretrained(make_release(tmp_path / "src")).save_pretrained(tmp_path / "out")
+    finally:
+        os.umask(old)
+    for rel in ("", "checkpoints", "hyperparams.json", "checkpoints/final.safetensors"):
+        mode = stat.S_IMODE((tmp_path / "out" / rel).stat().st_mode)
+        assert mode == (0o755 if (tmp_path / "out" / rel).is_dir() else 0o644), (rel, oct(mode))

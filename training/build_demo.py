@@ -123,7 +123,7 @@ def main() -> None:
     result = {"metrics": metrics, "features": feats, "prompt": PROMPT, "baseline": baseline,
               "steer_positions": "all", "train_seconds": train_s, "command": COMMAND}
     (folder / "demo_results.json").write_text(json.dumps(result, indent=1) + "\n")
-    ship(folder, cfg, result)
+    write_stats(model, tok, sae, cfg, ship(folder, cfg, result))
 
 
 def find_features(model, tok, sae, cfg, cache: str) -> tuple[list[dict], str]:  # noqa: ANN001
@@ -164,6 +164,20 @@ def find_features(model, tok, sae, cfg, cache: str) -> tuple[list[dict], str]:  
     return feats, baseline
 
 
+def write_stats(model, tok, sae, cfg, dest: Path, max_tokens: int = 20_000) -> None:  # noqa: ANN001
+    """feature_stats.safetensors beside the checkpoint: each feature's typical activation on
+    held-out text, so that relative steering and mean ablation work offline."""
+    from llamascope_sdk.corpus import local_documents
+    from llamascope_sdk.steering import feature_stats
+
+    docs = local_documents(cfg.dataset, cfg.text_field, holdout_fraction=cfg.holdout_fraction,
+                           heldout=True)
+    # both files' held-out tails, alternating, so both kinds of text are counted
+    half = len(docs) // 2
+    mixed = [d for pair in zip(docs[:half], docs[half:], strict=False) for d in pair]
+    feature_stats(model, tok, sae, [d[:4000] for d in mixed], max_tokens=max_tokens, save_to=dest)
+
+
 def steer_grid(model, tok, sae, feats: list[dict]) -> str:  # noqa: ANN001
     """Steer each feature at STRENGTH_FRACTIONS x n_in (every position); fill the entries in
     place and return the unsteered continuation."""
@@ -195,6 +209,7 @@ def eval_only(n_rows: int) -> None:
     result.pop("eval_tokens", None)
     result["metrics"] = measure(model, tok, sae, cfg, n_rows)
     result["baseline"] = steer_grid(model, tok, sae, result["features"])
+    write_stats(model, tok, sae, cfg, dest)
     result["steer_positions"] = "all"
     atomic_write_text(dest / "demo_results.json", json.dumps(result, indent=1) + "\n")
     write_card(dest, cfg, result)
@@ -205,7 +220,7 @@ def eval_only(n_rows: int) -> None:
 
 def _weight_digests(folder: Path) -> dict[str, str]:
     return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(folder.rglob("*.safetensors"))}
+            for f in sorted((folder / "checkpoints").rglob("*.safetensors"))}
 
 
 def ship(folder: Path, cfg, result: dict) -> Path:  # noqa: ANN001
@@ -267,6 +282,9 @@ def _features_markdown(result: dict, demo_features) -> str:  # noqa: ANN001
     lines += ["", f"The table steers at {SHOWN:g} x the dataset-average norm n_in; "
               f"`demo_results.json` holds the {grid} n_in grid. "
               f"`llamascope_sdk.demo.DEMO_FEATURES` recommends {chosen}.", "",
+              "`feature_stats.safetensors` holds each feature's typical activation (the mean of "
+              "its non-zero activations over 20,000 held-out non-special tokens), the unit of "
+              "relative strengths: `llamascope steer --sae demo -f 4154 -a 4 --relative`.", "",
               f"Training took {result['train_seconds']:.0f} s on a shared 2-core CPU. Seeded; "
               "multi-threaded CPU sparse kernels sum in a varying order, so a re-run is close but "
               "not bit-identical. Measured on a second run of the build (with the earlier "
