@@ -64,13 +64,17 @@ def _device(model: Any) -> torch.device:
 
 
 def read_features(model: Any, tokenizer: Any, sae_or_saes: SAE | Sequence[SAE] | Mapping[str, SAE],
-                  text: str, *, top_k: int = 5, include_special: bool = False) -> FeatureReading:
+                  text: str | Sequence[int] | torch.Tensor, *, top_k: int = 5,
+                  include_special: bool = False) -> FeatureReading:
     """Feature activations of every SAE on every token of ``text`` (BOS prepended).
+
+    ``text`` may also be token ids (a list or a 1-D / [1, seq] tensor), used as given: no BOS
+    is added to ids.
 
     Args:
         model, tokenizer: as from :func:`llamascope_sdk.models.load_model`.
         sae_or_saes: one SAE, a list, or a name -> SAE dict (names key the result).
-        text: the text to read.
+        text: the text to read, or its token ids.
         top_k: how many features to list per token.
         include_special: also read BOS/EOS/pad positions (zero by default).
 
@@ -83,7 +87,11 @@ def read_features(model: Any, tokenizer: Any, sae_or_saes: SAE | Sequence[SAE] |
     """
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
-    ids = tokenize(tokenizer, text).to(_device(model))
+    if isinstance(text, str):
+        ids = tokenize(tokenizer, text)
+    else:
+        ids = torch.as_tensor(text, dtype=torch.long).reshape(1, -1)
+    ids = ids.to(_device(model))
     with attach(model, sae_or_saes, include_special=include_special,
                 special_ids=special_ids(tokenizer), capture=("features",)) as h, torch.no_grad():
         model(input_ids=ids, use_cache=False)

@@ -81,6 +81,8 @@ def test_read_features_tokens_top_and_specials(setup):
     assert d["l0"]["res"][0] == 0 and d["l0"]["res"][1] > 3
     with_bos = read_features(model, tok, sae, TEXTS[1], include_special=True)
     assert with_bos.acts[sae.name][0].any()
+    from_ids = read_features(model, tok, {"res": sae}, r.token_ids, top_k=3)
+    assert from_ids.token_ids == r.token_ids and from_ids.top == r.top
 
 
 def test_feature_stats_and_relative_strength(setup, tmp_path):
