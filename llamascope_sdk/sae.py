@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +39,8 @@ _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torc
                        "F64": torch.float64}
 
 
-class TopKOutput(NamedTuple):
-    values: torch.Tensor  # [..., k] activations in model units
-    indices: torch.Tensor  # [..., k] feature indices
+Gate = Literal["reference", "saelens"]
+GATES: tuple[str, ...] = ("reference", "saelens")
 
 
 @dataclass
@@ -90,9 +89,12 @@ class SAE(nn.Module):
     decoder_norm: torch.Tensor  # [F] fp32, ||d_i|| of the raw file, kept to unfold on save
 
     def __init__(self, hyperparams: Hyperparams, *, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str | None = None) -> None:
+                 dtype: torch.dtype | str | None = None, gate: Gate = "reference") -> None:
         super().__init__()
+        if gate not in GATES:
+            raise ValueError(f"unknown gate {gate!r}: allowed are {', '.join(GATES)}")
         self.hyperparams = hyperparams
+        self.gate: Gate = gate
         dt = _parse_dtype(dtype)
         f, d = hyperparams.d_sae, hyperparams.d_model
         kw: dict[str, Any] = {"device": device, "dtype": dt}
@@ -150,11 +152,22 @@ class SAE(nn.Module):
         """Folded pre-activations a = ||d_i|| h_i / s_out, shape [..., F]."""
         return F.linear(self._input(x), self.W_enc, self.b_enc)
 
-    def activation(self, a: torch.Tensor) -> torch.Tensor:
-        """The checkpoint's activation function on folded pre-activations."""
+    def gate_threshold(self, features: torch.Tensor | None = None) -> torch.Tensor:
+        """The JumpReLU threshold on folded pre-activations: the scalar theta for the
+        reference gate; theta * ||d_i|| * s_in / s_out per feature for ``gate="saelens"``,
+        which is SAELens's uniform ``h_i > theta * s_in`` written in the folded space."""
+        if self.gate == "reference":
+            return self.threshold
+        hp = self.hyperparams
+        norms = self.decoder_norm if features is None else self.decoder_norm[features]
+        return (self.threshold.float() * norms * (hp.scale_in / hp.scale_out)).to(self.dtype)
+
+    def activation(self, a: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """The checkpoint's activation function on folded pre-activations [..., F] (or
+        [..., n] of the listed ``features``)."""
         act = self.hyperparams.act_fn
         if act == "jumprelu":
-            return a * (a > self.threshold)  # strict '>' as in the reference
+            return a * (a > self.gate_threshold(features))  # strict '>' as in the reference
         if act == "relu":
             return F.relu(a)
         k = self.hyperparams.top_k
@@ -203,7 +216,7 @@ class SAE(nn.Module):
         if self.hyperparams.act_fn == "topk":
             raise ValueError("encode_features needs a threshold SAE (jumprelu/relu); a Top-K "
                              "SAE's activations depend on all features")
-        return self.activation(a)
+        return self.activation(a, idx)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """Reconstruction [..., D] from activations [..., F]; gathers only non-zero features."""
@@ -238,7 +251,7 @@ class SAE(nn.Module):
     @classmethod
     def from_raw(cls, hyperparams: Hyperparams | dict[str, Any], tensors: dict[str, torch.Tensor],
                  *, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str | None = None) -> SAE:
+                 dtype: torch.dtype | str | None = None, gate: Gate = "reference") -> SAE:
         """Build from training-space tensors (the content of checkpoints/final.safetensors)."""
         hp = hyperparams if isinstance(hyperparams, Hyperparams) else Hyperparams.from_dict(hyperparams)
         from .release import expected_shapes
@@ -249,14 +262,14 @@ class SAE(nn.Module):
             if tuple(tensors[name].shape) != shape:
                 raise CorruptCheckpointError(f"tensor '{name}' has shape {list(tensors[name].shape)}, "
                                              f"expected {list(shape)}")
-        sae = cls(hp, device=device, dtype=dtype)
+        sae = cls(hp, device=device, dtype=dtype, gate=gate)
         sae.file_dtype = tensors["encoder.weight"].dtype
         sae._fold_from(tensors.__getitem__)
         return sae
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, device: torch.device | str | None = None,
-                    dtype: torch.dtype | str | None = None) -> SAE:
+                    dtype: torch.dtype | str | None = None, gate: Gate = "reference") -> SAE:
         """Load a local folder in the release layout (hyperparams.json + checkpoints/)."""
         from .release import CHECKPOINT, HYPERPARAMS, check_folder, open_checkpoint
 
@@ -264,7 +277,7 @@ class SAE(nn.Module):
         check_folder(folder)
         hp = Hyperparams.from_file(folder / HYPERPARAMS)
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        sae = cls(hp, device=dev, dtype=dtype)
+        sae = cls(hp, device=dev, dtype=dtype, gate=gate)
         # Read straight onto the target device: no CPU detour for CUDA.
         with open_checkpoint(folder / CHECKPOINT, hp, device=str(dev)) as fh:
             sae.file_dtype = _SAFETENSORS_DTYPES[fh.get_slice("encoder.weight").get_dtype()]
@@ -277,7 +290,7 @@ class SAE(nn.Module):
                         device: torch.device | str | None = None,
                         dtype: torch.dtype | str | None = None, cache_dir: str | None = None,
                         token: str | bool | None = None, force_download: bool = False,
-                        local_files_only: bool = False) -> SAE:
+                        local_files_only: bool = False, gate: Gate = "reference") -> SAE:
         """Load a Llama Scope checkpoint by name, Hub id or local folder.
 
         Args:
@@ -285,6 +298,11 @@ class SAE(nn.Module):
                 local folder in the release layout, or ``"demo"`` (the bundled SmolLM2 SAE).
             revision: branch, tag or commit to pin; the resolved commit is kept in ``source``.
             device, dtype: where and in which dtype the folded weights live (default CPU, fp32).
+            gate: ``"reference"`` (default): the authors' gate ``||d_i|| h_i / s_out > theta``
+                (lm_saes ``from_pretrained``, spec 3.2). ``"saelens"``: SAELens's gate
+                ``h_i > theta * s_in``, which ignores the decoder norms (spec 3.4); it exists
+                to reproduce SAELens/Neuronpedia numbers. Feature values and reconstructions
+                stay in model units either way; only which features fire differs.
             cache_dir, token, force_download, local_files_only: as in ``huggingface_hub``;
                 HF_ENDPOINT, HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN are honoured.
 
@@ -299,12 +317,12 @@ class SAE(nn.Module):
 
         path = Path(resolve_alias(os.fspath(name_or_path))).expanduser()
         if path.is_dir():
-            return cls.from_folder(path, device=device, dtype=dtype)
+            return cls.from_folder(path, device=device, dtype=dtype, gate=gate)
         from .hub import download
 
         got = download(str(name_or_path), revision=revision, cache_dir=cache_dir, token=token,
                        force_download=force_download, local_files_only=local_files_only)
-        sae = cls.from_folder(got.folder, device=device, dtype=dtype)
+        sae = cls.from_folder(got.folder, device=device, dtype=dtype, gate=gate)
         sae.ref = got.ref
         sae.source = got.source
         return sae
