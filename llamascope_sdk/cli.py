@@ -75,13 +75,13 @@ def _table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None
 
 
 def _load(sae_name: str, model: str | None, device: str | None, dtype: str | None,
-          revision: str | None) -> tuple[Any, Any, Any]:
+          revision: str | None, gate: str = "reference") -> tuple[Any, Any, Any]:
     """Load the SAE and the model it belongs to; check they fit together."""
     from . import demo
     from .models import DEFAULT_MODEL, load_model
     from .sae import SAE
 
-    sae = SAE.from_pretrained(sae_name, revision=revision, device=device)
+    sae = SAE.from_pretrained(sae_name, revision=revision, device=device, gate=gate)  # type: ignore[arg-type]
     if model is None:
         model = demo.DEMO_MODEL if demo.is_demo(sae_name) else DEFAULT_MODEL
     from transformers.utils import logging as hf_logging
@@ -169,6 +169,7 @@ def encode(sae: SaeOpt, prompt: PromptOpt = None, model: ModelOpt = None,
            top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Features per token.")] = 5,
            include_special: Annotated[bool, typer.Option(help="Also read BOS/EOS/pad positions.")] = False,
            device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
+           gate: Annotated[str, typer.Option(help="reference (the authors' gate) | saelens (SAELens's, to compare with SAELens/Neuronpedia)")] = "reference",
            as_json: JsonOpt = False) -> None:
     """Show the top features of every token of a prompt."""
     from . import demo
@@ -177,7 +178,7 @@ def encode(sae: SaeOpt, prompt: PromptOpt = None, model: ModelOpt = None,
     prompt = prompt or (demo.DEMO_PROMPT if demo.is_demo(sae) else None)
     if prompt is None:
         raise typer.BadParameter("give --prompt TEXT", param_hint="--prompt")
-    s, lm, tok = _load(sae, model, device, dtype, revision)
+    s, lm, tok = _load(sae, model, device, dtype, revision, gate)
     reading = read_features(lm, tok, s, prompt, top_k=top_k, include_special=include_special)
     if as_json:
         _echo_json(reading.to_dict())
@@ -293,6 +294,10 @@ def report_error(exc: BaseException) -> int:
     hint = getattr(exc, "hint", None)
     if isinstance(exc, LlamascopeError):
         typer.echo(f"error: {exc}", err=True)
+    elif isinstance(exc, (ValueError, LookupError, OSError)):  # bad input or environment
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        typer.echo(f"error: {first}", err=True)
+        hint = hint or "rerun as `llamascope --debug ...` for the traceback"
     else:
         first = str(exc).splitlines()[0] if str(exc) else ""
         typer.echo(f"error: {type(exc).__name__}: {first}", err=True)

@@ -251,3 +251,14 @@ def test_relative_strength_uses_the_shipped_feature_stats() -> None:
     raw = runner.invoke(app, ["steer", "--sae", "demo", "-a", str(4 * typical), "-n", "5", "--json"])
     assert rel.exit_code == 0 and raw.exit_code == 0, rel.output + raw.output
     assert json.loads(rel.output)["steered_ids"] == json.loads(raw.output)["steered_ids"]
+
+
+@pytest.mark.smollm
+def test_encode_gate_option_and_bad_values() -> None:
+    res = runner.invoke(app, ["encode", "--sae", "demo", "--prompt", "To be", "--gate", "saelens", "--json"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["encode", "--sae", "demo", "--prompt", "To be", "--gate", "foo"])
+    assert res.exit_code == 1 and "unknown gate 'foo': allowed are reference, saelens" in res.output
+    assert "bug" not in res.output
+    res = runner.invoke(app, ["steer", "--sae", "demo", "--dtype", "float8", "-n", "2"])
+    assert res.exit_code == 1 and "unknown dtype 'float8'" in res.output
