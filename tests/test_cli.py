@@ -259,6 +259,6 @@ def test_encode_gate_option_and_bad_values() -> None:
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["encode", "--sae", "demo", "--prompt", "To be", "--gate", "foo"])
     assert res.exit_code == 1 and "unknown gate 'foo': allowed are reference, saelens" in res.output
-    assert "bug" not in res.output
+    assert "looks like a bug" not in res.output
     res = runner.invoke(app, ["steer", "--sae", "demo", "--dtype", "float8", "-n", "2"])
     assert res.exit_code == 1 and "unknown dtype 'float8'" in res.output
