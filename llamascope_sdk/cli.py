@@ -111,7 +111,12 @@ def _features_and_prompt(sae_name: str, features: list[int] | None, prompt: str 
         raise typer.BadParameter("give at least one --feature N", param_hint="--feature")
     if prompt is None:
         raise typer.BadParameter("give --prompt TEXT", param_hint="--prompt")
-    return features, prompt, 8.0 if strength is None else strength
+    if strength is None:
+        raise typer.BadParameter(
+            "give --strength S: raw model units (the length of the added vector; compare with "
+            "the site's dataset norm from `llamascope info`) or, with --relative, multiples of "
+            "the feature's typical activation", param_hint="--strength")
+    return features, prompt, strength
 
 
 @app.command("list")
