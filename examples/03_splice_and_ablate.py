@@ -14,7 +14,13 @@ from llamascope_sdk.models import tokenize
 
 sae = SAE.from_pretrained(DEMO_SAE_DIR)
 model, tokenizer = load_model(DEMO_MODEL)
-ids = tokenize(tokenizer, "The history of the city begins in the Roman period, when a small fort was built.")
+TEXT = (
+    "The history of the city begins in the Roman period, when a small fort was built on the hill "
+    "above the river. In the Middle Ages a market grew around the cathedral, and merchants from "
+    "across the region came to trade wool, salt and wine. The old town walls were pulled down in "
+    "the nineteenth century to make room for the railway station and the new boulevards."
+)
+ids = tokenize(tokenizer, TEXT)
 
 
 def loss(**kw) -> float:
