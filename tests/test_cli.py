@@ -262,3 +262,12 @@ def test_encode_gate_option_and_bad_values() -> None:
     assert "looks like a bug" not in res.output
     res = runner.invoke(app, ["steer", "--sae", "demo", "--dtype", "float8", "-n", "2"])
     assert res.exit_code == 1 and "unknown dtype 'float8'" in res.output
+
+
+def test_cards_command_renders_every_checkpoint(tmp_path) -> None:
+    res = runner.invoke(app, ["cards", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    cards = sorted(tmp_path.rglob("README.md"))
+    assert len(cards) == 257  # 256 releases + the demo SAE
+    text = next(c for c in cards if "L12TC-32x" in str(c)).read_text()
+    assert 'SAE.from_pretrained("L12TC-128k")' in text and "base_model: meta-llama/Llama-3.1-8B" in text
