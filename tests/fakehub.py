@@ -407,6 +407,18 @@ def populate(hub: FakeHub) -> HubData:
     return HubData(hub, hp, raw, commits)
 
 
+def main_checkpoint(hub: FakeHub, repo_id: str = "OpenMOSS-Team/Llama3_1-8B-Base-LXR-8x",
+                    folder: str = "Llama3_1-8B-Base-L12R-8x") -> tuple[Blob, Path]:
+    """(the checkpoint blob served at main, the HF cache's blobs folder of that repo, created)."""
+    import os
+
+    repo = hub.repos[repo_id]
+    blob = repo.commits[repo.refs["main"]][f"{folder}/checkpoints/final.safetensors"]
+    blobs = Path(os.environ["HF_HUB_CACHE"]) / f"models--{repo_id.replace('/', '--')}" / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    return blob, blobs
+
+
 @pytest.fixture(name="fake_hub")
 def fake_hub_fixture(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
     """A running, populated :class:`FakeHub` with HF_* env pointing at it; yields HubData."""

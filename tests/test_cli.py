@@ -191,16 +191,13 @@ def test_download_and_info_through_fake_hub(fake_hub) -> None:
 
 def test_download_interrupted_resumes(fake_hub, tmp_path) -> None:
     """A download killed halfway leaves a partial blob; the next run asks only for the rest."""
-    import hashlib
-
     from huggingface_hub import constants
-    from safetensors.torch import save as save_safetensors
 
-    data = save_safetensors(fake_hub.raw["L12R-8x"])
-    sha = hashlib.sha256(data).hexdigest()
-    blobs = tmp_path / "hf-cache" / "models--OpenMOSS-Team--Llama3_1-8B-Base-LXR-8x" / "blobs"
-    assert str(tmp_path / "hf-cache") == constants.HF_HUB_CACHE
-    blobs.mkdir(parents=True)
+    from .fakehub import main_checkpoint
+
+    blob, blobs = main_checkpoint(fake_hub.hub)
+    data, sha = blob.data, blob.sha256
+    assert str(blobs).startswith(constants.HF_HUB_CACHE)  # the cache the CLI writes to
     (blobs / f"{sha}.llamascope-partial").write_bytes(data[:1000])
     res = runner.invoke(app, ["download", "L12R-8x", "--json"])
     assert res.exit_code == 0, res.output

@@ -14,7 +14,7 @@ from llamascope_sdk import SAE
 from llamascope_sdk.errors import CorruptCheckpointError, DownloadError, SaeNotFoundError
 from llamascope_sdk.hub import download
 
-from .fakehub import D_MODEL, fake_hub_fixture, set_offline  # noqa: F401  (fixture)
+from .fakehub import D_MODEL, fake_hub_fixture, main_checkpoint, set_offline  # noqa: F401  (fixture)
 from .helpers import reference_encode
 
 CKPT = "checkpoints/final.safetensors"
@@ -251,11 +251,7 @@ def test_connection_cut_for_good_is_a_download_error_and_leaves_nothing(fake_hub
 
 def test_stale_incomplete_file_is_never_used(fake_hub) -> None:
     """A partial download left by a killed process must not become the blob."""
-    hub = fake_hub.hub
-    repo = hub.repos["OpenMOSS-Team/Llama3_1-8B-Base-LXR-8x"]
-    blob = repo.commits[repo.refs["main"]][f"Llama3_1-8B-Base-L12R-8x/{CKPT}"]
-    blobs = Path(os.environ["HF_HUB_CACHE"]) / "models--OpenMOSS-Team--Llama3_1-8B-Base-LXR-8x" / "blobs"
-    blobs.mkdir(parents=True)
+    blob, blobs = main_checkpoint(fake_hub.hub)
     (blobs / f"{blob.sha256}.incomplete").write_bytes(blob.data[:5000])
     sae = SAE.from_pretrained("L12R-8x")
     assert sae.source.sha256[CKPT] == blob.sha256
@@ -264,11 +260,7 @@ def test_stale_incomplete_file_is_never_used(fake_hub) -> None:
 
 def test_truncated_blob_in_cache_is_detected(fake_hub) -> None:
     """A blob that exists but is short (e.g. copied from a broken cache) fails verification."""
-    hub = fake_hub.hub
-    repo = hub.repos["OpenMOSS-Team/Llama3_1-8B-Base-LXR-8x"]
-    blob = repo.commits[repo.refs["main"]][f"Llama3_1-8B-Base-L12R-8x/{CKPT}"]
-    blobs = Path(os.environ["HF_HUB_CACHE"]) / "models--OpenMOSS-Team--Llama3_1-8B-Base-LXR-8x" / "blobs"
-    blobs.mkdir(parents=True)
+    blob, blobs = main_checkpoint(fake_hub.hub)
     (blobs / blob.sha256).write_bytes(blob.data[:5000])
     with pytest.raises(CorruptCheckpointError, match="sha256"):
         SAE.from_pretrained("L12R-8x")
