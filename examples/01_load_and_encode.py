@@ -6,9 +6,8 @@ Runs offline on the bundled demo SAE and SmolLM2-135M. For Llama Scope on Llama-
 
 import argparse
 
-from llamascope_sdk import SAE, load_model
+from llamascope_sdk import SAE, load_model, read_features
 from llamascope_sdk.demo import DEMO_MODEL, DEMO_SAE_DIR
-from llamascope_sdk.steering import read_features
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--sae", default=str(DEMO_SAE_DIR))

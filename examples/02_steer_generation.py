@@ -6,10 +6,9 @@
 
 import argparse
 
-from llamascope_sdk import SAE, load_model
+from llamascope_sdk import SAE, compare_generations, load_model, measure_feature_stats
 from llamascope_sdk.demo import DEMO_FEATURE, DEMO_MODEL, DEMO_SAE_DIR
 from llamascope_sdk.interventions import Steer
-from llamascope_sdk.steering import compare_generations, feature_stats
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--sae", default=str(DEMO_SAE_DIR))
@@ -25,7 +24,7 @@ args = ap.parse_args()
 sae = SAE.from_pretrained(args.sae)
 model, tokenizer = load_model(args.model)
 if args.relative:  # measure what "typical" means for this SAE on some text first
-    feature_stats(model, tokenizer, sae, ["The quick brown fox jumps over the lazy dog."] * 4)
+    measure_feature_stats(model, tokenizer, sae, ["The quick brown fox jumps over the lazy dog."] * 4)
 
 steer = Steer(sae, [args.feature], args.strength, positions="all", relative=args.relative)
 result = compare_generations(model, tokenizer, args.prompt, [steer], max_new_tokens=args.max_new_tokens)

@@ -1,10 +1,12 @@
-"""llamascope-sdk: load, hook, steer, evaluate and train the Llama Scope SAEs and transcoders.
+"""llamascope-sdk: load, hook, steer, inspect, evaluate and train the Llama Scope SAEs and
+transcoders.
 
-Importing the package is cheap: torch and transformers load only when a name that needs them
-is first used.
+The names below are what a researcher builds and calls; everything else lives in the module
+named after it (see the package map in the README). Importing the package is cheap: torch and
+transformers load only when a name that needs them is first used.
 
 Example:
-    >>> from llamascope_sdk import SAE
+    >>> from llamascope_sdk import SAE, Steer, attach, load_model
     >>> sae = SAE.from_pretrained("L12M-128k")
 """
 
@@ -13,31 +15,44 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
+#: public name -> the module that defines it
 _EXPORTS = {
     "SAE": "sae",
     "Hyperparams": "hyperparams",
-    "SaeRef": "registry",
+    "FeatureStats": "feature_stats",
     "list_saes": "registry",
-    "resolve": "registry",
     "load_model": "models",
     "attach": "hooks",
-    "Intervention": "interventions",
+    "hooked": "hooks",
+    "Steer": "interventions",
+    "Clamp": "interventions",
+    "Scale": "interventions",
+    "Ablate": "interventions",
+    "read_features": "reading",
+    "measure_feature_stats": "reading",
+    "compare_generations": "generation",
+    "evaluate": "evaluation",
     "LlamascopeError": "errors",
 }
 
 # Spelled out (not ``[*_EXPORTS]``) so that linters see the TYPE_CHECKING imports as exported.
-__all__ = ["__version__", "SAE", "Hyperparams", "SaeRef", "list_saes", "resolve", "load_model",
-           "attach", "Intervention", "LlamascopeError"]
+__all__ = ["__version__", "SAE", "Hyperparams", "FeatureStats", "list_saes", "load_model",
+           "attach", "hooked", "Steer", "Clamp", "Scale", "Ablate", "read_features",
+           "measure_feature_stats", "compare_generations", "evaluate", "LlamascopeError"]
 
 if TYPE_CHECKING:
     from .errors import LlamascopeError
-    from .hooks import attach
+    from .evaluation import evaluate
+    from .feature_stats import FeatureStats
+    from .generation import compare_generations
+    from .hooks import attach, hooked
     from .hyperparams import Hyperparams
-    from .interventions import Intervention
+    from .interventions import Ablate, Clamp, Scale, Steer
     from .models import load_model
-    from .registry import SaeRef, list_saes, resolve
+    from .reading import measure_feature_stats, read_features
+    from .registry import list_saes
     from .sae import SAE
 
 

@@ -271,8 +271,8 @@ def render_all(out_dir: str | os.PathLike[str], metrics: dict[str, Any] | str | 
     Returns:
         The paths written, the demo card last.
     """
+    from .atomic import atomic_write_text
     from .registry import resolve
-    from .release import atomic_write_text
 
     if isinstance(metrics, str | os.PathLike):
         metrics = json.loads(Path(metrics).read_text(encoding="utf-8"))

@@ -178,7 +178,7 @@ def encode(sae: SaeOpt, prompt: PromptOpt = None, model: ModelOpt = None,
            as_json: JsonOpt = False) -> None:
     """Show the top features of every token of a prompt."""
     from . import demo
-    from .steering import read_features
+    from .reading import read_features
 
     prompt = prompt or (demo.DEMO_PROMPT if demo.is_demo(sae) else None)
     if prompt is None:
@@ -198,7 +198,7 @@ def _generate(sae: str, features: list[int] | None, prompt: str | None, make: An
               model: str | None, max_new_tokens: int, seed: int | None, device: str | None,
               dtype: str | None, revision: str | None, as_json: bool, title: str,
               caption: str | None = None) -> None:
-    from .steering import compare_generations
+    from .generation import compare_generations
 
     feats, text, value = _features_and_prompt(sae, features, prompt, strength)
     s, lm, tok = _load(sae, model, device, dtype, revision)

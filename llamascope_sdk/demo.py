@@ -18,8 +18,6 @@ from typing import NamedTuple
 DEMO_MODEL = "smollm2-135m"
 DEMO_SAE_NAME = "smollm2-135m-L15R-8x"
 DEMO_SAE_DIR = Path(__file__).resolve().parent / "assets" / DEMO_SAE_NAME
-#: The hook point the demo SAE reads and writes (output of model.model.layers[15]).
-DEMO_HOOK_POINT = "blocks.15.hook_resid_post"
 
 
 class DemoFeature(NamedTuple):

@@ -16,8 +16,7 @@ whose ``max_position_embeddings`` allows it, and documents that long, or ``pack=
 any other model with the same hidden size, e.g. Llama-3.1-8B-Instruct with the base SAEs: just
 pass that model (``--model`` in the CLI).
 
-The hooks here are deliberately minimal (capture / replace on :mod:`.sites`); they can be
-swapped for :func:`llamascope_sdk.hooks.attach` without touching the metric code.
+Hooks are placed with :func:`llamascope_sdk.hooks.hooked` (capture and replace functions).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,18 +36,13 @@ from torch import nn
 from . import metrics as M
 from .corpus import iter_documents, tensor_batches, token_batches
 from .errors import IncompatibleModelError
-from .hooks import named_saes
+from .hooks import SiteFn, capture_into, check_compatible, hooked, named_saes, replace_with
 from .models import special_ids
 from .sae import SAE
 from .sites import (
     Site,
     decoder_layers,
-    first,
-    hidden_size,
-    module_for,
     parse_hook_point,
-    read_activation,
-    replace_first,
 )
 
 #: The recipe's sequence length (spec 4): documents truncated to 1024 tokens.
@@ -119,41 +113,6 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
-# ---------------------------------------------------------------------------- hooks
-@contextmanager
-def _hooked(model: nn.Module, hooks: Mapping[Site, Callable[..., Any]]) -> Iterator[None]:
-    handles = []
-    try:
-        for site, fn in hooks.items():
-            handles.append(module_for(model, site).register_forward_hook(fn))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _chain(*fns: Callable[..., Any] | None) -> Callable[..., None]:
-    """One forward hook that calls several read-only hooks."""
-    live = [f for f in fns if f is not None]
-
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        for f in live:
-            f(module, args, output)
-    return hook
-
-
-def _capture_hook(store: dict[Site, torch.Tensor], site: Site) -> Callable[..., None]:
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        store[site] = read_activation(site, module, args, output).detach()
-    return hook
-
-
-def _replace_hook(new_BTD: torch.Tensor) -> Callable[..., Any]:
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        return replace_first(output, new_BTD.to(first(output).dtype))
-    return hook
-
-
 # ---------------------------------------------------------------------------- evaluation
 @dataclass
 class _Running:
@@ -172,13 +131,8 @@ class _Running:
 
 
 def _check(model: nn.Module, named: Mapping[str, SAE], context: int) -> None:
-    d = hidden_size(model)
     for name, sae in named.items():
-        if sae.d_model != d:
-            raise IncompatibleModelError(f"{name}: d_model={sae.d_model} but the model's hidden "
-                                         f"size is {d}; Llama Scope SAEs need Llama-3.1-8B (4096)")
-        for hp in (sae.hyperparams.hook_point_in, sae.hyperparams.hook_point_out):
-            module_for(model, parse_hook_point(hp))
+        check_compatible(model, sae, name)
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if context < 2:
         raise ValueError(f"context must be at least 2 tokens, got {context}")
@@ -202,7 +156,9 @@ def _reconstruct(sae: SAE, x_ND: torch.Tensor, y_ND: torch.Tensor,
 
 class _Replay(nn.Module):
     """Stands in for the decoder layers before a spliced site: returns the clean output of the
-    last skipped layer, so a spliced pass runs only the layers from the site on."""
+    last skipped layer, so a spliced pass runs only the layers from the site on. Decoder
+    layers return their hidden states as a plain tensor (transformers >= 4.56, the floor in
+    pyproject.toml), which is what the replay returns."""
 
     def __init__(self, output: Any) -> None:
         super().__init__()
@@ -232,18 +188,12 @@ def _skip_layers(model: nn.Module, n: int, output: Any) -> Iterator[None]:
 
 
 def _forward(model: nn.Module, ids: torch.Tensor, valid: torch.Tensor,
-             hooks: Mapping[Site, Callable[..., Any]],
+             hooks: Mapping[Site, SiteFn | list[SiteFn]],
              resume: tuple[int, Any] | None = None) -> torch.Tensor:
     """Log-probs of one forward with ``hooks``; ``resume=(n, out)`` skips layers below n."""
-    with _hooked(model, hooks), (_skip_layers(model, *resume) if resume else nullcontext()):
+    with hooked(model, hooks), (_skip_layers(model, *resume) if resume else nullcontext()):
         out = model(input_ids=ids, attention_mask=valid.long(), use_cache=False)
     return M.log_probs(out.logits)
-
-
-def _raw_hook(store: dict[int, Any], layer: int) -> Callable[..., None]:
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        store[layer] = output
-    return hook
 
 
 def _masked_sum(v_BT: torch.Tensor, m_BT: torch.Tensor) -> float:
@@ -262,12 +212,9 @@ def _run_batch(model: nn.Module, ids: torch.Tensor, valid: torch.Tensor, count: 
     """One clean pass, then one spliced pass per SAE; adds to each run's sums."""
     acts: dict[Site, torch.Tensor] = {}
     sites = {s for r in runs for s in (r.site_in, r.site_out)}
-    hooks = {s: _capture_hook(acts, s) for s in sites}
     # The clean output of the layer before each spliced site, to resume the spliced pass there.
-    before: dict[int, Any] = {}
-    for layer in {r.site_out.layer - 1 for r in runs} - {-1}:
-        site = Site(layer, "resid_post")
-        hooks[site] = _chain(hooks.get(site), _raw_hook(before, layer))
+    sites |= {Site(r.site_out.layer - 1, "resid_post") for r in runs if r.site_out.layer > 0}
+    hooks = {s: capture_into(acts, s) for s in sites}
     log_p = _forward(model, ids, valid, hooks)
     nll_clean = M.nll_from_log_probs(log_p, ids)
     # KL(p || q) = sum p log p - sum p log q: the first term and p are shared by all SAEs,
@@ -284,15 +231,15 @@ def _run_batch(model: nn.Module, ids: torch.Tensor, valid: torch.Tensor, count: 
         spliced = y.clone()
         spliced[keep] = _reconstruct(r.sae, acts[r.site_in][keep], y[keep], r.stats)
         n = r.site_out.layer
-        resume = (n, before[n - 1]) if n > 0 else None
-        log_q = _forward(model, ids, valid, {r.site_out: _replace_hook(spliced)}, resume)
+        resume = (n, acts[Site(n - 1, "resid_post")]) if n > 0 else None
+        log_q = _forward(model, ids, valid, {r.site_out: replace_with(spliced)}, resume)
         r.nll_spliced += _masked_sum(M.nll_from_log_probs(log_q, ids), tmask)
         kl = neg_entropy - torch.linalg.vecdot(p, log_q)
         r.kl += _masked_sum(kl[:, :-1], tmask)
         del log_q
         if zero_ablation:
             spliced[keep] = 0
-            log_z = _forward(model, ids, valid, {r.site_out: _replace_hook(spliced)}, resume)
+            log_z = _forward(model, ids, valid, {r.site_out: replace_with(spliced)}, resume)
             r.nll_zero += _masked_sum(M.nll_from_log_probs(log_z, ids), tmask)
 
 

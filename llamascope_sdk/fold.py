@@ -11,21 +11,37 @@ keeping ||d_i|| so that ``unfold`` can write the original tensors back for ``sav
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from .errors import CorruptCheckpointError
+from .hyperparams import Hyperparams
 
-if TYPE_CHECKING:
-    from .sae import SAE
+
+class Folded(Protocol):
+    """What folding reads and writes: the SAE's folded parameters (see :class:`~.sae.SAE`)."""
+
+    hyperparams: Hyperparams
+    W_enc: torch.Tensor  # [F, D]
+    b_enc: torch.Tensor  # [F]
+    W_dec: torch.Tensor  # [F, D], unit rows
+    b_dec: torch.Tensor  # [D]
+    decoder_norm: torch.Tensor  # [F] fp32
+    file_dtype: torch.dtype
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
 
 #: Features per block when a bf16/fp16 decoder is normalised through an fp32 scratch.
 _LOAD_BLOCK = 1024
 
 
 @torch.no_grad()
-def fold_into(sae: SAE, get: Any) -> None:
+def fold_into(sae: Folded, get: Any) -> None:
     """Fill the inference weights from raw tensors. ``get(name)`` returns one raw tensor
     of the release file (spec 2.3); ``sae``'s parameters are overwritten in place.
 
@@ -117,7 +133,7 @@ def fold_into(sae: SAE, get: Any) -> None:
 
 
 @torch.no_grad()
-def unfold(sae: SAE) -> dict[str, torch.Tensor]:
+def unfold(sae: Folded) -> dict[str, torch.Tensor]:
     """The training-space tensors of the release file, unfolded, in the file's dtype."""
     hp = sae.hyperparams
     s_in, s_out = hp.scale_in, hp.scale_out

@@ -1,8 +1,12 @@
-"""Attaching SAEs to a live transformers Llama model: read, splice and intervene, also in generate.
+"""The one hook mechanism of the SDK, and ``attach``: read, splice and intervene, also in generate.
 
-``attach`` registers forward hooks at the modules :mod:`llamascope_sdk.sites` maps each hook
-point to and returns an :class:`Attachment`, which is also a context manager; every hook is
-removed on exit, on an exception and on KeyboardInterrupt.
+:func:`hooked` is the only place where the SDK registers hooks on a model. It places a capture
+or replace function at each :class:`~llamascope_sdk.sites.Site` (the module
+:mod:`llamascope_sdk.sites` maps it to), can cut the forward short after the last site it
+needs, and removes every hook on exit, on an exception and on KeyboardInterrupt. ``attach``,
+evaluation, feature mining and training's activation generation are all built on it.
+
+``attach`` returns an :class:`Attachment`, which is also a context manager.
 
 Per forward, each hooked output site does, in this order, for the clean activation y there:
 
@@ -23,7 +27,8 @@ across KV-cached steps from the cache length seen by the model's forward, so ``"
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +50,108 @@ from .sites import (
 )
 
 CAPTURE_ALL = ("features", "inputs", "targets", "recons")
+
+#: A function placed at a site. It gets the activation there ([B, T, D]); at an output site
+#: it may return a tensor of the same shape that replaces the activation downstream, or None
+#: to leave it. At the TC input site (read from a module's input) its return value is ignored.
+SiteFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+#: Called before every forward of the decoder stack with that forward's (args, kwargs).
+ForwardFn = Callable[[tuple[Any, ...], dict[str, Any]], None]
+
+#: Order in which a decoder layer's hooked modules run.
+_ORDER = {"attn_out": 0, "ln2_normalized": 1, "mlp_out": 2, "resid_post": 3}
+
+
+class _StopForward(Exception):
+    """Raised after the last needed site; swallowed by :func:`hooked` (early exit)."""
+
+
+@contextmanager
+def hooked(model: nn.Module, hooks: Mapping[Site, SiteFn | Sequence[SiteFn]], *,
+           stop_after_last: bool = False, before_forward: ForwardFn | None = None) -> Iterator[None]:
+    """Place ``hooks`` on ``model`` for the duration of a ``with`` block.
+
+    Args:
+        model: a Llama-family transformers model (``model.model.layers``).
+        hooks: site -> function (or functions, run in order, each seeing the previous one's
+            replacement). See :data:`SiteFn`.
+        stop_after_last: end the forward right after the last site in ``hooks`` has run, so
+            later layers cost nothing. The model call then returns nothing and the ``with``
+            block ends there without an error: make the model call the block's last statement.
+        before_forward: called at the start of every forward of the decoder stack.
+
+    Example:
+        >>> acts = {}
+        >>> with hooked(model, {Site(3, "resid_post"): capture_into(acts, "L3R")},
+        ...             stop_after_last=True):
+        ...     model(ids)
+        >>> acts["L3R"].shape  # [B, T, D]
+    """
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        if before_forward is not None:
+            inner = getattr(model, "model", model)
+            handles.append(inner.register_forward_pre_hook(
+                lambda _m, args, kwargs: before_forward(args, kwargs), with_kwargs=True))
+        for site, fns in hooks.items():
+            chain = [fns] if callable(fns) else list(fns)
+            module = module_for(model, site)
+            if site.reads_input:
+                handles.append(module.register_forward_pre_hook(_input_hook(site, chain)))
+            else:
+                handles.append(module.register_forward_hook(_output_hook(chain)))
+        if stop_after_last and hooks:
+            last = max(hooks, key=lambda s: (s.layer, _ORDER[s.kind]))
+            module = module_for(model, last)
+            # Registered after the site's own hook on that module, so it runs after it.
+            if last.reads_input:
+                handles.append(module.register_forward_pre_hook(_stop))
+            else:
+                handles.append(module.register_forward_hook(_stop))
+        yield
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _stop(*_args: Any) -> None:
+    raise _StopForward
+
+
+def _input_hook(site: Site, chain: list[SiteFn]) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = read_activation(site, module, args)
+        for fn in chain:
+            fn(x)
+    return hook
+
+
+def _output_hook(chain: list[SiteFn]) -> Callable[..., Any]:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        y = first(output)
+        changed = False
+        for fn in chain:
+            new = fn(y)
+            if new is not None:
+                y, changed = new, True
+        return replace_first(output, y) if changed else None
+    return hook
+
+
+def capture_into(store: dict[Any, torch.Tensor], key: Any) -> SiteFn:
+    """A :data:`SiteFn` that stores the (detached) activation as ``store[key]``."""
+    def fn(x: torch.Tensor) -> None:
+        store[key] = x.detach()
+    return fn
+
+
+def replace_with(new_BTD: torch.Tensor) -> SiteFn:
+    """A :data:`SiteFn` that replaces the activation by ``new_BTD`` (cast to its dtype)."""
+    def fn(y: torch.Tensor) -> torch.Tensor:
+        return new_BTD.to(device=y.device, dtype=y.dtype)
+    return fn
 
 
 @dataclass
@@ -80,13 +187,27 @@ def _special_ids_of(model: nn.Module) -> set[int]:
 
 
 def named_saes(saes: SAE | Iterable[SAE] | Mapping[str, SAE]) -> dict[str, SAE]:
-    """``{name: SAE}`` from one SAE, several (repeated names get ``#2``, ``#3``) or a mapping."""
+    """``{name: SAE}`` from one SAE, several (two SAEs that share a name get ``name#2``...) or a
+    mapping. Each result is keyed by that name.
+
+    Raises:
+        ValueError: one SAE object given twice (it would be read twice for nothing).
+    """
     if isinstance(saes, SAE):
         saes = [saes]
+    items = list(saes.values()) if isinstance(saes, Mapping) else list(saes)
+    seen: dict[int, str] = {}
+    for i, sae in enumerate(items):
+        if not isinstance(sae, SAE):
+            raise TypeError(f"saes: expected SAE objects, got {type(sae).__name__} at position {i}")
+        if id(sae) in seen:
+            raise ValueError(f"saes: the SAE object {sae.name!r} is given twice; pass it once "
+                             "(its features are keyed by its name)")
+        seen[id(sae)] = sae.name
     if isinstance(saes, Mapping):
         return dict(saes)
     out: dict[str, SAE] = {}
-    for sae in saes:
+    for sae in items:
         name, n = sae.name, 2
         while name in out:  # two SAEs with one name (e.g. synthetic ones): keep both
             name, n = f"{sae.name}#{n}", n + 1
@@ -121,7 +242,7 @@ class Attachment:
         self.capture = frozenset(capture)
         self.prompt_len = 0
         self._slots = slots
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._stack = ExitStack()
         self._step: _Step | None = None
         self._tc_in: dict[int, torch.Tensor] = {}
         self._chunks: dict[str, dict[str, list[torch.Tensor]]] = {}
@@ -130,26 +251,17 @@ class Attachment:
 
     # ------------------------------------------------------------------ lifetime
     def _register(self) -> None:
-        try:
-            inner = getattr(self.model, "model", self.model)
-            self._handles.append(inner.register_forward_pre_hook(self._on_model, with_kwargs=True))
-            by_module: dict[nn.Module, list[_Slot]] = {}
-            for slot in self._slots:
-                by_module.setdefault(module_for(self.model, slot.site_out), []).append(slot)
-            for layer in sorted({s.site_in.layer for s in self._slots if s.site_in.reads_input}):
-                site = Site(layer, "ln2_normalized")
-                mod = module_for(self.model, site)
-                self._handles.append(mod.register_forward_pre_hook(self._tc_pre_hook(site)))
-            for mod, slots in by_module.items():
-                self._handles.append(mod.register_forward_hook(self._out_hook(slots)))
-        except BaseException:
-            self.remove()
-            raise
+        hooks: dict[Site, list[SiteFn]] = {}
+        for layer in sorted({s.site_in.layer for s in self._slots if s.site_in.reads_input}):
+            hooks[Site(layer, "ln2_normalized")] = [self._tc_input(layer)]
+        for site_out in dict.fromkeys(s.site_out for s in self._slots):
+            slots = [s for s in self._slots if s.site_out == site_out]
+            hooks.setdefault(site_out, []).append(self._site_fn(slots))
+        self._stack.enter_context(hooked(self.model, hooks, before_forward=self._on_model))
 
     def remove(self) -> None:
         """Remove every hook of this attachment (idempotent). Captures stay readable."""
-        while self._handles:
-            self._handles.pop().remove()
+        self._stack.close()
         self._tc_in.clear()
 
     def __enter__(self) -> Attachment:
@@ -157,10 +269,6 @@ class Attachment:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
-
-    @property
-    def saes(self) -> dict[str, SAE]:
-        return {s.name: s.sae for s in self._slots if s.read}
 
     def reset(self) -> None:
         """Drop everything captured so far."""
@@ -196,7 +304,7 @@ class Attachment:
         return torch.cat(self._mask_chunks, dim=1) if self._mask_chunks else None
 
     # ------------------------------------------------------------------ hooks
-    def _on_model(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _on_model(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ids = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
@@ -212,18 +320,16 @@ class Attachment:
             self._id_chunks.append(ids.detach())
             self._mask_chunks.append(keep if keep is not None else torch.ones_like(ids, dtype=torch.bool))
 
-    def _tc_pre_hook(self, site: Site) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            self._tc_in[site.layer] = read_activation(site, module, args)
-        return hook
+    def _tc_input(self, layer: int) -> SiteFn:
+        def fn(x: torch.Tensor) -> None:
+            self._tc_in[layer] = x
+        return fn
 
-    def _out_hook(self, slots: list[_Slot]) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-            y = first(output)
+    def _site_fn(self, slots: list[_Slot]) -> SiteFn:
+        def fn(y: torch.Tensor) -> torch.Tensor | None:
             with torch.no_grad():
-                new = self._run_site(slots, y)
-            return None if new is None else replace_first(output, new)
-        return hook
+                return self._run_site(slots, y)
+        return fn
 
     def _positions(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(absolute positions [T], keep [B, T]) for the current forward."""
@@ -309,7 +415,7 @@ def attach(model: nn.Module, saes: SAE | Sequence[SAE] | Mapping[str, SAE] = (),
            interventions: Intervention | Iterable[Intervention] = (), splice: bool = False,
            error_term: bool = True, include_special: bool = False,
            special_ids: Collection[int] | None = None,
-           capture: bool | Collection[str] = True) -> Attachment:
+           capture: bool | Collection[str] = ("features",)) -> Attachment:
     """Hook SAEs into a Llama model to read features, splice reconstructions and intervene.
 
     Args:
@@ -327,8 +433,10 @@ def attach(model: nn.Module, saes: SAE | Sequence[SAE] | Mapping[str, SAE] = (),
             dropped them and they are far out of distribution).
         special_ids: token ids counted as special; default the model config's bos/eos/pad ids.
             Pass ``models.special_ids(tokenizer)`` for the tokenizer's full list.
-        capture: which tensors to keep: True (all of features, inputs, targets, recons), False,
-            or a subset of those names.
+        capture: which tensors to keep on the handle: a subset of ``features``, ``inputs``,
+            ``targets``, ``recons`` (default features only: a 131k-feature SAE's inputs,
+            targets and reconstructions during generation add up fast), True for all four,
+            False for none (pure steering).
 
     Returns:
         The :class:`Attachment` (use as ``with attach(...) as h:``; else call ``h.remove()``).
@@ -336,7 +444,7 @@ def attach(model: nn.Module, saes: SAE | Sequence[SAE] | Mapping[str, SAE] = (),
     Raises:
         IncompatibleModelError: SAE width differs from the model's hidden size; layer out of range.
         HookpointNotFoundError: the model's layers lack the module a site needs.
-        FeatureIndexError: raised when an intervention is built with a bad feature index.
+        ValueError: the same SAE object passed twice in ``saes``; an unknown ``capture`` name.
 
     Example:
         >>> with attach(model, [sae], interventions=[Steer(sae, [42], 8.0)]) as h:

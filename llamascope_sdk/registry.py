@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
 
 from .errors import UnknownSaeError, closest
-
-Position = Literal["R", "A", "M", "TC"]
 
 N_LAYERS = 32
 D_MODEL = 4096
@@ -111,10 +108,6 @@ class SaeRef:
             return None
         p = self.position.lower()
         return f"llama_scope_lx{p}_{self.expansion}x", f"l{self.layer}{p}_{self.expansion}x"
-
-    @property
-    def description(self) -> str:
-        return f"layer {self.layer}, {_POSITION_WORDS[self.position]}, {self.d_sae} features"
 
     def as_dict(self) -> dict[str, object]:
         return {

@@ -12,7 +12,6 @@ The tensors are the *raw training-space* parameters (spec 2.3); folding happens 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .atomic import atomic_save_safetensors, atomic_write_text, publish_mode
 from .errors import CorruptCheckpointError, SaeNotFoundError
 from .hyperparams import Hyperparams
 
@@ -41,11 +41,6 @@ def expected_shapes(hp: Hyperparams) -> dict[str, tuple[int, ...]]:
     if not hp.use_decoder_bias:
         del shapes["decoder.bias"]
     return shapes
-
-
-def is_release_folder(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / HYPERPARAMS).is_file() and (p / CHECKPOINT).is_file()
 
 
 def check_folder(folder: Path) -> None:
@@ -93,57 +88,6 @@ def open_checkpoint(path: Path, hp: Hyperparams, device: str = "cpu") -> Any:
     return handle
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _publish_mode(path: str | Path, directory: bool = False) -> None:
-    """mkstemp/mkdtemp create 0600/0700 entries; give the final file the usual mode (umask)."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _publish_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` so that readers see either the old file or the complete new one."""
-    _atomic_write_bytes(Path(path), text.encode("utf-8"))
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
-                            metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file`` through a temporary file and a rename."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        _publish_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def default_lm_config(model_name: str, d_model: int) -> dict[str, Any]:
     return {"model_name": model_name, "use_flash_attn": False, "cache_dir": None,
             "d_model": d_model, "local_files_only": False}
@@ -171,9 +115,9 @@ def write_release(folder: str | Path, hp: Hyperparams, tensors: dict[str, torch.
         atomic_write_text(tmp / LM_CONFIG, json.dumps(lm_config, indent=4) + "\n")
         if card is not None:
             atomic_write_text(tmp / "README.md", card)
-        _publish_mode(tmp / "checkpoints", directory=True)
+        publish_mode(tmp / "checkpoints", directory=True)
         if not folder.exists():
-            _publish_mode(tmp, directory=True)
+            publish_mode(tmp, directory=True)
             os.replace(tmp, folder)
             return folder
         for src in sorted(p for p in tmp.rglob("*") if p.is_file()):

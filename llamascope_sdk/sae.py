@@ -21,7 +21,6 @@ features that fire.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,44 +28,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dtypes import SAFETENSORS, parse_dtype
 from .errors import CorruptCheckpointError, FeatureIndexError
+from .feature_stats import STATS_FILE, FeatureStats
+from .fold import fold_into, unfold
+from .hub import Source, download
 from .hyperparams import Hyperparams
 from .registry import BASE_MODEL, SaeRef
+from .release import (
+    CHECKPOINT,
+    HYPERPARAMS,
+    check_folder,
+    default_lm_config,
+    expected_shapes,
+    open_checkpoint,
+    write_release,
+)
 
 #: Above this fraction of non-zero activations a dense decode beats gathering rows.
 _DENSE_DECODE_DENSITY = 0.05
-_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
-                       "F64": torch.float64}
 
 
 Gate = Literal["reference", "saelens"]
 GATES: tuple[str, ...] = ("reference", "saelens")
-
-
-@dataclass
-class Source:
-    """Where an SAE's weights came from, for provenance and reproducibility."""
-
-    path: str | None = None
-    repo_id: str | None = None
-    subfolder: str | None = None
-    revision: str | None = None  # as asked for
-    commit: str | None = None  # as resolved
-    sha256: dict[str, str] = field(default_factory=dict)  # file name -> sha256
-
-
-def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-             "fp16": torch.float16, "half": torch.float16, "float64": torch.float64}
-    key = dtype.removeprefix("torch.").lower()
-    if key not in names:
-        raise ValueError(f"unknown dtype {dtype!r}: allowed are {', '.join(sorted(names))}")
-    return names[key]
 
 
 class SAE(nn.Module):
@@ -95,7 +79,7 @@ class SAE(nn.Module):
             raise ValueError(f"unknown gate {gate!r}: allowed are {', '.join(GATES)}")
         self.hyperparams = hyperparams
         self.gate: Gate = gate
-        dt = _parse_dtype(dtype)
+        dt = parse_dtype(dtype)
         f, d = hyperparams.d_sae, hyperparams.d_model
         kw: dict[str, Any] = {"device": device, "dtype": dt}
         self.W_enc = nn.Parameter(torch.empty(f, d, **kw), requires_grad=False)
@@ -106,7 +90,8 @@ class SAE(nn.Module):
         self.register_buffer("decoder_norm", torch.ones(f, device=device, dtype=torch.float32))
         self.ref: SaeRef | None = None
         self.source = Source()
-        self.file_dtype = _parse_dtype(hyperparams.dtype) if hyperparams.dtype else torch.bfloat16
+        self._stats: FeatureStats | None = None
+        self.file_dtype = parse_dtype(hyperparams.dtype) if hyperparams.dtype else torch.bfloat16
 
     # ------------------------------------------------------------------ shape facts
     @property
@@ -120,6 +105,18 @@ class SAE(nn.Module):
     @property
     def is_transcoder(self) -> bool:
         return self.hyperparams.is_transcoder
+
+    @property
+    def stats(self) -> FeatureStats | None:
+        """Per-feature statistics (typical activation, frequency, mean) for relative steering
+        and mean ablation: loaded from feature_stats.safetensors beside the checkpoint, else
+        None until measured (``llamascope inspect``, :func:`measure_feature_stats`) or set.
+        Setting checks that they cover ``d_sae`` features with finite values."""
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: FeatureStats | None) -> None:
+        self._stats = None if value is None else value.check(self.d_sae, self.name)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -244,8 +241,6 @@ class SAE(nn.Module):
     # ------------------------------------------------------------------ folding
     def _fold_from(self, get: Any) -> None:
         """Fill the inference weights from the raw release tensors (see :mod:`.fold`)."""
-        from .fold import fold_into
-
         fold_into(self, get)
 
     @classmethod
@@ -254,8 +249,6 @@ class SAE(nn.Module):
                  dtype: torch.dtype | str | None = None, gate: Gate = "reference") -> SAE:
         """Build from training-space tensors (the content of checkpoints/final.safetensors)."""
         hp = hyperparams if isinstance(hyperparams, Hyperparams) else Hyperparams.from_dict(hyperparams)
-        from .release import expected_shapes
-
         for name, shape in expected_shapes(hp).items():
             if name not in tensors:
                 raise CorruptCheckpointError(f"missing tensor '{name}' (expected shape {list(shape)})")
@@ -271,8 +264,6 @@ class SAE(nn.Module):
     def from_folder(cls, folder: str | Path, *, device: torch.device | str | None = None,
                     dtype: torch.dtype | str | None = None, gate: Gate = "reference") -> SAE:
         """Load a local folder in the release layout (hyperparams.json + checkpoints/)."""
-        from .release import CHECKPOINT, HYPERPARAMS, check_folder, open_checkpoint
-
         folder = Path(folder)
         check_folder(folder)
         hp = Hyperparams.from_file(folder / HYPERPARAMS)
@@ -280,9 +271,11 @@ class SAE(nn.Module):
         sae = cls(hp, device=dev, dtype=dtype, gate=gate)
         # Read straight onto the target device: no CPU detour for CUDA.
         with open_checkpoint(folder / CHECKPOINT, hp, device=str(dev)) as fh:
-            sae.file_dtype = _SAFETENSORS_DTYPES[fh.get_slice("encoder.weight").get_dtype()]
+            sae.file_dtype = SAFETENSORS[fh.get_slice("encoder.weight").get_dtype()]
             sae._fold_from(fh.get_tensor)
         sae.source = Source(path=str(folder))
+        if (folder / STATS_FILE).is_file():
+            sae.stats = FeatureStats.load(folder / STATS_FILE)
         return sae
 
     @classmethod
@@ -318,8 +311,6 @@ class SAE(nn.Module):
         path = Path(resolve_alias(os.fspath(name_or_path))).expanduser()
         if path.is_dir():
             return cls.from_folder(path, device=device, dtype=dtype, gate=gate)
-        from .hub import download
-
         got = download(str(name_or_path), revision=revision, cache_dir=cache_dir, token=token,
                        force_download=force_download, local_files_only=local_files_only)
         sae = cls.from_folder(got.folder, device=device, dtype=dtype, gate=gate)
@@ -330,8 +321,6 @@ class SAE(nn.Module):
     # ------------------------------------------------------------------ saving
     def raw_state_dict(self) -> dict[str, torch.Tensor]:
         """The training-space tensors of the release file, unfolded, in the file's dtype."""
-        from .fold import unfold
-
         return unfold(self)
 
     def save_pretrained(self, folder: str | Path, *, lm_config: dict[str, Any] | None = None,
@@ -341,11 +330,12 @@ class SAE(nn.Module):
         The checkpoint holds the original, unfolded training-space tensors, so
         ``SAE.from_pretrained(folder)`` gives back the same encode.
         """
-        from .release import default_lm_config, write_release
-
         hp = self.hyperparams.model_copy(update={"dtype": str(self.file_dtype)})
         lm = lm_config or default_lm_config(BASE_MODEL, self.d_model)
-        return write_release(folder, hp, self.raw_state_dict(), lm, card=card)
+        out = write_release(folder, hp, self.raw_state_dict(), lm, card=card)
+        if self.stats is not None:
+            self.stats.save(out / STATS_FILE)
+        return out
 
     def push_to_hub(self, repo_id: str, *, subfolder: str | None = None, token: str | None = None,
                     revision: str | None = None, private: bool | None = None,

@@ -54,11 +54,6 @@ class Site:
         """True when the activation is the module's input (a forward pre-hook), not its output."""
         return self.kind == "ln2_normalized"
 
-    @property
-    def writable(self) -> bool:
-        """Output sites can be replaced in the forward pass; the TC input site is read-only."""
-        return not self.reads_input
-
 
 def parse_hook_point(hook_point: str) -> Site:
     """``"blocks.12.hook_mlp_out"`` -> ``Site(12, "mlp_out")``.

@@ -319,7 +319,7 @@ def test_layers_and_hooks_restored_after_an_error(tiny_llama, monkeypatch) -> No
             raise RuntimeError("boom")
         return hook
 
-    monkeypatch.setattr(evaluation, "_replace_hook", boom)
+    monkeypatch.setattr(evaluation, "replace_with", boom)
     with pytest.raises(RuntimeError, match="boom"):
         evaluate(tiny_llama, CharTokenizer(), random_sae(2, "R"), ids_with_specials(), progress=False)
     assert all(type(m).__name__ == "LlamaDecoderLayer" for m in tiny_llama.model.layers)

@@ -78,7 +78,7 @@ def test_sites_match_independent_capture(smol):
     tc_in = resid_mid / torch.sqrt(resid_mid.pow(2).mean(-1, keepdim=True) + eps)
     torch.testing.assert_close(resid_mid + mlp_out, hs[L + 1], atol=1e-4, rtol=1e-4)
 
-    with attach(model, saes) as h, torch.no_grad():
+    with attach(model, saes, capture=True) as h, torch.no_grad():
         model(input_ids=ids)
     want = {"R": (hs[L + 1], hs[L + 1]), "A": (attn["out"], attn["out"]), "M": (mlp_out, mlp_out),
             "TC": (tc_in, mlp_out)}
@@ -101,7 +101,7 @@ def test_two_saes_on_one_site_and_last_layer(smol):
     top = synthetic_sae(model, ids, last, "R", seed=3)
     with torch.no_grad():
         hs = model(input_ids=ids, output_hidden_states=True).hidden_states
-    with attach(model, {"a": a, "b": b, "top": top}) as h, torch.no_grad():
+    with attach(model, {"a": a, "b": b, "top": top}, capture=("features", "inputs")) as h, torch.no_grad():
         model(input_ids=ids)
     torch.testing.assert_close(h.inputs["a"], hs[4])
     torch.testing.assert_close(h.inputs["b"], hs[4])
@@ -264,7 +264,7 @@ def test_dtypes_reconciled_at_the_boundary(tiny_llama, model_dtype, sae_dtype):
     ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
     with torch.no_grad():
         clean = model(input_ids=ids, output_hidden_states=True)
-        with attach(model, [sae, res], splice=True,
+        with attach(model, [sae, res], splice=True, capture=("features", "inputs"),
                     interventions=[Steer(res, [2], 3.0), Clamp(sae, [1], 0.5)]) as h:
             out = model(input_ids=ids, output_hidden_states=True)
     assert all(t.dtype == model_dtype for t in out.hidden_states) and out.logits.dtype == model_dtype
@@ -281,7 +281,7 @@ def test_tc_input_is_gain_free_normalised(tiny_llama):
     seen = {}
     probe = ln.register_forward_pre_hook(lambda m, a: seen.setdefault("r", a[0]))
     try:
-        with attach(tiny_llama, [sae]) as h, torch.no_grad():
+        with attach(tiny_llama, [sae], capture=("inputs",)) as h, torch.no_grad():
             tiny_llama(input_ids=torch.tensor([[1, 4, 5, 6]]))
     finally:
         probe.remove()

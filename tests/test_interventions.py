@@ -6,17 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamascope_sdk import SAE, attach
+from llamascope_sdk import SAE, Ablate, Clamp, FeatureStats, Scale, Steer, attach
 from llamascope_sdk.errors import SaeNotFoundError
-from llamascope_sdk.interventions import (
-    Ablate,
-    Clamp,
-    FeatureStats,
-    Scale,
-    Steer,
-    register_stats,
-    stats_for,
-)
+from llamascope_sdk.interventions import stats_for
 
 from .helpers import make_release, raw_tensors, release_hyperparams
 
@@ -139,8 +131,8 @@ def test_relative_strength_and_mean_ablation_use_stats(tiny_llama, tmp_path):
     with pytest.raises(SaeNotFoundError, match="feature_stats"):
         stats_for(sae)
     typical = torch.linspace(0.5, 3.0, 256)
-    register_stats(sae, FeatureStats(mean=typical / 10, typical=typical,
-                                     frequency=torch.full((256,), 0.1), n_tokens=100))
+    sae.stats = FeatureStats(mean=typical / 10, typical=typical,
+                             frequency=torch.full((256,), 0.1), n_tokens=100)
     layer = tiny_llama.model.layers[1]
     (c,), (e,), _ = _flow(tiny_llama, layer, [Steer(sae, [10], 2.0, relative=True)])
     torch.testing.assert_close(e[0, 1:] - c[0, 1:], (2.0 * typical[10] * sae.W_dec[10]).expand(6, -1),
@@ -158,8 +150,11 @@ def test_stats_file_beside_the_checkpoint(tmp_path):
                          n_tokens=1234)
     assert stats.save(folder).name == "feature_stats.safetensors"
     fresh = SAE.from_pretrained(folder)
-    got = stats_for(fresh)
+    got = fresh.stats
     assert got.n_tokens == 1234
     torch.testing.assert_close(got.typical, stats.typical)
-    with pytest.raises(ValueError, match="d_sae"):
-        register_stats(sae, FeatureStats(torch.zeros(3), torch.zeros(3), torch.zeros(3), 1))
+    with pytest.raises(ValueError, match=r"shape \[3\], expected \[256\]"):
+        sae.stats = FeatureStats(torch.zeros(3), torch.zeros(3), torch.zeros(3), 1)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        sae.stats = FeatureStats(torch.full((256,), float("nan")), torch.zeros(256),
+                                 torch.zeros(256), 1)

@@ -8,10 +8,15 @@ import json
 import pytest
 import torch
 
-from llamascope_sdk import attach
-from llamascope_sdk.interventions import FeatureStats, Steer
+from llamascope_sdk import (
+    FeatureStats,
+    Steer,
+    attach,
+    compare_generations,
+    measure_feature_stats,
+    read_features,
+)
 from llamascope_sdk.models import special_ids, tokenize
-from llamascope_sdk.steering import compare_generations, feature_stats, read_features
 
 from .test_hooks import synthetic_sae
 
@@ -87,7 +92,7 @@ def test_read_features_tokens_top_and_specials(setup):
 
 def test_feature_stats_and_relative_strength(setup, tmp_path):
     model, tok, sae, norm = setup
-    stats = feature_stats(model, tok, sae, TEXTS, save_to=tmp_path)
+    stats = measure_feature_stats(model, tok, sae, TEXTS, save_to=tmp_path)
     n_real = sum(len(tokenize(tok, t)[0]) - 1 for t in TEXTS)
     assert stats.n_tokens == n_real
     loaded = FeatureStats.load(tmp_path / "feature_stats.safetensors")

@@ -75,8 +75,8 @@ def measure(model, tokenizer, sae, cfg, n_rows: int) -> dict[str, dict]:  # noqa
 
 def steer_text(model, tokenizer, sae, feature: int, strength: float, prompt: str):  # noqa: ANN001, ANN201
     """Greedy continuations of ``prompt`` without and with the feature steered (all positions)."""
+    from llamascope_sdk import compare_generations
     from llamascope_sdk.interventions import Steer
-    from llamascope_sdk.steering import compare_generations
 
     return compare_generations(model, tokenizer, prompt, Steer(sae, [feature], strength),
                                max_new_tokens=24)
@@ -133,7 +133,7 @@ def find_features(model, tok, sae, cfg, cache: str) -> tuple[list[dict], str]:  
 
     from llamascope_sdk.training.cache import read_manifest
     from llamascope_sdk.training.data import local_documents
-    from llamascope_sdk.training.features import feature_stats, selective_features, top_tokens
+    from llamascope_sdk.training.features import feature_counts, selective_features, top_tokens
 
     # features: from the first shard (Wikipedia) and the last one (mostly Shakespeare)
     man = read_manifest(cache)
@@ -145,7 +145,7 @@ def find_features(model, tok, sae, cfg, cache: str) -> tuple[list[dict], str]:  
     first_file = cfg.dataset.split(",")[0]
     n_wiki = len(local_documents(first_file, holdout_fraction=cfg.holdout_fraction))
     group = docs >= n_wiki  # Shakespeare documents come after the Wikipedia ones
-    stats = feature_stats(sae, x, toks, group)
+    stats = feature_counts(sae, x, toks, group)
     shakes = selective_features(stats, float(group.float().mean()), n=12, total=x.shape[0])
     # context features (diffuse over tokens) first: they steer topic/style, not one token
     shakes.sort(key=lambda i: top_tokens(sae, x, toks, i, tok, n=1)[0][1])
@@ -167,15 +167,15 @@ def find_features(model, tok, sae, cfg, cache: str) -> tuple[list[dict], str]:  
 def write_stats(model, tok, sae, cfg, dest: Path, max_tokens: int = 20_000) -> None:  # noqa: ANN001
     """feature_stats.safetensors beside the checkpoint: each feature's typical activation on
     held-out text, so that relative steering and mean ablation work offline."""
+    from llamascope_sdk import measure_feature_stats
     from llamascope_sdk.corpus import local_documents
-    from llamascope_sdk.steering import feature_stats
 
     docs = local_documents(cfg.dataset, cfg.text_field, holdout_fraction=cfg.holdout_fraction,
                            heldout=True)
     # both files' held-out tails, alternating, so both kinds of text are counted
     half = len(docs) // 2
     mixed = [d for pair in zip(docs[:half], docs[half:], strict=False) for d in pair]
-    feature_stats(model, tok, sae, [d[:4000] for d in mixed], max_tokens=max_tokens, save_to=dest)
+    measure_feature_stats(model, tok, sae, [d[:4000] for d in mixed], max_tokens=max_tokens, save_to=dest)
 
 
 def steer_grid(model, tok, sae, feats: list[dict]) -> str:  # noqa: ANN001
@@ -194,8 +194,8 @@ def steer_grid(model, tok, sae, feats: list[dict]) -> str:  # noqa: ANN001
 def eval_only(n_rows: int) -> None:
     """Re-measure the shipped SAE on the held-out text and rewrite its card and results; the
     weights are checked to be byte-identical before and after."""
+    from llamascope_sdk.atomic import atomic_write_text
     from llamascope_sdk.models import load_model
-    from llamascope_sdk.release import atomic_write_text
     from llamascope_sdk.sae import SAE
     from llamascope_sdk.training.config import TrainConfig
 
@@ -238,9 +238,9 @@ def ship(folder: Path, cfg, result: dict) -> Path:  # noqa: ANN001
 
 def write_card(dest: Path, cfg, result: dict) -> Path:  # noqa: ANN001
     """The demo's README.md through llamascope_sdk.cards.render_card (the release template)."""
+    from llamascope_sdk.atomic import atomic_write_text
     from llamascope_sdk.cards import render_card
     from llamascope_sdk.demo import DEMO_FEATURES
-    from llamascope_sdk.release import atomic_write_text
     from llamascope_sdk.training.export import card_info
 
     hp = json.loads((dest / "hyperparams.json").read_text())

@@ -1,8 +1,8 @@
 """Activations for training: one LM pass feeds every requested site, stopping early.
 
-``ActivationGenerator`` hooks all sites (R/A/M/TC of several layers) at once and raises
-:class:`_StopForward` from the hook of the last module it needs, so layers after it never
-run (spec section 4; peers 5.2 "one LM pass -> many SAEs", "early exit"). Positions holding
+``ActivationGenerator`` hooks all sites (R/A/M/TC of several layers) at once through
+:func:`llamascope_sdk.hooks.hooked`, which ends the forward after the last site it needs, so
+layers after it never run (spec section 4; peers 5.2 "one LM pass -> many SAEs", "early exit"). Positions holding
 BOS/EOS/pad are dropped. ``LiveSource`` turns a :class:`~.data.TokenSource` into activation
 chunks; :mod:`.cache` writes and reads the same chunks from disk.
 """
@@ -15,18 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from llamascope_sdk.sites import Site, module_for, parse_hook_point, read_activation
+from llamascope_sdk.hooks import capture_into, hooked
+from llamascope_sdk.sites import Site, module_for, parse_hook_point
 
 from .data import TokenSource, pad_rows
 
-#: Order in which a decoder layer's hooked modules run.
-_ORDER = {"attn_out": 0, "ln2_normalized": 1, "mlp_out": 2, "resid_post": 3}
-
 Chunk = dict[str, torch.Tensor]  # hook point -> [n, D]; plus "tokens"/"doc"/"pos" metadata
-
-
-class _StopForward(Exception):
-    """Raised from the last needed hook; caught by the generator (early exit)."""
 
 
 class ActivationGenerator:
@@ -46,32 +40,8 @@ class ActivationGenerator:
         self.sites: dict[str, Site] = {h: parse_hook_point(h) for h in self.hook_points}
         self.drop_ids = torch.tensor(sorted(drop_ids), dtype=torch.long)
         self.dtype = dtype
-        last = max(self.sites.values(), key=lambda s: (s.layer, _ORDER[s.kind]))
-        self._last = module_for(model, last)
-
-    def _hooks(self, store: dict[str, torch.Tensor]) -> list[Any]:
-        handles = []
-        for name, site in self.sites.items():
-            mod = module_for(self.model, site)
-
-            def grab(m: nn.Module, args: tuple[Any, ...], output: Any = None, *, _n: str = name,
-                     _s: Site = site) -> None:
-                store[_n] = read_activation(_s, m, args, output).detach()
-
-            if site.reads_input:
-                handles.append(mod.register_forward_pre_hook(lambda m, a, g=grab: g(m, a)))
-            else:
-                handles.append(mod.register_forward_hook(lambda m, a, o, g=grab: g(m, a, o)))
-
-        def stop(m: nn.Module, args: tuple[Any, ...], output: Any = None) -> None:
-            raise _StopForward
-
-        # Registered last, so it runs after the grab hooks of the same module.
-        last_is_pre = all(s.reads_input for s in self.sites.values()
-                          if module_for(self.model, s) is self._last)
-        handles.append(self._last.register_forward_pre_hook(lambda m, a: stop(m, a))
-                       if last_is_pre else self._last.register_forward_hook(stop))
-        return handles
+        for site in self.sites.values():
+            module_for(model, site)  # a missing module is reported now, not mid-training
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> Chunk:
@@ -86,17 +56,12 @@ class ActivationGenerator:
             lengths = torch.full((b,), t)
         valid = torch.arange(t)[None, :] < lengths[:, None]
         keep = valid & ~torch.isin(tokens, self.drop_ids)
-        store: dict[str, torch.Tensor] = {}
-        handles = self._hooks(store)
-        try:
+        store: dict[Site, torch.Tensor] = {}
+        hooks = {site: capture_into(store, site) for site in self.sites.values()}
+        with hooked(self.model, hooks, stop_after_last=True):
             self.model(input_ids=tokens.to(dev), attention_mask=valid.long().to(dev), use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
         flat = keep.reshape(-1).to(dev)
-        out: Chunk = {n: store[n].reshape(b * t, -1)[flat].to(self.dtype).cpu()
+        out: Chunk = {n: store[self.sites[n]].reshape(b * t, -1)[flat].to(self.dtype).cpu()
                       for n in self.hook_points}
         rows, pos = keep.nonzero(as_tuple=True)
         out["tokens"] = tokens[keep].to(torch.int32)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from llamascope_sdk.release import atomic_save_safetensors, atomic_write_text
+from llamascope_sdk.atomic import atomic_save_safetensors, atomic_write_text
 
 from .activations import Chunk, LiveSource
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from llamascope_sdk.release import atomic_write_text
+from llamascope_sdk.atomic import atomic_write_text
 
 LATEST = "latest.json"
 

@@ -11,15 +11,15 @@ from typing import Any
 
 import torch
 
+from llamascope_sdk.atomic import atomic_write_text
 from llamascope_sdk.cards import render_card
 from llamascope_sdk.corpus import local_paths
+from llamascope_sdk.dtypes import parse_dtype
 from llamascope_sdk.models import SMOLLM2_ID, is_smollm2
-from llamascope_sdk.release import atomic_write_text, default_lm_config, write_release
+from llamascope_sdk.release import default_lm_config, write_release
 from llamascope_sdk.sites import parse_hook_point
 
 from .config import TrainConfig
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def release_hyperparams(cfg: TrainConfig, norm_in: float, norm_out: float, threshold: float,
@@ -96,7 +96,7 @@ def export(folder: str | Path, cfg: TrainConfig, raw: dict[str, torch.Tensor],
     from llamascope_sdk.hyperparams import Hyperparams
 
     lm = default_lm_config(cfg.model, cfg.d_model)
-    tensors = {k: v.to(_DTYPES[cfg.export_dtype]) for k, v in raw.items()}
+    tensors = {k: v.to(parse_dtype(cfg.export_dtype)) for k, v in raw.items()}
     card_text = card_text if card_text is not None else render_card(card_info(cfg, hp))
     out = write_release(folder, Hyperparams.from_dict(hp), tensors, lm, card=card_text)
     atomic_write_text(Path(out) / "recipe.yaml", cfg.to_yaml())

@@ -16,7 +16,7 @@ from llamascope_sdk.sae import SAE
 
 
 @torch.no_grad()
-def feature_stats(sae: SAE, x: torch.Tensor, tokens: torch.Tensor, group: torch.Tensor,
+def feature_counts(sae: SAE, x: torch.Tensor, tokens: torch.Tensor, group: torch.Tensor,
                   chunk: int = 4096) -> dict[str, torch.Tensor]:
     """Per-feature firing counts overall and in ``group`` (bool [N]), and activation sums."""
     f_dim = sae.d_sae

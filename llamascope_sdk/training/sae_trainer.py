@@ -7,12 +7,13 @@ from typing import Any
 
 import torch
 
+from llamascope_sdk.dtypes import parse_dtype
+
 from . import checkpoint as ck
 from .config import TrainConfig
 from .ddp import Dist
 from .sae_train import TopKSAE, batch_norm_mse, k_schedule, lr_lambda
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _PARAMS = ["W_e", "b_e", "W_d", "b_d"]
 
 
@@ -26,7 +27,7 @@ class SAETrainer:
     def __init__(self, cfg: TrainConfig, dist: Dist) -> None:
         self.cfg, self.dist = cfg, dist
         self.sae = TopKSAE(cfg.d_model, cfg.d_sae, sparse=cfg.sparse_kernels,
-                           dtype=_DTYPES[cfg.dtype], device=cfg.device)
+                           dtype=parse_dtype(cfg.dtype), device=cfg.device)
         self.sae.initialize(cfg, torch.Generator().manual_seed(cfg.seed))
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))

@@ -1,9 +1,8 @@
-"""High-level reading and steering: what the CLI and the eval code call.
+"""Reading features off a model: per-token activations of a text, and per-feature statistics.
 
-``read_features`` runs text through the model with SAEs attached and returns per-token
-activations and top features; ``compare_generations`` generates a baseline and a steered
-continuation side by side; ``feature_stats`` measures the typical activation that relative
-steering strengths are expressed in.
+``read_features`` runs one text through the model with SAEs attached and returns per-token
+activations and top features; ``measure_feature_stats`` measures the typical activation that
+relative steering strengths are expressed in and sets it as ``sae.stats``.
 """
 
 from __future__ import annotations
@@ -15,9 +14,9 @@ from typing import Any
 
 import torch
 
+from .feature_stats import FeatureStats
 from .hooks import attach
-from .interventions import FeatureStats, Intervention, register_stats
-from .models import special_ids, tokenize
+from .models import model_device, special_ids, tokenize
 from .sae import SAE
 
 
@@ -42,25 +41,6 @@ class FeatureReading:
             "top": {n: [[[i, v] for i, v in row] for row in rows] for n, rows in self.top.items()},
             "l0": {n: [int(c) for c in (a > 0).sum(-1).tolist()] for n, a in self.acts.items()},
         }
-
-
-@dataclass
-class Comparison:
-    """A baseline and a steered continuation of one prompt (new tokens only)."""
-
-    prompt: str
-    baseline: str
-    steered: str
-    baseline_ids: list[int]
-    steered_ids: list[int]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "baseline": self.baseline, "steered": self.steered,
-                "baseline_ids": self.baseline_ids, "steered_ids": self.steered_ids}
-
-
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
 
 
 def read_features(model: Any, tokenizer: Any, sae_or_saes: SAE | Sequence[SAE] | Mapping[str, SAE],
@@ -91,7 +71,7 @@ def read_features(model: Any, tokenizer: Any, sae_or_saes: SAE | Sequence[SAE] |
         ids = tokenize(tokenizer, text)
     else:
         ids = torch.as_tensor(text, dtype=torch.long).reshape(1, -1)
-    ids = ids.to(_device(model))
+    ids = ids.to(model_device(model))
     with attach(model, sae_or_saes, include_special=include_special,
                 special_ids=special_ids(tokenizer), capture=("features",)) as h, torch.no_grad():
         model(input_ids=ids, use_cache=False)
@@ -107,45 +87,10 @@ def read_features(model: Any, tokenizer: Any, sae_or_saes: SAE | Sequence[SAE] |
                           acts=acts, top=top)
 
 
-def _generate(model: Any, tokenizer: Any, ids: torch.Tensor, max_new_tokens: int, seed: int | None,
-              do_sample: bool) -> list[int]:
-    if seed is not None:
-        torch.manual_seed(seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=do_sample, pad_token_id=pad)
-    return out[0, ids.shape[1]:].tolist()
-
-
-def compare_generations(model: Any, tokenizer: Any, prompt: str,
-                        interventions: Intervention | Iterable[Intervention], *,
-                        max_new_tokens: int = 40, seed: int | None = None,
-                        do_sample: bool = False) -> Comparison:
-    """Generate from ``prompt`` without and with ``interventions`` (KV cache, same settings).
-
-    Args:
-        prompt: the prompt text (BOS prepended).
-        interventions: Steer/Clamp/Scale/Ablate objects; applied at every step of generation
-            at the positions each names.
-        max_new_tokens, do_sample: as in ``model.generate`` (greedy by default).
-        seed: reseeds torch before each of the two generations (for sampling).
-
-    Returns:
-        A :class:`Comparison` of the two continuations (new tokens only).
-    """
-    ids = tokenize(tokenizer, prompt).to(_device(model))
-    base = _generate(model, tokenizer, ids, max_new_tokens, seed, do_sample)
-    with attach(model, interventions=interventions, special_ids=special_ids(tokenizer), capture=False):
-        steered = _generate(model, tokenizer, ids, max_new_tokens, seed, do_sample)
-    return Comparison(prompt=prompt, baseline=tokenizer.decode(base, skip_special_tokens=True),
-                      steered=tokenizer.decode(steered, skip_special_tokens=True),
-                      baseline_ids=base, steered_ids=steered)
-
-
-def feature_stats(model: Any, tokenizer: Any, sae: SAE, texts: str | Iterable[str], *,
-                  max_tokens: int | None = None, save_to: str | Path | None = None) -> FeatureStats:
-    """Measure each feature's typical activation on ``texts`` and register it for ``sae``.
+def measure_feature_stats(model: Any, tokenizer: Any, sae: SAE, texts: str | Iterable[str], *,
+                          max_tokens: int | None = None,
+                          save_to: str | Path | None = None) -> FeatureStats:
+    """Measure each feature's typical activation on ``texts`` and set it as ``sae.stats``.
 
     Every text is run on its own (BOS prepended); BOS/EOS/pad positions are excluded. The
     ``typical`` value of a feature is the mean of its non-zero activations over the N counted
@@ -157,8 +102,8 @@ def feature_stats(model: Any, tokenizer: Any, sae: SAE, texts: str | Iterable[st
             ``feature_stats.safetensors`` to.
 
     Returns:
-        The :class:`FeatureStats`, also registered so that ``Steer(relative=True)`` and
-        ``Ablate(mode="mean")`` on this SAE object use it.
+        The :class:`FeatureStats`, also set as ``sae.stats`` so that ``Steer(relative=True)``
+        and ``Ablate(mode="mean")`` on this SAE use it.
     """
     texts = [texts] if isinstance(texts, str) else list(texts)
     total = torch.zeros(sae.d_sae, dtype=torch.float64)
@@ -166,7 +111,7 @@ def feature_stats(model: Any, tokenizer: Any, sae: SAE, texts: str | Iterable[st
     n = 0
     with attach(model, {"sae": sae}, special_ids=special_ids(tokenizer), capture=("features",)) as h:
         for text in texts:
-            ids = tokenize(tokenizer, text).to(_device(model))
+            ids = tokenize(tokenizer, text).to(model_device(model))
             with torch.no_grad():
                 model(input_ids=ids, use_cache=False)
             keep = h.mask.reshape(-1).cpu()
@@ -177,11 +122,9 @@ def feature_stats(model: Any, tokenizer: Any, sae: SAE, texts: str | Iterable[st
             if max_tokens is not None and n >= max_tokens:
                 break
     if n == 0:
-        raise ValueError("feature_stats: the texts hold no non-special tokens")
-    stats = FeatureStats(mean=(total / n).float(),
-                         typical=torch.where(fired > 0, total / fired.clamp(min=1), 0).float(),
-                         frequency=(fired / n).float(), n_tokens=n)
-    register_stats(sae, stats)
+        raise ValueError("measure_feature_stats: the texts hold no non-special tokens")
+    stats = FeatureStats.from_sums(total, fired, n)
+    sae.stats = stats
     if save_to is not None:
         stats.save(save_to)
     return stats
