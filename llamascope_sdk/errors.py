@@ -87,3 +87,11 @@ def closest(candidates: list[str], got: str, n: int = 5) -> list[str]:
     lowered = {c.lower(): c for c in candidates}
     hits = difflib.get_close_matches(got.lower(), list(lowered), n=n, cutoff=0.5)
     return [lowered[h] for h in hits]
+
+
+class DeviceError(LlamascopeError, ValueError):
+    """A device that does not exist on this machine, or that the SDK cannot run on."""
+
+
+class InputError(LlamascopeError, ValueError):
+    """Text or numbers a caller passed that cannot be used as given (empty, too long, NaN...)."""

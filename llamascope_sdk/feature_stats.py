@@ -1,4 +1,5 @@
-"""Per-feature statistics of an SAE: how often each feature fires and how large it usually is.
+"""What is known about an SAE's features: statistics (how often each fires, how large it
+usually is) and human labels.
 
 They are what relative steering strengths (``Steer(relative=True)``) and mean ablation
 (``Ablate(mode="mean")``) are expressed in. An SAE carries its own in ``sae.stats``: loaded with
@@ -8,15 +9,17 @@ it from ``feature_stats.safetensors`` beside the checkpoint when the file exists
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .atomic import atomic_save_safetensors
+from .atomic import atomic_save_safetensors, atomic_write_text
 from .errors import CorruptCheckpointError
 
 STATS_FILE = "feature_stats.safetensors"
+LABELS_FILE = "feature_labels.json"
 _TENSORS = ("mean", "typical", "frequency")
 
 
@@ -100,3 +103,28 @@ class FeatureStats:
                    typical=torch.where(fired > 0, total / fired.clamp(min=1), 0).float(),
                    frequency=(fired / n_tokens).float(), n_tokens=int(n_tokens))
 
+
+
+def read_labels(path: str | Path, d_sae: int) -> dict[int, str]:
+    """``{"4154": "Shakespeare style", ...}`` -> ``{4154: "Shakespeare style"}``, checked.
+
+    Raises:
+        CorruptCheckpointError: not a JSON object of feature index -> text, or an index out of
+            range.
+    """
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        labels = {int(k): str(v) for k, v in raw.items()}
+    except (ValueError, AttributeError) as exc:
+        raise CorruptCheckpointError(f"{path}: expected a JSON object of feature index -> label "
+                                     f"({exc})") from None
+    bad = [i for i in labels if not 0 <= i < d_sae]
+    if bad:
+        raise CorruptCheckpointError(f"{path}: feature index {bad[0]} is out of range 0..{d_sae - 1}")
+    return labels
+
+
+def write_labels(path: str | Path, labels: dict[int, str]) -> None:
+    """Write labels as ``feature_labels.json`` (sorted by index), atomically."""
+    text = json.dumps({str(i): labels[i] for i in sorted(labels)}, indent=1, ensure_ascii=False)
+    atomic_write_text(path, text + "\n")

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from .atomic import file_lock
+from .devices import resolve_device
 from .dtypes import parse_dtype
-from .errors import DownloadError, SaeNotFoundError
+from .errors import DownloadError, InputError, SaeNotFoundError
 from .paths import models_dir
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B"
@@ -129,7 +130,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = resolve_device(device)
     dt = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     path = resolve_model_path(name_or_path)
     try:
@@ -147,6 +148,33 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device 
                             hint=hint) from None
     model.to(dev).eval()
     return model, tok
+
+
+def base_model_of(sae: Any) -> str:
+    """The model an SAE was trained on: ``model_name`` of its lm_config.json, else the Llama
+    Scope base model (Llama-3.1-8B)."""
+    lm = getattr(sae, "lm_config", None) or {}
+    name = lm.get("model_name")
+    return name if isinstance(name, str) and name else DEFAULT_MODEL
+
+
+def context_window(model: Any) -> int | None:
+    """The model's maximum number of positions (``max_position_embeddings``), if it says."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) else None
+
+
+def check_fits_window(model: Any, n_prompt: int, n_new: int = 0) -> None:
+    """Refuse a prompt (plus tokens to generate) longer than the model's window.
+
+    Raises:
+        InputError: the message names the limit and both counts.
+    """
+    window = context_window(model)
+    if window is not None and n_prompt + n_new > window:
+        extra = f" + {n_new} new tokens" if n_new else ""
+        raise InputError(f"the prompt is {n_prompt} tokens{extra}, more than the model's window "
+                         f"of {window} positions", hint="shorten the prompt or generate fewer tokens")
 
 
 def model_device(model: Any) -> torch.device:

@@ -88,6 +88,24 @@ def open_checkpoint(path: Path, hp: Hyperparams, device: str = "cpu") -> Any:
     return handle
 
 
+def read_lm_config(folder: Path) -> dict[str, Any] | None:
+    """The folder's lm_config.json as a dict, or None when there is none.
+
+    Raises:
+        CorruptCheckpointError: the file is not a JSON object with a string ``model_name``.
+    """
+    path = folder / LM_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_name"), str):
+        raise CorruptCheckpointError(f"{path}: expected a JSON object with a string 'model_name'")
+    return cfg
+
+
 def default_lm_config(model_name: str, d_model: int) -> dict[str, Any]:
     return {"model_name": model_name, "use_flash_attn": False, "cache_dir": None,
             "d_model": d_model, "local_files_only": False}

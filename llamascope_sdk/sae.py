@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import resolve_device
 from .dtypes import SAFETENSORS, parse_dtype
 from .errors import CorruptCheckpointError, FeatureIndexError
-from .feature_stats import STATS_FILE, FeatureStats
+from .feature_stats import LABELS_FILE, STATS_FILE, FeatureStats, read_labels, write_labels
 from .fold import fold_into, unfold
 from .hub import Source, download
 from .hyperparams import Hyperparams
@@ -42,6 +43,7 @@ from .release import (
     default_lm_config,
     expected_shapes,
     open_checkpoint,
+    read_lm_config,
     write_release,
 )
 
@@ -91,6 +93,12 @@ class SAE(nn.Module):
         self.ref: SaeRef | None = None
         self.source = Source()
         self._stats: FeatureStats | None = None
+        #: Human labels of features (index -> label), from feature_labels.json beside the
+        #: checkpoint when it exists; shown in CLI captions and feature pages.
+        self.labels: dict[int, str] = {}
+        #: lm_config.json of the release folder (the base model under ``model_name``), kept
+        #: as read so that saving writes it back unchanged; None when the folder has none.
+        self.lm_config: dict[str, Any] | None = None
         self.file_dtype = parse_dtype(hyperparams.dtype) if hyperparams.dtype else torch.bfloat16
 
     # ------------------------------------------------------------------ shape facts
@@ -267,15 +275,18 @@ class SAE(nn.Module):
         folder = Path(folder)
         check_folder(folder)
         hp = Hyperparams.from_file(folder / HYPERPARAMS)
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dev = resolve_device(device)
         sae = cls(hp, device=dev, dtype=dtype, gate=gate)
         # Read straight onto the target device: no CPU detour for CUDA.
         with open_checkpoint(folder / CHECKPOINT, hp, device=str(dev)) as fh:
             sae.file_dtype = SAFETENSORS[fh.get_slice("encoder.weight").get_dtype()]
             sae._fold_from(fh.get_tensor)
         sae.source = Source(path=str(folder))
+        sae.lm_config = read_lm_config(folder)
         if (folder / STATS_FILE).is_file():
             sae.stats = FeatureStats.load(folder / STATS_FILE)
+        if (folder / LABELS_FILE).is_file():
+            sae.labels = read_labels(folder / LABELS_FILE, sae.d_sae)
         return sae
 
     @classmethod
@@ -331,10 +342,12 @@ class SAE(nn.Module):
         ``SAE.from_pretrained(folder)`` gives back the same encode.
         """
         hp = self.hyperparams.model_copy(update={"dtype": str(self.file_dtype)})
-        lm = lm_config or default_lm_config(BASE_MODEL, self.d_model)
+        lm = lm_config or self.lm_config or default_lm_config(BASE_MODEL, self.d_model)
         out = write_release(folder, hp, self.raw_state_dict(), lm, card=card)
         if self.stats is not None:
             self.stats.save(out / STATS_FILE)
+        if self.labels:
+            write_labels(out / LABELS_FILE, self.labels)
         return out
 
     def push_to_hub(self, repo_id: str, *, subfolder: str | None = None, token: str | None = None,

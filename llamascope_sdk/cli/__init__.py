@@ -1,0 +1,12 @@
+"""The ``llamascope`` command line: a thin skin over the library, one module per area.
+
+``app`` (the typer application, shared options and error reporting) lives in
+:mod:`.app`; each module below registers its commands on it when imported.
+"""
+
+from __future__ import annotations
+
+from . import catalog, evaluate, generate, read  # noqa: F401  (register their commands)
+from .app import app, main
+
+__all__ = ["app", "main"]
