@@ -18,20 +18,6 @@ from typing import Any
 
 from .registry import ALL_SAES, BASE_MODEL, SaeRef
 
-#: A custom SAE card from a dict of metrics (what the training export produces), for render_all.
-DEMO_INFO: dict[str, Any] = {
-    "name": "smollm2-135m-L12R-demo",
-    "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "layer": 12, "position": "R", "d_model": 576, "d_sae": 4608,
-    "hook_point_in": "blocks.12.hook_resid_post", "hook_point_out": "blocks.12.hook_resid_post",
-    "load_name": "./smollm2-135m-L12R-demo", "datasets": ["Salesforce/wikitext"],
-    "recipe": {"data": "wikitext-2 (demo)", "tokens": "2M", "top_k": 50, "lr": 8e-4},
-    "metrics": {"l0_mean": 48.7, "explained_variance_centred": 0.71,
-                "explained_variance_uncentred": 0.83, "mse": 0.012, "delta_lm_loss": 0.21,
-                "kl_div": 0.19, "frac_dead": 0.03, "frac_dense": 0.004, "n_tokens": 100000,
-                "context": 1024},
-}
-
 _METRIC_LABELS = (
     ("l0_mean", "L0 (mean active features per token)"),
     ("explained_variance_centred", "explained variance, centred: 1 - SSE / sum ‖y - mean y‖²"),
@@ -266,7 +252,8 @@ def render_all(out_dir: str | os.PathLike[str], metrics: dict[str, Any] | str | 
         out_dir: where the card folders go.
         metrics: ``{sae name: EvalResult or its dict}`` (any spelling :func:`resolve` accepts)
             or the path of a JSON file holding that mapping, as written from ``evaluate``.
-        demo: also render the demo card of a custom SAE from :data:`DEMO_INFO`.
+        demo: also write the bundled demo SAE's card (the one shipped beside its checkpoint,
+            rendered by ``training/build_demo.py`` from its measured metrics) as ``demo/``.
 
     Returns:
         The paths written, the demo card last.
@@ -283,7 +270,9 @@ def render_all(out_dir: str | os.PathLike[str], metrics: dict[str, Any] | str | 
         atomic_write_text(path, render_card(ref, by_name.get(ref.name)))
         paths.append(path)
     if demo:
+        from .demo import DEMO_SAE_DIR
+
         path = out / "demo" / "README.md"
-        atomic_write_text(path, render_card(DEMO_INFO))
+        atomic_write_text(path, (DEMO_SAE_DIR / "README.md").read_text(encoding="utf-8"))
         paths.append(path)
     return paths

@@ -27,10 +27,10 @@ def test_help_lists_commands() -> None:
 def test_list_json_has_256_and_filters() -> None:
     res = runner.invoke(app, ["list", "--json"])
     assert res.exit_code == 0, res.output
-    rows = json.loads(res.output)
+    rows = json.loads(res.stdout)
     assert len(rows) == 256
     res = runner.invoke(app, ["list", "--json", "--layer", "12", "--position", "tc"])
-    rows = json.loads(res.output)
+    rows = json.loads(res.stdout)
     assert [r["name"] for r in rows] == ["L12TC-8x", "L12TC-32x"]
     assert rows[0]["hook_point_in"] == "blocks.12.ln2.hook_normalized"
 
@@ -38,7 +38,7 @@ def test_list_json_has_256_and_filters() -> None:
 def test_info_offline_registry_facts() -> None:
     res = runner.invoke(app, ["info", "l15r_8x", "--offline", "--json"])
     assert res.exit_code == 0, res.output
-    facts = json.loads(res.output)
+    facts = json.loads(res.stdout)
     assert facts["repo_id"] == "OpenMOSS-Team/Llama3_1-8B-Base-LXR-8x"
     assert facts["subfolder"] == "Llama3_1-8B-Base-L15R-8x"
     assert facts["neuronpedia_url"] == "https://www.neuronpedia.org/llama3.1-8b/15-llamascope-res-32k"
@@ -94,7 +94,7 @@ def test_subprocess_offline_cold_cache(tmp_path) -> None:
 def test_steer_demo_json_changes_text() -> None:
     res = runner.invoke(app, ["steer", "--sae", "demo", "-n", "6", "--json"])
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output)
+    out = json.loads(res.stdout)
     assert out["features"] == [4154] and out["sae"] == "smollm2-135m-L15R-8x"
     assert out["baseline"] != out["steered"]
     assert len(out["baseline_ids"]) == 6
@@ -104,7 +104,7 @@ def test_steer_demo_json_changes_text() -> None:
 def test_steer_strength_zero_reproduces_baseline() -> None:
     res = runner.invoke(app, ["steer", "--sae", "demo", "-f", "1297", "-a", "0", "-n", "6", "--json"])
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output)
+    out = json.loads(res.stdout)
     assert out["baseline_ids"] == out["steered_ids"]
 
 
@@ -112,13 +112,13 @@ def test_steer_strength_zero_reproduces_baseline() -> None:
 def test_encode_demo_table_and_json() -> None:
     res = runner.invoke(app, ["encode", "--sae", "demo", "--prompt", "To be, or not to be", "--json", "-k", "3"])
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output)
+    out = json.loads(res.stdout)
     assert out["tokens"][0] == "<|im_start|>"
     name = "smollm2-135m-L15R-8x"
     assert out["top"][name][0] == []  # BOS skipped by default
     assert all(len(row) == 3 for row in out["top"][name][1:])
     res = runner.invoke(app, ["encode", "--sae", "demo", "--prompt", "To be", "--include-special", "--json"])
-    assert json.loads(res.output)["top"][name][0] != []
+    assert json.loads(res.stdout)["top"][name][0] != []
     res = runner.invoke(app, ["encode", "--sae", "demo", "--prompt", "To be"])
     assert res.exit_code == 0 and "feature (activation)" in res.output
 
@@ -128,7 +128,7 @@ def test_ablate_demo_json() -> None:
     res = runner.invoke(app, ["ablate", "--sae", "demo", "-f", "4154", "-f", "1297", "-n", "4",
                               "--prompt", "Thou art", "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["features"] == [4154, 1297]
+    assert json.loads(res.stdout)["features"] == [4154, 1297]
 
 
 @pytest.mark.smollm
@@ -176,17 +176,17 @@ def test_subprocess_unknown_sae_suggests() -> None:
 def test_download_and_info_through_fake_hub(fake_hub) -> None:
     res = runner.invoke(app, ["download", "L12R-8x", "l12m_32x", "--json"])
     assert res.exit_code == 0, res.output
-    rows = json.loads(res.output)
+    rows = json.loads(res.stdout)
     assert [r["commit"] for r in rows] == [fake_hub.commits["R-new"], fake_hub.commits["M32"]]
     res = runner.invoke(app, ["info", "L12R-8x", "--json"])
     assert res.exit_code == 0, res.output
-    facts = json.loads(res.output)
+    facts = json.loads(res.stdout)
     hp = fake_hub.hp["L12R-8x"]
     assert facts["jump_relu_threshold"] == hp["jump_relu_threshold"]
     assert facts["dataset_norm_in"] == hp["dataset_average_activation_norm"]["in"]
     assert facts["commit"] == fake_hub.commits["R-new"]
     res = runner.invoke(app, ["info", "L12R-8x", "--revision", "v0", "--json"])
-    assert json.loads(res.output)["subfolder"] == "Llama3_1Base-L12R-8x"
+    assert json.loads(res.stdout)["subfolder"] == "Llama3_1Base-L12R-8x"
 
 
 def test_download_interrupted_resumes(fake_hub, tmp_path) -> None:
@@ -231,7 +231,7 @@ def test_eval_demo_json(tmp_path) -> None:
     res = runner.invoke(app, ["eval", "demo", "--dataset", str(text), "--tokens", "120",
                               "--context", "64", "--json"])
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output)["smollm2-135m-L15R-8x"]
+    out = json.loads(res.stdout)["smollm2-135m-L15R-8x"]
     assert 5 < out["l0_mean"] < 200
     assert out["explained_variance_centred"] < out["explained_variance_uncentred"] <= 1
     assert out["delta_lm_loss"] == pytest.approx(out["ce_spliced"] - out["ce_clean"])
@@ -247,7 +247,7 @@ def test_relative_strength_uses_the_shipped_feature_stats() -> None:
     rel = runner.invoke(app, ["steer", "--sae", "demo", "-a", "4", "--relative", "-n", "5", "--json"])
     raw = runner.invoke(app, ["steer", "--sae", "demo", "-a", str(4 * typical), "-n", "5", "--json"])
     assert rel.exit_code == 0 and raw.exit_code == 0, rel.output + raw.output
-    assert json.loads(rel.output)["steered_ids"] == json.loads(raw.output)["steered_ids"]
+    assert json.loads(rel.stdout)["steered_ids"] == json.loads(raw.stdout)["steered_ids"]
 
 
 @pytest.mark.smollm

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .app import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, RevisionOpt, app, command, echo_json, table
+from .app import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, RevisionOpt, app, command, echo_json
 
 #: What each printed metric means (the table's third column).
 EXPLAIN: dict[str, str] = {
@@ -16,7 +16,7 @@ EXPLAIN: dict[str, str] = {
     "l0_mean": "mean number of features firing per counted token",
     "explained_variance_centred": "1 - SSE / total variance around the mean (authors' code)",
     "explained_variance_uncentred": "1 - SSE / sum of squared norms (the paper's formula)",
-    "mse": "mean squared error per position, summed over d_model",
+    "mse": "mean squared error per element of the activation (model units squared)",
     "ce_clean": "next-token cross-entropy of the clean model (nats)",
     "ce_spliced": "the same with the reconstruction spliced in at the output site",
     "delta_lm_loss": "ce_spliced - ce_clean: the cost of replacing the site by the SAE",
@@ -69,11 +69,15 @@ def eval_cmd(names: Annotated[list[str], typer.Argument(help="SAE names sharing 
     if as_json:
         echo_json(out)
         return
+    split = ("documents joined and cut into sequences of exactly" if pack else
+             "one sequence per document, BOS + at most")
     for name, r in out.items():
-        table(f"{name} on {dataset}: {r['n_sequences']} sequences, mean "
-              f"{r['n_tokens'] / max(1, r['n_sequences']):.0f} counted tokens each",
-              ["metric", "value", "meaning"], [[k, _shown(k, v), EXPLAIN.get(k, "")]
-                                                for k, v in r.items() if k in EXPLAIN or k in NOT_MEASURED])
+        typer.echo(f"{name} on {dataset} ({split} {context} tokens): {r['n_sequences']} "
+                   f"sequences, {r['n_tokens'] / max(1, r['n_sequences']):.0f} counted tokens each "
+                   "on average")
+        for k, v in r.items():
+            if k in EXPLAIN or k in NOT_MEASURED:
+                typer.echo(f"  {k:<29} {_shown(k, v):<12} {EXPLAIN.get(k, '')}".rstrip())
 
 
 def _shown(key: str, value: Any) -> str:
