@@ -46,7 +46,10 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` so that readers see either the old file or the complete new one."""
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+    def write(tmp: str) -> None:
+        Path(tmp).write_bytes(data)
+
+    _atomic_write(Path(path), write)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

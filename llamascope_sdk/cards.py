@@ -261,9 +261,9 @@ def render_all(out_dir: str | os.PathLike[str], metrics: dict[str, Any] | str | 
     from .atomic import atomic_write_text
     from .registry import resolve
 
-    if isinstance(metrics, str | os.PathLike):
-        metrics = json.loads(Path(metrics).read_text(encoding="utf-8"))
-    by_name = {resolve(k).name: v for k, v in (metrics or {}).items()}
+    table: dict[str, Any] = (json.loads(Path(metrics).read_text(encoding="utf-8"))
+                             if isinstance(metrics, str | os.PathLike) else metrics or {})
+    by_name = {resolve(k).name: v for k, v in table.items()}
     out, paths = Path(out_dir), []
     for ref in ALL_SAES:
         path = out / ref.name / "README.md"

@@ -13,14 +13,15 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from dataclasses import dataclass
 
 DEMO_MODEL = "smollm2-135m"
 DEMO_SAE_NAME = "smollm2-135m-L15R-8x"
 DEMO_SAE_DIR = Path(__file__).resolve().parent / "assets" / DEMO_SAE_NAME
 
 
-class DemoFeature(NamedTuple):
+@dataclass(frozen=True)
+class DemoFeature:
     """A feature that steers well: add ``strength`` x its unit decoder row at the site."""
 
     index: int

@@ -164,7 +164,7 @@ class _Replay(nn.Module):
         super().__init__()
         self.output = output
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *_args: Any, **_kwargs: Any) -> Any:
         return self.output
 
 
@@ -340,7 +340,8 @@ def _result(key: str, r: _Running, model_name: str, n_seq: int, context: int,
     return EvalResult(
         sae=key, hook_point_in=r.site_in.hook_point, hook_point_out=r.site_out.hook_point,
         model=model_name, n_tokens=st.n_tokens, n_targets=r.n_targets, n_sequences=n_seq,
-        context=context, include_special=include_special, l0_mean=float(l0["mean"]), l0=l0,
+        context=context, include_special=include_special, l0_mean=float(l0["mean"]),  # type: ignore[arg-type]
+        l0=l0,
         mse=st.mse, explained_variance_centred=st.ev_centred,
         explained_variance_uncentred=st.ev_uncentred, ce_clean=ce_clean, ce_spliced=ce_spliced,
         delta_lm_loss=ce_spliced - ce_clean, kl_div=r.kl / nt, n_dead=n_dead,

@@ -23,12 +23,22 @@ class Folded(Protocol):
     """What folding reads and writes: the SAE's folded parameters (see :class:`~.sae.SAE`)."""
 
     hyperparams: Hyperparams
-    W_enc: torch.Tensor  # [F, D]
-    b_enc: torch.Tensor  # [F]
-    W_dec: torch.Tensor  # [F, D], unit rows
-    b_dec: torch.Tensor  # [D]
-    decoder_norm: torch.Tensor  # [F] fp32
     file_dtype: torch.dtype
+
+    @property
+    def W_enc(self) -> torch.Tensor: ...  # [F, D]
+
+    @property
+    def b_enc(self) -> torch.Tensor: ...  # [F]
+
+    @property
+    def W_dec(self) -> torch.Tensor: ...  # [F, D], unit rows
+
+    @property
+    def b_dec(self) -> torch.Tensor: ...  # [D]
+
+    @property
+    def decoder_norm(self) -> torch.Tensor: ...  # [F] fp32
 
     @property
     def device(self) -> torch.device: ...

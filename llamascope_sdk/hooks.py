@@ -129,7 +129,7 @@ def _input_hook(site: Site, chain: list[SiteFn]) -> Callable[..., None]:
 
 
 def _output_hook(chain: list[SiteFn]) -> Callable[..., Any]:
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
         y = first(output)
         changed = False
         for fn in chain:
@@ -313,8 +313,8 @@ class Attachment:
             keep = ~torch.isin(ids, torch.tensor(self.special_ids, device=ids.device))
         if past == 0:  # a new sequence
             self.reset()
-            embeds = kwargs.get("inputs_embeds")
-            self.prompt_len = int(ids.shape[1] if ids is not None else embeds.shape[1])
+            first_input = ids if ids is not None else kwargs["inputs_embeds"]
+            self.prompt_len = int(first_input.shape[1])
         self._step = _Step(ids, past, keep)
         if ids is not None:
             self._id_chunks.append(ids.detach())

@@ -80,8 +80,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     # transformers agrees to serialise them.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
@@ -146,7 +146,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device 
             hint = "the model is not in the local cache; go online once or use --model smollm2-135m"
         raise DownloadError(f"could not load model {name_or_path!r}: {text.splitlines()[0]}",
                             hint=hint) from None
-    model.to(dev).eval()
+    model.eval().to(dev)
     return model, tok
 
 

@@ -114,7 +114,9 @@ def measure_feature_stats(model: Any, tokenizer: Any, sae: SAE, texts: str | Ite
             ids = tokenize(tokenizer, text).to(model_device(model))
             with torch.no_grad():
                 model(input_ids=ids, use_cache=False)
-            keep = h.mask.reshape(-1).cpu()
+            mask = h.mask
+            assert mask is not None  # the model's pre-hook records it on every forward
+            keep = mask.reshape(-1).cpu()
             f = h.features["sae"].reshape(-1, sae.d_sae).cpu().double()[keep]
             total += f.sum(0)
             fired += (f > 0).sum(0)

@@ -122,7 +122,8 @@ def rms_normalized(module: nn.Module, r: torch.Tensor) -> torch.Tensor:
     without the norm's gain."""
     eps = getattr(module, "variance_epsilon", None)
     if eps is None:
-        eps = getattr(module, "eps", 1e-5)
+        eps = getattr(module, "eps", None)
+    eps = 1e-5 if eps is None else float(eps)
     r32 = r.float()
     return (r32 * torch.rsqrt(r32.pow(2).mean(-1, keepdim=True) + eps)).to(r.dtype)
 

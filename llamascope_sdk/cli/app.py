@@ -96,7 +96,7 @@ def command(fn: Callable[..., None]) -> Callable[..., None]:
                                   annotation=typer.Context)
     run.__signature__ = inspect.Signature([ctx_param, *params], return_annotation=None)  # type: ignore[attr-defined]
     run.__annotations__ = {"ctx": typer.Context, **hints}
-    del run.__wrapped__  # type: ignore[attr-defined]  # else typer reads fn's own signature
+    del run.__wrapped__  # else typer reads fn's own signature
     return run
 
 

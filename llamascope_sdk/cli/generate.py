@@ -34,6 +34,12 @@ ChatOpt = Annotated[bool, typer.Option(
                    "compare the assistant's replies; steers only generated tokens by default.")]
 
 
+def _positions(positions: str | None, chat: bool) -> Any:
+    """The --positions value (checked by the intervention), by default the assistant's reply
+    in a chat and every position otherwise."""
+    return positions or ("generated" if chat else "all")
+
+
 def _defaults(sae_name: str, features: list[int] | None, prompt: str | None,
               strength: float | None, need_strength: bool) -> tuple[list[int], str, float | None]:
     """Fill in the demo's feature, prompt and strength; require them for other SAEs."""
@@ -100,7 +106,7 @@ def steer(sae: SaeOpt, feature: FeatureOpt = None,
 
     def make(s: Any, feats: list[int], value: float | None) -> Any:
         return Steer(s, feats, 1.0 if value is None else value,
-                     positions=positions or ("generated" if chat else "all"), relative=relative)
+                     positions=_positions(positions, chat), relative=relative)
 
     _run(sae, feature, prompt, strength, make, model=model, max_new_tokens=max_new_tokens,
          seed=seed, device=device, dtype=dtype, revision=revision, chat=chat, as_json=as_json,
@@ -119,8 +125,8 @@ def ablate(sae: SaeOpt, feature: FeatureOpt = None,
     from llamascope_sdk.interventions import Ablate
 
     def make(s: Any, feats: list[int], _value: float | None) -> Any:
-        return Ablate(s, feats, mode=mode,  # type: ignore[arg-type]
-                      positions=positions or ("generated" if chat else "all"))
+        return Ablate(s, feats, mode=mode,  # type: ignore[arg-type]  # checked by Ablate
+                      positions=_positions(positions, chat))
 
     _run(sae, feature, prompt, None, make, model=model, max_new_tokens=max_new_tokens, seed=seed,
          device=device, dtype=dtype, revision=revision, chat=chat, as_json=as_json,
