@@ -95,3 +95,26 @@ class DeviceError(LlamascopeError, ValueError):
 
 class InputError(LlamascopeError, ValueError):
     """Text or numbers a caller passed that cannot be used as given (empty, too long, NaN...)."""
+
+
+# --------------------------------------------------------------------------- Hub downloads
+class ChecksumMismatchError(CorruptCheckpointError):
+    """A downloaded file whose content does not hash to what the Hub announced for it (sha256
+    for LFS files, the git blob sha1 for regular files). The file is removed from the cache."""
+
+
+class UnverifiableDownloadError(CorruptCheckpointError):
+    """A downloaded file whose announced ETag is neither a sha256 nor a git blob sha1, so its
+    content cannot be checked (a mirror that rewrites ETags). Opt out: LLAMASCOPE_VERIFY=0."""
+
+
+class HubUnreachableError(DownloadError, ConnectionError):
+    """The Hub (HF_ENDPOINT) could not be reached and no usable copy is cached."""
+
+
+class HubAccessError(DownloadError, PermissionError):
+    """The Hub refused access: a gated or private repository without a token that may read it."""
+
+
+class ModelNotFoundError(DownloadError, FileNotFoundError):
+    """A language model id that is neither a local folder nor a repository (or revision) on the Hub."""

@@ -18,11 +18,27 @@ Decisions:
   order (the current ``Llama3_1-8B-Base-L12M-32x``, then ``Llama3_1Base-L12M-32x`` of
   revisions before the "Rename folders" commit) when the folder is not found. An explicit
   ``repo_id:subfolder`` is used as given, with no fallback.
-* **Verification.** For an LFS file the blob's name in the HF cache is the sha256 that the
-  server announced. After a fresh download the content is hashed once and compared with it
-  (mismatch: the blob is deleted and :class:`CorruptCheckpointError` raised); a small
-  record under ``paths.verified_dir()`` remembers the check, so later loads do not
-  re-hash 0.5-2 GB. The JSON files are small and hashed directly.
+* **Verification.** Every file is checked against what the Hub announced for it, which is
+  the name of its blob in the HF cache (``hf_hub_download`` names blobs by the ETag): the
+  sha256 for LFS files (the checkpoint), the git blob sha1
+  (``sha1(b"blob <size>\\0" + data)``) for regular files (hyperparams.json, lm_config.json).
+  A mismatch raises :class:`ChecksumMismatchError`; an ETag that is neither hash (a mirror
+  that rewrites ETags) raises :class:`UnverifiableDownloadError`. Either way the blob and
+  its snapshot link are removed, so a plain re-run downloads the file afresh. A small record
+  under ``paths.verified_dir()`` remembers each check, so later loads do not re-hash
+  0.5-2 GB. Opt-out, for mirrors that rewrite ETags only: ``LLAMASCOPE_VERIFY=0`` or
+  ``verify=False`` (the content is then trusted unchecked; ``Source.verified`` is False).
+* **Concurrency.** Processes that share a cache (torchrun ranks, job arrays) take a file lock
+  (:func:`atomic.file_lock`) around the resumable checkpoint download and around each
+  verification record: one process downloads and hashes, the others wait and then find the
+  finished, verified blob. Every byte is downloaded once where the file system honours the
+  lock; where it does not (some network file systems), the hash check still refuses a
+  corrupt blob.
+* **Unreachable Hub.** A file that is not cached is first asked for with one HEAD request
+  without retries (4 s connect timeout). If the Hub cannot be reached, the load fails at
+  once with one :class:`HubUnreachableError` that says what is cached for this SAE, instead
+  of huggingface_hub's ~25 s of logged retries. A server that answers keeps
+  huggingface_hub's retries (5xx, 429) and the in-call Range resume of a cut connection.
 * **Environment.** huggingface_hub reads HF_ENDPOINT, HF_HUB_CACHE and HF_HUB_OFFLINE once
   at import; this module reads them again at call time, so setting them after import works.
   HF_TOKEN is read by huggingface_hub at call time.
@@ -35,23 +51,42 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_text
-from .errors import CorruptCheckpointError, DownloadError, SaeNotFoundError
+from .atomic import atomic_write_text, file_lock
+from .errors import (
+    ChecksumMismatchError,
+    DownloadError,
+    HubAccessError,
+    HubUnreachableError,
+    SaeNotFoundError,
+    UnverifiableDownloadError,
+)
 from .hyperparams import Hyperparams
 from .paths import verified_dir
 from .registry import FOLDER_TEMPLATES, ORGS, SaeRef, resolve
 from .release import CHECKPOINT, HYPERPARAMS, LM_CONFIG
 
 DEFAULT_REVISION = "main"
+#: Environment variable that turns content verification off ("0", "false", "no", "off").
+VERIFY_ENV = "LLAMASCOPE_VERIFY"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_SHA1 = re.compile(r"^[0-9a-f]{40}$")
+_COMMIT = _SHA1
 _TRUE = {"1", "on", "yes", "true"}
+_FALSE = {"0", "off", "no", "false"}
 #: Attempts to continue a cut checkpoint download within one call (each resumes by Range).
 _RESUME_ATTEMPTS = 5
+#: The first HEAD for a file that is not cached: seconds to connect, and for the answer.
+_PROBE_CONNECT_TIMEOUT = 4.0
+_PROBE_READ_TIMEOUT = 10.0
+#: How long a process waits for another one's checkpoint download (2 GB on a slow link).
+_DOWNLOAD_LOCK_TIMEOUT = 6 * 3600.0
+#: How long a process waits for another one to hash a checkpoint.
+_VERIFY_LOCK_TIMEOUT = 3600.0
 
 
 @dataclass
@@ -64,6 +99,7 @@ class Source:
     revision: str | None = None  # as asked for
     commit: str | None = None  # as resolved
     sha256: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    verified: bool = False  # every file checked against the Hub's announced hash
 
 
 @dataclass(frozen=True)
@@ -82,11 +118,20 @@ class _Settings:
     token: str | bool | None
     offline: bool
     force_download: bool
+    verify: bool = True
+
+
+class _Unreachable(Exception):
+    """Internal: the Hub could not be reached for a file that is not cached."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 def download(name: str, *, revision: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
              token: str | bool | None = None, force_download: bool = False,
-             local_files_only: bool = False) -> Downloaded:
+             local_files_only: bool = False, verify: bool | None = None) -> Downloaded:
     """Fetch one checkpoint's files (hyperparams.json, lm_config.json, checkpoints/final.safetensors).
 
     Args:
@@ -98,6 +143,9 @@ def download(name: str, *, revision: str | None = None, cache_dir: str | os.Path
         token: HF token; default $HF_TOKEN or the stored login.
         force_download: download again even if cached (the content is verified again).
         local_files_only: use the cache only; also implied by HF_HUB_OFFLINE=1.
+        verify: check every file against the hash the Hub announced (default True, or
+            False when $LLAMASCOPE_VERIFY is 0/false/no/off). Turn it off only for a mirror
+            that rewrites ETags: the content is then trusted unchecked.
 
     Returns:
         :class:`Downloaded` with the snapshot folder, the registry entry and a
@@ -106,38 +154,43 @@ def download(name: str, *, revision: str | None = None, cache_dir: str | os.Path
     Raises:
         UnknownSaeError: the name denotes no checkpoint (lists the closest names).
         SaeNotFoundError: no repository, folder, file or revision of that name.
-        DownloadError: gated repository without a token, offline with a cold cache,
-            network failure.
-        CorruptCheckpointError: the downloaded checkpoint does not match its sha256.
+        HubUnreachableError: the Hub cannot be reached and the files are not cached (at
+            once, without retries; the message says what is cached for this SAE).
+        HubAccessError: gated repository without a token that may read it.
+        DownloadError: offline with a cold cache, a cut download, a failing server.
+        ChecksumMismatchError: a file does not hash to what the Hub announced (removed).
+        UnverifiableDownloadError: the Hub's ETag for a file is no hash (removed).
 
     Example:
         >>> got = download("L12R-8x", revision="main")
         >>> got.source.commit
     """
     ref = resolve(name)
-    settings = _settings(cache_dir, token, force_download, local_files_only)
+    s = _settings(cache_dir, token, force_download, local_files_only, verify)
     rev = revision or DEFAULT_REVISION
-    hp_path, repo_id, folder = _fetch_hyperparams(name, ref, rev, settings)
-    commit = _commit_from_path(hp_path)
-    pinned = commit or rev
-    lm_path = _fetch_optional(repo_id, folder, LM_CONFIG, pinned, settings)
-    if commit is not None and not settings.offline:
-        _resumable_blob(repo_id, f"{folder}/{CHECKPOINT}", commit, settings)
-    ckpt_path = _fetch(repo_id, folder, CHECKPOINT, pinned, settings)
+    try:
+        hp_path, repo_id, folder = _fetch_hyperparams(name, ref, rev, s)
+        commit = _commit_from_path(hp_path)
+        pinned = commit or rev
+        lm_path = _fetch_optional(repo_id, folder, LM_CONFIG, pinned, s)
+        ckpt_path, etag = _fetch(repo_id, folder, CHECKPOINT, pinned, s, resume=commit is not None)
+    except _Unreachable as exc:
+        raise _unreachable_error(name, ref, rev, s, exc.cause) from None
     sha = {HYPERPARAMS: _sha256_file(hp_path)}
     if lm_path is not None:
         sha[LM_CONFIG] = _sha256_file(lm_path)
-    sha[CHECKPOINT] = verify_checkpoint(ckpt_path)
+    sha[CHECKPOINT] = verify_checkpoint(ckpt_path, verify=s.verify, etag=etag)
     source = Source(path=str(Path(hp_path).parent), repo_id=repo_id, subfolder=folder,
-                    revision=rev, commit=commit, sha256=sha)
+                    revision=rev, commit=commit, sha256=sha, verified=s.verify)
     return Downloaded(folder=Path(hp_path).parent, ref=ref, source=source)
 
 
 def fetch_hyperparams(name: str, *, revision: str | None = None,
                       cache_dir: str | os.PathLike[str] | None = None, token: str | bool | None = None,
-                      local_files_only: bool = False) -> tuple[Hyperparams, Source]:
+                      local_files_only: bool = False,
+                      verify: bool | None = None) -> tuple[Hyperparams, Source]:
     """Fetch only hyperparams.json (a few hundred bytes, not the weights) with the same
-    name resolution, fallbacks and pinning as :func:`download`.
+    name resolution, fallbacks, pinning and verification as :func:`download`.
 
     Returns:
         (the parsed :class:`Hyperparams`, a :class:`Source` with repo, folder and commit).
@@ -146,12 +199,23 @@ def fetch_hyperparams(name: str, *, revision: str | None = None,
         The same errors as :func:`download`, and HyperparamsError for an invalid file.
     """
     ref = resolve(name)
-    settings = _settings(cache_dir, token, False, local_files_only)
+    s = _settings(cache_dir, token, False, local_files_only, verify)
     rev = revision or DEFAULT_REVISION
-    hp_path, repo_id, folder = _fetch_hyperparams(name, ref, rev, settings)
+    try:
+        hp_path, repo_id, folder = _fetch_hyperparams(name, ref, rev, s)
+    except _Unreachable as exc:
+        raise _unreachable_error(name, ref, rev, s, exc.cause) from None
     source = Source(path=str(Path(hp_path).parent), repo_id=repo_id, subfolder=folder, revision=rev,
-                    commit=_commit_from_path(hp_path), sha256={HYPERPARAMS: _sha256_file(hp_path)})
+                    commit=_commit_from_path(hp_path), sha256={HYPERPARAMS: _sha256_file(hp_path)},
+                    verified=s.verify)
     return Hyperparams.from_file(hp_path), source
+
+
+def verify_enabled(verify: bool | None = None) -> bool:
+    """``verify`` if given, else False when $LLAMASCOPE_VERIFY is 0/false/no/off, else True."""
+    if verify is not None:
+        return bool(verify)
+    return os.environ.get(VERIFY_ENV, "").strip().lower() not in _FALSE
 
 
 # --------------------------------------------------------------------------- settings
@@ -160,7 +224,7 @@ def _env_true(key: str) -> bool:
 
 
 def _settings(cache_dir: str | os.PathLike[str] | None, token: str | bool | None,
-              force_download: bool, local_files_only: bool) -> _Settings:
+              force_download: bool, local_files_only: bool, verify: bool | None = None) -> _Settings:
     from huggingface_hub import constants
 
     if cache_dir is None:
@@ -173,7 +237,13 @@ def _settings(cache_dir: str | os.PathLike[str] | None, token: str | bool | None
     endpoint = os.environ.get("HF_ENDPOINT") or None
     return _Settings(cache_dir=str(Path(cache_dir).expanduser()),
                      endpoint=endpoint.rstrip("/") if endpoint else None, token=token,
-                     offline=offline, force_download=force_download)
+                     offline=offline, force_download=force_download, verify=verify_enabled(verify))
+
+
+def _endpoint(s: _Settings) -> str:
+    from huggingface_hub import constants
+
+    return s.endpoint or constants.ENDPOINT
 
 
 # --------------------------------------------------------------------------- candidates
@@ -192,7 +262,7 @@ def _candidates(name: str, ref: SaeRef) -> tuple[list[str], list[str]]:
 
 def _fetch_hyperparams(name: str, ref: SaeRef, revision: str,
                        s: _Settings) -> tuple[str, str, str]:
-    """Find the first (repo, folder) that has hyperparams.json at ``revision``."""
+    """Find the first (repo, folder) that has hyperparams.json at ``revision``; verify it."""
     from huggingface_hub.errors import (
         GatedRepoError,
         LocalEntryNotFoundError,
@@ -208,9 +278,9 @@ def _fetch_hyperparams(name: str, ref: SaeRef, revision: str,
     for repo_id in repos:
         for folder in folders:
             try:
-                return _hf_download(repo_id, folder, HYPERPARAMS, revision, s), repo_id, folder
+                path, etag = _hf_download(repo_id, folder, HYPERPARAMS, revision, s)
             except GatedRepoError:
-                raise DownloadError(
+                raise HubAccessError(
                     f"{repo_id} is gated: access to {folder}/{HYPERPARAMS} was refused (401)",
                     hint="accept the licence on huggingface.co, then set HF_TOKEN (or pass "
                          "token=..., or run `hf auth login`)") from None
@@ -223,15 +293,19 @@ def _fetch_hyperparams(name: str, ref: SaeRef, revision: str,
                 break  # next organisation
             except RemoteEntryNotFoundError:
                 missing_folders.append(f"{repo_id}:{folder}")
+                continue
             except LocalEntryNotFoundError as exc:
                 not_cached.append(f"{repo_id}:{folder}")
-                if not s.offline and _is_connection_problem(exc):
-                    raise _unreachable(repo_id, folder, exc) from None
+                if not s.offline:
+                    raise _online_failure(exc, repo_id, f"{folder}/{HYPERPARAMS}", s) from None
+                continue
+            _verify_file(path, verify=s.verify, etag=etag)
+            return path, repo_id, folder
     if not_cached and s.offline:
         raise DownloadError(
             f"{ref.name} is not in the local cache ({s.cache_dir}) and downloads are disabled "
             f"(HF_HUB_OFFLINE=1 or local_files_only=True); looked for {', '.join(not_cached)} "
-            f"at revision {revision!r}",
+            f"at revision {revision!r}; {_cache_summary(name, ref, s)[0]}",
             hint="unset HF_HUB_OFFLINE and load once online, or point HF_HUB_CACHE at a warm cache")
     if missing_folders:
         raise SaeNotFoundError(
@@ -245,7 +319,9 @@ def _fetch_hyperparams(name: str, ref: SaeRef, revision: str,
              f"{ref.repo_id(ORGS[0])} (formerly {ref.repo_id(ORGS[-1])})")
 
 
-def _fetch(repo_id: str, folder: str, filename: str, revision: str, s: _Settings) -> str:
+def _fetch(repo_id: str, folder: str, filename: str, revision: str, s: _Settings, *,
+           resume: bool = False) -> tuple[str, str | None]:
+    """(local path, the ETag announced if it was asked for now) of a required file."""
     from huggingface_hub.errors import (
         GatedRepoError,
         LocalEntryNotFoundError,
@@ -253,14 +329,14 @@ def _fetch(repo_id: str, folder: str, filename: str, revision: str, s: _Settings
     )
 
     try:
-        return _hf_download(repo_id, folder, filename, revision, s)
+        return _hf_download(repo_id, folder, filename, revision, s, resume=resume)
     except RemoteEntryNotFoundError:
         raise SaeNotFoundError(
             f"{repo_id}:{folder} has {HYPERPARAMS} but no {filename} at commit {revision}; "
             f"a release folder holds {HYPERPARAMS}, {LM_CONFIG} and {CHECKPOINT}") from None
     except GatedRepoError:
-        raise DownloadError(f"{repo_id} is gated: access to {folder}/{filename} was refused",
-                            hint="set HF_TOKEN or pass token=...") from None
+        raise HubAccessError(f"{repo_id} is gated: access to {folder}/{filename} was refused",
+                             hint="set HF_TOKEN or pass token=...") from None
     except LocalEntryNotFoundError as exc:
         if s.offline:
             raise DownloadError(
@@ -268,21 +344,34 @@ def _fetch(repo_id: str, folder: str, filename: str, revision: str, s: _Settings
                 f"({s.cache_dir}) and downloads are disabled (HF_HUB_OFFLINE=1 or "
                 "local_files_only=True)",
                 hint="unset HF_HUB_OFFLINE and load once online") from None
-        raise _unreachable(repo_id, folder, exc) from None
+        raise _online_failure(exc, repo_id, f"{folder}/{filename}", s) from None
 
 
 def _fetch_optional(repo_id: str, folder: str, filename: str, revision: str,
                     s: _Settings) -> str | None:
-    """lm_config.json is informative only (spec 2.2): a missing one is tolerated."""
+    """lm_config.json is informative only (spec 2.2): a missing one is tolerated; a present
+    one is verified like the others."""
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
-        return _hf_download(repo_id, folder, filename, revision, s)
-    except (EntryNotFoundError, LocalEntryNotFoundError):
+        path, etag = _hf_download(repo_id, folder, filename, revision, s)
+    except LocalEntryNotFoundError as exc:
+        if s.offline:
+            return None
+        raise _online_failure(exc, repo_id, f"{folder}/{filename}", s) from None
+    except EntryNotFoundError:
         return None
+    _verify_file(path, verify=s.verify, etag=etag)
+    return path
 
 
-def _hf_download(repo_id: str, folder: str, filename: str, revision: str, s: _Settings) -> str:
+def _hf_download(repo_id: str, folder: str, filename: str, revision: str, s: _Settings, *,
+                 resume: bool = False) -> tuple[str, str | None]:
+    """``hf_hub_download`` of one file, after one quick HEAD when it is not cached.
+
+    Returns (local path, the ETag the Hub announced when it was asked now, else None).
+    ``resume``: an LFS file goes through :func:`_resumable_blob` first.
+    """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         LocalEntryNotFoundError,
@@ -291,8 +380,16 @@ def _hf_download(repo_id: str, folder: str, filename: str, revision: str, s: _Se
         RevisionNotFoundError,
     )
 
+    path_in_repo = f"{folder}/{filename}" if folder else filename
+    etag = None
+    if not s.offline and (s.force_download or not _is_cached(repo_id, path_in_repo, revision, s)):
+        meta = _probe(repo_id, path_in_repo, revision, s)
+        if meta is not None:
+            etag = meta.etag
+            if resume and _COMMIT.match(revision):
+                _resumable_blob(repo_id, path_in_repo, meta, s)
     try:
-        return hf_hub_download(repo_id, filename, subfolder=folder or None, revision=revision,
+        path = hf_hub_download(repo_id, filename, subfolder=folder or None, revision=revision,
                                cache_dir=s.cache_dir, token=s.token, endpoint=s.endpoint,
                                force_download=s.force_download and not s.offline,
                                local_files_only=s.offline)
@@ -307,57 +404,135 @@ def _hf_download(repo_id: str, folder: str, filename: str, revision: str, s: _Se
         if not isinstance(exc, (httpx2.HTTPError, OSError)):
             raise
         raise DownloadError(
-            f"download of {repo_id}:{folder}/{filename} failed: {type(exc).__name__}: {exc}",
+            f"download of {repo_id}:{path_in_repo} failed: {type(exc).__name__}: {_one_line(exc)}",
             hint="check the connection and load again; nothing partial is kept") from None
+    return path, etag
 
 
-def _resumable_blob(repo_id: str, path_in_repo: str, commit: str, s: _Settings) -> None:
+def _is_cached(repo_id: str, path_in_repo: str, revision: str, s: _Settings) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    got = try_to_load_from_cache(repo_id, path_in_repo, cache_dir=s.cache_dir, revision=revision)
+    return isinstance(got, str)
+
+
+def _probe(repo_id: str, path_in_repo: str, revision: str, s: _Settings) -> Any:
+    """One HEAD for a file that is not cached, without huggingface_hub's retries.
+
+    Returns its ``HfFileMetadata``, or None when the server answered with an error that
+    ``hf_hub_download`` should handle (and retry: 5xx, 429).
+
+    Raises:
+        _Unreachable: no connection (refused, DNS, timeout).
+        RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError,
+        RemoteEntryNotFoundError: as huggingface_hub raises them.
+    """
+    import httpx2
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import (
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    url = hf_hub_url(repo_id, path_in_repo, revision=revision, endpoint=s.endpoint)
+    timeout = httpx2.Timeout(_PROBE_READ_TIMEOUT, connect=_PROBE_CONNECT_TIMEOUT)
+    try:
+        return get_hf_file_metadata(url, token=s.token, timeout=timeout,  # type: ignore[arg-type]
+                                    endpoint=s.endpoint, retry_on_errors=False)
+    except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
+        raise _Unreachable(exc) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError):
+        raise
+    except (httpx2.HTTPError, OSError):  # a server that answered (or half did): hf_hub_download decides
+        return None
+
+
+def _online_failure(exc: BaseException, repo_id: str, path_in_repo: str, s: _Settings) -> Exception:
+    """What a LocalEntryNotFoundError of an online ``hf_hub_download`` means, by its cause's class."""
+    import httpx2
+    from huggingface_hub.errors import FileMetadataError, HfHubHTTPError
+
+    cause = exc.__cause__
+    if isinstance(cause, (httpx2.ConnectError, httpx2.TimeoutException)):
+        return _Unreachable(cause)
+    if isinstance(cause, HfHubHTTPError) and cause.response is not None:
+        return DownloadError(
+            f"the Hub at {_endpoint(s)} answered HTTP {cause.response.status_code} for "
+            f"{repo_id}:{path_in_repo} (after retries), and it is not cached",
+            hint="the Hub or mirror is failing: try again later, or set HF_ENDPOINT to another mirror")
+    if isinstance(cause, FileMetadataError):
+        return DownloadError(
+            f"{_endpoint(s)} answered for {repo_id}:{path_in_repo} without the Hub's headers "
+            f"(commit, ETag): {_one_line(cause)}",
+            hint="check that HF_ENDPOINT points to a Hugging Face Hub (or a mirror of it), and the proxy")
+    return DownloadError(f"could not fetch {repo_id}:{path_in_repo}: {_one_line(cause or exc)}",
+                         hint="check the connection and HF_ENDPOINT, then load again")
+
+
+# --------------------------------------------------------------------------- checkpoint blob
+def _resumable_blob(repo_id: str, path_in_repo: str, meta: Any, s: _Settings) -> None:
     """Put an LFS file's blob into the HF cache, resuming what an interrupted process left.
 
     huggingface_hub (since PR #4228) downloads into a per-process temporary file, so a run
     killed halfway through a 2 GB checkpoint starts from zero next time. Here the bytes go to
     ``blobs/<sha256>.llamascope-partial``, which a later run continues with an HTTP Range
-    request; the finished file is renamed to ``blobs/<sha256>``, where ``hf_hub_download``
-    finds it and only adds the snapshot link. The content is verified by ``verify_checkpoint``.
-    Files that are not LFS, or already cached, are left to ``hf_hub_download``.
+    request; the finished file is hashed (unless verification is off), its verification
+    record written, and it is renamed to ``blobs/<sha256>``, where ``hf_hub_download`` finds
+    it and only adds the snapshot link.
+
+    All of this happens under a file lock per blob: processes that share the cache wait for
+    the one downloading and then find the blob (without the lock they all appended to the
+    same partial file: 416 errors and sha256 mismatches). Files whose ETag is not a sha256
+    are left to ``hf_hub_download`` (and refused by verification unless it is off).
     """
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.file_download import repo_folder_name
 
-    blobs = Path(s.cache_dir) / repo_folder_name(repo_id=repo_id, repo_type="model") / "blobs"
-    snapshot = blobs.parent / "snapshots" / commit / path_in_repo
-    if snapshot.exists() and not s.force_download:
-        return
-    try:
-        meta = get_hf_file_metadata(hf_hub_url(repo_id, path_in_repo, revision=commit,
-                                               endpoint=s.endpoint), token=s.token)
-    except Exception:  # noqa: BLE001 - hf_hub_download reports the problem with context
-        return
     etag, size = meta.etag, meta.size
-    if not etag or not _SHA256.match(etag) or size is None or (blobs / etag).exists():
+    if not etag or not _SHA256.match(etag) or size is None:
         return
-    part = blobs / f"{etag}.llamascope-partial"
-    blobs.mkdir(parents=True, exist_ok=True)
-    if part.exists() and part.stat().st_size > size:  # not ours to continue: start again
-        part.unlink()
-    def complete() -> bool:
-        return part.exists() and part.stat().st_size == size
+    repo_folder = repo_folder_name(repo_id=repo_id, repo_type="model")
+    blobs = Path(s.cache_dir) / repo_folder / "blobs"
+    blob = blobs / etag
+    if blob.exists():
+        return
+    lock = Path(s.cache_dir) / ".locks" / repo_folder / f"{etag}.llamascope.lock"
+    with _lock(lock, _DOWNLOAD_LOCK_TIMEOUT, f"downloading {path_in_repo}"):
+        if blob.exists():  # another process finished it while this one waited
+            return
+        part = blobs / f"{etag}.llamascope-partial"
+        blobs.mkdir(parents=True, exist_ok=True)
+        if part.exists() and part.stat().st_size > size:  # not ours to continue: start again
+            part.unlink()
 
-    error: Exception | None = None
-    for _attempt in range(_RESUME_ATTEMPTS):
-        if complete():
-            break
-        try:
-            _continue_download(meta.location, part, size, s.token, tqdm_desc=path_in_repo)
-        except Exception as exc:  # noqa: BLE001 - retried, then reported below
-            error = exc
-    if not complete():
-        got = part.stat().st_size if part.exists() else 0
-        raise DownloadError(
-            f"download of {repo_id}:{path_in_repo} failed after {got} of {size} bytes "
-            f"({_RESUME_ATTEMPTS} attempts): {error}",
-            hint="run the same command again: it resumes from the partial file")
-    os.replace(part, blobs / etag)
+        def complete() -> bool:
+            return part.exists() and part.stat().st_size == size
+
+        error: Exception | None = None
+        for _attempt in range(_RESUME_ATTEMPTS):
+            if complete():
+                break
+            try:
+                _continue_download(meta.location, part, size, s.token, tqdm_desc=path_in_repo)
+            except Exception as exc:  # noqa: BLE001 - retried, then reported below
+                error = exc
+        if not complete():
+            got = part.stat().st_size if part.exists() else 0
+            raise DownloadError(
+                f"download of {repo_id}:{path_in_repo} failed after {got} of {size} bytes "
+                f"({_RESUME_ATTEMPTS} attempts): {_one_line(error) if error else 'no data'}",
+                hint="run the same command again: it resumes from the partial file")
+        if s.verify:
+            actual = _sha256_file(part)
+            if actual != etag:
+                part.unlink(missing_ok=True)
+                raise ChecksumMismatchError(
+                    f"{path_in_repo} from {repo_id}: content sha256 {actual[:12]}... does not match "
+                    f"the sha256 {etag[:12]}... announced by the Hub; the corrupt download was deleted",
+                    hint=_RETRY_HINT)
+            # Record the check before the blob appears, so no process hashes it again.
+            _write_record(_record_path(etag), part, actual, etag, as_path=blob)
+        os.replace(part, blob)
 
 
 def _continue_download(url: str, part: Path, size: int, token: str | bool | None,
@@ -381,19 +556,83 @@ def _continue_download(url: str, part: Path, size: int, token: str | bool | None
                 bar.update(len(chunk))
 
 
-def _is_connection_problem(exc: BaseException) -> bool:
-    return exc.__cause__ is not None or "connection" in str(exc).lower()
+@contextlib.contextmanager
+def _lock(path: Path, timeout: float, what: str) -> Iterator[None]:
+    """:func:`atomic.file_lock`, or nothing where the folder is read-only (a shared, read-only
+    cache is only read: there is nothing to serialise)."""
+    from filelock import Timeout
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writable = os.access(path.parent, os.W_OK)
+    except OSError:
+        writable = False
+    with contextlib.ExitStack() as stack:
+        if writable:
+            try:
+                stack.enter_context(file_lock(path, timeout=timeout))
+            except Timeout:
+                raise DownloadError(
+                    f"waited {timeout:.0f} s for another process {what} (lock {path})",
+                    hint="if no other process is running, delete the lock file and load again") from None
+        yield
 
 
-def _unreachable(repo_id: str, folder: str, exc: BaseException) -> DownloadError:
-    from huggingface_hub import constants
+# --------------------------------------------------------------------------- unreachable Hub
+def _cache_summary(name: str, ref: SaeRef, s: _Settings) -> tuple[str, str | None]:
+    """(what the cache holds of this SAE, in words; a revision that loads a complete copy)."""
+    from huggingface_hub.file_download import repo_folder_name
 
-    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
-    cause = exc.__cause__ or exc
-    return DownloadError(
-        f"could not reach the Hub at {endpoint} for {repo_id}:{folder} and it is not cached: "
-        f"{type(cause).__name__}: {cause}",
-        hint="check the connection / HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the cache only")
+    repos, folders = _candidates(name, ref)
+    complete: list[str] = []
+    partial: list[str] = []
+    usable: str | None = None
+    for repo_id in repos:
+        root = Path(s.cache_dir) / repo_folder_name(repo_id=repo_id, repo_type="model")
+        refs: dict[str, list[str]] = {}
+        with contextlib.suppress(OSError):
+            for f in sorted((root / "refs").rglob("*")):
+                if f.is_file():
+                    refs.setdefault(f.read_text().strip(), []).append(f.relative_to(root / "refs").as_posix())
+        snapshots = sorted((root / "snapshots").glob("*")) if (root / "snapshots").is_dir() else []
+        for snap in snapshots:
+            for folder in folders:
+                hp, ckpt = snap / folder / HYPERPARAMS, snap / folder / CHECKPOINT
+                if not hp.exists():
+                    continue
+                names = refs.get(snap.name, [])
+                label = f"{repo_id}:{folder} at commit {snap.name[:12]}" + (
+                    f" (revision {', '.join(repr(n) for n in names)})" if names else "")
+                if ckpt.exists():
+                    complete.append(label)
+                    usable = usable or (names[0] if names else snap.name)
+                else:
+                    partial.append(label + " without its weights")
+    if not complete and not partial:
+        shown = ref.name if name.strip() == ref.name else f"{name.strip()} ({ref.name})"
+        return f"no copy of {shown} in {s.cache_dir}", None
+    return f"cached in {s.cache_dir}: {'; '.join(complete + partial)}", usable
+
+
+def _unreachable_error(name: str, ref: SaeRef, revision: str, s: _Settings,
+                       cause: BaseException) -> HubUnreachableError:
+    cached, usable = _cache_summary(name, ref, s)
+    shown = ref.name if name.strip() == ref.name else f"{name.strip()} ({ref.name})"
+    message = (f"could not reach the Hub at {_endpoint(s)} to download {shown} at revision "
+               f"{revision!r} ({type(cause).__name__}: {_one_line(cause)}); {cached}")
+    if usable is not None:
+        pin = "" if usable == revision else f" with revision={usable!r}"
+        hint = (f"to load the cached copy, set HF_HUB_OFFLINE=1 (or pass local_files_only=True){pin}; "
+                "or set HF_ENDPOINT to a reachable mirror")
+    else:
+        hint = ("check the connection, set HF_ENDPOINT to a reachable mirror, or point "
+                "HF_HUB_CACHE at a warm cache that holds this SAE")
+    return HubUnreachableError(message, hint=hint)
+
+
+def _one_line(exc: BaseException | None) -> str:
+    text = str(exc) if exc is not None else ""
+    return " ".join(text.split()) or type(exc).__name__
 
 
 # --------------------------------------------------------------------------- provenance
@@ -413,42 +652,116 @@ def _sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def git_blob_sha1(data: bytes) -> str:
+    """The git blob id of ``data``: what the Hub announces as the ETag of a regular file."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _digests(path: Path, git: bool) -> tuple[str, str | None]:
+    """(sha256, git blob sha1 if asked) of a file, in one pass."""
+    sha256 = hashlib.sha256()
+    sha1 = None
+    if git:
+        sha1 = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(16 << 20):
+            sha256.update(chunk)
+            if sha1 is not None:
+                sha1.update(chunk)
+    return sha256.hexdigest(), sha1.hexdigest() if sha1 is not None else None
+
+
 def _record_path(key: str) -> Path:
-    
     return verified_dir() / f"{key}.json"
 
 
-def verify_checkpoint(path: str | Path) -> str:
-    """sha256 of a cached checkpoint, hashing it only the first time it is seen.
+def _write_record(record: Path, data: Path, sha256: str, verified: str | None,
+                  as_path: Path | None = None) -> None:
+    st = data.stat()
+    stamp = {"blob": str(as_path or data), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    with contextlib.suppress(OSError):  # a read-only SDK cache only costs a re-hash next time
+        atomic_write_text(record, json.dumps({**stamp, "sha256": sha256, "verified": verified}) + "\n")
 
-    The blob name of an LFS file in the HF cache is the sha256 the server announced. A
-    verified blob is remembered by (sha256, blob path, size, mtime); a new or replaced blob
-    is hashed once. A mismatch deletes the blob and its snapshot link.
+
+_RETRY_HINT = ("load again: the bad file was removed from the cache, so the next load downloads it "
+               "afresh; if it repeats, the Hub or the mirror in HF_ENDPOINT serves altered data")
+_OPT_OUT_HINT = (f"if HF_ENDPOINT is a mirror that rewrites ETags, turn verification off with "
+                 f"{VERIFY_ENV}=0 (or verify=False); the content is then trusted unchecked")
+
+
+def _verify_file(path: str | Path, *, verify: bool = True, etag: str | None = None) -> str:
+    """sha256 of a cached file, checked against the hash the Hub announced for it.
+
+    The announcement is the name of the file's blob in the HF cache (``hf_hub_download``
+    names blobs by the ETag; in a cache without symlinks, the ETag from the HEAD request just
+    made, ``etag``): a sha256 (LFS files) or a git blob sha1 (regular files). A check is
+    remembered by (announcement, blob path, size, mtime), so a file is hashed once; the
+    record is read and written under a file lock, so processes sharing the cache hash it once.
 
     Raises:
-        CorruptCheckpointError: the content does not hash to the announced sha256.
+        ChecksumMismatchError: the content does not hash to the announcement.
+        UnverifiableDownloadError: the announcement is no hash (or unknown).
+        Both remove the blob and its snapshot link first.
     """
     link = Path(path)
     blob = Path(os.path.realpath(link))
-    st = blob.stat()
-    announced = blob.name if _SHA256.match(blob.name) else None
-    key = announced or hashlib.sha256(str(blob).encode()).hexdigest()
-    stamp = {"blob": str(blob), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    record = _record_path(key)
-    try:
-        known: dict[str, Any] = json.loads(record.read_text())
-        if {k: known.get(k) for k in stamp} == stamp and isinstance(known.get("sha256"), str):
+    in_blobs = link.is_symlink() or blob.parent.name == "blobs"
+    announced = blob.name if in_blobs else (etag or None)
+    hashlike = announced is not None and bool(_SHA256.match(announced) or _SHA1.match(announced))
+    key = announced if in_blobs and hashlike else hashlib.sha256(str(blob).encode()).hexdigest()
+    record = _record_path(str(key))
+    with _lock(record.with_suffix(".lock"), _VERIFY_LOCK_TIMEOUT, f"checking {link.name}"):
+        try:
+            st = blob.stat()
+        except FileNotFoundError:
+            raise ChecksumMismatchError(
+                f"{link.name} in {link.parent} vanished while being checked: another process "
+                "found it corrupt and removed it", hint=_RETRY_HINT) from None
+        stamp = {"blob": str(blob), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        try:
+            known: dict[str, Any] = json.loads(record.read_text())
+        except (OSError, ValueError):
+            known = {}
+        same = {k: known.get(k) for k in stamp} == stamp and isinstance(known.get("sha256"), str)
+        if same and (not verify
+                     or (announced is not None and announced in (known.get("verified"), known["sha256"]))
+                     or (announced is None and known.get("verified"))):  # no symlinks: checked at download
             return str(known["sha256"])
-    except (OSError, ValueError):
-        pass
-    actual = _sha256_file(blob)
-    if announced is not None and actual != announced:
-        for p in {blob, link}:
-            p.unlink(missing_ok=True)
-        raise CorruptCheckpointError(
-            f"{link.name} from {link.parent}: content sha256 {actual[:12]}... does not match the "
-            f"sha256 {announced[:12]}... announced by the Hub; the corrupt file was deleted",
-            hint="load again (force_download=True); if it repeats, the mirror serves bad data")
-    with contextlib.suppress(OSError):  # a read-only SDK cache only costs a re-hash next time
-        atomic_write_text(record, json.dumps({**stamp, "sha256": actual}) + "\n")
-    return actual
+        if verify and not hashlike:
+            _remove(blob, link)
+            shown = "none" if announced is None else repr(announced)
+            raise UnverifiableDownloadError(
+                f"{link.name} from {link.parent}: the Hub at its endpoint announced ETag {shown}, "
+                "which is neither a sha256 nor a git blob sha1, so the content cannot be checked; "
+                "the file was removed from the cache", hint=_OPT_OUT_HINT)
+        sha256, sha1 = _digests(blob, git=bool(verify and announced and _SHA1.match(announced)))
+        if verify:
+            assert announced is not None
+            kind, actual = ("sha256", sha256) if _SHA256.match(announced) else ("git blob sha1", sha1)
+            if actual != announced:
+                _remove(blob, link)
+                raise ChecksumMismatchError(
+                    f"{link.name} from {link.parent}: content {kind} {str(actual)[:12]}... does not "
+                    f"match the {kind} {announced[:12]}... announced by the Hub; the corrupt file was "
+                    "deleted", hint=_RETRY_HINT)
+        _write_record(record, blob, sha256, announced if verify else None)
+        return sha256
+
+
+def _remove(blob: Path, link: Path) -> None:
+    for p in {blob, link}:
+        p.unlink(missing_ok=True)
+
+
+def verify_checkpoint(path: str | Path, *, verify: bool = True, etag: str | None = None) -> str:
+    """sha256 of a cached checkpoint, hashing it only the first time it is seen.
+
+    The blob name of an LFS file in the HF cache is the sha256 that the server announced. A
+    verified blob is remembered by (sha256, blob path, size, mtime); a new or replaced blob
+    is hashed once. A mismatch, or an announcement that is no hash, deletes the blob and its
+    snapshot link (see :func:`_verify_file`); ``verify=False`` only computes the sha256.
+
+    Raises:
+        ChecksumMismatchError, UnverifiableDownloadError (both CorruptCheckpointError).
+    """
+    return _verify_file(path, verify=verify, etag=etag)

@@ -10,9 +10,13 @@ Implements, as huggingface_hub 2.4 expects them (file_download.py, utils/_http.p
 * Errors with the Hub's ``X-Error-Code`` header: 404 RepoNotFound / RevisionNotFound /
   EntryNotFound, 401 GatedRepo.
 
-Every request is logged (:attr:`FakeHub.log`). Switches: ``cut_after[path_suffix] = n`` cuts
-the next GET of a matching file after n bytes (once; ``cut_always`` keeps cutting),
-``corrupt`` serves flipped bytes under the right sha256, ``gated`` + ``token`` require
+Every request is logged (:attr:`FakeHub.log`, with the body bytes sent). Switches:
+``cut_after[path_suffix] = n`` cuts the next GET of a matching file after n bytes (once;
+``cut_always`` keeps cutting), ``corrupt`` serves flipped bytes under the right sha256,
+``tamper[path_suffix] = data`` serves other content (its own length) under the original
+ETag, ``etag_override[path_suffix] = '"abc"'`` announces an ETag that is no hash (for an LFS
+file both ``ETag`` and ``X-Linked-Etag``), ``slow(chunk, delay)`` sends file bodies in
+``chunk``-byte pieces with ``delay`` seconds between them, ``gated`` + ``token`` require
 ``Authorization: Bearer <token>``.
 
 Use the ``fake_hub`` fixture (``from .fakehub import fake_hub_fixture`` in a test module): it
@@ -107,6 +111,7 @@ class Request:
     path: str
     status: int
     headers: dict[str, str]
+    sent: int = 0  # body bytes written (updated while the body is sent)
 
     @property
     def filename(self) -> str:
@@ -124,6 +129,10 @@ class FakeHub:
         self.cut_after: dict[str, int] = {}
         self.cut_always = False
         self.corrupt: set[str] = set()  # path suffixes served with flipped bytes
+        self.tamper: dict[str, bytes] = {}  # path suffix -> content served under the original ETag
+        self.etag_override: dict[str, str] = {}  # path suffix -> ETag header value as sent
+        self.chunk_size = 8 << 20
+        self.chunk_delay = 0.0
         self.lock = threading.Lock()
         self._n = 0
         self.server: ThreadingHTTPServer | None = None
@@ -151,6 +160,15 @@ class FakeHub:
 
     def add_release(self, repo_id: str, folder: str, hp: dict, tensors: dict, **kw: Any) -> str:
         return self.commit(repo_id, release_files(folder, hp, tensors), **kw)
+
+    def slow(self, chunk: int = 4096, delay: float = 0.02) -> FakeHub:
+        """Serve file bodies in ``chunk``-byte pieces, ``delay`` seconds apart."""
+        self.chunk_size, self.chunk_delay = chunk, delay
+        return self
+
+    def served_bytes(self, suffix: str) -> int:
+        """Body bytes sent for GETs of files ending in ``suffix``."""
+        return sum(r.sent for r in self.requests(suffix, "GET"))
 
     # ----------------------------------------------------------- log helpers
     def requests(self, suffix: str = "", method: str | None = None) -> list[Request]:
@@ -205,10 +223,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(body=True)
 
     # ----------------------------------------------------------- helpers
-    def _log(self, status: int) -> None:
+    def _log(self, status: int) -> Request:
+        req = Request(self.command, unquote(self.path), status,
+                      {k.lower(): v for k, v in self.headers.items()})
         with self.fake.lock:
-            self.fake.log.append(Request(self.command, unquote(self.path), status,
-                                         {k.lower(): v for k, v in self.headers.items()}))
+            self.fake.log.append(req)
+        return req
 
     def _error(self, status: int, code: str | None, message: str, commit: str | None = None) -> None:
         self._log(status)
@@ -275,6 +295,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def _file(self, blob: Blob, path: str, commit: str, body: bool) -> None:
+        announced = blob  # the ETag always names the committed content
+        for suffix, data in self.fake.tamper.items():
+            if path.endswith(suffix):
+                blob = Blob(data=data)
         size = blob.size
         lfs = path.endswith(LFS_SUFFIXES)
         start = 0
@@ -287,13 +311,16 @@ class _Handler(BaseHTTPRequestHandler):
             if start >= size:
                 return self._error(416, None, "Range not satisfiable")
         status = 206 if start else 200
-        self._log(status)
+        req = self._log(status)
         self.send_response(status)
         self.send_header("X-Repo-Commit", commit)
-        etag = blob.sha256 if lfs else blob.git_sha1
-        self.send_header("ETag", f'"{etag}"')
+        etag = f'"{announced.sha256 if lfs else announced.git_sha1}"'
+        for suffix, value in self.fake.etag_override.items():
+            if path.endswith(suffix):
+                etag = value
+        self.send_header("ETag", etag)
         if lfs:
-            self.send_header("X-Linked-Etag", f'"{blob.sha256}"')
+            self.send_header("X-Linked-Etag", etag)
             self.send_header("X-Linked-Size", str(size))
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Type", "application/octet-stream")
@@ -318,16 +345,20 @@ class _Handler(BaseHTTPRequestHandler):
         budget = min(budget, size - start)
         with blob.read(start) as fh:
             while sent < budget:
-                chunk = fh.read(min(8 << 20, budget - sent))
+                chunk = fh.read(min(self.fake.chunk_size, budget - sent))
                 if not chunk:
                     break
                 if corrupt and sent == 0:
                     chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
+                if sent and self.fake.chunk_delay:
+                    time.sleep(self.fake.chunk_delay)
                 try:
                     self.wfile.write(chunk)
+                    self.wfile.flush()
                 except (BrokenPipeError, ConnectionResetError):
                     return
                 sent += len(chunk)
+                req.sent = sent
         if cut is not None:  # hang up mid-body: the client sees an incomplete message
             self.wfile.flush()
             self.connection.shutdown(2)
