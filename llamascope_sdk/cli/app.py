@@ -169,6 +169,22 @@ def load_sae_and_model(sae_name: str, model: str | None, device: str, dtype: str
     return sae, lm, tok
 
 
+def run_script(fn: Callable[[], None]) -> int:
+    """Run a script's ``main`` the way the CLI runs a command: a user error prints one line plus
+    a hint on stderr and returns 1 (the traceback with LLAMASCOPE_DEBUG=1). For examples/."""
+    import os
+
+    try:
+        fn()
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if os.environ.get("LLAMASCOPE_DEBUG"):
+            raise
+        return report_error(exc)
+    return 0
+
+
 def main() -> None:
     """Console entry point (``llamascope``)."""
     app()
