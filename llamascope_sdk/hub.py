@@ -218,6 +218,33 @@ def verify_enabled(verify: bool | None = None) -> bool:
     return os.environ.get(VERIFY_ENV, "").strip().lower() not in _FALSE
 
 
+def check_reachable(repo_id: str, filename: str, *, revision: str | None = None,
+                    token: str | bool | None = None) -> None:
+    """Fail at once when the Hub cannot be reached for a file that is not cached.
+
+    One HEAD without retries (4 s connect timeout), and nothing at all when offline or when
+    the file is cached at ``revision``: used before handing a Hub id to transformers, whose
+    ``hf_hub_download`` calls would otherwise log ~25 s of retries first.
+
+    Raises:
+        HubUnreachableError: no connection to HF_ENDPOINT.
+        huggingface_hub's RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError,
+        RemoteEntryNotFoundError: as the Hub answered.
+    """
+    s = _settings(None, token, False, False)
+    rev = revision or DEFAULT_REVISION
+    if s.offline or _is_cached(repo_id, filename, rev, s):
+        return
+    try:
+        _probe(repo_id, filename, rev, s)
+    except _Unreachable as exc:
+        raise HubUnreachableError(
+            f"could not reach the Hub at {_endpoint(s)} for {repo_id} ({type(exc.cause).__name__}: "
+            f"{_one_line(exc.cause)}); {filename} at revision {rev!r} is not in {s.cache_dir}",
+            hint="check the connection, set HF_ENDPOINT to a reachable mirror, or point "
+                 "HF_HUB_CACHE at a warm cache") from None
+
+
 # --------------------------------------------------------------------------- settings
 def _env_true(key: str) -> bool:
     return os.environ.get(key, "").strip().lower() in _TRUE

@@ -24,7 +24,14 @@ import torch
 from .atomic import file_lock
 from .devices import resolve_device
 from .dtypes import parse_dtype
-from .errors import DownloadError, InputError, SaeNotFoundError
+from .errors import (
+    DownloadError,
+    HubAccessError,
+    HubUnreachableError,
+    InputError,
+    ModelNotFoundError,
+    SaeNotFoundError,
+)
 from .paths import models_dir
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B"
@@ -126,7 +133,11 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device 
         (model in eval mode, tokenizer).
 
     Raises:
-        DownloadError: the model is gated, missing, or not cached while offline.
+        HubAccessError: the model is gated or private and the token may not read it.
+        ModelNotFoundError: neither a local folder nor a repository (or revision) on the Hub.
+        HubUnreachableError: the Hub cannot be reached and the model is not cached.
+        DownloadError: any other failure (not cached while offline, a failing server); the
+            three above are DownloadErrors too.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -134,20 +145,91 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device 
     dt = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     path = resolve_model_path(name_or_path)
     try:
+        if not Path(path).is_dir():  # a Hub id: fail at once if the Hub is unreachable
+            from .hub import check_reachable
+
+            check_reachable(path, "config.json", revision=revision, token=token)
         tok = AutoTokenizer.from_pretrained(path, revision=revision, token=token)
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, token=token, dtype=dt)
+    except HubUnreachableError as exc:
+        exc.hint = f"{exc.hint}; or use --model smollm2-135m (the offline demo model)"
+        raise
     except OSError as exc:
-        text = str(exc)
-        hint = "check the model id, or use --model smollm2-135m for the offline demo model"
-        if "gated" in text.lower() or "401" in text or "403" in text:
-            hint = ("accept the licence on huggingface.co and set HF_TOKEN (or run "
-                    "`hf auth login`); or use --model smollm2-135m")
-        elif "offline" in text.lower() or "HF_HUB_OFFLINE" in text:
-            hint = "the model is not in the local cache; go online once or use --model smollm2-135m"
-        raise DownloadError(f"could not load model {name_or_path!r}: {text.splitlines()[0]}",
-                            hint=hint) from None
+        raise _load_error(name_or_path, revision, exc) from None
     model.eval().to(dev)
     return model, tok
+
+
+def _hub_cause(exc: BaseException) -> BaseException | None:
+    """The huggingface_hub (or HTTP client) error behind a transformers OSError, if any."""
+    import httpx2
+    from huggingface_hub.errors import (
+        FileMetadataError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+    )
+
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                            FileMetadataError, httpx2.HTTPError)):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _load_error(name: str, revision: str | None, exc: OSError) -> DownloadError:
+    """The llamascope error for a failed ``from_pretrained``, chosen by the class of the
+    huggingface_hub error behind it (transformers wraps them all in OSError)."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    demo = "or use --model smollm2-135m (the offline demo model)"
+    first = " ".join(str(exc).split("\n")[0].split())
+    cause = _hub_cause(exc)
+    if isinstance(cause, GatedRepoError):
+        return HubAccessError(
+            f"model {name!r} is gated on the Hub ({endpoint}) and the token sent may not read it",
+            hint=f"accept the licence on the model page, then set HF_TOKEN (or run `hf auth login`); {demo}")
+    if isinstance(cause, RevisionNotFoundError):
+        return ModelNotFoundError(f"revision {revision!r} not found in model {name!r} on {endpoint}",
+                                  hint="use a branch, tag or commit sha of that repository")
+    if isinstance(cause, RepositoryNotFoundError):
+        return ModelNotFoundError(
+            f"model {name!r} is neither a local folder nor a repository on the Hub ({endpoint})",
+            hint=f"check the id (e.g. {DEFAULT_MODEL}); a private repository needs HF_TOKEN; {demo}")
+    offline = bool(constants.HF_HUB_OFFLINE) or any(
+        os.environ.get(k, "").strip().lower() in ("1", "on", "yes", "true")
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if isinstance(cause, OfflineModeIsEnabled) or (isinstance(cause, LocalEntryNotFoundError) and offline):
+        return DownloadError(
+            f"model {name!r} is not in the local cache and downloads are disabled (HF_HUB_OFFLINE=1)",
+            hint=f"unset HF_HUB_OFFLINE and load it once online, or point HF_HUB_CACHE at a warm cache; {demo}")
+    inner = cause.__cause__ if isinstance(cause, LocalEntryNotFoundError) else cause
+    if isinstance(inner, (httpx2.ConnectError, httpx2.TimeoutException)):
+        return HubUnreachableError(
+            f"could not reach the Hub at {endpoint} to load model {name!r}, and it is not cached "
+            f"({type(inner).__name__}: {' '.join(str(inner).split())})",
+            hint="check the connection, set HF_ENDPOINT to a reachable mirror, or point HF_HUB_CACHE "
+                 f"at a warm cache; {demo}")
+    if isinstance(inner, HfHubHTTPError) and inner.response is not None:
+        return DownloadError(
+            f"the Hub at {endpoint} answered HTTP {inner.response.status_code} for model {name!r}",
+            hint=f"try again later, or set HF_ENDPOINT to another mirror; {demo}")
+    return DownloadError(f"could not load model {name!r}: {first}",
+                         hint=f"check the model id or folder; {demo}")
 
 
 def base_model_of(sae: Any) -> str:

@@ -294,7 +294,8 @@ class SAE(nn.Module):
                         device: torch.device | str | None = None,
                         dtype: torch.dtype | str | None = None, cache_dir: str | None = None,
                         token: str | bool | None = None, force_download: bool = False,
-                        local_files_only: bool = False, gate: Gate = "reference") -> SAE:
+                        local_files_only: bool = False, gate: Gate = "reference",
+                        verify: bool | None = None) -> SAE:
         """Load a Llama Scope checkpoint by name, Hub id or local folder.
 
         Args:
@@ -309,6 +310,8 @@ class SAE(nn.Module):
                 stay in model units either way; only which features fire differs.
             cache_dir, token, force_download, local_files_only: as in ``huggingface_hub``;
                 HF_ENDPOINT, HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN are honoured.
+            verify: check every downloaded file against the hash the Hub announced (default
+                True; False, or LLAMASCOPE_VERIFY=0, only for a mirror that rewrites ETags).
 
         Raises:
             UnknownSaeError, SaeNotFoundError, DownloadError, CorruptCheckpointError,
@@ -323,7 +326,8 @@ class SAE(nn.Module):
         if path.is_dir():
             return cls.from_folder(path, device=device, dtype=dtype, gate=gate)
         got = download(str(name_or_path), revision=revision, cache_dir=cache_dir, token=token,
-                       force_download=force_download, local_files_only=local_files_only)
+                       force_download=force_download, local_files_only=local_files_only,
+                       verify=verify)
         sae = cls.from_folder(got.folder, device=device, dtype=dtype, gate=gate)
         sae.ref = got.ref
         sae.source = got.source

@@ -345,3 +345,55 @@ def test_hf_endpoint_set_after_import_is_honoured(fake_hub, monkeypatch: pytest.
                         "https://huggingface.co/{repo_id}/resolve/{revision}/{filename}")
     sae = SAE.from_pretrained("L12R-8x")  # HF_ENDPOINT (env) points at the fake Hub
     assert sae.source.commit == fake_hub.commits["R-new"] and fake_hub.hub.log
+
+
+# ------------------------------------------------------------------ load_model errors, by class
+def test_load_model_gated_is_a_hub_access_error(fake_hub) -> None:
+    from llamascope_sdk.errors import HubAccessError
+    from llamascope_sdk.models import load_model
+
+    with pytest.raises(HubAccessError, match="is gated") as exc:
+        load_model("OpenMOSS-Team/Llama3_1-8B-Base-LXTC-8x")
+    assert isinstance(exc.value, DownloadError) and isinstance(exc.value, PermissionError)
+    assert "HF_TOKEN" in (exc.value.hint or "")
+
+
+def test_load_model_unknown_repo_and_revision_are_model_not_found(fake_hub) -> None:
+    from llamascope_sdk.errors import ModelNotFoundError
+    from llamascope_sdk.models import load_model
+
+    with pytest.raises(ModelNotFoundError, match="'nobody/nothing' is neither a local folder nor a "
+                                                 "repository") as exc:
+        load_model("nobody/nothing")
+    assert isinstance(exc.value, DownloadError) and isinstance(exc.value, FileNotFoundError)
+    with pytest.raises(ModelNotFoundError, match="revision 'no-such-branch' not found"):
+        load_model("OpenMOSS-Team/Llama3_1-8B-Base-LXR-8x", revision="no-such-branch")
+
+
+def test_load_model_offline_cold_cache(fake_hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llamascope_sdk.models import load_model
+
+    set_offline(monkeypatch)
+    with pytest.raises(DownloadError, match="not in the local cache and downloads are disabled") as exc:
+        load_model("someone/model")
+    assert "HF_HUB_OFFLINE" in (exc.value.hint or "")
+    assert fake_hub.hub.log == []
+
+
+def test_load_model_error_classes_not_message_text() -> None:
+    """The class decides, not the words: a message saying 'gated' or '401' is not taken for one."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from llamascope_sdk.errors import HubAccessError
+    from llamascope_sdk.models import _load_error
+
+    try:
+        raise OSError("the 401 gated offline thing") from ValueError("x")
+    except OSError as exc:
+        err = _load_error("m", None, exc)
+    assert type(err) is DownloadError and not isinstance(err, HubAccessError)
+    try:
+        raise OSError("nothing telling") from OfflineModeIsEnabled("off")
+    except OSError as exc:
+        err = _load_error("m", None, exc)
+    assert "downloads are disabled" in str(err)
