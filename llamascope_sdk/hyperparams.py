@@ -7,12 +7,20 @@ Validation errors name the offending field.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 from .errors import HyperparamsError
 
@@ -47,6 +55,9 @@ class Hyperparams(BaseModel):
     apply_decoder_bias_to_pre_encoder: bool = False
     expansion_factor: int | None = None
     dtype: str = "torch.bfloat16"
+    #: The JSON object this was parsed from, kept so that saving writes back the original key
+    #: set, order and spelling; only values that changed are replaced (see to_json_dict).
+    _raw: dict[str, Any] | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check(self) -> Hyperparams:
@@ -79,7 +90,17 @@ class Hyperparams(BaseModel):
         return math.sqrt(self.d_model) / self.dataset_average_activation_norm.out
 
     def to_json_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
+        """The JSON object to write. For hyperparams read from a file this is that file's
+        object with the same keys in the same order; a value is replaced only when it differs
+        (``0`` and ``0.0`` are the same value), and fields set after reading are appended."""
+        if self._raw is None:
+            return self.model_dump(mode="json", by_alias=True)
+        dumped = self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        out = copy.deepcopy(self._raw)
+        for key, value in dumped.items():
+            if key not in out or not _same_json(out[key], value):
+                out[key] = value
+        return out
 
     @classmethod
     def from_file(cls, path: str | Path) -> Hyperparams:
@@ -103,7 +124,7 @@ class Hyperparams(BaseModel):
         if not isinstance(raw, dict):
             raise HyperparamsError(f"{source}: expected a JSON object, got {type(raw).__name__}")
         try:
-            return cls.model_validate(raw)
+            hp = cls.model_validate(raw)
         except ValidationError as exc:
             problems = []
             for err in exc.errors():
@@ -115,3 +136,19 @@ class Hyperparams(BaseModel):
                 got = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
                 problems.append(f"field '{field}': {msg}{got}")
             raise HyperparamsError(f"{source} is invalid: " + "; ".join(problems)) from None
+        hp._raw = copy.deepcopy(raw)
+        return hp
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON values: numbers by value (1 == 1.0, but not True == 1), objects and
+    arrays element by element."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)

@@ -28,6 +28,11 @@ from .hyperparams import Hyperparams
 HYPERPARAMS = "hyperparams.json"
 LM_CONFIG = "lm_config.json"
 CHECKPOINT = "checkpoints/final.safetensors"
+CARD = "README.md"
+#: Optional extra tensor [F] of a checkpoint: a per-feature JumpReLU threshold in the folded
+#: space, written by llamascope-sdk for imported SAEs whose gate is not one scalar. Releases
+#: never have it; when present it replaces hyperparams.json's jump_relu_threshold.
+PER_FEATURE_THRESHOLD = "threshold"
 RELEASE_FILES = (HYPERPARAMS, LM_CONFIG, CHECKPOINT)
 TENSOR_NAMES = ("encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias")
 FORMAT_VERSION = "llamascope-release-v1"
@@ -69,11 +74,14 @@ def open_checkpoint(path: Path, hp: Hyperparams, device: str = "cpu") -> Any:
             "corrupt", hint="delete it, or load again with force_download=True") from None
     want = expected_shapes(hp)
     keys = set(handle.keys())
-    missing, unexpected = sorted(set(want) - keys), sorted(keys - set(TENSOR_NAMES))
+    missing = sorted(set(want) - keys)
+    unexpected = sorted(keys - set(TENSOR_NAMES) - {PER_FEATURE_THRESHOLD})
     if missing or unexpected:
         raise CorruptCheckpointError(
             f"{path}: tensor names do not match the release layout: missing {missing}, "
             f"unexpected {unexpected}; expected {list(want)}")
+    if PER_FEATURE_THRESHOLD in keys:
+        want = {**want, PER_FEATURE_THRESHOLD: (hp.d_sae,)}
     for name, shape in want.items():
         sl = handle.get_slice(name)
         got = tuple(sl.get_shape())
@@ -120,6 +128,8 @@ def write_release(folder: str | Path, hp: Hyperparams, tensors: dict[str, torch.
     """
     folder = Path(folder)
     want = expected_shapes(hp)
+    if PER_FEATURE_THRESHOLD in tensors:
+        want[PER_FEATURE_THRESHOLD] = (hp.d_sae,)
     for name, shape in want.items():
         if name not in tensors or tuple(tensors[name].shape) != shape:
             got = None if name not in tensors else list(tensors[name].shape)
@@ -132,7 +142,7 @@ def write_release(folder: str | Path, hp: Hyperparams, tensors: dict[str, torch.
         atomic_write_text(tmp / HYPERPARAMS, json.dumps(hp.to_json_dict(), indent=4) + "\n")
         atomic_write_text(tmp / LM_CONFIG, json.dumps(lm_config, indent=4) + "\n")
         if card is not None:
-            atomic_write_text(tmp / "README.md", card)
+            atomic_write_text(tmp / CARD, card)
         publish_mode(tmp / "checkpoints", directory=True)
         if not folder.exists():
             publish_mode(tmp, directory=True)

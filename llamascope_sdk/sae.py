@@ -37,8 +37,10 @@ from .hub import Source, download
 from .hyperparams import Hyperparams
 from .registry import BASE_MODEL, SaeRef
 from .release import (
+    CARD,
     CHECKPOINT,
     HYPERPARAMS,
+    PER_FEATURE_THRESHOLD,
     check_folder,
     default_lm_config,
     expected_shapes,
@@ -71,7 +73,7 @@ class SAE(nn.Module):
     b_enc: nn.Parameter  # [F]
     W_dec: nn.Parameter  # [F, D], unit rows
     b_dec: nn.Parameter  # [D]
-    threshold: torch.Tensor  # [] scalar, folded space
+    threshold: torch.Tensor  # [] scalar (every release) or [F] per feature (imports), folded space
     decoder_norm: torch.Tensor  # [F] fp32, ||d_i|| of the raw file, kept to unfold on save
 
     def __init__(self, hyperparams: Hyperparams, *, device: torch.device | str | None = None,
@@ -99,6 +101,9 @@ class SAE(nn.Module):
         #: lm_config.json of the release folder (the base model under ``model_name``), kept
         #: as read so that saving writes it back unchanged; None when the folder has none.
         self.lm_config: dict[str, Any] | None = None
+        #: README.md (model card) of the folder it was loaded from, written back by
+        #: save_pretrained; None when the folder had none (a card is then rendered).
+        self.card: str | None = None
         self.file_dtype = parse_dtype(hyperparams.dtype) if hyperparams.dtype else torch.bfloat16
 
     # ------------------------------------------------------------------ shape facts
@@ -143,8 +148,37 @@ class SAE(nn.Module):
     def __repr__(self) -> str:
         kind = "transcoder" if self.is_transcoder else "SAE"
         return (f"SAE({self.name!r}, {kind}, d_model={self.d_model}, d_sae={self.d_sae}, "
-                f"act_fn={self.hyperparams.act_fn!r}, threshold={float(self.threshold):.6g}, "
+                f"act_fn={self.hyperparams.act_fn!r}, threshold={self._threshold_text()}, "
                 f"dtype={self.dtype}, device={self.device})")
+
+    def _threshold_text(self) -> str:
+        if self.threshold.ndim == 0:
+            return f"{float(self.threshold):.6g}"
+        return f"per-feature [{float(self.threshold.min()):.6g}..{float(self.threshold.max()):.6g}]"
+
+    @property
+    def per_feature_threshold(self) -> bool:
+        """True when the JumpReLU threshold is one value per feature ([F]) rather than the
+        releases' single scalar; imports of SAELens/Llamascopium checkpoints can need this."""
+        return self.threshold.ndim == 1
+
+    @torch.no_grad()
+    def set_threshold(self, threshold: torch.Tensor | float) -> None:
+        """Set the JumpReLU threshold (folded space): a scalar, or one value per feature.
+
+        A per-feature threshold whose values are all equal is stored as a scalar, and the
+        scalar is mirrored into ``hyperparams.jump_relu_threshold``.
+        """
+        t = torch.as_tensor(threshold, dtype=torch.float64).detach().cpu()
+        if t.ndim == 1 and t.numel() == self.d_sae and t.numel() and bool((t == t[0]).all()):
+            t = t[0]
+        if t.ndim == 1 and t.shape != (self.d_sae,):
+            raise ValueError(f"a per-feature threshold needs {self.d_sae} values, got {list(t.shape)}")
+        if t.ndim > 1 or not bool(torch.isfinite(t).all()):
+            raise ValueError("threshold must be a finite scalar or a finite [d_sae] vector")
+        if t.ndim == 0:
+            self.hyperparams = self.hyperparams.model_copy(update={"jump_relu_threshold": float(t)})
+        self.threshold = t.to(device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------------ math
     def _input(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,11 +195,14 @@ class SAE(nn.Module):
         """The JumpReLU threshold on folded pre-activations: the scalar theta for the
         reference gate; theta * ||d_i|| * s_in / s_out per feature for ``gate="saelens"``,
         which is SAELens's uniform ``h_i > theta * s_in`` written in the folded space."""
+        t = self.threshold
+        if t.ndim == 1 and features is not None:
+            t = t[features]
         if self.gate == "reference":
-            return self.threshold
+            return t
         hp = self.hyperparams
         norms = self.decoder_norm if features is None else self.decoder_norm[features]
-        return (self.threshold.float() * norms * (hp.scale_in / hp.scale_out)).to(self.dtype)
+        return (t.float() * norms * (hp.scale_in / hp.scale_out)).to(self.dtype)
 
     def activation(self, a: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """The checkpoint's activation function on folded pre-activations [..., F] (or
@@ -206,8 +243,46 @@ class SAE(nn.Module):
         return self.encode_topk_from_pre(self.pre_acts(x), k)
 
     def check_features(self, features: torch.Tensor | list[int] | int) -> torch.Tensor:
-        """Validate feature indices and return them as a long tensor on the SAE's device."""
-        idx = torch.as_tensor(features, dtype=torch.long).reshape(-1)
+        """Validate feature indices and return them as a long tensor on the SAE's device.
+
+        Accepted: an int, a flat list/tuple/range of ints, or a 0-/1-D integer tensor or array
+        (any int dtype; numpy ints count as ints). Refused, never truncated or coerced: bools,
+        floats (also 3.0), nested lists, tensors of more than one dimension.
+
+        Raises:
+            InputError: an index that is not an integer, or not a flat collection of them.
+            FeatureIndexError: an index outside 0..d_sae-1.
+        """
+        import numpy as np
+
+        from .errors import InputError
+
+        need = ("feature indices must be integers: an int, a flat list of ints or a 1-D "
+                "integer tensor")
+        if isinstance(features, np.ndarray):
+            features = torch.from_numpy(features) if features.dtype != np.bool_ else features.tolist()
+        if isinstance(features, torch.Tensor):
+            if features.dtype == torch.bool or features.is_floating_point() or features.is_complex():
+                kind = str(features.dtype).removeprefix("torch.")
+                raise InputError(f"{self.name}: got a {kind} tensor; {need}")
+            if features.ndim > 1:
+                raise InputError(f"{self.name}: got a tensor of shape {list(features.shape)}; {need}")
+            idx = features.detach().reshape(-1).to(torch.long)
+        else:
+            single = not isinstance(features, (list, tuple, range))
+            items = [features] if single else list(features)
+            for i, item in enumerate(items):
+                if isinstance(item, torch.Tensor) and item.ndim == 0 and not (
+                        item.dtype == torch.bool or item.is_floating_point() or item.is_complex()):
+                    continue
+                if isinstance(item, (int, np.integer)) and not isinstance(item, (bool, np.bool_)):
+                    continue
+                where = "" if single else f" at position {i}"
+                if isinstance(item, (list, tuple, range, torch.Tensor, np.ndarray)):
+                    raise InputError(f"{self.name}: nested feature list ({item!r}{where}); {need}")
+                raise InputError(f"{self.name}: feature index {item!r} ({type(item).__name__})"
+                                 f"{where} is not an integer; {need}")
+            idx = torch.tensor([int(i) for i in items], dtype=torch.long)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.d_sae):
             bad = [int(i) for i in idx if not 0 <= int(i) < self.d_sae]
             raise FeatureIndexError(f"{self.name}: feature index {bad[0]} is out of range; "
@@ -281,7 +356,12 @@ class SAE(nn.Module):
         with open_checkpoint(folder / CHECKPOINT, hp, device=str(dev)) as fh:
             sae.file_dtype = SAFETENSORS[fh.get_slice("encoder.weight").get_dtype()]
             sae._fold_from(fh.get_tensor)
+            names = set(fh.keys())
+            if PER_FEATURE_THRESHOLD in names:
+                sae.set_threshold(fh.get_tensor(PER_FEATURE_THRESHOLD))
         sae.source = Source(path=str(folder))
+        if (folder / CARD).is_file():
+            sae.card = (folder / CARD).read_text(encoding="utf-8")
         sae.lm_config = read_lm_config(folder)
         if (folder / STATS_FILE).is_file():
             sae.stats = FeatureStats.load(folder / STATS_FILE)
@@ -323,6 +403,10 @@ class SAE(nn.Module):
         from .demo import resolve_alias
 
         path = Path(resolve_alias(os.fspath(name_or_path))).expanduser()
+        if path.is_dir() and not (path / HYPERPARAMS).is_file():
+            from .formats import load_foreign  # SAELens, Llamascopium, sparsify folders
+
+            return load_foreign(path, device=device, dtype=dtype, gate=gate)
         if path.is_dir():
             return cls.from_folder(path, device=device, dtype=dtype, gate=gate)
         got = download(str(name_or_path), revision=revision, cache_dir=cache_dir, token=token,
@@ -342,32 +426,103 @@ class SAE(nn.Module):
                         card: str | None = None) -> Path:
         """Write the release layout (hyperparams.json, lm_config.json, checkpoints/), atomically.
 
-        The checkpoint holds the original, unfolded training-space tensors, so
-        ``SAE.from_pretrained(folder)`` gives back the same encode.
+        Saving is lossless: the checkpoint holds the unfolded training-space tensors (so
+        ``SAE.from_pretrained(folder)`` gives back the same encode), hyperparams.json keeps
+        every field it was read with (unknown ones too, same keys and order; ``dtype`` is only
+        rewritten when the tensors' dtype differs from what it says), lm_config.json is
+        written back as read, and the model card (README.md), feature statistics and labels
+        are kept. Without a card one is rendered: the registry card for a Llama Scope
+        release, else a short card from hyperparams/lm_config. A per-feature threshold is
+        stored as the extra tensor ``threshold`` [F] of the checkpoint.
+
+        Args:
+            folder: the folder to write (created, or its files replaced).
+            lm_config: overrides the lm_config.json that was loaded.
+            card: overrides the README.md that was loaded.
         """
-        hp = self.hyperparams.model_copy(update={"dtype": str(self.file_dtype)})
+        from .dtypes import parse_dtype as _parse
+
+        hp = self.hyperparams
+        try:
+            same_dtype = _parse(hp.dtype) == self.file_dtype
+        except (ValueError, TypeError):
+            same_dtype = False
+        if not same_dtype:
+            hp = hp.model_copy(update={"dtype": str(self.file_dtype)})
         lm = lm_config or self.lm_config or default_lm_config(BASE_MODEL, self.d_model)
-        out = write_release(folder, hp, self.raw_state_dict(), lm, card=card)
+        tensors = self.raw_state_dict()
+        if self.per_feature_threshold:
+            tensors[PER_FEATURE_THRESHOLD] = self.threshold.detach().to("cpu", torch.float32)
+        text = card if card is not None else (self.card if self.card is not None
+                                              else self._default_card(lm))
+        out = write_release(folder, hp, tensors, lm, card=text)
         if self.stats is not None:
             self.stats.save(out / STATS_FILE)
         if self.labels:
             write_labels(out / LABELS_FILE, self.labels)
         return out
 
+    def _default_card(self, lm_config: dict[str, Any]) -> str:
+        """The registry card for a Llama Scope release, else a short card (front matter:
+        base_model, library_name llamascope-sdk, tags) built from hyperparams/lm_config."""
+        if self.ref is not None:
+            from .cards import render_card
+
+            return render_card(self.ref)
+        from huggingface_hub import ModelCard, ModelCardData
+
+        hp = self.hyperparams
+        base = str(lm_config.get("model_name") or BASE_MODEL)
+        kind = "transcoder" if self.is_transcoder else "sparse autoencoder"
+        tags = ["llamascope", "sparse-autoencoder", "interpretability",
+                "transcoder" if self.is_transcoder else "sae", hp.act_fn]
+        data = ModelCardData(base_model=base, library_name="llamascope-sdk", tags=tags)
+        thr = (self._threshold_text() if hp.act_fn == "jumprelu" else
+               f"top-k, k = {hp.top_k}" if hp.act_fn == "topk" else "ReLU")
+        body = (f"# {self.name}\n\nA {hp.act_fn} {kind} on `{base}`, saved with llamascope-sdk in "
+                "the Llama Scope release layout.\n\n"
+                "| field | value |\n|---|---|\n"
+                f"| hook_point_in | `{hp.hook_point_in}` |\n| hook_point_out | `{hp.hook_point_out}` |\n"
+                f"| d_model | {hp.d_model} |\n| d_sae | {hp.d_sae} |\n"
+                f"| activation | {thr} |\n| norm_activation | {hp.norm_activation} |\n\n"
+                "```python\nfrom llamascope_sdk import SAE\n"
+                "sae = SAE.from_pretrained(\"<this folder or repo>\")\n```\n")
+        return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+
     def push_to_hub(self, repo_id: str, *, subfolder: str | None = None, token: str | None = None,
-                    revision: str | None = None, private: bool | None = None,
-                    commit_message: str = "Upload SAE with llamascope-sdk") -> str:
-        """Save to a temporary folder and upload it in one commit; returns the commit URL."""
+                    revision: str | None = None, branch: str | None = None,
+                    create_pr: bool = False, private: bool | None = None,
+                    commit_message: str = "Upload SAE with llamascope-sdk") -> Any:
+        """Save to a temporary folder and upload it in one commit (huggingface_hub conventions).
+
+        Args:
+            repo_id: the model repository (created if missing).
+            subfolder: path inside the repository (default: its root).
+            token: a Hub token (default: the logged-in one).
+            revision, branch: the branch to commit to (``branch`` is an alias); it is created
+                from the default branch when it does not exist yet.
+            create_pr: open a pull request instead of committing to the branch.
+            private: visibility when the repository is created.
+            commit_message: the commit's title.
+
+        Returns:
+            The ``huggingface_hub.CommitInfo`` of the upload (``.commit_url``, ``.oid``,
+            ``.pr_url`` when ``create_pr``).
+        """
         import tempfile
 
         from huggingface_hub import HfApi
 
+        if branch is not None and revision is not None and branch != revision:
+            raise ValueError(f"branch={branch!r} and revision={revision!r} disagree; give one")
+        target = branch if branch is not None else revision
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
+        if target is not None and not create_pr:
+            api.create_branch(repo_id, branch=target, exist_ok=True)
+        extra: dict[str, Any] = {"create_pr": True} if create_pr else {}
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(Path(tmp) / "sae")
-            info = api.upload_folder(repo_id=repo_id, folder_path=str(Path(tmp) / "sae"),
-                                     path_in_repo=subfolder or "", revision=revision,
-                                     commit_message=commit_message)
-        return str(info)
-
+            return api.upload_folder(repo_id=repo_id, folder_path=str(Path(tmp) / "sae"),
+                                     path_in_repo=subfolder or "", revision=target,
+                                     commit_message=commit_message, **extra)

@@ -1,0 +1,111 @@
+"""One entry point for format conversion: ``convert(src, to, out)``.
+
+Sources are anything :meth:`SAE.from_pretrained` accepts (a Llama Scope name, ``"demo"``, a
+local folder in the release layout), a local SAELens / Llamascopium / sparsify folder, a Hub
+``org/repo[/subfolder]`` holding one of those, or an SAE object. For ``--to circuit-tracer``
+the source is a set of transcoders: ``LXTC-8x`` / ``LXTC-32x`` (all 32 layers of one width),
+a comma-separated list, or a list/tuple.
+
+Targets: ``release`` (this SDK's lossless layout), ``saelens``, ``llamascopium``,
+``circuit-tracer``. Each writer is exact; the mappings are in ``llamascope_sdk.formats.*``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .formats import (
+    EXPORTABLE,
+    UnsupportedFormatError,
+    circuit_tracer,
+    detect_format,
+    llamascopium,
+    load_foreign,
+    resolve_source,
+    saelens,
+)
+
+_SET = re.compile(r"^LX(TC)-(8x|32x|32k|128k|131k)$", re.IGNORECASE)
+
+
+def load(src: Any, *, fmt: str | None = None, revision: str | None = None, token: Any = None,
+         device: Any = None, dtype: Any = None, **options: Any) -> Any:
+    """Load any supported source into an SAE (see the module docstring)."""
+    from .sae import SAE
+
+    if isinstance(src, SAE):
+        return src
+    text = os.fspath(src)
+    path = Path(text).expanduser()
+    if path.exists() or fmt not in (None, "release"):
+        folder = resolve_source(text, revision=revision, token=token)
+        return load_foreign(folder, fmt=fmt if fmt != "release" else None, device=device,
+                            dtype=dtype, **options)
+    try:
+        return SAE.from_pretrained(text, revision=revision, token=token, device=device, dtype=dtype)
+    except KeyError:
+        # Not a Llama Scope name: a Hub repo/subfolder in a foreign format.
+        folder = resolve_source(text, revision=revision, token=token)
+        return load_foreign(folder, device=device, dtype=dtype, **options)
+
+
+def transcoder_set(src: Any) -> list[Any]:
+    """The members of a transcoder set: SAEs as they are; names as lazy loaders."""
+    if isinstance(src, (list, tuple)):
+        items: Sequence[Any] = src
+    else:
+        text = os.fspath(src)
+        m = _SET.match(text.strip())
+        if m:
+            from .registry import list_saes
+
+            items = [r.name for r in list_saes(position="TC", width=m.group(2))]
+        else:
+            items = [s.strip() for s in text.split(",") if s.strip()]
+    return [s if not isinstance(s, (str, os.PathLike)) else _lazy(s) for s in items]
+
+
+def _lazy(src: Any) -> Callable[[], Any]:
+    return lambda: load(src)
+
+
+def convert(src: Any, to: str, out: str | os.PathLike[str], *, fmt: str | None = None,
+            revision: str | None = None, token: Any = None, dtype: Any = None,
+            hub_repo: str | None = None, **options: Any) -> Path:
+    """Convert ``src`` to format ``to`` in folder ``out``; returns the folder written.
+
+    Args:
+        src: see the module docstring.
+        to: ``release``, ``saelens``, ``llamascopium`` or ``circuit-tracer``.
+        out: the folder to write (created; existing files replaced atomically).
+        fmt: the source format when detection should be skipped.
+        revision, token: for Hub sources.
+        dtype: for ``circuit-tracer``, the dtype of the written tensors (default float32).
+        hub_repo: for ``circuit-tracer``, the repository the set will be uploaded to
+            (``config.yaml`` then names ``hf://`` paths).
+        options: reader options (``hook_point``, ``rmsnorm_gain``, ``norm_scaling_factor``).
+
+    Raises:
+        UnsupportedFormatError: the source or target cannot express the checkpoint exactly.
+    """
+    target = to.lower().replace("_", "-")
+    if target not in EXPORTABLE:
+        raise UnsupportedFormatError(f"unknown target format {to!r}: allowed are {', '.join(EXPORTABLE)}")
+    if target == "circuit-tracer":
+        from .dtypes import parse_dtype
+
+        return circuit_tracer.export(transcoder_set(src), out, hub_repo=hub_repo,
+                                     dtype=parse_dtype(dtype) if dtype else None)
+    sae = load(src, fmt=fmt, revision=revision, token=token, **options)
+    if target == "release":
+        return Path(sae.save_pretrained(out))
+    if target == "saelens":
+        return saelens.export(sae, out)
+    return llamascopium.export(sae, out)
+
+
+__all__ = ["convert", "detect_format", "load", "transcoder_set"]

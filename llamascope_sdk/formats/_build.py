@@ -1,0 +1,210 @@
+"""Shared pieces of the format converters: building an SAE from a foreign checkpoint's
+encoder/decoder, reading safetensors, resolving a Hub source, refusing clearly.
+
+Every importer reduces its format to the same "plain" form, in model units with no runtime
+normalisation::
+
+    pre = x @ W_e.T + b_e                 # W_e [F, D]
+    f   = act(pre)                        # jumprelu (per-feature t), topk or relu
+    y^  = f @ W_d + b_d                   # W_d [F, D] rows of ANY norm n_i = ||W_d[i]||
+
+and :func:`plain_sae` maps it exactly onto this SDK's folded SAE (unit decoder rows)::
+
+    W_enc[i] = n_i W_e[i],  b_enc[i] = n_i b_e[i],  W_dec[i] = W_d[i] / n_i,  b_dec = b_d
+    value_i  = n_i f_i                    # the length of feature i's contribution
+    jumprelu : relu(pre) 1[pre > t_i]  ==  a 1[a > max(t_i, 0) n_i]   (a = n_i pre, n_i > 0)
+    topk     : ranked by pre (sparsity_include_decoder_norm=False: key relu(a)/n_i), or by
+               n_i pre when the format ranks by decoder norm (sparsity_include_decoder_norm=True)
+
+A threshold that differs per feature after this mapping is kept as a per-feature [F]
+threshold (:meth:`~llamascope_sdk.sae.SAE.set_threshold`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llamascope_sdk.errors import CorruptCheckpointError, LlamascopeError, SaeNotFoundError
+from llamascope_sdk.hyperparams import Hyperparams
+
+
+class UnsupportedFormatError(LlamascopeError, ValueError):
+    """A checkpoint whose format or feature cannot be expressed exactly by this SDK."""
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{path} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise SaeNotFoundError(f"{path} does not exist")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CorruptCheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def need(tensors: dict[str, torch.Tensor], names: tuple[str, ...], where: str) -> torch.Tensor:
+    """The first of ``names`` present in ``tensors``; a clear error naming them otherwise."""
+    for n in names:
+        if n in tensors:
+            return tensors[n]
+    raise CorruptCheckpointError(f"{where}: no tensor named {' or '.join(repr(n) for n in names)} "
+                                 f"(found {sorted(tensors)})")
+
+
+def check_shape(t: torch.Tensor, shape: tuple[int, ...], name: str, where: str) -> None:
+    if tuple(t.shape) != shape:
+        raise CorruptCheckpointError(f"{where}: tensor '{name}' has shape {list(t.shape)}, "
+                                     f"expected {list(shape)}")
+
+
+@torch.no_grad()
+def plain_sae(*, W_e: torch.Tensor, b_e: torch.Tensor, W_d: torch.Tensor, b_d: torch.Tensor,
+              act_fn: str, hook_point_in: str, hook_point_out: str,
+              threshold: torch.Tensor | float | None = None, top_k: int | None = None,
+              rank_by_decoder_norm: bool = False, source_format: str,
+              source_config: dict[str, Any] | None = None, file_dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
+              gate: str = "reference", extra: dict[str, Any] | None = None) -> Any:
+    """Build an SAE from the plain form in the module docstring (exact mapping).
+
+    Args:
+        W_e, b_e: encoder [F, D] and bias [F]; W_d [F, D] decoder rows of any norm, b_d [D].
+        threshold: for jumprelu, the gate on ``pre`` (scalar or [F]); ``relu(pre)`` is kept
+            where ``pre > threshold``.
+        rank_by_decoder_norm: for topk, whether the format ranks by ``n_i * pre`` (values
+            then also scaled by n_i, as SAELens's ``rescale_acts_by_decoder_norm``) rather
+            than by ``pre``.
+        source_format, source_config: recorded in hyperparams (``converted_from``).
+        file_dtype: the dtype the source stored (what save_pretrained writes back).
+    """
+    from llamascope_sdk.sae import SAE
+
+    f_dim, d_dim = W_e.shape
+    where = f"{source_format} checkpoint"
+    check_shape(b_e, (f_dim,), "encoder bias", where)
+    check_shape(W_d, (f_dim, d_dim), "decoder", where)
+    check_shape(b_d, (d_dim,), "decoder bias", where)
+    if act_fn not in ("jumprelu", "topk", "relu"):
+        raise UnsupportedFormatError(f"activation {act_fn!r} is not supported (jumprelu, topk, relu)")
+    hp: dict[str, Any] = {
+        "d_model": d_dim, "d_sae": f_dim, "hook_point_in": hook_point_in,
+        "hook_point_out": hook_point_out, "act_fn": act_fn, "jump_relu_threshold": 0.0,
+        "norm_activation": "inference", "top_k": int(top_k) if top_k else min(50, f_dim),
+        "sparsity_include_decoder_norm": bool(rank_by_decoder_norm) if act_fn == "topk" else True,
+        "use_decoder_bias": True, "apply_decoder_bias_to_pre_encoder": False,
+        "expansion_factor": f_dim // d_dim if f_dim % d_dim == 0 else None,
+        "dtype": str(file_dtype or W_e.dtype),
+        "converted_from": {"format": source_format, **({"config": source_config} if source_config else {})},
+        **(extra or {}),
+    }
+    if act_fn == "topk" and not top_k:
+        raise UnsupportedFormatError(f"{where}: a top-k checkpoint needs k")
+    f32 = torch.float64
+    W_e64, b_e64, W_d64 = W_e.to(f32), b_e.to(f32), W_d.to(f32)
+    norms = torch.linalg.vector_norm(W_d64, dim=1)
+    thr_folded: torch.Tensor | None = None
+    if act_fn == "jumprelu":
+        t = torch.as_tensor(0.0 if threshold is None else threshold, dtype=f32).expand(f_dim)
+        thr_folded = t.clamp(min=0) * norms  # relu(pre)*1[pre>t] == pre*1[pre>max(t,0)]
+        # A zero decoder row never fires in this SDK (its contribution is nothing anyway).
+        thr_folded = torch.where(norms > 0, thr_folded, torch.full_like(thr_folded, math.inf))
+        finite = thr_folded[torch.isfinite(thr_folded)]
+        hp["jump_relu_threshold"] = float(finite[0]) if finite.numel() else 0.0
+    raw = {"encoder.weight": W_e64.to(torch.float32), "encoder.bias": b_e64.to(torch.float32),
+           "decoder.weight": W_d64.t().to(torch.float32).contiguous(),
+           "decoder.bias": b_d.to(torch.float32)}
+    sae = SAE.from_raw(Hyperparams.from_dict(hp, source=where), raw, device=device, dtype=dtype,
+                       gate=gate)  # type: ignore[arg-type]
+    sae.file_dtype = file_dtype or W_e.dtype
+    if thr_folded is not None:
+        if not bool(torch.isfinite(thr_folded).all()):
+            big = torch.finfo(sae.dtype).max
+            thr_folded = torch.where(torch.isfinite(thr_folded), thr_folded,
+                                     torch.full_like(thr_folded, big))
+        sae.set_threshold(collapse_threshold(thr_folded))
+    return sae
+
+
+_HF_URI = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(.+?))?/?$")
+
+
+def resolve_source(src: str | Path, *, revision: str | None = None, token: str | bool | None = None,
+                   cache_dir: str | None = None, local_files_only: bool = False) -> Path:
+    """A local folder as it is; ``org/repo[/sub/folder]`` or ``hf://org/repo/sub`` from the
+    Hub (``huggingface_hub.snapshot_download`` of that subfolder only)."""
+    path = Path(src).expanduser()
+    if path.exists():
+        return path
+    m = _HF_URI.match(str(src))
+    if m is None:
+        raise SaeNotFoundError(f"{src} is neither a local folder nor a Hub id (org/repo[/subfolder])")
+    from huggingface_hub import snapshot_download
+
+    repo, sub = m.group(1), m.group(2)
+    patterns = [f"{sub}/*"] if sub else None
+    try:
+        root = snapshot_download(repo, revision=revision, allow_patterns=patterns, token=token,
+                                 cache_dir=cache_dir, local_files_only=local_files_only)
+    except Exception as exc:  # huggingface_hub raises many types; say which source failed
+        from llamascope_sdk.errors import DownloadError
+
+        raise DownloadError(f"could not download {repo}{'/' + sub if sub else ''}: {exc}") from None
+    folder = Path(root) / sub if sub else Path(root)
+    if not folder.exists():
+        raise SaeNotFoundError(f"{repo} has no folder {sub!r}")
+    return folder
+
+
+def write_folder(out: str | Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling of ``out`` with ``write(tmp)``, then publish it: a new
+    folder appears by one rename; an existing one has each file replaced by a rename."""
+    from llamascope_sdk.atomic import publish_mode
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        for d in sorted(p for p in tmp.rglob("*") if p.is_dir()):
+            publish_mode(d, directory=True)
+        if not out.exists():
+            publish_mode(tmp, directory=True)
+            os.replace(tmp, out)
+            return out
+        for src in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            dst = out / src.relative_to(tmp)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def collapse_threshold(thr: torch.Tensor) -> torch.Tensor:
+    """One scalar when the per-feature values differ only by float32 rounding (a stored
+    logarithm, a unit row norm of 1 +- 1e-7): relative spread <= 1e-6; else the vector."""
+    lo, hi = float(thr.min()), float(thr.max())
+    if math.isfinite(hi) and hi - lo <= 1e-6 * max(abs(hi), 1e-30):
+        return torch.tensor(float(thr.median()), dtype=torch.float64)
+    return thr
