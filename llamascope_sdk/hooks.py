@@ -23,6 +23,14 @@ Special positions (token id in ``special_ids``: BOS, EOS, pad) are left untouche
 captured features are zero, unless ``include_special=True``. Absolute positions are tracked
 across KV-cached steps from the cache length seen by the model's forward, so ``"prompt"`` and
 ``"generated"`` positions stay right inside ``model.generate``.
+
+Without a KV cache (``generate(..., use_cache=False)``) every step is a fresh forward over the
+whole sequence. The rule that keeps positions the same as with the cache: a forward that gets
+*no cache object* and whose input ids extend the ids of the current sequence (same batch, the
+old ids as prefix, longer) recomputes that sequence: ``prompt_len`` is kept and the captures are
+replaced by this forward's (which cover every position again). Any other forward with an
+empty cache starts a new sequence. Call :meth:`Attachment.reset` to start a new sequence by hand
+(e.g. before scoring a prompt that happens to extend the previous one).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import IncompatibleModelError
+from .errors import IncompatibleModelError, InputError
 from .interventions import Intervention, Steer, position_mask
 from .sae import SAE
 from .sites import (
@@ -220,7 +228,8 @@ class Attachment:
 
     Captured per SAE name (``saes`` only), concatenated over every forward of the current
     sequence (a new sequence starts at a forward with an empty KV cache; KV-cached generate
-    steps append along the sequence axis):
+    steps append along the sequence axis; a cache-less forward that extends the current ids
+    replaces them, see the module docstring):
 
     * ``features[name]``: [B, T, F] feature activations of the clean input, in the SAE's dtype;
       zero at special positions unless ``include_special``. For a transcoder, read from the
@@ -311,7 +320,9 @@ class Attachment:
         keep = None
         if ids is not None and not self.include_special and self.special_ids:
             keep = ~torch.isin(ids, torch.tensor(self.special_ids, device=ids.device))
-        if past == 0:  # a new sequence
+        if past == 0 and cache is None and self._extends_sequence(ids):
+            self.reset()  # the same sequence recomputed with more tokens: keep prompt_len
+        elif past == 0:  # a new sequence
             self.reset()
             first_input = ids if ids is not None else kwargs["inputs_embeds"]
             self.prompt_len = int(first_input.shape[1])
@@ -319,6 +330,15 @@ class Attachment:
         if ids is not None:
             self._id_chunks.append(ids.detach())
             self._mask_chunks.append(keep if keep is not None else torch.ones_like(ids, dtype=torch.bool))
+
+    def _extends_sequence(self, ids: torch.Tensor | None) -> bool:
+        """True when ``ids`` [B, T] continue the current sequence: same batch size, longer, and
+        the ids seen so far as their prefix (a cache-less generate step)."""
+        prev = self.token_ids
+        if ids is None or prev is None or ids.ndim != 2 or prev.shape[0] != ids.shape[0]:
+            return False
+        t = prev.shape[1]
+        return ids.shape[1] > t and bool(torch.equal(ids[:, :t], prev.to(ids.device)))
 
     def _tc_input(self, layer: int) -> SiteFn:
         def fn(x: torch.Tensor) -> None:
@@ -433,7 +453,7 @@ def attach(model: nn.Module, saes: SAE | Sequence[SAE] | Mapping[str, SAE] = (),
             dropped them and they are far out of distribution).
         special_ids: token ids counted as special; default the model config's bos/eos/pad ids.
             Pass ``models.special_ids(tokenizer)`` for the tokenizer's full list.
-        capture: which tensors to keep on the handle: a subset of ``features``, ``inputs``,
+        capture: which tensors to keep on the handle: one or a subset of ``features``, ``inputs``,
             ``targets``, ``recons`` (default features only: a 131k-feature SAE's inputs,
             targets and reconstructions during generation add up fast), True for all four,
             False for none (pure steering).
@@ -444,7 +464,9 @@ def attach(model: nn.Module, saes: SAE | Sequence[SAE] | Mapping[str, SAE] = (),
     Raises:
         IncompatibleModelError: SAE width differs from the model's hidden size; layer out of range.
         HookpointNotFoundError: the model's layers lack the module a site needs.
-        ValueError: the same SAE object passed twice in ``saes``; an unknown ``capture`` name.
+        ValueError: the same SAE object passed twice in ``saes``, or the same intervention
+            object twice; an unknown ``capture`` name; a flag that is not a bool (InputError).
+        TypeError: an intervention that is not Steer/Clamp/Scale/Ablate.
 
     Example:
         >>> with attach(model, [sae], interventions=[Steer(sae, [42], 8.0)]) as h:
@@ -453,13 +475,29 @@ def attach(model: nn.Module, saes: SAE | Sequence[SAE] | Mapping[str, SAE] = (),
     """
     named = named_saes(saes)
     ivs = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+    for flag, value in (("splice", splice), ("error_term", error_term),
+                        ("include_special", include_special)):
+        if not isinstance(value, bool):
+            raise InputError(f"attach: {flag} must be True or False, got {value!r}")
+    seen_ivs: set[int] = set()
+    for i, iv in enumerate(ivs):
+        if not isinstance(iv, Intervention):
+            raise TypeError(f"interventions must be Steer/Clamp/Scale/Ablate, got "
+                            f"{type(iv).__name__} at position {i}")
+        if id(iv) in seen_ivs:
+            raise ValueError(f"interventions: the same {type(iv).__name__} object is given twice "
+                             f"(position {i}); pass it once (it would be applied twice)")
+        seen_ivs.add(id(iv))
+    if special_ids is not None and not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in special_ids):
+        raise InputError(f"attach: special_ids must be token ids (ints), got {special_ids!r}")
+    if isinstance(capture, str):
+        capture = (capture,)
     decoder_layers(model)
     slots: dict[int, _Slot] = {}
     for name, sae in named.items():
         slots[id(sae)] = _make_slot(model, sae, name, read=True, splice=splice)
     for iv in ivs:
-        if not isinstance(iv, Intervention):
-            raise TypeError(f"interventions must be Steer/Clamp/Scale/Ablate, got {type(iv).__name__}")
         if id(iv.sae) not in slots:
             slots[id(iv.sae)] = _make_slot(model, iv.sae, iv.sae.name, read=False, splice=False)
         slots[id(iv.sae)].interventions.append(iv)
