@@ -1,0 +1,195 @@
+"""Finding features: ``inspect`` mines a corpus into a feature store with HTML pages, ``show``
+prints one feature from a store, ``search`` ranks the features most specific to a text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .app import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    RevisionOpt,
+    SaeOpt,
+    app,
+    check_text,
+    command,
+    echo_json,
+    load_sae_and_model,
+    table,
+)
+
+FeaturesOpt = Annotated[list[int] | None, typer.Option(
+    "--features", "--feature", "-f", help="Features to write pages for; repeat for several. "
+    "Every feature is mined either way. [default: labelled features, then the most frequent, "
+    "up to --max-pages]", show_default=False)]
+StoreOpt = Annotated[str | None, typer.Option(
+    "--store", help="A feature store folder (from `llamascope inspect`) for the statistics. "
+    "[default: the SAE's own statistics, else the store in the default location]",
+    show_default=False)]
+
+
+@app.command()
+@command
+def inspect(sae: SaeOpt,
+            dataset: Annotated[str, typer.Option("--dataset", "-d", help="A .txt/.jsonl/.parquet file (comma-separated for several) or a Hugging Face dataset name.")],
+            tokens: Annotated[int, typer.Option("--tokens", "-t", min=1, help="Tokens to read (BOS included).")] = 100_000,
+            features: FeaturesOpt = None,
+            out: Annotated[Path | None, typer.Option("--out", "-o", help="Store folder to write. [default: $LLAMASCOPE_CACHE/features/<sae>]", show_default=False)] = None,
+            context: Annotated[int, typer.Option(min=2, help="Tokens per document (longer ones are cut).")] = 256,
+            batch_size: Annotated[int, typer.Option(min=1, help="Documents per forward.")] = 8,
+            top_n: Annotated[int, typer.Option(min=1, help="Top examples kept per feature.")] = 20,
+            samples: Annotated[int, typer.Option(min=0, help="Firings sampled per feature for the quantile bands.")] = 16,
+            pages: Annotated[bool, typer.Option(help="Write HTML pages under OUT/pages.")] = True,
+            max_pages: Annotated[int, typer.Option(min=0, help="At most this many feature pages.")] = 1000,
+            save_stats_to: Annotated[Path | None, typer.Option("--save-stats-to", help="Also write feature_stats.safetensors into this folder (e.g. the SAE's own local folder, so that `steer --relative` finds it).", show_default=False)] = None,
+            split: Annotated[str, typer.Option(help="Split of a Hugging Face dataset.")] = "train",
+            text_field: Annotated[str, typer.Option(help="Text column/field of .jsonl/.parquet/HF data.")] = "text",
+            model: ModelOpt = None, device: DeviceOpt = "cpu", dtype: DtypeOpt = None,
+            revision: RevisionOpt = None, as_json: JsonOpt = False) -> None:
+    """Mine every feature of an SAE on a corpus: top examples, quantile samples, statistics,
+    histogram and logit lens, written to a feature store with HTML pages (progress on stderr).
+
+    Relative steering then works with the mined statistics: pass --save-stats-to the SAE's
+    folder, or in Python: sae.stats = FeatureStats.load(STORE).
+    """
+    from llamascope_sdk import demo
+    from llamascope_sdk.feature_store import FeatureStore, default_store_dir
+    from llamascope_sdk.mining import mine
+    from llamascope_sdk.pages import write_pages
+
+    s, lm, tok = load_sae_and_model(sae, model, device, dtype, revision)
+    if features:
+        for f in features:
+            s.check_features(f)
+    spec = "demo" if demo.is_demo(sae) else sae
+    result = mine(lm, tok, s, dataset, tokens=tokens, context=context, batch_size=batch_size,
+                  top_n=top_n, n_samples=samples, split=split, text_field=text_field)[s.name]
+    has_stats = s.stats is not None
+    if save_stats_to is not None:
+        path = result.stats.save(Path(save_stats_to).expanduser().resolve())
+        typer.echo(f"feature statistics written to {path}", err=True)
+        sae_dir = Path(sae).expanduser()
+        has_stats = has_stats or (sae_dir.is_dir() and sae_dir.resolve() == path.parent)
+    store = FeatureStore.from_result(result, tok, model=lm, sae_spec=spec, corpus=dataset,
+                                     model_name=model or getattr(lm, "name_or_path", None))
+    store.meta["sae_has_stats"] = has_stats
+    target = out or default_store_dir(s.name)
+    written: dict[str, Any] = {}
+
+    def add_pages(st: FeatureStore, tmp: Path) -> None:
+        written["pages"] = write_pages(st, tmp / "pages", features, max_pages)
+
+    store.save(target, extra=add_pages if pages else None)
+    index = target / "pages" / "index.html" if pages else None
+    if as_json:
+        echo_json({"store": str(target), "index": str(index) if index else None,
+                   "sae": s.name, "n_tokens": result.n_tokens, "n_docs": result.n_docs,
+                   "features": [store.summary(f) for f in (features or [])]})
+        return
+    typer.echo(f"mined {s.d_sae} features of {s.name} on {result.n_tokens:,} tokens "
+               f"({result.n_docs:,} documents)")
+    typer.echo(f"store: {target}")
+    if index:
+        typer.echo(f"pages: {index}")
+    for f in features or []:
+        typer.echo(f"  feature {f}: {store.steer_command(f)}")
+    typer.echo(f"next: llamascope show {target} FEATURE   |   in Python: "
+               f"sae.stats = FeatureStats.load({str(target)!r})")
+    if save_stats_to is None and Path(sae).expanduser().is_dir() and not demo.is_demo(sae):
+        typer.echo(f"hint: --save-stats-to {sae} makes `steer --relative` work for this SAE",
+                   err=True)
+
+
+def _example_text(e: dict[str, Any]) -> str:
+    return "".join(f"[[{t}]]" if k == e["max_index"] else t for k, t in enumerate(e["tokens"]))
+
+
+@app.command()
+@command
+def show(store: Annotated[str, typer.Argument(help="A feature store folder, or an SAE name whose store is in the default location.")],
+         feature: Annotated[int, typer.Argument(help="Feature index.")],
+         examples: Annotated[int, typer.Option("--examples", "-n", min=0, help="Top examples to print.")] = 10,
+         as_json: JsonOpt = False) -> None:
+    """Print a feature's summary and top examples from a feature store (no model needed)."""
+    from llamascope_sdk.feature_store import load_store
+
+    st = load_store(store)
+    if as_json:
+        echo_json(st.feature(feature))
+        return
+    s = st.summary(feature)
+    label = f" '{s['label']}'" if s["label"] else ""
+    typer.echo(f"{st.name} feature {feature}{label}{'  [dense]' if s['dense'] else ''}")
+    typer.echo(f"frequency {100 * s['frequency']:.3g}%   typical {s['typical']:.4g}   "
+               f"mean {s['mean']:.4g}   max {s['max']:.4g}   ({s['n_tokens']:,} tokens)")
+    if s["neuronpedia_url"]:
+        typer.echo(f"neuronpedia: {s['neuronpedia_url']}")
+    typer.echo(f"steer: {s['steer']}")
+    lens = st.logit_lens(feature)
+    if lens:
+        typer.echo("promotes: " + " ".join(repr(t) for t, _ in lens["promoted"][:8]))
+        typer.echo("suppresses: " + " ".join(repr(t) for t, _ in lens["suppressed"][:8]))
+    from rich.markup import escape
+
+    rows = [[f"{e['max']:.3g}", f"{e['doc']}:{e['pos']}", escape(repr(_example_text(e)))]
+            for e in st.examples(feature)[:examples]]
+    if rows:
+        table(escape("top examples ([[max token]])"), ["max", "doc:pos", "context"], rows)
+    else:
+        typer.echo("(never fired on the mined corpus)")
+
+
+@app.command()
+@command
+def search(sae: SaeOpt,
+           prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text that shows the concept.")],
+           vs: Annotated[str | None, typer.Option("--vs", help="Contrast text: rank by the difference of mean activations.", show_default=False)] = None,
+           store: StoreOpt = None,
+           top: Annotated[int, typer.Option("--top", "-k", min=1, help="Features to list.")] = 10,
+           include_dense: Annotated[bool, typer.Option(help="Also list features that fire on more than half of all tokens (marked dense).")] = False,
+           model: ModelOpt = None, device: DeviceOpt = "cpu", dtype: DtypeOpt = None,
+           revision: RevisionOpt = None, as_json: JsonOpt = False) -> None:
+    """Rank the features most specific to a text (activation on it relative to the feature's
+    typical activation, down-weighted by firing frequency; or against --vs) and print the
+    steer command for the top hit."""
+    from llamascope_sdk import demo
+    from llamascope_sdk.feature_store import default_store_dir, load_store
+    from llamascope_sdk.search import search_features, steer_command
+
+    from rich.markup import escape
+
+    check_text(prompt)
+    if vs is not None:
+        check_text(vs, "--vs")
+    s, lm, tok = load_sae_and_model(sae, model, device, dtype, revision)
+    stats = None
+    if store is not None:
+        stats = load_store(store).stats
+    elif s.stats is None and default_store_dir(s.name).is_dir():
+        stats = load_store(default_store_dir(s.name)).stats
+    hits = search_features(lm, tok, s, prompt, vs=vs, stats=stats, top=top,
+                           include_dense=include_dense)
+    spec = "demo" if demo.is_demo(sae) else sae
+    cmd = (steer_command(spec, hits[0].feature, relative=s.stats is not None,
+                         typical=hits[0].typical) if hits else None)
+    if as_json:
+        echo_json({"sae": s.name, "prompt": prompt, "vs": vs,
+                   "score": "mean_prompt - mean_vs" if vs else "mean_prompt / typical * -log(frequency)",
+                   "hits": [h.to_dict() for h in hits], "steer": cmd})
+        return
+    rows = [[h.feature, f"{h.score:.3g}", f"{h.prompt_mean:.3g}"
+             + ("" if h.vs_mean is None else f" vs {h.vs_mean:.3g}"),
+             f"{h.typical:.3g}", f"{100 * h.frequency:.3g}%" + (" dense" if h.dense else ""),
+             escape(h.label or "")] for h in hits]
+    how = "mean(prompt) - mean(vs)" if vs else "mean / typical x -log(frequency)"
+    table(f"features of {s.name} most specific to the prompt (score = {how})",
+          ["feature", "score", "mean act", "typical", "frequency", "label"], rows)
+    if cmd:
+        typer.echo(f"try: {cmd}")
+    else:
+        typer.echo("no feature fires on this text (dense features hidden: --include-dense)")
