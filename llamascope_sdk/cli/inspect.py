@@ -157,11 +157,11 @@ def search(sae: SaeOpt,
     """Rank the features most specific to a text (activation on it relative to the feature's
     typical activation, down-weighted by firing frequency; or against --vs) and print the
     steer command for the top hit."""
+    from rich.markup import escape
+
     from llamascope_sdk import demo
     from llamascope_sdk.feature_store import default_store_dir, load_store
     from llamascope_sdk.search import search_features, steer_command
-
-    from rich.markup import escape
 
     check_text(prompt)
     if vs is not None:
