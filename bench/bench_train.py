@@ -40,7 +40,7 @@ def _peak_mb(device: str) -> float:
 
 def bench(d: int, f: int, k: int, b: int, device: str, reps: int,
           modes: tuple[bool, ...] = (True, False)) -> list[tuple]:  # noqa: ANN001
-    from llamascope_sdk.training.sae_train import TopKSAE, batch_norm_mse
+    from llamascope_sdk.training.trainable import TopKSAE, batch_norm_mse
 
     x = torch.randn(b, d, device=device)
     w = torch.randn(f, d, device=device, requires_grad=True)

@@ -49,3 +49,37 @@ def smollm2():
 
     model, tok = load_model("smollm2-135m")
     return model, tok
+
+
+# --- shared tiny fixtures (added for tests/training; usable by every test) --------------------
+class CharTokenizer:
+    """A character tokenizer for ``tiny_llama`` (vocab 99): bos=1, eos=2, pad=0, characters
+    map to 3..98. Importable (``from tests.conftest import CharTokenizer``) for subprocesses."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+    all_special_ids = [0, 1, 2]
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [3 + (ord(c) % 96) for c in text]}  # never adds BOS itself
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i - 3) if i >= 3 else "" for i in ids)
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer() -> CharTokenizer:
+    return CharTokenizer()
+
+
+@pytest.fixture(scope="session")
+def corpus_dir():
+    """The local text corpus (wikitext2-valid.txt, tinyshakespeare.txt), found relative to the
+    repository: ``$LLAMASCOPE_CORPUS`` or ``<repo>/../shared/corpus``. Missing is a failure."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    folder = Path(os.environ.get("LLAMASCOPE_CORPUS", repo.parent / "shared" / "corpus"))
+    if not (folder / "wikitext2-valid.txt").is_file():
+        pytest.fail(f"the text corpus is missing: {folder} should hold wikitext2-valid.txt and "
+                    "tinyshakespeare.txt (set LLAMASCOPE_CORPUS to its folder)")
+    return folder

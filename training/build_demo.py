@@ -1,8 +1,12 @@
 #!/usr/bin/env python
 """Build the shipped demo SAE (SmolLM2-135M, L15R, 4608 features, K=32) end to end.
 
-    python training/build_demo.py                  # cache -> train -> evaluate -> features -> ship
-    python training/build_demo.py --eval-only      # re-measure the shipped SAE, re-render its card
+    python training/build_demo.py --corpus DIR              # cache -> train -> evaluate -> ship
+    python training/build_demo.py --corpus DIR --eval-only  # re-measure the shipped SAE, re-render its card
+
+DIR holds ``wikitext2-valid.txt`` and ``tinyshakespeare.txt`` (local copies of WikiText-2
+validation and Tiny Shakespeare); ``--corpus`` defaults to ``$LLAMASCOPE_CORPUS``. The recipe and
+the shipped files name the data by file name only, never by a path of this machine.
 
 1. caches layer-15 residual activations of the training part of the corpus once (early stop
    after layer 15; ~262K tokens, resumable);
@@ -20,10 +24,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,7 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RECIPE = ROOT / "training/recipes/smollm2-135m-L15R-8x.yaml"
-COMMAND = "python training/build_demo.py"
+COMMAND = "python training/build_demo.py --corpus DIR"
+#: How the card names the training data (the recipe's ``dataset`` holds the file names).
+DATA_LABEL = ("`wikitext2-valid.txt` + `tinyshakespeare.txt` (local copies of WikiText-2 "
+              "validation and Tiny Shakespeare)")
 PROMPT = "My favourite thing about the city is"
 #: Steering strengths tried, as fractions of the site's dataset-average norm n_in (~168 here):
 #: steering every position, prompt and generated, degenerates into repetition above ~1x.
@@ -44,6 +54,62 @@ MASSIVE = 10.0
 ALL, EXCLUDING = "all non-special tokens", "excluding massive activations"
 #: The corpus files' Hub sources, for the card's front matter (the run reads local copies).
 DATASETS = ["Salesforce/wikitext", "karpathy/tiny_shakespeare"]
+
+
+def with_corpus(cfg, corpus: str | Path):  # noqa: ANN001, ANN201
+    """The recipe with its dataset file names resolved inside ``corpus`` (which must hold them)."""
+    folder = Path(corpus).expanduser()
+    files = [folder / Path(n.strip()).name for n in cfg.dataset.split(",")]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        sys.exit(f"error: corpus file(s) not found: {', '.join(missing)}\n"
+                 "hint: --corpus DIR must hold " + " and ".join(f.name for f in files))
+    return cfg.model_copy(update={"dataset": ",".join(str(f) for f in files)})
+
+
+def shipped_recipe(cfg):  # noqa: ANN001, ANN201
+    """The recipe as shipped: dataset files by name only (no path of this machine)."""
+    names = ",".join(Path(n.strip()).name for n in cfg.dataset.split(","))
+    return cfg.model_copy(update={"dataset": names})
+
+
+@torch.no_grad()
+def feature_counts(sae, x: torch.Tensor, group: torch.Tensor,  # noqa: ANN001
+                   chunk: int = 4096) -> dict[str, torch.Tensor]:
+    """Per-feature firing counts overall and in ``group`` (bool [N]), and activation sums."""
+    fires = torch.zeros(sae.d_sae)
+    fires_g = torch.zeros(sae.d_sae)
+    mass = torch.zeros(sae.d_sae)
+    for s in range(0, x.shape[0], chunk):
+        f = sae.encode(x[s:s + chunk].float())
+        on = (f > 0).float()
+        fires += on.sum(0)
+        fires_g += on[group[s:s + chunk]].sum(0)
+        mass += f.sum(0)
+    return {"fires": fires, "fires_group": fires_g, "mass": mass}
+
+
+@torch.no_grad()
+def top_tokens(sae, x: torch.Tensor, tokens: torch.Tensor, feature: int, tokenizer: Any,  # noqa: ANN001
+               n: int = 8, chunk: int = 8192) -> list[tuple[str, float]]:
+    """Tokens with the largest total activation of ``feature`` (decoded, with their share)."""
+    acts = torch.cat([sae.encode_features(x[s:s + chunk].float(), [feature])[:, 0]
+                      for s in range(0, x.shape[0], chunk)])
+    totals: Counter[int] = Counter()
+    for t, a in zip(tokens[acts > 0].tolist(), acts[acts > 0].tolist(), strict=True):
+        totals[t] += a
+    whole = sum(totals.values()) or 1.0
+    return [(tokenizer.decode([t]), v / whole) for t, v in totals.most_common(n)]
+
+
+def selective_features(stats: dict[str, torch.Tensor], group_fraction: float, n: int = 10,
+                       min_freq: float = 1e-3, total: int = 1) -> list[int]:
+    """Features that fire often and mostly inside the group (e.g. Shakespeare documents)."""
+    freq = stats["fires"] / total
+    share = stats["fires_group"] / stats["fires"].clamp_min(1)
+    score = torch.where(freq > min_freq, share, torch.zeros_like(share)) * freq.sqrt()
+    score[share < max(0.95, group_fraction)] = 0
+    return [int(i) for i in score.topk(n).indices if score[i] > 0]
 
 
 def heldout_rows(cfg, tokenizer, n_rows: int) -> torch.Tensor:  # noqa: ANN001
@@ -84,6 +150,8 @@ def steer_text(model, tokenizer, sae, feature: int, strength: float, prompt: str
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--corpus", default=os.environ.get("LLAMASCOPE_CORPUS"),
+                   help="folder holding the recipe's dataset files (default $LLAMASCOPE_CORPUS)")
     p.add_argument("--cache", default=str(ROOT / "runs/demo-cache"))
     p.add_argument("--cache-tokens", type=int, default=353_990,
                    help="the shipped SAE used exactly 5 shards = 353,990 tokens")
@@ -93,22 +161,27 @@ def main() -> None:
                    help="re-measure the shipped SAE in llamascope_sdk/assets and re-render its "
                         "card and demo_results.json; the weights are not touched")
     args = p.parse_args()
+    if not args.corpus:
+        p.error("give --corpus DIR (the folder with wikitext2-valid.txt and tinyshakespeare.txt) "
+                "or set LLAMASCOPE_CORPUS")
     torch.manual_seed(0)
     if args.eval_only:
-        eval_only(args.eval_rows)
+        eval_only(args.eval_rows, args.corpus)
         return
     from llamascope_sdk.models import load_model
     from llamascope_sdk.sae import SAE
     from llamascope_sdk.training.cache import read_manifest
     from llamascope_sdk.training.config import TrainConfig
-    from llamascope_sdk.training.trainer import train
+    from llamascope_sdk.training.loop import train
 
-    cfg = TrainConfig.load(RECIPE).model_copy(update={"activation_cache": args.cache})
+    cfg = with_corpus(TrainConfig.load(RECIPE), args.corpus).model_copy(
+        update={"activation_cache": args.cache})
     if not (Path(args.cache) / "manifest.json").is_file() or not read_manifest(args.cache)["complete"]:
         from training.run import main as run_main
 
-        run_main(["--config", str(RECIPE), "--make-cache", args.cache, "--cache-tokens",
-                  str(args.cache_tokens)])
+        if run_main(["--config", str(RECIPE), "--set", f"dataset={cfg.dataset}", "--make-cache",
+                     args.cache, "--cache-tokens", str(args.cache_tokens)]):
+            sys.exit(1)
     export_root = ROOT / "runs/demo-export"
     t0 = time.time()
     if not args.skip_train:
@@ -133,8 +206,6 @@ def find_features(model, tok, sae, cfg, cache: str) -> tuple[list[dict], str]:  
 
     from llamascope_sdk.training.cache import read_manifest
     from llamascope_sdk.training.data import local_documents
-    from llamascope_sdk.training.features import feature_counts, selective_features, top_tokens
-
     # features: from the first shard (Wikipedia) and the last one (mostly Shakespeare)
     man = read_manifest(cache)
     shards = [load_file(str(Path(cache) / s["file"])) for s in (man["shards"][0], man["shards"][-1])]
@@ -145,7 +216,7 @@ def find_features(model, tok, sae, cfg, cache: str) -> tuple[list[dict], str]:  
     first_file = cfg.dataset.split(",")[0]
     n_wiki = len(local_documents(first_file, holdout_fraction=cfg.holdout_fraction))
     group = docs >= n_wiki  # Shakespeare documents come after the Wikipedia ones
-    stats = feature_counts(sae, x, toks, group)
+    stats = feature_counts(sae, x, group)
     shakes = selective_features(stats, float(group.float().mean()), n=12, total=x.shape[0])
     # context features (diffuse over tokens) first: they steer topic/style, not one token
     shakes.sort(key=lambda i: top_tokens(sae, x, toks, i, tok, n=1)[0][1])
@@ -191,7 +262,7 @@ def steer_grid(model, tok, sae, feats: list[dict]) -> str:  # noqa: ANN001
     return baseline
 
 
-def eval_only(n_rows: int) -> None:
+def eval_only(n_rows: int, corpus: str) -> None:
     """Re-measure the shipped SAE on the held-out text and rewrite its card and results; the
     weights are checked to be byte-identical before and after."""
     from llamascope_sdk.atomic import atomic_write_text
@@ -200,7 +271,7 @@ def eval_only(n_rows: int) -> None:
     from llamascope_sdk.training.config import TrainConfig
 
     dest = ROOT / "llamascope_sdk/assets" / TrainConfig.load(RECIPE).name
-    cfg = TrainConfig.load(dest / "recipe.yaml")
+    cfg = with_corpus(TrainConfig.load(dest / "recipe.yaml"), corpus)
     before = _weight_digests(dest)
     sae = SAE.from_pretrained(dest)
     model, tok = load_model(cfg.model)
@@ -225,6 +296,8 @@ def _weight_digests(folder: Path) -> dict[str, str]:
 
 def ship(folder: Path, cfg, result: dict) -> Path:  # noqa: ANN001
     """Copy the release folder into the package with its card, recipe and results."""
+    from llamascope_sdk.atomic import atomic_write_text
+
     dest = ROOT / "llamascope_sdk/assets" / cfg.name
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(folder, dest)
@@ -232,6 +305,7 @@ def ship(folder: Path, cfg, result: dict) -> Path:  # noqa: ANN001
         f.chmod(0o755 if f.is_dir() else 0o644)
         if f.suffix in {".yaml", ".json", ".md"}:  # no machine-specific absolute paths
             f.write_text(f.read_text().replace(f"{ROOT}/", ""))
+    atomic_write_text(dest / "recipe.yaml", shipped_recipe(cfg).to_yaml())
     write_card(dest, cfg, result)
     return dest
 
@@ -244,7 +318,7 @@ def write_card(dest: Path, cfg, result: dict) -> Path:  # noqa: ANN001
     from llamascope_sdk.training.export import card_info
 
     hp = json.loads((dest / "hyperparams.json").read_text())
-    cfg = cfg.model_copy(update={"activation_cache": None})
+    cfg = shipped_recipe(cfg).model_copy(update={"activation_cache": None})
     m = result["metrics"]
     n_tok, n_big = m[ALL]["n_tokens"], m[EXCLUDING]["n_excluded"]
     note = (f"Held-out text: the last 10% of each corpus file (WikiText-2 valid and Tiny "
@@ -255,7 +329,7 @@ def write_card(dest: Path, cfg, result: dict) -> Path:  # noqa: ANN001
             "this distribution, reconstructs them badly, and they dominate the summed error; the "
             "right column leaves them clean (like BOS) and excludes them "
             "(`evaluate(..., exclude_norm_above=...)`).")
-    info = card_info(cfg, hp, m, load_name="demo", command=result["command"],
+    info = card_info(cfg, hp, m, data_label=DATA_LABEL, load_name="demo", command=COMMAND,
                      metrics_note=note, extra=_features_markdown(result, DEMO_FEATURES),
                      datasets=DATASETS)
     return atomic_write_text(dest / "README.md", render_card(info))

@@ -62,7 +62,7 @@ class VanillaSAE(torch.nn.Module):
 
 
 def train_vanilla(x: torch.Tensor, l1: float, steps: int, bs: int, f_dim: int) -> VanillaSAE:
-    from llamascope_sdk.training.sae_train import batch_norm_mse
+    from llamascope_sdk.training.trainable import batch_norm_mse
 
     m = VanillaSAE(x.shape[1], f_dim, 0)
     opt = torch.optim.Adam(m.parameters(), lr=2e-3, betas=(0.9, 0.9999))
@@ -81,13 +81,13 @@ def train_vanilla(x: torch.Tensor, l1: float, steps: int, bs: int, f_dim: int) -
 def train_topk(x: torch.Tensor, k: int, steps: int, bs: int, f_dim: int):  # noqa: ANN201
     from llamascope_sdk.training.config import TrainConfig
     from llamascope_sdk.training.ddp import Dist
-    from llamascope_sdk.training.sae_trainer import SAETrainer
+    from llamascope_sdk.training.optimizer import SAEOptimizer
 
     cfg = TrainConfig(name=f"topk{k}", hook_point_in=HOOK, hook_point_out=HOOK,
                       d_model=x.shape[1], expansion_factor=f_dim // x.shape[1], top_k=k,
                       total_tokens=steps * bs, batch_size=bs, lr=2e-3, lr_warmup_steps=0.05,
                       clip_grad_norm=None)
-    tr = SAETrainer(cfg, Dist())
+    tr = SAEOptimizer(cfg, Dist())
     tr.norm_in = tr.norm_out = math.sqrt(x.shape[1])  # x is pre-normalised below
     for t in range(steps):
         xb = x[(t * bs) % x.shape[0]:][:bs]

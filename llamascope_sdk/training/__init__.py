@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 from llamascope_sdk.training.config import TrainConfig
+from llamascope_sdk.training.loop import train
 from llamascope_sdk.training.recipes import all_recipes, paper_overrides, recipe_for
-from llamascope_sdk.training.trainer import train
 
 __all__ = ["TrainConfig", "all_recipes", "paper_overrides", "recipe_for", "train"]

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from llamascope_sdk.corpus import pad_rows
 from llamascope_sdk.hooks import capture_into, hooked
 from llamascope_sdk.sites import Site, module_for, parse_hook_point
 
-from .data import TokenSource, pad_rows
+from .data import TokenSource
 
 Chunk = dict[str, torch.Tensor]  # hook point -> [n, D]; plus "tokens"/"doc"/"pos" metadata
 

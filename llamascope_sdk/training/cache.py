@@ -14,6 +14,7 @@ all 128 Llama-3.1-8B sites it would be ~1 PB per billion tokens (peers 5.3), hen
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from llamascope_sdk.atomic import atomic_save_safetensors, atomic_write_text
 from .activations import Chunk, LiveSource
 
 MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
 
 
 def _flush(folder: Path, parts: list[Chunk], manifest: dict[str, Any]) -> None:
@@ -75,7 +77,7 @@ def write_cache(source: LiveSource, folder: str | Path, *, max_tokens: int | Non
             parts, n_parts = [], 0
             if progress:
                 rate = (manifest["tokens"] - done0) / max(time.time() - t0, 1e-9)
-                print(f"cache: {manifest['tokens']:,} tokens, {rate:,.0f} tok/s", flush=True)
+                log.info("cache: %s tokens, %s tok/s", f"{manifest['tokens']:,}", f"{rate:,.0f}")
         if max_tokens is not None and manifest["tokens"] + n_parts >= max_tokens:
             break
     if parts:

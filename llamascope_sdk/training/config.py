@@ -13,7 +13,9 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import TrainConfigError
 
 Variant = Literal["released", "paper"]
 
@@ -38,7 +40,7 @@ class TrainConfig(BaseModel):
                                      "file; several local files may be joined with ','")
     dataset_split: str = "train"
     text_field: str = "text"
-    holdout_fraction: float = Field(default=0.0, ge=0, lt=1,
+    holdout_fraction: float = Field(default=0.0, ge=0, lt=1, allow_inf_nan=False,
                                     description="tail of each local file kept out of training")
     context_size: int = Field(default=1024, gt=1, description="documents are truncated to this")
     split_long_documents: bool = Field(default=False,
@@ -56,24 +58,25 @@ class TrainConfig(BaseModel):
     # --- optimisation ------------------------------------------------------------------
     total_tokens: int = Field(default=800_000_000, gt=0)
     batch_size: int = Field(default=2048, gt=0, description="tokens per optimiser step (global)")
-    lr: float = Field(default=8e-4, gt=0)
+    lr: float = Field(default=8e-4, gt=0, allow_inf_nan=False, description="peak learning rate")
     betas: tuple[float, float] = Field(default=(0.9, 0.9999), description="paper: (0.9, 0.999)")
-    eps: float = 1e-8
-    lr_warmup_steps: int | float = Field(default=5000, ge=0,
+    eps: float = Field(default=1e-8, gt=0, allow_inf_nan=False)
+    lr_warmup_steps: int | float = Field(default=5000, ge=0, allow_inf_nan=False,
                                          description="steps, or a fraction of steps if < 1; "
                                                      "paper: 10000")
-    lr_cooldown_fraction: float = Field(default=0.2, ge=0, le=1,
+    lr_cooldown_fraction: float = Field(default=0.2, ge=0, le=1, allow_inf_nan=False,
                                         description="linear decay over this final fraction")
-    lr_end_ratio: float = Field(default=0.01, ge=0, le=1, description="paper: 0.0")
-    clip_grad_norm: float | None = Field(default=0.001, description="global norm; paper: none")
-    k_warmup_fraction: float = Field(default=0.1, ge=0, le=1,
+    lr_end_ratio: float = Field(default=0.01, ge=0, le=1, allow_inf_nan=False, description="paper: 0.0")
+    clip_grad_norm: float | None = Field(default=0.001, gt=0, allow_inf_nan=False, description="global norm; paper: none")
+    k_warmup_fraction: float = Field(default=0.1, ge=0, le=1, allow_inf_nan=False,
                                      description="K anneals over this first fraction of steps")
-    k_init_ratio: float = Field(default=0.5, gt=0,
+    k_init_ratio: float = Field(default=0.5, gt=0, allow_inf_nan=False,
                                 description="k_0 = ratio * d_model; released 0.5 (D/2), paper 1.0")
-    init_decoder_norm: float = Field(default=0.5, gt=0,
+    init_decoder_norm: float = Field(default=0.5, gt=0, allow_inf_nan=False,
                                      description="released 0.5 for both widths; paper "
                                                  "sqrt(2/expansion) (0.25 for 32x)")
-    init_encoder_norm: float | None = Field(default=None, description="TC only (0.5)")
+    init_encoder_norm: float | None = Field(default=None, gt=0, allow_inf_nan=False,
+                                             description="TC only (0.5)")
     norm_tokens: int = Field(default=16_384, gt=0, description="tokens for the dataset-wise norm")
     dtype: Literal["float32", "bfloat16"] = Field(
         default="float32", description="SAE parameter dtype; the release used bfloat16 params")
@@ -81,7 +84,7 @@ class TrainConfig(BaseModel):
         default=None, description="LM dtype; default bf16 on CUDA, fp32 on CPU")
     sparse_kernels: bool = Field(default=True, description="decoder touches only k rows")
     variant: Variant = Field(default="released", description="which column of spec 4")
-    seed: int = 42
+    seed: int = Field(default=42, ge=0)
 
     # --- post-processing / export -------------------------------------------------------
     threshold_tokens: int = Field(default=32_768, gt=0, description="batch for the JumpReLU θ")
@@ -101,8 +104,30 @@ class TrainConfig(BaseModel):
                                      "replicate: every rank reads the same stream and keeps its "
                                      "slice of each global batch (exact 1-process equivalence)")
 
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(math.isfinite(b) and 0 <= b < 1 for b in v):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {list(v)}")
+        return v
+
+    @field_validator("name", "model", "hook_point_in", "hook_point_out", "dataset", "output_dir",
+                     "device")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if isinstance(self.lr_warmup_steps, float) and self.lr_warmup_steps >= 1 and (
+                not self.lr_warmup_steps.is_integer()):
+            raise ValueError(f"lr_warmup_steps={self.lr_warmup_steps}: give a whole number of "
+                             "steps, or a fraction of the steps below 1")
+        if self.buffer_tokens and self.buffer_tokens < self.batch_size:
+            raise ValueError(f"buffer_tokens={self.buffer_tokens} is smaller than one batch "
+                             f"(batch_size={self.batch_size}); use 0 to disable shuffling")
         if self.top_k > self.d_sae:
             raise ValueError(f"top_k={self.top_k} exceeds d_sae={self.d_sae} "
                              "(d_model * expansion_factor)")
@@ -163,13 +188,32 @@ class TrainConfig(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
-        path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        if path.suffix in {".yaml", ".yml"}:
-            import yaml
+        """Read a recipe from ``.yaml``/``.yml`` or ``.json``.
 
-            return cls.model_validate(yaml.safe_load(text))
-        return cls.model_validate(json.loads(text))
+        Raises:
+            TrainConfigError: the file is missing, is not valid YAML/JSON, or holds invalid
+                values (the message names each field).
+        """
+        import yaml
+
+        path = Path(path)
+        hint = "see `python training/run.py --sae L15R-8x --print-config` for a valid recipe"
+        if not path.is_file():
+            raise TrainConfigError(f"recipe file {path} does not exist", hint=hint)
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = (yaml.safe_load(text) if path.suffix in {".yaml", ".yml"} else json.loads(text))
+        except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrainConfigError(f"{path} is not a readable YAML/JSON recipe: {first}",
+                                   hint=hint) from None
+        if not isinstance(data, dict):
+            raise TrainConfigError(f"{path} holds a {type(data).__name__}, not a mapping of "
+                                   "TrainConfig fields", hint=hint)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise TrainConfigError(f"invalid recipe {path}: {describe(exc)}", hint=hint) from None
 
     def with_overrides(self, pairs: list[str]) -> TrainConfig:
         """Apply ``key=value`` strings; values are parsed as YAML (numbers, lists, null)."""
@@ -181,7 +225,27 @@ class TrainConfig(BaseModel):
             key = key.strip()
             if not sep or key not in type(self).model_fields:
                 valid = ", ".join(sorted(type(self).model_fields)[:8])
-                raise ValueError(f"bad override {pair!r}: expected key=value with key one of "
-                                 f"the TrainConfig fields ({valid}, ...)")
-            data[key] = yaml.safe_load(raw)
-        return type(self).model_validate(data)
+                raise TrainConfigError(f"bad override {pair!r}: expected key=value with key one of "
+                                       f"the TrainConfig fields ({valid}, ...)",
+                                       hint="--print-config shows every field and its value")
+            try:
+                data[key] = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                raise TrainConfigError(f"bad override {pair!r}: the value is not valid YAML") from None
+        try:
+            return type(self).model_validate(data)
+        except ValidationError as exc:
+            raise TrainConfigError(f"invalid value after --set: {describe(exc)}",
+                                   hint="fix the --set KEY=VALUE pair") from None
+
+
+def describe(exc: ValidationError) -> str:
+    """A pydantic error as one line naming each field: ``lr: Input should be ... (got inf)``."""
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e.get("loc", ()))
+        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        got = e.get("input")
+        shown = f" (got {got!r})" if loc and not isinstance(got, dict) and "got" not in msg else ""
+        parts.append(f"{loc}: {msg}{shown}" if loc else msg)
+    return "; ".join(parts)

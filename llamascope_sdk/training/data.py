@@ -15,17 +15,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from llamascope_sdk import corpus
-from llamascope_sdk.corpus import pad_rows, split_text
 from llamascope_sdk.errors import DataUnavailableError
 
-__all__ = ["SLIMPAJAMA", "DataUnavailableError", "TokenSource", "local_documents", "pad_rows",
-           "split_text"]
+__all__ = ["PACK_CHARS", "TokenSource", "local_documents"]
 
 #: Local text files without headings are split on blank lines, then consecutive paragraphs are
 #: packed until a document reaches about this many characters (~ a 1024-token context).
 PACK_CHARS = 4000
-
-SLIMPAJAMA = "cerebras/SlimPajama-627B"
 
 
 def local_documents(dataset: str, text_field: str = "text", holdout_fraction: float = 0.0,

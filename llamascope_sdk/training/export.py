@@ -50,14 +50,24 @@ def _position(cfg: TrainConfig) -> str:
     return {"resid_post": "R", "attn_out": "A", "mlp_out": "M"}[kind]
 
 
-def card_info(cfg: TrainConfig, hp: dict[str, Any], metrics: Any = None,
-              **extra: Any) -> dict[str, Any]:
+def dataset_label(dataset: str) -> str:
+    """How a card names the training data: a Hub name as is, local files by file name only
+    (a card never carries a path of the machine that trained it)."""
+    paths = local_paths(dataset)
+    if paths is None:
+        return f"`{dataset}`"
+    return " + ".join(f"`{p.name}`" for p in paths)
+
+
+def card_info(cfg: TrainConfig, hp: dict[str, Any], metrics: Any = None, *,
+              data_label: str | None = None, **extra: Any) -> dict[str, Any]:
     """The :func:`llamascope_sdk.cards.render_card` description of a trained SAE.
 
     Args:
         cfg, hp: the recipe and the release hyperparams (threshold, dataset norms).
         metrics: training metrics, an ``EvalResult`` (or its dict), or
             ``{column label: EvalResult}``; see ``render_card``.
+        data_label: how the summary names the training data (default: :func:`dataset_label`).
         extra: more card keys (``command``, ``extra``, ``metrics_note``, ``load_name``, ...).
 
     Returns:
@@ -67,7 +77,7 @@ def card_info(cfg: TrainConfig, hp: dict[str, Any], metrics: Any = None,
     summary = (f"Top-K SAE trained with llamascope-sdk's reproduction of the Llama Scope recipe "
                f"(spec section 4, **{cfg.variant}** column) and converted to JumpReLU (one global "
                f"threshold θ = {hp['jump_relu_threshold']:.6g}, folded space). Trained on "
-               f"`{cfg.dataset}` with `{cfg.model}`; dataset norms: in {norms['in']}, out "
+               f"{data_label or dataset_label(cfg.dataset)} with `{cfg.model}`; dataset norms: in {norms['in']}, out "
                f"{norms['out']}.")
     recipe = {"variant": cfg.variant, "Adam betas": str(tuple(cfg.betas)), "lr": f"{cfg.lr:g}",
               "warm-up steps": cfg.warmup_steps, "final lr ratio": f"{cfg.lr_end_ratio:g}",

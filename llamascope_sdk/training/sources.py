@@ -12,6 +12,7 @@ from .activations import ActivationGenerator, LiveSource
 from .cache import CacheSource
 from .config import TrainConfig
 from .data import TokenSource
+from .errors import TrainConfigError
 
 
 def hook_points_of(cfgs: list[TrainConfig]) -> list[str]:
@@ -26,10 +27,30 @@ def load_lm(cfg: TrainConfig) -> tuple[Any, Any]:
     return load_model(cfg.model, device=cfg.device, dtype=dtype)
 
 
+def check_model_fits(cfg: TrainConfig, model: Any) -> None:
+    """The recipe's context and width against the loaded model's config.
+
+    Raises:
+        TrainConfigError: ``context_size`` above ``max_position_embeddings``, or ``d_model``
+            different from the model's hidden size.
+    """
+    conf = getattr(model, "config", None)
+    window = getattr(conf, "max_position_embeddings", None)
+    if window is not None and cfg.context_size > window:
+        raise TrainConfigError(f"context_size={cfg.context_size} exceeds the context window of "
+                               f"{cfg.model} (max_position_embeddings={window})",
+                               hint=f"--set context_size={window} or less")
+    hidden = getattr(conf, "hidden_size", None)
+    if hidden is not None and cfg.d_model != hidden:
+        raise TrainConfigError(f"d_model={cfg.d_model} but {cfg.model} has hidden_size={hidden}",
+                               hint=f"--set d_model={hidden}")
+
+
 def live_source(cfg: TrainConfig, hook_points: list[str], model: Any, tokenizer: Any, *,
                 rank: int = 0, world: int = 1, heldout: bool = False,
                 loop: bool = True) -> LiveSource:
     """A live source; rank r of world generates documents i % world == r."""
+    check_model_fits(cfg, model)
     tokens = TokenSource(tokenizer, cfg.dataset, split=cfg.dataset_split,
                          text_field=cfg.text_field, context_size=cfg.context_size,
                          holdout_fraction=cfg.holdout_fraction, rank=rank, world=world,

@@ -11,7 +11,10 @@ import pytest
 
 from llamascope_sdk.registry import list_saes
 from llamascope_sdk.training.config import TrainConfig
+from llamascope_sdk.training.errors import TrainConfigError
 from llamascope_sdk.training.recipes import all_recipes, paper_overrides, recipe_for
+
+from .tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,3 +65,37 @@ def test_training_is_not_imported_by_the_package() -> None:
     code = "import llamascope_sdk, sys; print(any('training' in m for m in sys.modules if m.startswith('llamascope_sdk')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(("override", "field"), [
+    ("lr=.inf", "lr"), ("lr=.nan", "lr"), ("lr=0", "lr"), ("lr=-1e-3", "lr"),
+    ("eps=0", "eps"), ("betas=[0.9, 1.5]", "betas"), ("clip_grad_norm=.inf", "clip_grad_norm"),
+    ("total_tokens=0", "total_tokens"), ("batch_size=-2", "batch_size"),
+    ("context_size=1", "context_size"), ("norm_tokens=0", "norm_tokens"),
+    ("threshold_tokens=0", "threshold_tokens"), ("buffer_tokens=100", "buffer_tokens"),
+    ("init_decoder_norm=.nan", "init_decoder_norm"), ("lr_warmup_steps=2.5", "lr_warmup_steps"),
+    ("keep_checkpoints=0", "keep_checkpoints"), ("seed=-1", "seed"), ("name=' '", "name")])
+def test_invalid_values_are_refused_naming_the_field(override: str, field: str) -> None:
+    with pytest.raises(TrainConfigError, match=field):
+        recipe_for("L15R-8x").with_overrides([override])
+
+
+def test_context_larger_than_the_model_window_is_refused(tmp_path: Path, tiny_llama,
+                                                         char_tokenizer) -> None:
+    from llamascope_sdk.training.sources import live_source
+
+    cfg = tiny_config(tmp_path, context_size=256)  # tiny_llama: max_position_embeddings=128
+    with pytest.raises(TrainConfigError, match="context_size=256.*max_position_embeddings=128"):
+        live_source(cfg, [cfg.hook_point_in], tiny_llama, char_tokenizer)
+    with pytest.raises(TrainConfigError, match="d_model=32.*hidden_size=64"):
+        live_source(tiny_config(tmp_path, d_model=32), [cfg.hook_point_in], tiny_llama,
+                    char_tokenizer)
+
+
+@pytest.mark.parametrize("text", ["lr: [unclosed", "- a list\n", "name: x\nlr: .inf\n"])
+def test_recipe_files_that_cannot_be_used(tmp_path: Path, text: str) -> None:
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(TrainConfigError, match="r.yaml"):
+        TrainConfig.load(tmp_path / "r.yaml")
+    with pytest.raises(TrainConfigError, match="does not exist"):
+        TrainConfig.load(tmp_path / "missing.yaml")

@@ -8,19 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from llamascope_sdk.corpus import split_text
+from llamascope_sdk.errors import DataUnavailableError
 from llamascope_sdk.sites import module_for, parse_hook_point, rms_normalized
 from llamascope_sdk.training.activations import ActivationGenerator
 from llamascope_sdk.training.buffer import ShuffleBuffer
 from llamascope_sdk.training.cache import CacheSource, write_cache
-from llamascope_sdk.training.data import (
-    DataUnavailableError,
-    TokenSource,
-    local_documents,
-    split_text,
-)
+from llamascope_sdk.training.data import TokenSource, local_documents
 from llamascope_sdk.training.sources import live_source
 
-from .tiny import CharTokenizer, tiny_config, tiny_model
+from .tiny import tiny_config
 
 SITES = ["blocks.0.hook_attn_out", "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out",
          "blocks.1.hook_resid_post"]
@@ -47,17 +44,17 @@ def test_local_formats_and_holdout(tmp_path: Path) -> None:
         local_documents(str(tmp_path / "missing.txt"))
 
 
-def test_hub_dataset_fails_clearly_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_dataset_fails_clearly_offline(monkeypatch: pytest.MonkeyPatch, char_tokenizer) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    src = TokenSource(CharTokenizer(), "cerebras/SlimPajama-627B")
+    src = TokenSource(char_tokenizer, "cerebras/SlimPajama-627B")
     with pytest.raises(DataUnavailableError, match="SlimPajama.*local"):
         next(src.batches(2))
 
 
-def test_tokens_bos_truncation_split_and_ranks() -> None:
-    tok = CharTokenizer()
-    src = TokenSource(tok, "x.txt" if False else "cerebras/x", context_size=5)
+def test_tokens_bos_truncation_split_and_ranks(char_tokenizer) -> None:
+    tok = char_tokenizer
+    src = TokenSource(tok, "cerebras/x", context_size=5)
     assert src.encode("abcdefgh") == [(0, [1, *tok("abcd")["input_ids"]])]
     src.split_long = True
     assert [o for o, _ in src.encode("abcdefgh")] == [0, 4]
@@ -67,8 +64,8 @@ def test_tokens_bos_truncation_split_and_ranks() -> None:
     assert docs == [1, 3, 5] and src.position == 6
 
 
-def test_one_pass_many_sites_early_stop_and_special_tokens() -> None:
-    model = tiny_model()
+def test_one_pass_many_sites_early_stop_and_special_tokens(tiny_llama) -> None:
+    model = tiny_llama
     tokens = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 9, 9, 9, 9, 9]])
     lengths = torch.tensor([5, 6])
     ran = []
@@ -120,9 +117,9 @@ def test_buffer_refills_at_half_and_shuffles() -> None:
     assert src.pulled == 16  # fell below 50 -> refilled to 100
 
 
-def test_cache_round_trip_and_resume(tmp_path: Path) -> None:
+def test_cache_round_trip_and_resume(tmp_path: Path, tiny_llama, char_tokenizer) -> None:
     cfg = tiny_config(tmp_path)
-    src = live_source(cfg, [cfg.hook_point_in], tiny_model(), CharTokenizer(), loop=False)
+    src = live_source(cfg, [cfg.hook_point_in], tiny_llama, char_tokenizer, loop=False)
     m = write_cache(src, tmp_path / "cache", shard_tokens=500, progress=False)
     assert m["complete"] and len(m["shards"]) > 2
     cs = CacheSource(tmp_path / "cache", epochs=2, seed=0)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from llamascope_sdk.training.cache import write_cache
 from llamascope_sdk.training.sources import live_source
 
-from .tiny import CharTokenizer, tiny_config, tiny_model
+from .tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,10 +38,13 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / latest["dir"] / "model.safetensors"))
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
-def test_two_processes_equal_one(tmp_path: Path) -> None:
+TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+
+
+@pytest.mark.skipif(not Path(TORCHRUN).is_file(), reason="torchrun not installed")
+def test_two_processes_equal_one(tmp_path: Path, tiny_llama, char_tokenizer) -> None:
     cfg = tiny_config(tmp_path)
-    src = live_source(cfg, [cfg.hook_point_in], tiny_model(), CharTokenizer(), loop=False)
+    src = live_source(cfg, [cfg.hook_point_in], tiny_llama, char_tokenizer, loop=False)
     write_cache(src, tmp_path / "cache", shard_tokens=400, progress=False)
     cfg = cfg.model_copy(update={"activation_cache": str(tmp_path / "cache"), "epochs": 3,
                                  "ddp_data": "replicate", "total_tokens": 64 * 30})
@@ -50,7 +53,7 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     env = {"OMP_NUM_THREADS": "1", "PATH": shutil.os.environ["PATH"]}
     subprocess.run([sys.executable, *base, "--set", f"output_dir={tmp_path / 'one'}"],
                    check=True, cwd=ROOT, timeout=120, env=env, capture_output=True)
-    subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()),
                     *base, "--set", f"output_dir={tmp_path / 'two'}"],
                    check=True, cwd=ROOT, timeout=120, env=env, capture_output=True)
     one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")

@@ -9,12 +9,12 @@ import torch
 
 from llamascope_sdk.sae import SAE
 from llamascope_sdk.training.ddp import Dist
+from llamascope_sdk.training.loop import Run, export_run, threshold_inputs
 from llamascope_sdk.training.postprocess import jumprelu_threshold, mean_l0
 from llamascope_sdk.training.sources import hook_points_of, live_source
-from llamascope_sdk.training.trainer import Run, export_run, threshold_inputs
 from tests.helpers import raw_tensors, release_hyperparams
 
-from .tiny import CharTokenizer, tiny_config, tiny_model
+from .tiny import tiny_config
 
 
 def test_threshold_gives_mean_l0_k() -> None:
@@ -26,13 +26,13 @@ def test_threshold_gives_mean_l0_k() -> None:
     assert mean_l0(sae, x, theta) == 7.0
 
 
-def test_multi_sae_run_exports_release_folders(tmp_path: Path) -> None:
+def test_multi_sae_run_exports_release_folders(tmp_path: Path, tiny_llama, char_tokenizer) -> None:
     sae_cfg = tiny_config(tmp_path, total_tokens=64 * 12)
     tc_cfg = sae_cfg.model_copy(update={"name": "tiny-L1TC", "init_encoder_norm": 0.5,
                                         "hook_point_in": "blocks.1.ln2.hook_normalized",
                                         "hook_point_out": "blocks.1.hook_mlp_out"})
     cfgs = [sae_cfg, tc_cfg]
-    src = live_source(sae_cfg, hook_points_of(cfgs), tiny_model(), CharTokenizer())
+    src = live_source(sae_cfg, hook_points_of(cfgs), tiny_llama, char_tokenizer)
     run = Run(cfgs, Dist(), source=src)
     run.fit(progress=False)
     assert run.finished and run.step == 12
@@ -48,20 +48,3 @@ def test_multi_sae_run_exports_release_folders(tmp_path: Path) -> None:
         l0 = (sae.encode(rows[cfg.hook_point_in]) > 0).float().sum(-1).mean()
         assert abs(float(l0) - 4) < 0.05  # exact up to the bf16 file round trip
 
-
-def test_evaluate_splices_and_reports_both_ev(tmp_path: Path) -> None:
-    from llamascope_sdk.evaluation import evaluate
-
-    hp = release_hyperparams(layer=1, d_model=32, d_sae=128, norm_in=1.0)
-    sae = SAE.from_raw(hp, raw_tensors(32, 128))
-    model = tiny_model()
-    tokens = torch.randint(3, 99, (3, 20))
-    tokens[:, 0] = 1
-    tokens[2, 15:] = 0  # a row of 15 tokens, right-padded
-    m = evaluate(model, CharTokenizer(), sae, tokens, batch_size=2, progress=False)["sae"]
-    assert m.n_tokens == 19 + 19 + 14
-    assert m.explained_variance_uncentred >= m.explained_variance_centred - 1
-    assert m.ce_spliced != m.ce_clean
-    none = evaluate(model, CharTokenizer(), sae, tokens, exclude_norm_above=1e9,
-                    progress=False)["sae"]
-    assert none.n_excluded == 0 and none.n_tokens == m.n_tokens

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llamascope_sdk.training.kernels import bag_sum, select
-from llamascope_sdk.training.sae_train import TopKSAE, batch_norm_mse, k_schedule, lr_lambda
+from llamascope_sdk.training.trainable import TopKSAE, batch_norm_mse, k_schedule, lr_lambda
 
 from .tiny import tiny_config
 

@@ -12,13 +12,15 @@ from llamascope_sdk.dtypes import parse_dtype
 from . import checkpoint as ck
 from .config import TrainConfig
 from .ddp import Dist
-from .sae_train import TopKSAE, batch_norm_mse, k_schedule, lr_lambda
+from .errors import NonFiniteError
+from .trainable import TopKSAE, batch_norm_mse, k_schedule, lr_lambda
 
 _PARAMS = ["W_e", "b_e", "W_d", "b_d"]
 
 
-class SAETrainer:
-    """Trains one Top-K SAE on (input, target) activation batches.
+class SAEOptimizer:
+    """One Top-K SAE with its Adam state, schedules and statistics; trains on (input, target)
+    activation batches.
 
     ``step`` takes this rank's rows; gradients are all-reduced (summed: the loss is already
     divided by the global element count) so every rank holds identical parameters.
@@ -65,6 +67,12 @@ class SAETrainer:
         batch_mean = self.dist.sum(y_n.sum(0)) / n_global
         out = self.sae(x_n, k)
         loss = batch_norm_mse(out.y_hat, y_n, batch_mean, n_global)
+        total = self.dist.sum(loss.detach().reshape(1))  # every rank sees the same verdict
+        if not bool(torch.isfinite(total).all()):
+            raise NonFiniteError(
+                f"{cfg.name}: the loss is {float(total[0])} at step {self.step_count + 1}; the run "
+                "stops before writing a checkpoint, so the last good one is kept",
+                hint="lower lr (or set clip_grad_norm); check the activations for NaN/inf")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         for p in self.sae.parameters():
@@ -75,10 +83,10 @@ class SAETrainer:
         self.opt.step()
         self.sched.step()
         self.step_count += 1
-        self._track(out, x_n, y_n, batch_mean, loss, k, n_global)
+        self._track(out, y_n, batch_mean, loss, k, n_global)
 
     @torch.no_grad()
-    def _track(self, out: Any, x_n: torch.Tensor, y_n: torch.Tensor, batch_mean: torch.Tensor,
+    def _track(self, out: Any, y_n: torch.Tensor, batch_mean: torch.Tensor,
                loss: torch.Tensor, k: int, n_global: int) -> None:
         err = (out.y_hat.float() - y_n).pow(2).sum()
         var = (y_n - batch_mean).pow(2).sum()
@@ -107,6 +115,21 @@ class SAETrainer:
                 "lr": self.sched.get_last_lr()[0]}
 
     # --------------------------------------------------------------------- checkpoint state
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteError` if a parameter or an Adam moment is NaN/inf."""
+        tensors: dict[str, torch.Tensor] = {}
+        for n in _PARAMS:
+            p = getattr(self.sae, n)
+            tensors[n] = p
+            tensors.update({f"{n}.{k}": v for k, v in self.opt.state.get(p, {}).items()
+                            if k != "step"})
+        bad = [n for n, v in tensors.items() if not bool(torch.isfinite(v).all())]
+        if bad:
+            raise NonFiniteError(
+                f"{self.cfg.name}: {', '.join(bad)} hold NaN/inf after {self.step_count} steps; "
+                "nothing was written, the last good checkpoint is kept",
+                hint="lower lr (or set clip_grad_norm) and resume from the last checkpoint")
+
     def state(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
                                       dict[str, torch.Tensor], dict[str, Any]]:
         p = f"{i}."

@@ -6,7 +6,7 @@ their data settings (:meth:`TrainConfig.data_key`): they read one LM pass and on
 
 from __future__ import annotations
 
-import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -17,8 +17,11 @@ from . import checkpoint as ck
 from .buffer import ShuffleBuffer
 from .config import TrainConfig
 from .ddp import Dist, init_from_env, shutdown
-from .sae_trainer import SAETrainer
+from .errors import CheckpointError
+from .optimizer import SAEOptimizer
 from .sources import build_source, hook_points_of
+
+log = logging.getLogger(__name__)
 
 
 class Run:
@@ -41,10 +44,12 @@ class Run:
         cap = self.cfg.buffer_tokens // (dist.world if shard else 1)
         self.buffer = ShuffleBuffer(self.source, hook_points_of(cfgs), cap,
                                     seed=self.cfg.seed + (1000 * dist.rank if shard else 0))
-        self.trainers = [SAETrainer(c, dist) for c in cfgs]
+        self.saes = [SAEOptimizer(c, dist) for c in cfgs]
         name = "+".join(c.name for c in cfgs)
         self.run_dir = Path(self.cfg.output_dir) / name
         self.step = 0
+        self.saved_step: int | None = None
+        self.started = False
         self.finished = False
 
     # ------------------------------------------------------------------ data
@@ -66,69 +71,109 @@ class Run:
         shard = self.cfg.ddp_data == "shard"
         n = self.cfg.norm_tokens // (self.dist.world if shard else 1)
         rows = self.buffer.peek(n)
-        for t in self.trainers:
+        for t in self.saes:
             t.set_norms(rows[t.cfg.hook_point_in], rows[t.cfg.hook_point_out])
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self) -> None:
-        tmp = ck.tmp_dir(self.run_dir, self.step)
+    def _say(self, text: str) -> None:
         if self.dist.is_main:
-            tmp.mkdir(parents=True, exist_ok=True)
+            log.info(text)
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step (see :mod:`.checkpoint` for the order).
+
+        Raises:
+            NonFiniteError: a parameter or an Adam moment is NaN/inf; nothing is written.
+        """
+        for t in self.saes:  # every rank holds the same parameters: all raise together
+            t.check_finite()
+        seq = ck.next_seq(self.run_dir) if self.dist.is_main else 0
+        seq = int(self.dist.sum(torch.tensor([float(seq)], dtype=torch.float64)))
+        tmp = ck.tmp_dir(self.run_dir, self.step, seq)
+        if self.dist.is_main:
+            ck.begin(tmp)
         self.dist.barrier()
         buf_t, buf_s = self.buffer.state_dict()
         buf_t["torch_rng"] = torch.get_rng_state()
-        ck.save_tensors(buf_t, tmp / f"buffer-rank{self.dist.rank}.safetensors")
-        (tmp / f"data-rank{self.dist.rank}.json").write_text(json.dumps(buf_s))
+        ck.save_tensors(buf_t, tmp / ck.buffer_file(self.dist.rank))
+        ck.save_json(buf_s, tmp / ck.data_file(self.dist.rank))
         if self.dist.is_main:
             model: dict[str, torch.Tensor] = {}
             optim: dict[str, torch.Tensor] = {}
             stats: dict[str, torch.Tensor] = {}
             saes = []
-            for i, t in enumerate(self.trainers):
+            for i, t in enumerate(self.saes):
                 m, o, s, scalars = t.state(i)
                 model.update(m)
                 optim.update(o)
                 stats.update(s)
                 saes.append(scalars)
-            ck.save_tensors(model, tmp / "model.safetensors")
-            ck.save_tensors(optim, tmp / "optim.safetensors")
-            ck.save_tensors(stats, tmp / "stats.safetensors")
-            state = {"step": self.step, "world": self.dist.world, "saes": saes,
-                     "configs": [c.to_dict() for c in self.cfgs]}
-            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            ck.save_tensors(model, tmp / ck.MODEL)
+            ck.save_tensors(optim, tmp / ck.OPTIM)
+            ck.save_tensors(stats, tmp / ck.STATS)
+            ck.save_json({"step": self.step, "seq": seq, "world": self.dist.world, "saes": saes,
+                          "configs": [c.to_dict() for c in self.cfgs]}, tmp / ck.STATE)
         self.dist.barrier()
+        final = self.run_dir / ck.final_name(self.step, seq)
         if self.dist.is_main:
-            ck.commit(self.run_dir, self.step, self.cfg.keep_checkpoints)
+            ck.commit(tmp, self.cfg.keep_checkpoints)
         self.dist.barrier()
+        self.saved_step = self.step
+        return final
 
     def load(self) -> bool:
-        folder = ck.latest(self.run_dir)
-        if folder is None:
+        """Resume from the newest intact checkpoint; False when the run directory has none.
+
+        Raises:
+            CheckpointError: checkpoints exist but none is intact, or latest.json is invalid.
+        """
+        entries = ck.candidates(self.run_dir)
+        if not entries:
             return False
-        state = json.loads((folder / "state.json").read_text())
-        if state["world"] != self.dist.world:
-            raise ValueError(f"checkpoint {folder} was written by {state['world']} ranks; "
-                             f"resume with the same number (got {self.dist.world})")
-        model = ck.load_tensors(folder / "model.safetensors")
-        optim = ck.load_tensors(folder / "optim.safetensors")
-        stats = ck.load_tensors(folder / "stats.safetensors")
-        for i, t in enumerate(self.trainers):
-            t.load(i, model, optim, stats, state["saes"][i])
-        buf_t = ck.load_tensors(folder / f"buffer-rank{self.dist.rank}.safetensors")
-        buf_s = json.loads((folder / f"data-rank{self.dist.rank}.json").read_text())
-        self.buffer.load_state_dict(buf_t, buf_s)
-        torch.set_rng_state(buf_t["torch_rng"])
-        self.step = int(state["step"])
-        return True
+        problems = []
+        for e in entries:
+            try:
+                got: ck.Checkpoint | None = ck.read(e.folder, self.dist.rank, self.dist.world)
+                reason = ""
+            except ck.Unusable as exc:
+                got, reason = None, str(exc)
+            ok = self.dist.sum(torch.tensor([0.0 if got is None else 1.0]))
+            if got is not None and float(ok) == self.dist.world:
+                self._apply(got)
+                skipped = f" (skipped {len(problems)} newer unusable one(s))" if problems else ""
+                self._say(f"resuming from {e.folder} (step {self.step}){skipped}")
+                return True
+            problems.append(f"{e.folder.name}: {reason or 'unusable on another rank'}")
+            self._say(f"skipping checkpoint {e.folder}: {problems[-1].split(': ', 1)[1]}")
+        raise CheckpointError(
+            f"{self.run_dir} holds {len(entries)} checkpoint(s) but none can be resumed: "
+            + "; ".join(problems),
+            hint="restore a good step-* folder, or start over with --no-resume")
+
+    def _apply(self, c: ck.Checkpoint) -> None:
+        names = [s.get("name") for s in c.state["saes"]]
+        if names != [cfg.name for cfg in self.cfgs]:
+            raise CheckpointError(f"checkpoint {c.folder} holds SAEs {names}, this run trains "
+                                  f"{[cfg.name for cfg in self.cfgs]}",
+                                  hint="use another output_dir, or --no-resume")
+        try:
+            for i, t in enumerate(self.saes):
+                t.load(i, c.model, c.optim, c.stats, c.state["saes"][i])
+        except (KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint {c.folder} does not fit this recipe ({exc})",
+                                  hint="use another output_dir, or --no-resume") from None
+        self.buffer.load_state_dict(c.buffer, c.data)
+        torch.set_rng_state(c.buffer["torch_rng"])
+        self.step = self.saved_step = c.step
 
     # ------------------------------------------------------------------ loop
     def train_step(self, batch: dict[str, torch.Tensor]) -> None:
-        for t in self.trainers:
+        for t in self.saes:
             t.step(batch[t.cfg.hook_point_in], batch[t.cfg.hook_point_out], self.cfg.batch_size)
         self.step += 1
 
     def log(self, bar: Any, wandb_run: Any, tokens_per_s: float) -> None:
-        rows = [t.metrics() for t in self.trainers]
+        rows = [t.metrics() for t in self.saes]
         if not self.dist.is_main:
             return
         m = rows[0]
@@ -137,17 +182,23 @@ class Run:
         if bar is not None:
             bar.set_postfix_str(text)
         else:
-            print(f"step {self.step}: {text}", flush=True)
+            log.info("step %d: %s", self.step, text)
         if wandb_run is not None:
-            wandb_run.log({f"{t.cfg.name}/{k}": v for t, r in zip(self.trainers, rows, strict=True)
+            wandb_run.log({f"{t.cfg.name}/{k}": v for t, r in zip(self.saes, rows, strict=True)
                            for k, v in r.items()} | {"tokens_per_s": tokens_per_s}, step=self.step)
         self.last_metrics = rows
 
     def fit(self, resume: bool = True, max_steps: int | None = None, progress: bool = True) -> None:
-        """Train until total_steps (or the data ends, or ``max_steps`` for this call)."""
+        """Train until total_steps (or the data ends, or ``max_steps`` for this call).
+
+        The first call resumes from the newest intact checkpoint (unless ``resume=False``) or
+        starts over; later calls on the same Run continue where the previous one stopped.
+        """
         cfg = self.cfg
-        if not (resume and self.load()):
-            self.init_norms()
+        if not self.started:  # a later call continues the run in memory
+            if not (resume and self.load()):
+                self.init_norms()
+            self.started = True
         wandb_run = None
         if cfg.wandb_project and self.dist.is_main:
             try:
@@ -207,9 +258,11 @@ def export_run(run: Run, out_root: Path | None = None) -> list[Path]:
     from .export import card_info, export, release_hyperparams
     from .postprocess import fold, jumprelu_threshold, mean_l0
 
+    for t in run.saes:
+        t.check_finite()
     folders = []
     rows = threshold_inputs(run, run.cfg)
-    for t in run.trainers:
+    for t in run.saes:
         cfg = t.cfg
         raw = t.sae.raw_tensors(torch.bfloat16 if cfg.export_dtype == "bfloat16" else torch.float32)
         hp = release_hyperparams(cfg, t.norm_in, t.norm_out, 0.0, world=run.dist.world)
@@ -219,7 +272,7 @@ def export_run(run: Run, out_root: Path | None = None) -> list[Path]:
         l0 = mean_l0(fold(hp, raw), x, theta)
         metrics = {"threshold-batch mean L0": l0, "train steps": t.step_count}
         metrics.update({f"last train {k}": v for k, v in getattr(run, "last_metrics", [{}])[
-            run.trainers.index(t)].items() if k in ("ev", "mse", "dead")})
+            run.saes.index(t)].items() if k in ("ev", "mse", "dead")})
         folder = (out_root or run.run_dir / "export") / cfg.name
         folders.append(export(folder, cfg, raw, hp, render_card(card_info(cfg, hp, metrics))))
     return folders
@@ -236,7 +289,8 @@ def train(cfgs: list[TrainConfig], *, resume: bool = True, max_steps: int | None
     try:
         run = Run(cfgs, dist)
         run.fit(resume=resume, max_steps=max_steps, progress=progress)
-        run.save()
+        if run.saved_step != run.step:  # a re-run of a finished job writes nothing new
+            run.save()
         if not run.finished or not dist.is_main:
             return []
         return export_run(run, export_to)
