@@ -12,8 +12,8 @@ Example:
 
 from __future__ import annotations
 
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 DEMO_MODEL = "smollm2-135m"
 DEMO_SAE_NAME = "smollm2-135m-L15R-8x"

@@ -78,12 +78,12 @@ class Intervention:
     def _validate(self) -> None:
         if not isinstance(self.sae, SAE):
             raise TypeError(f"{type(self).__name__}.sae must be an SAE, got {type(self.sae).__name__}")
-        self.idx = self.sae.check_features(self.features)
+        self.idx = self.sae.check_features(self.features)  # type: ignore[arg-type]  # checked there
         if self.idx.numel() == 0:
             raise FeatureIndexError(f"{type(self).__name__}: no features given")
         check_positions(self.positions)
 
-    def target(self, old: torch.Tensor) -> torch.Tensor:
+    def target(self, old: torch.Tensor) -> torch.Tensor:  # noqa: ARG002  (the base refuses)
         """New activations [..., n] given the old ones; each subclass defines its own."""
         raise TypeError(f"{type(self).__name__} does not define target(); subclass Steer, "
                         "Clamp, Scale or Ablate")

@@ -270,7 +270,7 @@ class SAE(nn.Module):
             idx = features.detach().reshape(-1).to(torch.long)
         else:
             single = not isinstance(features, (list, tuple, range))
-            items = [features] if single else list(features)
+            items: list[Any] = [features] if single else list(features)  # type: ignore[arg-type]
             for i, item in enumerate(items):
                 if isinstance(item, torch.Tensor) and item.ndim == 0 and not (
                         item.dtype == torch.bool or item.is_floating_point() or item.is_complex()):

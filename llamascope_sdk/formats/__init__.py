@@ -68,7 +68,7 @@ def load_foreign(folder: str | Path, *, fmt: str | None = None, device: Any = No
     found = fmt or detect_format(folder)
     kw: dict[str, Any] = {"device": device, "dtype": dtype, "gate": gate}
     if found == "release":
-        return SAE.from_folder(folder, **kw)  # type: ignore[arg-type]
+        return SAE.from_folder(folder, **kw)
     if found == "saelens":
         return saelens.load(folder, **_pick(options, "norm_scaling_factor"), **kw)
     if found == "llamascopium":
