@@ -104,12 +104,14 @@ def run(args: argparse.Namespace) -> None:
     for device in dict.fromkeys(c.device for c in cfgs):
         check_device(device)
     if args.make_cache:
+        from llamascope_sdk.training.activations import LiveSource
         from llamascope_sdk.training.cache import write_cache
         from llamascope_sdk.training.sources import build_source
 
         cfgs = [c.model_copy(update={"activation_cache": None}) for c in cfgs]
         check_data(cfgs)
         src = build_source(cfgs)
+        assert isinstance(src, LiveSource)  # activation_cache is off: a live source
         src.tokens.loop = False  # one pass over a local corpus
         info = {"recipe": cfgs[0].name, "model": cfgs[0].model, "dataset": cfgs[0].dataset}
         m = write_cache(src, args.make_cache, max_tokens=args.cache_tokens, info=info)

@@ -63,7 +63,8 @@ class Run:
         n = self.cfg.batch_size // self.dist.world if shard else self.cfg.batch_size
         batch = self.buffer.next_batch(n)
         ok = torch.tensor([0.0 if batch is None else 1.0])
-        if float(self.dist.sum(ok)) < self.dist.world:  # every rank stops together
+        all_ok = float(self.dist.sum(ok)) >= self.dist.world  # every rank stops together
+        if batch is None or not all_ok:
             return None
         return self._local(batch)
 
@@ -130,7 +131,7 @@ class Run:
         entries = ck.candidates(self.run_dir)
         if not entries:
             return False
-        problems = []
+        problems: list[str] = []
         for e in entries:
             try:
                 got: ck.Checkpoint | None = ck.read(e.folder, self.dist.rank, self.dist.world)

@@ -44,11 +44,10 @@ class TopKSAE(nn.Module):
     def __init__(self, d_model: int, d_sae: int, *, sparse: bool = True,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
         super().__init__()
-        kw = {"dtype": dtype, "device": device}
-        self.W_e = nn.Parameter(torch.zeros(d_sae, d_model, **kw))  # encoder.weight [F, D]
-        self.b_e = nn.Parameter(torch.zeros(d_sae, **kw))
-        self.W_d = nn.Parameter(torch.zeros(d_sae, d_model, **kw))  # decoder.weight.T [F, D]
-        self.b_d = nn.Parameter(torch.zeros(d_model, **kw))
+        self.W_e = nn.Parameter(torch.zeros(d_sae, d_model, dtype=dtype, device=device))  # [F, D]
+        self.b_e = nn.Parameter(torch.zeros(d_sae, dtype=dtype, device=device))
+        self.W_d = nn.Parameter(torch.zeros(d_sae, d_model, dtype=dtype, device=device))  # dec.T
+        self.b_d = nn.Parameter(torch.zeros(d_model, dtype=dtype, device=device))
         self.sparse = sparse
 
     @torch.no_grad()
