@@ -152,8 +152,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device 
         tok = AutoTokenizer.from_pretrained(path, revision=revision, token=token)
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, token=token, dtype=dt)
     except HubUnreachableError as exc:
-        exc.hint = f"{exc.hint}; or use --model smollm2-135m (the offline demo model)"
-        raise
+        raise HubUnreachableError(f"could not load model {name_or_path!r}: {exc}",
+                                  hint=f"{exc.hint}; or use --model smollm2-135m (the offline "
+                                       "demo model)") from None
     except OSError as exc:
         raise _load_error(name_or_path, revision, exc) from None
     model.eval().to(dev)
@@ -197,38 +198,39 @@ def _load_error(name: str, revision: str | None, exc: OSError) -> DownloadError:
 
     endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     demo = "or use --model smollm2-135m (the offline demo model)"
+    head = f"could not load model {name!r}"
     first = " ".join(str(exc).split("\n")[0].split())
     cause = _hub_cause(exc)
     if isinstance(cause, GatedRepoError):
         return HubAccessError(
-            f"model {name!r} is gated on the Hub ({endpoint}) and the token sent may not read it",
+            f"{head}: it is gated on the Hub ({endpoint}) and the token sent may not read it",
             hint=f"accept the licence on the model page, then set HF_TOKEN (or run `hf auth login`); {demo}")
     if isinstance(cause, RevisionNotFoundError):
-        return ModelNotFoundError(f"revision {revision!r} not found in model {name!r} on {endpoint}",
+        return ModelNotFoundError(f"{head}: revision {revision!r} not found on {endpoint}",
                                   hint="use a branch, tag or commit sha of that repository")
     if isinstance(cause, RepositoryNotFoundError):
         return ModelNotFoundError(
-            f"model {name!r} is neither a local folder nor a repository on the Hub ({endpoint})",
+            f"{head}: it is neither a local folder nor a repository on the Hub ({endpoint})",
             hint=f"check the id (e.g. {DEFAULT_MODEL}); a private repository needs HF_TOKEN; {demo}")
     offline = bool(constants.HF_HUB_OFFLINE) or any(
         os.environ.get(k, "").strip().lower() in ("1", "on", "yes", "true")
         for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     if isinstance(cause, OfflineModeIsEnabled) or (isinstance(cause, LocalEntryNotFoundError) and offline):
         return DownloadError(
-            f"model {name!r} is not in the local cache and downloads are disabled (HF_HUB_OFFLINE=1)",
+            f"{head}: it is not in the local cache and downloads are disabled (HF_HUB_OFFLINE=1)",
             hint=f"unset HF_HUB_OFFLINE and load it once online, or point HF_HUB_CACHE at a warm cache; {demo}")
     inner = cause.__cause__ if isinstance(cause, LocalEntryNotFoundError) else cause
     if isinstance(inner, (httpx2.ConnectError, httpx2.TimeoutException)):
         return HubUnreachableError(
-            f"could not reach the Hub at {endpoint} to load model {name!r}, and it is not cached "
+            f"{head}: could not reach the Hub at {endpoint}, and it is not cached "
             f"({type(inner).__name__}: {' '.join(str(inner).split())})",
             hint="check the connection, set HF_ENDPOINT to a reachable mirror, or point HF_HUB_CACHE "
                  f"at a warm cache; {demo}")
     if isinstance(inner, HfHubHTTPError) and inner.response is not None:
         return DownloadError(
-            f"the Hub at {endpoint} answered HTTP {inner.response.status_code} for model {name!r}",
+            f"{head}: the Hub at {endpoint} answered HTTP {inner.response.status_code}",
             hint=f"try again later, or set HF_ENDPOINT to another mirror; {demo}")
-    return DownloadError(f"could not load model {name!r}: {first}",
+    return DownloadError(f"{head}: {first}",
                          hint=f"check the model id or folder; {demo}")
 
 

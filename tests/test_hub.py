@@ -352,7 +352,7 @@ def test_load_model_gated_is_a_hub_access_error(fake_hub) -> None:
     from llamascope_sdk.errors import HubAccessError
     from llamascope_sdk.models import load_model
 
-    with pytest.raises(HubAccessError, match="is gated") as exc:
+    with pytest.raises(HubAccessError, match="could not load model .*: it is gated on the Hub") as exc:
         load_model("OpenMOSS-Team/Llama3_1-8B-Base-LXTC-8x")
     assert isinstance(exc.value, DownloadError) and isinstance(exc.value, PermissionError)
     assert "HF_TOKEN" in (exc.value.hint or "")
@@ -362,11 +362,11 @@ def test_load_model_unknown_repo_and_revision_are_model_not_found(fake_hub) -> N
     from llamascope_sdk.errors import ModelNotFoundError
     from llamascope_sdk.models import load_model
 
-    with pytest.raises(ModelNotFoundError, match="'nobody/nothing' is neither a local folder nor a "
-                                                 "repository") as exc:
+    with pytest.raises(ModelNotFoundError, match="could not load model 'nobody/nothing': it is neither "
+                                                 "a local folder nor a repository") as exc:
         load_model("nobody/nothing")
     assert isinstance(exc.value, DownloadError) and isinstance(exc.value, FileNotFoundError)
-    with pytest.raises(ModelNotFoundError, match="revision 'no-such-branch' not found"):
+    with pytest.raises(ModelNotFoundError, match="revision 'no-such-branch' not found on http"):
         load_model("OpenMOSS-Team/Llama3_1-8B-Base-LXR-8x", revision="no-such-branch")
 
 
@@ -374,7 +374,7 @@ def test_load_model_offline_cold_cache(fake_hub, monkeypatch: pytest.MonkeyPatch
     from llamascope_sdk.models import load_model
 
     set_offline(monkeypatch)
-    with pytest.raises(DownloadError, match="not in the local cache and downloads are disabled") as exc:
+    with pytest.raises(DownloadError, match="could not load model 'someone/model': it is not in the local cache and downloads are disabled") as exc:
         load_model("someone/model")
     assert "HF_HUB_OFFLINE" in (exc.value.hint or "")
     assert fake_hub.hub.log == []
