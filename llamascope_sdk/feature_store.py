@@ -271,7 +271,7 @@ class FeatureStore:
             first = int(keep.nonzero()[0]) if bool(keep.any()) else 0
             pos = int(e.pos[i, k])
             out.append({"tokens": [self.token_text(t) for t in toks], "token_ids": toks,
-                        "acts": [round(float(a), 6) for a in acts],
+                        "acts": [float(a) for a in acts],
                         "max": float(e.values[i, k]), "max_index": e.center - first,
                         "doc": doc, "pos": pos, "window_start": pos - (e.center - first)})
         return out
