@@ -118,3 +118,10 @@ class HubAccessError(DownloadError, PermissionError):
 
 class ModelNotFoundError(DownloadError, FileNotFoundError):
     """A language model id that is neither a local folder nor a repository (or revision) on the Hub."""
+
+
+class DtypeOverflowError(LlamascopeError, ValueError):
+    """Weights (or a threshold) that are finite in the file but overflow the dtype chosen at load,
+    e.g. a folded encoder value above 65504 loaded as float16."""
+
+    hint = "load in float32 (or bfloat16, whose range is that of float32)"

@@ -7,6 +7,10 @@ folded parameters of an :class:`~llamascope_sdk.sae.SAE`::
     W_dec[i] = d_i / ||d_i||,                b_dec    = b_d / s_out
 
 keeping ||d_i|| so that ``unfold`` can write the original tensors back for ``save_pretrained``.
+
+Every folded tensor is finite *in the dtype it is stored in*, or the load fails: a value that is
+finite in the file can still overflow once scaled and cast (float16 stops at 65504), and that is
+reported as :class:`~llamascope_sdk.errors.DtypeOverflowError` naming the tensor and the dtype.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, DtypeOverflowError
 from .hyperparams import Hyperparams
 
 
@@ -69,8 +73,10 @@ def fold_into(sae: Folded, get: Any) -> None:
       is ~20x slower than ``dim=1`` of [b, D] rows.
     * ``torch.isfinite`` on a bf16 tensor costs ~1 s per 134M elements, more than the
       whole fold, so finiteness is read off reductions that propagate NaN/inf: the decoder
-      row norms and the fp32 row sums of the folded encoder. Only when one is not
-      finite is the raw tensor scanned, to name the culprit exactly.
+      row norms, and the row sums (fp32/fp64 target) or row max/min (bf16/fp16 target,
+      checked after casting them, which rounds like the largest element does) of the folded
+      encoder. Only when one is not finite is the raw tensor scanned, to name the culprit
+      exactly. Unit decoder rows cannot overflow; the [F]/[D] biases are checked as stored.
     """
     hp = sae.hyperparams
     s_in, s_out = hp.scale_in, hp.scale_out
@@ -119,24 +125,36 @@ def fold_into(sae: Folded, get: Any) -> None:
     if sae.dtype == compute:
         sae.W_enc.copy_(enc_raw)
         sae.W_enc.mul_(enc_scale)
-        finite = bool(torch.isfinite(sae.W_enc.sum(dim=1)).all())
+        # A sum of finite values can itself overflow: confirm exactly before failing.
+        finite = bool(torch.isfinite(sae.W_enc.sum(dim=1)).all()) or bool(
+            torch.isfinite(sae.W_enc).all())
     else:
         for j in range(0, f_dim, _LOAD_BLOCK * 4):
             sl = slice(j, j + _LOAD_BLOCK * 4)
-            block = enc_raw[sl].to(device=dev, dtype=compute).mul_(enc_scale[sl])
-            finite = finite and bool(torch.isfinite(block.sum(dim=1)).all())
+            # copy=True: an fp32 raw tensor must not be scaled in place (it is the caller's).
+            block = enc_raw[sl].to(device=dev, dtype=compute, copy=True).mul_(enc_scale[sl])
+            if finite:  # NaN/inf propagate through amax/amin; the cast max rounds like the data
+                rows_peak = torch.maximum(block.amax(dim=1), block.amin(dim=1).neg())
+                finite = bool(torch.isfinite(rows_peak.to(sae.dtype)).all())
             sae.W_enc[sl].copy_(block)
     if not finite:
         _check_finite(enc_raw, "encoder.weight")
-        raise CorruptCheckpointError("tensor 'encoder.weight' overflows when folded")
+        peak = float((enc_raw.abs().amax(dim=1).double() * enc_scale[:, 0].double()).max())
+        raise _overflow("W_enc", "encoder.weight", sae.dtype, peak)
     del enc_raw
     b_e = get("encoder.bias").to(device=dev, dtype=compute)
     _check_finite(b_e, "encoder.bias")
     sae.b_enc.copy_(b_e * norms_c / s_out)
+    if not bool(torch.isfinite(sae.b_enc).all()):
+        raise _overflow("b_enc", "encoder.bias", sae.dtype,
+                        float((b_e.double() * norms_c.double()).abs().max()) / s_out)
     if hp.use_decoder_bias:
         b_d = get("decoder.bias").to(device=dev, dtype=compute)
         _check_finite(b_d, "decoder.bias")
         sae.b_dec.copy_(b_d / s_out)
+        if not bool(torch.isfinite(sae.b_dec).all()):
+            raise _overflow("b_dec", "decoder.bias", sae.dtype,
+                            float(b_d.double().abs().max()) / s_out)
     else:
         sae.b_dec.zero_()
     sae.decoder_norm.copy_(norms)
@@ -158,6 +176,24 @@ def unfold(sae: Folded) -> dict[str, torch.Tensor]:
     if hp.use_decoder_bias:
         out["decoder.bias"] = sae.b_dec.to(compute) * s_out
     return {k: v.to(device="cpu", dtype=sae.file_dtype).contiguous() for k, v in out.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _overflow(what: str, raw: str, dtype: torch.dtype, peak: float) -> DtypeOverflowError:
+    """The error for a folded tensor that is finite in the file but not in ``dtype``."""
+    wider = [d for d in (torch.float32, torch.bfloat16, torch.float64)
+             if d != dtype and torch.finfo(d).max > max(peak, torch.finfo(dtype).max)]
+    if wider:
+        names = [dtype_name(d) for d in wider[:2]]
+        fix = f"load in {' or '.join(names)}"
+    else:
+        fix = "the folded values exceed every float dtype; the file is corrupt"
+    return DtypeOverflowError(
+        f"{what} (folded '{raw}') overflows {dtype_name(dtype)} (max |value| {peak:.2g} > "
+        f"{torch.finfo(dtype).max:.5g}); {fix}", hint=fix)
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:

@@ -2,7 +2,8 @@
 
 Field names and meanings follow the released files (spec section 2.1). Fields the SDK does not
 use are kept verbatim (``extra="allow"``) so that ``save_pretrained`` writes back every field.
-Validation errors name the offending field.
+Validation errors name the offending field. Integer fields are strict (JSON ints only: ``true``
+or ``4096.0`` are refused, not coerced), and every float the math uses must be finite.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    StrictInt,
     ValidationError,
     model_validator,
 )
@@ -29,8 +31,8 @@ class DatasetNorm(BaseModel):
     """Mean L2 norm of the raw activations at the SAE's input and output hook points."""
 
     model_config = ConfigDict(populate_by_name=True, extra="forbid")
-    in_: float = Field(alias="in", gt=0, description="mean ||x|| at hook_point_in")
-    out: float = Field(gt=0, description="mean ||y|| at hook_point_out")
+    in_: float = Field(alias="in", gt=0, allow_inf_nan=False, description="mean ||x|| at hook_point_in")
+    out: float = Field(gt=0, allow_inf_nan=False, description="mean ||y|| at hook_point_out")
 
 
 class Hyperparams(BaseModel):
@@ -38,22 +40,22 @@ class Hyperparams(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    d_model: int = Field(gt=0)
-    d_sae: int = Field(gt=0)
+    d_model: StrictInt = Field(gt=0)
+    d_sae: StrictInt = Field(gt=0)
     hook_point_in: str
     hook_point_out: str
     act_fn: Literal["jumprelu", "topk", "relu"] = Field(
         description="jumprelu for every release; topk/relu for runs before post-processing")
     jump_relu_threshold: float = Field(
-        default=0.0, ge=0, description="global threshold in the folded space (spec 3.2)")
+        default=0.0, ge=0, allow_inf_nan=False, description="global threshold in the folded space (spec 3.2)")
     norm_activation: Literal["dataset-wise", "inference"] = Field(
         description="dataset-wise: inputs/outputs are rescaled by sqrt(d_model)/norm")
     dataset_average_activation_norm: DatasetNorm | None = None
-    top_k: int = Field(default=50, gt=0, description="training K; unused at inference")
+    top_k: StrictInt = Field(default=50, gt=0, description="training K; unused at inference")
     sparsity_include_decoder_norm: bool = True
     use_decoder_bias: bool = True
     apply_decoder_bias_to_pre_encoder: bool = False
-    expansion_factor: int | None = None
+    expansion_factor: StrictInt | None = None
     dtype: str = "torch.bfloat16"
     #: The JSON object this was parsed from, kept so that saving writes back the original key
     #: set, order and spelling; only values that changed are replaced (see to_json_dict).
@@ -67,8 +69,11 @@ class Hyperparams(BaseModel):
         if self.apply_decoder_bias_to_pre_encoder:
             raise ValueError("apply_decoder_bias_to_pre_encoder=true is used by no Llama Scope "
                              "release and is not supported")
-        if self.act_fn == "jumprelu" and not math.isfinite(self.jump_relu_threshold):
-            raise ValueError("jump_relu_threshold must be finite")
+        if self.top_k > self.d_sae:
+            raise ValueError(f"top_k={self.top_k} is larger than d_sae={self.d_sae}; allowed "
+                             f"are 1..{self.d_sae}")
+        if not math.isfinite(self.jump_relu_threshold):  # also for instances built unvalidated
+            raise ValueError("jump_relu_threshold must be a finite number >= 0")
         return self
 
     @property

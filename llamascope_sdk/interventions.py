@@ -19,19 +19,26 @@ Positions: ``"all"``, ``"prompt"`` (positions of the first forward of a sequence
 predicted from the last prompt position, is not yet affected), a ``slice`` of absolute positions,
 or a list of ints; negative ints and slice bounds count from the end of the prompt.
 
+Inputs are checked when an intervention is built, each error one line naming the argument:
+feature indices must be integers in ``0..d_sae-1`` (an int, a flat list of ints, or a 1-D
+integer tensor/array; bools, floats and nested lists are refused, never truncated), and every
+strength, value, factor and mean must be a finite number (NaN/inf are refused), one value or
+one per feature.
+
 Typical activation (for ``Steer(relative=True)`` and ``Ablate(mode="mean")``): ``sae.stats``,
 a :class:`~llamascope_sdk.feature_stats.FeatureStats`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Union
 
 import torch
 
-from .errors import FeatureIndexError, SaeNotFoundError
+from .errors import FeatureIndexError, InputError, SaeNotFoundError
 from .feature_stats import STATS_FILE, FeatureStats
 from .sae import SAE
 
@@ -54,11 +61,34 @@ def stats_for(sae: SAE) -> FeatureStats:
 
 
 def _vector(v: Values, n: int, what: str) -> torch.Tensor:
-    t = torch.as_tensor(v, dtype=torch.float32).reshape(-1)
+    """``v`` as fp32 [n]: one number (repeated) or one per feature; each finite.
+
+    Raises:
+        InputError: not numbers, bools, nested lists, the wrong count, or NaN/inf.
+    """
+    need = "give a finite number or a flat list of them, one per feature"
+    if isinstance(v, bool) or (isinstance(v, (list, tuple))
+                               and any(isinstance(x, bool) for x in v)):
+        raise InputError(f"{what} must be a number, got a bool ({v!r}); {need}")
+    try:
+        t64 = torch.as_tensor(v, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"{what} must be a number or a list of numbers, got {v!r}; {need}") from None
+    if t64.dtype == torch.bool or t64.ndim > 1:
+        raise InputError(f"{what} must be one value or a flat list, got shape {list(t64.shape)}; {need}")
+    t64 = t64.reshape(-1).cpu()
+    bad = (~torch.isfinite(t64)).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        where = f" at position {i}" if t64.numel() > 1 else ""
+        raise InputError(f"{what} must be finite, got {float(t64[i])}{where}; {need}")
+    t = t64.float()
+    if not bool(torch.isfinite(t).all()):
+        raise InputError(f"{what} {float(t64.abs().max()):.3g} overflows float32; {need}")
     if t.numel() == 1:
         return t.expand(n).clone()
     if t.numel() != n:
-        raise ValueError(f"{what} has {t.numel()} values for {n} features: give one value or "
+        raise InputError(f"{what} has {t.numel()} values for {n} features: give one value or "
                          "one per feature")
     return t
 
@@ -105,17 +135,29 @@ class Steer(Intervention):
 
     def __post_init__(self) -> None:
         self._validate()
+        if not isinstance(self.relative, bool):
+            raise InputError(f"Steer.relative must be True or False, got {self.relative!r}")
+        _vector(self.strength, self.idx.numel(), "Steer strength")
+        if self.relative and self.sae.stats is not None:
+            self.coefficients()  # a dead or non-finite typical activation fails here already
 
     def coefficients(self) -> torch.Tensor:
         """alpha [n] in model units, fp32 on the SAE's device."""
-        alpha = _vector(self.strength, self.idx.numel(), "strength").to(self.sae.device)
+        alpha = _vector(self.strength, self.idx.numel(), "Steer strength").to(self.sae.device)
         if self.relative:
             typical = stats_for(self.sae).typical.to(self.sae.device)[self.idx]
-            dead = [int(i) for i, t in zip(self.idx, typical, strict=True) if not t > 0]
-            if dead:
-                raise ValueError(f"{self.sae.name}: feature {dead[0]} never fired on the stats "
-                                 "text, so it has no typical activation; use a raw strength")
-            alpha = alpha * typical
+            for i, t in zip(self.idx.tolist(), typical.tolist(), strict=True):
+                if not math.isfinite(t):
+                    raise InputError(f"{self.sae.name}: feature {i} has a non-finite typical "
+                                     f"activation ({t}) in sae.stats; typical activations must "
+                                     "be finite: re-measure the stats or use a raw strength")
+                if not t > 0:
+                    raise ValueError(f"{self.sae.name}: feature {i} never fired on the stats "
+                                     "text, so it has no typical activation; use a raw strength")
+            alpha = alpha * typical.float()
+            if not bool(torch.isfinite(alpha).all()):
+                raise InputError(f"{self.sae.name}: Steer strength times the typical "
+                                 "activation overflows float32; use a smaller strength")
         return alpha
 
     def target(self, old: torch.Tensor) -> torch.Tensor:
@@ -133,9 +175,10 @@ class Clamp(Intervention):
 
     def __post_init__(self) -> None:
         self._validate()
+        _vector(self.value, self.idx.numel(), "Clamp value")
 
     def target(self, old: torch.Tensor) -> torch.Tensor:
-        return _vector(self.value, old.shape[-1], "value").to(old).expand_as(old)
+        return _vector(self.value, old.shape[-1], "Clamp value").to(old).expand_as(old)
 
 
 @dataclass
@@ -149,9 +192,10 @@ class Scale(Intervention):
 
     def __post_init__(self) -> None:
         self._validate()
+        _vector(self.factor, self.idx.numel(), "Scale factor")
 
     def target(self, old: torch.Tensor) -> torch.Tensor:
-        return old * _vector(self.factor, old.shape[-1], "factor").to(old)
+        return old * _vector(self.factor, old.shape[-1], "Scale factor").to(old)
 
 
 @dataclass
@@ -167,30 +211,43 @@ class Ablate(Intervention):
 
     def __post_init__(self) -> None:
         if self.mode not in ("zero", "mean"):
-            raise ValueError(f"Ablate.mode must be 'zero' or 'mean', got {self.mode!r}")
+            raise InputError(f"Ablate.mode must be 'zero' or 'mean', got {self.mode!r}")
         self._validate()
+        if self.mean is not None:
+            _vector(self.mean, self.idx.numel(), "Ablate mean")
 
     def target(self, old: torch.Tensor) -> torch.Tensor:
         if self.mode == "zero":
             return torch.zeros_like(old)
         if self.mean is not None:
-            mean = _vector(self.mean, old.shape[-1], "mean")
+            mean = _vector(self.mean, old.shape[-1], "Ablate mean")
         else:
             mean = stats_for(self.sae).mean[self.idx.cpu()]
         return mean.to(old).expand_as(old)
 
 
+def _is_int(p: object) -> bool:
+    import numpy as np
+
+    return isinstance(p, (int, np.integer)) and not isinstance(p, (bool, np.bool_))
+
+
 def check_positions(positions: Positions) -> None:
+    """Raise :class:`InputError` unless ``positions`` is one of the forms in the module doc."""
+    allowed = "allowed are 'all', 'prompt', 'generated', a slice of ints or a list of ints"
     if isinstance(positions, str):
         if positions not in ("all", "prompt", "generated"):
-            raise ValueError(f"positions={positions!r}: allowed are 'all', 'prompt', 'generated', "
-                             "a slice or a list of ints")
+            raise InputError(f"positions={positions!r}: {allowed}")
     elif isinstance(positions, slice):
+        for part in ("start", "stop", "step"):
+            v = getattr(positions, part)
+            if v is not None and not _is_int(v):
+                raise InputError(f"positions slice {part} {v!r} is not an int; {allowed}")
         if positions.step is not None and positions.step <= 0:
-            raise ValueError("positions slice step must be positive")
-    elif not all(isinstance(p, int) for p in positions):
-        raise ValueError(f"positions must be 'all', 'prompt', 'generated', a slice or ints; "
-                         f"got {positions!r}")
+            raise InputError(f"positions slice step must be positive, got {positions.step}; "
+                             f"{allowed}")
+    elif not isinstance(positions, (list, tuple, range)) or not all(_is_int(p) for p in positions):
+        raise InputError(f"positions={positions!r}: {allowed}")
 
 
 def position_mask(positions: Positions, pos_T: torch.Tensor, prompt_len: int) -> torch.Tensor:

@@ -91,6 +91,13 @@ class SAE(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(f, d, **kw), requires_grad=False)
         self.b_dec = nn.Parameter(torch.zeros(d, **kw), requires_grad=False)
         self.register_buffer("threshold", torch.tensor(hyperparams.jump_relu_threshold, **kw))
+        if not bool(torch.isfinite(self.threshold)):
+            from .errors import DtypeOverflowError
+            from .fold import dtype_name
+
+            raise DtypeOverflowError(
+                f"jump_relu_threshold={hyperparams.jump_relu_threshold:.6g} overflows "
+                f"{dtype_name(self.threshold.dtype)}; load in float32")
         self.register_buffer("decoder_norm", torch.ones(f, device=device, dtype=torch.float32))
         self.ref: SaeRef | None = None
         self.source = Source()
@@ -338,6 +345,9 @@ class SAE(nn.Module):
             if tuple(tensors[name].shape) != shape:
                 raise CorruptCheckpointError(f"tensor '{name}' has shape {list(tensors[name].shape)}, "
                                              f"expected {list(shape)}")
+            if not tensors[name].is_floating_point():
+                raise CorruptCheckpointError(f"tensor '{name}' has dtype {tensors[name].dtype}; "
+                                             "allowed are floating-point tensors")
         sae = cls(hp, device=device, dtype=dtype, gate=gate)
         sae.file_dtype = tensors["encoder.weight"].dtype
         sae._fold_from(tensors.__getitem__)
@@ -351,9 +361,11 @@ class SAE(nn.Module):
         check_folder(folder)
         hp = Hyperparams.from_file(folder / HYPERPARAMS)
         dev = resolve_device(device)
-        sae = cls(hp, device=dev, dtype=dtype, gate=gate)
-        # Read straight onto the target device: no CPU detour for CUDA.
+        # Read straight onto the target device: no CPU detour for CUDA. The file's header
+        # (names, shapes, dtypes) is checked against hyperparams.json before the SAE is built,
+        # so a d_sae the file does not have fails here instead of allocating F x D weights.
         with open_checkpoint(folder / CHECKPOINT, hp, device=str(dev)) as fh:
+            sae = cls(hp, device=dev, dtype=dtype, gate=gate)
             sae.file_dtype = SAFETENSORS[fh.get_slice("encoder.weight").get_dtype()]
             sae._fold_from(fh.get_tensor)
             names = set(fh.keys())
