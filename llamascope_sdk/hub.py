@@ -755,29 +755,36 @@ def _verify_file(path: str | Path, *, verify: bool = True, etag: str | None = No
                      or (announced is None and known.get("verified"))):  # no symlinks: checked at download
             return str(known["sha256"])
         if verify and not hashlike:
-            _remove(blob, link)
+            removed = _remove(blob, link)
             shown = "none" if announced is None else repr(announced)
             raise UnverifiableDownloadError(
                 f"{link.name} from {link.parent}: the Hub at its endpoint announced ETag {shown}, "
-                "which is neither a sha256 nor a git blob sha1, so the content cannot be checked; "
-                "the file was removed from the cache", hint=_OPT_OUT_HINT)
+                f"which is neither a sha256 nor a git blob sha1, so the content cannot be checked; "
+                f"{removed}", hint=_OPT_OUT_HINT)
         sha256, sha1 = _digests(blob, git=bool(verify and announced and _SHA1.match(announced)))
         if verify:
             assert announced is not None
             kind, actual = ("sha256", sha256) if _SHA256.match(announced) else ("git blob sha1", sha1)
             if actual != announced:
-                _remove(blob, link)
+                removed = _remove(blob, link)
                 raise ChecksumMismatchError(
                     f"{link.name} from {link.parent}: content {kind} {str(actual)[:12]}... does not "
-                    f"match the {kind} {announced[:12]}... announced by the Hub; the corrupt file was "
-                    "deleted", hint=_RETRY_HINT)
+                    f"match the {kind} {announced[:12]}... announced by the Hub; {removed}",
+                    hint=_RETRY_HINT)
         _write_record(record, blob, sha256, announced if verify else None)
         return sha256
 
 
-def _remove(blob: Path, link: Path) -> None:
-    for p in {blob, link}:
-        p.unlink(missing_ok=True)
+def _remove(blob: Path, link: Path) -> str:
+    """Delete a bad blob and its snapshot link; say so (or what to delete by hand)."""
+    left = []
+    for p in (blob, link):
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:  # a read-only shared cache
+            left.append(str(p))
+    return ("the file was removed from the cache" if not left
+            else f"it could not be removed (read-only cache): delete {' and '.join(left)}")
 
 
 def verify_checkpoint(path: str | Path, *, verify: bool = True, etag: str | None = None) -> str:
