@@ -35,25 +35,32 @@ _EXPORTS = {
     "compare_generations": "generation",
     "evaluate": "evaluation",
     "LlamascopeError": "errors",
+    "mine": "mining",
+    "FeatureStore": "feature_store",
+    "search_features": "search",
 }
 
 # Spelled out (not ``[*_EXPORTS]``) so that linters see the TYPE_CHECKING imports as exported.
 __all__ = ["__version__", "SAE", "Hyperparams", "FeatureStats", "list_saes", "load_model",
            "attach", "hooked", "Steer", "Clamp", "Scale", "Ablate", "read_features",
-           "measure_feature_stats", "compare_generations", "evaluate", "LlamascopeError"]
+           "measure_feature_stats", "compare_generations", "evaluate", "LlamascopeError",
+           "mine", "FeatureStore", "search_features"]
 
 if TYPE_CHECKING:
     from .errors import LlamascopeError
     from .evaluation import evaluate
     from .feature_stats import FeatureStats
+    from .feature_store import FeatureStore
     from .generation import compare_generations
     from .hooks import attach, hooked
     from .hyperparams import Hyperparams
     from .interventions import Ablate, Clamp, Scale, Steer
+    from .mining import mine
     from .models import load_model
     from .reading import measure_feature_stats, read_features
     from .registry import list_saes
     from .sae import SAE
+    from .search import search_features
 
 
 def __getattr__(name: str) -> Any:
