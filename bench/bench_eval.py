@@ -14,6 +14,7 @@ nothing. About 1-2 minutes on 2 idle cores.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,8 @@ from llamascope_sdk.models import load_model, tokenize  # noqa: E402
 from llamascope_sdk.sites import parse_hook_point  # noqa: E402
 from tests.helpers import raw_tensors, release_hyperparams  # noqa: E402
 
-CORPUS = Path("/work/shared/corpus/wikitext2-valid.txt")
+#: The offline corpus beside the repository (../shared/corpus), or $LLAMASCOPE_CORPUS.
+CORPUS = Path(os.environ.get("LLAMASCOPE_CORPUS", Path(__file__).resolve().parents[1].parent / "shared" / "corpus")) / "wikitext2-valid.txt"
 
 
 def layer_of(sae: SAE) -> int:

@@ -14,21 +14,10 @@ from llamascope_sdk.errors import DownloadError, IncompatibleModelError
 from llamascope_sdk.evaluation import EvalResult, evaluate, iter_documents, token_batches
 from llamascope_sdk.hyperparams import Hyperparams
 
+from .conftest import CharTokenizer
 from .helpers import raw_tensors, release_hyperparams
 
 D = 64  # tiny_llama hidden size
-CORPUS = "/work/shared/corpus/wikitext2-valid.txt"
-
-
-class CharTokenizer:
-    """A character tokenizer for tiny_llama (vocab 99): BOS=1, EOS=2, pad=0."""
-
-    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
-    all_special_ids = [0, 1, 2]
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        return {"input_ids": [3 + ord(c) % 90 for c in text]}
-
 
 def identity_sae(layer: int = 1, position: str = "R", d: int = D) -> SAE:
     """f = (relu(x), relu(-x)) and decoder rows (e_i, -e_i): reconstructs x exactly."""
@@ -294,13 +283,14 @@ def test_long_context_up_to_model_window(tiny_llama) -> None:
 
 
 @pytest.mark.smollm
-def test_smollm2_wikitext(smollm2) -> None:
+def test_smollm2_wikitext(smollm2, corpus_dir) -> None:
     model, tok = smollm2
+    corpus = corpus_dir / "wikitext2-valid.txt"
     saes = [identity_sae(5, "R", d=576),
             SAE.from_raw(release_hyperparams(layer=9, position="TC", d_model=576, d_sae=1152,
                                              threshold=0.2, norm_in=24.0, norm_out=2.0),
                          raw_tensors(576, 1152, 3))]
-    res = evaluate(model, tok, saes, CORPUS, tokens=120, context=48, progress=False)
+    res = evaluate(model, tok, saes, corpus, tokens=120, context=48, progress=False)
     perfect, tc = res["sae"], res["sae#2"]
     assert perfect.delta_lm_loss == pytest.approx(0.0, abs=1e-5)
     assert perfect.kl_div == pytest.approx(0.0, abs=1e-5)
@@ -308,7 +298,7 @@ def test_smollm2_wikitext(smollm2) -> None:
     assert tc.n_tokens == perfect.n_tokens > 80 and math.isfinite(tc.delta_lm_loss)
     assert tc.dense_threshold == M.DENSE_FREQUENCY
     with pytest.raises(IncompatibleModelError, match="max_position_embeddings=8192"):
-        evaluate(model, tok, saes[:1], CORPUS, context=16384, progress=False)
+        evaluate(model, tok, saes[:1], corpus, context=16384, progress=False)
 
 
 def test_layers_and_hooks_restored_after_an_error(tiny_llama, monkeypatch) -> None:
