@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from llamascope_sdk import SAE
+
 
 def release_hyperparams(layer: int = 12, position: str = "R", d_model: int = 64, d_sae: int = 256,
                         threshold: float = 0.25, norm_in: float = 8.0625, norm_out: float | None = None,
@@ -103,3 +105,14 @@ def reference_forward_training_space(hp: dict, raw: dict, x: torch.Tensor) -> to
     h = (s_in * x.double()) @ W_e.T + b_e
     m = (W_d.norm(dim=0) * h > hp["jump_relu_threshold"] * s_out).double()
     return ((h * m) @ W_d.T + b_d) / s_out
+
+
+def tiny_sae(layer: int = 1, position: str = "R", seed: int = 0, *, d_model: int = 64,
+             d_sae: int = 256, threshold: float = 0.05, raw_dtype: torch.dtype = torch.float32,
+             **hp_kwargs) -> SAE:
+    """The suite's one small synthetic SAE factory: release hyperparams and raw tensors whose
+    decoder norms are far from 1 (:func:`raw_tensors`), built with ``SAE.from_raw``. Fits the
+    ``tiny_llama`` fixture (hidden size 64) by default."""
+    hp = release_hyperparams(layer=layer, position=position, d_model=d_model, d_sae=d_sae,
+                             threshold=threshold, **hp_kwargs)
+    return SAE.from_raw(hp, raw_tensors(d_model, d_sae, seed, raw_dtype))

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamascope_sdk import SAE, Steer, attach
+from llamascope_sdk import Steer, attach
 
-from .helpers import raw_tensors, release_hyperparams
+from .helpers import tiny_sae
 
 IDS = torch.tensor([[1, 5, 6, 7, 8, 9, 10]])
 P = IDS.shape[1]
@@ -21,11 +21,6 @@ POSITIONS = {
     "all": list(range(1, L - 1)),
     "slice": list(range(3, 10)),
 }
-
-
-def _sae() -> SAE:
-    return SAE.from_raw(release_hyperparams(d_model=64, d_sae=256, layer=1, threshold=0.05),
-                        raw_tensors(64, 256, 0, torch.float32))
 
 
 def _generate(model, sae, positions, *, use_cache: bool, strength: float = 6.0):
@@ -54,7 +49,7 @@ def _steered(delta_BTD: torch.Tensor) -> list[int]:
 @pytest.mark.parametrize("name", list(POSITIONS))
 def test_uncached_generate_equals_cached_token_for_token(tiny_llama, name):
     positions = slice(3, 10) if name == "slice" else name
-    sae = _sae()
+    sae = tiny_sae()
     tok_c, deltas_c, feats_c, plen_c = _generate(tiny_llama, sae, positions, use_cache=True)
     tok_u, deltas_u, feats_u, plen_u = _generate(tiny_llama, sae, positions, use_cache=False)
     assert tok_u.tolist() == tok_c.tolist()
@@ -76,7 +71,7 @@ def test_uncached_generate_equals_cached_token_for_token(tiny_llama, name):
 
 def test_steering_generated_positions_changes_the_uncached_output(tiny_llama):
     """The "generated" steer is really applied without a cache (it used to be dropped)."""
-    sae = _sae()
+    sae = tiny_sae()
     plain = _generate(tiny_llama, sae, "generated", use_cache=False, strength=0.0)[0]
     steered = _generate(tiny_llama, sae, "generated", use_cache=False, strength=40.0)[0]
     assert plain[0, :P + 1].tolist() == steered[0, :P + 1].tolist()  # first new token unaffected
@@ -85,7 +80,7 @@ def test_steering_generated_positions_changes_the_uncached_output(tiny_llama):
 
 def test_a_new_prompt_still_starts_a_new_sequence(tiny_llama):
     """A forward whose ids do not extend the current ones (or any cached generate) resets."""
-    sae = _sae()
+    sae = tiny_sae()
     with attach(tiny_llama, [sae]) as h, torch.no_grad():
         tiny_llama(input_ids=IDS)
         tiny_llama(input_ids=torch.tensor([[1, 9, 9, 9]]))

@@ -14,7 +14,7 @@ from llamascope_sdk.interventions import Clamp, Steer
 from llamascope_sdk.models import tokenize
 from llamascope_sdk.sites import rms_normalized
 
-from .helpers import raw_tensors, release_hyperparams
+from .helpers import raw_tensors, release_hyperparams, tiny_sae
 
 TEXT = "The quick brown fox jumps over the lazy dog near the river bank."
 
@@ -152,17 +152,12 @@ def test_splice_leaves_special_positions_clean(smol):
 
 
 # ---------------------------------------------------------------- lifetime (tiny model)
-def _tiny_sae(d: int = 64, layer: int = 1, position: str = "R", d_sae: int = 256, seed: int = 0) -> SAE:
-    return SAE.from_raw(release_hyperparams(d_model=d, d_sae=d_sae, layer=layer, position=position,
-                                            threshold=0.05), raw_tensors(d, d_sae, seed, torch.float32))
-
-
 def test_hooks_removed_on_exit_exception_and_interrupt(tiny_llama):
     from transformers import LlamaForCausalLM
 
     tiny_llama = LlamaForCausalLM(tiny_llama.config).eval()  # fresh: no transformers hooks yet
     ids = torch.tensor([[1, 5, 6, 7, 8]])
-    saes = [_tiny_sae(position=p) for p in ("R", "A", "M", "TC")] + [_tiny_sae(seed=1)]
+    saes = [tiny_sae(position=p) for p in ("R", "A", "M", "TC")] + [tiny_sae(seed=1)]
     with attach(tiny_llama, saes, splice=False, interventions=[Steer(saes[0], [1], 2.0)]) as h:
         assert not _empty_hook_dicts(tiny_llama)
         tiny_llama(input_ids=ids)
@@ -223,7 +218,7 @@ class _Toy(nn.Module):
 
 def test_tuple_and_tensor_outputs_give_the_same_result():
     ids = torch.tensor([[1, 3, 4, 5]])
-    sae = _tiny_sae(layer=0)
+    sae = tiny_sae(layer=0)
     results = []
     for as_tuple in (False, True):
         toy = _Toy(as_tuple)
@@ -239,19 +234,19 @@ def test_tuple_and_tensor_outputs_give_the_same_result():
 # ---------------------------------------------------------------- errors
 def test_bad_input_errors(tiny_llama):
     with pytest.raises(IncompatibleModelError, match=r"d_model=32.*hidden_size=64"):
-        attach(tiny_llama, [_tiny_sae(d=32)])
+        attach(tiny_llama, [tiny_sae(d_model=32)])
     with pytest.raises(IncompatibleModelError, match="layer 40 does not exist"):
-        attach(tiny_llama, [_tiny_sae(layer=40)])
+        attach(tiny_llama, [tiny_sae(layer=40)])
     toy = _Toy(False)
     with pytest.raises(HookpointNotFoundError, match="self_attn"):
-        attach(toy, [_tiny_sae(layer=0, position="A")])
+        attach(toy, [tiny_sae(layer=0, position="A")])
     with pytest.raises(FeatureIndexError, match="256"):
-        Steer(_tiny_sae(), [3, 256], 1.0)
+        Steer(tiny_sae(), [3, 256], 1.0)
     with pytest.raises(ValueError, match="only one can replace"):
-        attach(tiny_llama, [_tiny_sae(), _tiny_sae(seed=1)], splice=True)
+        attach(tiny_llama, [tiny_sae(), tiny_sae(seed=1)], splice=True)
     # A failed attach leaves nothing behind.
     with pytest.raises(IncompatibleModelError):
-        attach(tiny_llama, [_tiny_sae(), _tiny_sae(layer=7)])
+        attach(tiny_llama, [tiny_sae(), tiny_sae(layer=7)])
     assert _no_hooks(tiny_llama) and _no_hooks(toy)
 
 
@@ -259,8 +254,8 @@ def test_bad_input_errors(tiny_llama):
                                                         (torch.float32, torch.bfloat16)])
 def test_dtypes_reconciled_at_the_boundary(tiny_llama, model_dtype, sae_dtype):
     model = copy.deepcopy(tiny_llama).to(model_dtype)
-    sae = _tiny_sae(position="TC").to(sae_dtype)
-    res = _tiny_sae(layer=0).to(sae_dtype)
+    sae = tiny_sae(position="TC").to(sae_dtype)
+    res = tiny_sae(layer=0).to(sae_dtype)
     ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
     with torch.no_grad():
         clean = model(input_ids=ids, output_hidden_states=True)
@@ -276,7 +271,7 @@ def test_dtypes_reconciled_at_the_boundary(tiny_llama, model_dtype, sae_dtype):
 
 
 def test_tc_input_is_gain_free_normalised(tiny_llama):
-    sae = _tiny_sae(position="TC", layer=2)
+    sae = tiny_sae(position="TC", layer=2)
     ln = tiny_llama.model.layers[2].post_attention_layernorm
     seen = {}
     probe = ln.register_forward_pre_hook(lambda m, a: seen.setdefault("r", a[0]))

@@ -10,14 +10,9 @@ from llamascope_sdk import SAE, Ablate, Clamp, FeatureStats, Scale, Steer, attac
 from llamascope_sdk.errors import SaeNotFoundError
 from llamascope_sdk.interventions import stats_for
 
-from .helpers import make_release, raw_tensors, release_hyperparams
+from .helpers import make_release, tiny_sae
 
 IDS = torch.tensor([[1, 5, 6, 7, 8, 9, 10]])
-
-
-def _sae(position: str = "R", layer: int = 1, seed: int = 0) -> SAE:
-    return SAE.from_raw(release_hyperparams(d_model=64, d_sae=256, layer=layer, position=position,
-                                            threshold=0.05), raw_tensors(64, 256, seed, torch.float32))
 
 
 def _flow(model, module, ivs, *, ids=IDS, generate: int = 0, **kw):
@@ -40,7 +35,7 @@ def _flow(model, module, ivs, *, ids=IDS, generate: int = 0, **kw):
 
 
 def test_steer_adds_alpha_times_unit_direction_except_at_bos(tiny_llama):
-    sae = _sae()
+    sae = tiny_sae()
     layer = tiny_llama.model.layers[1]
     (c,), (e,), _ = _flow(tiny_llama, layer, [Steer(sae, [3, 7], [2.0, -1.0])])
     want = 2.0 * sae.W_dec[3] - 1.0 * sae.W_dec[7]
@@ -52,7 +47,7 @@ def test_steer_adds_alpha_times_unit_direction_except_at_bos(tiny_llama):
 
 @pytest.mark.parametrize("kind", ["clamp", "scale", "ablate", "mean"])
 def test_feature_edits_keep_the_error_term(tiny_llama, kind):
-    sae = _sae(position="M")
+    sae = tiny_sae(position="M")
     mlp = tiny_llama.model.layers[1].mlp
     idx = [0, 5, 9]
     iv = {"clamp": Clamp(sae, idx, 0.7), "scale": Scale(sae, idx, 3.0),
@@ -72,7 +67,7 @@ def test_feature_edits_keep_the_error_term(tiny_llama, kind):
 
 
 def test_edits_touch_only_the_chosen_encoder_rows(tiny_llama, monkeypatch):
-    sae = _sae()
+    sae = tiny_sae()
 
     def boom(*a, **k):
         raise AssertionError("full encoder used")
@@ -88,7 +83,7 @@ def test_edits_touch_only_the_chosen_encoder_rows(tiny_llama, monkeypatch):
 
 
 def test_tc_splice_without_error_replaces_mlp_out(tiny_llama):
-    sae = _sae(position="TC", layer=0)
+    sae = tiny_sae(position="TC", layer=0)
     mlp = tiny_llama.model.layers[0].mlp
     seen = []
     probe = tiny_llama.model.layers[0].post_attention_layernorm.register_forward_pre_hook(
@@ -106,7 +101,7 @@ def test_tc_splice_without_error_replaces_mlp_out(tiny_llama):
 @pytest.mark.parametrize(("positions", "prompt_on", "gen_on"),
                          [("all", True, True), ("prompt", True, False), ("generated", False, True)])
 def test_positions_under_kv_cache(tiny_llama, positions, prompt_on, gen_on):
-    sae = _sae()
+    sae = tiny_sae()
     clean, edited, h = _flow(tiny_llama, tiny_llama.model.layers[1], [Steer(sae, [2], 5.0, positions)],
                              generate=4, special_ids=[])
     assert [c.shape[1] for c in clean] == [IDS.shape[1], 1, 1, 1]  # the KV cache is in use
@@ -116,7 +111,7 @@ def test_positions_under_kv_cache(tiny_llama, positions, prompt_on, gen_on):
 
 
 def test_slice_and_list_positions(tiny_llama):
-    sae = _sae()
+    sae = tiny_sae()
     layer = tiny_llama.model.layers[1]
     for positions, want in [(slice(2, 4), [2, 3]), ([1, -1], [1, 6]), (slice(-2, None), [5, 6])]:
         (c,), (e,), _ = _flow(tiny_llama, layer, [Steer(sae, [2], 5.0, positions)])
@@ -127,7 +122,7 @@ def test_slice_and_list_positions(tiny_llama):
 
 
 def test_relative_strength_and_mean_ablation_use_stats(tiny_llama, tmp_path):
-    sae = _sae()
+    sae = tiny_sae()
     with pytest.raises(SaeNotFoundError, match="feature_stats"):
         stats_for(sae)
     typical = torch.linspace(0.5, 3.0, 256)
