@@ -78,7 +78,7 @@ def corpus_dir():
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    folder = Path(os.environ.get("LLAMASCOPE_CORPUS", repo.parent / "shared" / "corpus"))
+    folder = Path(os.environ.get("LLAMASCOPE_CORPUS") or repo.parent / "shared" / "corpus")
     if not (folder / "wikitext2-valid.txt").is_file():
         pytest.fail(f"the text corpus is missing: {folder} should hold wikitext2-valid.txt and "
                     "tinyshakespeare.txt (set LLAMASCOPE_CORPUS to its folder)")

@@ -11,8 +11,9 @@ from llamascope_sdk.feature_stats import FeatureStats
 from llamascope_sdk.feature_store import MANIFEST, FeatureStore, IncompleteStoreError, load_store
 from llamascope_sdk.mining import mine
 
+from .conftest import CharTokenizer
 from .test_hooks import synthetic_sae
-from .test_mining import DOCS, CharTok
+from .test_mining import DOCS
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +23,14 @@ def mined(tiny_llama):
     ids[:, 0] = 1
     sae = synthetic_sae(tiny_llama, ids, 1, "M", d_sae=96, l0=12)
     sae.labels = {3: "a label"}
-    res = mine(tiny_llama, CharTok(), sae, DOCS, tokens=300, context=40, batch_size=4, top_n=4,
+    res = mine(tiny_llama, CharTokenizer(), sae, DOCS, tokens=300, context=40, batch_size=4, top_n=4,
                n_samples=4, window_before=3, window_after=2, progress=False)[sae.name]
     return sae, res
 
 
 def test_round_trip_without_model(mined, tiny_llama, tmp_path):
     sae, res = mined
-    store = FeatureStore.from_result(res, CharTok(), model=tiny_llama, sae_spec="my-sae",
+    store = FeatureStore.from_result(res, CharTokenizer(), model=tiny_llama, sae_spec="my-sae",
                                      corpus="docs")
     store.save(tmp_path / "store")
     back = FeatureStore.load(tmp_path / "store")
@@ -57,7 +58,7 @@ def test_round_trip_without_model(mined, tiny_llama, tmp_path):
 
 def test_half_written_store_is_refused(mined, tmp_path):
     _, res = mined
-    store = FeatureStore.from_result(res, CharTok())
+    store = FeatureStore.from_result(res, CharTokenizer())
     folder = store.save(tmp_path / "s")
     (folder / MANIFEST).unlink()  # as if killed before the manifest
     with pytest.raises(IncompleteStoreError, match="not a complete feature store"):
@@ -72,7 +73,7 @@ def test_half_written_store_is_refused(mined, tmp_path):
 
 def test_interrupted_save_leaves_the_old_store(mined, tmp_path):
     _, res = mined
-    store = FeatureStore.from_result(res, CharTok())
+    store = FeatureStore.from_result(res, CharTokenizer())
     folder = store.save(tmp_path / "s")
 
     def boom(_st, _tmp):
@@ -94,7 +95,7 @@ def test_cli_show_json_and_text(mined, tmp_path):
     from llamascope_sdk.cli import app
 
     _, res = mined
-    folder = FeatureStore.from_result(res, CharTok(), sae_spec="my-sae").save(tmp_path / "st")
+    folder = FeatureStore.from_result(res, CharTokenizer(), sae_spec="my-sae").save(tmp_path / "st")
     i = int(res.stats.frequency.argmax())
     out = CliRunner().invoke(app, ["show", str(folder), str(i), "--json"])
     assert out.exit_code == 0, out.output

@@ -6,8 +6,6 @@ order) and selects with full stable sorts, so it shares no selection code with t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -24,30 +22,8 @@ from llamascope_sdk.mining import (
 )
 from llamascope_sdk.models import special_ids
 
+from .conftest import CharTokenizer
 from .test_hooks import synthetic_sae
-
-CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
-
-
-def corpus_file(name: str) -> Path:
-    path = CORPUS / name
-    if not path.is_file():
-        pytest.fail(f"the test corpus {path} is missing: it lives in ../shared/corpus/ beside "
-                    "the repository (wikitext2-valid.txt, tinyshakespeare.txt)")
-    return path
-
-
-class CharTok:
-    """A character tokenizer for the tiny Llama (ids 3..98; 0 pad, 1 BOS, 2 EOS)."""
-
-    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
-    all_special_ids = [0, 1, 2]
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        return {"input_ids": [3 + (ord(c) % 96) for c in text]}
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(chr(max(i - 3, 0) + 32) for i in ids)
 
 
 # ---------------------------------------------------------------------------- reference
@@ -151,7 +127,7 @@ DOCS = ["the cat sat on the mat", "a", "", "hello world, hello again and again",
 
 
 def test_mining_equals_brute_force_for_r_a_m_tc_in_one_pass(tiny_llama):
-    model, tok = tiny_llama, CharTok()
+    model, tok = tiny_llama, CharTokenizer()
     ids = torch.randint(3, 99, (2, 24))
     ids[:, 0] = 1
     saes = {f"{pos}{layer}": synthetic_sae(model, ids, layer, pos, d_sae=96, seed=layer, l0=12)
@@ -240,19 +216,19 @@ def test_empty_corpus_is_an_error(tiny_llama):
     ids[:, 0] = 1
     sae = synthetic_sae(tiny_llama, ids, 0, "R", d_sae=128, l0=8)
     with pytest.raises(ValueError, match="no non-special tokens"):
-        mine(tiny_llama, CharTok(), sae, ["", ""], tokens=100, progress=False)
+        mine(tiny_llama, CharTokenizer(), sae, ["", ""], tokens=100, progress=False)
 
 
 # ---------------------------------------------------------------------------- SmolLM2 + demo
 @pytest.mark.smollm
-def test_demo_sae_mining_equals_brute_force_on_real_text(smollm2):
+def test_demo_sae_mining_equals_brute_force_on_real_text(smollm2, corpus_dir):
     from llamascope_sdk.corpus import iter_documents
     from llamascope_sdk.sae import SAE
 
     model, tok = smollm2
     sae = SAE.from_pretrained("demo")
-    docs = (list(iter_documents(corpus_file("tinyshakespeare.txt")))[:25]
-            + list(iter_documents(corpus_file("wikitext2-valid.txt")))[:6])
+    docs = (list(iter_documents(corpus_dir / "tinyshakespeare.txt"))[:25]
+            + list(iter_documents(corpus_dir / "wikitext2-valid.txt"))[:6])
     kw = dict(tokens=1500, context=64)
     res = mine(model, tok, sae, docs, batch_size=8, top_n=4, n_samples=4, window_before=5,
                window_after=2, progress=False, **kw)[sae.name]
