@@ -18,25 +18,42 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .dtypes import parse_dtype
 from .formats import (
     EXPORTABLE,
     UnsupportedFormatError,
     circuit_tracer,
     detect_format,
     llamascopium,
-    load_foreign,
+    read_foreign,
     resolve_source,
     saelens,
 )
+from .registry import list_saes
+from .sae import SAE, Gate
 
 _SET = re.compile(r"^LX(TC)-(8x|32x|32k|128k|131k)$", re.IGNORECASE)
 
 
-def load(src: Any, *, fmt: str | None = None, revision: str | None = None, token: Any = None,
-         device: Any = None, dtype: Any = None, **options: Any) -> Any:
-    """Load any supported source into an SAE (see the module docstring)."""
-    from .sae import SAE
+def load_foreign(folder: str | Path, *, fmt: str | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
+                 gate: Gate = "reference", **options: Any) -> SAE:
+    """Import a local folder in any supported format into an SAE: the release layout, or a
+    foreign one read by :func:`~llamascope_sdk.formats.read_foreign` (``options`` go to its
+    reader: ``hook_point``, ``rmsnorm_gain`` for sparsify; ``norm_scaling_factor`` for
+    SAELens)."""
+    folder = Path(folder)
+    if (fmt or detect_format(folder)) == "release":
+        return SAE.from_folder(folder, device=device, dtype=dtype, gate=gate)
+    return SAE.from_plain(read_foreign(folder, fmt=fmt, **options), device=device, dtype=dtype,
+                          gate=gate)
 
+
+def load(src: Any, *, fmt: str | None = None, revision: str | None = None, token: Any = None,
+         device: Any = None, dtype: Any = None, **options: Any) -> SAE:
+    """Load any supported source into an SAE (see the module docstring)."""
     if isinstance(src, SAE):
         return src
     text = os.fspath(src)
@@ -61,8 +78,6 @@ def transcoder_set(src: Any) -> list[Any]:
         text = os.fspath(src)
         m = _SET.match(text.strip())
         if m:
-            from .registry import list_saes
-
             items = [r.name for r in list_saes(position="TC", width=m.group(2))]
         else:
             items = [s.strip() for s in text.split(",") if s.strip()]
@@ -96,16 +111,14 @@ def convert(src: Any, to: str, out: str | os.PathLike[str], *, fmt: str | None =
     if target not in EXPORTABLE:
         raise UnsupportedFormatError(f"unknown target format {to!r}: allowed are {', '.join(EXPORTABLE)}")
     if target == "circuit-tracer":
-        from .dtypes import parse_dtype
-
         return circuit_tracer.export(transcoder_set(src), out, hub_repo=hub_repo,
                                      dtype=parse_dtype(dtype) if dtype else None)
     sae = load(src, fmt=fmt, revision=revision, token=token, **options)
     if target == "release":
-        return Path(sae.save_pretrained(out))
+        return Path(sae.save_pretrained(Path(out)))
     if target == "saelens":
         return saelens.export(sae, out)
     return llamascopium.export(sae, out)
 
 
-__all__ = ["convert", "detect_format", "load", "transcoder_set"]
+__all__ = ["convert", "detect_format", "load", "load_foreign", "transcoder_set"]

@@ -33,6 +33,7 @@ from .dtypes import SAFETENSORS, parse_dtype
 from .errors import CorruptCheckpointError, FeatureIndexError
 from .feature_stats import LABELS_FILE, STATS_FILE, FeatureStats, read_labels, write_labels
 from .fold import fold_into, unfold
+from .formats import Plain, collapse_threshold, read_foreign
 from .hub import Source, download
 from .hyperparams import Hyperparams
 from .registry import BASE_MODEL, SaeRef
@@ -354,6 +355,23 @@ class SAE(nn.Module):
         return sae
 
     @classmethod
+    def from_plain(cls, plain: Plain, *, device: torch.device | str | None = None,
+                   dtype: torch.dtype | str | None = None, gate: Gate = "reference") -> SAE:
+        """Build from a foreign checkpoint read by :mod:`llamascope_sdk.formats` (a SAELens,
+        Llamascopium or sparsify folder, see :func:`~llamascope_sdk.formats.read_foreign`)."""
+        sae = cls.from_raw(plain.hyperparams, plain.tensors, device=device, dtype=dtype, gate=gate)
+        sae.file_dtype = plain.file_dtype
+        thr = plain.threshold
+        if thr is not None:
+            if plain.threshold_times_decoder_norm:
+                thr = thr * sae.decoder_norm.double().cpu()
+            if not bool(torch.isfinite(thr).all()):  # a feature that never fires
+                big = torch.finfo(sae.dtype).max
+                thr = torch.where(torch.isfinite(thr), thr, torch.full_like(thr, big))
+            sae.set_threshold(collapse_threshold(thr))
+        return sae
+
+    @classmethod
     def from_folder(cls, folder: str | Path, *, device: torch.device | str | None = None,
                     dtype: torch.dtype | str | None = None, gate: Gate = "reference") -> SAE:
         """Load a local folder in the release layout (hyperparams.json + checkpoints/)."""
@@ -416,9 +434,8 @@ class SAE(nn.Module):
 
         path = Path(resolve_alias(os.fspath(name_or_path))).expanduser()
         if path.is_dir() and not (path / HYPERPARAMS).is_file():
-            from .formats import load_foreign  # SAELens, Llamascopium, sparsify folders
-
-            return load_foreign(path, device=device, dtype=dtype, gate=gate)
+            # SAELens, Llamascopium, sparsify folders
+            return cls.from_plain(read_foreign(path), device=device, dtype=dtype, gate=gate)
         if path.is_dir():
             return cls.from_folder(path, device=device, dtype=dtype, gate=gate)
         got = download(str(name_or_path), revision=revision, cache_dir=cache_dir, token=token,

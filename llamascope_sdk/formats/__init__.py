@@ -10,9 +10,11 @@ sparsify           cfg.json + sae.safetensors (per hook)   yes     no
 circuit-tracer     config.yaml + layer_L.safetensors       no      yes (transcoder sets)
 =================  ======================================  ======  ======
 
-:func:`detect_format` names what a folder holds; :func:`load_foreign` imports the formats that
-can be imported and otherwise raises an error naming the format found and the command that
-converts it.
+:func:`detect_format` names what a folder holds; :func:`read_foreign` reads the formats that
+can be imported into a :class:`Plain` record (which ``SAE.from_plain`` builds an SAE from) and
+otherwise raises an error naming the format found and the command that converts it. This
+package never imports :mod:`llamascope_sdk.sae`: the exporters read an SAE through the
+:class:`Exportable` protocol.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from typing import Any
 from llamascope_sdk.errors import SaeNotFoundError
 
 from . import circuit_tracer, llamascopium, saelens, sparsify
-from ._build import UnsupportedFormatError, resolve_source
+from ._build import Exportable, Plain, UnsupportedFormatError, collapse_threshold, resolve_source
 
 IMPORTABLE = ("release", "saelens", "llamascopium", "sparsify")
 EXPORTABLE = ("release", "saelens", "llamascopium", "circuit-tracer")
 
-__all__ = ["EXPORTABLE", "IMPORTABLE", "UnsupportedFormatError", "detect_format", "load_foreign",
-           "resolve_source"]
+__all__ = ["EXPORTABLE", "IMPORTABLE", "Exportable", "Plain", "UnsupportedFormatError",
+           "collapse_threshold", "detect_format", "read_foreign", "resolve_source"]
 
 
 def detect_format(folder: str | Path) -> str | None:
@@ -57,25 +59,23 @@ def detect_format(folder: str | Path) -> str | None:
     return None
 
 
-def load_foreign(folder: str | Path, *, fmt: str | None = None, device: Any = None, dtype: Any = None,
-                 gate: str = "reference", **options: Any) -> Any:
-    """Import a folder in a foreign format into an SAE (the detection hook of
+def read_foreign(folder: str | Path, *, fmt: str | None = None, **options: Any) -> Plain:
+    """Read a folder in a foreign format (``fmt``, or the one :func:`detect_format` finds)
+    into a :class:`Plain` record; ``SAE.from_plain`` builds the SAE (the detection hook of
     ``SAE.from_pretrained``). ``options`` go to the format's reader (``hook_point``,
     ``rmsnorm_gain`` for sparsify; ``norm_scaling_factor`` for SAELens)."""
-    from llamascope_sdk.sae import SAE
-
     folder = Path(folder)
     found = fmt or detect_format(folder)
-    kw: dict[str, Any] = {"device": device, "dtype": dtype, "gate": gate}
-    if found == "release":
-        return SAE.from_folder(folder, **kw)
     if found == "saelens":
-        return saelens.load(folder, **_pick(options, "norm_scaling_factor"), **kw)
+        return saelens.read(folder, **_pick(options, "norm_scaling_factor"))
     if found == "llamascopium":
-        return llamascopium.load(folder, **kw)
+        return llamascopium.read(folder)
     if found == "sparsify":
-        return sparsify.load(folder, **_pick(options, "hook_point", "rmsnorm_gain"), **kw)
+        return sparsify.read(folder, **_pick(options, "hook_point", "rmsnorm_gain"))
     convert = f"llamascope convert {folder} --to release OUT"
+    if found == "release":
+        raise UnsupportedFormatError(f"{folder} is in this SDK's release layout, not a foreign format",
+                                     hint=f"load it with SAE.from_folder({str(folder)!r})")
     if found == "sparsify-root":
         points = sparsify.hookpoints(folder)
         raise UnsupportedFormatError(

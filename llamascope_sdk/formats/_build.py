@@ -1,5 +1,9 @@
-"""Shared pieces of the format converters: building an SAE from a foreign checkpoint's
-encoder/decoder, reading safetensors, resolving a Hub source, refusing clearly.
+"""Shared pieces of the format converters: reducing a foreign checkpoint's encoder/decoder to
+a :class:`Plain` record, reading safetensors, resolving a Hub source, refusing clearly.
+
+The readers never build an SAE themselves: they return a :class:`Plain` (hyperparams, raw
+release tensors, folded threshold, file dtype) and :meth:`~llamascope_sdk.sae.SAE.from_plain`
+builds the SAE from it, so that this package does not import :mod:`llamascope_sdk.sae`.
 
 Every importer reduces its format to the same "plain" form, in model units with no runtime
 normalisation::
@@ -8,7 +12,7 @@ normalisation::
     f   = act(pre)                        # jumprelu (per-feature t), topk or relu
     y^  = f @ W_d + b_d                   # W_d [F, D] rows of ANY norm n_i = ||W_d[i]||
 
-and :func:`plain_sae` maps it exactly onto this SDK's folded SAE (unit decoder rows)::
+and :func:`plain_record` maps it exactly onto this SDK's folded SAE (unit decoder rows)::
 
     W_enc[i] = n_i W_e[i],  b_enc[i] = n_i b_e[i],  W_dec[i] = W_d[i] / n_i,  b_dec = b_d
     value_i  = n_i f_i                    # the length of feature i's contribution
@@ -29,17 +33,85 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from safetensors.torch import load_file
 
-from llamascope_sdk.errors import CorruptCheckpointError, LlamascopeError, SaeNotFoundError
+from llamascope_sdk.atomic import publish_mode
+from llamascope_sdk.errors import (
+    CorruptCheckpointError,
+    DownloadError,
+    LlamascopeError,
+    SaeNotFoundError,
+)
 from llamascope_sdk.hyperparams import Hyperparams
 
 
 class UnsupportedFormatError(LlamascopeError, ValueError):
     """A checkpoint whose format or feature cannot be expressed exactly by this SDK."""
+
+
+@dataclass(frozen=True)
+class Plain:
+    """A foreign checkpoint in this SDK's terms, before an SAE is built from it with
+    :meth:`~llamascope_sdk.sae.SAE.from_plain`.
+
+    Attributes:
+        hyperparams: the release hyperparams (``converted_from`` names the source).
+        tensors: the raw release tensors (``encoder.weight`` [F, D], ``encoder.bias`` [F],
+            ``decoder.weight`` [D, F], ``decoder.bias`` [D]), as ``SAE.from_raw`` reads them.
+        file_dtype: the dtype the source stored (what ``save_pretrained`` writes back).
+        threshold: the JumpReLU threshold in the folded space, a scalar or one value per
+            feature (``inf`` for a feature that never fires); None when there is none to set.
+        threshold_times_decoder_norm: the threshold still has to be multiplied by the built
+            SAE's decoder norms (``||d_i||``, as folding computes them).
+    """
+
+    hyperparams: Hyperparams
+    tensors: dict[str, torch.Tensor]
+    file_dtype: torch.dtype
+    threshold: torch.Tensor | None = None
+    threshold_times_decoder_norm: bool = False
+
+
+class Exportable(Protocol):
+    """What the exporters read of an SAE (see :class:`~llamascope_sdk.sae.SAE`)."""
+
+    hyperparams: Hyperparams
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def d_model(self) -> int: ...
+
+    @property
+    def d_sae(self) -> int: ...
+
+    @property
+    def is_transcoder(self) -> bool: ...
+
+    @property
+    def W_enc(self) -> torch.Tensor: ...  # [F, D] folded
+
+    @property
+    def b_enc(self) -> torch.Tensor: ...  # [F]
+
+    @property
+    def W_dec(self) -> torch.Tensor: ...  # [F, D], unit rows
+
+    @property
+    def b_dec(self) -> torch.Tensor: ...  # [D]
+
+    @property
+    def decoder_norm(self) -> torch.Tensor: ...  # [F] fp32
+
+    def gate_threshold(self, features: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def raw_state_dict(self) -> dict[str, torch.Tensor]: ...
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -53,8 +125,6 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     if not path.is_file():
         raise SaeNotFoundError(f"{path} does not exist")
     try:
@@ -79,14 +149,14 @@ def check_shape(t: torch.Tensor, shape: tuple[int, ...], name: str, where: str) 
 
 
 @torch.no_grad()
-def plain_sae(*, W_e: torch.Tensor, b_e: torch.Tensor, W_d: torch.Tensor, b_d: torch.Tensor,
-              act_fn: str, hook_point_in: str, hook_point_out: str,
-              threshold: torch.Tensor | float | None = None, top_k: int | None = None,
-              rank_by_decoder_norm: bool = False, source_format: str,
-              source_config: dict[str, Any] | None = None, file_dtype: torch.dtype | None = None,
-              device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
-              gate: str = "reference", extra: dict[str, Any] | None = None) -> Any:
-    """Build an SAE from the plain form in the module docstring (exact mapping).
+def plain_record(*, W_e: torch.Tensor, b_e: torch.Tensor, W_d: torch.Tensor, b_d: torch.Tensor,
+                 act_fn: str, hook_point_in: str, hook_point_out: str,
+                 threshold: torch.Tensor | float | None = None, top_k: int | None = None,
+                 rank_by_decoder_norm: bool = False, source_format: str,
+                 source_config: dict[str, Any] | None = None,
+                 file_dtype: torch.dtype | None = None,
+                 extra: dict[str, Any] | None = None) -> Plain:
+    """The :class:`Plain` record of the plain form in the module docstring (exact mapping).
 
     Args:
         W_e, b_e: encoder [F, D] and bias [F]; W_d [F, D] decoder rows of any norm, b_d [D].
@@ -98,8 +168,6 @@ def plain_sae(*, W_e: torch.Tensor, b_e: torch.Tensor, W_d: torch.Tensor, b_d: t
         source_format, source_config: recorded in hyperparams (``converted_from``).
         file_dtype: the dtype the source stored (what save_pretrained writes back).
     """
-    from llamascope_sdk.sae import SAE
-
     f_dim, d_dim = W_e.shape
     where = f"{source_format} checkpoint"
     check_shape(b_e, (f_dim,), "encoder bias", where)
@@ -134,16 +202,7 @@ def plain_sae(*, W_e: torch.Tensor, b_e: torch.Tensor, W_d: torch.Tensor, b_d: t
     raw = {"encoder.weight": W_e64.to(torch.float32), "encoder.bias": b_e64.to(torch.float32),
            "decoder.weight": W_d64.t().to(torch.float32).contiguous(),
            "decoder.bias": b_d.to(torch.float32)}
-    sae = SAE.from_raw(Hyperparams.from_dict(hp, source=where), raw, device=device, dtype=dtype,
-                       gate=gate)  # type: ignore[arg-type]
-    sae.file_dtype = file_dtype or W_e.dtype
-    if thr_folded is not None:
-        if not bool(torch.isfinite(thr_folded).all()):
-            big = torch.finfo(sae.dtype).max
-            thr_folded = torch.where(torch.isfinite(thr_folded), thr_folded,
-                                     torch.full_like(thr_folded, big))
-        sae.set_threshold(collapse_threshold(thr_folded))
-    return sae
+    return Plain(Hyperparams.from_dict(hp, source=where), raw, file_dtype or W_e.dtype, thr_folded)
 
 
 _HF_URI = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(.+?))?/?$")
@@ -159,7 +218,7 @@ def resolve_source(src: str | Path, *, revision: str | None = None, token: str |
     m = _HF_URI.match(str(src))
     if m is None:
         raise SaeNotFoundError(f"{src} is neither a local folder nor a Hub id (org/repo[/subfolder])")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # heavy; imported on the first Hub source
 
     repo, sub = m.group(1), m.group(2)
     patterns = [f"{sub}/*"] if sub else None
@@ -167,8 +226,6 @@ def resolve_source(src: str | Path, *, revision: str | None = None, token: str |
         root = snapshot_download(repo, revision=revision, allow_patterns=patterns, token=token,
                                  cache_dir=cache_dir, local_files_only=local_files_only)
     except Exception as exc:  # huggingface_hub raises many types; say which source failed
-        from llamascope_sdk.errors import DownloadError
-
         raise DownloadError(f"could not download {repo}{'/' + sub if sub else ''}: {exc}") from None
     folder = Path(root) / sub if sub else Path(root)
     if not folder.exists():
@@ -176,11 +233,9 @@ def resolve_source(src: str | Path, *, revision: str | None = None, token: str |
     return folder
 
 
-def write_folder(out: str | Path, write: Callable[[Path], None]) -> Path:
+def write_folder(out: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
     """Fill a temporary sibling of ``out`` with ``write(tmp)``, then publish it: a new
     folder appears by one rename; an existing one has each file replaced by a rename."""
-    from llamascope_sdk.atomic import publish_mode
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))

@@ -39,16 +39,17 @@ own table and may not know ``ln2.hook_normalized``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 import torch
 
 from llamascope_sdk.atomic import atomic_save_safetensors, atomic_write_text
 from llamascope_sdk.registry import BASE_MODEL
 
-from ._build import UnsupportedFormatError, write_folder
+from ._build import Exportable, UnsupportedFormatError, write_folder
 
 CONFIG = "config.yaml"
 FEATURE_INPUT_HOOK = "ln2.hook_normalized"
@@ -59,7 +60,7 @@ def layer_file(layer: int) -> str:
     return f"layer_{layer}.safetensors"
 
 
-def check_one(sae: Any) -> int:
+def check_one(sae: Exportable) -> int:
     """The layer of one transcoder, after checking it fits a circuit-tracer set."""
     hp = sae.hyperparams
     parts_in, parts_out = hp.hook_point_in.split("."), hp.hook_point_out.split(".")
@@ -86,7 +87,7 @@ def check_layers(layers: Sequence[int], widths: Sequence[int]) -> None:
         raise UnsupportedFormatError(f"all transcoders of a set need the same d_sae; got {sorted(set(widths))}")
 
 
-def layer_tensors(sae: Any, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def layer_tensors(sae: Exportable, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The circuit-tracer tensors of one transcoder (folded weights; threshold per feature)."""
     dt = dtype or torch.float32
 
@@ -99,7 +100,15 @@ def layer_tensors(sae: Any, dtype: torch.dtype | None = None) -> dict[str, torch
     return out
 
 
-def export(saes: Iterable[Any], out: str | Path, *, model_name: str | None = None,
+def _member(item: Exportable | Callable[[], Exportable]) -> Exportable:
+    """One member of a set: an SAE as it is (an nn.Module, itself callable, so told apart by
+    type), anything else a loader to call."""
+    if isinstance(item, torch.nn.Module):
+        return cast(Exportable, item)
+    return cast(Callable[[], Exportable], item)()
+
+
+def export(saes: Iterable[Exportable | Callable[[], Exportable]], out: str | os.PathLike[str], *, model_name: str | None = None,
            scan: str | None = None, hub_repo: str | None = None,
            dtype: torch.dtype | None = None) -> Path:
     """Write a circuit-tracer transcoder set (``config.yaml`` + ``layer_L.safetensors``).
@@ -113,7 +122,7 @@ def export(saes: Iterable[Any], out: str | Path, *, model_name: str | None = Non
             that will be uploaded to that repository; default: absolute local paths.
         dtype: dtype of the written tensors (default float32; circuit-tracer casts on load).
     """
-    import yaml  # a dependency of huggingface_hub
+    import yaml  # pyyaml (a dependency of huggingface_hub); only this export writes YAML
 
     out = Path(out).expanduser().resolve()
     layers: list[int] = []
@@ -122,7 +131,7 @@ def export(saes: Iterable[Any], out: str | Path, *, model_name: str | None = Non
 
     def write(tmp: Path) -> None:
         for item in saes:
-            sae = item if isinstance(item, torch.nn.Module) else item()
+            sae = _member(item)
             layer = check_one(sae)
             layers.append(layer)
             widths.append(sae.d_sae)

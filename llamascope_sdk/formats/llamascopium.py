@@ -35,6 +35,7 @@ or not) and maps ``t`` back: ``theta_i = t_i / s_out`` (decoder-norm gating) or
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,9 @@ from llamascope_sdk.errors import CorruptCheckpointError
 from llamascope_sdk.hyperparams import Hyperparams
 
 from ._build import (
+    Exportable,
+    Plain,
     UnsupportedFormatError,
-    collapse_threshold,
     need,
     read_json,
     read_tensors,
@@ -69,7 +71,7 @@ def is_llamascopium(folder: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------- export
-def export(sae: Any, out: str | Path) -> Path:
+def export(sae: Exportable, out: str | os.PathLike[str]) -> Path:
     """Write ``sae`` as a Llamascopium 2 folder (exact; see the module docstring)."""
     hp = sae.hyperparams
     raw = sae.raw_state_dict()  # training space, the file's dtype
@@ -85,9 +87,9 @@ def export(sae: Any, out: str | Path) -> Path:
                 f"{sae.name}: a threshold <= 0 has no logarithm; Llamascopium stores "
                 "log_jumprelu_threshold")
         tensors["activation_function.log_jumprelu_threshold"] = t.log().float().contiguous()
-    dataset_wise = hp.norm_activation == "dataset-wise" and hp.dataset_average_activation_norm
-    if dataset_wise:
-        norms = hp.dataset_average_activation_norm
+    norms = hp.dataset_average_activation_norm
+    dataset_wise = hp.norm_activation == "dataset-wise" and bool(norms)
+    if dataset_wise and norms is not None:
         tensors[_NORM + hp.hook_point_in] = torch.tensor(float(norms.in_))
         tensors[_NORM + hp.hook_point_out] = torch.tensor(float(norms.out))
     cfg: dict[str, Any] = {
@@ -110,11 +112,9 @@ def export(sae: Any, out: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------- import
-def load(folder: str | Path, *, device: torch.device | str | None = None,
-         dtype: torch.dtype | str | None = None, gate: str = "reference") -> Any:
-    """Read a Llamascopium 2 SAE/transcoder folder into an SAE (exact reference math)."""
-    from llamascope_sdk.sae import SAE
-
+def read(folder: str | Path) -> Plain:
+    """Read a Llamascopium 2 SAE/transcoder folder into a :class:`~._build.Plain` record
+    (exact reference math)."""
     folder = Path(folder)
     where = f"Llamascopium folder {folder}"
     cfg = read_json(folder / CONFIG)
@@ -168,14 +168,16 @@ def load(folder: str | Path, *, device: torch.device | str | None = None,
            "decoder.weight": W_D.t().contiguous()}
     if b_D is not None:
         raw["decoder.bias"] = b_D
-    sae = SAE.from_raw(params, raw, device=device, dtype=dtype, gate=gate)  # type: ignore[arg-type]
+    thr: torch.Tensor | None = None
     if act == "jumprelu":
         log_t = t.get("activation_function.log_jumprelu_threshold", t.get("log_jumprelu_threshold"))
         if log_t is None:
             raise CorruptCheckpointError(f"{where}: a JumpReLU checkpoint without log_jumprelu_threshold")
         thr = log_t.double().exp().expand(d_sae) / params.scale_out
-        if not params.sparsity_include_decoder_norm:
-            thr = thr * sae.decoder_norm.double().cpu()
-        sae.set_threshold(collapse_threshold(thr))
-    return sae
+        if not bool(torch.isfinite(thr).all()):
+            raise ValueError(f"{where}: threshold must be a finite scalar or a finite [d_sae] vector")
+    # Gated on h alone (not h ||W_D[i]||): theta_i = t_i ||d_i|| / s_out, with the decoder
+    # norms the SAE computes when it folds these tensors.
+    return Plain(params, raw, W_E.dtype, thr,
+                 threshold_times_decoder_norm=thr is not None and not params.sparsity_include_decoder_norm)
 

@@ -38,6 +38,7 @@ from its pretrained registry; a folder does not hold it).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,19 @@ import torch
 
 from llamascope_sdk.atomic import atomic_save_safetensors, atomic_write_text
 from llamascope_sdk.errors import CorruptCheckpointError
+from llamascope_sdk.models import base_model_of
 from llamascope_sdk.registry import BASE_MODEL
 
-from ._build import UnsupportedFormatError, need, plain_sae, read_json, read_tensors, write_folder
+from ._build import (
+    Exportable,
+    Plain,
+    UnsupportedFormatError,
+    need,
+    plain_record,
+    read_json,
+    read_tensors,
+    write_folder,
+)
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
@@ -60,14 +71,12 @@ def is_saelens(folder: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------- export
-def export(sae: Any, out: str | Path, *, model_name: str | None = None) -> Path:
+def export(sae: Exportable, out: str | os.PathLike[str], *, model_name: str | None = None) -> Path:
     """Write ``sae`` as a SAELens folder (exact; values in model units, see module docstring)."""
-    from llamascope_sdk.models import base_model_of
-
     hp = sae.hyperparams
     if sae.d_model != hp.d_model:
         raise UnsupportedFormatError("d_model mismatch")
-    model = model_name or _base_model(sae, base_model_of)
+    model = model_name or _base_model(sae)
     W_enc = sae.W_enc.detach().float().cpu()
     b_enc = sae.b_enc.detach().float().cpu()
     W_dec = sae.W_dec.detach().float().cpu()
@@ -123,7 +132,7 @@ def export(sae: Any, out: str | Path, *, model_name: str | None = None) -> Path:
     return write_folder(out, write)
 
 
-def _base_model(sae: Any, base_model_of: Any) -> str:
+def _base_model(sae: Exportable) -> str:
     try:
         return str(base_model_of(sae))
     except Exception:  # no lm_config: the Llama Scope base model
@@ -136,10 +145,9 @@ def _layer(hook: str) -> int | None:
 
 
 # ---------------------------------------------------------------------------- import
-def load(folder: str | Path, *, norm_scaling_factor: float | None = None,
-         device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
-         gate: str = "reference") -> Any:
-    """Read a SAELens folder into an SAE (exact; see the module docstring for what is refused)."""
+def read(folder: str | Path, *, norm_scaling_factor: float | None = None) -> Plain:
+    """Read a SAELens folder into a :class:`~._build.Plain` record (exact; see the module
+    docstring for what is refused)."""
     folder = Path(folder)
     cfg = read_json(folder / CFG)
     t = read_tensors(folder / WEIGHTS)
@@ -199,11 +207,10 @@ def load(folder: str | Path, *, norm_scaling_factor: float | None = None,
             raise CorruptCheckpointError(f"{where}: a JumpReLU checkpoint without 'threshold'")
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     hook_out = meta.get("hook_name_out") or cfg.get("hook_name_out") or hook_in
-    return plain_sae(W_e=W_e, b_e=b_e, W_d=W_d, b_d=b_d, act_fn=act, hook_point_in=str(hook_in),
-                     hook_point_out=str(hook_out), threshold=threshold, top_k=k,
-                     rank_by_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm", False)),
-                     source_format="saelens", source_config=cfg, file_dtype=file_dtype,
-                     device=device, dtype=dtype, gate=gate)
+    return plain_record(W_e=W_e, b_e=b_e, W_d=W_d, b_d=b_d, act_fn=act, hook_point_in=str(hook_in),
+                        hook_point_out=str(hook_out), threshold=threshold, top_k=k,
+                        rank_by_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm", False)),
+                        source_format="saelens", source_config=cfg, file_dtype=file_dtype)
 
 
 def _legacy_arch(cfg: dict[str, Any]) -> str:

@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from llamascope_sdk.errors import CorruptCheckpointError
 
-from ._build import UnsupportedFormatError, need, plain_sae, read_json, read_tensors
+from ._build import Plain, UnsupportedFormatError, need, plain_record, read_json, read_tensors
 
 CFG = "cfg.json"
 WEIGHTS = "sae.safetensors"
@@ -71,10 +70,10 @@ def hook_points_for(name: str, transcode: bool) -> tuple[str, str]:
     return f"blocks.{layer}.{out}", f"blocks.{layer}.{out}"
 
 
-def load(folder: str | Path, *, hook_point: str | None = None,
-         rmsnorm_gain: torch.Tensor | None = None, device: torch.device | str | None = None,
-         dtype: torch.dtype | str | None = None, gate: str = "reference") -> Any:
-    """Read one sparsify hookpoint folder into an SAE (exact; see the module docstring).
+def read(folder: str | Path, *, hook_point: str | None = None,
+         rmsnorm_gain: torch.Tensor | None = None) -> Plain:
+    """Read one sparsify hookpoint folder into a :class:`~._build.Plain` record (exact; see
+    the module docstring).
 
     Args:
         hook_point: the TransformerLens hook name to use instead of the one derived from the
@@ -119,7 +118,7 @@ def load(folder: str | Path, *, hook_point: str | None = None,
         W_e, b_e = W * g[None, :], b
     else:
         W_e, b_e = W, b - W @ b_dec
-    return plain_sae(W_e=W_e, b_e=b_e, W_d=W_dec, b_d=b_dec, act_fn="topk",
-                     hook_point_in=hook_in, hook_point_out=hook_out, top_k=int(k),
-                     rank_by_decoder_norm=False, source_format="sparsify", source_config=cfg,
-                     file_dtype=t["encoder.weight"].dtype, device=device, dtype=dtype, gate=gate)
+    return plain_record(W_e=W_e, b_e=b_e, W_d=W_dec, b_d=b_dec, act_fn="topk",
+                        hook_point_in=hook_in, hook_point_out=hook_out, top_k=int(k),
+                        rank_by_decoder_norm=False, source_format="sparsify", source_config=cfg,
+                        file_dtype=t["encoder.weight"].dtype)

@@ -176,7 +176,7 @@ class TrainConfig(BaseModel):
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
-        import yaml
+        import yaml  # pyyaml, the train extra: imported where YAML is read or written
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
@@ -194,7 +194,7 @@ class TrainConfig(BaseModel):
             TrainConfigError: the file is missing, is not valid YAML/JSON, or holds invalid
                 values (the message names each field).
         """
-        import yaml
+        import yaml  # pyyaml, the train extra: imported where YAML is read or written
 
         path = Path(path)
         hint = "see `python training/run.py --sae L15R-8x --print-config` for a valid recipe"
@@ -217,7 +217,7 @@ class TrainConfig(BaseModel):
 
     def with_overrides(self, pairs: list[str]) -> TrainConfig:
         """Apply ``key=value`` strings; values are parsed as YAML (numbers, lists, null)."""
-        import yaml
+        import yaml  # pyyaml, the train extra: imported where YAML is read or written
 
         data = self.to_dict()
         for pair in pairs:

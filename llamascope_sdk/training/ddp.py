@@ -24,7 +24,7 @@ class Dist:
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world == 1:
             return t
-        import torch.distributed as tdist
+        import torch.distributed as tdist  # only for a multi-process run
 
         t = t.contiguous().clone()
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
@@ -35,7 +35,7 @@ class Dist:
 
     def barrier(self) -> None:
         if self.world > 1:
-            import torch.distributed as tdist
+            import torch.distributed as tdist  # only for a multi-process run
 
             tdist.barrier()
 
@@ -45,7 +45,7 @@ def init_from_env(device: str = "cpu") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    import torch.distributed as tdist
+    import torch.distributed as tdist  # only for a multi-process run
 
     if not tdist.is_initialized():
         tdist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -53,7 +53,7 @@ def init_from_env(device: str = "cpu") -> Dist:
 
 
 def shutdown() -> None:
-    import torch.distributed as tdist
+    import torch.distributed as tdist  # only for a multi-process run
 
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()

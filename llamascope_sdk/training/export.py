@@ -15,6 +15,7 @@ from llamascope_sdk.atomic import atomic_write_text
 from llamascope_sdk.cards import render_card
 from llamascope_sdk.corpus import local_paths
 from llamascope_sdk.dtypes import parse_dtype
+from llamascope_sdk.hyperparams import Hyperparams
 from llamascope_sdk.models import SMOLLM2_ID, is_smollm2
 from llamascope_sdk.release import default_lm_config, write_release
 from llamascope_sdk.sites import parse_hook_point
@@ -103,8 +104,6 @@ def export(folder: str | Path, cfg: TrainConfig, raw: dict[str, torch.Tensor],
            hp: dict[str, Any], card_text: str | None = None) -> Path:
     """Write the release folder plus ``recipe.yaml`` (the serialised TrainConfig); the card
     defaults to ``render_card(card_info(cfg, hp))``."""
-    from llamascope_sdk.hyperparams import Hyperparams
-
     lm = default_lm_config(cfg.model, cfg.d_model)
     tensors = {k: v.to(parse_dtype(cfg.export_dtype)) for k, v in raw.items()}
     card_text = card_text if card_text is not None else render_card(card_info(cfg, hp))

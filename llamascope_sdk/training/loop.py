@@ -13,12 +13,17 @@ from typing import Any
 
 import torch
 
-from . import checkpoint as ck
+import llamascope_sdk.training.checkpoint as ck
+from llamascope_sdk.cards import render_card
+
 from .buffer import ShuffleBuffer
+from .cache import CacheSource
 from .config import TrainConfig
 from .ddp import Dist, init_from_env, shutdown
 from .errors import CheckpointError
+from .export import card_info, export, release_hyperparams
 from .optimizer import SAEOptimizer
+from .postprocess import fold, jumprelu_threshold, mean_l0
 from .sources import build_source, hook_points_of
 
 log = logging.getLogger(__name__)
@@ -203,14 +208,14 @@ class Run:
         wandb_run = None
         if cfg.wandb_project and self.dist.is_main:
             try:
-                import wandb
+                import wandb  # optional (wandb_project), imported only when asked for
             except ImportError as exc:
                 raise ImportError("wandb_project is set but wandb is missing: pip install wandb") from exc
             wandb_run = wandb.init(project=cfg.wandb_project, name=self.run_dir.name,
                                    config={c.name: c.to_dict() for c in self.cfgs})
         bar = None
         if progress and self.dist.is_main:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # the train extra; only for the progress bar
 
             bar = tqdm(total=cfg.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
         stop_at = cfg.total_steps if max_steps is None else min(cfg.total_steps, self.step + max_steps)
@@ -237,8 +242,6 @@ class Run:
 
 def threshold_inputs(run: Run, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """A fresh batch of ``threshold_tokens`` rows from the same pipeline (spec 3.3)."""
-    from .cache import CacheSource
-
     if cfg.activation_cache:
         src = CacheSource(cfg.activation_cache, epochs=1, seed=cfg.seed + 7,
                           hook_points=hook_points_of(run.cfgs))
@@ -254,11 +257,6 @@ def threshold_inputs(run: Run, cfg: TrainConfig) -> dict[str, torch.Tensor]:
 
 def export_run(run: Run, out_root: Path | None = None) -> list[Path]:
     """Post-process every SAE of a finished run to JumpReLU and write release folders."""
-    from llamascope_sdk.cards import render_card
-
-    from .export import card_info, export, release_hyperparams
-    from .postprocess import fold, jumprelu_threshold, mean_l0
-
     for t in run.saes:
         t.check_finite()
     folders = []

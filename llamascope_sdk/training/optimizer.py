@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
+import llamascope_sdk.training.checkpoint as ck
 from llamascope_sdk.dtypes import parse_dtype
 
-from . import checkpoint as ck
 from .config import TrainConfig
 from .ddp import Dist
 from .errors import NonFiniteError

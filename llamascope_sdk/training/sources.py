@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from llamascope_sdk.models import special_ids
+from llamascope_sdk.models import load_model, special_ids
 
 from .activations import ActivationGenerator, LiveSource
 from .cache import CacheSource
@@ -21,8 +21,6 @@ def hook_points_of(cfgs: list[TrainConfig]) -> list[str]:
 
 
 def load_lm(cfg: TrainConfig) -> tuple[Any, Any]:
-    from llamascope_sdk.models import load_model
-
     dtype = cfg.lm_dtype or ("bfloat16" if cfg.device.startswith("cuda") else "float32")
     return load_model(cfg.model, device=cfg.device, dtype=dtype)
 
