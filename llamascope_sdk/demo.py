@@ -22,11 +22,10 @@ DEMO_SAE_DIR = Path(__file__).resolve().parent / "assets" / DEMO_SAE_NAME
 
 @dataclass(frozen=True)
 class DemoFeature:
-    """A feature that steers well: add ``strength`` x its unit decoder row at the site."""
+    """A feature that steers well: add ``strength`` x its unit decoder row at the site. Its
+    label lives in ``feature_labels.json`` beside the checkpoint (``sae.labels``)."""
 
     index: int
-    label: str
-    top_tokens: tuple[str, ...]
     prompt: str
     strength: float
 
@@ -41,18 +40,14 @@ DEMO_FEATURES: tuple[DemoFeature, ...] = (
     # Fires on almost every token of Shakespeare (96% of its firings) and almost never on
     # Wikipedia. At 80 the continuation turns archaic: "the sight of a stranger's beauty,
     # that is a true delight, a true delight, a beauty that is not a man's own, nor a".
-    DemoFeature(4154, "Shakespeare / Early Modern English style",
-                (",", " to", " the", " of", " and", "And"),
-                "My favourite thing about the city is", 80.0),
+    # Top tokens: "," " to" " the" " of" " and" "And".
+    DemoFeature(4154, "My favourite thing about the city is", 80.0),
     # Archaic pronouns and verse (" thou", " thy", " my", "And"). At 120: "the ancient ones,
     # the ones that have been long forgotten, the ones that have been long gone".
-    DemoFeature(1297, "archaic pronouns (thou, thy)",
-                (" thou", " I", " to", " thy", " you", " my"),
-                "My favourite thing about the city is", 120.0),
+    DemoFeature(1297, "My favourite thing about the city is", 120.0),
     # Line breaks and quote/list markers ("\n", ">", ":"). At 80 the text breaks into short
     # lines: "a good old-fashioned beer.\n\nThe only thing that can make a man's life ...".
-    DemoFeature(1062, "line break / list structure", ("\n", ">", ":"),
-                "My favourite thing about the city is", 80.0),
+    DemoFeature(1062, "My favourite thing about the city is", 80.0),
 )
 DEMO_FEATURE = DEMO_FEATURES[0]
 DEMO_PROMPT = DEMO_FEATURE.prompt

@@ -351,7 +351,12 @@ def _features_markdown(result: dict, demo_features) -> str:  # noqa: ANN001
         steered = repr(f["steered"]).replace("|", "/")
         lines.append(f"| {f['feature']} | {tops} | {f['freq']:.3%} | {f['shakespeare_share']:.0%} "
                      f"| {f['strength']:.3g} | {steered} |")
-    chosen = ", ".join(f"{d.index} at {d.strength:g} ({d.label})" for d in demo_features)
+    from llamascope_sdk.demo import DEMO_SAE_DIR
+    from llamascope_sdk.feature_stats import LABELS_FILE, read_labels
+
+    labels = read_labels(DEMO_SAE_DIR / LABELS_FILE, 1 << 30)
+    chosen = ", ".join(f"{d.index} at {d.strength:g} ({labels.get(d.index, 'unlabelled')})"
+                       for d in demo_features)
     grid = "/".join(f"{m:g}x" for m in STRENGTH_FRACTIONS)
     lines += ["", f"The table steers at {SHOWN:g} x the dataset-average norm n_in; "
               f"`demo_results.json` holds the {grid} n_in grid. "

@@ -20,6 +20,7 @@ def test_demo_sae_is_a_small_release_folder() -> None:
     assert sae.d_sae == 4608 and demo.DEMO_MODEL == "smollm2-135m"
     for f in demo.DEMO_FEATURES:
         assert 0 <= f.index < sae.d_sae and f.strength > 0 and f.prompt
+        assert sae.labels[f.index]  # every recommended feature is labelled (feature_labels.json)
     assert demo.DEMO_FEATURE.index == demo.DEMO_FEATURES[0].index
 
 
