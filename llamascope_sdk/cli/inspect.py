@@ -33,9 +33,14 @@ StoreOpt = Annotated[str | None, typer.Option(
     show_default=False)]
 
 
+SaesOpt = Annotated[list[str], typer.Option(
+    "--sae", "-s", help="SAE: a Llama Scope name, a local folder, or 'demo'. Repeat for several: "
+    "they share one model pass, and each gets its own store OUT/<name>.")]
+
+
 @app.command()
 @command
-def inspect(sae: SaeOpt,
+def inspect(sae: SaesOpt,
             dataset: Annotated[str, typer.Option("--dataset", "-d", help="A .txt/.jsonl/.parquet file (comma-separated for several) or a Hugging Face dataset name.")],
             tokens: Annotated[int, typer.Option("--tokens", "-t", min=1, help="Tokens to read (BOS included).")] = 100_000,
             features: FeaturesOpt = None,
@@ -58,51 +63,79 @@ def inspect(sae: SaeOpt,
     folder, or in Python: sae.stats = FeatureStats.load(STORE).
     """
     from llamascope_sdk import demo
-    from llamascope_sdk.feature_store import FeatureStore, default_store_dir
+    from llamascope_sdk.feature_store import default_store_dir
+    from llamascope_sdk.hooks import check_compatible
     from llamascope_sdk.mining import mine
+    from llamascope_sdk.sae import SAE
+
+    first, lm, tok = load_sae_and_model(sae[0], model, device, dtype, revision)
+    saes = {name: first for name in sae[:1]}
+    for name in sae[1:]:
+        other = SAE.from_pretrained(name, revision=revision, device=device)
+        check_compatible(lm, other)
+        saes[name] = other
+    if len({s.name for s in saes.values()}) != len(saes):
+        raise typer.BadParameter("give each SAE once", param_hint="--sae")
+    if save_stats_to is not None and len(saes) > 1:
+        raise typer.BadParameter("--save-stats-to takes one SAE", param_hint="--save-stats-to")
+    for s in saes.values():
+        for f in features or []:
+            s.check_features(f)
+    results = mine(lm, tok, list(saes.values()), dataset, tokens=tokens, context=context,
+                   batch_size=batch_size, top_n=top_n, n_samples=samples, split=split,
+                   text_field=text_field)
+    reports = []
+    for name, s in saes.items():
+        target = (out if len(saes) == 1 else (out / s.name if out else None)) or default_store_dir(s.name)
+        reports.append(_write_store(name, s, results[s.name], lm, tok, target, dataset=dataset,
+                                    model=model, features=features, pages=pages,
+                                    max_pages=max_pages, save_stats_to=save_stats_to))
+    if as_json:
+        echo_json(reports[0] if len(reports) == 1 else reports)
+        return
+    for r in reports:
+        typer.echo(f"mined {r['d_sae']} features of {r['sae']} on {r['n_tokens']:,} tokens "
+                   f"({r['n_docs']:,} documents)")
+        typer.echo(f"store: {r['store']}")
+        if r["index"]:
+            typer.echo(f"pages: {r['index']}")
+        for f, cmd in r["steer"].items():
+            typer.echo(f"  feature {f}: {cmd}")
+    typer.echo(f"next: llamascope show {reports[0]['store']} FEATURE   |   in Python: "
+               f"sae.stats = FeatureStats.load({reports[0]['store']!r})")
+    if save_stats_to is None and Path(sae[0]).expanduser().is_dir() and not demo.is_demo(sae[0]):
+        typer.echo(f"hint: --save-stats-to {sae[0]} makes `steer --relative` work for this SAE",
+                   err=True)
+
+
+def _write_store(spec_name: str, s: Any, result: Any, lm: Any, tok: Any, target: Path, *,
+                 dataset: str, model: str | None, features: list[int] | None, pages: bool,
+                 max_pages: int, save_stats_to: Path | None) -> dict[str, Any]:
+    """Write one SAE's store (and pages, and optionally its statistics); what was written."""
+    from llamascope_sdk import demo
+    from llamascope_sdk.feature_store import FeatureStore
     from llamascope_sdk.pages import write_pages
 
-    s, lm, tok = load_sae_and_model(sae, model, device, dtype, revision)
-    if features:
-        for f in features:
-            s.check_features(f)
-    spec = "demo" if demo.is_demo(sae) else sae
-    result = mine(lm, tok, s, dataset, tokens=tokens, context=context, batch_size=batch_size,
-                  top_n=top_n, n_samples=samples, split=split, text_field=text_field)[s.name]
     has_stats = s.stats is not None
     if save_stats_to is not None:
         path = result.stats.save(Path(save_stats_to).expanduser().resolve())
         typer.echo(f"feature statistics written to {path}", err=True)
-        sae_dir = Path(sae).expanduser()
+        sae_dir = Path(spec_name).expanduser()
         has_stats = has_stats or (sae_dir.is_dir() and sae_dir.resolve() == path.parent)
+    spec = "demo" if demo.is_demo(spec_name) else spec_name
     store = FeatureStore.from_result(result, tok, model=lm, sae_spec=spec, corpus=dataset,
                                      model_name=model or getattr(lm, "name_or_path", None))
     store.meta["sae_has_stats"] = has_stats
-    target = out or default_store_dir(s.name)
-    written: dict[str, Any] = {}
 
     def add_pages(st: FeatureStore, tmp: Path) -> None:
-        written["pages"] = write_pages(st, tmp / "pages", features, max_pages)
+        write_pages(st, tmp / "pages", features, max_pages)
 
     store.save(target, extra=add_pages if pages else None)
     index = target / "pages" / "index.html" if pages else None
-    if as_json:
-        echo_json({"store": str(target), "index": str(index) if index else None,
-                   "sae": s.name, "n_tokens": result.n_tokens, "n_docs": result.n_docs,
-                   "features": [store.summary(f) for f in (features or [])]})
-        return
-    typer.echo(f"mined {s.d_sae} features of {s.name} on {result.n_tokens:,} tokens "
-               f"({result.n_docs:,} documents)")
-    typer.echo(f"store: {target}")
-    if index:
-        typer.echo(f"pages: {index}")
-    for f in features or []:
-        typer.echo(f"  feature {f}: {store.steer_command(f)}")
-    typer.echo(f"next: llamascope show {target} FEATURE   |   in Python: "
-               f"sae.stats = FeatureStats.load({str(target)!r})")
-    if save_stats_to is None and Path(sae).expanduser().is_dir() and not demo.is_demo(sae):
-        typer.echo(f"hint: --save-stats-to {sae} makes `steer --relative` work for this SAE",
-                   err=True)
+    return {"store": str(target), "index": str(index) if index else None, "sae": s.name,
+            "d_sae": s.d_sae, "n_tokens": result.n_tokens, "n_docs": result.n_docs,
+            "features": [store.summary(f) for f in (features or [])],
+            "steer": {f: store.steer_command(f) for f in (features or [])}}
 
 
 def _example_text(e: dict[str, Any]) -> str:
