@@ -86,7 +86,8 @@ def test_import_without_decoder_norm_gating(tmp_path) -> None:
     folder = tmp_path / "lms"
     folder.mkdir()
     cfg = {"sae_type": "sae", "hook_point_in": hook, "hook_point_out": hook, "d_model": D, "d_sae": F,
-           "expansion_factor": F // D, "act_fn": "jumprelu", "norm_activation": "dataset-wise",
+           "expansion_factor": float(F // D),  # Llamascopium writes a float (4.0)
+           "act_fn": "jumprelu", "norm_activation": "dataset-wise",
            "sparsity_include_decoder_norm": False, "top_k": 50, "jumprelu_threshold_window": 2.0,
            "some_future_field": [1, 2]}
     (folder / "config.json").write_text(json.dumps(cfg))

@@ -65,6 +65,10 @@ def test_export_matches_reference_math(tmp_path, position) -> None:
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["normalize_activations"] == "none" and cfg["apply_b_dec_to_input"] is False
     assert cfg["architecture"] == ("jumprelu_transcoder" if position == "TC" else "jumprelu")
+    # A 6.x version keeps metadata (SAELens 6.54 rebuilds it from top-level keys otherwise).
+    assert cfg["sae_lens_version"].startswith("6.")
+    if position == "TC":
+        assert cfg["metadata"]["hook_name_out"] == hp["hook_point_out"]
     assert cfg["metadata"]["hook_name"] == hp["hook_point_in"]
     if position == "TC":
         assert cfg["d_out"] == D and cfg["metadata"]["hook_name_out"] == hp["hook_point_out"]

@@ -23,9 +23,12 @@ Export writes the release's own training-space tensors (``W_E = encoder.weight.T
 ``sparsity_include_decoder_norm: true`` and ``t_i = theta_i * s_out``, because this SDK's gate
 ``||d_i|| h_i / s_out > theta`` is ``h_i ||d_i|| > theta s_out`` (spec 3.2). Its values f are
 training-space (``f = f_ours * s_out / ||d_i||``); masks and reconstructions are the
-reference's. (Loading with ``fold_activation_scale=True`` would compare against t without
-the s_out factor; the threshold written here is for the plain dataset-wise mode the config
-declares.)
+reference's when Llamascopium loads it in the dataset-wise mode the config declares
+(checked against llamascopium 2.0.0b34 by bench/peer_interop_check.py: 0 mask differences).
+Do not load it with ``fold_activation_scale=True``: in 2.0.0b34
+``SparseAutoEncoder.standardize_parameters_of_dataset_norm`` folds the weights but leaves the
+JumpReLU threshold unscaled, so other features fire (a bug of that version; its
+cross-layer transcoder rescales it).
 
 Import reads both key spellings (``W_E``/``encoder.weight``; ``activation_function.`` prefix
 or not) and maps ``t`` back: ``theta_i = t_i / s_out`` (decoder-norm gating) or
@@ -145,7 +148,9 @@ def read(folder: str | Path) -> Plain:
     hp: dict[str, Any] = {k: v for k, v in cfg.items() if k not in ("llamascope_sdk",)}
     hp.update({"d_model": d_model, "d_sae": d_sae, "hook_point_in": hook_in,
                "hook_point_out": hook_out, "act_fn": act, "use_decoder_bias": b_D is not None,
-               "dtype": str(W_E.dtype), "converted_from": {"format": "llamascopium", "config": cfg}})
+               "dtype": str(W_E.dtype), "converted_from": {"format": "llamascopium", "config": cfg},
+               # Llamascopium declares expansion_factor a float (its own saves write 4.0).
+               "expansion_factor": d_sae // d_model if d_sae % d_model == 0 else None})
     if norm_mode == "dataset-wise":
         try:
             n_in = float(t[_NORM + hook_in])

@@ -120,7 +120,11 @@ def export(sae: Exportable, out: str | os.PathLike[str], *, model_name: str | No
         meta.update({"hook_name_out": hp.hook_point_out, "hook_layer_out": _layer(hp.hook_point_out)})
     cfg["metadata"] = meta
     cfg["architecture"] = arch
-    # SAELens 5.x read these at the top level; 6.x reads metadata and ignores them.
+    # Without a version SAELens 6.54 reads the file as a pre-6.0 config and rebuilds metadata
+    # from the top-level keys only (dropping hook_name_out); with it, metadata is kept
+    # (checked against sae-lens 6.54.12 by bench/peer_interop_check.py).
+    cfg["sae_lens_version"] = "6.0.0"
+    # SAELens 5.x read these at the top level.
     cfg.update({"model_name": model, "hook_name": hp.hook_point_in, "hook_layer": layer,
                 "hook_head_index": None, "prepend_bos": True, "context_size": 1024,
                 "dataset_path": "cerebras/SlimPajama-627B"})
