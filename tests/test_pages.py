@@ -11,13 +11,13 @@ import torch
 from llamascope_sdk.feature_store import FeatureStore
 from llamascope_sdk.pages import feature_page, write_pages
 
+from .conftest import CharTokenizer
 from .test_feature_store import mined  # noqa: F401  (fixture)
-from .test_mining import CharTok
 
 
 def test_page_content_and_no_external_resources(mined, tiny_llama, tmp_path):  # noqa: F811
     sae, res = mined
-    store = FeatureStore.from_result(res, CharTok(), model=tiny_llama, sae_spec="my-sae")
+    store = FeatureStore.from_result(res, CharTokenizer(), model=tiny_llama, sae_spec="my-sae")
     i = int(res.stats.frequency.argmax())
     store.labels[i] = "Label <b>&</b>"
     page = feature_page(store, i)
@@ -37,7 +37,7 @@ def test_page_content_and_no_external_resources(mined, tiny_llama, tmp_path):  #
 
 def test_neuronpedia_link_only_when_known(mined):  # noqa: F811
     _, res = mined
-    store = FeatureStore.from_result(res, CharTok())
+    store = FeatureStore.from_result(res, CharTokenizer())
     assert "neuronpedia" not in feature_page(store, 0).lower()
     store.meta["neuronpedia_url"] = "https://www.neuronpedia.org/llama3.1-8b/15-llamascope-res-32k"
     assert "https://www.neuronpedia.org/llama3.1-8b/15-llamascope-res-32k/0" in feature_page(store, 0)
@@ -45,7 +45,7 @@ def test_neuronpedia_link_only_when_known(mined):  # noqa: F811
 
 def test_thousand_pages_take_seconds(mined, tmp_path):  # noqa: F811
     _, res = mined
-    store = FeatureStore.from_result(res, CharTok())
+    store = FeatureStore.from_result(res, CharTokenizer())
     # 1,000 features: tile the 96 mined ones.
     n = 1000
     reps = -(-n // store.d_sae)
