@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -64,6 +65,29 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
 
     contiguous = {k: v.contiguous() for k, v in tensors.items()}
     _atomic_write(Path(path), lambda tmp: save_file(contiguous, tmp, metadata=metadata))
+
+
+def write_folder(out: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling of ``out`` with ``write(tmp)``, then publish it: a new
+    folder appears by one rename; an existing one has each file replaced by a rename."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        for d in sorted(p for p in tmp.rglob("*") if p.is_dir()):
+            publish_mode(d, directory=True)
+        if not out.exists():
+            publish_mode(tmp, directory=True)
+            os.replace(tmp, out)
+            return out
+        for src in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            dst = out / src.relative_to(tmp)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

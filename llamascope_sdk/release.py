@@ -13,15 +13,12 @@ The tensors are the *raw training-space* parameters (spec 2.3); folding happens 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .atomic import atomic_save_safetensors, atomic_write_text, publish_mode
+from .atomic import atomic_save_safetensors, atomic_write_text, write_folder
 from .errors import CorruptCheckpointError, SaeNotFoundError
 from .hyperparams import Hyperparams
 
@@ -134,24 +131,12 @@ def write_release(folder: str | Path, hp: Hyperparams, tensors: dict[str, torch.
         if name not in tensors or tuple(tensors[name].shape) != shape:
             got = None if name not in tensors else list(tensors[name].shape)
             raise CorruptCheckpointError(f"cannot save: tensor '{name}' has shape {got}, expected {list(shape)}")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    try:
+    def write(tmp: Path) -> None:
         atomic_save_safetensors({k: tensors[k] for k in want}, tmp / CHECKPOINT,
                                 metadata={"format": "pt", "version": FORMAT_VERSION})
         atomic_write_text(tmp / HYPERPARAMS, json.dumps(hp.to_json_dict(), indent=4) + "\n")
         atomic_write_text(tmp / LM_CONFIG, json.dumps(lm_config, indent=4) + "\n")
         if card is not None:
             atomic_write_text(tmp / CARD, card)
-        publish_mode(tmp / "checkpoints", directory=True)
-        if not folder.exists():
-            publish_mode(tmp, directory=True)
-            os.replace(tmp, folder)
-            return folder
-        for src in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            dst = folder / src.relative_to(tmp)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dst)
-        return folder
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    return write_folder(folder, write)

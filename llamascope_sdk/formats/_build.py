@@ -28,11 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,13 +36,13 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load_file
 
-from llamascope_sdk.atomic import publish_mode
 from llamascope_sdk.errors import (
     CorruptCheckpointError,
     DownloadError,
     LlamascopeError,
     SaeNotFoundError,
 )
+from llamascope_sdk.fold import Folded
 from llamascope_sdk.hyperparams import Hyperparams
 
 
@@ -77,10 +73,9 @@ class Plain:
     threshold_times_decoder_norm: bool = False
 
 
-class Exportable(Protocol):
-    """What the exporters read of an SAE (see :class:`~llamascope_sdk.sae.SAE`)."""
-
-    hyperparams: Hyperparams
+class Exportable(Folded, Protocol):
+    """What the exporters read of an SAE (see :class:`~llamascope_sdk.sae.SAE`): the folded
+    weights of :class:`~llamascope_sdk.fold.Folded` and the names below."""
 
     @property
     def name(self) -> str: ...
@@ -93,21 +88,6 @@ class Exportable(Protocol):
 
     @property
     def is_transcoder(self) -> bool: ...
-
-    @property
-    def W_enc(self) -> torch.Tensor: ...  # [F, D] folded
-
-    @property
-    def b_enc(self) -> torch.Tensor: ...  # [F]
-
-    @property
-    def W_dec(self) -> torch.Tensor: ...  # [F, D], unit rows
-
-    @property
-    def b_dec(self) -> torch.Tensor: ...  # [D]
-
-    @property
-    def decoder_norm(self) -> torch.Tensor: ...  # [F] fp32
 
     def gate_threshold(self, features: torch.Tensor | None = None) -> torch.Tensor: ...
 
@@ -231,29 +211,6 @@ def resolve_source(src: str | Path, *, revision: str | None = None, token: str |
     if not folder.exists():
         raise SaeNotFoundError(f"{repo} has no folder {sub!r}")
     return folder
-
-
-def write_folder(out: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
-    """Fill a temporary sibling of ``out`` with ``write(tmp)``, then publish it: a new
-    folder appears by one rename; an existing one has each file replaced by a rename."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        write(tmp)
-        for d in sorted(p for p in tmp.rglob("*") if p.is_dir()):
-            publish_mode(d, directory=True)
-        if not out.exists():
-            publish_mode(tmp, directory=True)
-            os.replace(tmp, out)
-            return out
-        for src in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            dst = out / src.relative_to(tmp)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dst)
-        return out
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def collapse_threshold(thr: torch.Tensor) -> torch.Tensor:

@@ -46,10 +46,10 @@ from typing import cast
 
 import torch
 
-from llamascope_sdk.atomic import atomic_save_safetensors, atomic_write_text
+from llamascope_sdk.atomic import atomic_save_safetensors, atomic_write_text, write_folder
 from llamascope_sdk.registry import BASE_MODEL
 
-from ._build import Exportable, UnsupportedFormatError, write_folder
+from ._build import Exportable, UnsupportedFormatError
 
 CONFIG = "config.yaml"
 FEATURE_INPUT_HOOK = "ln2.hook_normalized"

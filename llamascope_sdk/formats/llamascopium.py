@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from llamascope_sdk.atomic import atomic_save_safetensors, atomic_write_text
+from llamascope_sdk.atomic import atomic_save_safetensors, atomic_write_text, write_folder
 from llamascope_sdk.errors import CorruptCheckpointError
 from llamascope_sdk.hyperparams import Hyperparams
 
@@ -55,7 +55,6 @@ from ._build import (
     need,
     read_json,
     read_tensors,
-    write_folder,
 )
 
 CONFIG = "config.json"

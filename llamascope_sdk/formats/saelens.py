@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from llamascope_sdk.atomic import atomic_save_safetensors, atomic_write_text
+from llamascope_sdk.atomic import atomic_save_safetensors, atomic_write_text, write_folder
 from llamascope_sdk.errors import CorruptCheckpointError
 from llamascope_sdk.models import base_model_of
 from llamascope_sdk.registry import BASE_MODEL
@@ -57,7 +57,6 @@ from ._build import (
     plain_record,
     read_json,
     read_tensors,
-    write_folder,
 )
 
 CFG = "cfg.json"
