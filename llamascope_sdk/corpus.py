@@ -218,7 +218,7 @@ def token_batches(tokenizer: Any, docs: Iterable[str], *, tokens: int, context: 
     sequences of exactly ``context`` tokens (for long-context checks on short documents).
     """
     seqs = _packed(tokenizer, docs, context) if pack else _per_document(tokenizer, docs, context)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     left, pool = tokens, []
     for ids in seqs:
         ids = ids[:left]
@@ -264,10 +264,17 @@ def tensor_batches(ids: torch.Tensor, tokens: int, context: int,
         yield chunk, torch.ones_like(chunk, dtype=torch.bool)
 
 
-def pad_rows(rows: list[list[int]], pad_id: int) -> torch.Tensor:
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS (Llama-3.1 and the
+    SmolLM2 GGUF tokenizer have no pad token), else 0."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad or 0)
+
+
+def pad_rows(rows: list[list[int]], pad: int) -> torch.Tensor:
     """Right-pad token lists into a [n, max_len] LongTensor."""
     width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    out = torch.full((len(rows), width), pad, dtype=torch.long)
     for i, r in enumerate(rows):
         out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
     return out

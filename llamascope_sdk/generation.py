@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .corpus import pad_id
 from .errors import InputError
 from .hooks import attach
 from .interventions import Ablate, Clamp, Intervention, Scale, Steer
@@ -60,7 +61,7 @@ def _generate(model: Any, tokenizer: Any, ids: torch.Tensor, max_new_tokens: int
               do_sample: bool) -> list[int]:
     if seed is not None:
         torch.manual_seed(seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=do_sample, pad_token_id=pad)

@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from .corpus import Source, iter_documents, pad_rows
+from .corpus import Source, iter_documents, pad_id, pad_rows
 from .feature_stats import FeatureStats
 from .hooks import capture_into, check_compatible, hooked, named_saes
 from .models import model_device, special_ids
@@ -253,7 +253,7 @@ def doc_batches(tokenizer: Any, docs: Iterable[str], *, tokens: int, context: in
                 batch_size: int, pool: int = 16) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(ids [B, T], lengths [B], doc index [B], order offset [B]) batches; documents of a pool
     of ``pool * batch_size`` are sorted by length first (less padding)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     buf: list[tuple[int, int, list[int]]] = []
 
     def emit() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .atomic import file_lock
+from .corpus import pad_id, pad_rows
 from .devices import resolve_device
 from .dtypes import parse_dtype
 from .errors import (
@@ -289,9 +290,4 @@ def tokenize(tokenizer: Any, text: str | list[str], *, prepend_bos: bool = True,
         if max_length is not None:
             ids = ids[:max_length]
         rows.append(ids)
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = torch.full((len(rows), width), int(pad or 0), dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
+    return pad_rows(rows, pad_id(tokenizer))

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from llamascope_sdk.corpus import pad_id
 from llamascope_sdk.models import load_model, special_ids
 
 from .activations import ActivationGenerator, LiveSource
@@ -54,7 +55,7 @@ def live_source(cfg: TrainConfig, hook_points: list[str], model: Any, tokenizer:
                          holdout_fraction=cfg.holdout_fraction, rank=rank, world=world,
                          loop=loop, split_long=cfg.split_long_documents, heldout=heldout)
     gen = ActivationGenerator(model, hook_points, special_ids(tokenizer), dtype=torch.float32)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     return LiveSource(gen, tokens, cfg.store_batch_size, int(pad or 0))
 
 
