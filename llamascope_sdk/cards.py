@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .registry import ALL_SAES, BASE_MODEL, SaeRef
+from .registry import ALL_SAES, BASE_MODEL, D_MODEL, SaeRef
 
 _METRIC_LABELS = (
     ("l0_mean", "L0 (mean active features per token)"),
@@ -122,7 +122,7 @@ def _release_fields(ref: SaeRef, data: dict[str, Any]) -> dict[str, Any]:
         "is_release": True, "title": f"Llama Scope {ref.name}: {pos['title']}, layer {ref.layer}",
         "summary": pos["summary"].format(layer=ref.layer), "warning": pos.get("warning"),
         "note": pos.get("note"), "layer": ref.layer, "position": ref.position,
-        "position_title": pos["title"], "d_sae": ref.d_sae, "d_model": 4096,
+        "position_title": pos["title"], "d_sae": ref.d_sae, "d_model": D_MODEL,
         "width_label": width["label"], "base_model": BASE_MODEL,
         "hook_point_in": ref.hook_point_in, "hook_point_out": ref.hook_point_out,
         "hf_in": ref.hf_in, "hf_out": ref.hf_out, "load_name": short, "canonical_name": ref.name,

@@ -45,6 +45,7 @@ from torch import nn
 
 from .errors import IncompatibleModelError, InputError
 from .interventions import Intervention, Steer, position_mask
+from .registry import BASE_MODEL, D_MODEL
 from .sae import SAE
 from .sites import (
     Site,
@@ -536,8 +537,8 @@ def check_compatible(model: nn.Module, sae: SAE, name: str | None = None) -> tup
     if sae.d_model != d:
         raise IncompatibleModelError(
             f"{name or sae.name}: SAE d_model={sae.d_model} does not match the model's "
-            f"hidden_size={d} ({type(model).__name__}); Llama Scope SAEs need Llama-3.1-8B "
-            "(hidden_size 4096), the demo SAE needs SmolLM2-135M (576)")
+            f"hidden_size={d} ({type(model).__name__}); Llama Scope SAEs need {BASE_MODEL} "
+            f"(hidden_size {D_MODEL}), the demo SAE needs SmolLM2-135M (576)")
     site_in = parse_hook_point(sae.hyperparams.hook_point_in)
     site_out = parse_hook_point(sae.hyperparams.hook_point_out)
     module_for(model, site_in)

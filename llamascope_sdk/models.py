@@ -34,8 +34,9 @@ from .errors import (
     SaeNotFoundError,
 )
 from .paths import models_dir
+from .registry import BASE_MODEL
 
-DEFAULT_MODEL = "meta-llama/Llama-3.1-8B"
+DEFAULT_MODEL = BASE_MODEL
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct", "smollm")
 #: The Hub id of the model the demo GGUF was converted from (for model-card front matter).
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"

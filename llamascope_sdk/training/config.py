@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from llamascope_sdk.registry import BASE_MODEL, D_MODEL
+
 from .errors import TrainConfigError
 
 Variant = Literal["released", "paper"]
@@ -27,10 +29,10 @@ class TrainConfig(BaseModel):
 
     # --- what ------------------------------------------------------------------------
     name: str = Field(description="release name, e.g. L15R-8x, or any label for custom runs")
-    model: str = Field(default="meta-llama/Llama-3.1-8B", description="HF id, folder or alias")
+    model: str = Field(default=BASE_MODEL, description="HF id, folder or alias")
     hook_point_in: str = Field(description="TransformerLens hook name read as the SAE input")
     hook_point_out: str = Field(description="hook name of the target (same as in for SAEs)")
-    d_model: int = Field(default=4096, gt=0)
+    d_model: int = Field(default=D_MODEL, gt=0)
     expansion_factor: int = Field(default=8, gt=0)
     top_k: int = Field(default=50, gt=0, description="final K of the Top-K activation")
 

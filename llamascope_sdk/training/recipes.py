@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from llamascope_sdk.registry import list_saes, resolve
+from llamascope_sdk.registry import D_MODEL, list_saes, resolve
 
 from .config import TrainConfig
 
@@ -23,7 +23,7 @@ def recipe_for(name: str) -> TrainConfig:
     tc = ref.position == "TC"
     return TrainConfig(
         name=ref.name, hook_point_in=ref.hook_point_in, hook_point_out=ref.hook_point_out,
-        d_model=4096, expansion_factor=ref.expansion, top_k=50,
+        d_model=D_MODEL, expansion_factor=ref.expansion, top_k=50,
         total_tokens=TOKENS[ref.expansion], lr=8e-4,
         init_encoder_norm=0.5 if tc else None)
 
