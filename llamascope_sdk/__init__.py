@@ -24,7 +24,7 @@ _EXPORTS = {
     "FeatureStats": "feature_stats",
     "list_saes": "registry",
     "load_model": "models",
-    "attach": "hooks",
+    "attach": "attachment",
     "hooked": "hooks",
     "Steer": "interventions",
     "Clamp": "interventions",
@@ -47,12 +47,13 @@ __all__ = ["__version__", "SAE", "Hyperparams", "FeatureStats", "list_saes", "lo
            "mine", "FeatureStore", "search_features"]
 
 if TYPE_CHECKING:
+    from .attachment import attach
     from .errors import LlamascopeError
     from .evaluation import evaluate
     from .feature_stats import FeatureStats
     from .feature_store import FeatureStore
     from .generation import compare_generations
-    from .hooks import attach, hooked
+    from .hooks import hooked
     from .hyperparams import Hyperparams
     from .interventions import Ablate, Clamp, Scale, Steer
     from .mining import mine

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+from .attachment import attach
 from .corpus import pad_id
 from .errors import InputError
-from .hooks import attach
 from .interventions import Ablate, Clamp, Intervention, Scale, Steer
 from .models import check_fits_window, model_device, special_ids, tokenize
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from .attachment import attach
 from .feature_stats import FeatureStats
-from .hooks import attach
 from .models import model_device, special_ids, tokenize
 from .sae import SAE
 
