@@ -18,22 +18,13 @@ Decisions:
   order (the current ``Llama3_1-8B-Base-L12M-32x``, then ``Llama3_1Base-L12M-32x`` of
   revisions before the "Rename folders" commit) when the folder is not found. An explicit
   ``repo_id:subfolder`` is used as given, with no fallback.
-* **Verification.** Every file is checked against what the Hub announced for it, which is
-  the name of its blob in the HF cache (``hf_hub_download`` names blobs by the ETag): the
-  sha256 for LFS files (the checkpoint), the git blob sha1
-  (``sha1(b"blob <size>\\0" + data)``) for regular files (hyperparams.json, lm_config.json).
-  A mismatch raises :class:`ChecksumMismatchError`; an ETag that is neither hash (a mirror
-  that rewrites ETags) raises :class:`UnverifiableDownloadError`. Either way the blob and
-  its snapshot link are removed, so a plain re-run downloads the file afresh. A small record
-  under ``paths.verified_dir()`` remembers each check, so later loads do not re-hash
-  0.5-2 GB. Opt-out, for mirrors that rewrite ETags only: ``LLAMASCOPE_VERIFY=0`` or
-  ``verify=False`` (the content is then trusted unchecked; ``Source.verified`` is False).
-* **Concurrency.** Processes that share a cache (torchrun ranks, job arrays) take a file lock
-  (:func:`atomic.file_lock`) around the resumable checkpoint download and around each
-  verification record: one process downloads and hashes, the others wait and then find the
-  finished, verified blob. Every byte is downloaded once where the file system honours the
-  lock; where it does not (some network file systems), the hash check still refuses a
-  corrupt blob.
+* **Verification** (:mod:`llamascope_sdk.verification`). Every file is checked against the hash
+  the Hub announced for it (sha256 for the checkpoint, git blob sha1 for the JSON files); a
+  mismatch or an ETag that is no hash is refused and the file removed, so a plain re-run
+  recovers. Opt-out for mirrors that rewrite ETags: ``LLAMASCOPE_VERIFY=0`` or ``verify=False``.
+* **Resume and concurrency** (:mod:`llamascope_sdk.resumable`). The checkpoint blob is
+  downloaded so that an interrupted download continues by Range request, under a file lock
+  that lets one of several processes sharing a cache download it while the others wait.
 * **Unreachable Hub.** A file that is not cached is first asked for with one HEAD request
   without retries (4 s connect timeout). If the Hub cannot be reached, the load fails at
   once with one :class:`HubUnreachableError` that says what is cached for this SAE, instead
@@ -47,46 +38,29 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_text, file_lock
 from .errors import (
-    ChecksumMismatchError,
     DownloadError,
     HubAccessError,
     HubUnreachableError,
     SaeNotFoundError,
-    UnverifiableDownloadError,
 )
 from .hyperparams import Hyperparams
-from .paths import verified_dir
 from .registry import FOLDER_TEMPLATES, ORGS, SaeRef, resolve
 from .release import CHECKPOINT, HYPERPARAMS, LM_CONFIG
+from .resumable import one_line, resumable_blob
+from .verification import SHA1, sha256_file, verify_checkpoint, verify_enabled, verify_file
 
 DEFAULT_REVISION = "main"
-#: Environment variable that turns content verification off ("0", "false", "no", "off").
-VERIFY_ENV = "LLAMASCOPE_VERIFY"
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_SHA1 = re.compile(r"^[0-9a-f]{40}$")
-_COMMIT = _SHA1
+_COMMIT = SHA1  # a commit id is a 40-hex sha1
 _TRUE = {"1", "on", "yes", "true"}
-_FALSE = {"0", "off", "no", "false"}
-#: Attempts to continue a cut checkpoint download within one call (each resumes by Range).
-_RESUME_ATTEMPTS = 5
 #: The first HEAD for a file that is not cached: seconds to connect, and for the answer.
 _PROBE_CONNECT_TIMEOUT = 4.0
 _PROBE_READ_TIMEOUT = 10.0
-#: How long a process waits for another one's checkpoint download (2 GB on a slow link).
-_DOWNLOAD_LOCK_TIMEOUT = 6 * 3600.0
-#: How long a process waits for another one to hash a checkpoint.
-_VERIFY_LOCK_TIMEOUT = 3600.0
 
 
 @dataclass
@@ -176,9 +150,9 @@ def download(name: str, *, revision: str | None = None, cache_dir: str | os.Path
         ckpt_path, etag = _fetch(repo_id, folder, CHECKPOINT, pinned, s, resume=commit is not None)
     except _Unreachable as exc:
         raise _unreachable_error(name, ref, rev, s, exc.cause) from None
-    sha = {HYPERPARAMS: _sha256_file(hp_path)}
+    sha = {HYPERPARAMS: sha256_file(hp_path)}
     if lm_path is not None:
-        sha[LM_CONFIG] = _sha256_file(lm_path)
+        sha[LM_CONFIG] = sha256_file(lm_path)
     sha[CHECKPOINT] = verify_checkpoint(ckpt_path, verify=s.verify, etag=etag)
     source = Source(path=str(Path(hp_path).parent), repo_id=repo_id, subfolder=folder,
                     revision=rev, commit=commit, sha256=sha, verified=s.verify)
@@ -206,16 +180,9 @@ def fetch_hyperparams(name: str, *, revision: str | None = None,
     except _Unreachable as exc:
         raise _unreachable_error(name, ref, rev, s, exc.cause) from None
     source = Source(path=str(Path(hp_path).parent), repo_id=repo_id, subfolder=folder, revision=rev,
-                    commit=_commit_from_path(hp_path), sha256={HYPERPARAMS: _sha256_file(hp_path)},
+                    commit=_commit_from_path(hp_path), sha256={HYPERPARAMS: sha256_file(hp_path)},
                     verified=s.verify)
     return Hyperparams.from_file(hp_path), source
-
-
-def verify_enabled(verify: bool | None = None) -> bool:
-    """``verify`` if given, else False when $LLAMASCOPE_VERIFY is 0/false/no/off, else True."""
-    if verify is not None:
-        return bool(verify)
-    return os.environ.get(VERIFY_ENV, "").strip().lower() not in _FALSE
 
 
 def check_reachable(repo_id: str, filename: str, *, revision: str | None = None,
@@ -240,7 +207,7 @@ def check_reachable(repo_id: str, filename: str, *, revision: str | None = None,
     except _Unreachable as exc:
         raise HubUnreachableError(
             f"could not reach the Hub at {_endpoint(s)} for {repo_id} ({type(exc.cause).__name__}: "
-            f"{_one_line(exc.cause)}); {filename} at revision {rev!r} is not in {s.cache_dir}",
+            f"{one_line(exc.cause)}); {filename} at revision {rev!r} is not in {s.cache_dir}",
             hint="check the connection, set HF_ENDPOINT to a reachable mirror, or point "
                  "HF_HUB_CACHE at a warm cache") from None
 
@@ -326,7 +293,7 @@ def _fetch_hyperparams(name: str, ref: SaeRef, revision: str,
                 if not s.offline:
                     raise _online_failure(exc, repo_id, f"{folder}/{HYPERPARAMS}", s) from None
                 continue
-            _verify_file(path, verify=s.verify, etag=etag)
+            verify_file(path, verify=s.verify, etag=etag)
             return path, repo_id, folder
     if not_cached and s.offline:
         raise DownloadError(
@@ -388,7 +355,7 @@ def _fetch_optional(repo_id: str, folder: str, filename: str, revision: str,
         raise _online_failure(exc, repo_id, f"{folder}/{filename}", s) from None
     except EntryNotFoundError:
         return None
-    _verify_file(path, verify=s.verify, etag=etag)
+    verify_file(path, verify=s.verify, etag=etag)
     return path
 
 
@@ -397,7 +364,7 @@ def _hf_download(repo_id: str, folder: str, filename: str, revision: str, s: _Se
     """``hf_hub_download`` of one file, after one quick HEAD when it is not cached.
 
     Returns (local path, the ETag the Hub announced when it was asked now, else None).
-    ``resume``: an LFS file goes through :func:`_resumable_blob` first.
+    ``resume``: an LFS file goes through :func:`~llamascope_sdk.resumable.resumable_blob` first.
     """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
@@ -414,7 +381,8 @@ def _hf_download(repo_id: str, folder: str, filename: str, revision: str, s: _Se
         if meta is not None:
             etag = meta.etag
             if resume and _COMMIT.match(revision):
-                _resumable_blob(repo_id, path_in_repo, meta, s)
+                resumable_blob(repo_id, path_in_repo, meta, cache_dir=s.cache_dir, token=s.token,
+                               verify=s.verify)
     try:
         path = hf_hub_download(repo_id, filename, subfolder=folder or None, revision=revision,
                                cache_dir=s.cache_dir, token=s.token, endpoint=s.endpoint,
@@ -431,7 +399,7 @@ def _hf_download(repo_id: str, folder: str, filename: str, revision: str, s: _Se
         if not isinstance(exc, (httpx2.HTTPError, OSError)):
             raise
         raise DownloadError(
-            f"download of {repo_id}:{path_in_repo} failed: {type(exc).__name__}: {_one_line(exc)}",
+            f"download of {repo_id}:{path_in_repo} failed: {type(exc).__name__}: {one_line(exc)}",
             hint="check the connection and load again; nothing partial is kept") from None
     return path, etag
 
@@ -491,118 +459,10 @@ def _online_failure(exc: BaseException, repo_id: str, path_in_repo: str, s: _Set
     if isinstance(cause, FileMetadataError):
         return DownloadError(
             f"{_endpoint(s)} answered for {repo_id}:{path_in_repo} without the Hub's headers "
-            f"(commit, ETag): {_one_line(cause)}",
+            f"(commit, ETag): {one_line(cause)}",
             hint="check that HF_ENDPOINT points to a Hugging Face Hub (or a mirror of it), and the proxy")
-    return DownloadError(f"could not fetch {repo_id}:{path_in_repo}: {_one_line(cause or exc)}",
+    return DownloadError(f"could not fetch {repo_id}:{path_in_repo}: {one_line(cause or exc)}",
                          hint="check the connection and HF_ENDPOINT, then load again")
-
-
-# --------------------------------------------------------------------------- checkpoint blob
-def _resumable_blob(repo_id: str, path_in_repo: str, meta: Any, s: _Settings) -> None:
-    """Put an LFS file's blob into the HF cache, resuming what an interrupted process left.
-
-    huggingface_hub (since PR #4228) downloads into a per-process temporary file, so a run
-    killed halfway through a 2 GB checkpoint starts from zero next time. Here the bytes go to
-    ``blobs/<sha256>.llamascope-partial``, which a later run continues with an HTTP Range
-    request; the finished file is hashed (unless verification is off), its verification
-    record written, and it is renamed to ``blobs/<sha256>``, where ``hf_hub_download`` finds
-    it and only adds the snapshot link.
-
-    All of this happens under a file lock per blob: processes that share the cache wait for
-    the one downloading and then find the blob (without the lock they all appended to the
-    same partial file: 416 errors and sha256 mismatches). Files whose ETag is not a sha256
-    are left to ``hf_hub_download`` (and refused by verification unless it is off).
-    """
-    from huggingface_hub.file_download import repo_folder_name
-
-    etag, size = meta.etag, meta.size
-    if not etag or not _SHA256.match(etag) or size is None:
-        return
-    repo_folder = repo_folder_name(repo_id=repo_id, repo_type="model")
-    blobs = Path(s.cache_dir) / repo_folder / "blobs"
-    blob = blobs / etag
-    if blob.exists():
-        return
-    lock = Path(s.cache_dir) / ".locks" / repo_folder / f"{etag}.llamascope.lock"
-    with _lock(lock, _DOWNLOAD_LOCK_TIMEOUT, f"downloading {path_in_repo}"):
-        if blob.exists():  # another process finished it while this one waited
-            return
-        part = blobs / f"{etag}.llamascope-partial"
-        blobs.mkdir(parents=True, exist_ok=True)
-        if part.exists() and part.stat().st_size > size:  # not ours to continue: start again
-            part.unlink()
-
-        def complete() -> bool:
-            return part.exists() and part.stat().st_size == size
-
-        error: Exception | None = None
-        for _attempt in range(_RESUME_ATTEMPTS):
-            if complete():
-                break
-            try:
-                _continue_download(meta.location, part, size, s.token, tqdm_desc=path_in_repo)
-            except Exception as exc:  # noqa: BLE001 - retried, then reported below
-                error = exc
-        if not complete():
-            got = part.stat().st_size if part.exists() else 0
-            raise DownloadError(
-                f"download of {repo_id}:{path_in_repo} failed after {got} of {size} bytes "
-                f"({_RESUME_ATTEMPTS} attempts): {_one_line(error) if error else 'no data'}",
-                hint="run the same command again: it resumes from the partial file")
-        if s.verify:
-            actual = _sha256_file(part)
-            if actual != etag:
-                part.unlink(missing_ok=True)
-                raise ChecksumMismatchError(
-                    f"{path_in_repo} from {repo_id}: content sha256 {actual[:12]}... does not match "
-                    f"the sha256 {etag[:12]}... announced by the Hub; the corrupt download was deleted",
-                    hint=_RETRY_HINT)
-            # Record the check before the blob appears, so no process hashes it again.
-            _write_record(_record_path(etag), part, actual, etag, as_path=blob)
-        os.replace(part, blob)
-
-
-def _continue_download(url: str, part: Path, size: int, token: str | bool | None,
-                       tqdm_desc: str) -> None:
-    """Append the missing bytes of ``part`` (Range request), as they arrive."""
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, tqdm
-
-    offset = part.stat().st_size if part.exists() else 0
-    headers = build_hf_headers(token=token)
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    with get_session().stream("GET", url, headers=headers, follow_redirects=True) as r:
-        hf_raise_for_status(r)
-        if offset and r.status_code != 206:  # the server ignored the range
-            offset = 0
-        with open(part, "ab" if offset else "wb") as fh, tqdm(
-                total=size, initial=offset, unit="B", unit_scale=True,
-                desc=tqdm_desc.rsplit("/", 1)[-1]) as bar:
-            for chunk in r.iter_bytes():  # as received: a cut keeps every byte so far
-                fh.write(chunk)
-                bar.update(len(chunk))
-
-
-@contextlib.contextmanager
-def _lock(path: Path, timeout: float, what: str) -> Iterator[None]:
-    """:func:`atomic.file_lock`, or nothing where the folder is read-only (a shared, read-only
-    cache is only read: there is nothing to serialise)."""
-    from filelock import Timeout
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        writable = os.access(path.parent, os.W_OK)
-    except OSError:
-        writable = False
-    with contextlib.ExitStack() as stack:
-        if writable:
-            try:
-                stack.enter_context(file_lock(path, timeout=timeout))
-            except Timeout:
-                raise DownloadError(
-                    f"waited {timeout:.0f} s for another process {what} (lock {path})",
-                    hint="if no other process is running, delete the lock file and load again") from None
-        yield
 
 
 # --------------------------------------------------------------------------- unreachable Hub
@@ -646,7 +506,7 @@ def _unreachable_error(name: str, ref: SaeRef, revision: str, s: _Settings,
     cached, usable = _cache_summary(name, ref, s)
     shown = ref.name if name.strip() == ref.name else f"{name.strip()} ({ref.name})"
     message = (f"could not reach the Hub at {_endpoint(s)} to download {shown} at revision "
-               f"{revision!r} ({type(cause).__name__}: {_one_line(cause)}); {cached}")
+               f"{revision!r} ({type(cause).__name__}: {one_line(cause)}); {cached}")
     if usable is not None:
         pin = "" if usable == revision else f" with revision={usable!r}"
         hint = (f"to load the cached copy, set HF_HUB_OFFLINE=1 (or pass local_files_only=True){pin}; "
@@ -657,11 +517,6 @@ def _unreachable_error(name: str, ref: SaeRef, revision: str, s: _Settings,
     return HubUnreachableError(message, hint=hint)
 
 
-def _one_line(exc: BaseException | None) -> str:
-    text = str(exc) if exc is not None else ""
-    return " ".join(text.split()) or type(exc).__name__
-
-
 # --------------------------------------------------------------------------- provenance
 def _commit_from_path(path: str) -> str | None:
     parts = Path(path).parts
@@ -669,133 +524,3 @@ def _commit_from_path(path: str) -> str | None:
         if part == "snapshots" and _COMMIT.match(parts[i + 1]):
             return parts[i + 1]
     return None
-
-
-def _sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def git_blob_sha1(data: bytes) -> str:
-    """The git blob id of ``data``: what the Hub announces as the ETag of a regular file."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def _digests(path: Path, git: bool) -> tuple[str, str | None]:
-    """(sha256, git blob sha1 if asked) of a file, in one pass."""
-    sha256 = hashlib.sha256()
-    sha1 = None
-    if git:
-        sha1 = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(16 << 20):
-            sha256.update(chunk)
-            if sha1 is not None:
-                sha1.update(chunk)
-    return sha256.hexdigest(), sha1.hexdigest() if sha1 is not None else None
-
-
-def _record_path(key: str) -> Path:
-    return verified_dir() / f"{key}.json"
-
-
-def _write_record(record: Path, data: Path, sha256: str, verified: str | None,
-                  as_path: Path | None = None) -> None:
-    st = data.stat()
-    stamp = {"blob": str(as_path or data), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    with contextlib.suppress(OSError):  # a read-only SDK cache only costs a re-hash next time
-        atomic_write_text(record, json.dumps({**stamp, "sha256": sha256, "verified": verified}) + "\n")
-
-
-_RETRY_HINT = ("load again: the bad file was removed from the cache, so the next load downloads it "
-               "afresh; if it repeats, the Hub or the mirror in HF_ENDPOINT serves altered data")
-_OPT_OUT_HINT = (f"if HF_ENDPOINT is a mirror that rewrites ETags, turn verification off with "
-                 f"{VERIFY_ENV}=0 (or verify=False); the content is then trusted unchecked")
-
-
-def _verify_file(path: str | Path, *, verify: bool = True, etag: str | None = None) -> str:
-    """sha256 of a cached file, checked against the hash the Hub announced for it.
-
-    The announcement is the name of the file's blob in the HF cache (``hf_hub_download``
-    names blobs by the ETag; in a cache without symlinks, the ETag from the HEAD request just
-    made, ``etag``): a sha256 (LFS files) or a git blob sha1 (regular files). A check is
-    remembered by (announcement, blob path, size, mtime), so a file is hashed once; the
-    record is read and written under a file lock, so processes sharing the cache hash it once.
-
-    Raises:
-        ChecksumMismatchError: the content does not hash to the announcement.
-        UnverifiableDownloadError: the announcement is no hash (or unknown).
-        Both remove the blob and its snapshot link first.
-    """
-    link = Path(path)
-    blob = Path(os.path.realpath(link))
-    in_blobs = link.is_symlink() or blob.parent.name == "blobs"
-    announced = blob.name if in_blobs else (etag or None)
-    hashlike = announced is not None and bool(_SHA256.match(announced) or _SHA1.match(announced))
-    key = announced if in_blobs and hashlike else hashlib.sha256(str(blob).encode()).hexdigest()
-    record = _record_path(str(key))
-    with _lock(record.with_suffix(".lock"), _VERIFY_LOCK_TIMEOUT, f"checking {link.name}"):
-        try:
-            st = blob.stat()
-        except FileNotFoundError:
-            raise ChecksumMismatchError(
-                f"{link.name} in {link.parent} vanished while being checked: another process "
-                "found it corrupt and removed it", hint=_RETRY_HINT) from None
-        stamp = {"blob": str(blob), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        try:
-            known: dict[str, Any] = json.loads(record.read_text())
-        except (OSError, ValueError):
-            known = {}
-        same = {k: known.get(k) for k in stamp} == stamp and isinstance(known.get("sha256"), str)
-        if same and (not verify
-                     or (announced is not None and announced in (known.get("verified"), known["sha256"]))
-                     or (announced is None and known.get("verified"))):  # no symlinks: checked at download
-            return str(known["sha256"])
-        if verify and not hashlike:
-            removed = _remove(blob, link)
-            shown = "none" if announced is None else repr(announced)
-            raise UnverifiableDownloadError(
-                f"{link.name} from {link.parent}: the Hub at its endpoint announced ETag {shown}, "
-                f"which is neither a sha256 nor a git blob sha1, so the content cannot be checked; "
-                f"{removed}", hint=_OPT_OUT_HINT)
-        sha256, sha1 = _digests(blob, git=bool(verify and announced and _SHA1.match(announced)))
-        if verify:
-            assert announced is not None
-            kind, actual = ("sha256", sha256) if _SHA256.match(announced) else ("git blob sha1", sha1)
-            if actual != announced:
-                removed = _remove(blob, link)
-                raise ChecksumMismatchError(
-                    f"{link.name} from {link.parent}: content {kind} {str(actual)[:12]}... does not "
-                    f"match the {kind} {announced[:12]}... announced by the Hub; {removed}",
-                    hint=_RETRY_HINT)
-        _write_record(record, blob, sha256, announced if verify else None)
-        return sha256
-
-
-def _remove(blob: Path, link: Path) -> str:
-    """Delete a bad blob and its snapshot link; say so (or what to delete by hand)."""
-    left = []
-    for p in (blob, link):
-        try:
-            p.unlink(missing_ok=True)
-        except OSError:  # a read-only shared cache
-            left.append(str(p))
-    return ("the file was removed from the cache" if not left
-            else f"it could not be removed (read-only cache): delete {' and '.join(left)}")
-
-
-def verify_checkpoint(path: str | Path, *, verify: bool = True, etag: str | None = None) -> str:
-    """sha256 of a cached checkpoint, hashing it only the first time it is seen.
-
-    The blob name of an LFS file in the HF cache is the sha256 that the server announced. A
-    verified blob is remembered by (sha256, blob path, size, mtime); a new or replaced blob
-    is hashed once. A mismatch, or an announcement that is no hash, deletes the blob and its
-    snapshot link (see :func:`_verify_file`); ``verify=False`` only computes the sha256.
-
-    Raises:
-        ChecksumMismatchError, UnverifiableDownloadError (both CorruptCheckpointError).
-    """
-    return _verify_file(path, verify=verify, etag=etag)

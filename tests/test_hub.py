@@ -94,8 +94,8 @@ def test_second_load_does_not_rehash(fake_hub, monkeypatch: pytest.MonkeyPatch) 
 
     SAE.from_pretrained("L12R-8x")
     calls: list[str] = []
-    real = hub_mod._sha256_file
-    monkeypatch.setattr(hub_mod, "_sha256_file", lambda p: calls.append(str(p)) or real(p))
+    real = hub_mod.sha256_file
+    monkeypatch.setattr(hub_mod, "sha256_file", lambda p: calls.append(str(p)) or real(p))
     SAE.from_pretrained("L12R-8x")
     assert not any(c.endswith(".safetensors") or "blobs" in c and "json" not in c for c in calls
                    if not c.endswith(".json"))

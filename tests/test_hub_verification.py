@@ -199,7 +199,7 @@ def test_corrupt_cached_json_is_detected_and_a_plain_rerun_recovers(fake_hub) ->
 
 
 def test_warm_load_reads_the_record_instead_of_hashing(fake_hub, monkeypatch) -> None:
-    import llamascope_sdk.hub as hub_mod
+    import llamascope_sdk.verification as hub_mod
 
     SAE.from_pretrained("L12R-8x")
     fake_hub.hub.clear_log()
