@@ -31,28 +31,6 @@ import torch.nn.functional as F
 DENSE_FREQUENCY = 0.1
 
 
-def l0(acts_NF: torch.Tensor) -> torch.Tensor:
-    """Number of non-zero features per token: [..., F] -> [...] (int64)."""
-    return (acts_NF != 0).sum(-1)
-
-
-def mse(y_ND: torch.Tensor, y_hat_ND: torch.Tensor) -> float:
-    """Mean squared error per element, (1/(N D)) sum (y - y^)^2."""
-    return float((y_ND.double() - y_hat_ND.double()).pow(2).mean())
-
-
-def explained_variance(y_ND: torch.Tensor, y_hat_ND: torch.Tensor, *, centred: bool = True) -> float:
-    """Explained variance over all tokens of ``y`` [..., D].
-
-    centred=True:  1 - sum ||y - y^||^2 / sum ||y - mean(y)||^2  (mean over tokens)
-    centred=False: 1 - sum ||y - y^||^2 / sum ||y||^2            (the paper's formula)
-    """
-    y = y_ND.double().reshape(-1, y_ND.shape[-1])
-    err = (y - y_hat_ND.double().reshape(-1, y.shape[-1])).pow(2).sum()
-    ref = y - y.mean(0) if centred else y
-    return float(1 - err / ref.pow(2).sum())
-
-
 def log_probs(logits_BTV: torch.Tensor) -> torch.Tensor:
     """log_softmax over the vocabulary, in float32."""
     return F.log_softmax(logits_BTV.float(), dim=-1)
@@ -61,39 +39,6 @@ def log_probs(logits_BTV: torch.Tensor) -> torch.Tensor:
 def nll_from_log_probs(log_probs_BTV: torch.Tensor, tokens_BT: torch.Tensor) -> torch.Tensor:
     """Next-token negative log-likelihood per position, [B, T-1]: -log p(tokens[t+1] | <=t)."""
     return -log_probs_BTV[:, :-1].gather(-1, tokens_BT[:, 1:, None]).squeeze(-1)
-
-
-def kl_from_log_probs(log_p_BTV: torch.Tensor, log_q_BTV: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) = sum_v p (log p - log q) per position, [B, T]."""
-    return F.kl_div(log_q_BTV, log_p_BTV, log_target=True, reduction="none").sum(-1)
-
-
-def cross_entropy(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor,
-                  target_mask_BT: torch.Tensor | None = None) -> float:
-    """Mean next-token cross-entropy (nats) over the counted targets.
-
-    Position t predicts ``tokens[:, t+1]``; ``target_mask_BT`` [B, T] is indexed by the *target*
-    position (column 0 is never a target), so ``mask[:, t+1]`` decides whether position t counts.
-    """
-    nll = nll_from_log_probs(log_probs(logits_BTV), tokens_BT)
-    if target_mask_BT is None:
-        return float(nll.mean())
-    m = target_mask_BT[:, 1:].to(nll.dtype)
-    return float((nll * m).sum() / m.sum())
-
-
-def kl_divergence(clean_logits_BTV: torch.Tensor, spliced_logits_BTV: torch.Tensor,
-                  target_mask_BT: torch.Tensor | None = None) -> float:
-    """Mean KL(clean || spliced) of the next-token distributions (nats).
-
-    Averaged over the positions that predict a counted target (the positions ``cross_entropy``
-    averages over), or over all positions without a mask.
-    """
-    kl = kl_from_log_probs(log_probs(clean_logits_BTV), log_probs(spliced_logits_BTV))
-    if target_mask_BT is None:
-        return float(kl.mean())
-    m = target_mask_BT[:, 1:].to(kl.dtype)
-    return float((kl[:, :-1] * m).sum() / m.sum())
 
 
 def firing_frequency(counts_F: torch.Tensor, n_tokens: int) -> torch.Tensor:
