@@ -31,9 +31,15 @@ def _load_worker(rounds: list[tuple[str, str]], barrier: Any, results: Any, unlo
     from llamascope_sdk import SAE
 
     if unlocked:  # only to demonstrate the race by hand: the download without its lock
-        import llamascope_sdk.hub as hub_mod
+        import llamascope_sdk.resumable as resumable_mod
+        import llamascope_sdk.verification as verification_mod
 
-        hub_mod._lock = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
+        def no_lock(*a: Any, **k: Any) -> contextlib.nullcontext[None]:
+            return contextlib.nullcontext()
+
+        # the names the code calls: the blob download's lock and the verified record's lock
+        resumable_mod.lock_if_writable = no_lock  # type: ignore[assignment]
+        verification_mod.lock_if_writable = no_lock  # type: ignore[assignment]
     for i, (hf_cache, ls_cache) in enumerate(rounds):
         barrier.wait(timeout=120)
         os.environ["HF_HUB_CACHE"] = hf_cache
