@@ -217,7 +217,8 @@ def token_batches(tokenizer: Any, docs: Iterable[str], *, tokens: int, context: 
     to ``context`` (the recipe's way); with ``pack`` documents are joined by EOS and cut into
     sequences of exactly ``context`` tokens (for long-context checks on short documents).
     """
-    seqs = _packed(tokenizer, docs, context) if pack else _per_document(tokenizer, docs, context)
+    seqs = (_packed(tokenizer, docs, context) if pack
+            else (ids for _, ids in document_sequences(tokenizer, docs, context)))
     pad = pad_id(tokenizer)
     left, pool = tokens, []
     for ids in seqs:
@@ -225,19 +226,22 @@ def token_batches(tokenizer: Any, docs: Iterable[str], *, tokens: int, context: 
         left -= len(ids)
         pool.append(ids)
         if len(pool) == batch_size * _SORT_POOL or left <= 0:
-            yield from _emit(pool, batch_size, int(pad or 0))
+            yield from _emit(pool, batch_size, pad)
             pool = []
         if left <= 0:
             return
-    yield from _emit(pool, batch_size, int(pad or 0))
+    yield from _emit(pool, batch_size, pad)
 
 
-def _per_document(tokenizer: Any, docs: Iterable[str], context: int) -> Iterator[list[int]]:
+def document_sequences(tokenizer: Any, docs: Iterable[str],
+                       context: int) -> Iterator[tuple[int, list[int]]]:
+    """(document index, token ids) per non-empty document: BOS first, cut to ``context``
+    tokens (the recipe's one-document-per-sequence rule). The index counts every document."""
     bos = tokenizer.bos_token_id
-    for doc in docs:
+    for i, doc in enumerate(docs):
         ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
         if ids:
-            yield ([bos] if bos is not None else []) + ids[: context - (bos is not None)]
+            yield i, ([bos] if bos is not None else []) + ids[: context - (bos is not None)]
 
 
 def _packed(tokenizer: Any, docs: Iterable[str], context: int) -> Iterator[list[int]]:

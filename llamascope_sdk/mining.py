@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from .corpus import Source, iter_documents, pad_id, pad_rows
+from .corpus import Source, document_sequences, iter_documents, pad_id, pad_rows
 from .feature_stats import FeatureStats
 from .hooks import capture_into, check_compatible, hooked, named_saes
 from .models import model_device, special_ids
@@ -235,13 +235,9 @@ def sequences(tokenizer: Any, docs: Iterable[str], *, tokens: int,
     first and cut to ``context`` tokens; at most ``tokens`` tokens in all. The same rule as
     :func:`llamascope_sdk.corpus.token_batches` (one document per sequence), with the
     document index kept so that every example says where it came from."""
-    bos = tokenizer.bos_token_id
     left, offset = tokens, 0
-    for i, doc in enumerate(docs):
-        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
-        if not ids:
-            continue
-        seq = (([bos] if bos is not None else []) + ids[: context - (bos is not None)])[:left]
+    for i, ids in document_sequences(tokenizer, docs, context):
+        seq = ids[:left]
         left -= len(seq)
         yield i, offset, seq
         offset += len(seq)
@@ -260,7 +256,7 @@ def doc_batches(tokenizer: Any, docs: Iterable[str], *, tokens: int, context: in
         buf.sort(key=lambda s: len(s[2]))
         for i in range(0, len(buf), batch_size):
             part = buf[i:i + batch_size]
-            yield (pad_rows([s[2] for s in part], int(pad or 0)),
+            yield (pad_rows([s[2] for s in part], pad),
                    torch.tensor([len(s[2]) for s in part]), torch.tensor([s[0] for s in part]),
                    torch.tensor([s[1] for s in part]))
         buf.clear()

@@ -55,8 +55,7 @@ def live_source(cfg: TrainConfig, hook_points: list[str], model: Any, tokenizer:
                          holdout_fraction=cfg.holdout_fraction, rank=rank, world=world,
                          loop=loop, split_long=cfg.split_long_documents, heldout=heldout)
     gen = ActivationGenerator(model, hook_points, special_ids(tokenizer), dtype=torch.float32)
-    pad = pad_id(tokenizer)
-    return LiveSource(gen, tokens, cfg.store_batch_size, int(pad or 0))
+    return LiveSource(gen, tokens, cfg.store_batch_size, pad_id(tokenizer))
 
 
 def build_source(cfgs: list[TrainConfig], *, rank: int = 0, world: int = 1,
