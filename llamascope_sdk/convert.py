@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .atomic import check_replaceable
 from .dtypes import parse_dtype
 from .formats import (
     EXPORTABLE,
@@ -28,6 +29,7 @@ from .formats import (
     detect_format,
     llamascopium,
     read_foreign,
+    replaceable_sae_folder,
     resolve_source,
     saelens,
 )
@@ -96,7 +98,8 @@ def convert(src: Any, to: str, out: str | os.PathLike[str], *, fmt: str | None =
     Args:
         src: see the module docstring.
         to: ``release``, ``saelens``, ``llamascopium`` or ``circuit-tracer``.
-        out: the folder to write (created; existing files replaced atomically).
+        out: the folder to write: new, empty, or an SAE folder this SDK wrote (replaced
+            whole, atomically); anything else is refused before the source is read.
         fmt: the source format when detection should be skipped.
         revision, token: for Hub sources.
         dtype: for ``circuit-tracer``, the dtype of the written tensors (default float32).
@@ -106,10 +109,12 @@ def convert(src: Any, to: str, out: str | os.PathLike[str], *, fmt: str | None =
 
     Raises:
         UnsupportedFormatError: the source or target cannot express the checkpoint exactly.
+        FolderNotOwnedError: ``out`` holds files the SDK did not write.
     """
     target = to.lower().replace("_", "-")
     if target not in EXPORTABLE:
         raise UnsupportedFormatError(f"unknown target format {to!r}: allowed are {', '.join(EXPORTABLE)}")
+    check_replaceable(out, replaceable_sae_folder)  # before anything is loaded or downloaded
     if target == "circuit-tracer":
         return circuit_tracer.export(transcoder_set(src), out, hub_repo=hub_repo,
                                      dtype=parse_dtype(dtype) if dtype else None)

@@ -76,6 +76,13 @@ class HookpointNotFoundError(LlamascopeError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class FolderNotOwnedError(LlamascopeError, FileExistsError):
+    """An output folder that holds files the SDK did not write (or another kind of output):
+    it is refused, never emptied, because a save replaces its folder whole."""
+
+    hint = "give a new or empty folder, or move the other files away"
+
+
 class FeatureIndexError(LlamascopeError, IndexError):
     """A feature index outside [0, d_sae)."""
 

@@ -13,15 +13,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .atomic import file_lock
+from .atomic import file_lock, write_folder
 from .corpus import pad_id, pad_rows
 from .devices import resolve_device
 from .dtypes import parse_dtype
@@ -91,18 +89,21 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         del model.config.quantization_config
     model.hf_quantizer = None  # type: ignore[assignment]
     model.is_quantized = False  # type: ignore[assignment]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "llamascope_source.json").write_text(json.dumps({"gguf": str(gguf)}) + "\n")
-        os.replace(tmp, target)
-    except OSError:
-        if not target.exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    # The folder lives in the SDK's own cache: every file in it is the SDK's, so an older
+    # copy is replaced whole.
+    write_folder(target, write, replaceable=_own_cache)
+
+
+def _own_cache(folder: Path) -> None:
+    """Accept any folder under the SDK's model cache for replacement (it is all ours)."""
+    if models_dir().resolve() not in folder.resolve().parents:
+        raise AssertionError(f"{folder} is outside the model cache")
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -7,7 +7,13 @@ A Llama Scope release folder holds::
     checkpoints/final.safetensors   # encoder.weight [F,D], encoder.bias [F],
                                     # decoder.weight [D,F], decoder.bias [D]; training space
 
-The tensors are the *raw training-space* parameters (spec 2.3); folding happens at load.
+and, when the SDK wrote it, possibly README.md (the card), feature_stats.safetensors,
+feature_labels.json and recipe.yaml (a trained SAE's recipe). The tensors are the *raw
+training-space* parameters (spec 2.3); folding happens at load.
+
+A folder is written whole, in one atomic step, with its statistics and labels inside that
+step (:func:`~llamascope_sdk.atomic.write_folder`): saving SAE B over a folder that held SAE A
+leaves nothing of A, and a folder holding anything but an SAE folder the SDK wrote is refused.
 """
 
 from __future__ import annotations
@@ -18,14 +24,18 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_save_safetensors, atomic_write_text, write_folder
+from .atomic import atomic_save_safetensors, atomic_write_text
 from .errors import CorruptCheckpointError, SaeNotFoundError
+from .feature_stats import LABELS_FILE, STATS_FILE, FeatureStats, write_labels
 from .hyperparams import Hyperparams
 
 HYPERPARAMS = "hyperparams.json"
 LM_CONFIG = "lm_config.json"
 CHECKPOINT = "checkpoints/final.safetensors"
 CARD = "README.md"
+RECIPE = "recipe.yaml"
+#: Files a release folder may hold besides RELEASE_FILES (all written by write_release).
+RELEASE_OPTIONAL = (CARD, STATS_FILE, LABELS_FILE, RECIPE)
 #: Optional extra tensor [F] of a checkpoint: a per-feature JumpReLU threshold in the folded
 #: space, written by llamascope-sdk for imported SAEs whose gate is not one scalar. Releases
 #: never have it; when present it replaces hyperparams.json's jump_relu_threshold.
@@ -117,12 +127,24 @@ def default_lm_config(model_name: str, d_model: int) -> dict[str, Any]:
 
 
 def write_release(folder: str | Path, hp: Hyperparams, tensors: dict[str, torch.Tensor],
-                  lm_config: dict[str, Any], card: str | None = None) -> Path:
-    """Write a complete release folder; a crash never leaves a half-written checkpoint.
+                  lm_config: dict[str, Any], card: str | None = None, *,
+                  stats: FeatureStats | None = None, labels: dict[int, str] | None = None,
+                  recipe: str | None = None) -> Path:
+    """Write a complete release folder whole, in one atomic step (see the module docstring).
 
-    Everything is written into a temporary sibling folder first. A new folder then appears
-    by one rename; an existing one has each file replaced by a rename.
+    Args:
+        folder: a new or empty folder, or a release/SAE folder this SDK wrote (replaced whole).
+        hp, tensors, lm_config: hyperparams.json, checkpoints/final.safetensors, lm_config.json.
+        card, stats, labels, recipe: README.md, feature_stats.safetensors,
+            feature_labels.json, recipe.yaml; a file whose value is None is not written (and
+            gone if the old folder had it).
+
+    Raises:
+        CorruptCheckpointError: a tensor of the wrong name or shape (before anything is written).
+        FolderNotOwnedError: ``folder`` holds files the SDK did not write.
     """
+    from .formats._build import write_sae_folder  # formats reads this module's names
+
     folder = Path(folder)
     want = expected_shapes(hp)
     if PER_FEATURE_THRESHOLD in tensors:
@@ -131,6 +153,7 @@ def write_release(folder: str | Path, hp: Hyperparams, tensors: dict[str, torch.
         if name not in tensors or tuple(tensors[name].shape) != shape:
             got = None if name not in tensors else list(tensors[name].shape)
             raise CorruptCheckpointError(f"cannot save: tensor '{name}' has shape {got}, expected {list(shape)}")
+
     def write(tmp: Path) -> None:
         atomic_save_safetensors({k: tensors[k] for k in want}, tmp / CHECKPOINT,
                                 metadata={"format": "pt", "version": FORMAT_VERSION})
@@ -138,5 +161,11 @@ def write_release(folder: str | Path, hp: Hyperparams, tensors: dict[str, torch.
         atomic_write_text(tmp / LM_CONFIG, json.dumps(lm_config, indent=4) + "\n")
         if card is not None:
             atomic_write_text(tmp / CARD, card)
+        if stats is not None:
+            stats.save(tmp / STATS_FILE)
+        if labels:
+            write_labels(tmp / LABELS_FILE, labels)
+        if recipe is not None:
+            atomic_write_text(tmp / RECIPE, recipe)
 
-    return write_folder(folder, write)
+    return write_sae_folder(folder, write)

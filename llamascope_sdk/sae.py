@@ -31,7 +31,7 @@ from torch import nn
 from .devices import resolve_device
 from .dtypes import SAFETENSORS, parse_dtype
 from .errors import CorruptCheckpointError, FeatureIndexError
-from .feature_stats import LABELS_FILE, STATS_FILE, FeatureStats, read_labels, write_labels
+from .feature_stats import LABELS_FILE, STATS_FILE, FeatureStats, read_labels
 from .fold import fold_into, unfold
 from .formats import Plain, collapse_threshold, read_foreign
 from .hub import Source, download
@@ -484,12 +484,8 @@ class SAE(nn.Module):
             tensors[PER_FEATURE_THRESHOLD] = self.threshold.detach().to("cpu", torch.float32)
         text = card if card is not None else (self.card if self.card is not None
                                               else self._default_card(lm))
-        out = write_release(folder, hp, tensors, lm, card=text)
-        if self.stats is not None:
-            self.stats.save(out / STATS_FILE)
-        if self.labels:
-            write_labels(out / LABELS_FILE, self.labels)
-        return out
+        return write_release(folder, hp, tensors, lm, card=text, stats=self.stats,
+                             labels=self.labels)
 
     def _default_card(self, lm_config: dict[str, Any]) -> str:
         """The registry card for a Llama Scope release, else a short card (front matter:

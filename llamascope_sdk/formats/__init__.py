@@ -19,10 +19,13 @@ package never imports :mod:`llamascope_sdk.sae`: the exporters read an SAE throu
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
-from llamascope_sdk.errors import SaeNotFoundError
+from llamascope_sdk.errors import FolderNotOwnedError, SaeNotFoundError
+from llamascope_sdk.release import CHECKPOINT, FORMAT_VERSION, RELEASE_OPTIONAL
 
 from . import circuit_tracer, llamascopium, saelens, sparsify
 from ._build import Exportable, Plain, UnsupportedFormatError, collapse_threshold, resolve_source
@@ -31,7 +34,17 @@ IMPORTABLE = ("release", "saelens", "llamascopium", "sparsify")
 EXPORTABLE = ("release", "saelens", "llamascopium", "circuit-tracer")
 
 __all__ = ["EXPORTABLE", "IMPORTABLE", "Exportable", "Plain", "UnsupportedFormatError",
-           "collapse_threshold", "detect_format", "read_foreign", "resolve_source"]
+           "collapse_threshold", "detect_format", "read_foreign", "replaceable_sae_folder",
+           "resolve_source"]
+
+#: Every file of the SAE folder layouts the SDK writes (release, SAELens, Llamascopium,
+#: circuit-tracer), by path inside the folder; circuit-tracer's layer files match _LAYER.
+SAE_LAYOUT_FILES = frozenset({
+    "hyperparams.json", "lm_config.json", CHECKPOINT, *RELEASE_OPTIONAL,
+    saelens.CFG, saelens.WEIGHTS, llamascopium.CONFIG, circuit_tracer.CONFIG})
+_LAYER = re.compile(r"^layer_\d+\.safetensors$")
+#: The mark an export leaves (a key of its config or safetensors metadata) that says the SDK wrote it.
+SDK_MARK = "llamascope_sdk"
 
 
 def detect_format(folder: str | Path) -> str | None:
@@ -103,3 +116,56 @@ def read_foreign(folder: str | Path, *, fmt: str | None = None, **options: Any) 
 
 def _pick(options: dict[str, Any], *names: str) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k in names and v is not None}
+
+
+def replaceable_sae_folder(folder: Path) -> None:
+    """Raise unless ``folder`` may be replaced whole by an SAE save (release, conversion):
+    every file in it belongs to an SAE folder layout, and the SAE in it was written by this SDK
+    (its checkpoint or config carries the SDK's mark). A folder holding anything else (a
+    user's notes, a model, a checkpoint from another tool) is refused, never emptied.
+
+    Raises:
+        FolderNotOwnedError: the message names the files or the format that are not the SDK's.
+    """
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+    other = [f for f in files if f not in SAE_LAYOUT_FILES and not _LAYER.match(f)]
+    if other:
+        shown = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+        raise FolderNotOwnedError(
+            f"{folder} holds files that are no part of an SAE folder ({shown}); a save replaces "
+            "its folder whole, so it writes only into a new or empty folder or over an SAE "
+            "folder that llamascope-sdk wrote")
+    found = detect_format(folder)
+    if found is None or not _written_by_sdk(folder, found):
+        what = f"a {found} folder" if found else f"files ({', '.join(files[:5])})"
+        raise FolderNotOwnedError(
+            f"{folder} holds {what} that llamascope-sdk did not write; a save replaces only "
+            "a new or empty folder or an SAE folder the SDK wrote itself")
+
+
+def _written_by_sdk(folder: Path, fmt: str) -> bool:
+    """Whether the SDK's mark is on the SAE in ``folder`` (format ``fmt``)."""
+    if fmt == "release":
+        return _safetensors_metadata(folder / CHECKPOINT).get("version") == FORMAT_VERSION
+    if fmt == "circuit-tracer":
+        layer = _safetensors_metadata(folder / "layer_0.safetensors")
+        return SDK_MARK in layer or "source" in layer  # "source": sets written before the mark
+    config = {"saelens": saelens.CFG, "llamascopium": llamascopium.CONFIG}.get(fmt)
+    if config is None:
+        return False
+    try:
+        cfg = json.loads((folder / config).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    meta = cfg.get("metadata") if fmt == "saelens" and isinstance(cfg, dict) else cfg
+    return isinstance(meta, dict) and isinstance(meta.get(SDK_MARK), dict)
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception:  # unreadable: not provably the SDK's
+        return {}

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +38,7 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load_file
 
+from llamascope_sdk.atomic import write_folder
 from llamascope_sdk.errors import (
     CorruptCheckpointError,
     DownloadError,
@@ -92,6 +95,15 @@ class Exportable(Folded, Protocol):
     def gate_threshold(self, features: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def raw_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+
+def write_sae_folder(out: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """:func:`~llamascope_sdk.atomic.write_folder` for an SAE folder of any format: written
+    whole, replacing only a folder that :func:`~llamascope_sdk.formats.replaceable_sae_folder`
+    accepts (an SAE folder the SDK wrote)."""
+    from . import replaceable_sae_folder  # the package imports this module first
+
+    return write_folder(out, write, replaceable=replaceable_sae_folder)
 
 
 def read_json(path: Path) -> dict[str, Any]:

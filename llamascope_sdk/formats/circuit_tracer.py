@@ -46,10 +46,10 @@ from typing import cast
 
 import torch
 
-from llamascope_sdk.atomic import atomic_save_safetensors, atomic_write_text, write_folder
+from llamascope_sdk.atomic import atomic_save_safetensors, atomic_write_text
 from llamascope_sdk.registry import BASE_MODEL
 
-from ._build import Exportable, UnsupportedFormatError
+from ._build import Exportable, UnsupportedFormatError, write_sae_folder
 
 CONFIG = "config.yaml"
 FEATURE_INPUT_HOOK = "ln2.hook_normalized"
@@ -137,7 +137,8 @@ def export(saes: Iterable[Exportable | Callable[[], Exportable]], out: str | os.
             widths.append(sae.d_sae)
             names[layer] = sae.name
             atomic_save_safetensors(layer_tensors(sae, dtype), tmp / layer_file(layer),
-                                    metadata={"format": "pt", "source": sae.name})
+                                    metadata={"format": "pt", "source": sae.name,
+                                                "llamascope_sdk": "circuit-tracer layer"})
             del sae
         check_layers(layers, widths)
         first = names[0]
@@ -149,4 +150,4 @@ def export(saes: Iterable[Exportable | Callable[[], Exportable]], out: str | os.
                   "feature_output_hook": FEATURE_OUTPUT_HOOK, "transcoders": paths}
         atomic_write_text(tmp / CONFIG, yaml.safe_dump(config, sort_keys=False))
 
-    return write_folder(out, write)
+    return write_sae_folder(out, write)

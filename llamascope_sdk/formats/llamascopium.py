@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from llamascope_sdk.atomic import atomic_save_safetensors, atomic_write_text, write_folder
+from llamascope_sdk.atomic import atomic_save_safetensors, atomic_write_text
 from llamascope_sdk.errors import CorruptCheckpointError
 from llamascope_sdk.hyperparams import Hyperparams
 
@@ -55,6 +55,7 @@ from ._build import (
     need,
     read_json,
     read_tensors,
+    write_sae_folder,
 )
 
 CONFIG = "config.json"
@@ -110,7 +111,7 @@ def export(sae: Exportable, out: str | os.PathLike[str]) -> Path:
         atomic_save_safetensors(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         atomic_write_text(tmp / CONFIG, json.dumps(cfg, indent=2) + "\n")
 
-    return write_folder(out, write)
+    return write_sae_folder(out, write)
 
 
 # ---------------------------------------------------------------------------- import

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from llamascope_sdk.atomic import atomic_save_safetensors, atomic_write_text, write_folder
+from llamascope_sdk.atomic import atomic_save_safetensors, atomic_write_text
 from llamascope_sdk.errors import CorruptCheckpointError
 from llamascope_sdk.models import base_model_of
 from llamascope_sdk.registry import BASE_MODEL
@@ -57,6 +57,7 @@ from ._build import (
     plain_record,
     read_json,
     read_tensors,
+    write_sae_folder,
 )
 
 CFG = "cfg.json"
@@ -132,7 +133,7 @@ def export(sae: Exportable, out: str | os.PathLike[str], *, model_name: str | No
         atomic_save_safetensors(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         atomic_write_text(tmp / CFG, json.dumps(cfg, indent=2) + "\n")
 
-    return write_folder(out, write)
+    return write_sae_folder(out, write)
 
 
 def _base_model(sae: Exportable) -> str:

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from llamascope_sdk.atomic import atomic_write_text
 from llamascope_sdk.cards import render_card
 from llamascope_sdk.corpus import local_paths
 from llamascope_sdk.dtypes import parse_dtype
@@ -107,6 +106,5 @@ def export(folder: str | Path, cfg: TrainConfig, raw: dict[str, torch.Tensor],
     lm = default_lm_config(cfg.model, cfg.d_model)
     tensors = {k: v.to(parse_dtype(cfg.export_dtype)) for k, v in raw.items()}
     card_text = card_text if card_text is not None else render_card(card_info(cfg, hp))
-    out = write_release(folder, Hyperparams.from_dict(hp), tensors, lm, card=card_text)
-    atomic_write_text(Path(out) / "recipe.yaml", cfg.to_yaml())
-    return Path(out)
+    return write_release(folder, Hyperparams.from_dict(hp), tensors, lm, card=card_text,
+                         recipe=cfg.to_yaml())
