@@ -189,13 +189,22 @@ class ChatClient:
         return self._reply(body, parse)
 
     def map(self, conversations: Iterable[Messages], *, max_tokens: int | None = None,
-            parse: Callable[[str], Any] | None = None) -> list[Reply]:
-        """:meth:`chat` for each conversation, ``concurrency`` at a time; replies in order."""
+            parse: Callable[[str], Any] | Sequence[Callable[[str], Any]] | None = None
+            ) -> list[Reply]:
+        """:meth:`chat` for each conversation, ``concurrency`` at a time; replies in order.
+        ``parse``: one parser for all, or a list with one per conversation."""
         jobs = list(conversations)
+        parsers = list(parse) if isinstance(parse, Sequence) else [parse] * len(jobs)
+        if len(parsers) != len(jobs):
+            raise InputError(f"{len(parsers)} parsers for {len(jobs)} conversations")
+
+        def one(k: int) -> Reply:
+            return self.chat(jobs[k], max_tokens=max_tokens, parse=parsers[k])
+
         if len(jobs) <= 1:
-            return [self.chat(m, max_tokens=max_tokens, parse=parse) for m in jobs]
+            return [one(k) for k in range(len(jobs))]
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(jobs))) as pool:
-            return list(pool.map(lambda m: self.chat(m, max_tokens=max_tokens, parse=parse), jobs))
+            return list(pool.map(one, range(len(jobs))))
 
     # ------------------------------------------------------------------ internals
     def _wait(self, attempt: int, retry_after: float | None) -> float:

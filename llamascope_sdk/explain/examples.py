@@ -1,0 +1,89 @@
+"""Which mined contexts the explainer sees and which the scorers are tested on.
+
+:func:`example_sets` is the one place that reads examples out of a feature store. With a store
+that keeps delphi's stratified sample (``decile_examples``, ``non_activating``; store version
+2 and later), the split is:
+
+* explainer: within every decile, examples ``[0::2]``; then up to ``n_explain`` of them, taken
+  round-robin from the highest decile down (so every decile is shown before any twice);
+* scorers (held out: never shown to the explainer): within every decile, examples ``[1::2]``,
+  up to ``n_score`` taken the same way, and up to ``n_score`` non-activating contexts.
+
+An older store (version 1: top examples and a quantile sample, no non-activating contexts)
+still gets explanations, from its top examples; its scorers are skipped (``non_activating`` is
+empty) and the result says how to re-mine. The sample is a uniform sample of firings, so a
+fixed every-other split of it is uniform too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Context:
+    """A window of tokens with the feature's activation on each (0 where it did not fire)."""
+
+    tokens: tuple[str, ...]
+    acts: tuple[float, ...]
+    doc: int = -1
+    pos: int = -1
+
+    @classmethod
+    def from_example(cls, e: dict[str, Any]) -> Context:
+        return cls(tuple(e["tokens"]), tuple(float(a) for a in e["acts"]),
+                   int(e.get("doc", -1)), int(e.get("pos", -1)))
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.doc, self.pos)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"doc": self.doc, "pos": self.pos, "max": max(self.acts, default=0.0)}
+
+
+@dataclass(frozen=True)
+class ExampleSets:
+    """The examples of one feature: what the explainer sees and what the scorers test."""
+
+    explain: list[Context]
+    activating: list[Context]      # held out, for the scorers
+    non_activating: list[Context]  # for the scorers
+    source: str                    # "deciles" or "top" (an older store)
+    note: str | None = None        # why scoring is impossible, when it is
+
+
+def round_robin(groups: Sequence[Sequence[Context]], n: int) -> list[Context]:
+    """Up to ``n`` items: the first of every group, then the second of every group, ..."""
+    out: list[Context] = []
+    depth = max((len(g) for g in groups), default=0)
+    for k in range(depth):
+        for g in groups:
+            if k < len(g):
+                out.append(g[k])
+                if len(out) == n:
+                    return out
+    return out
+
+
+def example_sets(store: Any, i: int, *, n_explain: int = 20, n_score: int = 50) -> ExampleSets:
+    """Split feature ``i``'s mined contexts as the module docstring says."""
+    meta = getattr(store, "meta", {}) or {}
+    if int(meta.get("version", 1)) >= 2 and hasattr(store, "decile_examples"):
+        deciles = [[Context.from_example(e) for e in d["examples"]]
+                   for d in store.decile_examples(i)]  # highest decile first
+        explain = round_robin([d[0::2] for d in deciles], n_explain)
+        held = round_robin([d[1::2] for d in deciles], n_score)
+        non = [Context.from_example(e) for e in store.non_activating(i)][:n_score]
+        return ExampleSets(explain, held, non, "deciles")
+    top = [Context.from_example(e) for e in store.examples(i)][:n_explain]
+    seen = {c.key for c in top}
+    held = [c for c in (Context.from_example(e) for e in store.examples(i, "samples"))
+            if c.key not in seen][:n_score]
+    sae = meta.get("sae_spec") or meta.get("sae") or "SAE"
+    note = (f"this store (version {meta.get('version', 1)}) has no non-activating contexts, so "
+            f"the explanation was not scored; re-mine it: llamascope inspect --sae {sae} "
+            "--dataset FILE --out FOLDER")
+    return ExampleSets(top, held, [], "top", note)
