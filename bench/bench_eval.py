@@ -1,8 +1,9 @@
 """Evaluation throughput relative to the bare model forward on the same tokens.
 
-    python bench/bench_eval.py [--tokens 384] [--context 128] [--repeats 2]
+    python bench/bench_eval.py --corpus DIR [--tokens 384] [--context 128] [--repeats 2]
 
-Runs SmolLM2-135M on CPU over wikitext tokens (or random ids when the corpus is absent) and
+DIR holds wikitext2-valid.txt (see bench/corpus_files.py; default $LLAMASCOPE_CORPUS).
+Runs SmolLM2-135M on CPU over its first tokens and
 times: the bare forward; ``evaluate`` with 1 synthetic SAE; with 3 synthetic SAEs (R, M and a
 transcoder, d_sae = 4608). ``evaluate`` does one clean forward plus one spliced forward per SAE,
 but a spliced pass resumes at the SAE's layer, so the "layer-floor" column is
@@ -14,7 +15,6 @@ nothing. About 1-2 minutes on 2 idle cores.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,29 +22,24 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # for tests.helpers (synthetic release tensors)
+sys.path.insert(0, str(REPO))  # for bench.corpus_files and tests.helpers
 
+from bench.corpus_files import add_corpus_argument, corpus_files  # noqa: E402
 from llamascope_sdk import SAE  # noqa: E402
 from llamascope_sdk.evaluation import evaluate  # noqa: E402
 from llamascope_sdk.models import load_model, tokenize  # noqa: E402
 from llamascope_sdk.sites import parse_hook_point  # noqa: E402
 from tests.helpers import raw_tensors, release_hyperparams  # noqa: E402
 
-#: The offline corpus beside the repository (../shared/corpus), or $LLAMASCOPE_CORPUS.
-CORPUS = Path(os.environ.get("LLAMASCOPE_CORPUS", Path(__file__).resolve().parents[1].parent / "shared" / "corpus")) / "wikitext2-valid.txt"
-
 
 def layer_of(sae: SAE) -> int:
     return parse_hook_point(sae.hyperparams.hook_point_out).layer
 
 
-def token_ids(tok, n_seq: int, context: int) -> torch.Tensor:
-    if CORPUS.is_file():
-        text = CORPUS.read_text(encoding="utf-8")[: n_seq * context * 8]
-        ids = tokenize(tok, text, prepend_bos=False)[0]
-        rows = ids[: n_seq * (context - 1)].reshape(n_seq, context - 1)
-    else:
-        rows = torch.randint(3, 49152, (n_seq, context - 1))
+def token_ids(tok, corpus: Path, n_seq: int, context: int) -> torch.Tensor:
+    text = corpus.read_text(encoding="utf-8")[: n_seq * context * 8]
+    ids = tokenize(tok, text, prepend_bos=False)[0]
+    rows = ids[: n_seq * (context - 1)].reshape(n_seq, context - 1)
     bos = torch.full((n_seq, 1), tok.bos_token_id, dtype=torch.long)
     return torch.cat([bos, rows], dim=1)
 
@@ -54,9 +49,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=384)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
+    add_corpus_argument(ap)
     args = ap.parse_args()
+    (corpus,) = corpus_files(args.corpus, "wikitext2-valid.txt")
     model, tok = load_model("smollm2-135m")
-    ids = token_ids(tok, max(1, args.tokens // args.context), args.context)
+    ids = token_ids(tok, corpus, max(1, args.tokens // args.context), args.context)
     n_tok = ids.numel()
     saes = [SAE.from_raw(release_hyperparams(d_model=576, d_sae=4608, layer=layer, position=pos,
                                              norm_in=24.0 if pos == "TC" else 5.0, norm_out=2.0),

@@ -6,7 +6,9 @@ the unembedding) on pre-tokenised batches; mining includes tokenisation, the for
 SAE's layer, the encode and all bookkeeping. Each is run twice, alternating, and the faster run
 of each is kept (the machine is shared).
 
-    .venv/bin/python bench/bench_mining.py [--tokens 8192]
+    .venv/bin/python bench/bench_mining.py --corpus DIR [--tokens 8192]
+
+DIR holds wikitext2-valid.txt (see bench/corpus_files.py; default $LLAMASCOPE_CORPUS).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "corpus"
+sys.path.insert(0, str(REPO))  # for bench.corpus_files
+
+from bench.corpus_files import add_corpus_argument, corpus_files  # noqa: E402
 
 
 def main() -> None:
@@ -29,7 +33,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--pages", type=int, default=1000)
+    add_corpus_argument(ap)
     args = ap.parse_args()
+    (path,) = corpus_files(args.corpus, "wikitext2-valid.txt")
 
     from llamascope_sdk import SAE, load_model
     from llamascope_sdk.corpus import iter_documents
@@ -37,9 +43,6 @@ def main() -> None:
     from llamascope_sdk.mining import _Tracker, doc_batches, memory_report, mine, state_bytes
     from llamascope_sdk.pages import write_pages
 
-    path = CORPUS / "wikitext2-valid.txt"
-    if not path.is_file():
-        sys.exit(f"{path} is missing (the corpus lives in ../shared/corpus)")
     model, tok = load_model("smollm2-135m")
     sae = SAE.from_pretrained("demo")
     docs = list(iter_documents(path))

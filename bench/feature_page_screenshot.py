@@ -1,15 +1,16 @@
 """Render the demo's feature 4154 page in a real headless browser and check what it shows.
 
-Mines a small slice of the offline corpus (../shared/corpus beside the repository) with the
+Mines a small slice of the corpus (``--corpus DIR``, see bench/corpus_files.py) with the
 demo SAE on SmolLM2-135M, writes the store and pages, then runs Debian's ``chromium``:
 ``--dump-dom`` must contain the label, the top example tokens and the steer command, and
 ``--screenshot`` writes bench/out/feature_4154.png (for the README).
 
-    .venv/bin/python bench/feature_page_screenshot.py
+    .venv/bin/python bench/feature_page_screenshot.py --corpus DIR
 """
 
 from __future__ import annotations
 
+import argparse
 import html
 import shutil
 import subprocess
@@ -18,7 +19,10 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "corpus"
+sys.path.insert(0, str(REPO))  # for bench.corpus_files
+
+from bench.corpus_files import add_corpus_argument, corpus_files  # noqa: E402
+
 OUT = REPO / "bench" / "out"
 FEATURE = 4154
 
@@ -46,10 +50,9 @@ def main() -> None:
     from llamascope_sdk.mining import mine
     from llamascope_sdk.pages import write_pages
 
-    files = [CORPUS / "tinyshakespeare.txt", CORPUS / "wikitext2-valid.txt"]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        sys.exit(f"corpus files missing: {missing} (expected in ../shared/corpus)")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_corpus_argument(ap)
+    files = corpus_files(ap.parse_args().corpus, "tinyshakespeare.txt", "wikitext2-valid.txt")
     model, tok = load_model("smollm2-135m")
     sae = SAE.from_pretrained("demo")
     from llamascope_sdk.corpus import iter_documents

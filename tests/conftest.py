@@ -73,13 +73,9 @@ def char_tokenizer() -> CharTokenizer:
 
 @pytest.fixture(scope="session")
 def corpus_dir():
-    """The local text corpus (wikitext2-valid.txt, tinyshakespeare.txt), found relative to the
-    repository: ``$LLAMASCOPE_CORPUS`` or ``<repo>/../shared/corpus``. Missing is a failure."""
+    """The folder of corpus excerpts shipped with the tests (``tests/data/corpus``: WikiText-2
+    validation article leads and the opening of Tiny Shakespeare, ~16 KB each; sources and
+    licences in its README). Same file names as the full corpus the benches read."""
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
-    folder = Path(os.environ.get("LLAMASCOPE_CORPUS") or repo.parent / "shared" / "corpus")
-    if not (folder / "wikitext2-valid.txt").is_file():
-        pytest.fail(f"the text corpus is missing: {folder} should hold wikitext2-valid.txt and "
-                    "tinyshakespeare.txt (set LLAMASCOPE_CORPUS to its folder)")
-    return folder
+    return Path(__file__).resolve().parent / "data" / "corpus"

@@ -5,7 +5,8 @@
     python training/build_demo.py --corpus DIR --eval-only  # re-measure the shipped SAE, re-render its card
 
 DIR holds ``wikitext2-valid.txt`` and ``tinyshakespeare.txt`` (local copies of WikiText-2
-validation and Tiny Shakespeare); ``--corpus`` defaults to ``$LLAMASCOPE_CORPUS``. The recipe and
+validation and Tiny Shakespeare; where to download them: ``bench/corpus_files.py``, or the error
+message when they are missing); ``--corpus`` defaults to ``$LLAMASCOPE_CORPUS``. The recipe and
 the shipped files name the data by file name only, never by a path of this machine.
 
 1. caches layer-15 residual activations of the training part of the corpus once (early stop
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -56,14 +56,12 @@ ALL, EXCLUDING = "all non-special tokens", "excluding massive activations"
 DATASETS = ["Salesforce/wikitext", "karpathy/tiny_shakespeare"]
 
 
-def with_corpus(cfg, corpus: str | Path):  # noqa: ANN001, ANN201
-    """The recipe with its dataset file names resolved inside ``corpus`` (which must hold them)."""
-    folder = Path(corpus).expanduser()
-    files = [folder / Path(n.strip()).name for n in cfg.dataset.split(",")]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        sys.exit(f"error: corpus file(s) not found: {', '.join(missing)}\n"
-                 "hint: --corpus DIR must hold " + " and ".join(f.name for f in files))
+def with_corpus(cfg, corpus: str | Path | None):  # noqa: ANN001, ANN201
+    """The recipe with its dataset file names resolved inside ``corpus``; exits with one line
+    (what is missing, where to download it) when it is not given or lacks one of them."""
+    from bench.corpus_files import corpus_files
+
+    files = corpus_files(corpus, *(Path(n.strip()).name for n in cfg.dataset.split(",")))
     return cfg.model_copy(update={"dataset": ",".join(str(f) for f in files)})
 
 
@@ -149,9 +147,11 @@ def steer_text(model, tokenizer, sae, feature: int, strength: float, prompt: str
 
 
 def main() -> None:
+    from bench.corpus_files import add_corpus_argument
+    from llamascope_sdk.training.config import TrainConfig
+
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--corpus", default=os.environ.get("LLAMASCOPE_CORPUS"),
-                   help="folder holding the recipe's dataset files (default $LLAMASCOPE_CORPUS)")
+    add_corpus_argument(p)
     p.add_argument("--cache", default=str(ROOT / "runs/demo-cache"))
     p.add_argument("--cache-tokens", type=int, default=353_990,
                    help="the shipped SAE used exactly 5 shards = 353,990 tokens")
@@ -161,9 +161,8 @@ def main() -> None:
                    help="re-measure the shipped SAE in llamascope_sdk/assets and re-render its "
                         "card and demo_results.json; the weights are not touched")
     args = p.parse_args()
-    if not args.corpus:
-        p.error("give --corpus DIR (the folder with wikitext2-valid.txt and tinyshakespeare.txt) "
-                "or set LLAMASCOPE_CORPUS")
+    recipe = TrainConfig.load(RECIPE)
+    with_corpus(recipe, args.corpus)  # before any long work: one line if the corpus is missing
     torch.manual_seed(0)
     if args.eval_only:
         eval_only(args.eval_rows, args.corpus)
@@ -171,10 +170,9 @@ def main() -> None:
     from llamascope_sdk.models import load_model
     from llamascope_sdk.sae import SAE
     from llamascope_sdk.training.cache import read_manifest
-    from llamascope_sdk.training.config import TrainConfig
     from llamascope_sdk.training.loop import train
 
-    cfg = with_corpus(TrainConfig.load(RECIPE), args.corpus).model_copy(
+    cfg = with_corpus(recipe, args.corpus).model_copy(
         update={"activation_cache": args.cache})
     if not (Path(args.cache) / "manifest.json").is_file() or not read_manifest(args.cache)["complete"]:
         from training.run import main as run_main
