@@ -33,6 +33,8 @@ _EXPORTS = {
     "read_features": "reading",
     "measure_feature_stats": "reading",
     "compare_generations": "generation",
+    "generate_batch": "batch_generation",
+    "BatchGenerator": "batch_generation",
     "evaluate": "evaluation",
     "LlamascopeError": "errors",
     "mine": "mining",
@@ -43,11 +45,12 @@ _EXPORTS = {
 # Spelled out (not ``[*_EXPORTS]``) so that linters see the TYPE_CHECKING imports as exported.
 __all__ = ["__version__", "SAE", "Hyperparams", "FeatureStats", "list_saes", "load_model",
            "attach", "hooked", "Steer", "Clamp", "Scale", "Ablate", "read_features",
-           "measure_feature_stats", "compare_generations", "evaluate", "LlamascopeError",
-           "mine", "FeatureStore", "search_features"]
+           "measure_feature_stats", "compare_generations", "generate_batch", "BatchGenerator",
+           "evaluate", "LlamascopeError", "mine", "FeatureStore", "search_features"]
 
 if TYPE_CHECKING:
     from .attachment import attach
+    from .batch_generation import BatchGenerator, generate_batch
     from .errors import LlamascopeError
     from .evaluation import evaluate
     from .feature_stats import FeatureStats

@@ -40,7 +40,7 @@ from torch import nn
 
 from .errors import InputError
 from .hooks import SiteFn, check_compatible, hooked, named_saes
-from .interventions import Intervention, Steer, position_mask
+from .interventions import Intervention, edit_delta, position_mask
 from .sae import SAE
 from .sites import Site, decoder_layers
 
@@ -236,7 +236,7 @@ class Attachment:
                 out = self._splice(sae, y, f, edits, keep_BT)
                 continue
             for iv, m_BT in edits:
-                d = self._delta(sae, x, f, iv, m_BT)
+                d = edit_delta(iv, x, f, m_BT)
                 delta = d if delta is None else delta + d
         if out is None and delta is None:
             return None
@@ -275,16 +275,6 @@ class Attachment:
         recon = recon.to(y.dtype)
         # Special positions keep the clean activation.
         return torch.where(keep_BT[..., None].to(y.device), recon, y)
-
-    @staticmethod
-    def _delta(sae: SAE, x: torch.Tensor, f: torch.Tensor | None, iv: Intervention,
-               m_BT: torch.Tensor) -> torch.Tensor:
-        W_nD = sae.W_dec[iv.idx]
-        m = m_BT[..., None].to(device=sae.device, dtype=sae.dtype)
-        if isinstance(iv, Steer):
-            return m * (iv.coefficients().to(sae.dtype) @ W_nD)  # [B, T, D]
-        old = f[..., iv.idx] if f is not None else sae.encode_features(x, iv.idx)
-        return (m * (iv.target(old) - old)) @ W_nD
 
 
 def attach(model: nn.Module, saes: SAE | Sequence[SAE] | Mapping[str, SAE] = (), *,

@@ -226,6 +226,22 @@ class Ablate(Intervention):
         return mean.to(old).expand_as(old)
 
 
+def edit_delta(iv: Intervention, x: torch.Tensor, f: torch.Tensor | None,
+               m_BT: torch.Tensor) -> torch.Tensor:
+    """The change [B, T, D] that ``iv`` makes to the activation at its SAE's output site, at
+    the positions where ``m_BT`` is True: ``alpha @ W_dec[idx]`` for a steer, ``(new - old) @
+    W_dec[idx]`` otherwise, with ``old`` the features' values for the clean input ``x`` (taken
+    from a full encode ``f`` when given, else from their encoder rows only). In the SAE's dtype.
+    :func:`~llamascope_sdk.attachment.attach` and the batched generator both use it."""
+    sae = iv.sae
+    W_nD = sae.W_dec[iv.idx]
+    m = m_BT[..., None].to(device=sae.device, dtype=sae.dtype)
+    if isinstance(iv, Steer):
+        return m * (iv.coefficients().to(sae.dtype) @ W_nD)  # [B, T, D]
+    old = f[..., iv.idx] if f is not None else sae.encode_features(x, iv.idx)
+    return (m * (iv.target(old) - old)) @ W_nD
+
+
 def _is_int(p: object) -> bool:
     import numpy as np
 
