@@ -317,7 +317,6 @@ def sparsify_check(tmp: Path, transcode: bool) -> None:
     from sparsify import SparseCoder, SparseCoderConfig
 
     from llamascope_sdk import SAE
-    from llamascope_sdk.convert import load_foreign
 
     d, F, k = 64, 256, 16
     g = torch.Generator().manual_seed(11)
@@ -331,10 +330,7 @@ def sparsify_check(tmp: Path, transcode: bool) -> None:
     folder = tmp / "sparsify" / ("layers.3.mlp" if transcode else "layers.12")
     coder.save_to_disk(folder)
     gain = (0.5 + torch.rand(d, generator=g)) if transcode else None
-    if transcode:
-        sae = load_foreign(folder, dtype=torch.float32, rmsnorm_gain=gain)
-    else:
-        sae = SAE.from_pretrained(folder, dtype=torch.float32)
+    sae = SAE.from_pretrained(folder, dtype=torch.float32, rmsnorm_gain=gain)
     x = activations(sae)  # for the transcoder: ln2.hook_normalized (norm ~ sqrt(D))
     f, y = ours(sae, x)
     x_peer = x * gain if transcode else x  # sparsify's transcoder reads the MLP input g * n(r)

@@ -1,8 +1,9 @@
 """One entry point for format conversion: ``convert(src, to, out)``.
 
-Sources are anything :meth:`SAE.from_pretrained` accepts (a Llama Scope name, ``"demo"``, a
-local folder in the release layout), a local SAELens / Llamascopium / sparsify folder, a Hub
-``org/repo[/subfolder]`` holding one of those, or an SAE object. For ``--to circuit-tracer``
+Sources are anything :meth:`SAE.from_pretrained` accepts (it enters through
+:func:`llamascope_sdk.locate.locate`: a Llama Scope name, ``"demo"``, a local folder or a Hub
+``org/repo[:subfolder]`` in the release layout, SAELens, Llamascopium or sparsify), or an SAE
+object. For ``--to circuit-tracer``
 the source is a set of transcoders: ``LXTC-8x`` / ``LXTC-32x`` (all 32 layers of one width),
 a comma-separated list, or a list/tuple.
 
@@ -18,58 +19,28 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .atomic import check_replaceable
 from .dtypes import parse_dtype
 from .formats import (
     EXPORTABLE,
     UnsupportedFormatError,
     circuit_tracer,
-    detect_format,
     llamascopium,
-    read_foreign,
     replaceable_sae_folder,
-    resolve_source,
     saelens,
 )
 from .registry import list_saes
-from .sae import SAE, Gate
+from .sae import SAE
 
 _SET = re.compile(r"^LX(TC)-(8x|32x|32k|128k|131k)$", re.IGNORECASE)
 
 
-def load_foreign(folder: str | Path, *, fmt: str | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
-                 gate: Gate = "reference", **options: Any) -> SAE:
-    """Import a local folder in any supported format into an SAE: the release layout, or a
-    foreign one read by :func:`~llamascope_sdk.formats.read_foreign` (``options`` go to its
-    reader: ``hook_point``, ``rmsnorm_gain`` for sparsify; ``norm_scaling_factor`` for
-    SAELens)."""
-    folder = Path(folder)
-    if (fmt or detect_format(folder)) == "release":
-        return SAE.from_folder(folder, device=device, dtype=dtype, gate=gate)
-    return SAE.from_plain(read_foreign(folder, fmt=fmt, **options), device=device, dtype=dtype,
-                          gate=gate)
-
-
 def load(src: Any, *, fmt: str | None = None, revision: str | None = None, token: Any = None,
-         device: Any = None, dtype: Any = None, **options: Any) -> SAE:
-    """Load any supported source into an SAE (see the module docstring)."""
+         **options: Any) -> SAE:
+    """An SAE object as it is; anything else through the front door (``SAE.from_pretrained``)."""
     if isinstance(src, SAE):
         return src
-    text = os.fspath(src)
-    path = Path(text).expanduser()
-    if path.exists() or fmt not in (None, "release"):
-        folder = resolve_source(text, revision=revision, token=token)
-        return load_foreign(folder, fmt=fmt if fmt != "release" else None, device=device,
-                            dtype=dtype, **options)
-    try:
-        return SAE.from_pretrained(text, revision=revision, token=token, device=device, dtype=dtype)
-    except KeyError:
-        # Not a Llama Scope name: a Hub repo/subfolder in a foreign format.
-        folder = resolve_source(text, revision=revision, token=token)
-        return load_foreign(folder, device=device, dtype=dtype, **options)
+    return SAE.from_pretrained(src, fmt=fmt, revision=revision, token=token, **options)
 
 
 def transcoder_set(src: Any) -> list[Any]:
@@ -126,4 +97,4 @@ def convert(src: Any, to: str, out: str | os.PathLike[str], *, fmt: str | None =
     return llamascopium.export(sae, out)
 
 
-__all__ = ["convert", "detect_format", "load", "load_foreign", "transcoder_set"]
+__all__ = ["convert", "load", "transcoder_set"]

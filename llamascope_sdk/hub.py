@@ -49,6 +49,7 @@ from .errors import (
     HubUnreachableError,
     SaeNotFoundError,
 )
+from .hub_errors import Unreachable, translate
 from .hyperparams import Hyperparams
 from .registry import FOLDER_TEMPLATES, ORGS, SaeRef, resolve
 from .release import CHECKPOINT, HYPERPARAMS, LM_CONFIG
@@ -86,21 +87,13 @@ class Downloaded:
 
 
 @dataclass(frozen=True)
-class _Settings:
+class Settings:
     cache_dir: str
     endpoint: str | None
     token: str | bool | None
     offline: bool
     force_download: bool
     verify: bool = True
-
-
-class _Unreachable(Exception):
-    """Internal: the Hub could not be reached for a file that is not cached."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
 
 
 def download(name: str, *, revision: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
@@ -140,15 +133,15 @@ def download(name: str, *, revision: str | None = None, cache_dir: str | os.Path
         >>> got.source.commit
     """
     ref = resolve(name)
-    s = _settings(cache_dir, token, force_download, local_files_only, verify)
+    s = settings(cache_dir, token, force_download, local_files_only, verify)
     rev = revision or DEFAULT_REVISION
     try:
         hp_path, repo_id, folder = _fetch_hyperparams(name, ref, rev, s)
-        commit = _commit_from_path(hp_path)
+        commit = commit_from_path(hp_path)
         pinned = commit or rev
         lm_path = _fetch_optional(repo_id, folder, LM_CONFIG, pinned, s)
         ckpt_path, etag = _fetch(repo_id, folder, CHECKPOINT, pinned, s, resume=commit is not None)
-    except _Unreachable as exc:
+    except Unreachable as exc:
         raise _unreachable_error(name, ref, rev, s, exc.cause) from None
     sha = {HYPERPARAMS: sha256_file(hp_path)}
     if lm_path is not None:
@@ -173,14 +166,14 @@ def fetch_hyperparams(name: str, *, revision: str | None = None,
         The same errors as :func:`download`, and HyperparamsError for an invalid file.
     """
     ref = resolve(name)
-    s = _settings(cache_dir, token, False, local_files_only, verify)
+    s = settings(cache_dir, token, False, local_files_only, verify)
     rev = revision or DEFAULT_REVISION
     try:
         hp_path, repo_id, folder = _fetch_hyperparams(name, ref, rev, s)
-    except _Unreachable as exc:
+    except Unreachable as exc:
         raise _unreachable_error(name, ref, rev, s, exc.cause) from None
     source = Source(path=str(Path(hp_path).parent), repo_id=repo_id, subfolder=folder, revision=rev,
-                    commit=_commit_from_path(hp_path), sha256={HYPERPARAMS: sha256_file(hp_path)},
+                    commit=commit_from_path(hp_path), sha256={HYPERPARAMS: sha256_file(hp_path)},
                     verified=s.verify)
     return Hyperparams.from_file(hp_path), source
 
@@ -198,13 +191,13 @@ def check_reachable(repo_id: str, filename: str, *, revision: str | None = None,
         huggingface_hub's RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError,
         RemoteEntryNotFoundError: as the Hub answered.
     """
-    s = _settings(None, token, False, False)
+    s = settings(None, token, False, False)
     rev = revision or DEFAULT_REVISION
     if s.offline or _is_cached(repo_id, filename, rev, s):
         return
     try:
         _probe(repo_id, filename, rev, s)
-    except _Unreachable as exc:
+    except Unreachable as exc:
         raise HubUnreachableError(
             f"could not reach the Hub at {_endpoint(s)} for {repo_id} ({type(exc.cause).__name__}: "
             f"{one_line(exc.cause)}); {filename} at revision {rev!r} is not in {s.cache_dir}",
@@ -217,8 +210,8 @@ def _env_true(key: str) -> bool:
     return os.environ.get(key, "").strip().lower() in _TRUE
 
 
-def _settings(cache_dir: str | os.PathLike[str] | None, token: str | bool | None,
-              force_download: bool, local_files_only: bool, verify: bool | None = None) -> _Settings:
+def settings(cache_dir: str | os.PathLike[str] | None, token: str | bool | None,
+              force_download: bool, local_files_only: bool, verify: bool | None = None) -> Settings:
     from huggingface_hub import constants
 
     if cache_dir is None:
@@ -229,12 +222,12 @@ def _settings(cache_dir: str | os.PathLike[str] | None, token: str | bool | None
     offline = (local_files_only or _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
                or bool(constants.HF_HUB_OFFLINE))
     endpoint = os.environ.get("HF_ENDPOINT") or None
-    return _Settings(cache_dir=str(Path(cache_dir).expanduser()),
+    return Settings(cache_dir=str(Path(cache_dir).expanduser()),
                      endpoint=endpoint.rstrip("/") if endpoint else None, token=token,
                      offline=offline, force_download=force_download, verify=verify_enabled(verify))
 
 
-def _endpoint(s: _Settings) -> str:
+def _endpoint(s: Settings) -> str:
     from huggingface_hub import constants
 
     return s.endpoint or constants.ENDPOINT
@@ -255,7 +248,7 @@ def _candidates(name: str, ref: SaeRef) -> tuple[list[str], list[str]]:
 
 
 def _fetch_hyperparams(name: str, ref: SaeRef, revision: str,
-                       s: _Settings) -> tuple[str, str, str]:
+                       s: Settings) -> tuple[str, str, str]:
     """Find the first (repo, folder) that has hyperparams.json at ``revision``; verify it."""
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -272,7 +265,7 @@ def _fetch_hyperparams(name: str, ref: SaeRef, revision: str,
     for repo_id in repos:
         for folder in folders:
             try:
-                path, etag = _hf_download(repo_id, folder, HYPERPARAMS, revision, s)
+                path, etag = hf_download(repo_id, folder, HYPERPARAMS, revision, s)
             except GatedRepoError:
                 raise HubAccessError(
                     f"{repo_id} is gated: access to {folder}/{HYPERPARAMS} was refused (401)",
@@ -291,7 +284,7 @@ def _fetch_hyperparams(name: str, ref: SaeRef, revision: str,
             except LocalEntryNotFoundError as exc:
                 not_cached.append(f"{repo_id}:{folder}")
                 if not s.offline:
-                    raise _online_failure(exc, repo_id, f"{folder}/{HYPERPARAMS}", s) from None
+                    raise online_failure(exc, repo_id, f"{folder}/{HYPERPARAMS}", s) from None
                 continue
             verify_file(path, verify=s.verify, etag=etag)
             return path, repo_id, folder
@@ -313,7 +306,7 @@ def _fetch_hyperparams(name: str, ref: SaeRef, revision: str,
              f"{ref.repo_id(ORGS[0])} (formerly {ref.repo_id(ORGS[-1])})")
 
 
-def _fetch(repo_id: str, folder: str, filename: str, revision: str, s: _Settings, *,
+def _fetch(repo_id: str, folder: str, filename: str, revision: str, s: Settings, *,
            resume: bool = False) -> tuple[str, str | None]:
     """(local path, the ETag announced if it was asked for now) of a required file."""
     from huggingface_hub.errors import (
@@ -323,7 +316,7 @@ def _fetch(repo_id: str, folder: str, filename: str, revision: str, s: _Settings
     )
 
     try:
-        return _hf_download(repo_id, folder, filename, revision, s, resume=resume)
+        return hf_download(repo_id, folder, filename, revision, s, resume=resume)
     except RemoteEntryNotFoundError:
         raise SaeNotFoundError(
             f"{repo_id}:{folder} has {HYPERPARAMS} but no {filename} at commit {revision}; "
@@ -338,28 +331,28 @@ def _fetch(repo_id: str, folder: str, filename: str, revision: str, s: _Settings
                 f"({s.cache_dir}) and downloads are disabled (HF_HUB_OFFLINE=1 or "
                 "local_files_only=True)",
                 hint="unset HF_HUB_OFFLINE and load once online") from None
-        raise _online_failure(exc, repo_id, f"{folder}/{filename}", s) from None
+        raise online_failure(exc, repo_id, f"{folder}/{filename}", s) from None
 
 
 def _fetch_optional(repo_id: str, folder: str, filename: str, revision: str,
-                    s: _Settings) -> str | None:
+                    s: Settings) -> str | None:
     """lm_config.json is informative only (spec 2.2): a missing one is tolerated; a present
     one is verified like the others."""
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
-        path, etag = _hf_download(repo_id, folder, filename, revision, s)
+        path, etag = hf_download(repo_id, folder, filename, revision, s)
     except LocalEntryNotFoundError as exc:
         if s.offline:
             return None
-        raise _online_failure(exc, repo_id, f"{folder}/{filename}", s) from None
+        raise online_failure(exc, repo_id, f"{folder}/{filename}", s) from None
     except EntryNotFoundError:
         return None
     verify_file(path, verify=s.verify, etag=etag)
     return path
 
 
-def _hf_download(repo_id: str, folder: str, filename: str, revision: str, s: _Settings, *,
+def hf_download(repo_id: str, folder: str, filename: str, revision: str, s: Settings, *,
                  resume: bool = False) -> tuple[str, str | None]:
     """``hf_hub_download`` of one file, after one quick HEAD when it is not cached.
 
@@ -404,21 +397,21 @@ def _hf_download(repo_id: str, folder: str, filename: str, revision: str, s: _Se
     return path, etag
 
 
-def _is_cached(repo_id: str, path_in_repo: str, revision: str, s: _Settings) -> bool:
+def _is_cached(repo_id: str, path_in_repo: str, revision: str, s: Settings) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     got = try_to_load_from_cache(repo_id, path_in_repo, cache_dir=s.cache_dir, revision=revision)
     return isinstance(got, str)
 
 
-def _probe(repo_id: str, path_in_repo: str, revision: str, s: _Settings) -> Any:
+def _probe(repo_id: str, path_in_repo: str, revision: str, s: Settings) -> Any:
     """One HEAD for a file that is not cached, without huggingface_hub's retries.
 
     Returns its ``HfFileMetadata``, or None when the server answered with an error that
     ``hf_hub_download`` should handle (and retry: 5xx, 429).
 
     Raises:
-        _Unreachable: no connection (refused, DNS, timeout).
+        Unreachable: no connection (refused, DNS, timeout).
         RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError,
         RemoteEntryNotFoundError: as huggingface_hub raises them.
     """
@@ -436,37 +429,27 @@ def _probe(repo_id: str, path_in_repo: str, revision: str, s: _Settings) -> Any:
         return get_hf_file_metadata(url, token=s.token, timeout=timeout,  # type: ignore[arg-type]
                                     endpoint=s.endpoint, retry_on_errors=False)
     except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
-        raise _Unreachable(exc) from None
+        raise Unreachable(exc) from None
     except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError):
         raise
     except (httpx2.HTTPError, OSError):  # a server that answered (or half did): hf_hub_download decides
         return None
 
 
-def _online_failure(exc: BaseException, repo_id: str, path_in_repo: str, s: _Settings) -> Exception:
-    """What a LocalEntryNotFoundError of an online ``hf_hub_download`` means, by its cause's class."""
+def online_failure(exc: BaseException, repo_id: str, path_in_repo: str, s: Settings) -> Exception:
+    """What a LocalEntryNotFoundError of an online ``hf_hub_download`` means: no connection
+    (:class:`Unreachable`, which the caller words with what is cached), else as
+    :func:`~llamascope_sdk.hub_errors.translate` says."""
     import httpx2
-    from huggingface_hub.errors import FileMetadataError, HfHubHTTPError
 
     cause = exc.__cause__
     if isinstance(cause, (httpx2.ConnectError, httpx2.TimeoutException)):
-        return _Unreachable(cause)
-    if isinstance(cause, HfHubHTTPError) and cause.response is not None:
-        return DownloadError(
-            f"the Hub at {_endpoint(s)} answered HTTP {cause.response.status_code} for "
-            f"{repo_id}:{path_in_repo} (after retries), and it is not cached",
-            hint="the Hub or mirror is failing: try again later, or set HF_ENDPOINT to another mirror")
-    if isinstance(cause, FileMetadataError):
-        return DownloadError(
-            f"{_endpoint(s)} answered for {repo_id}:{path_in_repo} without the Hub's headers "
-            f"(commit, ETag): {one_line(cause)}",
-            hint="check that HF_ENDPOINT points to a Hugging Face Hub (or a mirror of it), and the proxy")
-    return DownloadError(f"could not fetch {repo_id}:{path_in_repo}: {one_line(cause or exc)}",
-                         hint="check the connection and HF_ENDPOINT, then load again")
+        return Unreachable(cause)
+    return translate(cause or exc, f"could not fetch {repo_id}:{path_in_repo}", endpoint=s.endpoint)
 
 
 # --------------------------------------------------------------------------- unreachable Hub
-def _cache_summary(name: str, ref: SaeRef, s: _Settings) -> tuple[str, str | None]:
+def _cache_summary(name: str, ref: SaeRef, s: Settings) -> tuple[str, str | None]:
     """(what the cache holds of this SAE, in words; a revision that loads a complete copy)."""
     from huggingface_hub.file_download import repo_folder_name
 
@@ -501,7 +484,7 @@ def _cache_summary(name: str, ref: SaeRef, s: _Settings) -> tuple[str, str | Non
     return f"cached in {s.cache_dir}: {'; '.join(complete + partial)}", usable
 
 
-def _unreachable_error(name: str, ref: SaeRef, revision: str, s: _Settings,
+def _unreachable_error(name: str, ref: SaeRef, revision: str, s: Settings,
                        cause: BaseException) -> HubUnreachableError:
     cached, usable = _cache_summary(name, ref, s)
     shown = ref.name if name.strip() == ref.name else f"{name.strip()} ({ref.name})"
@@ -518,7 +501,7 @@ def _unreachable_error(name: str, ref: SaeRef, revision: str, s: _Settings,
 
 
 # --------------------------------------------------------------------------- provenance
-def _commit_from_path(path: str) -> str | None:
+def commit_from_path(path: str) -> str | None:
     parts = Path(path).parts
     for i, part in enumerate(parts[:-1]):
         if part == "snapshots" and _COMMIT.match(parts[i + 1]):

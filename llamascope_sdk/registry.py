@@ -236,3 +236,17 @@ def resolve(name: str) -> SaeRef:
     raise UnknownSaeError(
         f"unknown Llama Scope SAE {name!r}. Names look like 'L12M-32x' (layer 0-31, position "
         "R/A/M/TC, width 8x or 32x)" + (f"; closest: {', '.join(suggestions)}" if suggestions else ""))
+
+
+def claims(name: str) -> bool:
+    """Whether ``name`` is spelled like a Llama Scope name (short, SAELens, Neuronpedia or
+    Hugging Face form), so that :func:`resolve` should read it (and say what is wrong with
+    it); any other text is not a Llama Scope name (a local folder or another Hub repository)."""
+    text = name.strip()
+    if ":" in text:
+        return _match_repo(text.partition(":")[0].strip()) is not None
+    if "/" in text and not text.lower().startswith("llama3.1-8b/"):
+        org, _, rest = text.partition("/")
+        return _REPO.match(text) is not None or (
+            org.lower() in {o.lower() for o in ORGS} and _FOLDER.match(rest) is not None)
+    return any(p.match(text) for p in (_SHORT, _FOLDER, _NEURONPEDIA))

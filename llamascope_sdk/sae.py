@@ -34,7 +34,7 @@ from .errors import CorruptCheckpointError, FeatureIndexError
 from .feature_stats import LABELS_FILE, STATS_FILE, FeatureStats, read_labels
 from .fold import fold_into, unfold
 from .formats import Plain, collapse_threshold, read_foreign
-from .hub import Source, download
+from .hub import Source
 from .hyperparams import Hyperparams
 from .registry import BASE_MODEL, SaeRef
 from .release import (
@@ -102,6 +102,8 @@ class SAE(nn.Module):
         self.register_buffer("decoder_norm", torch.ones(f, device=device, dtype=torch.float32))
         self.ref: SaeRef | None = None
         self.source = Source()
+        #: The name given at load (see :class:`~llamascope_sdk.locate.Located`); None: derived.
+        self._name: str | None = None
         self._stats: FeatureStats | None = None
         #: Human labels of features (index -> label), from feature_labels.json beside the
         #: checkpoint when it exists; shown in CLI captions and feature pages.
@@ -151,6 +153,8 @@ class SAE(nn.Module):
     def name(self) -> str:
         if self.ref is not None:
             return self.ref.name
+        if self._name is not None:
+            return self._name
         return self.source.subfolder or (Path(self.source.path).name if self.source.path else "sae")
 
     def __repr__(self) -> str:
@@ -405,12 +409,15 @@ class SAE(nn.Module):
                         dtype: torch.dtype | str | None = None, cache_dir: str | None = None,
                         token: str | bool | None = None, force_download: bool = False,
                         local_files_only: bool = False, gate: Gate = "reference",
-                        verify: bool | None = None) -> SAE:
-        """Load a Llama Scope checkpoint by name, Hub id or local folder.
+                        verify: bool | None = None, fmt: str | None = None,
+                        **options: Any) -> SAE:
+        """Load an SAE by Llama Scope name, local folder or Hub id, in any supported format.
 
         Args:
-            name_or_path: ``"L12M-128k"`` and every spelling :func:`resolve` accepts, a
-                local folder in the release layout, or ``"demo"`` (the bundled SmolLM2 SAE).
+            name_or_path: ``"L12M-128k"`` and every spelling :func:`resolve` accepts,
+                ``"demo"`` (the bundled SmolLM2 SAE), a local folder, or a Hub ``org/repo``
+                or ``org/repo:subfolder``; folders in the release layout, SAELens,
+                Llamascopium or sparsify (see :func:`llamascope_sdk.locate.locate`).
             revision: branch, tag or commit to pin; the resolved commit is kept in ``source``.
             device, dtype: where and in which dtype the folded weights live (default CPU, fp32).
             gate: ``"reference"`` (default): the authors' gate ``||d_i|| h_i / s_out > theta``
@@ -422,6 +429,9 @@ class SAE(nn.Module):
                 HF_ENDPOINT, HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN are honoured.
             verify: check every downloaded file against the hash the Hub announced (default
                 True; False, or LLAMASCOPE_VERIFY=0, only for a mirror that rewrites ETags).
+            fmt: the folder's format, when detection should be skipped.
+            options: for foreign formats, the reader's options: ``hook_point``,
+                ``rmsnorm_gain`` (sparsify), ``norm_scaling_factor`` (SAELens).
 
         Raises:
             UnknownSaeError, SaeNotFoundError, DownloadError, CorruptCheckpointError,
@@ -430,20 +440,17 @@ class SAE(nn.Module):
         Example:
             >>> sae = SAE.from_pretrained("L12M-128k", revision="main", dtype="bfloat16")
         """
-        from .demo import resolve_alias
+        from .locate import locate
 
-        path = Path(resolve_alias(os.fspath(name_or_path))).expanduser()
-        if path.is_dir() and not (path / HYPERPARAMS).is_file():
-            # SAELens, Llamascopium, sparsify folders
-            return cls.from_plain(read_foreign(path), device=device, dtype=dtype, gate=gate)
-        if path.is_dir():
-            return cls.from_folder(path, device=device, dtype=dtype, gate=gate)
-        got = download(str(name_or_path), revision=revision, cache_dir=cache_dir, token=token,
-                       force_download=force_download, local_files_only=local_files_only,
-                       verify=verify)
-        sae = cls.from_folder(got.folder, device=device, dtype=dtype, gate=gate)
-        sae.ref = got.ref
-        sae.source = got.source
+        got = locate(name_or_path, fmt=fmt, revision=revision, cache_dir=cache_dir, token=token,
+                     force_download=force_download, local_files_only=local_files_only,
+                     verify=verify)
+        if got.format == "release":
+            sae = cls.from_folder(got.folder, device=device, dtype=dtype, gate=gate)
+        else:
+            sae = cls.from_plain(read_foreign(got.folder, got.format, **options), device=device,
+                                 dtype=dtype, gate=gate)
+        sae.ref, sae.source, sae._name = got.ref, got.source, got.name
         return sae
 
     # ------------------------------------------------------------------ saving

@@ -156,24 +156,6 @@ def test_import_standard_relu_with_b_dec_subtracted(tmp_path) -> None:
     assert torch.equal(sae.encode(x) > 0, f_sl > 0) and rel(sae(x), y_sl) < 1e-5
 
 
-def test_import_from_hub_subfolder(tmp_path, monkeypatch) -> None:
-    """org/repo/subfolder goes through huggingface_hub.snapshot_download of that subfolder."""
-    import huggingface_hub
-
-    _write_saelens(tmp_path / "snap" / "layer_7", _cfg("jumprelu"), _foreign())
-    seen = {}
-
-    def fake_snapshot(repo_id, **kw):
-        seen.update(repo_id=repo_id, **kw)
-        return str(tmp_path / "snap")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
-    out = convert("someone/some-saes/layer_7", "release", tmp_path / "rel", revision="abc")
-    assert seen["repo_id"] == "someone/some-saes" and seen["allow_patterns"] == ["layer_7/*"]
-    assert seen["revision"] == "abc"
-    assert SAE.from_pretrained(out).hyperparams.hook_point_in == "blocks.7.hook_resid_post"
-
-
 def test_refusals_name_the_reason(tmp_path) -> None:
     t = _foreign()
     bad = _write_saelens(tmp_path / "ln", _cfg("jumprelu", normalize_activations="layer_norm"), t)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,6 @@ from safetensors.torch import load_file
 from llamascope_sdk.atomic import write_folder
 from llamascope_sdk.errors import (
     CorruptCheckpointError,
-    DownloadError,
     LlamascopeError,
     SaeNotFoundError,
 )
@@ -195,34 +193,6 @@ def plain_record(*, W_e: torch.Tensor, b_e: torch.Tensor, W_d: torch.Tensor, b_d
            "decoder.weight": W_d64.t().to(torch.float32).contiguous(),
            "decoder.bias": b_d.to(torch.float32)}
     return Plain(Hyperparams.from_dict(hp, source=where), raw, file_dtype or W_e.dtype, thr_folded)
-
-
-_HF_URI = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(.+?))?/?$")
-
-
-def resolve_source(src: str | Path, *, revision: str | None = None, token: str | bool | None = None,
-                   cache_dir: str | None = None, local_files_only: bool = False) -> Path:
-    """A local folder as it is; ``org/repo[/sub/folder]`` or ``hf://org/repo/sub`` from the
-    Hub (``huggingface_hub.snapshot_download`` of that subfolder only)."""
-    path = Path(src).expanduser()
-    if path.exists():
-        return path
-    m = _HF_URI.match(str(src))
-    if m is None:
-        raise SaeNotFoundError(f"{src} is neither a local folder nor a Hub id (org/repo[/subfolder])")
-    from huggingface_hub import snapshot_download  # heavy; imported on the first Hub source
-
-    repo, sub = m.group(1), m.group(2)
-    patterns = [f"{sub}/*"] if sub else None
-    try:
-        root = snapshot_download(repo, revision=revision, allow_patterns=patterns, token=token,
-                                 cache_dir=cache_dir, local_files_only=local_files_only)
-    except Exception as exc:  # huggingface_hub raises many types; say which source failed
-        raise DownloadError(f"could not download {repo}{'/' + sub if sub else ''}: {exc}") from None
-    folder = Path(root) / sub if sub else Path(root)
-    if not folder.exists():
-        raise SaeNotFoundError(f"{repo} has no folder {sub!r}")
-    return folder
 
 
 def collapse_threshold(thr: torch.Tensor) -> torch.Tensor:

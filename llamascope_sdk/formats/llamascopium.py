@@ -63,13 +63,8 @@ WEIGHTS = "sae_weights.safetensors"
 _NORM = "dataset_average_activation_norm."
 
 
-def is_llamascopium(folder: Path) -> bool:
-    if not (folder / CONFIG).is_file() or not any(folder.glob("*.safetensors")):
-        return False
-    try:
-        cfg = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
+def is_config(cfg: Any) -> bool:
+    """Whether a parsed ``config.json`` is a Llamascopium SAE's (a transformers model's is not)."""
     return isinstance(cfg, dict) and "hook_point_in" in cfg and ("d_model" in cfg or "sae_type" in cfg)
 
 

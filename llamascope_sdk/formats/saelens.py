@@ -66,10 +66,6 @@ JUMPRELU, TOPK, STANDARD = "jumprelu", "topk", "standard"
 JUMPRELU_TC = "jumprelu_transcoder"
 
 
-def is_saelens(folder: Path) -> bool:
-    return (folder / CFG).is_file() and (folder / WEIGHTS).is_file()
-
-
 # ---------------------------------------------------------------------------- export
 def export(sae: Exportable, out: str | os.PathLike[str], *, model_name: str | None = None) -> Path:
     """Write ``sae`` as a SAELens folder (exact; values in model units, see module docstring)."""

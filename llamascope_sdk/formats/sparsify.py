@@ -43,15 +43,6 @@ WEIGHTS = "sae.safetensors"
 _HOOK = re.compile(r"^(?:.*\.)?layers\.(\d+)(?:\.(mlp|self_attn|attn|attention))?$")
 
 
-def is_sparsify(folder: Path) -> bool:
-    return (folder / CFG).is_file() and (folder / WEIGHTS).is_file()
-
-
-def hookpoints(folder: Path) -> list[str]:
-    """Subfolders of a sparsify checkpoint root that hold one sparse coder each."""
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and is_sparsify(p))
-
-
 def hook_points_for(name: str, transcode: bool) -> tuple[str, str]:
     """(hook_point_in, hook_point_out) of a sparsify hookpoint name on a Llama model."""
     m = _HOOK.match(name)

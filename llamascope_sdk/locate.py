@@ -1,0 +1,138 @@
+"""The front door: any name or path an SAE is given by, turned into a local folder and its
+format, once.
+
+:func:`locate` accepts
+
+* a Llama Scope name in every spelling :func:`~llamascope_sdk.registry.resolve` knows
+  (``L12M-32x``, ``l12m_32x``, ``llama3.1-8b/12-llamascope-mlp-131k``,
+  ``fnlp/Llama3_1-8B-Base-L12M-32x``, ``repo_id:subfolder``): downloaded by
+  :func:`llamascope_sdk.hub.download` (pinned, verified, with the organisation and folder
+  fallbacks);
+* ``"demo"`` (or the demo's folder name): the bundled SmolLM2 SAE;
+* a local folder in any importable format (release, SAELens, Llamascopium, sparsify);
+* a Hub repository or a folder of one, in any importable format: ``org/repo``,
+  ``org/repo:sub/folder``, ``org/repo/sub/folder`` or ``hf://org/repo/sub/folder``: listed at
+  one commit and only the files the format reads downloaded, each verified
+  (:mod:`llamascope_sdk.hub_folder`).
+
+The format is detected once, here (:func:`llamascope_sdk.formats.detect`); a folder that
+cannot be read gets one line naming the format found and what to do. ``SAE.from_pretrained``
+and ``convert`` both enter through here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .demo import DEMO_SAE_DIR, DEMO_SAE_NAME, is_demo
+from .errors import SaeNotFoundError
+from .formats import check_importable, detect, files_to_read, folder_files
+from .hub import Source, download
+from .registry import SaeRef, claims, resolve
+
+_HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:[:/](.+?))?/?$")
+
+
+@dataclass(frozen=True)
+class Located:
+    """A checkpoint found on this machine.
+
+    Attributes:
+        folder: the local folder holding it (in the HF cache for Hub sources).
+        format: ``release``, ``saelens``, ``llamascopium`` or ``sparsify``.
+        name: a distinct, stable name: the registry name of a Llama Scope release, the
+            demo's name, a local release folder's name, the absolute path of a local foreign
+            folder, or ``repo_id:subfolder`` of a Hub folder.
+        ref: the registry entry, for a Llama Scope name.
+        source: provenance (repo, commit, sha256 of each file) for Hub sources.
+    """
+
+    folder: Path
+    format: str
+    name: str
+    ref: SaeRef | None
+    source: Source
+
+
+def locate(name_or_path: str | os.PathLike[str], *, fmt: str | None = None,
+           revision: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
+           token: str | bool | None = None, force_download: bool = False,
+           local_files_only: bool = False, verify: bool | None = None) -> Located:
+    """Find (downloading if needed) the checkpoint ``name_or_path`` names; see the module
+    docstring for what is accepted.
+
+    Args:
+        fmt: the format, when detection should be skipped (release, saelens, llamascopium,
+            sparsify).
+        revision, cache_dir, token, force_download, local_files_only, verify: for Hub
+            sources, as in :func:`llamascope_sdk.hub.download`.
+
+    Raises:
+        UnknownSaeError: a misspelled Llama Scope name, or text that is no name, folder or
+            Hub id (the closest names listed).
+        SaeNotFoundError: a folder (local or on the Hub) in no format this SDK reads.
+        UnsupportedFormatError: a format it recognises but cannot import (one line saying what
+            to do: a sparsify root, a circuit-tracer set, Gemma Scope).
+        DownloadError and its subclasses: the Hub refused, failed or could not be reached.
+    """
+    text = os.fspath(name_or_path).strip()
+    if is_demo(text):
+        return Located(DEMO_SAE_DIR, "release", DEMO_SAE_NAME, None, Source(path=str(DEMO_SAE_DIR)))
+    path = Path(text).expanduser()
+    if path.exists():
+        return _local(path, fmt)
+    hub = dict(revision=revision, cache_dir=cache_dir, token=token, force_download=force_download,
+               local_files_only=local_files_only, verify=verify)
+    if claims(text):
+        got = download(text, **hub)  # type: ignore[arg-type]
+        return Located(got.folder, "release", got.ref.name if got.ref else text, got.ref, got.source)
+    if text.startswith((".", "/", "~")) or os.sep in text.replace("/", ""):
+        raise SaeNotFoundError(f"{text}: no such folder", hint="give an existing folder, a "
+                               "Llama Scope name (e.g. L12R-8x) or a Hub id (org/repo[:subfolder])")
+    m = _HUB_ID.match(text)
+    if m is None:
+        resolve(text)  # raises UnknownSaeError, naming the closest Llama Scope names
+        raise AssertionError("resolve accepted a name that registry.claims refused")
+    return _hub(m.group(1), (m.group(2) or "").strip("/"), fmt, hub)
+
+
+def _local(path: Path, fmt: str | None) -> Located:
+    where = str(path)
+    if path.is_file():
+        check_importable(where, "circuit-tracer-layer" if path.suffix == ".safetensors" else None,
+                         [path.name])
+    files = folder_files(path)
+    found = fmt or detect(files, lambda name: _json_or_none(path / name))
+    check_importable(where, found, files)
+    assert found is not None
+    name = path.name if found == "release" else str(path.resolve())
+    return Located(path, found, name, None, Source(path=str(path)))
+
+
+def _hub(repo_id: str, subfolder: str, fmt: str | None, hub: dict[str, Any]) -> Located:
+    from .hub_folder import open_folder
+
+    folder = open_folder(repo_id, subfolder, **hub)
+
+    def read_json(name: str) -> Any:
+        return _json_or_none(folder.fetch(name)) if name in folder.files else None
+
+    found = fmt or detect(folder.files, read_json)
+    check_importable(folder.where, found, folder.files)
+    assert found is not None
+    for name in files_to_read(found, folder.files):
+        folder.fetch(name)
+    assert folder.local is not None
+    return Located(folder.local, found, folder.where, None, folder.provenance())
+
+
+def _json_or_none(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
