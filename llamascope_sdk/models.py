@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,6 @@ from .corpus import pad_id, pad_rows
 from .devices import resolve_device
 from .dtypes import parse_dtype
 from .errors import (
-    DownloadError,
-    HubAccessError,
     HubUnreachableError,
     InputError,
     ModelNotFoundError,
@@ -164,77 +161,14 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device 
     return model, tok
 
 
-def _hub_cause(exc: BaseException) -> BaseException | None:
-    """The huggingface_hub (or HTTP client) error behind a transformers OSError, if any."""
-    import httpx2
-    from huggingface_hub.errors import (
-        FileMetadataError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-    )
+def _load_error(name: str, revision: str | None, exc: OSError) -> Exception:
+    """The llamascope error for a failed ``from_pretrained`` (transformers wraps every Hub
+    error in OSError): :func:`~llamascope_sdk.hub_errors.translate`, worded for a model."""
+    from .hub_errors import translate
 
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-                            FileMetadataError, httpx2.HTTPError)):
-            return cur
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
-def _load_error(name: str, revision: str | None, exc: OSError) -> DownloadError:
-    """The llamascope error for a failed ``from_pretrained``, chosen by the class of the
-    huggingface_hub error behind it (transformers wraps them all in OSError)."""
-    import httpx2
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
-    demo = "or use --model smollm2-135m (the offline demo model)"
-    head = f"could not load model {name!r}"
-    first = " ".join(str(exc).split("\n")[0].split())
-    cause = _hub_cause(exc)
-    if isinstance(cause, GatedRepoError):
-        return HubAccessError(
-            f"{head}: it is gated on the Hub ({endpoint}) and the token sent may not read it",
-            hint=f"accept the licence on the model page, then set HF_TOKEN (or run `hf auth login`); {demo}")
-    if isinstance(cause, RevisionNotFoundError):
-        return ModelNotFoundError(f"{head}: revision {revision!r} not found on {endpoint}",
-                                  hint="use a branch, tag or commit sha of that repository")
-    if isinstance(cause, RepositoryNotFoundError):
-        return ModelNotFoundError(
-            f"{head}: it is neither a local folder nor a repository on the Hub ({endpoint})",
-            hint=f"check the id (e.g. {DEFAULT_MODEL}); a private repository needs HF_TOKEN; {demo}")
-    offline = bool(constants.HF_HUB_OFFLINE) or any(
-        os.environ.get(k, "").strip().lower() in ("1", "on", "yes", "true")
-        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    if isinstance(cause, OfflineModeIsEnabled) or (isinstance(cause, LocalEntryNotFoundError) and offline):
-        return DownloadError(
-            f"{head}: it is not in the local cache and downloads are disabled (HF_HUB_OFFLINE=1)",
-            hint=f"unset HF_HUB_OFFLINE and load it once online, or point HF_HUB_CACHE at a warm cache; {demo}")
-    inner = cause.__cause__ if isinstance(cause, LocalEntryNotFoundError) else cause
-    if isinstance(inner, (httpx2.ConnectError, httpx2.TimeoutException)):
-        return HubUnreachableError(
-            f"{head}: could not reach the Hub at {endpoint}, and it is not cached "
-            f"({type(inner).__name__}: {' '.join(str(inner).split())})",
-            hint="check the connection, set HF_ENDPOINT to a reachable mirror, or point HF_HUB_CACHE "
-                 f"at a warm cache; {demo}")
-    if isinstance(inner, HfHubHTTPError) and inner.response is not None:
-        return DownloadError(
-            f"{head}: the Hub at {endpoint} answered HTTP {inner.response.status_code}",
-            hint=f"try again later, or set HF_ENDPOINT to another mirror; {demo}")
-    return DownloadError(f"{head}: {first}",
-                         hint=f"check the model id or folder; {demo}")
+    return translate(exc, f"could not load model {name!r}", revision=revision,
+                     missing=ModelNotFoundError, example=DEFAULT_MODEL,
+                     tail="or use --model smollm2-135m (the offline demo model)")
 
 
 def base_model_of(sae: Any) -> str:
