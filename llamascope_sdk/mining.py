@@ -49,7 +49,8 @@ from typing import Any
 
 import torch
 
-from .corpus import Source, document_sequences, iter_documents, pad_id, pad_rows
+from . import corpus
+from .corpus import Source, iter_documents
 from .feature_stats import FeatureStats
 from .hooks import capture_into, check_compatible, hooked, named_saes
 from .models import model_device, special_ids
@@ -231,41 +232,21 @@ class MiningResult:
 
 def sequences(tokenizer: Any, docs: Iterable[str], *, tokens: int,
               context: int) -> Iterator[tuple[int, int, list[int]]]:
-    """(document index, corpus order of its first token, token ids) per document, with BOS
-    first and cut to ``context`` tokens; at most ``tokens`` tokens in all. The same rule as
-    :func:`llamascope_sdk.corpus.token_batches` (one document per sequence), with the
-    document index kept so that every example says where it came from."""
-    left, offset = tokens, 0
-    for i, ids in document_sequences(tokenizer, docs, context):
-        seq = ids[:left]
-        left -= len(seq)
-        yield i, offset, seq
-        offset += len(seq)
-        if left <= 0:
-            return
+    """(document index, corpus order of its first token, token ids) per document:
+    :func:`llamascope_sdk.corpus.sequences` with the ``"first"`` rule."""
+    order = 0
+    for s in corpus.sequences(tokenizer, docs, context=context, tokens=tokens, rule="first"):
+        yield s.doc, order, s.ids
+        order += len(s.ids)
 
 
 def doc_batches(tokenizer: Any, docs: Iterable[str], *, tokens: int, context: int,
-                batch_size: int, pool: int = 16) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(ids [B, T], lengths [B], doc index [B], order offset [B]) batches; documents of a pool
-    of ``pool * batch_size`` are sorted by length first (less padding)."""
-    pad = pad_id(tokenizer)
-    buf: list[tuple[int, int, list[int]]] = []
-
-    def emit() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        buf.sort(key=lambda s: len(s[2]))
-        for i in range(0, len(buf), batch_size):
-            part = buf[i:i + batch_size]
-            yield (pad_rows([s[2] for s in part], pad),
-                   torch.tensor([len(s[2]) for s in part]), torch.tensor([s[0] for s in part]),
-                   torch.tensor([s[1] for s in part]))
-        buf.clear()
-
-    for s in sequences(tokenizer, docs, tokens=tokens, context=context):
-        buf.append(s)
-        if len(buf) >= batch_size * pool:
-            yield from emit()
-    yield from emit()
+                batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(ids [B, T], lengths [B], doc index [B], order offset [B]) batches:
+    :func:`llamascope_sdk.corpus.batches` with the ``"first"`` rule."""
+    for b in corpus.batches(tokenizer, docs, tokens=tokens, context=context,
+                            batch_size=batch_size, rule="first"):
+        yield b.ids, b.lengths, b.doc, b.order
 
 
 def mine(model: Any, tokenizer: Any, saes: SAE | Sequence[SAE] | Mapping[str, SAE],

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .atomic import file_lock, write_folder
-from .corpus import pad_id, pad_rows
+from .corpus import encode, pad_id, pad_rows
 from .devices import resolve_device
 from .dtypes import parse_dtype
 from .errors import (
@@ -212,18 +212,10 @@ def special_ids(tokenizer: Any) -> set[int]:
 
 def tokenize(tokenizer: Any, text: str | list[str], *, prepend_bos: bool = True,
              max_length: int | None = None) -> torch.Tensor:
-    """Token ids [batch, seq] with exactly one BOS first when ``prepend_bos`` (the recipe's way).
-
-    Some tokenizers add BOS themselves (Llama-3.1), others never do (SmolLM2's GGUF
-    tokenizer); this gives the same result for both. Batches are right-padded with pad/EOS.
-    """
+    """Token ids [batch, seq] with exactly one BOS first when ``prepend_bos`` (the recipe's way),
+    cut to ``max_length``: :func:`llamascope_sdk.corpus.encode` per text, right-padded with
+    pad/EOS. Some tokenizers add BOS themselves (Llama-3.1), others never do (SmolLM2's GGUF
+    tokenizer); this gives the same result for both."""
     texts = [text] if isinstance(text, str) else list(text)
-    rows = []
-    for t in texts:
-        ids = tokenizer(t, add_special_tokens=False)["input_ids"]
-        if prepend_bos and tokenizer.bos_token_id is not None:
-            ids = [tokenizer.bos_token_id, *ids]
-        if max_length is not None:
-            ids = ids[:max_length]
-        rows.append(ids)
+    rows = [encode(tokenizer, t, bos=prepend_bos, context=max_length) for t in texts]
     return pad_rows(rows, pad_id(tokenizer))

@@ -67,3 +67,122 @@ def test_offline_dataset_is_a_stream_error(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(DatasetStreamError, match="nobody/nothing.*local") as info:
         list(corpus.hub_documents("nobody/nothing"))
     assert isinstance(info.value, ConnectionError) and "HF_HUB_OFFLINE" in (info.value.hint or "")
+
+
+# ---------------------------------------------------------------------------- streaming
+def whole_file_rule(text: str, pack_chars: int | None = None) -> list[str]:
+    """The .txt rule applied to the whole text at once (the pre-streaming implementation)."""
+    import re
+
+    heading = re.compile(r"^ ?= [^=].* = ?$")
+    lines = text.splitlines()
+    if sum(1 for ln in lines if heading.match(ln)) >= 2:
+        docs: list[list[str]] = []
+        for ln in lines:
+            if heading.match(ln) or not docs:
+                docs.append([])
+            docs[-1].append(ln)
+        return [d for d in ("\n".join(x).strip() for x in docs) if d]
+    paras = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if not pack_chars:
+        return paras
+    out, cur, size = [], [], 0
+    for p in paras:
+        cur.append(p)
+        size += len(p)
+        if size >= pack_chars:
+            out.append("\n\n".join(cur))
+            cur, size = [], 0
+    return out + (["\n\n".join(cur)] if cur else [])
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_streamed_txt_equals_the_whole_file_rule(tmp_path: Path, seed: int, monkeypatch) -> None:
+    """Random files of headings, sub-headings, blank and whitespace lines, long lines read in
+    parts (PIECE_CHARS shrunk to 12, longer than the headings): the streamed reader gives
+    the whole-file rule's documents."""
+    import random
+
+    monkeypatch.setattr(corpus.documents, "PIECE_CHARS", 12)
+    rng = random.Random(seed)
+    pieces = [" = T{} = ", " = = S = = ", "", "  ", "\t", "word", " two words here ", "x" * 30,
+              "  indented  and long line of text  "]
+    weights = [1 if seed % 2 else 0, 1, 3, 1, 1, 4, 3, 1, 2]
+    lines = [rng.choices(pieces, weights)[0].format(rng.randint(0, 99)) for _ in range(rng.randint(0, 60))]
+    text = "\n".join(lines) + rng.choice(["", "\n", "\n\n"])
+    path = tmp_path / "c.txt"
+    path.write_text(text)
+    for pack in (None, 25):
+        assert corpus.file_documents(path, pack_chars=pack) == whole_file_rule(text, pack), pack
+    assert corpus.split_text(text) == whole_file_rule(text)
+
+
+def test_a_dropped_document_is_skipped_over(tmp_path: Path) -> None:
+    """Documents are lazy: one left half-read does not leak into the next."""
+    from llamascope_sdk.corpus.documents import document_pieces
+
+    path = tmp_path / "c.txt"
+    path.write_text("a1\na2\na3\n\nb1\nb2\n\n\nc1\n")
+    got = []
+    for doc in document_pieces(path, "train", "text", None, corpus.ReadCounts()):
+        got.append(next(iter(doc)))
+    assert got == ["a1", "b1", "c1"]
+
+
+# ---------------------------------------------------------------------------- text values
+def test_null_texts_are_skipped_and_counted_alike_in_jsonl_and_parquet(tmp_path: Path, capsys) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": null}\n{"text": ""}\n"two"\n')
+    pq.write_table(pa.table({"text": ["one", None, "", "two"]}), tmp_path / "a.parquet")
+    for name in ("a.jsonl", "a.parquet"):
+        counts = corpus.ReadCounts()
+        assert list(corpus.iter_documents(tmp_path / name, counts=counts)) == ["one", "two"]
+        assert counts.null_rows == 1
+        assert f"corpus: skipped 1 rows of {tmp_path / name} whose 'text' is null" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("row", "shown"), [("[1, 2]", "list ([1, 2])"), ("7", "int (7)"),
+                                            ('{"a": 1}', "dict ({'a': 1})"), ("true", "bool (True)")])
+def test_a_non_string_jsonl_text_is_refused_with_its_line(tmp_path: Path, row: str, shown: str) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "fine"}\n\n{"text": %s}\n' % row)
+    with pytest.raises(DataFormatError) as info:
+        list(corpus.iter_documents(path))
+    assert str(info.value) == (f"{path}:3: 'text' is {shown}, not a string; every text must be a "
+                               "string (null rows are skipped)")
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(("column", "kind"), [([None, 5, 6], "int64"),
+                                              ([None, b"\x00b", b"c"], "binary"),
+                                              ([None, [1], [2]], "list<element: int64>")])
+def test_a_non_string_parquet_column_is_refused_with_its_row(tmp_path: Path, column, kind) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": column}), path)
+    with pytest.raises(DataFormatError) as info:
+        list(corpus.iter_documents(path))
+    assert str(info.value) == (f"{path}: row 2: column 'text' holds {kind}, not text; the text "
+                               "column must hold strings (pass text_field=)")
+
+
+def test_a_bad_json_line_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "x"}\n{"text": \n')
+    with pytest.raises(DataFormatError, match=r"a\.jsonl:2: not a JSON line"):
+        list(corpus.iter_documents(path))
+
+
+def test_a_non_string_dataset_row_is_refused_and_nulls_skipped(monkeypatch) -> None:
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: [{"text": "a"}, {"text": None},
+                                                                   {"text": 3}])
+    counts = corpus.ReadCounts()
+    with pytest.raises(DataFormatError, match=r"^someone/c\[train\] row 2: 'text' is int \(3\)"):
+        list(corpus.iter_documents("someone/c", counts=counts))
+    assert counts.null_rows == 1

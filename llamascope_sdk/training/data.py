@@ -73,14 +73,13 @@ class TokenSource:
                 yield i, text
 
     def encode(self, text: str) -> list[tuple[int, list[int]]]:
-        """(offset in the document's tokens, row) pairs: BOS + the first context-1 tokens, or
-        with ``split_long`` every (context-1)-token window, each with its own BOS."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        bos = self.tokenizer.bos_token_id
-        head = [] if bos is None else [bos]
-        n = self.context_size - len(head)
-        starts = range(0, max(len(ids), 1), n) if self.split_long else [0]
-        return [(j, head + ids[j:j + n]) for j in starts]
+        """(offset in the document's tokens, row) pairs: the corpus's ``"first"`` rule (BOS +
+        the first context-1 tokens), or with ``split_long`` its ``"windows"`` rule (every
+        (context-1)-token window, each with its own BOS); see :mod:`llamascope_sdk.corpus`."""
+        rule: corpus.Rule = "windows" if self.split_long else "first"
+        head = len(corpus.bos_ids(self.tokenizer))  # document token j sits at position j + 1
+        return [(pos - 1 + head, row) for pos, row in
+                corpus.split_document(self.tokenizer, text, self.context_size, rule=rule)]
 
     def batches(self, n_docs: int) -> Iterator[tuple[list[tuple[int, int]], list[list[int]]]]:
         """((document index, token offset) per row, token rows) of up to ``n_docs`` rows for
