@@ -147,7 +147,7 @@ def test_null_texts_are_skipped_and_counted_alike_in_jsonl_and_parquet(tmp_path:
                                             ('{"a": 1}', "dict ({'a': 1})"), ("true", "bool (True)")])
 def test_a_non_string_jsonl_text_is_refused_with_its_line(tmp_path: Path, row: str, shown: str) -> None:
     path = tmp_path / "a.jsonl"
-    path.write_text('{"text": "fine"}\n\n{"text": %s}\n' % row)
+    path.write_text('{"text": "fine"}\n\n{"text": ' + row + '}\n')
     with pytest.raises(DataFormatError) as info:
         list(corpus.iter_documents(path))
     assert str(info.value) == (f"{path}:3: 'text' is {shown}, not a string; every text must be a "
