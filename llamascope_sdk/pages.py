@@ -19,6 +19,7 @@ from jinja2 import Environment
 from markupsafe import Markup
 
 from .atomic import atomic_write_text
+from .explain.view import explanation_html
 from .feature_store import FeatureStore
 from .logit_lens import APPROXIMATION
 
@@ -44,6 +45,7 @@ _FEATURE = """<!doctype html>
 <p class="muted"><a href="../index.html">all features</a> &middot; {{ sae }} &middot; {{ hook }}</p>
 <h1 id="title">{{ sae }} &middot; feature {{ f.feature }}</h1>
 {% if f.label %}<div class="label" id="label">{{ f.label }}</div>{% endif %}
+{{ explained }}
 <div class="facts">
 <div>frequency<b id="frequency">{{ pct(f.frequency) }}</b></div>
 <div>typical activation<b id="typical">{{ num(f.typical) }}</b></div>
@@ -167,7 +169,8 @@ def feature_page(store: FeatureStore, i: int) -> str:
         f=f, sae=store.name, hook=store.meta.get("hook_point_out"), css=Markup(_CSS),
         top=[Markup(example_html(e, scale)) for e in store.examples(i)], bands=bands,
         svg=Markup(histogram_svg(store.histogram(i))), lens=store.logit_lens(i),
-        approx=APPROXIMATION, num=_num, pct=_pct, tok=_tok)
+        approx=APPROXIMATION, num=_num, pct=_pct, tok=_tok,
+        explained=Markup(explanation_html(store, i)))
 
 
 def index_page(store: FeatureStore, features: list[int]) -> str:

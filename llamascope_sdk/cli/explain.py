@@ -4,7 +4,6 @@ model, or (without --endpoint) write the LLM-free output descriptions."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -152,6 +151,10 @@ def explain(
              n_explain, n_score, tokenizer, out, dry_run, as_json)
         if dry_run:
             return
+    from llamascope_sdk.explain.view import refresh_pages
+
+    if refresh_pages(st, feats):
+        typer.echo(f"feature pages updated: {st.path / 'pages' / 'index.html'}", err=True)
     if save_labels_to is not None:
         added, kept = save_labels(st, save_labels_to)
         typer.echo(f"{save_labels_to / 'feature_labels.json'}: {added} labels added, "
@@ -181,8 +184,8 @@ def _run(st: Any, feats: list[int], endpoint: str, model: str, api_key: str | No
                         timeout=timeout, token_budget=max_cost)
     count, how = token_counter(tokenizer)
     plan = plan_run(st, feats, model, settings=settings, out=out, count_tokens=count)
-    print(f"to send: {plan.estimate.line()}; {len(plan.skipped)} features already done; "
-          f"tokens counted with {how}", file=sys.stderr, flush=True)
+    typer.echo(f"to send: {plan.estimate.line()}; {len(plan.skipped)} features already done; "
+               f"tokens counted with {how}", err=True)
     if max_cost is not None and plan.estimate.total_tokens > max_cost:
         raise InputError(f"the run is estimated at {plan.estimate.total_tokens:,} tokens, above "
                          f"--max-cost-tokens {max_cost:,}; nothing was sent",
@@ -193,7 +196,7 @@ def _run(st: Any, feats: list[int], endpoint: str, model: str, api_key: str | No
                        "skipped": plan.skipped})
         return
     res = explain_features(st, feats, client, settings=settings, out=out,
-                           progress=lambda line: print(line, file=sys.stderr, flush=True))
+                           progress=lambda line: typer.echo(line, err=True))
     summary = {"folder": str(res.folder), "written": len(res.written),
                "skipped": len(res.skipped), "unparsable_explanations": res.unparsable_explanations,
                "unparsable_scorer_batches": res.unparsable_batches, "usage": res.usage,

@@ -149,15 +149,19 @@ def show(store: Annotated[str, typer.Argument(help="A feature store folder, or a
          examples: Annotated[int, typer.Option("--examples", "-n", min=0, help="Top examples to print.")] = 10,
          as_json: JsonOpt = False) -> None:
     """Print a feature's summary and top examples from a feature store (no model needed)."""
+    from llamascope_sdk.explain import feature_explanations
+    from llamascope_sdk.explain.view import explanation_lines
     from llamascope_sdk.feature_store import load_store
 
     st = load_store(store)
     if as_json:
-        echo_json(st.feature(feature))
+        echo_json({**st.feature(feature), **feature_explanations(st.path, feature)})
         return
     s = st.summary(feature)
     label = f" '{s['label']}'" if s["label"] else ""
     typer.echo(f"{st.name} feature {feature}{label}{'  [dense]' if s['dense'] else ''}")
+    for line in explanation_lines(st, feature):
+        typer.echo(line)
     typer.echo(f"frequency {100 * s['frequency']:.3g}%   typical {s['typical']:.4g}   "
                f"mean {s['mean']:.4g}   max {s['max']:.4g}   ({s['n_tokens']:,} tokens)")
     if s["neuronpedia_url"]:
@@ -180,7 +184,8 @@ def show(store: Annotated[str, typer.Argument(help="A feature store folder, or a
 @app.command()
 @command
 def search(sae: SaeOpt,
-           prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text that shows the concept.")],
+           prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Text that shows the concept.", show_default=False)] = None,
+           text: Annotated[str | None, typer.Option("--text", help="Instead of --prompt: search the explanations (llamascope explain) in the store for these words; no model needed.", show_default=False)] = None,
            vs: Annotated[str | None, typer.Option("--vs", help="Contrast text: rank by the difference of mean activations.", show_default=False)] = None,
            store: StoreOpt = None,
            top: Annotated[int, typer.Option("--top", "-k", min=1, help="Features to list.")] = 10,
@@ -196,6 +201,21 @@ def search(sae: SaeOpt,
     from llamascope_sdk.feature_store import default_store_dir, load_store
     from llamascope_sdk.search import search_features, steer_command
 
+    if text is not None:
+        from llamascope_sdk.explain.view import search_descriptions
+
+        check_text(text, "--text")
+        st = load_store(store if store is not None else default_store_dir(
+            demo.DEMO_SAE_NAME if demo.is_demo(sae) else sae))
+        found = search_descriptions(st, text, top)
+        if as_json:
+            echo_json({"sae": st.name, "text": text, "hits": found})
+        else:
+            table(f"explanations of {st.name} matching {text!r}", ["feature", "explanation", "scores", "explainer"],
+                  [[h["feature"], escape(h["explanation"]), h["scores"], escape(h["model"])] for h in found])
+        return
+    if prompt is None:
+        raise typer.BadParameter("give --prompt TEXT (or --text WORDS to search explanations)", param_hint="--prompt")
     check_text(prompt)
     if vs is not None:
         check_text(vs, "--vs")

@@ -73,7 +73,7 @@ def token_change(model: Any, tokenizer: Any, sae: Any, features: Sequence[int], 
         rise /= len(prompts)
         for row, f in enumerate(part):
             total[f] = rise[row]
-        print(f"TokenChange: {min(start + chunk, len(live))}/{len(live)} features", file=sys.stderr)
+        sys.stderr.write(f"TokenChange: {min(start + chunk, len(live))}/{len(live)} features\n")
     out: dict[int, list[tuple[int, float]]] = {}
     for f in live:
         v, idx = total[f].topk(min(k, total[f].numel()))

@@ -1,0 +1,98 @@
+"""`llamascope explain` on real mined stores (an SAE and a transcoder on the tiny model) with
+the fake endpoint; explanations then show in pages, `show`, `show --json`, `search --text` and
+as feature_labels.json that an SAE folder loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llamascope_sdk import SAE
+from llamascope_sdk.cli import app
+from llamascope_sdk.feature_store import FeatureStore
+from llamascope_sdk.mining import mine
+from llamascope_sdk.pages import write_pages
+
+from .conftest import CharTokenizer
+from .fake_endpoint import FakeEndpoint
+from .test_hooks import synthetic_sae
+from .test_mining import DOCS
+
+runner = CliRunner()
+
+
+def explainer(messages):
+    if "Answer with one short phrase" in messages[0]["content"]:
+        n = messages[1]["content"].count("Example ")
+        return f"letters seen in {n} excerpts"
+    return "[1, 0, 1, 0, 1]"
+
+
+@pytest.fixture(scope="module", params=["M", "TC"])
+def store_and_sae(request, tiny_llama, tmp_path_factory):
+    torch.manual_seed(0)
+    ids = torch.randint(3, 99, (2, 24))
+    ids[:, 0] = 1
+    sae = synthetic_sae(tiny_llama, ids, 1, request.param, d_sae=96, l0=12)
+    res = mine(tiny_llama, CharTokenizer(), sae, DOCS, tokens=300, context=40, batch_size=4,
+               top_n=4, n_samples=4, window_before=3, window_after=2, progress=False)[sae.name]
+    folder = tmp_path_factory.mktemp(f"store{request.param}") / "store"
+    store = FeatureStore.from_result(res, CharTokenizer(), model=tiny_llama, sae_spec="my-sae")
+    store.save(folder, extra=lambda s, tmp: write_pages(s, tmp / "pages"))
+    sae_dir = tmp_path_factory.mktemp(f"sae{request.param}") / "sae"
+    sae.save_pretrained(sae_dir)
+    return FeatureStore.load(folder), sae_dir
+
+
+def test_explain_then_everywhere(store_and_sae):
+    store, sae_dir = store_and_sae
+    feats = [int(i) for i in (store.stats.frequency > 0).nonzero().squeeze(1)[:3]]
+    spec = ",".join(map(str, feats))
+    with FakeEndpoint(reply=explainer, lifetime=60) as fake:
+        r = runner.invoke(app, ["explain", str(store.path), "--features", spec, "--endpoint",
+                                fake.url, "--model", "fake-explainer", "--save-labels-to",
+                                str(sae_dir)])
+        assert r.exit_code == 0, r.output
+        assert "to send: 3 requests for 3 features" in r.stderr  # old store: no scorers
+        assert len(fake.requests) == 3
+        again = runner.invoke(app, ["explain", str(store.path), "--features", spec,
+                                    "--endpoint", fake.url, "--model", "fake-explainer"])
+        assert "to send: 0 requests" in again.stderr and len(fake.requests) == 3
+    f = feats[0]
+    n = len(store.examples(f))
+    text = f"letters seen in {n} excerpts"
+    shown = runner.invoke(app, ["show", str(store.path), str(f)])
+    assert f"explanation: {text!r}" in shown.output and "fake-explainer" in shown.output
+    js = json.loads(runner.invoke(app, ["show", str(store.path), str(f), "--json"]).output)
+    assert js["explanations"][0]["explanation"] == text
+    assert js["explanations"][0]["note"].startswith("this store (version 1) has no non-activating")
+    page = (store.path / "pages" / "features" / f"{f}.html").read_text()
+    assert text in page and "fake-explainer" in page
+    found = runner.invoke(app, ["search", "--sae", "my-sae", "--store", str(store.path),
+                                "--text", "letters excerpts", "--json"])
+    assert found.exit_code == 0, found.output
+    assert {h["feature"] for h in json.loads(found.output)["hits"]} == set(feats)
+    assert SAE.from_pretrained(sae_dir).labels[f] == text
+
+
+def test_bad_input_is_one_line_before_any_request(store_and_sae):
+    store, _ = store_and_sae
+    cases = [
+        (["--features", "0-3", "--endpoint", "http://127.0.0.1:9/v1"], "--endpoint needs --model"),
+        (["--features", "5-2", "--endpoint", "http://127.0.0.1:9/v1", "-m", "x"], "runs backwards"),
+        (["--features", "0-999", "--endpoint", "http://127.0.0.1:9/v1", "-m", "x"], "out of range 0..95"),
+        (["--endpoint", "http://127.0.0.1:9/v1", "-m", "x"], "exactly one of --features"),
+        (["--features", "1", "--endpoint", "ftp://x", "-m", "x"], "not an http(s) URL"),
+        (["--features", "1", "--endpoint", "http://127.0.0.1:9/v1", "-m", "x",
+          "--api-key-env", "NO_SUCH_VAR_FOR_SURE"], "NO_SUCH_VAR_FOR_SURE: that environment"),
+        (["--features", "0-95", "--endpoint", "http://127.0.0.1:9/v1", "-m", "x",
+          "--max-cost-tokens", "10"], "above --max-cost-tokens 10; nothing was sent"),
+    ]
+    for args, message in cases:
+        r = runner.invoke(app, ["explain", str(store.path), *args])
+        assert r.exit_code == 1, (args, r.output)
+        assert message in r.stderr, (args, r.stderr)
+        assert r.stderr.count("error:") == 1
