@@ -154,7 +154,7 @@ def explain(
     from llamascope_sdk.explain.view import refresh_pages
 
     if refresh_pages(st, feats):
-        typer.echo(f"feature pages updated: {st.path / 'pages' / 'index.html'}", err=True)
+        typer.echo(f"feature pages updated: {st.path}/pages/index.html", err=True)
     if save_labels_to is not None:
         added, kept = save_labels(st, save_labels_to)
         typer.echo(f"{save_labels_to / 'feature_labels.json'}: {added} labels added, "
