@@ -11,15 +11,13 @@ from the SAE's statistics (the demo ships them; for a Llama Scope SAE mine them 
 import argparse
 import sys
 
-from llamascope_sdk import SAE, Steer, compare_generations, load_model
-from llamascope_sdk.cli.app import run_script
-from llamascope_sdk.demo import DEMO_FEATURE, DEMO_MODEL, DEMO_SAE_DIR
+from llamascope_sdk import DEMO_FEATURE, SAE, Steer, compare_generations, load_model, run_script
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sae", default=str(DEMO_SAE_DIR))
-    ap.add_argument("--model", default=DEMO_MODEL)
+    ap.add_argument("--sae", default="demo")
+    ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--feature", type=int, default=DEMO_FEATURE.index)
     ap.add_argument("--strength", type=float, default=DEMO_FEATURE.strength)
     ap.add_argument("--relative", action="store_true",

@@ -24,6 +24,7 @@ _EXPORTS = {
     "FeatureStats": "feature_stats",
     "list_saes": "registry",
     "load_model": "models",
+    "tokenize": "models",
     "attach": "attachment",
     "hooked": "hooks",
     "Steer": "interventions",
@@ -40,17 +41,22 @@ _EXPORTS = {
     "mine": "mining",
     "FeatureStore": "feature_store",
     "search_features": "search",
+    "DEMO_FEATURE": "demo",
+    "run_script": "cli.app",
 }
 
 # Spelled out (not ``[*_EXPORTS]``) so that linters see the TYPE_CHECKING imports as exported.
 __all__ = ["__version__", "SAE", "Hyperparams", "FeatureStats", "list_saes", "load_model",
            "attach", "hooked", "Steer", "Clamp", "Scale", "Ablate", "read_features",
            "measure_feature_stats", "compare_generations", "generate_batch", "BatchGenerator",
-           "evaluate", "LlamascopeError", "mine", "FeatureStore", "search_features"]
+           "evaluate", "LlamascopeError", "mine", "FeatureStore", "search_features", "tokenize",
+           "DEMO_FEATURE", "run_script"]
 
 if TYPE_CHECKING:
     from .attachment import attach
     from .batch_generation import BatchGenerator, generate_batch
+    from .cli.app import run_script
+    from .demo import DEMO_FEATURE
     from .errors import LlamascopeError
     from .evaluation import evaluate
     from .feature_stats import FeatureStats
@@ -60,7 +66,7 @@ if TYPE_CHECKING:
     from .hyperparams import Hyperparams
     from .interventions import Ablate, Clamp, Scale, Steer
     from .mining import mine
-    from .models import load_model
+    from .models import load_model, tokenize
     from .reading import measure_feature_stats, read_features
     from .registry import list_saes
     from .sae import SAE
