@@ -43,6 +43,8 @@ _EXPORTS = {
     "search_features": "search",
     "DEMO_FEATURE": "demo",
     "run_script": "cli.app",
+    "ChatClient": "endpoint",
+    "explain_features": "explain",
 }
 
 # Spelled out (not ``[*_EXPORTS]``) so that linters see the TYPE_CHECKING imports as exported.
@@ -50,15 +52,17 @@ __all__ = ["__version__", "SAE", "Hyperparams", "FeatureStats", "list_saes", "lo
            "attach", "hooked", "Steer", "Clamp", "Scale", "Ablate", "read_features",
            "measure_feature_stats", "compare_generations", "generate_batch", "BatchGenerator",
            "evaluate", "LlamascopeError", "mine", "FeatureStore", "search_features", "tokenize",
-           "DEMO_FEATURE", "run_script"]
+           "DEMO_FEATURE", "run_script", "ChatClient", "explain_features"]
 
 if TYPE_CHECKING:
     from .attachment import attach
     from .batch_generation import BatchGenerator, generate_batch
     from .cli.app import run_script
     from .demo import DEMO_FEATURE
+    from .endpoint import ChatClient
     from .errors import LlamascopeError
     from .evaluation import evaluate
+    from .explain import explain_features
     from .feature_stats import FeatureStats
     from .feature_store import FeatureStore
     from .generation import compare_generations

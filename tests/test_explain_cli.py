@@ -66,7 +66,7 @@ def test_explain_then_everywhere(store_and_sae):
     text = f"letters seen in {n} excerpts"
     shown = runner.invoke(app, ["show", str(store.path), str(f)])
     assert f"explanation: {text!r}" in shown.output and "fake-explainer" in shown.output
-    js = json.loads(runner.invoke(app, ["show", str(store.path), str(f), "--json"]).output)
+    js = json.loads(runner.invoke(app, ["show", str(store.path), str(f), "--json"]).stdout)
     assert js["explanations"][0]["explanation"] == text
     assert js["explanations"][0]["note"].startswith("this store (version 1) has no non-activating")
     page = (store.path / "pages" / "features" / f"{f}.html").read_text()
@@ -74,7 +74,7 @@ def test_explain_then_everywhere(store_and_sae):
     found = runner.invoke(app, ["search", "--sae", "my-sae", "--store", str(store.path),
                                 "--text", "letters excerpts", "--json"])
     assert found.exit_code == 0, found.output
-    assert {h["feature"] for h in json.loads(found.output)["hits"]} == set(feats)
+    assert {h["feature"] for h in json.loads(found.stdout)["hits"]} == set(feats)
     assert SAE.from_pretrained(sae_dir).labels[f] == text
 
 
@@ -96,3 +96,15 @@ def test_bad_input_is_one_line_before_any_request(store_and_sae):
         assert r.exit_code == 1, (args, r.output)
         assert message in r.stderr, (args, r.stderr)
         assert r.stderr.count("error:") == 1
+
+
+def test_top_frequency_picks_the_most_frequent_non_dense_features(store_and_sae):
+    store, _ = store_and_sae
+    r = runner.invoke(app, ["explain", str(store.path), "--top-frequency", "4", "--endpoint",
+                            "http://127.0.0.1:9/v1", "-m", "x", "--dry-run", "--json"])
+    assert r.exit_code == 0, r.output
+    freq = store.stats.frequency.tolist()
+    want = sorted((i for i, f in enumerate(freq) if 0 < f <= 0.5), key=lambda i: (-freq[i], i))[:4]
+    out = json.loads(r.stdout)
+    assert out["todo"] == want
+    assert out["todo"] and out["estimate"]["requests"] == len(want)  # old store: 1 request each
