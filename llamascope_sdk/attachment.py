@@ -38,8 +38,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat import check_compatible, named_saes
 from .errors import InputError
-from .hooks import SiteFn, check_compatible, hooked, named_saes
+from .hooks import SiteFn, hooked
 from .interventions import Intervention, edit_delta, position_mask
 from .sae import SAE
 from .sites import Site, decoder_layers

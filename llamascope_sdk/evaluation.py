@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 from . import metrics as M
+from .compat import check_compatible, named_saes
 from .corpus import iter_documents, tensor_batches, token_batches
 from .errors import IncompatibleModelError
-from .hooks import SiteFn, capture_into, check_compatible, hooked, named_saes, replace_with
+from .hooks import SiteFn, capture_into, hooked, replace_with
 from .models import special_ids
 from .sae import SAE
 from .sites import (

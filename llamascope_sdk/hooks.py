@@ -5,31 +5,20 @@ or replace function at each :class:`~llamascope_sdk.sites.Site` (the module
 :mod:`llamascope_sdk.sites` maps it to), can cut the forward short after the last site it
 needs, and removes every hook on exit, on an exception and on KeyboardInterrupt.
 :func:`~llamascope_sdk.attachment.attach`, evaluation, feature mining and training's activation
-generation are all built on it. :func:`check_compatible` is the one check that an SAE fits a
-model.
+generation are all built on it. It depends only on :mod:`llamascope_sdk.sites` (whether an SAE
+fits a model is :mod:`llamascope_sdk.compat`'s job).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import IncompatibleModelError
-from .registry import BASE_MODEL, D_MODEL
-from .sae import SAE
-from .sites import (
-    Site,
-    first,
-    hidden_size,
-    module_for,
-    parse_hook_point,
-    read_activation,
-    replace_first,
-)
+from .sites import Site, first, module_for, read_activation, replace_first
 
 #: A function placed at a site. It gets the activation there ([B, T, D]); at an output site
 #: it may return a tensor of the same shape that replaces the activation downstream, or None
@@ -37,10 +26,6 @@ from .sites import (
 SiteFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 #: Called before every forward of the decoder stack with that forward's (args, kwargs).
 ForwardFn = Callable[[tuple[Any, ...], dict[str, Any]], None]
-
-#: Order in which a decoder layer's hooked modules run.
-_ORDER = {"attn_out": 0, "ln2_normalized": 1, "mlp_out": 2, "resid_post": 3}
-
 
 class _StopForward(Exception):
     """Raised after the last needed site; swallowed by :func:`hooked` (early exit)."""
@@ -81,7 +66,7 @@ def hooked(model: nn.Module, hooks: Mapping[Site, SiteFn | Sequence[SiteFn]], *,
             else:
                 handles.append(module.register_forward_hook(_output_hook(chain)))
         if stop_after_last and hooks:
-            last = max(hooks, key=lambda s: (s.layer, _ORDER[s.kind]))
+            last = max(hooks, key=lambda s: s.order)
             module = module_for(model, last)
             # Registered after the site's own hook on that module, so it runs after it.
             if last.reads_input:
@@ -132,54 +117,3 @@ def replace_with(new_BTD: torch.Tensor) -> SiteFn:
     def fn(y: torch.Tensor) -> torch.Tensor:
         return new_BTD.to(device=y.device, dtype=y.dtype)
     return fn
-
-
-def check_compatible(model: nn.Module, sae: SAE, name: str | None = None) -> tuple[Site, Site]:
-    """Check that ``sae`` fits ``model``; return its (input, output) sites.
-
-    Raises:
-        IncompatibleModelError: hidden sizes differ, or the SAE's layer is beyond the model.
-        HookpointNotFoundError: the model's layers lack the module a site needs.
-    """
-    if not isinstance(sae, SAE):
-        raise TypeError(f"expected an SAE, got {type(sae).__name__}")
-    d = hidden_size(model)
-    if sae.d_model != d:
-        raise IncompatibleModelError(
-            f"{name or sae.name}: SAE d_model={sae.d_model} does not match the model's "
-            f"hidden_size={d} ({type(model).__name__}); Llama Scope SAEs need {BASE_MODEL} "
-            f"(hidden_size {D_MODEL}), the demo SAE needs SmolLM2-135M (576)")
-    site_in = parse_hook_point(sae.hyperparams.hook_point_in)
-    site_out = parse_hook_point(sae.hyperparams.hook_point_out)
-    module_for(model, site_in)
-    module_for(model, site_out)
-    return site_in, site_out
-
-
-def named_saes(saes: SAE | Iterable[SAE] | Mapping[str, SAE]) -> dict[str, SAE]:
-    """``{name: SAE}`` from one SAE, several (two SAEs that share a name get ``name#2``...) or a
-    mapping. Each result is keyed by that name.
-
-    Raises:
-        ValueError: one SAE object given twice (it would be read twice for nothing).
-    """
-    if isinstance(saes, SAE):
-        saes = [saes]
-    items = list(saes.values()) if isinstance(saes, Mapping) else list(saes)
-    seen: dict[int, str] = {}
-    for i, sae in enumerate(items):
-        if not isinstance(sae, SAE):
-            raise TypeError(f"saes: expected SAE objects, got {type(sae).__name__} at position {i}")
-        if id(sae) in seen:
-            raise ValueError(f"saes: the SAE object {sae.name!r} is given twice; pass it once "
-                             "(its features are keyed by its name)")
-        seen[id(sae)] = sae.name
-    if isinstance(saes, Mapping):
-        return dict(saes)
-    out: dict[str, SAE] = {}
-    for sae in items:
-        name, n = sae.name, 2
-        while name in out:  # two SAEs with one name (e.g. synthetic ones): keep both
-            name, n = f"{sae.name}#{n}", n + 1
-        out[name] = sae
-    return out

@@ -50,9 +50,10 @@ from typing import Any
 import torch
 
 from . import corpus
+from .compat import check_compatible, named_saes
 from .corpus import Source, iter_documents
 from .feature_stats import FeatureStats
-from .hooks import capture_into, check_compatible, hooked, named_saes
+from .hooks import capture_into, hooked
 from .models import model_device, special_ids
 from .sae import SAE
 from .sites import Site

@@ -11,10 +11,12 @@ import re
 from dataclasses import dataclass
 
 from .errors import UnknownSaeError, closest
+from .sites import POSITIONS as SITE_POSITIONS
+from .sites import Site, position_sites
 
 N_LAYERS = 32
 D_MODEL = 4096
-POSITIONS: tuple[str, ...] = ("R", "A", "M", "TC")
+POSITIONS: tuple[str, ...] = tuple(SITE_POSITIONS)  # R, A, M, TC
 EXPANSIONS: tuple[int, ...] = (8, 32)
 BASE_MODEL = "meta-llama/Llama-3.1-8B"
 
@@ -67,26 +69,25 @@ class SaeRef:
         return template.format(layer=self.layer, pos=self.position, exp=self.expansion)
 
     @property
+    def sites(self) -> tuple[Site, Site]:
+        """(input site, output site), from the hook-point table in :mod:`llamascope_sdk.sites`."""
+        return position_sites(self.layer, self.position)
+
+    @property
     def hook_point_in(self) -> str:
-        if self.position == "TC":
-            return f"blocks.{self.layer}.ln2.hook_normalized"
-        return self.hook_point_out
+        return self.sites[0].hook_point
 
     @property
     def hook_point_out(self) -> str:
-        suffix = {"R": "hook_resid_post", "A": "hook_attn_out", "M": "hook_mlp_out", "TC": "hook_mlp_out"}
-        return f"blocks.{self.layer}.{suffix[self.position]}"
+        return self.sites[1].hook_point
 
     @property
     def hf_in(self) -> str:
-        if self.position == "TC":
-            return f"model.layers.{self.layer}.post_attention_layernorm (input / rms, no gain)"
-        return self.hf_out
+        return self.sites[0].describe()
 
     @property
     def hf_out(self) -> str:
-        where = {"R": "", "A": ".self_attn", "M": ".mlp", "TC": ".mlp"}
-        return f"model.layers.{self.layer}{where[self.position]} (output)"
+        return self.sites[1].describe()
 
     @property
     def neuronpedia_id(self) -> str | None:

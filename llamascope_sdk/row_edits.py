@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .hooks import SiteFn, check_compatible
+from .compat import check_compatible
+from .hooks import SiteFn
 from .interventions import Intervention, Positions, check_positions, edit_delta, position_mask
 from .sites import Site
 

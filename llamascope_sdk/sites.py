@@ -25,9 +25,39 @@ from torch import nn
 from .errors import HookpointNotFoundError, IncompatibleModelError
 
 Kind = Literal["resid_post", "attn_out", "mlp_out", "ln2_normalized"]
-_HOOK = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_attn_out|hook_mlp_out|ln2\.hook_normalized)$")
-_KIND = {"hook_resid_post": "resid_post", "hook_attn_out": "attn_out", "hook_mlp_out": "mlp_out",
-         "ln2.hook_normalized": "ln2_normalized"}
+
+
+@dataclass(frozen=True)
+class HookKind:
+    """One row of the hook-point table: what a kind of site is called and where it lives."""
+
+    kind: Kind
+    #: The TransformerLens name after ``blocks.L.`` (as in hyperparams.json).
+    suffix: str
+    #: The submodule of the decoder layer whose forward is hooked ("" = the layer itself).
+    module: str
+    #: True when the activation is the module's input (a forward pre-hook), not its output.
+    reads_input: bool
+    #: In which order a decoder layer's hooked modules run.
+    order: int
+
+
+#: THE table of hook points; everything else (parsing, module paths, the registry's hook
+#: points, the exporters' positions) is derived from it.
+HOOK_KINDS: dict[Kind, HookKind] = {h.kind: h for h in (
+    HookKind("attn_out", "hook_attn_out", "self_attn", False, 0),
+    HookKind("ln2_normalized", "ln2.hook_normalized", "post_attention_layernorm", True, 1),
+    HookKind("mlp_out", "hook_mlp_out", "mlp", False, 2),
+    HookKind("resid_post", "hook_resid_post", "", False, 3),
+)}
+#: Llama Scope positions -> (input kind, output kind): R/A/M SAEs read and reconstruct one
+#: site, a transcoder (TC) reads the normalised MLP input and predicts the MLP output.
+POSITIONS: dict[str, tuple[Kind, Kind]] = {
+    "R": ("resid_post", "resid_post"), "A": ("attn_out", "attn_out"),
+    "M": ("mlp_out", "mlp_out"), "TC": ("ln2_normalized", "mlp_out"),
+}
+_BY_SUFFIX = {h.suffix: h.kind for h in HOOK_KINDS.values()}
+_HOOK = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(x) for x in _BY_SUFFIX) + r")$")
 
 
 @dataclass(frozen=True)
@@ -39,20 +69,29 @@ class Site:
 
     @property
     def hook_point(self) -> str:
-        inv = {v: k for k, v in _KIND.items()}
-        return f"blocks.{self.layer}.{inv[self.kind]}"
+        return f"blocks.{self.layer}.{HOOK_KINDS[self.kind].suffix}"
 
     @property
     def module_path(self) -> str:
         """The transformers module whose forward the hook wraps."""
-        sub = {"resid_post": "", "attn_out": ".self_attn", "mlp_out": ".mlp",
-               "ln2_normalized": ".post_attention_layernorm"}[self.kind]
-        return f"model.layers.{self.layer}{sub}"
+        sub = HOOK_KINDS[self.kind].module
+        return f"model.layers.{self.layer}" + (f".{sub}" if sub else "")
 
     @property
     def reads_input(self) -> bool:
         """True when the activation is the module's input (a forward pre-hook), not its output."""
-        return self.kind == "ln2_normalized"
+        return HOOK_KINDS[self.kind].reads_input
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Sorts sites in the order a forward reaches them."""
+        return self.layer, HOOK_KINDS[self.kind].order
+
+    def describe(self) -> str:
+        """The transformers module and what is read there, e.g.
+        ``model.layers.12.mlp (output)``."""
+        what = "input / rms, no gain" if self.kind == "ln2_normalized" else "output"
+        return f"{self.module_path} ({what})"
 
 
 def parse_hook_point(hook_point: str) -> Site:
@@ -63,10 +102,30 @@ def parse_hook_point(hook_point: str) -> Site:
     """
     m = _HOOK.match(hook_point.strip())
     if m is None:
-        raise HookpointNotFoundError(
-            f"unknown hook point {hook_point!r}: allowed are blocks.L.hook_resid_post, "
-            "blocks.L.hook_attn_out, blocks.L.hook_mlp_out and blocks.L.ln2.hook_normalized")
-    return Site(int(m.group(1)), _KIND[m.group(2)])  # type: ignore[arg-type]
+        allowed = ", ".join(f"blocks.L.{h.suffix}" for h in HOOK_KINDS.values())
+        raise HookpointNotFoundError(f"unknown hook point {hook_point!r}: allowed are {allowed}")
+    return Site(int(m.group(1)), _BY_SUFFIX[m.group(2)])
+
+
+def position_sites(layer: int, position: str) -> tuple[Site, Site]:
+    """(input site, output site) of a Llama Scope position (R, A, M, TC) at ``layer``."""
+    kin, kout = POSITIONS[position]
+    return Site(layer, kin), Site(layer, kout)
+
+
+def position_of(site_in: Site, site_out: Site) -> str:
+    """The Llama Scope position (R, A, M, TC) of an (input, output) pair of sites.
+
+    Raises:
+        HookpointNotFoundError: a pair no position has (e.g. different layers).
+    """
+    for pos, kinds in POSITIONS.items():
+        if site_in.layer == site_out.layer and (site_in.kind, site_out.kind) == kinds:
+            return pos
+    raise HookpointNotFoundError(
+        f"{site_in.hook_point} -> {site_out.hook_point} is no Llama Scope position: allowed "
+        "are one site read and reconstructed (R, A, M) or blocks.L.ln2.hook_normalized -> "
+        "blocks.L.hook_mlp_out (TC)")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -96,9 +155,9 @@ def module_for(model: nn.Module, site: Site) -> nn.Module:
             f"{site.hook_point}: layer {site.layer} does not exist; the model has layers "
             f"0-{len(layers) - 1}")
     layer = layers[site.layer]
-    if site.kind == "resid_post":
+    attr = HOOK_KINDS[site.kind].module
+    if not attr:
         return layer
-    attr = {"attn_out": "self_attn", "mlp_out": "mlp", "ln2_normalized": "post_attention_layernorm"}[site.kind]
     mod = getattr(layer, attr, None)
     if not isinstance(mod, nn.Module):
         raise HookpointNotFoundError(

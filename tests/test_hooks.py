@@ -281,3 +281,69 @@ def test_tc_input_is_gain_free_normalised(tiny_llama):
     finally:
         probe.remove()
     torch.testing.assert_close(h.inputs[sae.name], rms_normalized(ln, seen["r"]))
+
+
+# ---------------------------------------------------------------------------- sites and compat
+def test_hooks_depends_only_on_sites() -> None:
+    """The one hook mechanism imports nothing of the SDK but the hook-point table."""
+    import ast
+    from pathlib import Path
+
+    import llamascope_sdk.hooks as hooks
+
+    tree = ast.parse(Path(hooks.__file__).read_text())
+    ours = [n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.level > 0]
+    assert ours == ["sites"]
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0
+                and n not in tree.body]  # no imports hidden inside functions either
+
+
+@pytest.mark.parametrize(("hook_point", "module", "reads_input", "position"), [
+    ("blocks.0.hook_resid_post", "model.layers.0", False, "R"),
+    ("blocks.7.hook_attn_out", "model.layers.7.self_attn", False, "A"),
+    ("blocks.31.hook_mlp_out", "model.layers.31.mlp", False, "M"),
+    ("blocks.12.ln2.hook_normalized", "model.layers.12.post_attention_layernorm", True, None),
+])
+def test_hook_point_table(tiny_llama, hook_point, module, reads_input, position) -> None:
+    from llamascope_sdk.sites import module_for, parse_hook_point, position_of
+
+    site = parse_hook_point(hook_point)
+    assert (site.hook_point, site.module_path, site.reads_input) == (hook_point, module, reads_input)
+    if position is not None:
+        assert position_of(site, site) == position
+    if site.layer < 3:
+        assert module_for(tiny_llama, site) is tiny_llama.get_submodule(module)
+    with pytest.raises(HookpointNotFoundError, match="allowed are blocks.L.hook_attn_out"):
+        parse_hook_point(hook_point.replace("blocks", "layers"))
+
+
+def test_positions_come_from_the_table() -> None:
+    from llamascope_sdk.registry import ALL_SAES
+    from llamascope_sdk.sites import Site, parse_hook_point, position_of
+
+    tc = Site(5, "ln2_normalized"), Site(5, "mlp_out")
+    assert position_of(*tc) == "TC"
+    with pytest.raises(HookpointNotFoundError, match="no Llama Scope position"):
+        position_of(Site(5, "ln2_normalized"), Site(6, "mlp_out"))
+    for ref in ALL_SAES:
+        sin, sout = parse_hook_point(ref.hook_point_in), parse_hook_point(ref.hook_point_out)
+        assert position_of(sin, sout) == ref.position and sin.layer == ref.layer
+        assert ref.hf_in.startswith(sin.module_path + " (") and ref.hf_out == f"{sout.module_path} (output)"
+
+
+def test_compatibility_is_checked_once_per_model_and_sae(tiny_llama, monkeypatch) -> None:
+    from llamascope_sdk import compat
+
+    calls = []
+    real = compat.hidden_size
+    monkeypatch.setattr(compat, "hidden_size", lambda m: calls.append(m) or real(m))
+    sae = tiny_sae()
+    first = compat.check_compatible(tiny_llama, sae)
+    assert compat.check_compatible(tiny_llama, sae) == first and len(calls) == 1
+    attach(tiny_llama, [sae]).remove()  # attach checks too: still once
+    assert len(calls) == 1
+    other = copy.deepcopy(tiny_llama)
+    compat.check_compatible(other, sae)  # another model: checked again
+    assert len(calls) == 2
+    with pytest.raises(IncompatibleModelError):
+        compat.check_compatible(tiny_llama, tiny_sae(d_model=32))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamascope_sdk.hooks import capture_into, check_compatible, hooked
+from llamascope_sdk.compat import check_compatible
+from llamascope_sdk.hooks import capture_into, hooked
 from llamascope_sdk.mining import (
     HIST_EDGES,
     _Batch,

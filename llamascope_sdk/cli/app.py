@@ -154,8 +154,8 @@ def load_sae_and_model(sae_name: str, model: str | None, device: str, dtype: str
                        revision: str | None, gate: str = "reference") -> tuple[Any, Any, Any]:
     """Load the SAE and the model it belongs to (by default the base model its lm_config.json
     names); check that they fit together."""
+    from llamascope_sdk.compat import check_compatible
     from llamascope_sdk.devices import resolve_device
-    from llamascope_sdk.hooks import check_compatible
     from llamascope_sdk.models import base_model_of, load_model
     from llamascope_sdk.sae import SAE
 

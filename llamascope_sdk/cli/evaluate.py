@@ -48,9 +48,9 @@ def eval_cmd(names: Annotated[list[str], typer.Argument(help="SAE names sharing 
              model: ModelOpt = None, device: DeviceOpt = "cpu", dtype: DtypeOpt = None,
              revision: RevisionOpt = None, as_json: JsonOpt = False) -> None:
     """L0, explained variance, MSE, delta LM loss, KL and dead/dense features on a text."""
+    from llamascope_sdk.compat import check_compatible
     from llamascope_sdk.devices import resolve_device
     from llamascope_sdk.evaluation import evaluate
-    from llamascope_sdk.hooks import check_compatible
     from llamascope_sdk.models import base_model_of, load_model
     from llamascope_sdk.sae import SAE
 

@@ -63,11 +63,12 @@ def inspect(sae: SaesOpt,
     folder, or in Python: sae.stats = FeatureStats.load(STORE).
     """
     from llamascope_sdk import demo
+    from llamascope_sdk.compat import check_compatible
     from llamascope_sdk.feature_store import default_store_dir
-    from llamascope_sdk.hooks import check_compatible
     from llamascope_sdk.mining import mine
     from llamascope_sdk.sae import SAE
 
+    specs = {name: "demo" if demo.is_demo(name) else name for name in sae}  # checked once
     first, lm, tok = load_sae_and_model(sae[0], model, device, dtype, revision)
     saes = {name: first for name in sae[:1]}
     for name in sae[1:]:
@@ -87,7 +88,8 @@ def inspect(sae: SaesOpt,
     reports = []
     for name, s in saes.items():
         target = (out if len(saes) == 1 else (out / s.name if out else None)) or default_store_dir(s.name)
-        reports.append(_write_store(name, s, results[s.name], lm, tok, target, dataset=dataset,
+        reports.append(_write_store(name, specs[name], s, results[s.name], lm, tok, target,
+                                    dataset=dataset,
                                     model=model, features=features, pages=pages,
                                     max_pages=max_pages, save_stats_to=save_stats_to))
     if as_json:
@@ -103,16 +105,15 @@ def inspect(sae: SaesOpt,
             typer.echo(f"  feature {f}: {cmd}")
     typer.echo(f"next: llamascope show {reports[0]['store']} FEATURE   |   in Python: "
                f"sae.stats = FeatureStats.load({reports[0]['store']!r})")
-    if save_stats_to is None and Path(sae[0]).expanduser().is_dir() and not demo.is_demo(sae[0]):
+    if save_stats_to is None and Path(sae[0]).expanduser().is_dir() and specs[sae[0]] != "demo":
         typer.echo(f"hint: --save-stats-to {sae[0]} makes `steer --relative` work for this SAE",
                    err=True)
 
 
-def _write_store(spec_name: str, s: Any, result: Any, lm: Any, tok: Any, target: Path, *,
+def _write_store(spec_name: str, spec: str, s: Any, result: Any, lm: Any, tok: Any, target: Path, *,
                  dataset: str, model: str | None, features: list[int] | None, pages: bool,
                  max_pages: int, save_stats_to: Path | None) -> dict[str, Any]:
     """Write one SAE's store (and pages, and optionally its statistics); what was written."""
-    from llamascope_sdk import demo
     from llamascope_sdk.feature_store import FeatureStore
     from llamascope_sdk.pages import write_pages
 
@@ -122,7 +123,6 @@ def _write_store(spec_name: str, s: Any, result: Any, lm: Any, tok: Any, target:
         typer.echo(f"feature statistics written to {path}", err=True)
         sae_dir = Path(spec_name).expanduser()
         has_stats = has_stats or (sae_dir.is_dir() and sae_dir.resolve() == path.parent)
-    spec = "demo" if demo.is_demo(spec_name) else spec_name
     store = FeatureStore.from_result(result, tok, model=lm, sae_spec=spec, corpus=dataset,
                                      model_name=model or getattr(lm, "name_or_path", None))
     store.meta["sae_has_stats"] = has_stats

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from llamascope_sdk.hooks import check_compatible, hooked
+from llamascope_sdk.compat import check_compatible
+from llamascope_sdk.hooks import hooked
 from llamascope_sdk.interventions import Steer
 from llamascope_sdk.models import model_device, tokenize
 

@@ -17,7 +17,7 @@ from llamascope_sdk.dtypes import parse_dtype
 from llamascope_sdk.hyperparams import Hyperparams
 from llamascope_sdk.models import SMOLLM2_ID, is_smollm2
 from llamascope_sdk.release import default_lm_config, write_release
-from llamascope_sdk.sites import parse_hook_point
+from llamascope_sdk.sites import parse_hook_point, position_of
 
 from .config import TrainConfig
 
@@ -44,10 +44,7 @@ def release_hyperparams(cfg: TrainConfig, norm_in: float, norm_out: float, thres
 
 
 def _position(cfg: TrainConfig) -> str:
-    if cfg.is_transcoder:
-        return "TC"
-    kind = parse_hook_point(cfg.hook_point_out).kind
-    return {"resid_post": "R", "attn_out": "A", "mlp_out": "M"}[kind]
+    return position_of(parse_hook_point(cfg.hook_point_in), parse_hook_point(cfg.hook_point_out))
 
 
 def dataset_label(dataset: str) -> str:
