@@ -41,6 +41,8 @@ _EXPORTS = {
     "mine": "mining",
     "FeatureStore": "feature_store",
     "search_features": "search",
+    "FeatureScores": "feature_scores",
+    "score_features": "feature_scores",
     "DEMO_FEATURE": "demo",
     "run_script": "cli.app",
     "ChatClient": "endpoint",
@@ -52,7 +54,7 @@ __all__ = ["__version__", "SAE", "Hyperparams", "FeatureStats", "list_saes", "lo
            "attach", "hooked", "Steer", "Clamp", "Scale", "Ablate", "read_features",
            "measure_feature_stats", "compare_generations", "generate_batch", "BatchGenerator",
            "evaluate", "LlamascopeError", "mine", "FeatureStore", "search_features", "tokenize",
-           "DEMO_FEATURE", "run_script", "ChatClient", "explain_features"]
+           "DEMO_FEATURE", "run_script", "ChatClient", "explain_features", "FeatureScores", "score_features"]
 
 if TYPE_CHECKING:
     from .attachment import attach
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
     from .errors import LlamascopeError
     from .evaluation import evaluate
     from .explain import explain_features
+    from .feature_scores import FeatureScores, score_features
     from .feature_stats import FeatureStats
     from .feature_store import FeatureStore
     from .generation import compare_generations

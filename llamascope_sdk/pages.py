@@ -20,6 +20,7 @@ from markupsafe import Markup
 
 from .atomic import atomic_write_text
 from .explain.view import explanation_html
+from .feature_scores import DEFINITIONS, FeatureScores, load_scores
 from .feature_store import FeatureStore
 from .logit_lens import APPROXIMATION
 
@@ -52,6 +53,8 @@ _FEATURE = """<!doctype html>
 <div>mean activation<b>{{ num(f.mean) }}</b></div>
 <div>max activation<b id="max">{{ num(f.max) }}</b></div>
 <div>tokens read<b>{{ "{:,}".format(f.n_tokens) }}</b></div>
+{% if sc %}<div title="{{ sc_def.output_score }}">output score<b id="output-score">{{ "%.3g"|format(sc.output_score) }} (#{{ sc.output_score_rank }})</b></div>
+<div title="{{ sc_def.delta_token_confidence }}">&Delta; token confidence<b id="delta-token-confidence">{{ "%+.3g"|format(sc.delta_token_confidence) }}</b></div>{% endif %}
 </div>
 {% if f.dense %}<p class="dense">Dense feature: fires on more than half of all tokens.</p>{% endif %}
 <p>Try it: <pre class="cmd" id="steer">{{ f.steer }}</pre></p>
@@ -79,11 +82,11 @@ _INDEX = """<!doctype html>
 {{ rows|length }} feature pages. Click a column header to sort.</p>
 <table id="features"><thead><tr><th data-k="n">feature</th><th data-k="s">label</th>
 <th data-k="n" class="num">frequency</th><th data-k="n" class="num">typical</th>
-<th data-k="n" class="num">max activation</th><th data-k="s">top tokens</th></tr></thead><tbody>
+<th data-k="n" class="num">max activation</th>{% if scored %}<th data-k="n" class="num" title="{{ sc_def.output_score }}">output score</th>{% endif %}<th data-k="s">top tokens</th></tr></thead><tbody>
 {% for r in rows %}<tr><td data-v="{{ r.i }}"><a href="features/{{ r.i }}.html">{{ r.i }}</a></td>
 <td>{{ r.label }}{% if r.dense %} <span class="dense">dense</span>{% endif %}</td>
 <td class="num" data-v="{{ r.freq }}">{{ pct(r.freq) }}</td><td class="num" data-v="{{ r.typ }}">{{ num(r.typ) }}</td>
-<td class="num" data-v="{{ r.max }}">{{ num(r.max) }}</td><td><code>{{ r.toks }}</code></td></tr>
+<td class="num" data-v="{{ r.max }}">{{ num(r.max) }}</td>{% if scored %}<td class="num" data-v="{{ r.out }}">{{ "%.3g"|format(r.out) if r.out >= 0 else "-" }}</td>{% endif %}<td><code>{{ r.toks }}</code></td></tr>
 {% endfor %}</tbody></table>
 <script>
 document.querySelectorAll('#features th').forEach(function(th, col){
@@ -159,8 +162,8 @@ def histogram_svg(bins: list[dict[str, float]], width: int = 640, height: int = 
             f'id="histogram">{"".join(bars)}{"".join(labels)}</svg>')
 
 
-def feature_page(store: FeatureStore, i: int) -> str:
-    """The HTML of feature ``i``'s page."""
+def feature_page(store: FeatureStore, i: int, scores: FeatureScores | None = None) -> str:
+    """The HTML of feature ``i``'s page (with its selection scores when given)."""
     f = store.summary(i)
     scale = f["max"]
     bands = [{"label": b["label"], "examples": [Markup(example_html(e, scale)) for e in b["examples"]]}
@@ -170,10 +173,18 @@ def feature_page(store: FeatureStore, i: int) -> str:
         top=[Markup(example_html(e, scale)) for e in store.examples(i)], bands=bands,
         svg=Markup(histogram_svg(store.histogram(i))), lens=store.logit_lens(i),
         approx=APPROXIMATION, num=_num, pct=_pct, tok=_tok,
-        explained=Markup(explanation_html(store, i)))
+        explained=Markup(explanation_html(store, i)),
+        sc=scores.get(i) if scores is not None else None, sc_def=DEFINITIONS)
 
 
-def index_page(store: FeatureStore, features: list[int]) -> str:
+def _score(scores: FeatureScores | None, i: int) -> float:
+    """Feature ``i``'s output score for the index, -1 when it has none (sorts last)."""
+    v = float(scores.output_score[i]) if scores is not None else -1.0
+    return v if math.isfinite(v) else -1.0
+
+
+def index_page(store: FeatureStore, features: list[int],
+               scores: FeatureScores | None = None) -> str:
     rows = []
     for i in features:
         toks = [store.token_text(int(store.top.tokens[i, k, store.top.center]))
@@ -181,10 +192,12 @@ def index_page(store: FeatureStore, features: list[int]) -> str:
         rows.append({"i": i, "label": store.labels.get(i, ""), "dense": store.is_dense(i),
                      "freq": float(store.stats.frequency[i]), "typ": float(store.stats.typical[i]),
                      "max": float(store.top.values[i, 0]),
+                     "out": _score(scores, i),
                      "toks": " ".join(repr(_tok(t)) for t in dict.fromkeys(toks))})
     return _INDEX_T.render(rows=rows, sae=store.name, hook=store.meta.get("hook_point_out"),
                            n_tokens=int(store.stats.n_tokens), corpus=store.meta.get("corpus") or "a corpus",
-                           css=Markup(_CSS), num=_num, pct=_pct)
+                           css=Markup(_CSS), num=_num, pct=_pct, scored=scores is not None,
+                           sc_def=DEFINITIONS)
 
 
 def default_page_features(store: FeatureStore, features: list[int] | None = None,
@@ -200,12 +213,16 @@ def default_page_features(store: FeatureStore, features: list[int] | None = None
 
 
 def write_pages(store: FeatureStore, folder: str | Path, features: list[int] | None = None,
-                max_pages: int = 1000) -> Path:
-    """Write ``index.html`` and ``features/<i>.html`` under ``folder``; return the index path."""
+                max_pages: int = 1000, scores: FeatureScores | None = None) -> Path:
+    """Write ``index.html`` and ``features/<i>.html`` under ``folder``; return the index path.
+    Selection scores (``scores``, else the store's ``feature_scores.safetensors``) add a
+    sortable output-score column and two facts per page."""
     folder = Path(folder)
+    scores = scores if scores is not None else load_scores(store.path)
     feats = default_page_features(store, features, max_pages)
     (folder / "features").mkdir(parents=True, exist_ok=True)
     for i in feats:
-        (folder / "features" / f"{i}.html").write_text(feature_page(store, i), encoding="utf-8")
-    atomic_write_text(folder / "index.html", index_page(store, feats))
+        (folder / "features" / f"{i}.html").write_text(feature_page(store, i, scores),
+                                                       encoding="utf-8")
+    atomic_write_text(folder / "index.html", index_page(store, feats, scores))
     return folder / "index.html"

@@ -10,6 +10,10 @@ Scores, for the non-special tokens of ``prompt`` (mean activation m_i of feature
 
 Features that fire on more than half of all tokens (frequency > 0.5) are left out unless
 ``include_dense``; then they are marked ``dense``.
+
+``output_scores`` (a store's :class:`~llamascope_sdk.feature_scores.FeatureScores`) re-rank:
+the ``5 x top`` most specific features are sorted by their output score instead, so the list
+favours features that also steer (Arad et al. 2025).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class SearchHit:
     frequency: float
     dense: bool
     label: str | None
+    output_score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,12 +73,14 @@ def score_features(prompt_mean: torch.Tensor, stats: FeatureStats,
 
 def search_features(model: Any, tokenizer: Any, sae: SAE, prompt: str, *, vs: str | None = None,
                     stats: FeatureStats | None = None, top: int = 10,
-                    include_dense: bool = False) -> list[SearchHit]:
+                    include_dense: bool = False,
+                    output_scores: torch.Tensor | None = None) -> list[SearchHit]:
     """The ``top`` features most specific to ``prompt`` (or to it against ``vs``).
 
     Args:
         stats: mined statistics (a store's ``stats``); default ``sae.stats``.
         include_dense: keep features with frequency > 0.5 (marked ``dense``).
+        output_scores: [F] output scores; re-rank the 5 x ``top`` most specific by them.
 
     Raises:
         ValueError: no statistics (mine them first: ``llamascope inspect``).
@@ -90,12 +97,23 @@ def search_features(model: Any, tokenizer: Any, sae: SAE, prompt: str, *, vs: st
     score = score.masked_fill(pm <= 0, -math.inf)
     if not include_dense:
         score = score.masked_fill(dense, -math.inf)
-    k = min(top, int(torch.isfinite(score).sum()))
+    pool = top if output_scores is None else 5 * top
+    k = min(pool, int(torch.isfinite(score).sum()))
     vals, idx = score.topk(k) if k > 0 else (torch.empty(0), torch.empty(0, dtype=torch.long))
+    if output_scores is not None:
+        out = output_scores.float().cpu()[idx].nan_to_num(nan=-math.inf)
+        order = out.argsort(descending=True, stable=True)[:top]
+        vals, idx = vals[order], idx[order]
     return [SearchHit(int(i), float(v), float(pm[i]), None if vm is None else float(vm[i]),
                       float(stats.typical[i]), float(stats.frequency[i]), bool(dense[i]),
-                      sae.labels.get(int(i)))
+                      sae.labels.get(int(i)),
+                      _finite(output_scores, i))
             for v, i in zip(vals.tolist(), idx.tolist(), strict=True)]
+
+
+def _finite(scores: torch.Tensor | None, i: int) -> float | None:
+    v = None if scores is None else float(scores[i])
+    return v if v is not None and math.isfinite(v) else None
 
 
 def steer_command(sae_spec: str, feature: int, *, relative: bool, typical: float,

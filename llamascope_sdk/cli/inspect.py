@@ -151,11 +151,15 @@ def show(store: Annotated[str, typer.Argument(help="A feature store folder, or a
     """Print a feature's summary and top examples from a feature store (no model needed)."""
     from llamascope_sdk.explain import feature_explanations
     from llamascope_sdk.explain.view import explanation_lines
+    from llamascope_sdk.feature_scores import load_scores
     from llamascope_sdk.feature_store import load_store
 
     st = load_store(store)
+    scores = load_scores(st.path)
+    sc = scores.get(st.check_feature(feature)) if scores is not None else None
     if as_json:
-        echo_json({**st.feature(feature), **feature_explanations(st.path, feature)})
+        echo_json({**st.feature(feature), **feature_explanations(st.path, feature),
+                   **({"scores": sc} if sc else {})})
         return
     s = st.summary(feature)
     label = f" '{s['label']}'" if s["label"] else ""
@@ -166,6 +170,9 @@ def show(store: Annotated[str, typer.Argument(help="A feature store folder, or a
                f"mean {s['mean']:.4g}   max {s['max']:.4g}   ({s['n_tokens']:,} tokens)")
     if s["neuronpedia_url"]:
         typer.echo(f"neuronpedia: {s['neuronpedia_url']}")
+    if sc:
+        typer.echo(f"output score {sc['output_score']:.3g} (#{sc['output_score_rank']:,} of "
+                   f"{st.d_sae:,})   delta token confidence {sc['delta_token_confidence']:+.3g}")
     typer.echo(f"steer: {s['steer']}")
     lens = st.logit_lens(feature)
     if lens:
@@ -190,6 +197,7 @@ def search(sae: SaeOpt,
            store: StoreOpt = None,
            top: Annotated[int, typer.Option("--top", "-k", min=1, help="Features to list.")] = 10,
            include_dense: Annotated[bool, typer.Option(help="Also list features that fire on more than half of all tokens (marked dense).")] = False,
+           sort: Annotated[str, typer.Option("--sort", help="specificity, or output-score: the 5 x --top most specific features sorted by their output score (needs `llamascope score-features` on the store).")] = "specificity",
            model: ModelOpt = None, device: DeviceOpt = "cpu", dtype: DtypeOpt = None,
            revision: RevisionOpt = None, as_json: JsonOpt = False) -> None:
     """Rank the features most specific to a text (activation on it relative to the feature's
@@ -219,14 +227,26 @@ def search(sae: SaeOpt,
     check_text(prompt)
     if vs is not None:
         check_text(vs, "--vs")
+    if sort not in ("specificity", "output-score"):
+        raise typer.BadParameter(f"{sort!r}: allowed are specificity and output-score",
+                                 param_hint="--sort")
     s, lm, tok = load_sae_and_model(sae, model, device, dtype, revision)
-    stats = None
-    if store is not None:
-        stats = load_store(store).stats
-    elif s.stats is None and default_store_dir(s.name).is_dir():
-        stats = load_store(default_store_dir(s.name)).stats
+    stats, scores = None, None
+    wanted = store is not None or s.stats is None or sort == "output-score"
+    st = (load_store(store) if store is not None else load_store(default_store_dir(s.name))
+          if wanted and default_store_dir(s.name).is_dir() else None)
+    if st is not None and (store is not None or s.stats is None):
+        stats = st.stats
+    if sort == "output-score":
+        from llamascope_sdk.feature_scores import FeatureScores
+
+        if st is None or st.path is None:
+            raise typer.BadParameter("--sort output-score reads the scores of a feature store: "
+                                     "give --store DIR (scored by `llamascope score-features`)",
+                                     param_hint="--store")
+        scores = FeatureScores.load(st.path).output_score
     hits = search_features(lm, tok, s, prompt, vs=vs, stats=stats, top=top,
-                           include_dense=include_dense)
+                           include_dense=include_dense, output_scores=scores)
     spec = "demo" if demo.is_demo(sae) else sae
     cmd = (steer_command(spec, hits[0].feature, relative=s.stats is not None,
                          typical=hits[0].typical) if hits else None)
@@ -240,8 +260,13 @@ def search(sae: SaeOpt,
              f"{h.typical:.3g}", f"{100 * h.frequency:.3g}%" + (" dense" if h.dense else ""),
              escape(h.label or "")] for h in hits]
     how = "mean(prompt) - mean(vs)" if vs else "mean / typical x -log(frequency)"
-    table(f"features of {s.name} most specific to the prompt (score = {how})",
-          ["feature", "score", "mean act", "typical", "frequency", "label"], rows)
+    cols = ["feature", "score", "mean act", "typical", "frequency", "label"]
+    if scores is not None:
+        cols.insert(2, "output score")
+        for r, h in zip(rows, hits, strict=True):
+            r.insert(2, f"{h.output_score:.3g}")
+        how += "; sorted by output score"
+    table(f"features of {s.name} most specific to the prompt (score = {how})", cols, rows)
     if cmd:
         typer.echo(f"try: {cmd}")
     else:
