@@ -233,18 +233,18 @@ def search(sae: SaeOpt,
     s, lm, tok = load_sae_and_model(sae, model, device, dtype, revision)
     stats, scores = None, None
     wanted = store is not None or s.stats is None or sort == "output-score"
-    st = (load_store(store) if store is not None else load_store(default_store_dir(s.name))
-          if wanted and default_store_dir(s.name).is_dir() else None)
-    if st is not None and (store is not None or s.stats is None):
-        stats = st.stats
+    found_store = (load_store(store) if store is not None else load_store(default_store_dir(s.name))
+                   if wanted and default_store_dir(s.name).is_dir() else None)
+    if found_store is not None and (store is not None or s.stats is None):
+        stats = found_store.stats
     if sort == "output-score":
         from llamascope_sdk.feature_scores import FeatureScores
 
-        if st is None or st.path is None:
+        if found_store is None or found_store.path is None:
             raise typer.BadParameter("--sort output-score reads the scores of a feature store: "
                                      "give --store DIR (scored by `llamascope score-features`)",
                                      param_hint="--store")
-        scores = FeatureScores.load(st.path).output_score
+        scores = FeatureScores.load(found_store.path).output_score
     hits = search_features(lm, tok, s, prompt, vs=vs, stats=stats, top=top,
                            include_dense=include_dense, output_scores=scores)
     spec = "demo" if demo.is_demo(sae) else sae
