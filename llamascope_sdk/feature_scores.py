@@ -166,7 +166,8 @@ def score_features(model: Any, tokenizer: Any, sae: SAE, *, prompt: str = OUTPUT
         InputError: an empty prompt, or one where no feature fires at the last token.
     """
     from .attachment import attach
-    from .hooks import check_compatible, hooked
+    from .compat import check_compatible
+    from .hooks import hooked
     from .logit_lens import logit_lens
     from .models import model_device, tokenize
 
