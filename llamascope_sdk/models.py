@@ -185,8 +185,10 @@ def context_window(model: Any) -> int | None:
     return int(n) if isinstance(n, int) else None
 
 
-def check_fits_window(model: Any, n_prompt: int, n_new: int = 0) -> None:
-    """Refuse a prompt (plus tokens to generate) longer than the model's window.
+def check_fits_window(model: Any, n_prompt: int, n_new: int = 0, *, what: str = "the prompt") -> None:
+    """Refuse an input (plus tokens to generate) longer than the model's window: every command
+    that runs the model calls this before the forward (``what`` names the input in the message,
+    e.g. ``"--context"``).
 
     Raises:
         InputError: the message names the limit and both counts.
@@ -194,8 +196,10 @@ def check_fits_window(model: Any, n_prompt: int, n_new: int = 0) -> None:
     window = context_window(model)
     if window is not None and n_prompt + n_new > window:
         extra = f" + {n_new} new tokens" if n_new else ""
-        raise InputError(f"the prompt is {n_prompt} tokens{extra}, more than the model's window "
-                         f"of {window} positions", hint="shorten the prompt or generate fewer tokens")
+        raise InputError(f"{what} is {n_prompt} tokens{extra}, more than the model's window "
+                         f"of {window} positions",
+                         hint="shorten the prompt or generate fewer tokens" if n_new
+                         else f"use at most {window} tokens")
 
 
 def model_device(model: Any) -> torch.device:

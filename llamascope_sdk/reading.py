@@ -16,7 +16,7 @@ import torch
 
 from .attachment import attach
 from .feature_stats import FeatureStats
-from .models import model_device, special_ids, tokenize
+from .models import check_fits_window, model_device, special_ids, tokenize
 from .sae import SAE
 
 
@@ -71,6 +71,7 @@ def read_features(model: Any, tokenizer: Any, sae_or_saes: SAE | Sequence[SAE] |
         ids = tokenize(tokenizer, text)
     else:
         ids = torch.as_tensor(text, dtype=torch.long).reshape(1, -1)
+    check_fits_window(model, ids.shape[1])
     ids = ids.to(model_device(model))
     with attach(model, sae_or_saes, include_special=include_special,
                 special_ids=special_ids(tokenizer), capture=("features",)) as h, torch.no_grad():

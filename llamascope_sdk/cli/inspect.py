@@ -66,10 +66,12 @@ def inspect(sae: SaesOpt,
     from llamascope_sdk.compat import check_compatible
     from llamascope_sdk.feature_store import default_store_dir
     from llamascope_sdk.mining import mine
+    from llamascope_sdk.models import check_fits_window
     from llamascope_sdk.sae import SAE
 
     specs = {name: "demo" if demo.is_demo(name) else name for name in sae}  # checked once
     first, lm, tok = load_sae_and_model(sae[0], model, device, dtype, revision)
+    check_fits_window(lm, context, what="--context")
     saes = {name: first for name in sae[:1]}
     for name in sae[1:]:
         other = SAE.from_pretrained(name, revision=revision, device=device)

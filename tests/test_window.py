@@ -1,0 +1,64 @@
+"""Issue 17 case 10: every command that runs the model checks its window. ``search`` and
+``encode`` took a 10,002-token prompt against SmolLM2's window of 8,192 (``steer`` refused
+it) and ``inspect --context`` had no check; now each refuses with one line, before any
+forward or any corpus is read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llamascope_sdk import FeatureStats
+from llamascope_sdk.cli import app
+from llamascope_sdk.errors import InputError
+from llamascope_sdk.reading import read_features
+from llamascope_sdk.search import search_features
+
+from .conftest import CharTokenizer
+from .helpers import tiny_sae
+
+runner = CliRunner()
+#: 10,001 SmolLM2 tokens ("a", then " a" 10,000 times), 10,002 with the BOS.
+LONG = "a" + " a" * 10_000
+
+
+def test_read_and_search_refuse_a_prompt_longer_than_the_window(tiny_llama) -> None:
+    sae = tiny_sae(d_model=64)
+    sae.stats = FeatureStats.from_sums(torch.ones(256, dtype=torch.float64),
+                                       torch.ones(256, dtype=torch.float64), 10)
+    ran = []
+    h = tiny_llama.model.register_forward_pre_hook(lambda *a: ran.append(1))
+    try:
+        for call in (lambda: read_features(tiny_llama, CharTokenizer(), sae, "x" * 200),
+                     lambda: search_features(tiny_llama, CharTokenizer(), sae, "x" * 200)):
+            with pytest.raises(InputError) as info:
+                call()
+            assert str(info.value) == "the prompt is 201 tokens, more than the model's window of 128 positions"
+        assert read_features(tiny_llama, CharTokenizer(), sae, "x" * 127).token_ids[-1] > 2
+    finally:
+        h.remove()
+    assert len(ran) == 1  # only the prompt that fits reached the model
+
+
+def _one_line(res, message: str) -> None:
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    assert [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")] == [f"error: {message}"]
+
+
+@pytest.mark.smollm
+@pytest.mark.parametrize("command", [["encode"], ["search"]])
+def test_encode_and_search_refuse_10002_tokens(command) -> None:
+    res = runner.invoke(app, [*command, "--sae", "demo", "--prompt", LONG])
+    _one_line(res, "the prompt is 10002 tokens, more than the model's window of 8192 positions")
+
+
+@pytest.mark.smollm
+def test_inspect_refuses_a_context_beyond_the_window(tmp_path) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some text\n")
+    res = runner.invoke(app, ["inspect", "--sae", "demo", "--dataset", str(corpus),
+                              "--context", "9000", "--out", str(tmp_path / "store")])
+    _one_line(res, "--context is 9000 tokens, more than the model's window of 8192 positions")
+    assert not (tmp_path / "store").exists()
