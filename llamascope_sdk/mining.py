@@ -51,7 +51,7 @@ import torch
 
 from . import corpus
 from .compat import check_compatible, named_saes
-from .corpus import Source, iter_documents
+from .corpus import CorpusSource, iter_documents
 from .feature_stats import FeatureStats
 from .hooks import capture_into, hooked
 from .models import model_device, special_ids
@@ -251,7 +251,7 @@ def doc_batches(tokenizer: Any, docs: Iterable[str], *, tokens: int, context: in
 
 
 def mine(model: Any, tokenizer: Any, saes: SAE | Sequence[SAE] | Mapping[str, SAE],
-         corpus: Source | Iterable[str], *, tokens: int = 100_000, context: int = 256,
+         corpus: CorpusSource | Iterable[str], *, tokens: int = 100_000, context: int = 256,
          batch_size: int = 8, top_n: int = 20, n_samples: int = 16, window_before: int = 16,
          window_after: int = 4, split: str = "train", text_field: str = "text",
          progress: bool = True) -> dict[str, MiningResult]:

@@ -45,8 +45,8 @@ from __future__ import annotations
 from .documents import (
     PIECE_CHARS,
     SUFFIXES,
+    CorpusSource,
     ReadCounts,
-    Source,
     file_documents,
     hub_documents,
     iter_documents,
@@ -72,7 +72,7 @@ from .tokens import (
     token_batches,
 )
 
-__all__ = ["PIECE_CHARS", "RULES", "SUFFIXES", "Batch", "ReadCounts", "Rule", "Sequence", "Source",
+__all__ = ["PIECE_CHARS", "RULES", "SUFFIXES", "Batch", "ReadCounts", "Rule", "Sequence", "CorpusSource",
            "batches", "bos_ids", "check_context", "document_tokens", "encode", "file_documents",
            "hub_documents", "iter_documents", "local_documents", "local_paths", "pad_id",
            "pad_rows", "sequences", "split_document", "split_text", "tensor_batches",

@@ -36,7 +36,7 @@ _SNIFF_CHARS = 1 << 20
 #: document is tokenised in pieces (see :mod:`llamascope_sdk.corpus`).
 PIECE_CHARS = 1 << 16
 
-Source = str | os.PathLike[str]
+CorpusSource = str | os.PathLike[str]
 
 
 @dataclass
@@ -84,7 +84,7 @@ def split_text(text: str, pack_chars: int | None = None) -> list[str]:
     return ["".join(d) for d in _txt_documents(fh, pack_chars)]
 
 
-def local_paths(source: Source) -> list[Path] | None:
+def local_paths(source: CorpusSource) -> list[Path] | None:
     """The files ``source`` names (one path, or several joined by commas), or ``None`` when it
     is a Hugging Face dataset name. A part counts as a file if it exists or has a suffix in
     :data:`SUFFIXES`; whether it exists is checked when it is read."""
@@ -108,7 +108,7 @@ def file_documents(path: Path, text_field: str = "text", pack_chars: int | None 
     return ["".join(d) for d in _file_documents(path, text_field, pack_chars, ReadCounts())]
 
 
-def local_documents(source: Source, text_field: str = "text", *, holdout_fraction: float = 0.0,
+def local_documents(source: CorpusSource, text_field: str = "text", *, holdout_fraction: float = 0.0,
                     heldout: bool = False, pack_chars: int | None = None) -> list[str]:
     """Documents of one or more local files (comma-separated), minus or only the hold-out.
 
@@ -166,7 +166,7 @@ def hub_documents(name: str, split: str = "train", text_field: str = "text",
                  "--set dataset=PATH") from None
 
 
-def iter_documents(source: Source | Iterable[str], *, split: str = "train",
+def iter_documents(source: CorpusSource | Iterable[str], *, split: str = "train",
                    text_field: str = "text", pack_chars: int | None = None,
                    counts: ReadCounts | None = None) -> Iterator[str]:
     """Documents from local file(s), a Hugging Face dataset name, or an iterable of strings.
@@ -193,7 +193,7 @@ def iter_documents(source: Source | Iterable[str], *, split: str = "train",
         yield "".join(doc)
 
 
-def document_pieces(source: Source | Iterable[str], split: str, text_field: str,
+def document_pieces(source: CorpusSource | Iterable[str], split: str, text_field: str,
                pack_chars: int | None, counts: ReadCounts) -> Iterator[Iterable[str]]:
     """Every document as an iterable of text pieces (consume or drop it before the next)."""
     if isinstance(source, str | os.PathLike):

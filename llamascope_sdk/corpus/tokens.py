@@ -11,7 +11,7 @@ import torch
 
 from llamascope_sdk.errors import InputError
 
-from .documents import PIECE_CHARS, ReadCounts, Source, document_pieces
+from .documents import PIECE_CHARS, CorpusSource, ReadCounts, document_pieces
 
 #: Documents sorted by length together before batching, in units of batch_size (less padding).
 _SORT_POOL = 16
@@ -145,7 +145,7 @@ def split_document(tokenizer: Any, text: str | Iterable[str], context: int | Non
         yield offset + 1 - len(head), head + buf
 
 
-def sequences(tokenizer: Any, docs: Source | Iterable[str], *, context: int,
+def sequences(tokenizer: Any, docs: CorpusSource | Iterable[str], *, context: int,
               tokens: int | None = None, rule: Rule = "windows", split: str = "train",
               text_field: str = "text", counts: ReadCounts | None = None) -> Iterator[Sequence]:
     """Every sequence of a corpus in reading order, at most ``tokens`` ids in all (BOS
@@ -182,7 +182,7 @@ def sequences(tokenizer: Any, docs: Source | Iterable[str], *, context: int,
     counts.exhausted = True
 
 
-def batches(tokenizer: Any, docs: Source | Iterable[str], *, tokens: int | None, context: int,
+def batches(tokenizer: Any, docs: CorpusSource | Iterable[str], *, tokens: int | None, context: int,
             batch_size: int, rule: Rule = "windows", split: str = "train",
             text_field: str = "text", counts: ReadCounts | None = None) -> Iterator[Batch]:
     """:func:`sequences` in batches of ``batch_size`` rows; the sequences of each pool of
@@ -214,7 +214,7 @@ def _emit(pool: list[tuple[int, Sequence]], batch_size: int, pad: int) -> Iterat
                     torch.tensor([s.pos for _, s in part]), torch.tensor([o for o, _ in part]))
 
 
-def token_batches(tokenizer: Any, docs: Source | Iterable[str], *, tokens: int, context: int,
+def token_batches(tokenizer: Any, docs: CorpusSource | Iterable[str], *, tokens: int, context: int,
                   batch_size: int, pack: bool = False, rule: Rule = "first",
                   counts: ReadCounts | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(input_ids [B, T], valid [B, T] bool) batches holding at most ``tokens`` ids: the
@@ -240,7 +240,7 @@ def token_batches(tokenizer: Any, docs: Source | Iterable[str], *, tokens: int, 
     yield from ((b.ids, b.valid) for b in _emit(pool, batch_size, pad))
 
 
-def _packed(tokenizer: Any, docs: Source | Iterable[str], context: int) -> Iterator[list[int]]:
+def _packed(tokenizer: Any, docs: CorpusSource | Iterable[str], context: int) -> Iterator[list[int]]:
     """Every document's tokens followed by EOS, in one stream cut into full sequences, each
     BOS followed by context-1 tokens (a final partial sequence is dropped)."""
     head, n = bos_ids(tokenizer), check_context(context, tokenizer)
