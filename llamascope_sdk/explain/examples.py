@@ -68,12 +68,23 @@ def round_robin(groups: Sequence[Sequence[Context]], n: int) -> list[Context]:
     return out
 
 
+def _deciles(store: Any, i: int) -> list[list[Context]] | None:
+    """The feature's decile examples (highest decile first), or None for a store that has
+    none (version 1 raises StoreVersionError, a ValueError)."""
+    if not hasattr(store, "decile_examples"):
+        return None
+    try:
+        bands = store.decile_examples(i)
+    except ValueError:
+        return None
+    return [[Context.from_example(e) for e in d["examples"]] for d in bands]
+
+
 def example_sets(store: Any, i: int, *, n_explain: int = 20, n_score: int = 50) -> ExampleSets:
     """Split feature ``i``'s mined contexts as the module docstring says."""
     meta = getattr(store, "meta", {}) or {}
-    if int(meta.get("version", 1)) >= 2 and hasattr(store, "decile_examples"):
-        deciles = [[Context.from_example(e) for e in d["examples"]]
-                   for d in store.decile_examples(i)]  # highest decile first
+    deciles = _deciles(store, i)
+    if deciles is not None:
         explain = round_robin([d[0::2] for d in deciles], n_explain)
         held = round_robin([d[1::2] for d in deciles], n_score)
         non = [Context.from_example(e) for e in store.non_activating(i)][:n_score]
