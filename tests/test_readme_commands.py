@@ -18,6 +18,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 ELSEWHERE = {
     "--device cuda": "test_real_model_walkthrough.py (same CLI path on CPU, SAE via the fake Hub)",
     "convert LXTC-8x": "test_convert_circuit_tracer.py (the 32-layer set from synthetic transcoders)",
+    "--endpoint": "test_explain_cli.py (the same CLI path against the scripted fake endpoint)",
+    "llamascope serve": "a server that runs until stopped; the serve tests start it",
 }
 
 
