@@ -132,3 +132,12 @@ class DtypeOverflowError(LlamascopeError, ValueError):
     e.g. a folded encoder value above 65504 loaded as float16."""
 
     hint = "load in float32 (or bfloat16, whose range is that of float32)"
+
+
+# --------------------------------------------------------------------------- the SAE pool
+class SaeBudgetError(LlamascopeError, MemoryError):
+    """An SAE larger than the whole SAE memory budget of a :class:`~llamascope_sdk.pool.SaePool`."""
+
+
+class PoolBusyError(SaeBudgetError):
+    """The SAE memory budget is taken by SAEs in use: the load may succeed later."""

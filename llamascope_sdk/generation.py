@@ -114,19 +114,13 @@ def describe(iv: Intervention) -> str:
     """
     sae = iv.sae
     feats = [int(i) for i in iv.idx]
-    names = ", ".join(f"{f} '{sae.labels[f]}'" if f in sae.labels else str(f) for f in feats)
+    names = feature_names(feats, sae.labels)
     where = f"positions={iv.positions}" if isinstance(iv.positions, str) else "chosen positions"
-    norms = sae.hyperparams.dataset_average_activation_norm
-    site_norm = norms.out if norms is not None else None
     if isinstance(iv, Steer):
-        alpha = [float(a) for a in iv.coefficients()]
-        size = "/".join(f"{a:+.4g}" for a in dict.fromkeys(alpha))
-        unit = (f"{'/'.join(f'{float(s):g}' for s in torch.as_tensor(iv.strength).reshape(-1))} x "
-                "typical activation = " if iv.relative else "")
-        frac = (f" ({'/'.join(f'{abs(a) / site_norm:.2f}' for a in dict.fromkeys(alpha))} x the "
-                f"site's mean norm {site_norm:.4g})" if site_norm else "")
-        return (f"steer feature {names}: {unit}a vector of length {size} along its unit decoder "
-                f"direction{frac}, {where}")
+        norms = sae.hyperparams.dataset_average_activation_norm
+        return describe_steer(names, [float(a) for a in iv.coefficients()],
+                              torch.as_tensor(iv.strength).reshape(-1).tolist() if iv.relative
+                              else None, norms.out if norms is not None else None, where)
     if isinstance(iv, Clamp):
         return f"clamp feature {names} to {iv.value}, {where}"
     if isinstance(iv, Scale):
@@ -134,3 +128,21 @@ def describe(iv: Intervention) -> str:
     if isinstance(iv, Ablate):
         return f"ablate feature {names} ({iv.mode}), {where}"
     return f"{type(iv).__name__} on feature {names}, {where}"
+
+
+def feature_names(features: list[int], labels: dict[int, str]) -> str:
+    """``"4154 'Shakespeare ...', 12"``: feature indices with their labels where known."""
+    return ", ".join(f"{f} '{labels[f]}'" if f in labels else str(f) for f in features)
+
+
+def describe_steer(names: str, alpha: list[float], relative: list[float] | None,
+                   site_norm: float | None, where: str) -> str:
+    """The steer line of :func:`describe` from its parts: ``alpha`` the vector lengths in model
+    units, ``relative`` the strengths in typical activations when they were relative."""
+    size = "/".join(f"{a:+.4g}" for a in dict.fromkeys(alpha))
+    unit = (f"{'/'.join(f'{float(s):g}' for s in relative)} x typical activation = "
+            if relative is not None else "")
+    frac = (f" ({'/'.join(f'{abs(a) / site_norm:.2f}' for a in dict.fromkeys(alpha))} x the "
+            f"site's mean norm {site_norm:.4g})" if site_norm else "")
+    return (f"steer feature {names}: {unit}a vector of length {size} along its unit decoder "
+            f"direction{frac}, {where}")

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from .compat import check_compatible
+from .errors import IncompatibleModelError
 from .hooks import SiteFn
 from .interventions import Intervention, Positions, check_positions, edit_delta, position_mask
-from .sites import Site
+from .sites import Site, hidden_size, module_for
 
 
 @dataclass
@@ -92,8 +93,18 @@ RowEdit = InterventionEdit | VectorEdit
 def as_row_edits(model: nn.Module, edits: Sequence[Intervention | RowEdit]) -> list[RowEdit]:
     """Interventions wrapped as :class:`InterventionEdit` (their SAE checked against ``model``);
     ready edits kept as given."""
-    return [e if isinstance(e, (InterventionEdit, VectorEdit)) else InterventionEdit.of(model, e)
-            for e in edits]
+    out: list[RowEdit] = []
+    for e in edits:
+        if isinstance(e, VectorEdit):
+            module_for(model, e.site)
+            if tuple(e.vector.shape) != (hidden_size(model),):
+                raise IncompatibleModelError(
+                    f"a steering vector of shape {list(e.vector.shape)} does not fit the model's "
+                    f"hidden size {hidden_size(model)} at {e.site.hook_point}")
+            out.append(e)
+        else:
+            out.append(e if isinstance(e, InterventionEdit) else InterventionEdit.of(model, e))
+    return out
 
 
 def row_hooks(edits: Sequence[Sequence[RowEdit]], pos_BT: torch.Tensor,

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from . import catalog, convert, eval_steer, evaluate, explain, generate, inspect, read  # noqa: F401  (register their commands)
+from . import catalog, convert, eval_steer, evaluate, explain, generate, inspect, read, serve  # noqa: F401  (register their commands)
 from .app import app, main
 
 __all__ = ["app", "main"]

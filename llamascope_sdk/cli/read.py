@@ -37,7 +37,7 @@ def encode(sae: SaeOpt, prompt: PromptOpt = None, model: ModelOpt = None,
     them) are marked 'dense': they say little about this prompt.
     """
     from llamascope_sdk import demo
-    from llamascope_sdk.reading import read_features
+    from llamascope_sdk.reading import encode_report, read_features
 
     if prompt is None and demo.is_demo(sae):
         prompt = demo.DEMO_PROMPT
@@ -48,12 +48,7 @@ def encode(sae: SaeOpt, prompt: PromptOpt = None, model: ModelOpt = None,
     reading = read_features(lm, tok, s, prompt, top_k=top_k, include_special=include_special)
     freq = s.stats.frequency if s.stats is not None else None
     if as_json:
-        out = reading.to_dict()
-        if freq is not None:
-            out["dense"] = sorted({f for rows in reading.top.values() for row in rows
-                                   for f, _ in row if float(freq[f]) > 0.5})
-        out["labels"] = {str(f): s.labels[f] for rows in reading.top.values() for row in rows
-                         for f, _ in row if f in s.labels}
+        out = encode_report(reading, s)
         echo_json(out)
         return
 

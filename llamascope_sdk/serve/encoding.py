@@ -1,0 +1,66 @@
+"""``POST /v1/encode``: which features of an SAE fire on which token of a text, as
+``llamascope encode --json`` prints it (:func:`~llamascope_sdk.reading.encode_report`).
+
+Body: ``{"sae": NAME, "text": TEXT, "top_k": 5, "include_special": false}``. The forward runs on
+the scheduler's thread, between generation steps, with the SAE held in the pool meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from llamascope_sdk.reading import encode_report, read_features
+
+from .errors import HttpError, http_error
+from .steering import check_name
+
+if TYPE_CHECKING:
+    from .app import Server
+
+
+async def encode_request(server: Server, body: dict[str, Any]) -> dict[str, Any]:
+    name, text = body.get("sae"), body.get("text", body.get("prompt"))
+    if not isinstance(name, str) or not name.strip():
+        raise HttpError(400, "sae must be an SAE name (e.g. 'demo')", "sae")
+    if not isinstance(text, str) or not text.strip():
+        raise HttpError(400, "text must be a non-empty string", "text")
+    top_k = body.get("top_k", 5)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= 100:
+        raise HttpError(400, f"top_k must be an integer in 1..100, got {top_k!r}", "top_k")
+    special = body.get("include_special", False)
+    if not isinstance(special, bool):
+        raise HttpError(400, f"include_special must be true or false, got {special!r}",
+                        "include_special")
+    check_name(name, "encode", served=server.config.served_saes,
+               allow_local=server.config.allow_local_saes)
+    ids = server.tokenizer(text, add_special_tokens=False)["input_ids"]
+    try:
+        from llamascope_sdk.models import check_fits_window
+
+        check_fits_window(server.model, len(ids) + 1)
+    except ValueError as exc:
+        raise HttpError(400, f"text: {exc}", "text") from None
+    from starlette.concurrency import run_in_threadpool
+
+    try:
+        sae = await run_in_threadpool(server.pool.acquire, name)
+    except Exception as exc:
+        raise http_error(exc, "sae") from None
+    try:
+        from llamascope_sdk.hooks import check_compatible
+
+        check_compatible(server.model, sae)
+
+        def run() -> dict[str, Any]:
+            reading = read_features(server.model, server.tokenizer, sae, text, top_k=top_k,
+                                    include_special=special)
+            return {"sae": name, **encode_report(reading, sae)}
+
+        return await asyncio.wrap_future(server.scheduler.call(run))
+    except HttpError:
+        raise
+    except Exception as exc:
+        raise http_error(exc, "sae") from None
+    finally:
+        server.pool.release(sae)

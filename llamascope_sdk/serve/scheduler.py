@@ -1,0 +1,188 @@
+"""The scheduler: one thread owns the model and a :class:`BatchGenerator`; requests join it.
+
+Requests that arrive together are generated together: each step admits the waiting requests
+(up to ``max_batch`` rows; a request with ``return_baseline`` is two rows), prefills them in one
+forward, and advances every running row in one batched forward. A request whose client went
+away is cancelled and its row freed at the next step. Every other use of the model (``/v1/encode``)
+runs on the same thread between steps, since hooks placed on the model apply to every forward.
+
+When more than ``max_queue`` requests wait, :meth:`Scheduler.submit` refuses with a 429.
+:meth:`Scheduler.stop` lets running and waiting requests finish, refuses new ones, then ends
+the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from llamascope_sdk.batch_generation import BatchGenerator, Row, Token
+
+from .errors import HttpError, busy
+
+
+@dataclass
+class Job:
+    """A request's rows and where their tokens go (an asyncio queue of the request's loop).
+
+    Events put on ``events``: :class:`~llamascope_sdk.batch_generation.Token` with ``row``
+    replaced by the row's index in ``rows``; then None when every row finished, or an
+    exception when the batch failed.
+    """
+
+    rows: list[Row]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    handles: dict[int, int] = field(default_factory=dict)  # generator handle -> row index
+    left: int = 0
+
+    def put(self, item: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # RuntimeError: the request's loop is gone
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+class Scheduler:
+    """See the module docstring. ``batch_wait``: seconds an idle scheduler waits after the
+    first request for others to arrive with it."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 64,
+                 batch_wait: float = 0.005) -> None:
+        if max_batch < 2:
+            raise ValueError(f"max_batch must be at least 2 (a steered row and its baseline), got {max_batch}")
+        self.gen = BatchGenerator(model, tokenizer)
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue, self.batch_wait = max_batch, max_queue, batch_wait
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._running: dict[int, Job] = {}  # generator handle -> job
+        self._cancel: set[int] = set()  # id(job)
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._stopping = False
+        self.steps = 0
+        self.max_rows_seen = 0
+        self._thread = threading.Thread(target=self._loop, name="llamascope-scheduler", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ from request handlers
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; 429 when the queue is full, 503 while shutting down."""
+        with self._cond:
+            if self._stopping:
+                raise HttpError(503, "the server is shutting down; not accepting new requests")
+            if len(self._waiting) >= self.max_queue:
+                raise busy(f"the queue is full ({self.max_queue} requests waiting); retry later")
+            job.left = len(job.rows)
+            self._waiting.append(job)
+            self._cond.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """Drop a job (its client disconnected): waiting, or its rows at the next step."""
+        with self._cond:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                return
+            self._cancel.add(id(job))
+            self._cond.notify_all()
+
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` on the scheduler thread between steps (for other uses of the model)."""
+        fut: Future[Any] = Future()
+        with self._cond:
+            if self._stopping:
+                raise HttpError(503, "the server is shutting down; not accepting new requests")
+            self._calls.append((fn, fut))
+            self._cond.notify_all()
+        return fut
+
+    @property
+    def load(self) -> dict[str, int]:
+        with self._cond:
+            return {"running": len({id(j) for j in self._running.values()}),
+                    "waiting": len(self._waiting), "rows": self.gen.size}
+
+    def stop(self, timeout: float = 600) -> None:
+        """Finish running and waiting requests, refuse new ones, end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ the thread
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._waiting or self._running or self._calls or self._stopping):
+                    self._cond.wait()
+                if self._stopping and not (self._waiting or self._running or self._calls):
+                    return
+                if self._waiting and not self._running and self.batch_wait > 0:
+                    self._cond.wait(self.batch_wait)  # let requests sent together arrive
+                calls = list(self._calls)
+                self._calls.clear()
+                cancelled = {h for h, j in self._running.items() if id(j) in self._cancel}
+                self._cancel.clear()
+                admit = []
+                rows = self.gen.size - len(cancelled)
+                while self._waiting and rows + len(self._waiting[0].rows) <= self.max_batch:
+                    job = self._waiting.popleft()
+                    rows += len(job.rows)
+                    admit.append(job)
+            for fn, fut in calls:
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001  (handed to the caller)
+                    fut.set_exception(exc)
+            for h in cancelled:
+                self.gen.cancel(h)
+                with self._cond:
+                    self._running.pop(h, None)
+            for job in admit:
+                self._admit(job)
+            if self.gen.busy:
+                self._step()
+
+    def _admit(self, job: Job) -> None:
+        try:
+            for i, row in enumerate(job.rows):
+                h = self.gen.add(row)
+                job.handles[h] = i
+                with self._cond:
+                    self._running[h] = job
+        except Exception as exc:  # a row the generator refuses: the whole request fails
+            for h in job.handles:
+                self.gen.cancel(h)
+                with self._cond:
+                    self._running.pop(h, None)
+            job.put(exc)
+
+    def _step(self) -> None:
+        self.max_rows_seen = max(self.max_rows_seen, self.gen.size)
+        try:
+            events: list[Token] = self.gen.step()
+        except Exception as exc:  # noqa: BLE001  every running request learns of it
+            with self._cond:
+                jobs = {id(j): j for j in self._running.values()}
+                self._running.clear()
+            for j in jobs.values():
+                j.put(exc)
+            self.gen = BatchGenerator(self.model, self.tokenizer)
+            return
+        self.steps += 1
+        for e in events:
+            with self._cond:
+                job = self._running.get(e.row)
+            if job is None:
+                continue
+            job.put(Token(job.handles[e.row], e.token, e.finish))
+            if e.finish is not None:
+                with self._cond:
+                    self._running.pop(e.row, None)
+                job.left -= 1
+                if job.left == 0:
+                    job.put(None)
