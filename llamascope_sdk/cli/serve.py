@@ -34,7 +34,7 @@ def serve(model: ModelOpt = None,
     except ImportError as exc:
         raise typer.BadParameter(f"the server needs the serve extra ({exc.name} is missing): "
                                  "pip install 'llamascope-sdk[serve]'") from None
-    from llamascope_sdk.hooks import check_compatible
+    from llamascope_sdk.compat import check_compatible
     from llamascope_sdk.models import base_model_of, load_model
     from llamascope_sdk.pool import SaePool, parse_bytes
 

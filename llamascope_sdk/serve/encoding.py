@@ -48,7 +48,7 @@ async def encode_request(server: Server, body: dict[str, Any]) -> dict[str, Any]
     except Exception as exc:
         raise http_error(exc, "sae") from None
     try:
-        from llamascope_sdk.hooks import check_compatible
+        from llamascope_sdk.compat import check_compatible
 
         check_compatible(server.model, sae)
 
