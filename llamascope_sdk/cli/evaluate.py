@@ -60,7 +60,8 @@ def eval_cmd(names: Annotated[list[str], typer.Argument(help="SAE names sharing 
     if model is None and len(models) > 1:
         raise typer.BadParameter(f"the SAEs belong to different models {sorted(models)}; pass --model",
                                  param_hint="--model")
-    lm, tok = load_model(model or models.pop(), device=device, dtype=dtype)
+    lm, tok = load_model(model or models.pop(), device=device, dtype=dtype,
+                         hidden_size=saes[0].d_model)
     for s in saes:
         check_compatible(lm, s)
     results = evaluate(lm, tok, saes, dataset, tokens=tokens, context=context, pack=pack,

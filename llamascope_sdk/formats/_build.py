@@ -65,6 +65,8 @@ class Plain:
             feature (``inf`` for a feature that never fires); None when there is none to set.
         threshold_times_decoder_norm: the threshold still has to be multiplied by the built
             SAE's decoder norms (``||d_i||``, as folding computes them).
+        model_name: the base model the source names (kept as lm_config.json's model_name);
+            None when it names none.
     """
 
     hyperparams: Hyperparams
@@ -72,6 +74,7 @@ class Plain:
     file_dtype: torch.dtype
     threshold: torch.Tensor | None = None
     threshold_times_decoder_norm: bool = False
+    model_name: str | None = None
 
 
 class Exportable(Folded, Protocol):
@@ -132,6 +135,33 @@ def need(tensors: dict[str, torch.Tensor], names: tuple[str, ...], where: str) -
                                  f"(found {sorted(tensors)})")
 
 
+def matrix(t: torch.Tensor, name: str, where: str, dims: str) -> torch.Tensor:
+    """``t`` if it is a 2-D floating-point tensor; a one-line error naming its shape otherwise
+    (``dims`` says what the two dimensions are, e.g. ``"[d_in, d_sae]"``)."""
+    if t.ndim != 2 or not t.is_floating_point():
+        raise CorruptCheckpointError(f"{where}: tensor '{name}' has shape {list(t.shape)} and dtype "
+                                     f"{str(t.dtype).removeprefix('torch.')}; expected a 2-D "
+                                     f"floating-point matrix {dims}")
+    return t
+
+
+def threshold_vector(t: torch.Tensor, name: str, d_sae: int, where: str) -> torch.Tensor:
+    """A JumpReLU threshold as [d_sae] float64: a scalar is spread to every feature; any
+    other shape, or a NaN, is refused in one line naming it (a NaN feature would never fire)."""
+    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, d_sae)):
+        raise CorruptCheckpointError(f"{where}: tensor '{name}' has shape {list(t.shape)}; expected "
+                                     f"[{d_sae}] (one threshold per feature) or a scalar")
+    t = t.double().reshape(-1).expand(d_sae)
+    nan = torch.isnan(t).nonzero().flatten()
+    if nan.numel():
+        raise CorruptCheckpointError(
+            f"{where}: tensor '{name}' holds NaN for {nan.numel()} of {d_sae} features (first: "
+            f"feature {int(nan[0])}); a NaN threshold is no threshold (the feature could never "
+            "fire)", hint="fix the checkpoint (e.g. set those thresholds to inf to switch the "
+                          "features off, or to a value)")
+    return t
+
+
 def check_shape(t: torch.Tensor, shape: tuple[int, ...], name: str, where: str) -> None:
     if tuple(t.shape) != shape:
         raise CorruptCheckpointError(f"{where}: tensor '{name}' has shape {list(t.shape)}, "
@@ -145,7 +175,7 @@ def plain_record(*, W_e: torch.Tensor, b_e: torch.Tensor, W_d: torch.Tensor, b_d
                  rank_by_decoder_norm: bool = False, source_format: str,
                  source_config: dict[str, Any] | None = None,
                  file_dtype: torch.dtype | None = None,
-                 extra: dict[str, Any] | None = None) -> Plain:
+                 extra: dict[str, Any] | None = None, model_name: str | None = None) -> Plain:
     """The :class:`Plain` record of the plain form in the module docstring (exact mapping).
 
     Args:
@@ -192,7 +222,8 @@ def plain_record(*, W_e: torch.Tensor, b_e: torch.Tensor, W_d: torch.Tensor, b_d
     raw = {"encoder.weight": W_e64.to(torch.float32), "encoder.bias": b_e64.to(torch.float32),
            "decoder.weight": W_d64.t().to(torch.float32).contiguous(),
            "decoder.bias": b_d.to(torch.float32)}
-    return Plain(Hyperparams.from_dict(hp, source=where), raw, file_dtype or W_e.dtype, thr_folded)
+    return Plain(Hyperparams.from_dict(hp, source=where), raw, file_dtype or W_e.dtype, thr_folded,
+                 model_name=model_name)
 
 
 def collapse_threshold(thr: torch.Tensor) -> torch.Tensor:

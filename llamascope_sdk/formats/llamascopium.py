@@ -52,9 +52,11 @@ from ._build import (
     Exportable,
     Plain,
     UnsupportedFormatError,
+    matrix,
     need,
     read_json,
     read_tensors,
+    threshold_vector,
     write_sae_folder,
 )
 
@@ -130,9 +132,11 @@ def read(folder: str | Path) -> Plain:
     if cfg.get("apply_decoder_bias_to_pre_encoder") or cfg.get("use_glu_encoder"):
         raise UnsupportedFormatError(f"{where}: apply_decoder_bias_to_pre_encoder/use_glu_encoder "
                                      "are not supported")
-    W_E = need(t, ("W_E",), where) if "W_E" in t else need(t, ("encoder.weight",), where).t()
+    W_E = (matrix(t["W_E"], "W_E", where, "[d_model, d_sae]") if "W_E" in t
+           else matrix(need(t, ("encoder.weight",), where), "encoder.weight", where, "[d_sae, d_model]").t())
     b_E = need(t, ("b_E", "encoder.bias"), where)
-    W_D = need(t, ("W_D",), where) if "W_D" in t else need(t, ("decoder.weight",), where).t()
+    W_D = (matrix(t["W_D"], "W_D", where, "[d_sae, d_model]") if "W_D" in t
+           else matrix(need(t, ("decoder.weight",), where), "decoder.weight", where, "[d_model, d_sae]").t())
     b_D = t.get("b_D", t.get("decoder.bias"))
     d_model, d_sae = W_E.shape
     hook_in, hook_out = str(cfg["hook_point_in"]), str(cfg.get("hook_point_out") or cfg["hook_point_in"])
@@ -173,9 +177,14 @@ def read(folder: str | Path) -> Plain:
         log_t = t.get("activation_function.log_jumprelu_threshold", t.get("log_jumprelu_threshold"))
         if log_t is None:
             raise CorruptCheckpointError(f"{where}: a JumpReLU checkpoint without log_jumprelu_threshold")
-        thr = log_t.double().exp().expand(d_sae) / params.scale_out
+        name = ("activation_function.log_jumprelu_threshold"
+                if "activation_function.log_jumprelu_threshold" in t else "log_jumprelu_threshold")
+        thr = threshold_vector(log_t, name, d_sae, where).exp() / params.scale_out
         if not bool(torch.isfinite(thr).all()):
-            raise ValueError(f"{where}: threshold must be a finite scalar or a finite [d_sae] vector")
+            bad = int((~torch.isfinite(thr)).nonzero()[0])
+            raise CorruptCheckpointError(
+                f"{where}: tensor '{name}' is {float(log_t.reshape(-1).expand(d_sae)[bad]):g} for "
+                f"feature {bad}, whose threshold exp(.) is not finite; expected finite logarithms")
     # Gated on h alone (not h ||W_D[i]||): theta_i = t_i ||d_i|| / s_out, with the decoder
     # norms the SAE computes when it folds these tensors.
     return Plain(params, raw, W_E.dtype, thr,

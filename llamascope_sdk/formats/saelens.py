@@ -53,10 +53,12 @@ from ._build import (
     Exportable,
     Plain,
     UnsupportedFormatError,
+    matrix,
     need,
     plain_record,
     read_json,
     read_tensors,
+    threshold_vector,
     write_sae_folder,
 )
 
@@ -153,6 +155,10 @@ def read(folder: str | Path, *, norm_scaling_factor: float | None = None) -> Pla
     t = read_tensors(folder / WEIGHTS)
     where = f"SAELens folder {folder}"
     meta = cfg.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise CorruptCheckpointError(
+            f"{where}: cfg.json 'metadata' is a {type(meta).__name__} ({str(meta)[:40]!r}); "
+            "expected a JSON object (hook_name, model_name, ...)")
     arch = str(cfg.get("architecture") or _legacy_arch(cfg))
     hook_in = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
     if not hook_in:
@@ -176,9 +182,9 @@ def read(folder: str | Path, *, norm_scaling_factor: float | None = None) -> Pla
         raise UnsupportedFormatError(
             f"{where}: SAELens architecture {arch!r} is not supported (jumprelu, topk, standard, "
             "jumprelu_transcoder, transcoder)")
-    W_enc = need(t, ("W_enc",), where)  # [d_in, F]
+    W_enc = matrix(need(t, ("W_enc",), where), "W_enc", where, "[d_in, d_sae]")
     b_enc = need(t, ("b_enc",), where)
-    W_dec = need(t, ("W_dec",), where)  # [F, d_out]
+    W_dec = matrix(need(t, ("W_dec",), where), "W_dec", where, "[d_sae, d_out]")
     b_dec = need(t, ("b_dec",), where)
     file_dtype = W_enc.dtype
     W_e = W_enc.double().t()
@@ -200,9 +206,9 @@ def read(folder: str | Path, *, norm_scaling_factor: float | None = None) -> Pla
     threshold: torch.Tensor | None = None
     if act == "jumprelu":
         if "threshold" in t:
-            threshold = t["threshold"].double()
+            threshold = threshold_vector(t["threshold"], "threshold", W_e.shape[0], where)
         elif "log_threshold" in t:
-            threshold = t["log_threshold"].double().exp()
+            threshold = threshold_vector(t["log_threshold"], "log_threshold", W_e.shape[0], where).exp()
         else:
             raise CorruptCheckpointError(f"{where}: a JumpReLU checkpoint without 'threshold'")
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
@@ -210,7 +216,16 @@ def read(folder: str | Path, *, norm_scaling_factor: float | None = None) -> Pla
     return plain_record(W_e=W_e, b_e=b_e, W_d=W_d, b_d=b_d, act_fn=act, hook_point_in=str(hook_in),
                         hook_point_out=str(hook_out), threshold=threshold, top_k=k,
                         rank_by_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm", False)),
-                        source_format="saelens", source_config=cfg, file_dtype=file_dtype)
+                        source_format="saelens", source_config=cfg, file_dtype=file_dtype,
+                        model_name=_model_name(meta, cfg, where))
+
+
+def _model_name(meta: dict[str, Any], cfg: dict[str, Any], where: str) -> str | None:
+    """The base model the folder names (``metadata.model_name``, or SAELens 5's top level)."""
+    name = meta.get("model_name", cfg.get("model_name"))
+    if name is not None and not isinstance(name, str):
+        raise CorruptCheckpointError(f"{where}: cfg.json model_name is {name!r}; expected a model id")
+    return name or None
 
 
 def _legacy_arch(cfg: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ from llamascope_sdk.cards import render_card
 from llamascope_sdk.corpus import local_paths
 from llamascope_sdk.dtypes import parse_dtype
 from llamascope_sdk.hyperparams import Hyperparams
-from llamascope_sdk.models import SMOLLM2_ID, is_smollm2
+from llamascope_sdk.model_cache import SMOLLM2_ID, is_smollm2
 from llamascope_sdk.release import default_lm_config, write_release
 from llamascope_sdk.sites import parse_hook_point, position_of
 
