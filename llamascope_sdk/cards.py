@@ -244,6 +244,39 @@ def render_card(ref_or_info: SaeRef | str | dict[str, Any], metrics: Any = None)
     return str(card)
 
 
+def sae_card(sae: Any, lm_config: dict[str, Any] | None = None) -> str:
+    """The card of an SAE that came with none, from the one template: the release card of a
+    Llama Scope checkpoint, else a custom card from the SAE's own facts (hyperparams, base
+    model, threshold; where it was converted from)."""
+    if sae.ref is not None:
+        return render_card(sae.ref)
+    import re
+
+    hp = sae.hyperparams
+    lm = lm_config or sae.lm_config or {}
+    base = str(lm.get("model_name") or BASE_MODEL)
+    kind = "transcoder" if hp.is_transcoder else "sparse autoencoder"
+    m = re.match(r"^blocks\.(\d+)\.(hook_\w+)", hp.hook_point_out)
+    position = "TC" if hp.is_transcoder else {
+        "hook_resid_post": "R", "hook_attn_out": "A", "hook_mlp_out": "M"}.get(m.group(2) if m else "", "R")
+    gate = (f"one threshold θ = {float(sae.threshold):.6g}" if hp.act_fn == "jumprelu" and
+            not sae.per_feature_threshold else "one threshold per feature"
+            if hp.act_fn == "jumprelu" else f"k = {hp.top_k}" if hp.act_fn == "topk" else "ReLU")
+    source = (hp.model_extra or {}).get("converted_from") or {}
+    info: dict[str, Any] = {
+        "name": sae.name, "layer": int(m.group(1)) if m else "?", "position": position,
+        "d_model": hp.d_model, "d_sae": hp.d_sae, "hook_point_in": hp.hook_point_in,
+        "hook_point_out": hp.hook_point_out, "model": base, "load_name": "<this folder or repo>",
+        "summary": f"A {hp.act_fn} {kind} on `{base}` ({gate}), saved with llamascope-sdk in the "
+                   "Llama Scope release layout.",
+        "architecture": f"{hp.act_fn} {kind} ({gate})", "tags": ["llamascope", hp.act_fn],
+        "note": f"Converted from a {source['format']} checkpoint." if source.get("format") else None,
+    }
+    if m is None:  # a hook point the site table does not know: name it as it is
+        info.update(hf_in=hp.hook_point_in, hf_out=hp.hook_point_out)
+    return render_card(info)
+
+
 def render_all(out_dir: str | os.PathLike[str], metrics: dict[str, Any] | str | None = None,
                *, demo: bool = True) -> list[Path]:
     """Write ``out_dir/<name>/README.md`` for each of the 256 checkpoints (and ``demo/``).

@@ -48,8 +48,8 @@ def check_hidden_size(name_or_path: str, path: str, hidden_size: int, *,
                         "hidden_size", None)
     if width is not None and int(width) != hidden_size:
         raise IncompatibleModelError(
-            f"model {name_or_path!r} has hidden size {width}, but the SAE reads vectors of "
-            f"d_model={hidden_size}: it was trained on another model",
+            f"model {name_or_path!r}: the SAE's d_model={hidden_size} does not match the model's "
+            f"hidden_size={width} (read from its config, before any weights)",
             hint="pass --model (model=) with the model the SAE was trained on")
 
 

@@ -28,27 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .devices import resolve_device
-from .dtypes import SAFETENSORS, parse_dtype
-from .errors import CorruptCheckpointError, FeatureIndexError
-from .feature_stats import LABELS_FILE, STATS_FILE, FeatureStats, read_labels
+from . import sae_files
+from .dtypes import parse_dtype
+from .errors import FeatureIndexError
+from .feature_stats import FeatureStats
 from .fold import fold_into, unfold
-from .formats import Plain, collapse_threshold, read_foreign
+from .formats import Plain, read_foreign
 from .hub import Source
 from .hyperparams import Hyperparams
-from .registry import BASE_MODEL, SaeRef
-from .release import (
-    CARD,
-    CHECKPOINT,
-    HYPERPARAMS,
-    PER_FEATURE_THRESHOLD,
-    check_folder,
-    default_lm_config,
-    expected_shapes,
-    open_checkpoint,
-    read_lm_config,
-    write_release,
-)
+from .registry import SaeRef
 
 #: Above this fraction of non-zero activations a dense decode beats gathering rows.
 _DENSE_DECODE_DENSITY = 0.05
@@ -342,68 +330,25 @@ class SAE(nn.Module):
     def from_raw(cls, hyperparams: Hyperparams | dict[str, Any], tensors: dict[str, torch.Tensor],
                  *, device: torch.device | str | None = None,
                  dtype: torch.dtype | str | None = None, gate: Gate = "reference") -> SAE:
-        """Build from training-space tensors (the content of checkpoints/final.safetensors)."""
-        hp = hyperparams if isinstance(hyperparams, Hyperparams) else Hyperparams.from_dict(hyperparams)
-        for name, shape in expected_shapes(hp).items():
-            if name not in tensors:
-                raise CorruptCheckpointError(f"missing tensor '{name}' (expected shape {list(shape)})")
-            if tuple(tensors[name].shape) != shape:
-                raise CorruptCheckpointError(f"tensor '{name}' has shape {list(tensors[name].shape)}, "
-                                             f"expected {list(shape)}")
-            if not tensors[name].is_floating_point():
-                raise CorruptCheckpointError(f"tensor '{name}' has dtype {tensors[name].dtype}; "
-                                             "allowed are floating-point tensors")
-        sae = cls(hp, device=device, dtype=dtype, gate=gate)
-        sae.file_dtype = tensors["encoder.weight"].dtype
-        sae._fold_from(tensors.__getitem__)
-        return sae
+        """Build from training-space tensors (the content of checkpoints/final.safetensors).
+
+        Raises:
+            CorruptCheckpointError: a tensor missing, of the wrong shape or not floating-point.
+        """
+        return sae_files.build_raw(cls, hyperparams, tensors, device=device, dtype=dtype, gate=gate)
 
     @classmethod
     def from_plain(cls, plain: Plain, *, device: torch.device | str | None = None,
                    dtype: torch.dtype | str | None = None, gate: Gate = "reference") -> SAE:
         """Build from a foreign checkpoint read by :mod:`llamascope_sdk.formats` (a SAELens,
         Llamascopium or sparsify folder, see :func:`~llamascope_sdk.formats.read_foreign`)."""
-        sae = cls.from_raw(plain.hyperparams, plain.tensors, device=device, dtype=dtype, gate=gate)
-        sae.file_dtype = plain.file_dtype
-        if plain.model_name:
-            sae.lm_config = default_lm_config(plain.model_name, sae.d_model)
-        thr = plain.threshold
-        if thr is not None:
-            if plain.threshold_times_decoder_norm:
-                thr = thr * sae.decoder_norm.double().cpu()
-            if not bool(torch.isfinite(thr).all()):  # a feature that never fires
-                big = torch.finfo(sae.dtype).max
-                thr = torch.where(torch.isfinite(thr), thr, torch.full_like(thr, big))
-            sae.set_threshold(collapse_threshold(thr))
-        return sae
+        return sae_files.build_plain(cls, plain, device=device, dtype=dtype, gate=gate)
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, device: torch.device | str | None = None,
                     dtype: torch.dtype | str | None = None, gate: Gate = "reference") -> SAE:
         """Load a local folder in the release layout (hyperparams.json + checkpoints/)."""
-        folder = Path(folder)
-        check_folder(folder)
-        hp = Hyperparams.from_file(folder / HYPERPARAMS)
-        dev = resolve_device(device)
-        # Read straight onto the target device: no CPU detour for CUDA. The file's header
-        # (names, shapes, dtypes) is checked against hyperparams.json before the SAE is built,
-        # so a d_sae the file does not have fails here instead of allocating F x D weights.
-        with open_checkpoint(folder / CHECKPOINT, hp, device=str(dev)) as fh:
-            sae = cls(hp, device=dev, dtype=dtype, gate=gate)
-            sae.file_dtype = SAFETENSORS[fh.get_slice("encoder.weight").get_dtype()]
-            sae._fold_from(fh.get_tensor)
-            names = set(fh.keys())
-            if PER_FEATURE_THRESHOLD in names:
-                sae.set_threshold(fh.get_tensor(PER_FEATURE_THRESHOLD))
-        sae.source = Source(path=str(folder))
-        if (folder / CARD).is_file():
-            sae.card = (folder / CARD).read_text(encoding="utf-8")
-        sae.lm_config = read_lm_config(folder)
-        if (folder / STATS_FILE).is_file():
-            sae.stats = FeatureStats.load(folder / STATS_FILE)
-        if (folder / LABELS_FILE).is_file():
-            sae.labels = read_labels(folder / LABELS_FILE, sae.d_sae)
-        return sae
+        return sae_files.read_release(cls, Path(folder), device=device, dtype=dtype, gate=gate)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike[str], *, revision: str | None = None,
@@ -478,50 +423,7 @@ class SAE(nn.Module):
             lm_config: overrides the lm_config.json that was loaded.
             card: overrides the README.md that was loaded.
         """
-        from .dtypes import parse_dtype as _parse
-
-        hp = self.hyperparams
-        try:
-            same_dtype = _parse(hp.dtype) == self.file_dtype
-        except (ValueError, TypeError):
-            same_dtype = False
-        if not same_dtype:
-            hp = hp.model_copy(update={"dtype": str(self.file_dtype)})
-        lm = lm_config or self.lm_config or default_lm_config(BASE_MODEL, self.d_model)
-        tensors = self.raw_state_dict()
-        if self.per_feature_threshold:
-            tensors[PER_FEATURE_THRESHOLD] = self.threshold.detach().to("cpu", torch.float32)
-        text = card if card is not None else (self.card if self.card is not None
-                                              else self._default_card(lm))
-        return write_release(folder, hp, tensors, lm, card=text, stats=self.stats,
-                             labels=self.labels)
-
-    def _default_card(self, lm_config: dict[str, Any]) -> str:
-        """The registry card for a Llama Scope release, else a short card (front matter:
-        base_model, library_name llamascope-sdk, tags) built from hyperparams/lm_config."""
-        if self.ref is not None:
-            from .cards import render_card
-
-            return render_card(self.ref)
-        from huggingface_hub import ModelCard, ModelCardData
-
-        hp = self.hyperparams
-        base = str(lm_config.get("model_name") or BASE_MODEL)
-        kind = "transcoder" if self.is_transcoder else "sparse autoencoder"
-        tags = ["llamascope", "sparse-autoencoder", "interpretability",
-                "transcoder" if self.is_transcoder else "sae", hp.act_fn]
-        data = ModelCardData(base_model=base, library_name="llamascope-sdk", tags=tags)
-        thr = (self._threshold_text() if hp.act_fn == "jumprelu" else
-               f"top-k, k = {hp.top_k}" if hp.act_fn == "topk" else "ReLU")
-        body = (f"# {self.name}\n\nA {hp.act_fn} {kind} on `{base}`, saved with llamascope-sdk in "
-                "the Llama Scope release layout.\n\n"
-                "| field | value |\n|---|---|\n"
-                f"| hook_point_in | `{hp.hook_point_in}` |\n| hook_point_out | `{hp.hook_point_out}` |\n"
-                f"| d_model | {hp.d_model} |\n| d_sae | {hp.d_sae} |\n"
-                f"| activation | {thr} |\n| norm_activation | {hp.norm_activation} |\n\n"
-                "```python\nfrom llamascope_sdk import SAE\n"
-                "sae = SAE.from_pretrained(\"<this folder or repo>\")\n```\n")
-        return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+        return sae_files.save_release(self, Path(folder), lm_config=lm_config, card=card)
 
     def push_to_hub(self, repo_id: str, *, subfolder: str | None = None, token: str | None = None,
                     revision: str | None = None, branch: str | None = None,
@@ -543,20 +445,6 @@ class SAE(nn.Module):
             The ``huggingface_hub.CommitInfo`` of the upload (``.commit_url``, ``.oid``,
             ``.pr_url`` when ``create_pr``).
         """
-        import tempfile
-
-        from huggingface_hub import HfApi
-
-        if branch is not None and revision is not None and branch != revision:
-            raise ValueError(f"branch={branch!r} and revision={revision!r} disagree; give one")
-        target = branch if branch is not None else revision
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if target is not None and not create_pr:
-            api.create_branch(repo_id, branch=target, exist_ok=True)
-        extra: dict[str, Any] = {"create_pr": True} if create_pr else {}
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(Path(tmp) / "sae")
-            return api.upload_folder(repo_id=repo_id, folder_path=str(Path(tmp) / "sae"),
-                                     path_in_repo=subfolder or "", revision=target,
-                                     commit_message=commit_message, **extra)
+        return sae_files.push(self, repo_id, subfolder=subfolder, token=token, revision=revision,
+                              branch=branch, create_pr=create_pr, private=private,
+                              commit_message=commit_message)

@@ -98,3 +98,16 @@ def test_foreign_saes_get_distinct_stable_names(tmp_path) -> None:
     assert len(set(names)) == 4 and "sae" not in names
     assert names[0] == str(a.resolve())
     assert SAE.from_pretrained(a).name == names[0]  # stable: the same folder, the same name
+
+
+def test_a_saved_import_gets_the_template_card_with_its_base_model(tmp_path) -> None:
+    from huggingface_hub import ModelCard
+
+    cfg = _cfg("jumprelu")
+    cfg["metadata"]["model_name"] = "gpt2"
+    sae = SAE.from_pretrained(_write_saelens(tmp_path / "g", cfg, _foreign()))
+    card = ModelCard((sae.save_pretrained(tmp_path / "rel") / "README.md").read_text())
+    assert card.data.base_model == "gpt2" and card.data.library_name == "llamascope-sdk"
+    assert "llamascope" in card.data.tags and "jumprelu" in card.data.tags
+    assert "Converted from a saelens checkpoint." in card.text
+    assert "blocks.7.hook_resid_post" in card.text

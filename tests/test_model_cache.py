@@ -175,6 +175,6 @@ def test_a_model_of_another_width_is_refused_before_its_weights(fake_hub) -> Non
         "model.safetensors": b"\0" * 4096})
     with pytest.raises(IncompatibleModelError) as err:
         load_model("meta-llama/Wide-Model", hidden_size=576)
-    assert str(err.value) == ("model 'meta-llama/Wide-Model' has hidden size 4096, but the SAE reads "
-                              "vectors of d_model=576: it was trained on another model")
+    assert str(err.value) == ("model 'meta-llama/Wide-Model': the SAE's d_model=576 does not match "
+                              "the model's hidden_size=4096 (read from its config, before any weights)")
     assert fake_hub.hub.requests(".safetensors") == []
