@@ -99,19 +99,20 @@ def whole_file_rule(text: str, pack_chars: int | None = None) -> list[str]:
 @pytest.mark.parametrize("seed", range(40))
 def test_streamed_txt_equals_the_whole_file_rule(tmp_path: Path, seed: int, monkeypatch) -> None:
     """Random files of headings, sub-headings, blank and whitespace lines, long lines read in
-    parts (PIECE_CHARS shrunk to 12, longer than the headings): the streamed reader gives
-    the whole-file rule's documents."""
+    parts (PIECE_CHARS shrunk to 12 bytes, longer than the headings; multi-byte characters cut
+    between parts), Windows line ends: the streamed reader gives the whole-file rule's
+    documents."""
     import random
 
     monkeypatch.setattr(corpus.documents, "PIECE_CHARS", 12)
     rng = random.Random(seed)
     pieces = [" = T{} = ", " = = S = = ", "", "  ", "\t", "word", " two words here ", "x" * 30,
-              "  indented  and long line of text  "]
-    weights = [1 if seed % 2 else 0, 1, 3, 1, 1, 4, 3, 1, 2]
+              "  indented  and long line of text  ", "naïve — 東京の夜 — ünïcödé, split mid-character"]
+    weights = [1 if seed % 2 else 0, 1, 3, 1, 1, 4, 3, 1, 2, 2]
     lines = [rng.choices(pieces, weights)[0].format(rng.randint(0, 99)) for _ in range(rng.randint(0, 60))]
     text = "\n".join(lines) + rng.choice(["", "\n", "\n\n"])
     path = tmp_path / "c.txt"
-    path.write_text(text)
+    path.write_bytes((text.replace("\n", "\r\n") if seed % 3 == 0 else text).encode())
     for pack in (None, 25):
         assert corpus.file_documents(path, pack_chars=pack) == whole_file_rule(text, pack), pack
     assert corpus.split_text(text) == whole_file_rule(text)
@@ -186,3 +187,19 @@ def test_a_non_string_dataset_row_is_refused_and_nulls_skipped(monkeypatch) -> N
     with pytest.raises(DataFormatError, match=r"^someone/c\[train\] row 2: 'text' is int \(3\)"):
         list(corpus.iter_documents("someone/c", counts=counts))
     assert counts.null_rows == 1
+
+
+@pytest.mark.parametrize("name", ["a.txt", "a.jsonl"])
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(b'"one"\n"two"\n"\xff\xfe"\n')
+    with pytest.raises(DataFormatError) as info:
+        list(corpus.iter_documents(path))
+    assert str(info.value) == f"{path}: not UTF-8 text (line 3: invalid start byte)"
+
+
+def test_a_file_that_is_not_parquet_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "a.parquet"
+    path.write_text("not parquet at all")
+    with pytest.raises(DataFormatError, match=r"a\.parquet: not a readable Parquet file \("):
+        list(corpus.iter_documents(path))
