@@ -46,6 +46,7 @@ def run(args: list[str]) -> str:
 
 def main() -> None:
     from llamascope_sdk import SAE, load_model
+    from llamascope_sdk import feature_view as view
     from llamascope_sdk.feature_store import FeatureStore
     from llamascope_sdk.mining import mine
     from llamascope_sdk.pages import write_pages
@@ -67,7 +68,7 @@ def main() -> None:
     page = tmp / "store" / "pages" / "features" / f"{FEATURE}.html"
     dom = run(["--dump-dom", page.as_uri()])
     text = html.unescape(dom)
-    summary = store.summary(FEATURE)
+    summary = view.summary(store, FEATURE)
     top = store.examples(FEATURE)[0]
     checks = {
         "label": summary["label"] in text,

@@ -104,6 +104,15 @@ class InputError(LlamascopeError, ValueError):
     """Text or numbers a caller passed that cannot be used as given (empty, too long, NaN...)."""
 
 
+class OutputPathError(LlamascopeError, OSError):
+    """An output path the SDK will not write: a file where a folder goes, a folder (or file) the
+    SDK did not write, or a place without write permission. Checked before any work starts."""
+
+
+class StoreMismatchError(LlamascopeError, ValueError):
+    """A feature store mined with a different SAE than the one it is used with."""
+
+
 # --------------------------------------------------------------------------- Hub downloads
 class ChecksumMismatchError(CorruptCheckpointError):
     """A downloaded file whose content does not hash to what the Hub announced for it (sha256

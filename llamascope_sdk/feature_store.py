@@ -4,23 +4,31 @@ A store is a folder::
 
     manifest.json               written LAST; a folder without it (or not "complete") is refused
     top.safetensors             values/doc/pos [F, N], tokens/acts [F, N, W]: top-N contexts
-    samples.safetensors         the same for the quantile sample, sorted by activation
+    samples.safetensors         the same for the quantile sample, sorted by activation (optional)
     feature_stats.safetensors   FeatureStats (the file relative steering and mean ablation read)
     histogram.safetensors       counts [F, B] over edges [B - 1] (log-spaced, model units)
-    logit_lens.safetensors      top/bottom token ids and logits [F, k]
+    logit_lens.safetensors      top/bottom token ids and logits [F, k] (optional)
     vocab.json                  token id -> text of every token id the arrays use
     feature_labels.json         labels known for the SAE (optional)
-    pages/                      the HTML feature pages (optional)
+    pages/                      the HTML feature pages (optional; deleting them is fine)
 
-Safetensors for arrays and JSON for metadata, never pickle. The folder is written into a
-temporary sibling and renamed into place, so an interrupted run leaves either the previous
-store or nothing that loads (rerunning mining restarts it; the leftover temporary folder is
-removed then).
+The manifest names the format and kind (``"format": "llamascope-feature-store"``, ``"kind":
+"feature-store"``), every file of the store, and a fingerprint of the SAE's weights
+(:mod:`~llamascope_sdk.fingerprint`) so a store is never used with another SAE.
+
+Safetensors for arrays and JSON for metadata, never pickle. The folder is written whole in one
+step (:func:`~llamascope_sdk.atomic.write_folder`), so an interrupted run leaves the previous
+store (or nothing), never a mix. A folder is replaced only when it is provably an earlier
+store: its manifest says so and every file in it is one the manifest lists. Anything else (a
+file, a folder of the user's, a store the user added files to) is refused before any work.
 
 To make relative steering (``--relative``) and mean ablation work on the mined SAE::
 
     sae = SAE.from_pretrained("L15R-8x")
     sae.stats = FeatureStats.load(store_folder)      # feature_stats.safetensors inside it
+
+What is shown about a feature (summary, examples, steer command) is in
+:mod:`~llamascope_sdk.feature_view`.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shlex
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -38,17 +46,29 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_save_safetensors, atomic_write_text, publish_mode
-from .errors import CorruptCheckpointError, FeatureIndexError, LlamascopeError
+from .atomic import atomic_save_safetensors, atomic_write_text, check_replaceable, write_folder
+from .errors import (
+    CorruptCheckpointError,
+    FeatureIndexError,
+    FolderNotOwnedError,
+    LlamascopeError,
+    OutputPathError,
+    StoreMismatchError,
+)
 from .feature_stats import LABELS_FILE, STATS_FILE, FeatureStats, read_labels, write_labels
+from .fingerprint import differences, fingerprint, is_fingerprint
 from .logit_lens import APPROXIMATION, LogitLens
-from .mining import HIST_EDGES, Examples, MiningResult, quantile_bands
+from .metrics import DENSE_FREQUENCY
+from .mining import HIST_EDGES, Examples, MiningResult
 from .paths import cache_root
 
 FORMAT = "llamascope-feature-store"
+KIND = "feature-store"
 VERSION = 1
 MANIFEST = "manifest.json"
-DENSE_FREQUENCY = 0.5
+#: Files every store has; the others (samples, logit lens, labels, pages/) are optional.
+REQUIRED = ("top.safetensors", "histogram.safetensors", STATS_FILE, "vocab.json")
+_OPTIONAL_DIRS = ("pages",)
 
 
 class IncompleteStoreError(LlamascopeError, FileNotFoundError):
@@ -59,6 +79,220 @@ def default_store_dir(sae_name: str) -> Path:
     """Where ``llamascope inspect`` writes a store when no --out is given:
     ``$LLAMASCOPE_CACHE/features/<sae name>``."""
     return cache_root() / "features" / sae_name.replace("/", "_")
+
+
+# ---------------------------------------------------------------------- ownership of the folder
+def _own_manifest(folder: Path) -> dict[str, Any] | None:
+    """The folder's manifest when it is a feature store's (format and kind say so), else None."""
+    try:
+        meta = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return None
+    if meta.get("kind", KIND) != KIND:  # stores written before "kind" existed carry only format
+        return None
+    return meta
+
+
+#: Files the SDK adds to a store after mining: explanations (``llamascope explain``, see
+#: explain/records.py) and the temporary files of their atomic writes. They describe the mined
+#: examples, so they go when the store is mined again.
+_ADDED = re.compile(r"explanations/[A-Za-z0-9._-]+/(config\.json|features/\d+\.json"
+                    r"|(features/)?\.[^/]+\.tmp)")
+
+
+def _foreign_entries(folder: Path, meta: dict[str, Any]) -> list[str]:
+    """Entries under ``folder`` that the store did not write: not listed in its manifest and
+    not an SDK-added file (:data:`_ADDED`)."""
+    listed = {f for f in meta.get("files", []) if isinstance(f, str)} | {MANIFEST}
+    out = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_dir() and not p.is_symlink():
+            if rel.split("/")[0] in (*_OPTIONAL_DIRS, "explanations") \
+                    or any(f.startswith(rel + "/") for f in listed):
+                continue
+            out.append(rel + "/")
+        elif rel not in listed and not _ADDED.fullmatch(rel):
+            out.append(rel)
+    return out
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _replaceable_store(folder: Path) -> None:
+    """Accept (for :func:`~llamascope_sdk.atomic.write_folder`) a folder that is an earlier
+    feature store holding only the files its manifest lists; raise otherwise."""
+    entries = sorted(p.name for p in folder.iterdir())
+    meta = _own_manifest(folder)
+    if meta is None:
+        raise FolderNotOwnedError(
+            f"{folder} is not a feature store ({len(entries)} entries, e.g. "
+            f"{', '.join(entries[:3])}): only an empty folder or an earlier feature store is "
+            "replaced", hint="choose a new or empty folder for --out")
+    foreign = _foreign_entries(folder, meta)
+    if foreign:
+        raise FolderNotOwnedError(
+            f"{folder} is a feature store but also holds files it did not write "
+            f"({', '.join(foreign[:3])}); replacing it would delete them",
+            hint="move those files out, or choose another --out")
+
+
+def check_store_target(folder: str | Path) -> Path:
+    """Check that a store may be written at ``folder``, before any work: it is new (and can be
+    created), empty, or an earlier feature store holding only the files it wrote.
+
+    Raises:
+        FolderNotOwnedError: a file, a folder the SDK did not write, or a store with files
+            added (nothing in it is touched).
+        OutputPathError: a place that cannot be written.
+    """
+    return check_output_folder(check_replaceable(folder, _replaceable_store))
+
+
+def check_output_folder(folder: str | Path) -> Path:
+    """Check that ``folder`` is a folder (or can be created as one) whose entries can be
+    written, renamed and replaced; it is not created.
+
+    Raises:
+        OutputPathError: a file, a path through a file, or no write permission.
+    """
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"{folder} is a file, not a folder", hint="choose a folder")
+    parent = folder.parent if folder.exists() else _nearest_existing(folder.parent)
+    if not parent.is_dir():
+        raise OutputPathError(f"cannot create {folder}: {parent} is a file, not a folder")
+    for place in (parent, folder) if folder.exists() else (parent,):
+        if not os.access(place, os.W_OK | os.X_OK):
+            raise OutputPathError(f"cannot write {folder}: no write permission in {place}",
+                                  hint="choose a folder you can write, e.g. under your home")
+    return folder
+
+
+def check_stats_target(folder: str | Path) -> Path:
+    """Where ``--save-stats-to FOLDER`` writes: ``FOLDER/feature_stats.safetensors``, checked
+    and the folder created before any work. An existing statistics file is replaced only when
+    the SDK wrote it (a feature-stats safetensors file); any other file there is refused.
+
+    Raises:
+        OutputPathError: ``folder`` is a file (or a file name), or not writable, or holds a
+            ``feature_stats.safetensors`` the SDK did not write.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.exists() and folder.suffix in (".safetensors", ".json", ".txt", ".pt", ".bin"):
+        raise OutputPathError(f"--save-stats-to takes a folder (it writes {STATS_FILE} into "
+                              f"it); {folder} looks like a file name",
+                              hint="give the folder, e.g. the SAE's own local folder")
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"--save-stats-to takes a folder (it writes {STATS_FILE} into "
+                              f"it); {folder} is a file", hint="give the folder that should hold it")
+    check_output_folder(folder)
+    target = folder / STATS_FILE
+    if target.is_symlink() or (target.exists() and not _is_stats_file(target)):
+        raise OutputPathError(f"{target} exists and was not written by llamascope-sdk (not a "
+                              "feature statistics file); it is not overwritten",
+                              hint="move it away, or choose another --save-stats-to folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(f"cannot create {folder}: {exc.strerror or exc}") from None
+    return target
+
+
+def _is_stats_file(path: Path) -> bool:
+    try:
+        FeatureStats.load(path)
+    except (LlamascopeError, OSError, ValueError):
+        return False
+    return True
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """Remove temporary siblings of killed runs (older than a minute): the SDK's own names."""
+    for pattern in (f".{folder.name}.tmp-*", f".{folder.name}.*.tmp", f".{folder.name}.*.old"):
+        for old in folder.parent.glob(pattern):
+            with contextlib.suppress(OSError):
+                if old.is_dir() and time.time() - old.stat().st_mtime > 60:
+                    shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------------- reading files, checked
+def _manifest(folder: Path) -> dict[str, Any]:
+    mpath = folder / MANIFEST
+    if not mpath.is_file():
+        raise IncompleteStoreError(
+            f"{folder} is not a complete feature store (no {MANIFEST}): it is not a store, "
+            "or the mining run that writes it did not finish",
+            hint="rerun `llamascope inspect ... --out` to mine it again")
+    try:
+        meta = json.loads(mpath.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise CorruptCheckpointError(f"{mpath}: not readable JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CorruptCheckpointError(f"{mpath}: expected a JSON object (the store's manifest), "
+                                     f"found a {type(meta).__name__}")
+    if meta.get("format") != FORMAT or meta.get("kind", KIND) != KIND or meta.get("complete") is not True:
+        raise IncompleteStoreError(f"{mpath} is not the manifest of a complete feature store",
+                                   hint="rerun `llamascope inspect` to mine it again")
+    version = meta.get("version")
+    if not isinstance(version, int):
+        raise CorruptCheckpointError(f"{mpath}: \"version\" should be an integer, found {version!r}")
+    if version > VERSION:
+        raise CorruptCheckpointError(f"{folder}: store version {version} is newer than this SDK "
+                                     f"reads ({VERSION})", hint="upgrade llamascope-sdk")
+    expect: dict[str, tuple[type, ...]] = {"d_sae": (int,), "window_before": (int,),
+                                           "histogram_edges": (list,), "files": (list,), "sae": (str,)}
+    for key, types in expect.items():
+        value = meta.get(key)
+        if not isinstance(value, types) or isinstance(value, bool):
+            want = " or ".join({int: "an integer", list: "a list", str: "a string"}[t] for t in types)
+            raise CorruptCheckpointError(f"{mpath}: {key!r} should be {want}, found {value!r}"[:300])
+    if meta["d_sae"] < 1 or meta["window_before"] < 0:
+        raise CorruptCheckpointError(f"{mpath}: d_sae must be >= 1 and window_before >= 0")
+    if "fingerprint" in meta and not is_fingerprint(meta["fingerprint"]):
+        raise CorruptCheckpointError(f"{mpath}: \"fingerprint\" is not a weights fingerprint")
+    return meta
+
+
+def _tensors(path: Path, shapes: dict[str, tuple[int | None, ...]]) -> dict[str, torch.Tensor]:
+    """Load a safetensors file and check its tensors' names and shapes (None: any size)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        t = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CorruptCheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    for name, shape in shapes.items():
+        if name not in t:
+            raise CorruptCheckpointError(f"{path}: no tensor {name!r}; expected {sorted(shapes)}")
+        got = tuple(t[name].shape)
+        if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape, strict=True)):
+            want = "[" + ", ".join("*" if w is None else str(w) for w in shape) + "]"
+            raise CorruptCheckpointError(f"{path}: tensor {name!r} has shape {list(got)}, expected {want}")
+    return t
+
+
+def _vocab(path: Path) -> dict[int, str]:
+    want = "a JSON object of token id -> text"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise CorruptCheckpointError(f"{path}: not readable JSON ({exc}); expected {want}") from None
+    if not isinstance(raw, dict):
+        raise CorruptCheckpointError(f"{path}: expected {want}, found a {type(raw).__name__}")
+    vocab = {}
+    for k, v in raw.items():
+        if not isinstance(v, str) or not k.lstrip("-").isdigit():
+            raise CorruptCheckpointError(f"{path}: expected {want}, found {k!r}: {v!r}"[:300])
+        vocab[int(k)] = v
+    return vocab
 
 
 @dataclass
@@ -92,6 +326,7 @@ class FeatureStore:
             "sae": result.name,
             "sae_spec": sae_spec or result.name,
             "d_sae": sae.d_sae,
+            "fingerprint": fingerprint(sae),
             "hook_point_in": sae.hyperparams.hook_point_in,
             "hook_point_out": sae.hyperparams.hook_point_out,
             "is_transcoder": sae.is_transcoder,
@@ -123,42 +358,30 @@ class FeatureStore:
     # ------------------------------------------------------------------ saving
     def save(self, folder: str | Path, *,
              extra: Callable[[FeatureStore, Path], None] | None = None) -> Path:
-        """Write the store to ``folder`` atomically (temporary sibling + rename, manifest last).
+        """Write the store to ``folder`` whole, in one step (manifest last).
 
         ``extra(store, tmp_folder)`` may add files (the HTML pages) before the manifest.
-        An existing store at ``folder`` is replaced; any other non-empty folder is refused.
+        ``folder`` may be new, empty or an earlier store (see :func:`check_store_target`).
+
+        Raises:
+            FolderNotOwnedError: ``folder`` is a file or a folder the SDK did not write.
+            OutputPathError: ``folder`` is not writable.
         """
-        folder = Path(folder).expanduser()
-        if folder.exists() and any(folder.iterdir()) and not (folder / MANIFEST).is_file():
-            raise FileExistsError(f"{folder} exists and is not a feature store; choose another "
-                                  "--out or remove it")
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        for old in folder.parent.glob(f".{folder.name}.tmp-*"):  # leftovers of killed runs
-            with contextlib.suppress(OSError):
-                if time.time() - old.stat().st_mtime > 60:
-                    shutil.rmtree(old)
-        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{time.time_ns()}"
-        tmp.mkdir()
-        try:
+        folder = check_store_target(folder)
+        _remove_leftovers(folder)
+
+        def write(tmp: Path) -> None:
             self._write(tmp)
             if extra is not None:
                 extra(self, tmp)
-            manifest = {"format": FORMAT, "version": VERSION, "complete": True,
-                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        "files": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()),
-                        **self.meta}
+            # The store's own keys last: a loaded store's meta holds an old "files" list.
+            manifest = {**self.meta, "format": FORMAT, "kind": KIND, "version": VERSION,
+                        "complete": True, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "files": sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
+                                        if p.is_file())}
             atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-            publish_mode(tmp, directory=True)
-            if folder.exists():
-                trash = folder.parent / f".{folder.name}.old-{time.time_ns()}"
-                os.replace(folder, trash)
-                os.replace(tmp, folder)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        write_folder(folder, write, replaceable=_replaceable_store)
         self.path = folder
         return folder
 
@@ -184,57 +407,58 @@ class FeatureStore:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, folder: str | Path) -> FeatureStore:
-        """Read a store written by :meth:`save`; no model needed.
+        """Read a store written by :meth:`save`; no model needed. Every file is checked (JSON
+        types, tensor names and shapes); the optional ones (pages, samples, logit lens,
+        labels) may be missing.
 
         Raises:
             IncompleteStoreError: no complete manifest (an interrupted run, or not a store).
-            CorruptCheckpointError: a file is missing or unreadable.
+            CorruptCheckpointError: a file is missing, unreadable or not what it should be; the
+                message names the file and what was expected.
         """
-        from safetensors.torch import load_file
-
         folder = Path(folder).expanduser()
-        mpath = folder / MANIFEST
-        if not mpath.is_file():
-            raise IncompleteStoreError(
-                f"{folder} is not a complete feature store (no {MANIFEST}): it is not a store, "
-                "or the mining run that writes it did not finish",
-                hint="rerun `llamascope inspect ... --out` to mine it again")
-        try:
-            meta = json.loads(mpath.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise CorruptCheckpointError(f"{mpath}: not JSON ({exc})") from None
-        if meta.get("format") != FORMAT or meta.get("complete") is not True:
-            raise IncompleteStoreError(f"{mpath} is not the manifest of a complete feature store",
-                                       hint="rerun `llamascope inspect` to mine it again")
-        if int(meta.get("version", 0)) > VERSION:
-            raise CorruptCheckpointError(f"{folder}: store version {meta['version']} is newer than "
-                                         f"this SDK reads ({VERSION}); upgrade llamascope-sdk")
-        missing = [f for f in meta.get("files", []) if not (folder / f).is_file()]
+        meta = _manifest(folder)
+        f, center = int(meta["d_sae"]), int(meta["window_before"])
+        missing = [name for name in REQUIRED if not (folder / name).is_file()]
+        missing += [name for name in meta["files"] if isinstance(name, str)
+                    and name.endswith(".safetensors") and not (folder / name).is_file()]
         if missing:
-            raise CorruptCheckpointError(f"{folder}: files of the store are missing: {missing[:3]}")
-        center = int(meta["window_before"])
+            raise CorruptCheckpointError(f"{folder}: files of the store are missing: "
+                                         f"{sorted(set(missing))[:3]}",
+                                         hint="mine it again with `llamascope inspect`")
 
         def ex(name: str) -> Examples | None:
             p = folder / name
             if not p.is_file():
                 return None
-            t = load_file(str(p))
+            t = _tensors(p, {"values": (f, None), "doc": (f, None), "pos": (f, None),
+                             "tokens": (f, None, None), "acts": (f, None, None)})
+            n, w = t["values"].shape[1], t["tokens"].shape[2]
+            for key, shape in (("doc", (f, n)), ("pos", (f, n)), ("tokens", (f, n, w)), ("acts", (f, n, w))):
+                if tuple(t[key].shape) != shape:
+                    raise CorruptCheckpointError(f"{p}: tensor {key!r} has shape "
+                                                 f"{list(t[key].shape)}, expected {list(shape)}")
+            if not 0 <= center < w:
+                raise CorruptCheckpointError(f"{folder / MANIFEST}: window_before {center} does not "
+                                             f"fit the {w}-token windows of {name}")
             return Examples(t["values"], t["doc"], t["pos"], t["tokens"].long(), t["acts"], center)
 
         top = ex("top.safetensors")
-        if top is None:
-            raise CorruptCheckpointError(f"{folder}: top.safetensors is missing")
-        hist = load_file(str(folder / "histogram.safetensors"))["counts"]
+        assert top is not None  # REQUIRED
+        bins = len(meta["histogram_edges"]) + 1
+        hist = _tensors(folder / "histogram.safetensors", {"counts": (f, bins)})["counts"]
         lens = None
         if (folder / "logit_lens.safetensors").is_file():
-            t = load_file(str(folder / "logit_lens.safetensors"))
+            t = _tensors(folder / "logit_lens.safetensors",
+                         {k: (f, None) for k in ("top_ids", "top_values", "bottom_ids", "bottom_values")})
             lens = LogitLens(t["top_ids"], t["top_values"], t["bottom_ids"], t["bottom_values"])
-        vocab = {int(k): v for k, v in
-                 json.loads((folder / "vocab.json").read_text(encoding="utf-8")).items()}
-        labels = (read_labels(folder / LABELS_FILE, int(meta["d_sae"]))
-                  if (folder / LABELS_FILE).is_file() else {})
-        return cls(meta, top, ex("samples.safetensors"), FeatureStats.load(folder / STATS_FILE),
-                   hist, lens, vocab, labels, folder)
+        vocab = _vocab(folder / "vocab.json")
+        labels = read_labels(folder / LABELS_FILE, f) if (folder / LABELS_FILE).is_file() else {}
+        stats = FeatureStats.load(folder / STATS_FILE)
+        if stats.d_sae != f:
+            raise CorruptCheckpointError(f"{folder / STATS_FILE}: statistics of {stats.d_sae} "
+                                         f"features, but the store has {f}")
+        return cls(meta, top, ex("samples.safetensors"), stats, hist, lens, vocab, labels, folder)
 
     # ------------------------------------------------------------------ reading
     @property
@@ -276,76 +500,65 @@ class FeatureStore:
                         "doc": doc, "pos": pos, "window_start": pos - (e.center - first)})
         return out
 
-    def bands(self, i: int) -> list[dict[str, Any]]:
-        """Quantile bands of the feature's sample, highest first: ``{"label", "examples"}``."""
-        ex = self.examples(i, "samples")
-        nb = int(self.meta.get("n_bands", 4))
-        out = []
-        for q, (a, b) in enumerate(quantile_bands(len(ex), nb)):
-            lo, hi = 100 - round(100 * (q + 1) / nb), 100 - round(100 * q / nb)
-            out.append({"label": f"{lo}-{hi}th percentile of firings", "examples": ex[a:b]})
-        return out
+    def check_sae(self, sae: Any) -> FeatureStore:
+        """Refuse to be used with an SAE other than the one mined: the weights' fingerprints
+        must match (stores from before fingerprints: the width).
 
-    def histogram(self, i: int) -> list[dict[str, float]]:
-        """Non-empty bins of feature ``i``: ``{"lo", "hi", "count"}`` (lo exclusive)."""
-        i = self.check_feature(i)
-        edges = [0.0, *[float(x) for x in self.meta["histogram_edges"]], float("inf")]
-        c = self.hist[i].tolist()
-        return [{"lo": edges[b], "hi": edges[b + 1], "count": int(n)} for b, n in enumerate(c) if n]
+        Raises:
+            StoreMismatchError: naming both SAEs and what differs.
+        """
+        where = f"the feature store {self.path}" if self.path else "this feature store"
+        if "fingerprint" in self.meta:
+            diff = differences(self.meta["fingerprint"], fingerprint(sae))
+        else:
+            diff = [] if self.d_sae == sae.d_sae else [f"d_sae {self.d_sae} vs {sae.d_sae}"]
+        if diff:
+            raise StoreMismatchError(
+                f"{where} was mined with SAE {self.name!r}, not with {sae.name!r} "
+                f"({'; '.join(diff)})",
+                hint=f"mine this SAE: llamascope inspect --sae {sae.name} --dataset FILE")
+        return self
 
-    def logit_lens(self, i: int) -> dict[str, list[tuple[str, float]]] | None:
-        if self.lens is None:
-            return None
-        i = self.check_feature(i)
-        return {"promoted": [(self.token_text(t), float(v)) for t, v in
-                             zip(self.lens.top_ids[i].tolist(), self.lens.top_values[i].tolist(), strict=True)],
-                "suppressed": [(self.token_text(t), float(v)) for t, v in
-                               zip(self.lens.bottom_ids[i].tolist(), self.lens.bottom_values[i].tolist(), strict=True)]}
 
-    def is_dense(self, i: int) -> bool:
-        return float(self.stats.frequency[i]) > DENSE_FREQUENCY
+def resolve_store(store_or_name: str | Path) -> Path:
+    """The folder of a store given as a folder, or as an SAE name in any spelling the SAE is
+    loaded by (``L12R-8x``, ``l12r_8x``, ``demo``): its store in :func:`default_store_dir`."""
+    text = str(store_or_name)
+    p = Path(text).expanduser()
+    if p.is_dir():
+        return p
+    from .demo import DEMO_SAE_NAME, is_demo
+    from .errors import UnknownSaeError
+    from .registry import resolve
 
-    def steer_command(self, i: int, relative: float = 4.0) -> str:
-        """The ``llamascope steer`` command that tries feature ``i``: ``--relative -a 4`` when
-        the SAE carries statistics, else the same strength in raw units (4 x typical)."""
-        spec = shlex.quote(str(self.meta.get("sae_spec") or self.name))
-        if self.meta.get("sae_has_stats"):
-            return f"llamascope steer --sae {spec} -f {i} --relative -a {relative:g}"
-        raw = relative * float(self.stats.typical[i])
-        return f"llamascope steer --sae {spec} -f {i} -a {raw:.1f}"
-
-    def summary(self, i: int) -> dict[str, Any]:
-        i = self.check_feature(i)
-        return {"feature": i, "sae": self.name, "label": self.labels.get(i),
-                "frequency": float(self.stats.frequency[i]),
-                "typical": float(self.stats.typical[i]), "mean": float(self.stats.mean[i]),
-                "max": float(self.top.values[i, 0]), "dense": self.is_dense(i),
-                "n_tokens": int(self.stats.n_tokens),
-                "neuronpedia_url": (f"{self.meta['neuronpedia_url']}/{i}"
-                                    if self.meta.get("neuronpedia_url") else None),
-                "steer": self.steer_command(i)}
-
-    def feature(self, i: int) -> dict[str, Any]:
-        """Everything about feature ``i``, JSON-ready (``llamascope show --json``)."""
-        return {**self.summary(i), "top_examples": self.examples(i),
-                "quantiles": self.bands(i), "histogram": self.histogram(i),
-                "logit_lens": self.logit_lens(i)}
+    if is_demo(text):
+        name = DEMO_SAE_NAME
+    else:
+        try:
+            name = resolve(text).name
+        except UnknownSaeError:
+            name = text
+    d = default_store_dir(name)
+    if not d.is_dir():
+        raise IncompleteStoreError(
+            f"no feature store for {text!r}: {text!r} is not a folder, and there is none at {d}",
+            hint=f"mine one: llamascope inspect --sae {text} --dataset FILE")
+    return d
 
 
 def load_store(store_or_name: str | Path) -> FeatureStore:
-    """A store folder, or an SAE name whose store is in :func:`default_store_dir`."""
-    p = Path(store_or_name).expanduser()
-    if (p / MANIFEST).is_file() or p.is_dir():
-        return FeatureStore.load(p)
-    from .demo import DEMO_SAE_NAME, is_demo
-
-    name = DEMO_SAE_NAME if is_demo(str(store_or_name)) else str(store_or_name)
-    d = default_store_dir(name)
-    if not d.is_dir():
-        raise IncompleteStoreError(f"no feature store for {store_or_name!r} (looked in {d})",
-                                   hint=f"mine one: llamascope inspect --sae {store_or_name} "
-                                        "--dataset FILE")
-    return FeatureStore.load(d)
+    """A store folder, or an SAE name whose store is in :func:`default_store_dir` (see
+    :func:`resolve_store`); a store found by name must have been mined for that SAE."""
+    folder = resolve_store(store_or_name)
+    store = FeatureStore.load(folder)
+    if Path(str(store_or_name)).expanduser() != folder and store.name.replace("/", "_") != folder.name:
+        raise StoreMismatchError(f"{folder} holds the store of {store.name!r}, not of "
+                                 f"{str(store_or_name)!r}",
+                                 hint=f"mine it again: llamascope inspect --sae {store_or_name} "
+                                      "--dataset FILE")
+    return store
 
 
-__all__ = ["FeatureStore", "IncompleteStoreError", "default_store_dir", "load_store", "MANIFEST"]
+__all__ = ["FeatureStore", "IncompleteStoreError", "check_output_folder", "check_stats_target",
+           "check_store_target", "default_store_dir",
+           "load_store", "resolve_store", "MANIFEST"]

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 #: A feature firing on more than this fraction of tokens is "dense" (spec 5: <2% above 0.1).
+#: The one threshold of the SDK: evaluation counts these, search hides them unless asked, and
+#: encode, show and the feature pages mark them.
 DENSE_FREQUENCY = 0.1
 
 

@@ -18,11 +18,13 @@ from typing import Any
 from jinja2 import Environment
 from markupsafe import Markup
 
+from . import feature_view as view
 from .atomic import atomic_write_text
 from .explain.view import explanation_html
 from .feature_scores import DEFINITIONS, FeatureScores, load_scores
 from .feature_store import FeatureStore
 from .logit_lens import APPROXIMATION
+from .metrics import DENSE_FREQUENCY
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#1d1d1f;padding:0 16px}
@@ -56,8 +58,8 @@ _FEATURE = """<!doctype html>
 {% if sc %}<div title="{{ sc_def.output_score }}">output score<b id="output-score">{{ "%.3g"|format(sc.output_score) }} (#{{ sc.output_score_rank }})</b></div>
 <div title="{{ sc_def.delta_token_confidence }}">&Delta; token confidence<b id="delta-token-confidence">{{ "%+.3g"|format(sc.delta_token_confidence) }}</b></div>{% endif %}
 </div>
-{% if f.dense %}<p class="dense">Dense feature: fires on more than half of all tokens.</p>{% endif %}
-<p>Try it: <pre class="cmd" id="steer">{{ f.steer }}</pre></p>
+{% if f.dense %}<p class="dense">Dense feature: fires on more than {{ dense_pct }} of all tokens.</p>{% endif %}
+{% if f.steer %}<p>Try it: <pre class="cmd" id="steer">{{ f.steer }}</pre></p>{% endif %}
 {% if f.neuronpedia_url %}<p>Neuronpedia: <a href="{{ f.neuronpedia_url }}">{{ f.neuronpedia_url }}</a></p>{% endif %}
 <h2>Top examples</h2>
 <div id="top">{% for e in top %}{{ e }}{% else %}<p class="muted">This feature never fired on the corpus.</p>{% endfor %}</div>
@@ -164,15 +166,15 @@ def histogram_svg(bins: list[dict[str, float]], width: int = 640, height: int = 
 
 def feature_page(store: FeatureStore, i: int, scores: FeatureScores | None = None) -> str:
     """The HTML of feature ``i``'s page (with its selection scores when given)."""
-    f = store.summary(i)
+    f = view.summary(store, i)
     scale = f["max"]
     bands = [{"label": b["label"], "examples": [Markup(example_html(e, scale)) for e in b["examples"]]}
-             for b in store.bands(i) if b["examples"]]
+             for b in view.bands(store, i) if b["examples"]]
     return _FEATURE_T.render(
         f=f, sae=store.name, hook=store.meta.get("hook_point_out"), css=Markup(_CSS),
         top=[Markup(example_html(e, scale)) for e in store.examples(i)], bands=bands,
-        svg=Markup(histogram_svg(store.histogram(i))), lens=store.logit_lens(i),
-        approx=APPROXIMATION, num=_num, pct=_pct, tok=_tok,
+        svg=Markup(histogram_svg(view.histogram(store, i))), lens=view.logit_lens(store, i),
+        approx=APPROXIMATION, num=_num, pct=_pct, tok=_tok, dense_pct=_pct(DENSE_FREQUENCY),
         explained=Markup(explanation_html(store, i)),
         sc=scores.get(i) if scores is not None else None, sc_def=DEFINITIONS)
 
@@ -189,7 +191,7 @@ def index_page(store: FeatureStore, features: list[int],
     for i in features:
         toks = [store.token_text(int(store.top.tokens[i, k, store.top.center]))
                 for k in range(min(5, store.top.values.shape[1])) if int(store.top.doc[i, k]) >= 0]
-        rows.append({"i": i, "label": store.labels.get(i, ""), "dense": store.is_dense(i),
+        rows.append({"i": i, "label": store.labels.get(i, ""), "dense": view.is_dense(store, i),
                      "freq": float(store.stats.frequency[i]), "typ": float(store.stats.typical[i]),
                      "max": float(store.top.values[i, 0]),
                      "out": _score(scores, i),
@@ -208,7 +210,7 @@ def default_page_features(store: FeatureStore, features: list[int] | None = None
         return sorted({store.check_feature(i) for i in features})
     freq = store.stats.frequency
     fired = (freq > 0).nonzero().squeeze(1).tolist()
-    key = {i: (i not in store.labels, float(freq[i]) > 0.5, -float(freq[i])) for i in fired}
+    key = {i: (i not in store.labels, float(freq[i]) > DENSE_FREQUENCY, -float(freq[i])) for i in fired}
     return sorted(sorted(fired, key=key.__getitem__)[:max_pages])
 
 

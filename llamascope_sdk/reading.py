@@ -135,12 +135,15 @@ def measure_feature_stats(model: Any, tokenizer: Any, sae: SAE, texts: str | Ite
 
 def encode_report(reading: FeatureReading, sae: SAE) -> dict[str, Any]:
     """What ``llamascope encode --json`` prints for one SAE: the reading, the features that are
-    dense (fire on more than half of the tokens, from ``sae.stats``) and the known labels."""
+    dense (fire on more than :data:`~llamascope_sdk.metrics.DENSE_FREQUENCY` of the tokens,
+    from ``sae.stats``) and the known labels."""
+    from .metrics import DENSE_FREQUENCY
+
     out = reading.to_dict()
     freq = sae.stats.frequency if sae.stats is not None else None
     if freq is not None:
         out["dense"] = sorted({f for rows in reading.top.values() for row in rows
-                               for f, _ in row if float(freq[f]) > 0.5})
+                               for f, _ in row if float(freq[f]) > DENSE_FREQUENCY})
     out["labels"] = {str(f): sae.labels[f] for rows in reading.top.values() for row in rows
                      for f, _ in row if f in sae.labels}
     return out

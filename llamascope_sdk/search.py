@@ -8,8 +8,10 @@ Scores, for the non-special tokens of ``prompt`` (mean activation m_i of feature
   counts as frequency 1/(n_tokens+1) and typical m_i);
 * against ``vs``: ``score_i = m_i - m_i(vs)``, the difference of mean activations.
 
-Features that fire on more than half of all tokens (frequency > 0.5) are left out unless
-``include_dense``; then they are marked ``dense``.
+Dense features (frequency above :data:`~llamascope_sdk.metrics.DENSE_FREQUENCY`, 10% of
+tokens) are left out unless ``include_dense``; then they are marked ``dense``. A hit that never
+fired in the mined statistics has no typical activation: :func:`~llamascope_sdk.feature_view.
+steer_command` suggests no steer for it.
 
 ``output_scores`` (a store's :class:`~llamascope_sdk.feature_scores.FeatureScores`) re-rank:
 the ``5 x top`` most specific features are sorted by their output score instead, so the list
@@ -19,18 +21,16 @@ favours features that also steer (Arad et al. 2025).
 from __future__ import annotations
 
 import math
-import shlex
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from .feature_stats import FeatureStats
+from .metrics import DENSE_FREQUENCY
 from .models import special_ids
 from .reading import read_features
 from .sae import SAE
-
-DENSE_FREQUENCY = 0.5
 
 
 @dataclass
@@ -79,7 +79,7 @@ def search_features(model: Any, tokenizer: Any, sae: SAE, prompt: str, *, vs: st
 
     Args:
         stats: mined statistics (a store's ``stats``); default ``sae.stats``.
-        include_dense: keep features with frequency > 0.5 (marked ``dense``).
+        include_dense: keep dense features (frequency > ``DENSE_FREQUENCY``), marked ``dense``.
         output_scores: [F] output scores; re-rank the 5 x ``top`` most specific by them.
 
     Raises:
@@ -111,16 +111,7 @@ def search_features(model: Any, tokenizer: Any, sae: SAE, prompt: str, *, vs: st
             for v, i in zip(vals.tolist(), idx.tolist(), strict=True)]
 
 
+
 def _finite(scores: torch.Tensor | None, i: int) -> float | None:
     v = None if scores is None else float(scores[i])
     return v if v is not None and math.isfinite(v) else None
-
-
-def steer_command(sae_spec: str, feature: int, *, relative: bool, typical: float,
-                  strength: float = 4.0) -> str:
-    """``llamascope steer`` for a feature: ``--relative -a 4`` when the SAE carries statistics,
-    else the same strength in model units (4 x typical)."""
-    spec = shlex.quote(sae_spec)
-    if relative:
-        return f"llamascope steer --sae {spec} -f {feature} --relative -a {strength:g}"
-    return f"llamascope steer --sae {spec} -f {feature} -a {strength * typical:.1f}"

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from llamascope_sdk import feature_view as view
 from llamascope_sdk.feature_store import FeatureStore
 from llamascope_sdk.pages import feature_page, write_pages
 
@@ -23,7 +24,7 @@ def test_page_content_and_no_external_resources(mined, tiny_llama, tmp_path):  #
     page = feature_page(store, i)
     text = html.unescape(page)
     assert "Label <b>&</b>" in text and "<b>&</b>" not in page  # escaped
-    assert store.steer_command(i) in text
+    assert view.store_steer_command(store, i) in text
     assert 'id="histogram"' in page and "<svg" in page
     assert 'class="t max"' in page
     # Nothing is fetched: no http(s) src/href other than a Neuronpedia link, no external CSS/JS.

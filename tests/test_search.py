@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from llamascope_sdk.feature_stats import FeatureStats
-from llamascope_sdk.search import score_features, steer_command
+from llamascope_sdk.feature_view import steer_command
+from llamascope_sdk.search import score_features
 
 
 def stats(freq, typical, n=1000):

@@ -107,16 +107,27 @@ def report_error(exc: BaseException) -> int:
     hint = getattr(exc, "hint", None)
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if isinstance(exc, LlamascopeError):
-        typer.echo(f"error: {text}", err=True)
+        say(f"error: {text}", err=True)
+    elif isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__:
+        say(f"error: out of memory: {text}", err=True)
+        hint = hint or "lower --batch-size, --top-n or --tokens, or use a machine with more memory"
     elif isinstance(exc, (ValueError, LookupError, OSError, TypeError)):
         # Raised by the library on bad arguments (pydantic, torch, transformers): the user's.
-        typer.echo(f"error: {text}", err=True)
+        say(f"error: {text}", err=True)
     else:
-        typer.echo(f"error: {type(exc).__name__}: {text}", err=True)
+        say(f"error: {type(exc).__name__}: {text}", err=True)
         hint = hint or "this looks like a bug; rerun as `llamascope --debug ...` for the traceback"
     if hint:
-        typer.echo(f"hint: {hint}", err=True)
+        say(f"hint: {hint}", err=True)
     return 1
+
+
+def say(text: str, *, err: bool = False) -> None:
+    """Print one line with control characters made visible (labels, tokens and paths may hold
+    escape sequences: see :mod:`llamascope_sdk.terminal`)."""
+    from llamascope_sdk.terminal import visible
+
+    typer.echo(visible(text), err=err)
 
 
 def echo_json(obj: Any) -> None:
@@ -125,14 +136,19 @@ def echo_json(obj: Any) -> None:
 
 
 def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
+    """Print a table. Cells are plain text (no rich markup) with control characters made
+    visible; newlines and tabs inside a cell are kept."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    t = Table(title=title, show_lines=False)
+    from llamascope_sdk.terminal import visible
+
+    t = Table(title=None if title is None else Text(visible(title)), show_lines=False)
     for c in columns:
-        t.add_column(c, overflow="fold")
+        t.add_column(Text(visible(c)), overflow="fold")
     for r in rows:
-        t.add_row(*[str(v) for v in r])
+        t.add_row(*[Text(visible(str(v), keep_lines=True)) for v in r])
     Console().print(t)
 
 
