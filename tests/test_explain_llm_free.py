@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from llamascope_sdk import FeatureStats, Steer, attach
+from llamascope_sdk import feature_view as view
 from llamascope_sdk.explain.llm_free import PROMPTS, describe_outputs, token_change
 from llamascope_sdk.feature_store import FeatureStore
 from llamascope_sdk.mining import mine
@@ -74,7 +75,7 @@ def test_describe_outputs_writes_vocab_proj_and_token_change(tiny_llama, tmp_pat
     folder = describe_outputs(store, fired, model=tiny_llama, tokenizer=tok, sae=sae, k=4)
     assert folder == tmp_path / "store" / "explanations" / "llm-free"
     rec = json.loads((folder / "features" / f"{fired[0]}.json").read_text())
-    lens = store.logit_lens(fired[0])
+    lens = view.logit_lens(store, fired[0])
     assert rec["vocab_proj"]["promoted"] == [t for t, _ in lens["promoted"]]
     want = token_change(tiny_llama, tok, sae, [fired[0]], k=4)[fired[0]]
     assert [t for t, _ in rec["token_change"]["tokens"]] == [tok.decode([t]) for t, _ in want]

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from llamascope_sdk import feature_view as view
 from llamascope_sdk.compat import check_compatible
 from llamascope_sdk.hooks import hooked
 from llamascope_sdk.interventions import Steer
@@ -35,7 +36,7 @@ METHOD = "llm-free-1"
 
 
 def vocab_proj(store: Any, i: int) -> dict[str, list[str]] | None:
-    lens = store.logit_lens(i)
+    lens = view.logit_lens(store, i)
     if lens is None:
         return None
     return {"promoted": [t for t, _ in lens["promoted"]], "suppressed": [t for t, _ in lens["suppressed"]]}
