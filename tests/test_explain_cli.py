@@ -104,7 +104,7 @@ def test_top_frequency_picks_the_most_frequent_non_dense_features(store_and_sae)
                             "http://127.0.0.1:9/v1", "-m", "x", "--dry-run", "--json"])
     assert r.exit_code == 0, r.output
     freq = store.stats.frequency.tolist()
-    want = sorted((i for i, f in enumerate(freq) if 0 < f <= 0.5), key=lambda i: (-freq[i], i))[:4]
+    want = sorted((i for i, f in enumerate(freq) if 0 < f <= 0.1), key=lambda i: (-freq[i], i))[:4]
     out = json.loads(r.stdout)
     assert out["todo"] == want
     assert out["todo"] and out["estimate"]["requests"] == len(want)  # old store: 1 request each

@@ -37,9 +37,12 @@ def parse_features(spec: str, d_sae: int) -> list[int]:
 
 
 def top_frequency(store: Any, n: int) -> list[int]:
-    """The ``n`` most frequently firing features that are not dense (fire on <= 50% of tokens)."""
+    """The ``n`` most frequently firing features that are not dense (fire on at most
+    :data:`~llamascope_sdk.metrics.DENSE_FREQUENCY` of the tokens)."""
+    from llamascope_sdk.metrics import DENSE_FREQUENCY
+
     freq = store.stats.frequency.float()
-    keep = (freq > 0) & (freq <= 0.5)
+    keep = (freq > 0) & (freq <= DENSE_FREQUENCY)
     order = sorted(keep.nonzero().squeeze(1).tolist(), key=lambda i: (-float(freq[i]), i))
     return order[:n]
 
