@@ -153,19 +153,25 @@ class SaePool:
         path = Path(resolve_alias(str(name))).expanduser()
         if path.is_dir():
             return str(path.resolve())
+        from .errors import UnknownSaeError
+        from .locate import locate
         from .registry import resolve
 
-        return resolve(str(name)).name
+        try:
+            return resolve(str(name)).name
+        except UnknownSaeError:
+            return locate(str(name)).name  # a Hub repository (folder) in any format
 
     def _folder(self, name: str) -> Path | None:
-        """The release-layout folder of ``name`` (downloaded for a Hub name), or None for a
-        folder in a foreign format."""
+        """The release-layout folder of ``name`` (:func:`~llamascope_sdk.locate.locate`
+        downloads a Hub name), or None for a folder in another format."""
         path = Path(resolve_alias(str(name))).expanduser()
         if path.is_dir():
             return path if (path / HYPERPARAMS).is_file() else None
-        from .hub import download
+        from .locate import locate
 
-        return download(str(name)).folder
+        found = locate(str(name))
+        return found.folder if found.format == "release" else None
 
     # ------------------------------------------------------------------ state
     @property

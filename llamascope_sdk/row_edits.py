@@ -27,7 +27,14 @@ from torch import nn
 from .compat import check_compatible
 from .errors import IncompatibleModelError
 from .hooks import SiteFn
-from .interventions import Intervention, Positions, check_positions, edit_delta, position_mask
+from .interventions import (
+    Intervention,
+    Positions,
+    Steer,
+    check_positions,
+    edit_delta,
+    position_mask,
+)
 from .sites import Site, hidden_size, module_for
 
 
@@ -38,6 +45,7 @@ class InterventionEdit:
     iv: Intervention
     site_in: Site
     site_out: Site
+    _vector: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, model: nn.Module, iv: Intervention) -> InterventionEdit:
@@ -56,6 +64,12 @@ class InterventionEdit:
         return id(self.iv.sae)
 
     def delta(self, x: torch.Tensor, m_BT: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.iv, Steer):  # the same product edit_delta takes, computed once
+            if self._vector is None:
+                sae = self.iv.sae
+                self._vector = self.iv.coefficients().to(sae.dtype) @ sae.W_dec[self.iv.idx]
+            m = m_BT[..., None].to(device=self._vector.device, dtype=self._vector.dtype)
+            return m * self._vector
         return edit_delta(self.iv, x, None, m_BT)
 
 

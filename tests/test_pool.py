@@ -246,3 +246,19 @@ def test_adding_a_feature_of_an_unloaded_64x_sae_costs_under_16mb(big_folders) -
     got = _run("add", big_folders)
     assert got["kind"] == "VectorEdit" and got["loaded"] == 0
     assert got["peak"] < 16 * 2**20, f"peak RSS grew by {got['peak'] / 1e6:.1f} MB"
+
+
+from tests.fakehub import fake_hub_fixture  # noqa: E402, F401  (fixture)
+
+
+def test_llama_scope_names_by_any_spelling_share_one_entry(fake_hub) -> None:
+    pool = SaePool(10**9)
+    a = pool.get("L12R-8x")
+    assert pool.get("l12r_8x") is a and (pool.hits, pool.misses) == (1, 1)
+    assert pool.loaded() == ["L12R-8x"]
+    edit, text = pool.steer_edit("L12M-32x", [3, 9], 2.0)  # downloaded, then rows only
+    full = SAE.from_pretrained("L12M-32x")
+    iv = Steer(full, [3, 9], 2.0)
+    assert isinstance(edit, VectorEdit) and pool.loaded() == ["L12R-8x"]
+    assert torch.equal(edit.vector, iv.coefficients() @ full.W_dec[iv.idx])
+    assert text == describe(iv)
