@@ -36,6 +36,7 @@ _EXPORTS = {
     "compare_generations": "generation",
     "generate_batch": "batch_generation",
     "BatchGenerator": "batch_generation",
+    "SaePool": "pool",
     "evaluate": "evaluation",
     "LlamascopeError": "errors",
     "mine": "mining",
@@ -53,7 +54,7 @@ _EXPORTS = {
 __all__ = ["__version__", "SAE", "Hyperparams", "FeatureStats", "list_saes", "load_model",
            "attach", "hooked", "Steer", "Clamp", "Scale", "Ablate", "read_features",
            "measure_feature_stats", "compare_generations", "generate_batch", "BatchGenerator",
-           "evaluate", "LlamascopeError", "mine", "FeatureStore", "search_features", "tokenize",
+           "SaePool", "evaluate", "LlamascopeError", "mine", "FeatureStore", "search_features", "tokenize",
            "DEMO_FEATURE", "run_script", "ChatClient", "explain_features", "FeatureScores", "score_features"]
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ if TYPE_CHECKING:
     from .interventions import Ablate, Clamp, Scale, Steer
     from .mining import mine
     from .models import load_model, tokenize
+    from .pool import SaePool
     from .reading import measure_feature_stats, read_features
     from .registry import list_saes
     from .sae import SAE
