@@ -169,7 +169,7 @@ def score_features(model: Any, tokenizer: Any, sae: SAE, *, prompt: str = OUTPUT
     from .compat import check_compatible
     from .hooks import hooked
     from .logit_lens import logit_lens
-    from .models import model_device, tokenize
+    from .models import check_fits_window, model_device, tokenize
 
     if not prompt or not prompt.strip():
         raise InputError("the scoring prompt is empty", hint="give a short neutral prompt")
@@ -182,6 +182,7 @@ def score_features(model: Any, tokenizer: Any, sae: SAE, *, prompt: str = OUTPUT
            else sae.check_features(features).cpu())
     dev = model_device(model)
     ids = tokenize(tokenizer, prompt).to(dev)
+    check_fits_window(model, ids.shape[1], what="the scoring prompt")
     if ids.shape[1] < 2:
         raise InputError(f"the scoring prompt {prompt!r} has no tokens after BOS")
     with torch.no_grad():

@@ -112,7 +112,9 @@ def measure_feature_stats(model: Any, tokenizer: Any, sae: SAE, texts: str | Ite
     n = 0
     with attach(model, {"sae": sae}, special_ids=special_ids(tokenizer), capture=("features",)) as h:
         for text in texts:
-            ids = tokenize(tokenizer, text).to(model_device(model))
+            ids = tokenize(tokenizer, text)
+            check_fits_window(model, ids.shape[1], what="a text")
+            ids = ids.to(model_device(model))
             with torch.no_grad():
                 model(input_ids=ids, use_cache=False)
             mask = h.mask

@@ -41,6 +41,20 @@ def test_read_and_search_refuse_a_prompt_longer_than_the_window(tiny_llama) -> N
     assert len(ran) == 1  # only the prompt that fits reached the model
 
 
+def test_measure_stats_and_scoring_refuse_text_longer_than_the_window(tiny_llama) -> None:
+    from llamascope_sdk.feature_scores import score_features
+    from llamascope_sdk.reading import measure_feature_stats
+
+    sae = tiny_sae(d_model=64)
+    with pytest.raises(InputError) as info:
+        measure_feature_stats(tiny_llama, CharTokenizer(), sae, ["short", "y" * 300])
+    assert str(info.value) == "a text is 301 tokens, more than the model's window of 128 positions"
+    with pytest.raises(InputError) as info:
+        score_features(tiny_llama, CharTokenizer(), sae, prompt="z" * 130, progress=False)
+    assert str(info.value) == ("the scoring prompt is 131 tokens, more than the model's window "
+                               "of 128 positions")
+
+
 def _one_line(res, message: str) -> None:
     assert res.exit_code == 1, res.output
     assert "Traceback" not in res.output
