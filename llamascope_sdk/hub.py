@@ -37,7 +37,6 @@ Decisions:
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,7 @@ from .errors import (
     HubUnreachableError,
     SaeNotFoundError,
 )
-from .hub_errors import Unreachable, translate
+from .hub_errors import Unreachable, cache_summary, translate, unreachable_error
 from .hyperparams import Hyperparams
 from .registry import FOLDER_TEMPLATES, ORGS, SaeRef, resolve
 from .release import CHECKPOINT, HYPERPARAMS, LM_CONFIG
@@ -450,54 +449,15 @@ def online_failure(exc: BaseException, repo_id: str, path_in_repo: str, s: Setti
 
 # --------------------------------------------------------------------------- unreachable Hub
 def _cache_summary(name: str, ref: SaeRef, s: Settings) -> tuple[str, str | None]:
-    """(what the cache holds of this SAE, in words; a revision that loads a complete copy)."""
-    from huggingface_hub.file_download import repo_folder_name
-
     repos, folders = _candidates(name, ref)
-    complete: list[str] = []
-    partial: list[str] = []
-    usable: str | None = None
-    for repo_id in repos:
-        root = Path(s.cache_dir) / repo_folder_name(repo_id=repo_id, repo_type="model")
-        refs: dict[str, list[str]] = {}
-        with contextlib.suppress(OSError):
-            for f in sorted((root / "refs").rglob("*")):
-                if f.is_file():
-                    refs.setdefault(f.read_text().strip(), []).append(f.relative_to(root / "refs").as_posix())
-        snapshots = sorted((root / "snapshots").glob("*")) if (root / "snapshots").is_dir() else []
-        for snap in snapshots:
-            for folder in folders:
-                hp, ckpt = snap / folder / HYPERPARAMS, snap / folder / CHECKPOINT
-                if not hp.exists():
-                    continue
-                names = refs.get(snap.name, [])
-                label = f"{repo_id}:{folder} at commit {snap.name[:12]}" + (
-                    f" (revision {', '.join(repr(n) for n in names)})" if names else "")
-                if ckpt.exists():
-                    complete.append(label)
-                    usable = usable or (names[0] if names else snap.name)
-                else:
-                    partial.append(label + " without its weights")
-    if not complete and not partial:
-        shown = ref.name if name.strip() == ref.name else f"{name.strip()} ({ref.name})"
-        return f"no copy of {shown} in {s.cache_dir}", None
-    return f"cached in {s.cache_dir}: {'; '.join(complete + partial)}", usable
+    shown = ref.name if name.strip() == ref.name else f"{name.strip()} ({ref.name})"
+    return cache_summary(shown, repos, folders, s.cache_dir)
 
 
 def _unreachable_error(name: str, ref: SaeRef, revision: str, s: Settings,
                        cause: BaseException) -> HubUnreachableError:
-    cached, usable = _cache_summary(name, ref, s)
     shown = ref.name if name.strip() == ref.name else f"{name.strip()} ({ref.name})"
-    message = (f"could not reach the Hub at {_endpoint(s)} to download {shown} at revision "
-               f"{revision!r} ({type(cause).__name__}: {one_line(cause)}); {cached}")
-    if usable is not None:
-        pin = "" if usable == revision else f" with revision={usable!r}"
-        hint = (f"to load the cached copy, set HF_HUB_OFFLINE=1 (or pass local_files_only=True){pin}; "
-                "or set HF_ENDPOINT to a reachable mirror")
-    else:
-        hint = ("check the connection, set HF_ENDPOINT to a reachable mirror, or point "
-                "HF_HUB_CACHE at a warm cache that holds this SAE")
-    return HubUnreachableError(message, hint=hint)
+    return unreachable_error(shown, revision, _endpoint(s), cause, _cache_summary(name, ref, s))
 
 
 # --------------------------------------------------------------------------- provenance

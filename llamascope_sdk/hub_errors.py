@@ -8,9 +8,12 @@ repositories of foreign checkpoints (:mod:`.locate`).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 
 from .errors import DownloadError, HubAccessError, HubUnreachableError, SaeNotFoundError
+from .release import CHECKPOINT, HYPERPARAMS
 from .resumable import one_line
 
 _TRUE = {"1", "on", "yes", "true"}
@@ -124,3 +127,54 @@ def translate(exc: BaseException, head: str, *, revision: str | None = None,
             hint=f"check that HF_ENDPOINT points to a Hugging Face Hub (or a mirror of it), and the proxy{more}")
     return DownloadError(f"{head}: {one_line(inner or exc)}",
                          hint=f"check the id or folder, the connection and HF_ENDPOINT{more}")
+
+
+def cache_summary(shown: str, repos: list[str], folders: list[str],
+                  cache_dir: str) -> tuple[str, str | None]:
+    """(what the cache holds of a release folder, in words; a revision that loads a complete
+    copy), over the candidate repositories and folder spellings."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    complete: list[str] = []
+    partial: list[str] = []
+    usable: str | None = None
+    for repo_id in repos:
+        root = Path(cache_dir) / repo_folder_name(repo_id=repo_id, repo_type="model")
+        refs: dict[str, list[str]] = {}
+        with contextlib.suppress(OSError):
+            for f in sorted((root / "refs").rglob("*")):
+                if f.is_file():
+                    refs.setdefault(f.read_text().strip(), []).append(f.relative_to(root / "refs").as_posix())
+        snapshots = sorted((root / "snapshots").glob("*")) if (root / "snapshots").is_dir() else []
+        for snap in snapshots:
+            for folder in folders:
+                hp, ckpt = snap / folder / HYPERPARAMS, snap / folder / CHECKPOINT
+                if not hp.exists():
+                    continue
+                names = refs.get(snap.name, [])
+                label = f"{repo_id}:{folder} at commit {snap.name[:12]}" + (
+                    f" (revision {', '.join(repr(n) for n in names)})" if names else "")
+                if ckpt.exists():
+                    complete.append(label)
+                    usable = usable or (names[0] if names else snap.name)
+                else:
+                    partial.append(label + " without its weights")
+    if not complete and not partial:
+        return f"no copy of {shown} in {cache_dir}", None
+    return f"cached in {cache_dir}: {'; '.join(complete + partial)}", usable
+
+
+def unreachable_error(shown: str, revision: str, endpoint: str, cause: BaseException,
+                      cached: tuple[str, str | None]) -> HubUnreachableError:
+    """No connection to the Hub for an SAE: what the cache holds, and how to load it."""
+    held, usable = cached
+    message = (f"could not reach the Hub at {endpoint} to download {shown} at revision "
+               f"{revision!r} ({type(cause).__name__}: {one_line(cause)}); {held}")
+    if usable is not None:
+        pin = "" if usable == revision else f" with revision={usable!r}"
+        hint = (f"to load the cached copy, set HF_HUB_OFFLINE=1 (or pass local_files_only=True){pin}; "
+                "or set HF_ENDPOINT to a reachable mirror")
+    else:
+        hint = ("check the connection, set HF_ENDPOINT to a reachable mirror, or point "
+                "HF_HUB_CACHE at a warm cache that holds this SAE")
+    return HubUnreachableError(message, hint=hint)
