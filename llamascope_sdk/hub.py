@@ -2,7 +2,7 @@
 
 ``download(name)`` resolves any accepted spelling (:func:`registry.resolve`), fetches only
 that SAE's three files with ``huggingface_hub.hf_hub_download`` and returns the local folder
-together with its provenance (:class:`sae.Source`).
+together with its provenance (:class:`Provenance`).
 
 Decisions:
 
@@ -64,8 +64,9 @@ _PROBE_READ_TIMEOUT = 10.0
 
 
 @dataclass
-class Source:
-    """Where an SAE's weights came from, for provenance and reproducibility."""
+class Provenance:
+    """Where an SAE's weights came from (``sae.source``), for reproducibility. (The name
+    ``Source`` means one thing in this SDK: where text comes from, :mod:`llamascope_sdk.corpus`.)"""
 
     path: str | None = None
     repo_id: str | None = None
@@ -82,7 +83,7 @@ class Downloaded:
 
     folder: Path
     ref: SaeRef | None
-    source: Source
+    source: Provenance
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def download(name: str, *, revision: str | None = None, cache_dir: str | os.Path
 
     Returns:
         :class:`Downloaded` with the snapshot folder, the registry entry and a
-        :class:`Source` holding repo_id, subfolder, revision, resolved commit and sha256s.
+        :class:`Provenance` holding repo_id, subfolder, revision, resolved commit and sha256s.
 
     Raises:
         UnknownSaeError: the name denotes no checkpoint (lists the closest names).
@@ -146,7 +147,7 @@ def download(name: str, *, revision: str | None = None, cache_dir: str | os.Path
     if lm_path is not None:
         sha[LM_CONFIG] = sha256_file(lm_path)
     sha[CHECKPOINT] = verify_checkpoint(ckpt_path, verify=s.verify, etag=etag)
-    source = Source(path=str(Path(hp_path).parent), repo_id=repo_id, subfolder=folder,
+    source = Provenance(path=str(Path(hp_path).parent), repo_id=repo_id, subfolder=folder,
                     revision=rev, commit=commit, sha256=sha, verified=s.verify)
     return Downloaded(folder=Path(hp_path).parent, ref=ref, source=source)
 
@@ -154,12 +155,12 @@ def download(name: str, *, revision: str | None = None, cache_dir: str | os.Path
 def fetch_hyperparams(name: str, *, revision: str | None = None,
                       cache_dir: str | os.PathLike[str] | None = None, token: str | bool | None = None,
                       local_files_only: bool = False,
-                      verify: bool | None = None) -> tuple[Hyperparams, Source]:
+                      verify: bool | None = None) -> tuple[Hyperparams, Provenance]:
     """Fetch only hyperparams.json (a few hundred bytes, not the weights) with the same
     name resolution, fallbacks, pinning and verification as :func:`download`.
 
     Returns:
-        (the parsed :class:`Hyperparams`, a :class:`Source` with repo, folder and commit).
+        (the parsed :class:`Hyperparams`, a :class:`Provenance` with repo, folder and commit).
 
     Raises:
         The same errors as :func:`download`, and HyperparamsError for an invalid file.
@@ -171,7 +172,7 @@ def fetch_hyperparams(name: str, *, revision: str | None = None,
         hp_path, repo_id, folder = _fetch_hyperparams(name, ref, rev, s)
     except Unreachable as exc:
         raise _unreachable_error(name, ref, rev, s, exc.cause) from None
-    source = Source(path=str(Path(hp_path).parent), repo_id=repo_id, subfolder=folder, revision=rev,
+    source = Provenance(path=str(Path(hp_path).parent), repo_id=repo_id, subfolder=folder, revision=rev,
                     commit=commit_from_path(hp_path), sha256={HYPERPARAMS: sha256_file(hp_path)},
                     verified=s.verify)
     return Hyperparams.from_file(hp_path), source

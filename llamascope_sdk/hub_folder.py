@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SaeNotFoundError
-from .hub import DEFAULT_REVISION, Settings, Source, hf_download, online_failure, settings
+from .hub import DEFAULT_REVISION, Provenance, Settings, hf_download, online_failure, settings
 from .hub_errors import Unreachable, translate
 from .verification import SHA1, verify_file
 
@@ -74,8 +74,8 @@ class HubFolder:
         self.local = local
         return Path(path)
 
-    def provenance(self) -> Source:
-        return Source(path=str(self.local) if self.local else None, repo_id=self.repo_id,
+    def provenance(self) -> Provenance:
+        return Provenance(path=str(self.local) if self.local else None, repo_id=self.repo_id,
                       subfolder=self.subfolder or None, revision=self.revision,
                       commit=self.commit, sha256=dict(self.fetched), verified=self.s.verify)
 

@@ -32,7 +32,7 @@ from typing import Any
 from .demo import DEMO_SAE_DIR, DEMO_SAE_NAME, is_demo
 from .errors import SaeNotFoundError
 from .formats import check_importable, detect, files_to_read, folder_files
-from .hub import Source, download
+from .hub import Provenance, download
 from .registry import SaeRef, claims, resolve
 
 _HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:[:/](.+?))?/?$")
@@ -56,7 +56,7 @@ class Located:
     format: str
     name: str
     ref: SaeRef | None
-    source: Source
+    source: Provenance
 
 
 def locate(name_or_path: str | os.PathLike[str], *, fmt: str | None = None,
@@ -82,7 +82,7 @@ def locate(name_or_path: str | os.PathLike[str], *, fmt: str | None = None,
     """
     text = os.fspath(name_or_path).strip()
     if is_demo(text):
-        return Located(DEMO_SAE_DIR, "release", DEMO_SAE_NAME, None, Source(path=str(DEMO_SAE_DIR)))
+        return Located(DEMO_SAE_DIR, "release", DEMO_SAE_NAME, None, Provenance(path=str(DEMO_SAE_DIR)))
     path = Path(text).expanduser()
     if path.exists():
         return _local(path, fmt)
@@ -111,7 +111,7 @@ def _local(path: Path, fmt: str | None) -> Located:
     check_importable(where, found, files)
     assert found is not None
     name = path.name if found == "release" else str(path.resolve())
-    return Located(path, found, name, None, Source(path=str(path)))
+    return Located(path, found, name, None, Provenance(path=str(path)))
 
 
 def _hub(repo_id: str, subfolder: str, fmt: str | None, hub: dict[str, Any]) -> Located:

@@ -34,7 +34,7 @@ from .errors import FeatureIndexError
 from .feature_stats import FeatureStats
 from .fold import fold_into, unfold
 from .formats import Plain, read_foreign
-from .hub import Source
+from .hub import Provenance
 from .hyperparams import Hyperparams
 from .registry import SaeRef
 
@@ -89,7 +89,7 @@ class SAE(nn.Module):
                 f"{dtype_name(self.threshold.dtype)}; load in float32")
         self.register_buffer("decoder_norm", torch.ones(f, device=device, dtype=torch.float32))
         self.ref: SaeRef | None = None
-        self.source = Source()
+        self.source = Provenance()
         #: The name given at load (see :class:`~llamascope_sdk.locate.Located`); None: derived.
         self._name: str | None = None
         self._stats: FeatureStats | None = None

@@ -18,7 +18,7 @@ from .dtypes import SAFETENSORS, parse_dtype
 from .errors import CorruptCheckpointError
 from .feature_stats import LABELS_FILE, STATS_FILE, FeatureStats, read_labels
 from .formats import Plain, collapse_threshold
-from .hub import Source
+from .hub import Provenance
 from .hyperparams import Hyperparams
 from .registry import BASE_MODEL
 from .release import (
@@ -90,7 +90,7 @@ def read_release(cls: type[SAE], folder: Path, *, device: torch.device | str | N
         sae._fold_from(fh.get_tensor)
         if PER_FEATURE_THRESHOLD in set(fh.keys()):
             sae.set_threshold(fh.get_tensor(PER_FEATURE_THRESHOLD))
-    sae.source = Source(path=str(folder))
+    sae.source = Provenance(path=str(folder))
     if (folder / CARD).is_file():
         sae.card = (folder / CARD).read_text(encoding="utf-8")
     sae.lm_config = read_lm_config(folder)
