@@ -4,7 +4,10 @@ A store is a folder::
 
     manifest.json               written LAST; a folder without it (or not "complete") is refused
     top.safetensors             values/doc/pos [F, N], tokens/acts [F, N, W]: top-N contexts
-    samples.safetensors         the same for the quantile sample, sorted by activation (optional)
+    samples.safetensors         the same for the decile sample [F, S, C], sorted by activation
+                                (optional)
+    nonactivating.safetensors   the pool of random contexts: tokens [R, C], doc/pos/order [R],
+                                fires [F, R] uint8 (1: the feature fires somewhere in it) (optional)
     feature_stats.safetensors   FeatureStats (the file relative steering and mean ablation read)
     histogram.safetensors       counts [F, B] over edges [B - 1] (log-spaced, model units)
     logit_lens.safetensors      top/bottom token ids and logits [F, k] (optional)
@@ -15,6 +18,11 @@ A store is a folder::
 The manifest names the format and kind (``"format": "llamascope-feature-store"``, ``"kind":
 "feature-store"``), every file of the store, and a fingerprint of the SAE's weights
 (:mod:`~llamascope_sdk.fingerprint`) so a store is never used with another SAE.
+
+Versions: 1 (no decile sample, no non-activating contexts; 16 samples of 21 tokens) and 2
+(this layout). A version-1 store still loads for ``show`` and pages; asking it for decile or
+non-activating examples raises :class:`StoreVersionError` with the command that re-mines it.
+A newer version than this SDK knows is refused.
 
 Safetensors for arrays and JSON for metadata, never pickle. The folder is written whole in one
 step (:func:`~llamascope_sdk.atomic.write_folder`), so an interrupted run leaves the previous
@@ -57,18 +65,24 @@ from .errors import (
 )
 from .feature_stats import LABELS_FILE, STATS_FILE, FeatureStats, read_labels, write_labels
 from .fingerprint import differences, fingerprint, is_fingerprint
+from .corpus import RULES
 from .logit_lens import APPROXIMATION, LogitLens
 from .metrics import DENSE_FREQUENCY
-from .mining import HIST_EDGES, Examples, MiningResult
+from .mining import HIST_EDGES, Contexts, Examples, MiningResult
+from .mining_state import sample_priority
 from .paths import cache_root
 
 FORMAT = "llamascope-feature-store"
 KIND = "feature-store"
-VERSION = 1
+VERSION = 2
 MANIFEST = "manifest.json"
 #: Files every store has; the others (samples, logit lens, labels, pages/) are optional.
 REQUIRED = ("top.safetensors", "histogram.safetensors", STATS_FILE, "vocab.json")
 _OPTIONAL_DIRS = ("pages",)
+
+
+class StoreVersionError(LlamascopeError, ValueError):
+    """A store written by an older SDK lacks what was asked for (it must be mined again)."""
 
 
 class IncompleteStoreError(LlamascopeError, FileNotFoundError):
@@ -308,6 +322,7 @@ class FeatureStore:
     vocab: dict[int, str]
     labels: dict[int, str] = field(default_factory=dict)
     path: Path | None = None
+    contexts: Contexts | None = None  # the pool of random contexts (non-activating examples)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -339,6 +354,13 @@ class FeatureStore:
             "top_n": int(result.top.values.shape[1]),
             "n_samples": int(result.samples.values.shape[1]) if result.samples is not None else 0,
             "n_bands": n_bands,
+            "deciles": result.config.deciles,
+            "example_context": result.config.example_context,
+            "example_before": result.config.example_before,
+            "n_nonactivating": result.config.n_nonactivating,
+            "nonactivating_pool": result.config.pool,
+            "sequence_rule": RULES["windows"],
+            "read": dict(result.read),
             "window_before": result.top.center,
             "window_after": int(result.top.tokens.shape[2]) - result.top.center - 1,
             "histogram_edges": [float(x) for x in HIST_EDGES],
@@ -348,12 +370,14 @@ class FeatureStore:
         ids = [result.top.tokens.reshape(-1)]
         if result.samples is not None:
             ids.append(result.samples.tokens.reshape(-1))
+        if result.contexts is not None:
+            ids.append(result.contexts.tokens.reshape(-1))
         if lens is not None:
             ids += [lens.top_ids.reshape(-1), lens.bottom_ids.reshape(-1)]
-        uniq = torch.unique(torch.cat(ids))
+        uniq = torch.unique(torch.cat([i.long() for i in ids]))
         vocab = {int(i): tokenizer.decode([int(i)]) for i in uniq.tolist() if i >= 0}
         return cls(meta, result.top, result.samples, result.stats, result.hist, lens, vocab,
-                   dict(getattr(sae, "labels", {}) or {}))
+                   dict(getattr(sae, "labels", {}) or {}), contexts=result.contexts)
 
     # ------------------------------------------------------------------ saving
     def save(self, folder: str | Path, *,
@@ -393,6 +417,12 @@ class FeatureStore:
         atomic_save_safetensors(ex(self.top), tmp / "top.safetensors")
         if self.samples is not None:
             atomic_save_safetensors(ex(self.samples), tmp / "samples.safetensors")
+        if self.contexts is not None:
+            c = self.contexts
+            atomic_save_safetensors({"tokens": c.tokens.int(), "doc": c.doc.long(),
+                                     "pos": c.pos.long(), "order": c.order.long(),
+                                     "fires": c.fires.to(torch.uint8)},
+                                    tmp / "nonactivating.safetensors")
         self.stats.save(tmp / STATS_FILE)
         atomic_save_safetensors({"counts": self.hist.long(), "edges": HIST_EDGES.float()},
                                 tmp / "histogram.safetensors")
@@ -427,7 +457,7 @@ class FeatureStore:
                                          f"{sorted(set(missing))[:3]}",
                                          hint="mine it again with `llamascope inspect`")
 
-        def ex(name: str) -> Examples | None:
+        def ex(name: str, center: int = center) -> Examples | None:
             p = folder / name
             if not p.is_file():
                 return None
@@ -458,7 +488,25 @@ class FeatureStore:
         if stats.d_sae != f:
             raise CorruptCheckpointError(f"{folder / STATS_FILE}: statistics of {stats.d_sae} "
                                          f"features, but the store has {f}")
-        return cls(meta, top, ex("samples.safetensors"), stats, hist, lens, vocab, labels, folder)
+        version = int(meta["version"])
+        before = meta.get("example_before", center) if version >= 2 else center
+        if not isinstance(before, int) or isinstance(before, bool) or before < 0:
+            raise CorruptCheckpointError(f"{folder / MANIFEST}: 'example_before' should be an "
+                                         f"integer >= 0, found {before!r}")
+        samples = ex("samples.safetensors", before)
+        contexts = None
+        if version >= 2 and (folder / "nonactivating.safetensors").is_file():
+            t = _tensors(folder / "nonactivating.safetensors",
+                         {"tokens": (None, None), "doc": (None,), "pos": (None,),
+                          "order": (None,), "fires": (f, None)})
+            r, w = t["tokens"].shape
+            if any(t[k].shape[0] != r for k in ("doc", "pos", "order")) or t["fires"].shape[1] != r \
+                    or not 0 <= before < max(w, 1):
+                raise CorruptCheckpointError(f"{folder / 'nonactivating.safetensors'}: its "
+                                             f"tensors do not describe one pool of {r} contexts")
+            contexts = Contexts(t["tokens"].long(), t["doc"], t["pos"], t["order"],
+                                t["fires"].bool(), before)
+        return cls(meta, top, samples, stats, hist, lens, vocab, labels, folder, contexts)
 
     # ------------------------------------------------------------------ reading
     @property
@@ -484,21 +532,60 @@ class FeatureStore:
         if e is None:
             return []
         i = self.check_feature(i)
+        return [self._example(e.tokens[i, k], e.acts[i, k], float(e.values[i, k]),
+                              int(e.doc[i, k]), int(e.pos[i, k]), e.center)
+                for k in range(e.values.shape[1]) if int(e.doc[i, k]) >= 0]
+
+    def _example(self, tokens: torch.Tensor, acts: torch.Tensor, value: float, doc: int,
+                 pos: int, center: int) -> dict[str, Any]:
+        keep = tokens >= 0
+        toks = tokens[keep].tolist()
+        first = int(keep.nonzero()[0]) if bool(keep.any()) else 0
+        return {"tokens": [self.token_text(t) for t in toks], "token_ids": toks,
+                "acts": [float(a) for a in acts[keep].tolist()], "max": value,
+                "max_index": center - first, "doc": doc, "pos": pos,
+                "window_start": pos - (center - first)}
+
+    def _require_v2(self, what: str) -> None:
+        if int(self.meta.get("version", 1)) < 2:
+            where = f" --out {self.path}" if self.path is not None else ""
+            raise StoreVersionError(
+                f"{self.path or self.name}: store version {self.meta.get('version')} was mined "
+                f"before {what} were kept; re-mine it: llamascope inspect --sae "
+                f"{self.meta.get('sae_spec') or self.name} --dataset {self.meta.get('corpus')}{where}")
+
+    def decile_examples(self, i: int) -> list[dict[str, Any]]:
+        """The feature's sampled firings cut into ``deciles`` activation bands, highest first:
+        ``[{"decile": 10, "lo", "hi", "examples": [...]}, ...]``. The sample is uniform over
+        the feature's firings, sorted by activation and cut into equal bands (fewer examples
+        per band when the feature fired fewer than ``n_samples`` times; ``lo``/``hi`` None
+        for an empty band)."""
+        self._require_v2("decile examples")
+        ex = self.examples(i, "samples")
+        n, d = len(ex), int(self.meta.get("deciles", 10))
         out = []
-        for k in range(e.values.shape[1]):
-            doc = int(e.doc[i, k])
-            if doc < 0:
-                continue
-            keep = e.tokens[i, k] >= 0
-            toks = e.tokens[i, k][keep].tolist()
-            acts = e.acts[i, k][keep].tolist()
-            first = int(keep.nonzero()[0]) if bool(keep.any()) else 0
-            pos = int(e.pos[i, k])
-            out.append({"tokens": [self.token_text(t) for t in toks], "token_ids": toks,
-                        "acts": [float(a) for a in acts],
-                        "max": float(e.values[i, k]), "max_index": e.center - first,
-                        "doc": doc, "pos": pos, "window_start": pos - (e.center - first)})
+        for q in range(d):
+            part = ex[round(q * n / d):round((q + 1) * n / d)]
+            vals = [e["max"] for e in part]
+            out.append({"decile": d - q, "lo": min(vals) if vals else None,
+                        "hi": max(vals) if vals else None, "examples": part})
         return out
+
+    def non_activating(self, i: int, n: int | None = None) -> list[dict[str, Any]]:
+        """Up to ``n`` (default ``n_nonactivating``) random contexts on which feature ``i`` is 0
+        on every token; which ones is a fixed pseudo-random choice per feature."""
+        self._require_v2("non-activating examples")
+        i = self.check_feature(i)
+        c = self.contexts
+        if c is None:
+            return []
+        n = int(self.meta.get("n_nonactivating", 0)) if n is None else n
+        idx = ((~c.fires[i]) & (c.doc >= 0)).nonzero().squeeze(1)
+        pri = sample_priority(c.order[idx], torch.tensor([i]))[0]
+        idx = idx[pri.argsort(descending=True, stable=True)][:n]
+        zero = torch.zeros(c.tokens.shape[1])
+        return [self._example(c.tokens[j], zero, 0.0, int(c.doc[j]), int(c.pos[j]), c.center)
+                for j in idx.tolist()]
 
     def check_sae(self, sae: Any) -> FeatureStore:
         """Refuse to be used with an SAE other than the one mined: the weights' fingerprints
@@ -559,6 +646,6 @@ def load_store(store_or_name: str | Path) -> FeatureStore:
     return store
 
 
-__all__ = ["FeatureStore", "IncompleteStoreError", "check_output_folder", "check_stats_target",
+__all__ = ["FeatureStore", "IncompleteStoreError", "StoreVersionError", "check_output_folder", "check_stats_target",
            "check_store_target", "default_store_dir",
            "load_store", "resolve_store", "MANIFEST"]

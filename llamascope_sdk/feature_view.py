@@ -41,14 +41,18 @@ def is_dense(store: FeatureStore, i: int) -> bool:
     return float(store.stats.frequency[i]) > DENSE_FREQUENCY
 
 
-def bands(store: FeatureStore, i: int) -> list[dict[str, Any]]:
-    """Quantile bands of the feature's sample, highest first: ``{"label", "examples"}``."""
+def bands(store: FeatureStore, i: int, per_band: int = 4) -> list[dict[str, Any]]:
+    """Quantile bands of the feature's sample, highest first: ``{"label", "examples"}``, at
+    most ``per_band`` examples each, evenly spread over the band (the sample holds 100)."""
     ex = store.examples(i, "samples")
     nb = int(store.meta.get("n_bands", 4))
     out = []
     for q, (a, b) in enumerate(quantile_bands(len(ex), nb)):
         lo, hi = 100 - round(100 * (q + 1) / nb), 100 - round(100 * q / nb)
-        out.append({"label": f"{lo}-{hi}th percentile of firings", "examples": ex[a:b]})
+        band = ex[a:b]
+        if len(band) > per_band:
+            band = [band[round(j * (len(band) - 1) / max(1, per_band - 1))] for j in range(per_band)]
+        out.append({"label": f"{lo}-{hi}th percentile of firings", "examples": band})
     return out
 
 

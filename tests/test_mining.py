@@ -9,18 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llamascope_sdk import corpus
 from llamascope_sdk.compat import check_compatible
 from llamascope_sdk.hooks import capture_into, hooked
-from llamascope_sdk.mining import (
-    HIST_EDGES,
-    _Batch,
-    _Tracker,
-    doc_batches,
-    mine,
-    sample_priority,
-    sequences,
-    state_bytes,
-)
+from llamascope_sdk.mining import HIST_EDGES, mine, sample_priority, state_bytes
+from llamascope_sdk.mining_state import Batch, MiningConfig, Tracker
 from llamascope_sdk.models import special_ids
 
 from .conftest import CharTokenizer
@@ -29,38 +22,43 @@ from .test_hooks import synthetic_sae
 
 # ---------------------------------------------------------------------------- reference
 def materialise(model, tok, saes, docs, *, tokens, context, batch_size):
-    """Every activation: {name: [N, F]} with rows in corpus order, plus doc/pos/order/ids."""
+    """Every activation: {name: [N, F]} with rows in corpus order, plus per row its document,
+    document position and corpus order, and ``seqs`` = per row its token id and the row range
+    [lo, hi) of its sequence (documents are read whole, in windows: corpus.RULES["windows"])."""
     specials = torch.tensor(sorted(special_ids(tok)))
     rows: dict[str, list[tuple[int, torch.Tensor]]] = {n: [] for n in saes}
     seqs = {}
-    for ids, length, doc, off in doc_batches(tok, docs, tokens=tokens, context=context,
-                                              batch_size=batch_size):
+    for bt in corpus.batches(tok, docs, tokens=tokens, context=context, batch_size=batch_size,
+                             rule="windows"):
+        ids, length = bt.ids, bt.lengths
         for name, sae in saes.items():
             site_in, _ = check_compatible(model, sae)
             got = {}
-            valid = torch.arange(ids.shape[1])[None] < length[:, None]
             with torch.no_grad(), hooked(model, {site_in: capture_into(got, "x")}, stop_after_last=True):
-                model(input_ids=ids, attention_mask=valid.long(), use_cache=False)
+                model(input_ids=ids, attention_mask=bt.valid.long(), use_cache=False)
             f = sae.encode(got["x"]).float()
             for b in range(ids.shape[0]):
                 n = int(length[b])
                 keep = ~torch.isin(ids[b, :n], specials)
-                rows[name].append((int(off[b]), f[b, :n] * keep[:, None]))
+                rows[name].append((int(bt.order[b]), f[b, :n] * keep[:, None]))
         for b in range(ids.shape[0]):
-            seqs[int(doc[b])] = (int(off[b]), ids[b, :int(length[b])].tolist())
-    docs_sorted = sorted(seqs)
-    doc_col = torch.tensor([d for d in docs_sorted for _ in seqs[d][1]])
-    pos_col = torch.tensor([p for d in docs_sorted for p in range(len(seqs[d][1]))])
-    order = torch.tensor([seqs[d][0] + p for d in docs_sorted for p in range(len(seqs[d][1]))])
+            seqs[int(bt.order[b])] = (int(bt.doc[b]), int(bt.pos[b]), ids[b, :int(length[b])].tolist())
+    starts = sorted(seqs)
+    doc_col = torch.tensor([seqs[o][0] for o in starts for _ in seqs[o][2]])
+    pos_col = torch.tensor([seqs[o][1] + j for o in starts for j in range(len(seqs[o][2]))])
+    order = torch.tensor([o + j for o in starts for j in range(len(seqs[o][2]))])
+    assert torch.equal(order, torch.arange(len(order)))  # sequences tile the corpus order
+    tok_col = torch.tensor([t for o in starts for t in seqs[o][2]])
+    lo = torch.tensor([o for o in starts for _ in seqs[o][2]])
+    hi = torch.tensor([o + len(seqs[o][2]) for o in starts for _ in seqs[o][2]])
     acts = {n: torch.cat([a for _, a in sorted(r, key=lambda x: x[0])]) for n, r in rows.items()}
-    return acts, doc_col, pos_col, order, seqs, specials
+    return acts, doc_col, pos_col, order, {"tok": tok_col, "lo": lo, "hi": hi, "by_start": seqs}, specials
 
 
 def reference(A, doc_col, pos_col, order, seqs, specials, *, top_n, n_samples, before, after):
     """Top-N / sample / stats / histogram of [N, F] activations by full stable sorts."""
     N, F = A.shape
-    keep = ~torch.isin(torch.tensor([seqs[int(d)][1][int(p)] for d, p in zip(doc_col, pos_col, strict=True)]),
-                       specials)
+    keep = ~torch.isin(seqs["tok"], specials)
     n_tokens = int(keep.sum())
     out = {"mean": A.double().sum(0) / n_tokens,
            "frequency": (A > 0).double().sum(0) / n_tokens}
@@ -90,25 +88,25 @@ def reference(A, doc_col, pos_col, order, seqs, specials, *, top_n, n_samples, b
 
 def check_examples(ex, ref_vals, ref_idx, A, doc_col, pos_col, seqs, before, after):
     """Compare with the reference's winners; windows are cut from the materialised corpus
-    (rows of one document are contiguous, so row + offset is in it iff 0 <= pos + offset < len)."""
+    (rows of one sequence are contiguous, so row + offset is in it iff lo <= row + offset < hi)."""
     F = A.shape[1]
     empty = ref_vals <= 0
     assert torch.equal(ex.values, ref_vals.masked_fill(empty, 0))
     assert torch.equal(ex.doc, doc_col[ref_idx].masked_fill(empty, -1))
     assert torch.equal(ex.pos, pos_col[ref_idx].masked_fill(empty, -1))
-    tok_col = torch.tensor([t for d in sorted(seqs) for t in seqs[d][1]])
-    doc_len = torch.tensor([len(seqs[int(d)][1]) for d in doc_col])
+    tok_col = seqs["tok"]
     off = torch.arange(-before, after + 1)
     rows = ref_idx[..., None] + off  # [F, K, W]
-    p = pos_col[ref_idx][..., None] + off
-    inside = (p >= 0) & (p < doc_len[ref_idx][..., None]) & ~empty[..., None]
+    inside = ((rows >= seqs["lo"][ref_idx][..., None]) & (rows < seqs["hi"][ref_idx][..., None])
+              & ~empty[..., None])
     rc = rows.clamp(0, A.shape[0] - 1)
     feat = torch.arange(F)[:, None, None].expand_as(rc)
-    assert torch.equal(ex.tokens, torch.where(inside, tok_col[rc], -1))
+    assert torch.equal(ex.tokens.long(), torch.where(inside, tok_col[rc], -1))
     assert torch.equal(ex.acts, torch.where(inside, A[rc, feat], 0.0))
 
 
-def check_all(res, A, doc_col, pos_col, order, seqs, specials, *, top_n, n_samples, before, after):
+def check_all(res, A, doc_col, pos_col, order, seqs, specials, *, top_n, n_samples, before, after,
+              example_context=64):
     ref = reference(A, doc_col, pos_col, order, seqs, specials, top_n=top_n, n_samples=n_samples,
                     before=before, after=after)
     assert res.n_tokens == res.stats.n_tokens
@@ -117,7 +115,8 @@ def check_all(res, A, doc_col, pos_col, order, seqs, specials, *, top_n, n_sampl
     torch.testing.assert_close(res.stats.typical, ref["typical"].float(), rtol=1e-5, atol=1e-6)
     assert torch.equal(res.hist, ref["hist"])
     check_examples(res.top, *ref["top"], A, doc_col, pos_col, seqs, before, after)
-    check_examples(res.samples, *ref["samples"], A, doc_col, pos_col, seqs, before, after)
+    eb = (3 * example_context) // 4
+    check_examples(res.samples, *ref["samples"], A, doc_col, pos_col, seqs, eb, example_context - 1 - eb)
     return ref
 
 
@@ -135,21 +134,25 @@ def test_mining_equals_brute_force_for_r_a_m_tc_in_one_pass(tiny_llama):
             for layer, pos in [(0, "R"), (1, "A"), (1, "M"), (2, "TC")]}
     kw = dict(tokens=400, context=40)
     res = mine(model, tok, saes, DOCS, batch_size=3, top_n=5, n_samples=6, window_before=4,
-               window_after=3, progress=False, **kw)
+               window_after=3, example_context=9, nonactivating_pool=30, n_nonactivating=10,
+               progress=False, **kw)
     A, doc_col, pos_col, order, seqs, specials = materialise(model, tok, saes, DOCS, batch_size=3, **kw)
     for name in saes:
         assert res[name].top.values.shape == (96, 5)
         check_all(res[name], A[name], doc_col, pos_col, order, seqs, specials, top_n=5,
-                  n_samples=6, before=4, after=3)
-    # The documents are the corpus's, cut to the budget, BOS first, indices kept (doc 2 is empty).
-    seq = list(sequences(tok, DOCS, tokens=400, context=40))
-    assert [s[0] for s in seq] == [i for i, d in enumerate(DOCS) if d][:len(seq)]
-    assert seq[0][2] == [1, *tok(DOCS[0])["input_ids"]]
-    assert sum(len(s[2]) for s in seq) == 400 or seq[-1][0] == len(DOCS) - 1
-    # Padding does not change activations: a document run alone gives the same values.
+                  n_samples=6, before=4, after=3, example_context=9)
+    # Every token of the 70-character document was read, in windows of BOS + 39 tokens, with
+    # positions counted from the document's start.
+    long_doc = DOCS.index("x" * 70)
+    read = {(int(p), int(t)) for d, p, t in zip(doc_col, pos_col, seqs["tok"], strict=True)
+            if int(d) == long_doc and int(t) != 1}
+    assert read == {(j + 1, tok("x")["input_ids"][0]) for j in range(70)}
+    assert res["R0"].read["tokens_read"] == int((seqs["tok"] != 1).sum())
+    # Padding does not change activations: a sequence run alone gives the same values.
     name = "R0"
     site = check_compatible(model, saes[name])[0]
-    off, toks = seqs[3]
+    off = sorted(seqs["by_start"])[3]
+    toks = seqs["by_start"][off][2]
     got = {}
     with torch.no_grad(), hooked(model, {site: capture_into(got, "x")}, stop_after_last=True):
         model(input_ids=torch.tensor([toks]))
@@ -162,11 +165,8 @@ def test_ties_go_to_the_earlier_document_and_windows_stop_at_edges():
     """Hand-made activations: three equal maxima in documents seen out of order."""
     F, T = 3, 6
 
-    class Sae:
-        d_sae = F
-        device = torch.device("cpu")
-
-    tr = _Tracker(Sae(), top_n=2, n_samples=0, before=3, after=2, device=torch.device("cpu"))
+    tr = Tracker(F, MiningConfig(top_n=2, n_samples=0, window_before=3, window_after=2,
+                                 n_nonactivating=0), torch.device("cpu"))
     # documents 0, 1, 2 have lengths 6, 4, 5 -> corpus offsets 0, 6, 10
     def batch(docs, lengths, offs):
         ids = torch.zeros(len(docs), T, dtype=torch.long)
@@ -176,7 +176,8 @@ def test_ties_go_to_the_earlier_document_and_windows_stop_at_edges():
         length = torch.tensor(lengths)
         keep = (torch.arange(T)[None] < length[:, None]) & (ids != 1)
         order = torch.tensor(offs)[:, None] + torch.arange(T)[None]
-        return _Batch(ids, keep, length, torch.tensor(docs), order, T), ids
+        return Batch(ids, keep, length, torch.tensor(docs), torch.zeros(len(docs), dtype=torch.long),
+                     order, T), ids
 
     # batch 1: documents 2 and 0 (sorted by length, as doc_batches does)
     b1, ids1 = batch([2, 0], [5, 6], [10, 0])
@@ -193,7 +194,7 @@ def test_ties_go_to_the_earlier_document_and_windows_stop_at_edges():
     f2[0, 1, 0] = 5.0       # doc 1 pos 1: window starts before the document
     f2[0, 5, 0] = 7.0       # padding (length 4): never counted
     tr.update(f2, b2)
-    ex = tr.top.examples(3)
+    ex = tr.top.examples(by_value=False)
     assert ex.doc[0].tolist() == [0, 1] and ex.pos[0].tolist() == [4, 1]
     assert ex.values[0].tolist() == [5.0, 5.0]
     assert ex.tokens[0, 0].tolist() == [11, 12, 13, 14, 15, -1]
@@ -206,10 +207,17 @@ def test_ties_go_to_the_earlier_document_and_windows_stop_at_edges():
     assert tr.fired.tolist() == [4, 1, 0]
 
 
-def test_state_bound_is_independent_of_corpus_size():
-    assert state_bytes(131072) == 131072 * (36 * (24 + 21 * 12) + 8 * 58 + 16)
-    assert state_bytes(131072) < 1.4e9
-    assert state_bytes(4608) < 50 * 2**20
+def test_state_formula_is_the_state_allocated_and_independent_of_corpus_size(tiny_llama):
+    """state_bytes() equals the bytes of every tensor a Tracker holds, before and after mining."""
+    cfg = MiningConfig(top_n=7, window_before=5, window_after=2, n_samples=30, deciles=10,
+                       example_context=12, n_nonactivating=5, nonactivating_pool=40)
+    tr = Tracker(96, cfg, torch.device("cpu"))
+    held = sum(t.numel() * t.element_size() for t in tr.tensors().values()) + tr.top.floor.numel() * 8
+    held += tr.samples.floor.numel() * 8
+    assert held == state_bytes(96, 7, 8, 30, 12, 40)
+    assert state_bytes(131072) == 131072 * (20 * (24 + 21 * 8) + 100 * (24 + 64 * 8) + 8 * 58
+                                            + 32 + 1000) + 1000 * (24 + 64 * 4)
+    assert state_bytes(4608) < 260 * 2**20
 
 
 def test_empty_corpus_is_an_error(tiny_llama):
@@ -217,7 +225,7 @@ def test_empty_corpus_is_an_error(tiny_llama):
     ids[:, 0] = 1
     sae = synthetic_sae(tiny_llama, ids, 0, "R", d_sae=128, l0=8)
     with pytest.raises(ValueError, match="no non-special tokens"):
-        mine(tiny_llama, CharTokenizer(), sae, ["", ""], tokens=100, progress=False)
+        mine(tiny_llama, CharTokenizer(), sae, ["", ""], tokens=100, context=64, progress=False)
 
 
 # ---------------------------------------------------------------------------- SmolLM2 + demo
@@ -237,5 +245,49 @@ def test_demo_sae_mining_equals_brute_force_on_real_text(smollm2, corpus_dir):
                                                              batch_size=8, **kw)
     check_all(res, A[sae.name], doc_col, pos_col, order, seqs, specials, top_n=4, n_samples=4,
               before=5, after=2)
-    # The Shakespeare feature fires on the Shakespeare documents.
-    assert int(res.top.doc[4154, 0]) < 25 and float(res.stats.frequency[4154]) > 0.1
+    # The Shakespeare feature fires far more often on the Shakespeare documents.
+    fires = A[sae.name][:, 4154] > 0
+    shakespeare = doc_col < 25
+    assert fires[shakespeare].float().mean() > 3 * fires[~shakespeare].float().mean()
+    assert float(res.stats.frequency[4154]) > 0.1
+
+
+# ---------------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize("kw, message", [
+    ({"tokens": 0}, "tokens=0 is not allowed: tokens must be an integer >= 1"),
+    ({"tokens": -5}, "tokens=-5 is not allowed: tokens must be an integer >= 1"),
+    ({"context": 0}, "context=0 is not allowed: context must be an integer >= 2"),
+    ({"context": -3}, "context=-3 is not allowed: context must be an integer >= 2"),
+    ({"context": 129}, "context=129 is longer than the model's window of 128 positions; use context <= 128"),
+    ({"batch_size": 0}, "batch_size=0 is not allowed: batch_size must be an integer >= 1"),
+    ({"batch_size": -1}, "batch_size=-1 is not allowed: batch_size must be an integer >= 1"),
+    ({"top_n": 0}, "top_n=0 is not allowed: top_n must be an integer >= 1"),
+    ({"tokens": 2**32}, "tokens=4294967296 is too many: at most 4294967294 per run"),
+    ({"n_nonactivating": 50, "nonactivating_pool": 10}, "n_nonactivating=50 exceeds nonactivating_pool=10"),
+])
+def test_bad_arguments_are_refused_in_one_line_before_any_work(tiny_llama, kw, message, monkeypatch):
+    from llamascope_sdk import mining as mining_module
+    from llamascope_sdk.errors import InputError
+
+    ids = torch.randint(3, 99, (1, 10))
+    sae = synthetic_sae(tiny_llama, ids, 0, "R", d_sae=64, l0=4)
+    monkeypatch.setattr(mining_module, "capture", lambda *a, **k: pytest.fail("the model ran"))
+    args = {"tokens": 100, "context": 64} | kw
+    with pytest.raises(InputError) as exc:
+        mine(tiny_llama, CharTokenizer(), sae, DOCS, progress=False, **args)
+    assert str(exc.value).startswith(message) and "\n" not in str(exc.value)
+
+
+def test_absurd_top_n_says_the_memory_it_would_need(tiny_llama):
+    from llamascope_sdk.errors import InputError
+    from llamascope_sdk.mining import _memory_available
+
+    ids = torch.randint(3, 99, (1, 10))
+    sae = synthetic_sae(tiny_llama, ids, 0, "R", d_sae=4608, l0=4)
+    need = state_bytes(4608, top_n=10_000_000)
+    assert need > _memory_available(torch.device("cpu"))  # 10M slots of 4,608 features: ~8 TB
+    with pytest.raises(InputError) as exc:
+        mine(tiny_llama, CharTokenizer(), sae, DOCS, top_n=10_000_000, context=64, progress=False)
+    msg = str(exc.value)
+    assert msg.startswith(f"top_n=10000000, n_samples=100 need {need / 2**30:.1f} GiB of mining state")
+    assert "lower them" in msg and "\n" not in msg

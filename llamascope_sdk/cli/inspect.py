@@ -3,6 +3,7 @@ and ``search``, which read stores, are in :mod:`.read`)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,10 +39,16 @@ def inspect(sae: SaesOpt,
             tokens: Annotated[int, typer.Option("--tokens", "-t", min=1, help="Tokens to read (BOS included).")] = 100_000,
             features: FeaturesOpt = None,
             out: Annotated[Path | None, typer.Option("--out", "-o", help="Store folder to write. [default: $LLAMASCOPE_CACHE/features/<sae>]", show_default=False)] = None,
-            context: Annotated[int, typer.Option(min=2, help="Tokens per document (longer ones are cut).")] = 256,
-            batch_size: Annotated[int, typer.Option(min=1, help="Documents per forward.")] = 8,
+            context: Annotated[int, typer.Option(min=2, help="Tokens per sequence: every document is read whole, in consecutive windows of BOS + context-1 tokens (positions count from the document's start).")] = 256,
+            batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward.")] = 8,
             top_n: Annotated[int, typer.Option(min=1, help="Top examples kept per feature.")] = 20,
-            samples: Annotated[int, typer.Option(min=0, help="Firings sampled per feature for the quantile bands.")] = 16,
+            samples: Annotated[int, typer.Option(min=0, help="Firings sampled per feature (uniformly), cut into --deciles activation bands: the decile examples explanation uses (delphi: 10 per decile).")] = 100,
+            deciles: Annotated[int, typer.Option(min=1, help="Activation bands the sample is cut into.")] = 10,
+            example_context: Annotated[int, typer.Option(min=1, help="Tokens of context of a decile or non-activating example (3/4 before the token).")] = 64,
+            non_activating: Annotated[int, typer.Option("--non-activating", min=0, help="Random contexts kept per feature where it does not fire.")] = 100,
+            non_activating_pool: Annotated[int, typer.Option("--non-activating-pool", min=0, help="Random contexts of the corpus the non-activating examples are drawn from (one bit per feature each).")] = 1000,
+            checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", min=1, help="Save the mining state every this many tokens; the same command run again resumes from the last save.", show_default=False)] = None,
+            checkpoint_dir: Annotated[Path | None, typer.Option("--checkpoint-dir", help="Where --checkpoint-every saves (with several nodes: a shared file system). [default: $LLAMASCOPE_CACHE/mining-checkpoints/<hash of the run>]", show_default=False)] = None,
             pages: Annotated[bool, typer.Option(help="Write HTML pages under OUT/pages.")] = True,
             max_pages: Annotated[int, typer.Option(min=0, help="At most this many feature pages.")] = 1000,
             save_stats_to: Annotated[Path | None, typer.Option("--save-stats-to", help="Also write feature_stats.safetensors into this folder (e.g. the SAE's own local folder, so that `steer --relative` finds it).", show_default=False)] = None,
@@ -63,9 +70,11 @@ def inspect(sae: SaesOpt,
         check_store_target,
         default_store_dir,
     )
-    from llamascope_sdk.mining import mine
+    from llamascope_sdk.mining import mine, run_identity
+    from llamascope_sdk.mining_checkpoint import default_checkpoint_dir
     from llamascope_sdk.models import check_fits_window
     from llamascope_sdk.sae import SAE
+    from llamascope_sdk.training.ddp import init_from_env
 
     specs = {name: "demo" if demo.is_demo(name) else name for name in sae}  # checked once
     # Every output path is checked before anything loads or is mined (and the statistics'
@@ -75,6 +84,8 @@ def inspect(sae: SaesOpt,
     if out is not None:
         (check_store_target if len(sae) == 1 else check_output_folder)(out)
     stats_file = check_stats_target(save_stats_to) if save_stats_to is not None else None
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU a rank
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     first, lm, tok = load_sae_and_model(sae[0], model, device, dtype, revision)
     check_fits_window(lm, context, what="--context")
     saes = {name: first for name in sae[:1]}
@@ -91,9 +102,18 @@ def inspect(sae: SaesOpt,
                or default_store_dir(s.name) for name, s in saes.items()}
     for target in targets.values():
         check_store_target(target)
-    results = mine(lm, tok, list(saes.values()), dataset, tokens=tokens, context=context,
-                   batch_size=batch_size, top_n=top_n, n_samples=samples, split=split,
-                   text_field=text_field)
+    kw: dict[str, Any] = dict(tokens=tokens, context=context, batch_size=batch_size, top_n=top_n,
+                              n_samples=samples, deciles=deciles, example_context=example_context,
+                              n_nonactivating=non_activating,
+                              nonactivating_pool=non_activating_pool, split=split,
+                              text_field=text_field)
+    if checkpoint_every is not None and checkpoint_dir is None:
+        checkpoint_dir = default_checkpoint_dir(run_identity(list(saes.values()), dataset, **kw))
+    dist = init_from_env(device)
+    results = mine(lm, tok, list(saes.values()), dataset, checkpoint_every=checkpoint_every,
+                   checkpoint_dir=checkpoint_dir, progress=dist.is_main, **kw)
+    if not dist.is_main:  # rank 0 writes the stores; every rank holds the same result
+        return
     reports = []
     for name, s in saes.items():
         reports.append(_write_store(name, specs[name], s, results[s.name], lm, tok, targets[name],
@@ -106,6 +126,11 @@ def inspect(sae: SaesOpt,
     for r in reports:
         say(f"mined {r['d_sae']} features of {r['sae']} on {r['n_tokens']:,} tokens "
             f"({r['n_docs']:,} documents)")
+        c = r["read"]
+        say(f"read {c['tokens_read']:,} of {c['tokens_available']:,} tokens in "
+            f"{c['documents']:,} documents " + ("(the whole corpus)" if c["exhausted"]
+                                                else "(stopped by --tokens)")
+            + "; long documents are read whole, in windows of --context tokens")
         say(f"store: {r['store']}")
         if r["index"]:
             say(f"pages: {r['index']}")
@@ -142,5 +167,6 @@ def _write_store(spec_name: str, spec: str, s: Any, result: Any, lm: Any, tok: A
     index = target / "pages" / "index.html" if pages else None
     return {"store": str(target), "index": str(index) if index else None, "sae": s.name,
             "d_sae": s.d_sae, "n_tokens": result.n_tokens, "n_docs": result.n_docs,
+            "read": result.read,
             "features": [view.summary(store, f) for f in (features or [])],
             "steer": {f: view.store_steer_command(store, f) for f in (features or [])}}

@@ -1,0 +1,406 @@
+"""The running state of feature mining, and how one batch of activations updates it.
+
+Per SAE (:class:`Tracker`): three running [F] sums (activation, firings) and a token count;
+an activation histogram [F, B] over fixed log-spaced bins (:data:`HIST_EDGES`); the top-N
+contexts of every feature; a uniform random sample of each feature's firings (the decile
+examples: sorted by activation at the end and cut into deciles); and a pool of random contexts
+with, per feature, whether it fired anywhere in each of them (the non-activating examples).
+
+Every entry has a unique 64-bit key and a slot keeps the K largest keys seen:
+
+* top-N: ``(float32 bits of f) << 32 | (2^32-1 - order)``, ``order`` being the token's ordinal
+  in the corpus (documents in order, then positions), so on an exact tie in activation the
+  EARLIER token wins;
+* sample: ``priority(order, feature) << 32 | (2^32-1 - order)`` with a fixed integer hash
+  (:func:`sample_priority`): reservoir sampling by random priorities, reproducible;
+* pool: ``priority(order, -1) << 32 | (2^32-1 - order)`` over every counted token.
+
+Because the kept set is the K largest keys, it does not depend on the order batches are seen
+in or on how they are split between processes: merging two states (:func:`merge_slots`) gives
+exactly the state of one pass over both. Slots are kept unsorted; :meth:`Slots.examples` sorts
+them once at the end.
+
+The work per batch is proportional to the batch's firings (non-zero activations, about
+tokens x L0), not to tokens x features: the firings are listed once with ``nonzero``, the
+histogram and counts are ``bincount`` over them, and only firings whose key beats the current
+K-th key of their feature (the slot's floor) are candidates; only winning entries copy their
+context window out of the batch. Dense work is limited to the sum, the comparison and the
+``nonzero`` over [tokens, F].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: Histogram bin edges (model units): 8 bins per decade from 1e-3 to 1e4. Bin 0 counts
+#: 0 < f <= 1e-3, bin i counts edges[i-1] < f <= edges[i], the last bin f > 1e4.
+HIST_EDGES = torch.logspace(-3, 4, 57, dtype=torch.float64).float()
+N_BINS = len(HIST_EDGES) + 1
+_INV = 0xFFFFFFFF
+#: The "feature" whose priorities draw the pool of random contexts.
+POOL_SALT = -1
+
+
+def _mix(order: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    x = order.long() * 0x5851F42D4C957F2D + feature.long() * 0x14057B7EF767814F
+    x = x ^ (x >> 29)
+    x = x * 0x2545F4914F6CDD1D
+    x = x ^ (x >> 32)
+    return (x >> 8) & 0x7FFFFFFF
+
+
+def sample_priority(order: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """A fixed pseudo-random 31-bit priority of each (feature, token): [F, T] int64.
+
+    ``order`` [T] are global token ordinals, ``features`` [F] feature indices. The sample of a
+    feature is its firings with the highest priorities (ties impossible: the low 32 bits of
+    the sample key are the token order).
+    """
+    return _mix(order.long()[None, :], features.long()[:, None])
+
+
+def key_order(keys: torch.Tensor) -> torch.Tensor:
+    """The token order stored in the low 32 bits of keys (-1 for empty slots)."""
+    return torch.where(keys >= 0, _INV - (keys & _INV), -1)
+
+
+@dataclass
+class Examples:
+    """Contexts of a set of features, K per feature (empty slots have ``doc == -1``).
+
+    ``values`` [F, K] activation at the centre token; ``doc``/``pos`` [F, K] where it came
+    from (document index in the corpus, token position in the document with BOS at 0);
+    ``tokens`` [F, K, W] token ids of the window (-1 outside the sequence); ``acts`` [F, K, W]
+    the feature's activation on every window token (0 at special tokens). The centre is at
+    window index ``center``.
+    """
+
+    values: torch.Tensor
+    doc: torch.Tensor
+    pos: torch.Tensor
+    tokens: torch.Tensor
+    acts: torch.Tensor
+    center: int
+
+    def select(self, features: torch.Tensor) -> Examples:
+        return Examples(self.values[features], self.doc[features], self.pos[features],
+                        self.tokens[features], self.acts[features], self.center)
+
+
+@dataclass
+class Contexts:
+    """The pool of random contexts: ``tokens`` [R, W], ``doc``/``pos``/``order`` [R] of the
+    centre token (-1: empty), ``fires`` [F, R] bool: the feature is non-zero somewhere in
+    the context. A feature's non-activating examples are the contexts where it is False."""
+
+    tokens: torch.Tensor
+    doc: torch.Tensor
+    pos: torch.Tensor
+    order: torch.Tensor
+    fires: torch.Tensor
+    center: int
+
+
+@dataclass
+class Batch:
+    """One batch as the trackers see it (tensors on the SAE's device)."""
+
+    ids: torch.Tensor  # [B, T]
+    keep: torch.Tensor  # [B, T] real non-special tokens
+    length: torch.Tensor  # [B]
+    doc: torch.Tensor  # [B] document index
+    start: torch.Tensor  # [B] position in its document of the row's first token
+    order: torch.Tensor  # [B, T] global token ordinal
+    T: int
+
+
+def _assign(old: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge candidate keys ``cand`` [R, C] (-1 = none) into slots ``old`` [R, K].
+
+    Returns (row, slot, column) of every candidate that enters: it replaces an evicted or
+    empty slot; kept slots are not touched.
+    """
+    r, k = old.shape
+    allk = torch.cat([old, cand], dim=1)
+    _, ti = allk.topk(k, dim=1, sorted=False)
+    chosen = torch.zeros_like(allk, dtype=torch.bool).scatter_(1, ti, True)
+    kept = chosen[:, :k]
+    new = chosen[:, k:] & (cand >= 0)
+    n_new = new.sum(1)
+    free = torch.argsort(kept.to(torch.int8), dim=1, stable=True)  # freed slots first
+    cols = torch.argsort((~new).to(torch.int8), dim=1, stable=True)  # entering columns first
+    width = max(k, cand.shape[1])
+    ri, j = (torch.arange(width, device=old.device)[None, :] < n_new[:, None]).nonzero(as_tuple=True)
+    return ri, free[ri, j], cols[ri, j]
+
+
+class Slots:
+    """The K largest keys per feature, with where they came from and their context windows."""
+
+    def __init__(self, f: int, k: int, before: int, after: int, device: torch.device) -> None:
+        self.k, self.before = k, before
+        w = before + 1 + after
+        self.offsets = torch.arange(-before, after + 1, device=device)
+        self.keys = torch.full((f, k), -1, dtype=torch.long, device=device)
+        self.doc = torch.full((f, k), -1, dtype=torch.long, device=device)
+        self.pos = torch.full((f, k), -1, dtype=torch.long, device=device)
+        # Windows are written only when an entry enters; empty slots (key -1) are never read
+        # before examples() masks them, so the memory is not initialised (nor touched).
+        self.tok = torch.empty((f, k, w), dtype=torch.int32, device=device)
+        self.act = torch.empty((f, k, w), dtype=torch.float32, device=device)
+        self.floor = torch.full((f,), -1, dtype=torch.long, device=device)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys, "doc": self.doc, "pos": self.pos, "tok": self.tok, "act": self.act}
+
+    def load(self, t: dict[str, torch.Tensor]) -> None:
+        for name, v in t.items():
+            getattr(self, name).copy_(v)
+        self.floor = self.keys.amin(1)
+
+    def offer(self, feat: torch.Tensor, key: torch.Tensor, row: torch.Tensor, batch: Batch,
+              flat: torch.Tensor) -> None:
+        """Candidates: feature ``feat`` [n], its ``key`` [n] at flat batch row ``row`` [n]
+        (``b * T + t``); ``flat`` [B*T, F] the batch's activations."""
+        m = key > self.floor[feat]
+        feat, key, row = feat[m], key[m], row[m]
+        if feat.numel() == 0:
+            return
+        # The K best candidates of each feature: sort by key, then (stably) by feature.
+        o = torch.argsort(key, descending=True)
+        o = o[torch.argsort(feat[o], stable=True)]
+        feat, key, row = feat[o], key[o], row[o]
+        uniq, counts = torch.unique_consecutive(feat, return_counts=True)
+        group = torch.repeat_interleave(torch.arange(len(uniq), device=feat.device), counts)
+        rank = torch.arange(len(feat), device=feat.device) - (counts.cumsum(0) - counts)[group]
+        m = rank < self.k
+        group, rank, key, row = group[m], rank[m], key[m], row[m]
+        cand = torch.full((len(uniq), self.k), -1, dtype=torch.long, device=feat.device)
+        crow = torch.zeros_like(cand)
+        cand[group, rank] = key
+        crow[group, rank] = row
+        ri, slot, col = _assign(self.keys[uniq], cand)
+        f = uniq[ri]
+        rows = crow[ri, col]
+        self.keys[f, slot] = cand[ri, col]
+        b, t = rows // batch.T, rows % batch.T
+        self.doc[f, slot] = batch.doc[b]
+        self.pos[f, slot] = batch.start[b] + t
+        tw = t[:, None] + self.offsets  # [n, W]
+        inside = (tw >= 0) & (tw < batch.length[b][:, None])
+        twc = tw.clamp(0, batch.T - 1)
+        self.tok[f, slot] = torch.where(inside, batch.ids[b[:, None], twc], -1).to(torch.int32)
+        acts = flat[b[:, None] * batch.T + twc, f[:, None]]
+        self.act[f, slot] = torch.where(inside, acts, 0.0)
+        self.floor[uniq] = self.keys[uniq].amin(1)
+
+    def examples(self, by_value: bool) -> Examples:
+        """Every feature's slots sorted: by key (top-N: activation, then earlier token), or
+        with ``by_value`` by activation then corpus order (the sample). Empty slots last.
+
+        Sorts the windows in place, in blocks of features (no second copy of the state): the
+        slots are finished afterwards."""
+        f, k, w = self.tok.shape
+        keys = self.keys
+        values = torch.where(keys >= 0, self.act[:, :, self.before], 0.0)
+        if by_value:
+            keys = torch.where(keys >= 0, (values.contiguous().view(torch.int32).long() << 32)
+                               | (keys & _INV), -1)
+        idx = keys.argsort(dim=1, descending=True, stable=True)
+        empty = keys.gather(1, idx) < 0
+        step = max(1, 2**22 // max(1, k * w))
+        for lo in range(0, f, step):
+            hi = min(lo + step, f)
+            i3 = idx[lo:hi, :, None].expand(-1, -1, w)
+            e3 = empty[lo:hi, :, None]
+            self.tok[lo:hi] = self.tok[lo:hi].gather(1, i3).masked_fill_(e3, -1)
+            self.act[lo:hi] = self.act[lo:hi].gather(1, i3).masked_fill_(e3, 0.0)
+        return Examples(values.gather(1, idx).cpu(), self.doc.gather(1, idx).cpu(),
+                        self.pos.gather(1, idx).cpu(), self.tok.cpu(), self.act.cpu(), self.before)
+
+
+class Pool:
+    """A uniform random sample of R contexts of the corpus, shared by all features, and for
+    each feature whether it fires anywhere in each of them."""
+
+    def __init__(self, f: int, r: int, before: int, after: int, device: torch.device) -> None:
+        self.r, self.before = r, before
+        self.offsets = torch.arange(-before, after + 1, device=device)
+        self.keys = torch.full((1, r), -1, dtype=torch.long, device=device)
+        self.doc = torch.full((r,), -1, dtype=torch.long, device=device)
+        self.pos = torch.full((r,), -1, dtype=torch.long, device=device)
+        self.tok = torch.full((r, before + 1 + after), -1, dtype=torch.int32, device=device)
+        self.fires = torch.zeros((f, r), dtype=torch.bool, device=device)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys, "doc": self.doc, "pos": self.pos, "tok": self.tok,
+                "fires": self.fires}
+
+    def load(self, t: dict[str, torch.Tensor]) -> None:
+        for name, v in t.items():
+            getattr(self, name).copy_(v)
+
+    def offer(self, batch: Batch, rows_nz: torch.Tensor, cols_nz: torch.Tensor) -> None:
+        """``rows_nz``/``cols_nz``: the batch's firings (flat row ascending, feature)."""
+        order = batch.order.reshape(-1)
+        pri = _mix(order, torch.tensor(POOL_SALT, device=order.device))
+        key = torch.where(batch.keep.reshape(-1), (pri << 32) | (_INV - order), -1)
+        floor = self.keys.min()
+        cand_rows = (key > floor).nonzero().squeeze(1)
+        if cand_rows.numel() == 0:
+            return
+        ck = key[cand_rows]
+        if ck.numel() > self.r:
+            ck, i = ck.topk(self.r)
+            cand_rows = cand_rows[i]
+        _, slot, col = _assign(self.keys, ck[None, :])
+        if slot.numel() == 0:
+            return
+        rows = cand_rows[col]
+        self.keys[0, slot] = ck[col]
+        b, t = rows // batch.T, rows % batch.T
+        self.doc[slot] = batch.doc[b]
+        self.pos[slot] = batch.start[b] + t
+        tw = t[:, None] + self.offsets
+        inside = (tw >= 0) & (tw < batch.length[b][:, None])
+        self.tok[slot] = torch.where(inside, batch.ids[b[:, None], tw.clamp(0, batch.T - 1)],
+                                     -1).to(torch.int32)
+        # Features firing in each new context: the firings whose flat row lies in its window
+        # (rows_nz is sorted, so each window is one contiguous run of it).
+        lo = b * batch.T + (t - self.before).clamp(min=0)
+        hi = b * batch.T + torch.minimum(t + len(self.offsets) - self.before, batch.length[b])
+        start = torch.searchsorted(rows_nz, lo)
+        n = torch.searchsorted(rows_nz, hi) - start
+        which = torch.repeat_interleave(torch.arange(len(slot), device=slot.device), n)
+        idx = start[which] + torch.arange(len(which), device=slot.device) - (n.cumsum(0) - n)[which]
+        self.fires[:, slot] = False
+        self.fires[cols_nz[idx], slot[which]] = True
+
+    def contexts(self) -> Contexts:
+        idx = self.keys[0].argsort(descending=True, stable=True)
+        return Contexts(self.tok[idx].long().cpu(), self.doc[idx].cpu(), self.pos[idx].cpu(),
+                        key_order(self.keys[0, idx]).cpu(), self.fires[:, idx].cpu(), self.before)
+
+
+@dataclass
+class MiningConfig:
+    """What mining keeps per feature (see :func:`~llamascope_sdk.mining.mine`)."""
+
+    top_n: int = 20
+    window_before: int = 16
+    window_after: int = 4
+    n_samples: int = 100
+    deciles: int = 10
+    example_context: int = 64
+    n_nonactivating: int = 100
+    nonactivating_pool: int = 1000
+
+    @property
+    def example_before(self) -> int:
+        """Tokens before the firing token in a decile/non-activating context (3/4 of it)."""
+        return (3 * self.example_context) // 4
+
+    @property
+    def example_after(self) -> int:
+        return self.example_context - 1 - self.example_before
+
+    @property
+    def pool(self) -> int:
+        return self.nonactivating_pool if self.n_nonactivating > 0 else 0
+
+
+class Tracker:
+    """Everything mined for one SAE."""
+
+    def __init__(self, d_sae: int, cfg: MiningConfig, device: torch.device) -> None:
+        f = d_sae
+        self.d_sae, self.cfg = f, cfg
+        self.top = Slots(f, cfg.top_n, cfg.window_before, cfg.window_after, device)
+        self.samples = (Slots(f, cfg.n_samples, cfg.example_before, cfg.example_after, device)
+                        if cfg.n_samples > 0 else None)
+        self.pool = (Pool(f, cfg.pool, cfg.example_before, cfg.example_after, device)
+                     if cfg.pool > 0 else None)
+        self.total = torch.zeros(f, dtype=torch.float64, device=device)
+        self.fired = torch.zeros(f, dtype=torch.long, device=device)
+        self.hist = torch.zeros(f * N_BINS, dtype=torch.long, device=device)
+        self.edges = HIST_EDGES.to(device)
+
+    def update(self, f_BTF: torch.Tensor, batch: Batch) -> None:
+        f = f_BTF.shape[-1]
+        flat = f_BTF.reshape(-1, f)  # the encode's own output: zeroed in place below
+        flat = flat.float() if flat.dtype != torch.float32 else flat.contiguous()
+        drop = (~batch.keep.reshape(-1)).nonzero().squeeze(1)
+        if drop.numel():
+            flat.index_fill_(0, drop, 0.0)
+        rows, cols = (flat > 0).nonzero(as_tuple=True)
+        vals = flat[rows, cols]
+        # Sums over the firings in their (row-major) order: the same on every machine and
+        # thread count, so a distributed run adds exactly the same per-batch sums.
+        self.total += torch.bincount(cols, weights=vals.double(), minlength=f)
+        self.fired += torch.bincount(cols, minlength=f)
+        self.hist += torch.bincount(cols * N_BINS + torch.bucketize(vals, self.edges),
+                                    minlength=self.hist.numel())
+        order = batch.order.reshape(-1)[rows]
+        inv = _INV - order
+        self.top.offer(cols, (vals.view(torch.int32).long() << 32) | inv, rows, batch, flat)
+        if self.samples is not None:
+            self.samples.offer(cols, (_mix(order, cols) << 32) | inv, rows, batch, flat)
+        if self.pool is not None:
+            self.pool.offer(batch, rows, cols)
+
+    # ------------------------------------------------------------------ state
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The whole state as named tensors (checkpoints and the distributed merge)."""
+        out = {"total": self.total, "fired": self.fired, "hist": self.hist}
+        out |= {f"top.{k}": v for k, v in self.top.tensors().items()}
+        if self.samples is not None:
+            out |= {f"samples.{k}": v for k, v in self.samples.tensors().items()}
+        if self.pool is not None:
+            out |= {f"pool.{k}": v for k, v in self.pool.tensors().items()}
+        return out
+
+    def load(self, t: dict[str, torch.Tensor]) -> None:
+        for name in ("total", "fired", "hist"):
+            getattr(self, name).copy_(t[name])
+        for part in ("top", "samples", "pool"):
+            obj = getattr(self, part)
+            if obj is not None:
+                obj.load({k.split(".", 1)[1]: v for k, v in t.items() if k.startswith(part + ".")})
+
+
+def merge_slots(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Slots of several states (``keys``/``doc``/``pos`` [F, K], ``tok``/``act`` [F, K, W])
+    merged into the K largest keys per feature: what one pass over all their batches keeps."""
+    k = parts[0]["keys"].shape[1]
+    top, idx = torch.cat([p["keys"] for p in parts], dim=1).topk(k, dim=1)
+    out = {"keys": top}
+    for name in ("doc", "pos", "tok", "act"):
+        cat = torch.cat([p[name] for p in parts], dim=1)
+        out[name] = cat.gather(1, idx if cat.dim() == 2 else idx[..., None].expand(-1, -1, cat.shape[2]))
+    return out
+
+
+def merge_pool(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Pools of several states merged into the R largest keys (as :func:`merge_slots`)."""
+    r = parts[0]["keys"].shape[1]
+    top, idx = torch.cat([p["keys"] for p in parts], dim=1).topk(r, dim=1)
+    i = idx[0]
+    out = {"keys": top, "fires": torch.cat([p["fires"] for p in parts], dim=1)[:, i]}
+    for name in ("doc", "pos", "tok"):
+        out[name] = torch.cat([p[name] for p in parts], dim=0)[i]
+    return out
+
+
+def state_bytes(d_sae: int, top_n: int = 20, window: int = 21, n_samples: int = 100,
+                example_context: int = 64, pool: int = 1000) -> int:
+    """Bytes of a miner's running state for one SAE (see :mod:`llamascope_sdk.mining`)."""
+    slot = 24  # key, doc, pos (int64)
+    return (d_sae * (top_n * (slot + window * 8) + n_samples * (slot + example_context * 8)
+                     + 8 * N_BINS + 32 + pool)
+            + pool * (slot + example_context * 4))
+
+
+__all__ = ["HIST_EDGES", "Examples", "Contexts", "MiningConfig", "Tracker", "Batch",
+           "sample_priority", "state_bytes", "merge_slots", "merge_pool"]

@@ -1,0 +1,95 @@
+"""Mining over torch.distributed (2 ranks, gloo on CPU) and killed-and-resumed mining give
+exactly the single-process result, tensor for tensor (document indices and positions too)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llamascope_sdk.mining import mine
+
+from .mining_worker import ARGS, DOCS, build, flatten
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 240
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "tests.mining_worker", *args]
+
+
+def single(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tests.mining_worker", *args]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """One process, in this process, no checkpoints."""
+    torch.set_num_threads(1)
+    model, tok, sae = build()
+    return flatten(mine(model, tok, sae, DOCS, progress=False, **ARGS)[sae.name])
+
+
+def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    assert int(want["counts"][0]) > 300 and int((want["top.doc"] >= 0).sum()) > 50  # not trivial
+
+
+def test_two_ranks_over_gloo_equal_one_process(reference, tmp_path):
+    out = tmp_path / "two.safetensors"
+    p = subprocess.run(torchrun(str(out)), cwd=REPO, env=env(), capture_output=True, text=True,
+                       timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same(load_file(str(out)), reference)
+
+
+def run_and_kill(cmd: list[str], ckpt: Path, pid_file: Path) -> None:
+    """Start ``cmd``, wait for a complete checkpoint, SIGKILL the process in ``pid_file``."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not list(ckpt.glob("step-*/COMPLETE")):
+            assert proc.poll() is None, f"finished before a checkpoint: {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.1)
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    steps = sorted(ckpt.glob("step-*"))
+    assert steps, "the checkpoint is gone"
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sigkilled_run_resumes_to_the_uninterrupted_result(reference, tmp_path, ranks):
+    out, ckpt = tmp_path / "res.safetensors", tmp_path / "ckpt"
+    args = [str(out), "--checkpoint-dir", str(ckpt), "--checkpoint-every", "60"]
+    launch = single if ranks == 1 else torchrun
+    run_and_kill(launch(*args, "--sleep", "0.4"), ckpt, Path(f"{out}.pid{ranks - 1}"))
+    assert not out.exists()
+    done = int(sorted(ckpt.glob("step-*"))[-1].name.split("-")[1])
+    p = subprocess.run(launch(*args), cwd=REPO, env=env(), capture_output=True, text=True,
+                       timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "mining: resuming from" in p.stderr and done >= 0
+    assert_same(load_file(str(out)), reference)
+    assert not ckpt.exists()  # removed once mining finished

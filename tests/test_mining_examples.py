@@ -1,0 +1,116 @@
+"""Decile and non-activating examples (what explanation needs) against a brute-force
+computation over every materialised activation, and the store's format versions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llamascope_sdk.feature_store import FeatureStore, StoreVersionError
+from llamascope_sdk.mining import mine
+from llamascope_sdk.mining_state import _mix
+
+from .conftest import CharTokenizer
+from .test_hooks import synthetic_sae
+from .test_mining import DOCS, materialise
+
+KW = dict(tokens=400, context=40, batch_size=3)
+CFG = dict(top_n=3, n_samples=20, deciles=5, example_context=8, n_nonactivating=6,
+           nonactivating_pool=25)
+
+
+@pytest.fixture(scope="module")
+def mined(tiny_llama):
+    torch.manual_seed(0)
+    ids = torch.randint(3, 99, (2, 24))
+    ids[:, 0] = 1
+    sae = synthetic_sae(tiny_llama, ids, 1, "R", d_sae=80, l0=6)
+    res = mine(tiny_llama, CharTokenizer(), sae, DOCS, progress=False, **KW, **CFG)[sae.name]
+    ref = materialise(tiny_llama, CharTokenizer(), {sae.name: sae}, DOCS, **KW)
+    return sae, res, ref
+
+
+def test_pool_is_the_highest_priority_contexts_and_fires_is_exact(mined):
+    sae, res, (A, doc_col, pos_col, order, seqs, specials) = mined
+    A = A[sae.name]
+    tok_col = seqs["tok"]
+    counted = ~torch.isin(tok_col, specials)
+    # Reference pool: the 25 counted tokens with the highest priority(order, -1).
+    pri = _mix(order, torch.tensor(-1)).masked_fill(~counted, -1)
+    rows = torch.sort(pri, descending=True, stable=True).indices[:25]
+    c = res.contexts
+    assert torch.equal(c.order, order[rows]) and torch.equal(c.doc, doc_col[rows])
+    assert torch.equal(c.pos, pos_col[rows])
+    before, after = 6, 1  # 3/4 of the 8-token context before the centre
+    for j, r in enumerate(rows.tolist()):  # the context stays inside its sequence
+        lo = max(r - before, int(seqs["lo"][r]))
+        hi = min(r + after, int(seqs["hi"][r]) - 1)
+        assert torch.equal(c.fires[:, j], (A[lo:hi + 1] > 0).any(0))
+        want = [-1] * (before - (r - lo)) + tok_col[lo:hi + 1].tolist() + [-1] * (after - (hi - r))
+        assert c.tokens[j].tolist() == want
+
+
+def test_store_gives_deciles_and_non_activating_examples(mined, tmp_path):
+    sae, res, (A, doc_col, pos_col, order, seqs, specials) = mined
+    A = A[sae.name]
+    store = FeatureStore.from_result(res, CharTokenizer(), sae_spec="my-sae", corpus="docs")
+    back = FeatureStore.load(store.save(tmp_path / "st"))
+    assert back.meta["version"] == 2 and back.meta["deciles"] == 5
+    fired = (A > 0).sum(0)
+    alive = (fired > 0).nonzero().squeeze(1)
+    by_count = alive[fired[alive].argsort(stable=True)]
+    n_neg = 0
+    for i in [int(fired.argmax()), int(by_count[len(by_count) // 2]), int(by_count[0])]:
+        bands = back.decile_examples(i)
+        assert [b["decile"] for b in bands] == [5, 4, 3, 2, 1]
+        vals = torch.sort(A[:, i][A[:, i] > 0], descending=True).values
+        n = min(20, len(vals))
+        got = [e["max"] for b in bands for e in b["examples"]]
+        assert len(got) == n and got == sorted(got, reverse=True)
+        assert [len(b["examples"]) for b in bands] == [round((q + 1) * n / 5) - round(q * n / 5)
+                                                        for q in range(5)]
+        if fired[i] <= 20:  # the whole firing set: the bands are its exact quintiles
+            assert got == vals.tolist()
+        for b in bands:
+            if b["examples"]:
+                assert (b["lo"], b["hi"]) == (b["examples"][-1]["max"], b["examples"][0]["max"])
+            for e in b["examples"]:
+                assert e["acts"][e["max_index"]] == e["max"] and len(e["tokens"]) <= 8
+        neg = back.non_activating(i)
+        c = res.contexts
+        ok = [j for j in range(25) if not bool(c.fires[i, j])]
+        pri = [int(_mix(c.order[j], torch.tensor(i))) for j in ok]
+        want = [ok[k] for k in sorted(range(len(ok)), key=lambda k: -pri[k])][:6]
+        n_neg += len(neg)
+        assert [(e["doc"], e["pos"]) for e in neg] == [(int(c.doc[j]), int(c.pos[j])) for j in want]
+        for e in neg:  # the feature is zero on every token of the context
+            r = int(((doc_col == e["doc"]) & (pos_col == e["pos"])).nonzero())
+            lo = r - e["max_index"]
+            assert float(A[lo:lo + len(e["tokens"]), i].abs().sum()) == 0.0
+            assert set(e["acts"]) == {0.0}
+    assert n_neg > 0
+    json.dumps(back.decile_examples(0) + back.non_activating(0), allow_nan=False)
+
+
+def test_version_1_store_loads_and_refuses_deciles_with_the_re_mine_command(mined, tmp_path):
+    sae, res, _ = mined
+    folder = FeatureStore.from_result(res, CharTokenizer(), sae_spec="my-sae",
+                                      corpus="docs.txt").save(tmp_path / "old")
+    m = json.loads((folder / "manifest.json").read_text())
+    m["version"] = 1
+    (folder / "manifest.json").write_text(json.dumps(m))
+    old = FeatureStore.load(folder)
+    assert old.examples(0) == FeatureStore.load(folder).examples(0)  # show still works
+    with pytest.raises(StoreVersionError) as exc:
+        old.decile_examples(0)
+    msg = str(exc.value)
+    assert "\n" not in msg and "store version 1" in msg
+    assert msg.endswith(f"re-mine it: llamascope inspect --sae my-sae --dataset docs.txt --out {folder}")
+    with pytest.raises(StoreVersionError):
+        old.non_activating(0)
+    m["version"] = 3
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="store version 3 is newer than this SDK reads"):
+        FeatureStore.load(folder)
