@@ -55,6 +55,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_save_safetensors, atomic_write_text, check_replaceable, write_folder
+from .corpus import RULES
 from .errors import (
     CorruptCheckpointError,
     FeatureIndexError,
@@ -65,7 +66,6 @@ from .errors import (
 )
 from .feature_stats import LABELS_FILE, STATS_FILE, FeatureStats, read_labels, write_labels
 from .fingerprint import differences, fingerprint, is_fingerprint
-from .corpus import RULES
 from .logit_lens import APPROXIMATION, LogitLens
 from .metrics import DENSE_FREQUENCY
 from .mining import HIST_EDGES, Contexts, Examples, MiningResult
