@@ -38,7 +38,8 @@ def store_and_sae(request, tiny_llama, tmp_path_factory):
     ids[:, 0] = 1
     sae = synthetic_sae(tiny_llama, ids, 1, request.param, d_sae=96, l0=12)
     res = mine(tiny_llama, CharTokenizer(), sae, DOCS, tokens=300, context=40, batch_size=4,
-               top_n=4, n_samples=4, window_before=3, window_after=2, progress=False)[sae.name]
+               top_n=4, n_samples=4, window_before=3, window_after=2, n_nonactivating=0,
+               nonactivating_pool=0, progress=False)[sae.name]  # no non-activating: explain only
     folder = tmp_path_factory.mktemp(f"store{request.param}") / "store"
     store = FeatureStore.from_result(res, CharTokenizer(), model=tiny_llama, sae_spec="my-sae")
     store.save(folder, extra=lambda s, tmp: write_pages(s, tmp / "pages"))
@@ -68,7 +69,7 @@ def test_explain_then_everywhere(store_and_sae):
     assert f"explanation: {text!r}" in shown.output and "fake-explainer" in shown.output
     js = json.loads(runner.invoke(app, ["show", str(store.path), str(f), "--json"]).stdout)
     assert js["explanations"][0]["explanation"] == text
-    assert js["explanations"][0]["note"].startswith("this store (version 1) has no non-activating")
+    assert js["explanations"][0]["note"] is None
     page = (store.path / "pages" / "features" / f"{f}.html").read_text()
     assert text in page and "fake-explainer" in page
     found = runner.invoke(app, ["search", "--sae", "my-sae", "--store", str(store.path),
@@ -107,4 +108,4 @@ def test_top_frequency_picks_the_most_frequent_non_dense_features(store_and_sae)
     want = sorted((i for i, f in enumerate(freq) if 0 < f <= 0.1), key=lambda i: (-freq[i], i))[:4]
     out = json.loads(r.stdout)
     assert out["todo"] == want
-    assert out["todo"] and out["estimate"]["requests"] == len(want)  # old store: 1 request each
+    assert out["todo"] and out["estimate"]["requests"] == len(want)  # no non-activating contexts: 1 request each

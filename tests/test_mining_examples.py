@@ -96,13 +96,20 @@ def test_store_gives_deciles_and_non_activating_examples(mined, tmp_path):
 
 def test_version_1_store_loads_and_refuses_deciles_with_the_re_mine_command(mined, tmp_path):
     sae, res, _ = mined
-    folder = FeatureStore.from_result(res, CharTokenizer(), sae_spec="my-sae",
-                                      corpus="docs.txt").save(tmp_path / "old")
+    store = FeatureStore.from_result(res, CharTokenizer(), sae_spec="my-sae", corpus="docs.txt")
+    folder = store.save(tmp_path / "old")
+    # A version-1 store: samples with the top examples' windows, no pool, no v2 keys.
     m = json.loads((folder / "manifest.json").read_text())
+    (folder / "nonactivating.safetensors").unlink()
+    (folder / "samples.safetensors").write_bytes((folder / "top.safetensors").read_bytes())
+    m = {k: v for k, v in m.items() if k not in ("deciles", "example_context", "example_before",
+                                                 "n_nonactivating", "nonactivating_pool")}
     m["version"] = 1
+    m["files"] = [f for f in m["files"] if f != "nonactivating.safetensors"]
     (folder / "manifest.json").write_text(json.dumps(m))
     old = FeatureStore.load(folder)
-    assert old.examples(0) == FeatureStore.load(folder).examples(0)  # show still works
+    assert old.examples(0) == store.examples(0)  # show still works
+    assert old.samples.center == old.top.center == 16 and old.contexts is None
     with pytest.raises(StoreVersionError) as exc:
         old.decile_examples(0)
     msg = str(exc.value)
