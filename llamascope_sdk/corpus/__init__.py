@@ -46,6 +46,7 @@ from .documents import (
     PIECE_CHARS,
     SUFFIXES,
     CorpusSource,
+    LocalDocuments,
     ReadCounts,
     file_documents,
     hub_documents,
@@ -72,7 +73,7 @@ from .tokens import (
     token_batches,
 )
 
-__all__ = ["PIECE_CHARS", "RULES", "SUFFIXES", "Batch", "ReadCounts", "Rule", "Sequence", "CorpusSource",
+__all__ = ["PIECE_CHARS", "RULES", "SUFFIXES", "Batch", "LocalDocuments", "ReadCounts", "Rule", "Sequence", "CorpusSource",
            "batches", "bos_ids", "check_context", "document_tokens", "encode", "file_documents",
            "hub_documents", "iter_documents", "local_documents", "local_paths", "pad_id",
            "pad_rows", "sequences", "split_document", "split_text", "tensor_batches",

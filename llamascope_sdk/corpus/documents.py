@@ -109,28 +109,53 @@ def file_documents(path: Path, text_field: str = "text", pack_chars: int | None 
     return ["".join(d) for d in _file_documents(path, text_field, pack_chars, ReadCounts())]
 
 
-def local_documents(source: CorpusSource, text_field: str = "text", *, holdout_fraction: float = 0.0,
-                    heldout: bool = False, pack_chars: int | None = None) -> list[str]:
-    """Documents of one or more local files (comma-separated), minus or only the hold-out.
+class LocalDocuments:
+    """The documents of local files (comma-separated), minus or only the hold-out, streamed:
+    ``len()`` is known up front (one counting pass over the files, in bounded memory) and each
+    ``iter()`` reads the files again, so a corpus of any size can be looped over.
 
     Args:
         source: a path, or several joined by commas.
         holdout_fraction: the last this fraction of each file's documents is held out.
-        heldout: return the held-out documents instead of the rest.
+        heldout: give the held-out documents instead of the rest.
         pack_chars: as in :func:`split_text`.
 
     Raises:
         DataFileNotFoundError, DataFormatError, TextFieldError: as :func:`file_documents`.
     """
-    paths = local_paths(source)
-    if paths is None:
-        raise DataFileNotFoundError(f"{source!r} is not a local {'/'.join(SUFFIXES)} file")
-    docs: list[str] = []
-    for path in paths:
-        file_docs = file_documents(path, text_field, pack_chars)
-        cut = len(file_docs) - int(round(holdout_fraction * len(file_docs)))
-        docs.extend(file_docs[cut:] if heldout else file_docs[:cut])
-    return docs
+
+    def __init__(self, source: CorpusSource, text_field: str = "text", *,
+                 holdout_fraction: float = 0.0, heldout: bool = False,
+                 pack_chars: int | None = None) -> None:
+        paths = local_paths(source)
+        if paths is None:
+            raise DataFileNotFoundError(f"{source!r} is not a local {'/'.join(SUFFIXES)} file")
+        self.text_field, self.pack_chars = text_field, pack_chars
+        self.ranges: list[tuple[Path, int, int]] = []  # (file, first, stop) document indices
+        for path in paths:
+            n = sum(1 for _ in _file_documents(path, text_field, pack_chars, ReadCounts()))
+            cut = n - int(round(holdout_fraction * n))
+            self.ranges.append((path, cut, n) if heldout else (path, 0, cut))
+
+    def __len__(self) -> int:
+        return sum(stop - first for _, first, stop in self.ranges)
+
+    def __iter__(self) -> Iterator[str]:
+        for path, first, stop in self.ranges:
+            for j, doc in enumerate(_file_documents(path, self.text_field, self.pack_chars,
+                                                    ReadCounts())):
+                if j >= stop:
+                    break
+                if j >= first:
+                    yield "".join(doc)
+
+
+def local_documents(source: CorpusSource, text_field: str = "text", *,
+                    holdout_fraction: float = 0.0, heldout: bool = False,
+                    pack_chars: int | None = None) -> list[str]:
+    """:class:`LocalDocuments` in a list (all of them in memory)."""
+    return list(LocalDocuments(source, text_field, holdout_fraction=holdout_fraction,
+                               heldout=heldout, pack_chars=pack_chars))
 
 
 def hub_documents(name: str, split: str = "train", text_field: str = "text",

@@ -55,18 +55,24 @@ class TokenSource:
         self.rank, self.world, self.loop = rank, world, loop
         self.split_long = split_long
         self.position = 0  # documents consumed (global index over all ranks)
-        self._local = (local_documents(dataset, text_field, holdout_fraction, heldout)
+        self._local = (corpus.LocalDocuments(dataset, text_field, holdout_fraction=holdout_fraction,
+                                             heldout=heldout, pack_chars=PACK_CHARS)
                        if corpus.local_paths(dataset) is not None else None)
         if self._local is not None and not self._local:
             raise DataUnavailableError(f"{dataset} holds no documents")
 
     def _documents(self, start: int) -> Iterator[tuple[int, str]]:
-        if self._local is not None:
-            i = start
-            n = len(self._local)
+        if self._local is not None:  # streamed again on every pass, from document start % n
+            i, n = start, len(self._local)
             while self.loop or i < n:
-                yield i, self._local[i % n]
-                i += 1
+                skip = i % n
+                for j, text in enumerate(self._local):
+                    if j < skip:
+                        continue
+                    if not self.loop and i >= n:
+                        return
+                    yield i, text
+                    i += 1
             return
         for i, text in enumerate(corpus.hub_documents(self.dataset, self.split, self.text_field)):
             if i >= start:

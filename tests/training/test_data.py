@@ -133,3 +133,26 @@ def test_cache_round_trip_and_resume(tmp_path: Path, tiny_llama, char_tokenizer)
     cs3 = CacheSource(tmp_path / "cache", epochs=1, seed=0)
     cs3.load_state_dict(state)
     assert all(torch.equal(a, b["tokens"]) for a, b in zip(rest, cs3, strict=True))
+
+
+def test_local_corpus_is_streamed_and_loops_from_any_position(tmp_path: Path, char_tokenizer) -> None:
+    """The local corpus is not held in memory: each pass reads the file again, and document i
+    is the (i mod n)-th of the training part, from any resume position."""
+    from itertools import islice
+
+    from llamascope_sdk.corpus import LocalDocuments
+
+    path = tmp_path / "a.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(10)))
+    docs = local_documents(str(path), holdout_fraction=0.3)
+    assert docs == [f"doc {i}" for i in range(7)]
+    stream = LocalDocuments(str(path), holdout_fraction=0.3)
+    assert len(stream) == 7 and list(stream) == docs == list(stream)
+    assert list(LocalDocuments(str(path), holdout_fraction=0.3, heldout=True)) == ["doc 7", "doc 8", "doc 9"]
+    src = TokenSource(char_tokenizer, str(path), holdout_fraction=0.3)
+    assert isinstance(src._local, LocalDocuments)
+    for start in (0, 5, 7, 16):
+        got = list(islice(src._documents(start), 12))
+        assert got == [(i, docs[i % 7]) for i in range(start, start + 12)]
+    src.loop = False
+    assert [i for i, _ in src._documents(5)] == [5, 6]
