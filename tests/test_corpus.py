@@ -141,7 +141,7 @@ def test_null_texts_are_skipped_and_counted_alike_in_jsonl_and_parquet(tmp_path:
         counts = corpus.ReadCounts()
         assert list(corpus.iter_documents(tmp_path / name, counts=counts)) == ["one", "two"]
         assert counts.null_rows == 1
-        assert f"corpus: skipped 1 rows of {tmp_path / name} whose 'text' is null" in capsys.readouterr().err
+        assert f"corpus: skipped 1 row of {tmp_path / name} whose 'text' is null" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("row", "shown"), [("[1, 2]", "list ([1, 2])"), ("7", "int (7)"),

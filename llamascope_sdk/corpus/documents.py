@@ -267,7 +267,8 @@ def _file_documents(path: Path, text_field: str, pack_chars: int | None,
         raise DataFormatError(f"{path}: unsupported file type {suffix!r}; use .txt, .jsonl or "
                               ".parquet, or a Hugging Face dataset name")
     if counts.null_rows > before:
-        sys.stderr.write(f"corpus: skipped {counts.null_rows - before} rows of {path} whose "
+        k = counts.null_rows - before
+        sys.stderr.write(f"corpus: skipped {k} row{'s' * (k != 1)} of {path} whose "
                          f"{text_field!r} is null\n")
 
 
