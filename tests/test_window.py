@@ -76,3 +76,32 @@ def test_inspect_refuses_a_context_beyond_the_window(tmp_path) -> None:
                               "--context", "9000", "--out", str(tmp_path / "store")])
     _one_line(res, "--context is 9000 tokens, more than the model's window of 8192 positions")
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.smollm
+def test_inspect_checks_compatibility_and_the_demo_once(tmp_path, monkeypatch) -> None:
+    """Issue 16: inspect ran the compatibility check three times and the demo check three
+    times. Now: one compatibility check (the CLI's; mine() finds it done) and the demo decided
+    once by the loader's front door and once by the command."""
+    from llamascope_sdk import compat, demo, locate
+
+    calls = {"compat": 0, "demo": 0}
+    real_hidden, real_demo = compat.hidden_size, demo.is_demo
+
+    def hidden(m):
+        calls["compat"] += 1
+        return real_hidden(m)
+
+    def is_demo(name):
+        calls["demo"] += 1
+        return real_demo(name)
+
+    monkeypatch.setattr(compat, "hidden_size", hidden)
+    monkeypatch.setattr(demo, "is_demo", is_demo)
+    monkeypatch.setattr(locate, "is_demo", is_demo)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("To be, or not to be, that is the question.\n")
+    res = runner.invoke(app, ["inspect", "--sae", "demo", "--dataset", str(corpus), "--tokens",
+                              "32", "--no-pages", "--out", str(tmp_path / "store")])
+    assert res.exit_code == 0, res.output
+    assert calls == {"compat": 1, "demo": 2}
