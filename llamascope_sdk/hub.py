@@ -65,8 +65,8 @@ _PROBE_READ_TIMEOUT = 10.0
 
 @dataclass
 class Provenance:
-    """Where an SAE's weights came from (``sae.source``), for reproducibility. (The name
-    ``Source`` means one thing in this SDK: where text comes from, :mod:`llamascope_sdk.corpus`.)"""
+    """Where an SAE's weights came from (``sae.source``), for reproducibility: the repository,
+    folder, revision, resolved commit and the sha256 of every file."""
 
     path: str | None = None
     repo_id: str | None = None
