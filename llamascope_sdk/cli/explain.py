@@ -115,7 +115,7 @@ def explain(
         api_key_env: Annotated[str | None, typer.Option(help="Environment variable that holds the API key (never pass the key itself).", show_default=False)] = None,
         concurrency: Annotated[int, typer.Option(min=1, max=256, help="Requests in flight at once.")] = 4,
         max_cost_tokens: Annotated[int | None, typer.Option(min=1, help="Refuse a run estimated above this many tokens, and stop one that reaches it.", show_default=False)] = None,
-        timeout: Annotated[float, typer.Option(min=1, help="Seconds a request may wait for the server.")] = 120.0,
+        timeout: Annotated[float, typer.Option(min=1, help="Seconds a request may wait for the server (a local server on a CPU can take minutes under load; a timed-out request is sent again, which adds load).")] = 600.0,
         n_explain: Annotated[int, typer.Option(min=1, help="Contexts shown to the explainer.")] = 20,
         n_score: Annotated[int, typer.Option(min=1, help="Held-out activating and non-activating contexts per scorer.")] = 50,
         tokenizer: Annotated[str | None, typer.Option(help="Tokenizer for the cost estimate (local folder, cached Hub id or smollm2-135m). [default: 4 characters per token]", show_default=False)] = None,
