@@ -12,6 +12,9 @@ from typer.testing import CliRunner
 
 from llamascope_sdk import SAE
 from llamascope_sdk.cli import app
+from llamascope_sdk.cli.explain import top_frequency
+from llamascope_sdk.explain import plan_run
+from llamascope_sdk.explain.examples import example_sets
 from llamascope_sdk.feature_store import FeatureStore
 from llamascope_sdk.mining import mine
 from llamascope_sdk.pages import write_pages
@@ -25,10 +28,12 @@ runner = CliRunner()
 
 
 def explainer(messages):
+    """Explains by counting excerpts; as a scorer says 1 for every excerpt (so every balanced
+    accuracy is (1 + 0) / 2 = 0.5 by hand)."""
+    n = messages[1]["content"].count("Example ")
     if "Answer with one short phrase" in messages[0]["content"]:
-        n = messages[1]["content"].count("Example ")
         return f"letters seen in {n} excerpts"
-    return "[1, 0, 1, 0, 1]"
+    return "[" + ", ".join(["1"] * n) + "]"
 
 
 @pytest.fixture(scope="module", params=["M", "TC"])
@@ -38,8 +43,8 @@ def store_and_sae(request, tiny_llama, tmp_path_factory):
     ids[:, 0] = 1
     sae = synthetic_sae(tiny_llama, ids, 1, request.param, d_sae=96, l0=12)
     res = mine(tiny_llama, CharTokenizer(), sae, DOCS, tokens=300, context=40, batch_size=4,
-               top_n=4, n_samples=4, window_before=3, window_after=2, n_nonactivating=0,
-               nonactivating_pool=0, progress=False)[sae.name]  # no non-activating: explain only
+               top_n=4, n_samples=20, example_context=8, window_before=3, window_after=2,
+               n_nonactivating=10, nonactivating_pool=40, progress=False)[sae.name]
     folder = tmp_path_factory.mktemp(f"store{request.param}") / "store"
     store = FeatureStore.from_result(res, CharTokenizer(), model=tiny_llama, sae_spec="my-sae")
     store.save(folder, extra=lambda s, tmp: write_pages(s, tmp / "pages"))
@@ -50,33 +55,37 @@ def store_and_sae(request, tiny_llama, tmp_path_factory):
 
 def test_explain_then_everywhere(store_and_sae):
     store, sae_dir = store_and_sae
-    feats = [int(i) for i in (store.stats.frequency > 0).nonzero().squeeze(1)[:3]]
+    feats = top_frequency(store, 3)  # not dense: they have silent contexts to score on
+    assert feats
     spec = ",".join(map(str, feats))
+    plan = plan_run(store, feats, "fake-explainer")
     with FakeEndpoint(reply=explainer, lifetime=60) as fake:
         r = runner.invoke(app, ["explain", str(store.path), "--features", spec, "--endpoint",
                                 fake.url, "--model", "fake-explainer", "--save-labels-to",
                                 str(sae_dir)])
         assert r.exit_code == 0, r.output
-        assert "to send: 3 requests for 3 features" in r.stderr  # old store: no scorers
-        assert len(fake.requests) == 3
+        assert f"to send: {plan.estimate.requests} requests for {len(feats)} features" in r.stderr
+        assert len(fake.requests) == plan.estimate.requests > 3  # scorers ran
         again = runner.invoke(app, ["explain", str(store.path), "--features", spec,
                                     "--endpoint", fake.url, "--model", "fake-explainer"])
-        assert "to send: 0 requests" in again.stderr and len(fake.requests) == 3
+        assert "to send: 0 requests" in again.stderr and len(fake.requests) == plan.estimate.requests
     f = feats[0]
-    n = len(store.examples(f))
-    text = f"letters seen in {n} excerpts"
+    text = f"letters seen in {len(example_sets(store, f).explain)} excerpts"
     shown = runner.invoke(app, ["show", str(store.path), str(f)])
-    assert f"explanation: {text!r}" in shown.output and "fake-explainer" in shown.output
+    assert f"explanation: {text!r}  (detection 0.50, fuzzing 0.50;" in shown.output
+    assert "fake-explainer" in shown.output
     js = json.loads(runner.invoke(app, ["show", str(store.path), str(f), "--json"]).stdout)
-    assert js["explanations"][0]["explanation"] == text
-    assert js["explanations"][0]["note"] is None
+    rec = js["explanations"][0]
+    assert rec["explanation"] == text and rec["note"] is None
+    assert rec["scores"]["detection"]["balanced_accuracy"] == 0.5
+    assert rec["scores"]["fuzzing"]["tp"] == len(example_sets(store, f).activating)
     page = (store.path / "pages" / "features" / f"{f}.html").read_text()
-    assert text in page and "fake-explainer" in page
+    assert text in page and "fake-explainer" in page and "detection 0.50" in page
     found = runner.invoke(app, ["search", "--sae", "my-sae", "--store", str(store.path),
                                 "--text", "letters excerpts", "--json"])
     assert found.exit_code == 0, found.output
     assert {h["feature"] for h in json.loads(found.stdout)["hits"]} == set(feats)
-    assert SAE.from_pretrained(sae_dir).labels[f] == text
+    assert SAE.from_pretrained(sae_dir).labels[f] == f"{text} (detection 0.50, fuzzing 0.50)"
 
 
 def test_bad_input_is_one_line_before_any_request(store_and_sae):
@@ -108,4 +117,4 @@ def test_top_frequency_picks_the_most_frequent_non_dense_features(store_and_sae)
     want = sorted((i for i, f in enumerate(freq) if 0 < f <= 0.1), key=lambda i: (-freq[i], i))[:4]
     out = json.loads(r.stdout)
     assert out["todo"] == want
-    assert out["todo"] and out["estimate"]["requests"] == len(want)  # no non-activating contexts: 1 request each
+    assert out["todo"] and out["estimate"]["requests"] == plan_run(store, want, "x").estimate.requests

@@ -88,7 +88,10 @@ def example_sets(store: Any, i: int, *, n_explain: int = 20, n_score: int = 50) 
         explain = round_robin([d[0::2] for d in deciles], n_explain)
         held = round_robin([d[1::2] for d in deciles], n_score)
         non = [Context.from_example(e) for e in store.non_activating(i)][:n_score]
-        return ExampleSets(explain, held, non, "deciles")
+        why = None if non or not explain else (
+            "the store has no context where this feature is silent (a dense feature, or mined "
+            "with --non-activating 0), so the explanation was not scored")
+        return ExampleSets(explain, held, non, "deciles", why)
     top = [Context.from_example(e) for e in store.examples(i)][:n_explain]
     seen = {c.key for c in top}
     held = [c for c in (Context.from_example(e) for e in store.examples(i, "samples"))
