@@ -157,16 +157,30 @@ def _replaceable_store(folder: Path) -> None:
             hint="move those files out, or choose another --out")
 
 
-def check_store_target(folder: str | Path) -> Path:
+def check_store_target(folder: str | Path, sae: Any = None) -> Path:
     """Check that a store may be written at ``folder``, before any work: it is new (and can be
-    created), empty, or an earlier feature store holding only the files it wrote.
+    created), empty, or an earlier feature store holding only the files it wrote. With ``sae``,
+    an earlier store must also be that SAE's (same weights' fingerprint; for stores from before
+    fingerprints, the same name): one SAE's store never replaces another's.
 
     Raises:
         FolderNotOwnedError: a file, a folder the SDK did not write, or a store with files
             added (nothing in it is touched).
+        StoreMismatchError: the store of another SAE.
         OutputPathError: a place that cannot be written.
     """
-    return check_output_folder(check_replaceable(folder, _replaceable_store))
+    folder = check_output_folder(check_replaceable(folder, _replaceable_store))
+    meta = _own_manifest(folder) if sae is not None and folder.is_dir() else None
+    if meta is not None:
+        old: Any = meta.get("fingerprint")
+        diff = (differences(old, fingerprint(sae)) if is_fingerprint(old)
+                else [] if meta.get("sae") == sae.name else ["another name"])
+        if diff:
+            raise StoreMismatchError(
+                f"{folder} holds the feature store of SAE {meta.get('sae')!r} ({'; '.join(diff)}); "
+                f"a store of {sae.name!r} does not replace it",
+                hint="choose another --out, or delete that folder first")
+    return folder
 
 
 def check_output_folder(folder: str | Path) -> Path:

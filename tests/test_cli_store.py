@@ -306,3 +306,38 @@ def test_manifest_records_kind_and_fingerprint(mined, tmp_path):  # noqa: F811
     cols = [(k * 40503 + 17) % sae.d_model for k in range(32)]
     assert fp["W_dec"] == pytest.approx([float(sae.W_dec[r, c]) for r, c in zip(rows, cols, strict=True)],
                                         rel=1e-5)
+
+
+@pytest.mark.smollm
+def test_inspect_does_not_replace_another_saes_store(smollm2, mined, tmp_path, monkeypatch):  # noqa: F811
+    """Case 6: a store of another SAE at the target is refused before mining, left intact."""
+    _, res = mined
+    folder = FeatureStore.from_result(res, CharTokenizer()).save(tmp_path / "st")
+    before = _tree(folder)
+
+    def no_mining(*args, **kwargs):
+        raise AssertionError("mining started")
+
+    monkeypatch.setattr("llamascope_sdk.mining.mine", no_mining)
+    out = runner.invoke(app, ["inspect", "--sae", "demo", "--dataset", _corpus(tmp_path),
+                              "--out", str(folder)])
+    _refused(out, f"{folder} holds the feature store of SAE {res.name!r} (d_sae 96 vs 4608; d_model 64 vs 576); "
+                  "a store of 'smollm2-135m-L15R-8x' does not replace it")
+    assert _tree(folder) == before
+
+
+def test_an_allocation_failure_is_out_of_memory_not_a_bug():
+    """Case 12's fallback: whatever asks for more memory than there is prints one line with the
+    size torch reports and what to lower, never "this looks like a bug"."""
+    import typer
+
+    from llamascope_sdk.cli.app import report_error
+
+    err = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                       "allocate memory: you tried to allocate 368640000000 bytes. Error code 12")
+    with pytest.MonkeyPatch.context() as mp:
+        lines = []
+        mp.setattr(typer, "echo", lambda text, err=False: lines.append(text))
+        assert report_error(err) == 1
+    assert lines == [f"error: out of memory: {err}",
+                     "hint: lower --batch-size, --top-n or --tokens, or use a machine with more memory"]

@@ -316,3 +316,22 @@ def test_a_store_with_explanations_is_replaced_but_not_user_files_among_them(min
     (folder / "explanations" / "gpt-4o" / "mine.md").unlink()
     store.save(folder)
     assert not (folder / "explanations").exists()
+
+
+def test_a_store_of_another_sae_is_not_replaced(mined, tiny_llama, tmp_path):
+    """Issue 17 case 6 (store side): one SAE's store never replaces another's, even when both
+    are called the same (the fingerprint decides); the same SAE re-mined replaces its own."""
+    from llamascope_sdk.feature_store import check_store_target
+
+    sae, res = mined
+    folder = FeatureStore.from_result(res, CharTokenizer()).save(tmp_path / "s")
+    before = _tree(folder)
+    assert check_store_target(folder, sae) == folder
+    other = synthetic_sae(tiny_llama, torch.randint(3, 99, (2, 24)), 1, "M", d_sae=96, seed=5, l0=12)
+    other.source.subfolder = sae.name  # the same name: only the weights tell them apart
+    with pytest.raises(StoreMismatchError) as err:
+        check_store_target(folder, other)
+    assert str(err.value) == (f"{folder} holds the feature store of SAE {sae.name!r} (W_dec weights "
+                              f"differ; W_enc weights differ); a store of {sae.name!r} does not "
+                              "replace it")
+    assert _tree(folder) == before

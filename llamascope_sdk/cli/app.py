@@ -108,7 +108,10 @@ def report_error(exc: BaseException) -> int:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if isinstance(exc, LlamascopeError):
         say(f"error: {text}", err=True)
-    elif isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__:
+    elif (isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__
+          or (isinstance(exc, RuntimeError) and "allocate" in text and "memory" in text)):
+        # torch's CPU allocator raises a RuntimeError ("can't allocate memory: you tried to
+        # allocate N bytes"): the size the user asked for, not a bug.
         say(f"error: out of memory: {text}", err=True)
         hint = hint or "lower --batch-size, --top-n or --tokens, or use a machine with more memory"
     elif isinstance(exc, (ValueError, LookupError, OSError, TypeError)):

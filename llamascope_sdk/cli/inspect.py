@@ -100,8 +100,8 @@ def inspect(sae: SaesOpt,
             s.check_features(f)
     targets = {name: (out if len(saes) == 1 else (out / s.name if out else None))
                or default_store_dir(s.name) for name, s in saes.items()}
-    for target in targets.values():
-        check_store_target(target)
+    for name, target in targets.items():
+        check_store_target(target, saes[name])
     kw: dict[str, Any] = dict(tokens=tokens, context=context, batch_size=batch_size, top_n=top_n,
                               n_samples=samples, deciles=deciles, example_context=example_context,
                               n_nonactivating=non_activating,
