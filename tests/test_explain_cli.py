@@ -118,3 +118,18 @@ def test_top_frequency_picks_the_most_frequent_non_dense_features(store_and_sae)
     out = json.loads(r.stdout)
     assert out["todo"] == want
     assert out["todo"] and out["estimate"]["requests"] == plan_run(store, want, "x").estimate.requests
+
+
+def test_search_selects_the_features_search_ranks(store_and_sae, tiny_llama, monkeypatch):
+    from llamascope_sdk.cli import explain as cli_explain
+    from llamascope_sdk.search import search_features
+
+    store, sae_dir = store_and_sae
+    sae = SAE.from_pretrained(sae_dir)
+    monkeypatch.setattr(cli_explain, "_load", lambda st, device, dtype: (sae, tiny_llama, CharTokenizer()))
+    r = runner.invoke(app, ["explain", str(store.path), "--search", "the cat sat", "--top", "3",
+                            "--endpoint", "http://127.0.0.1:9/v1", "-m", "x", "--dry-run", "--json"])
+    assert r.exit_code == 0, r.output
+    want = [h.feature for h in search_features(tiny_llama, CharTokenizer(), sae, "the cat sat",
+                                               stats=store.stats, top=3)]
+    assert want and json.loads(r.stdout)["todo"] == want
