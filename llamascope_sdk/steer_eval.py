@@ -175,8 +175,9 @@ def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
         strengths: per mode: add = vector length (model units), clamp = value, scale = factor.
         prompts: held-out prompts (at least 2; even positions select, odd ones test);
             default :data:`NEUTRAL_PROMPTS`.
-        concept: the concept text (scored by log-probability, named in the prompt baseline,
-            DiffMean's positive text); default the feature's top logit-lens tokens.
+        concept: the concept text (scored by log-probability; DiffMean's positive text; named
+            in the prompt baseline when the feature has no label); default the feature's top
+            logit-lens tokens.
         baselines: also run the prompt and DiffMean baselines.
         judge: scores ``[(prompt, continuation, concept)]`` -> one number (or None) each;
             used to choose strengths and reported (see :mod:`.steer_judge`).
@@ -212,7 +213,7 @@ def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
     results = []
     for n, f in enumerate(feats):
         lens_words = [tokenizer.decode([int(t)]) for t in lens[n].tolist()]
-        desc = concept or sae.labels.get(f) or "the words " + ", ".join(
+        desc = sae.labels.get(f) or concept or "the words " + ", ".join(
             repr(w.strip()) for w in lens_words[:5])
         runs: dict[tuple[str, float | None], list[Any]] = {("none", None): []}
         for s in strengths:
