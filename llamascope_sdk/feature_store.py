@@ -46,6 +46,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -200,6 +201,13 @@ def check_output_folder(folder: str | Path) -> Path:
         if not os.access(place, os.W_OK | os.X_OK):
             raise OutputPathError(f"cannot write {folder}: no write permission in {place}",
                                   hint="choose a folder you can write, e.g. under your home")
+    # Permission bits do not tell everything (root, read-only or special file systems such as
+    # /proc): create and remove an empty probe folder where the output will be created.
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".llamascope-probe-"))
+    except OSError as exc:
+        raise OutputPathError(f"cannot write {folder}: {parent}: {exc.strerror or exc}",
+                              hint="choose a folder you can write, e.g. under your home") from None
     return folder
 
 

@@ -341,3 +341,32 @@ def test_an_allocation_failure_is_out_of_memory_not_a_bug():
         assert report_error(err) == 1
     assert lines == [f"error: out of memory: {err}",
                      "hint: lower --batch-size, --top-n or --tokens, or use a machine with more memory"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_inspect_refuses_an_out_on_a_file_system_it_cannot_write(tmp_path, no_loading):
+    """Case 8: /proc cannot hold folders, even for root (permission bits alone say yes)."""
+    res = runner.invoke(app, ["inspect", "--sae", "demo", "--dataset", _corpus(tmp_path),
+                              "--out", "/proc/llamascope-test/store"])
+    assert res.exit_code == 1 and no_loading == []
+    first = res.stderr.splitlines()[0]
+    assert first.startswith("error: cannot write /proc/llamascope-test/store: /proc: "), res.stderr
+    assert "looks like a bug" not in res.output
+
+
+@pytest.mark.smollm
+def test_inspect_refuses_a_top_n_beyond_memory(smollm2, tmp_path):
+    """Case 12: before, --top-n 10000000 tried a 368 GB allocation and printed "this looks like a
+    bug"; now mining refuses it before allocating, naming the memory it would need."""
+    from llamascope_sdk.mining import _memory_available
+
+    have = _memory_available(torch.device("cpu"))
+    if have is None:
+        pytest.skip("this system does not report its memory")
+    res = runner.invoke(app, ["inspect", "--sae", "demo", "--dataset", _corpus(tmp_path),
+                              "--top-n", "10000000", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 1 and "looks like a bug" not in res.output
+    first = res.stderr.splitlines()[0]
+    assert first.startswith("error: top_n=10000000, ") and " GiB of mining state" in first, first
+    assert f"more than the {have / 2**30:.1f} GiB of cpu memory here" in first
+    assert not (tmp_path / "s").exists()

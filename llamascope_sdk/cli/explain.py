@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .app import DeviceOpt, DtypeOpt, JsonOpt, app, check_text, command, echo_json
+from .app import DeviceOpt, DtypeOpt, JsonOpt, app, check_text, command, echo_json, say
 
 
 def parse_features(spec: str, d_sae: int) -> list[int]:
@@ -199,7 +199,7 @@ def _run(st: Any, feats: list[int], endpoint: str, model: str, api_key: str | No
                        "skipped": plan.skipped})
         return
     res = explain_features(st, feats, client, settings=settings, out=out,
-                           progress=lambda line: typer.echo(line, err=True))
+                           progress=lambda line: say(line, err=True))
     summary = {"folder": str(res.folder), "written": len(res.written),
                "skipped": len(res.skipped), "unparsable_explanations": res.unparsable_explanations,
                "unparsable_scorer_batches": res.unparsable_batches, "usage": res.usage,
