@@ -91,6 +91,29 @@ def locate(name_or_path: str | os.PathLike[str], *, fmt: str | None = None,
     if claims(text):
         got = download(text, **hub)  # type: ignore[arg-type]
         return Located(got.folder, "release", got.ref.name if got.ref else text, got.ref, got.source)
+    repo, subfolder = hub_id(text)
+    return _hub(repo, subfolder, fmt, hub)
+
+
+def check_name(text: str) -> None:
+    """Raise, without any request, for text that can name no SAE (a misspelled Llama Scope
+    name, a missing path, nothing Hub-like); the errors :func:`locate` would raise first."""
+    if claims(text):
+        resolve(text)
+    elif not Path(text.strip()).expanduser().exists():
+        hub_id(text)
+
+
+def hub_id(text: str) -> tuple[str, str]:
+    """(repo_id, subfolder) of text that is no Llama Scope name and no existing folder,
+    checked without any request: what :func:`locate` asks the Hub for.
+
+    Raises:
+        SaeNotFoundError: a path (``./x``, ``/x``, ``~/x``) that does not exist.
+        UnknownSaeError: text that is neither ``org/repo[:subfolder]`` nor a Llama Scope
+            name (the closest names listed).
+    """
+    text = text.strip()
     if text.startswith((".", "/", "~")) or os.sep in text.replace("/", ""):
         raise SaeNotFoundError(f"{text}: no such folder", hint="give an existing folder, a "
                                "Llama Scope name (e.g. L12R-8x) or a Hub id (org/repo[:subfolder])")
@@ -98,7 +121,7 @@ def locate(name_or_path: str | os.PathLike[str], *, fmt: str | None = None,
     if m is None:
         resolve(text)  # raises UnknownSaeError, naming the closest Llama Scope names
         raise AssertionError("resolve accepted a name that registry.claims refused")
-    return _hub(m.group(1), (m.group(2) or "").strip("/"), fmt, hub)
+    return m.group(1), (m.group(2) or "").strip("/")
 
 
 def _local(path: Path, fmt: str | None) -> Located:

@@ -117,3 +117,18 @@ def test_local_formats_are_detected_once(tmp_path, monkeypatch) -> None:
     assert (demo.format, demo.name) == ("release", "smollm2-135m-L15R-8x")
     with pytest.raises(UnsupportedFormatError, match=r"sparsify checkpoint with 1 hookpoint folders"):
         SAE.from_pretrained(tmp_path / "ckpt")
+
+
+def test_check_name_refuses_without_a_request(tmp_path) -> None:
+    """What the CLI asks before loading anything: names, folders and Hub ids pass, nonsense not."""
+    from llamascope_sdk.locate import check_name, hub_id
+
+    for ok in ("L12R-8x", "l12r_8x", f"{REPO}:layers.12", f"hf://{REPO}/layers.12", str(tmp_path)):
+        check_name(ok)
+    assert hub_id(f"{REPO}/layers.12") == (REPO, "layers.12") == hub_id(f"{REPO}:layers.12")
+    with pytest.raises(UnknownSaeError, match="layer 40 is out of range"):
+        check_name("L40R-8x")
+    with pytest.raises(SaeNotFoundError, match="no such folder"):
+        check_name("~/no/such/sae")
+    with pytest.raises(UnknownSaeError, match="unknown Llama Scope SAE 'what ever'"):
+        check_name("what ever")

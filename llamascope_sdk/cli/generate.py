@@ -4,7 +4,6 @@ by side."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -44,14 +43,14 @@ def _defaults(sae_name: str, features: list[int] | None, prompt: str | None,
               strength: float | None, need_strength: bool) -> tuple[list[int], str, float | None]:
     """Fill in the demo's feature, prompt and strength; require them for other SAEs."""
     from llamascope_sdk import demo
-    from llamascope_sdk.registry import resolve
+    from llamascope_sdk.locate import check_name
 
     if demo.is_demo(sae_name):
         features = features or [demo.DEMO_FEATURE.index]
         prompt = demo.DEMO_PROMPT if prompt is None else prompt
         strength = demo.DEMO_STRENGTH if strength is None else strength
-    elif not Path(sae_name).expanduser().is_dir():
-        resolve(sae_name)  # an unknown name is the first thing to report
+    else:
+        check_name(sae_name)  # an unknown name is the first thing to report (no request made)
     if not features:
         raise typer.BadParameter("give at least one --feature N", param_hint="--feature")
     if prompt is None:
