@@ -7,7 +7,6 @@ paragraph of any length is never held whole; :func:`iter_documents` joins each i
 
 from __future__ import annotations
 
-import codecs
 import json
 import os
 import re
@@ -81,7 +80,7 @@ def split_text(text: str, pack_chars: int | None = None) -> list[str]:
     """
     import io
 
-    fh = io.BytesIO(text.encode("utf-8", "surrogatepass"))
+    fh = io.StringIO(text, newline=None)
     return ["".join(d) for d in _txt_documents(fh, pack_chars)]
 
 
@@ -246,7 +245,7 @@ def _file_documents(path: Path, text_field: str, pack_chars: int | None,
     suffix = path.suffix.lower()
     before = counts.null_rows
     if suffix == ".jsonl":
-        with path.open("rb") as fh:
+        with path.open(encoding="utf-8") as fh:
             for n, line in enumerate(_utf8_lines(fh, path), 1):
                 if not line.strip():
                     continue
@@ -261,7 +260,7 @@ def _file_documents(path: Path, text_field: str, pack_chars: int | None,
     elif suffix == ".parquet":
         yield from _parquet_documents(path, text_field, counts)
     elif suffix in _TEXT_SUFFIXES:
-        with path.open("rb") as fh:
+        with path.open(encoding="utf-8") as fh:
             yield from _txt_documents(fh, pack_chars, path)
     else:
         raise DataFormatError(f"{path}: unsupported file type {suffix!r}; use .txt, .jsonl or "
@@ -326,50 +325,48 @@ def _short(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------- .txt files
-def _not_utf8(path: Path | str, line: int, exc: UnicodeDecodeError) -> DataFormatError:
-    return DataFormatError(f"{path}: not UTF-8 text (line {line}: {exc.reason})",
+def _not_utf8(path: Path | str, exc: UnicodeDecodeError) -> DataFormatError:
+    """The error for a file that is not UTF-8, naming the first bad line (found by a second,
+    binary pass: the fast text-mode reader decodes in chunks and does not know the line)."""
+    line = 0
+    if isinstance(path, Path):
+        with path.open("rb") as fh:
+            for line, raw in enumerate(fh, 1):  # noqa: B007 (line is read after the loop)
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    break
+    where = f"line {line}: " if line else ""
+    return DataFormatError(f"{path}: not UTF-8 text ({where}{exc.reason})",
                            hint="save it as UTF-8, e.g. iconv -t utf-8 FILE > FILE.utf8")
 
 
-def _utf8_lines(fh: IO[bytes], path: Path) -> Iterator[str]:
-    """The lines of a binary file, decoded (a bad byte is reported with its line)."""
-    for n, raw in enumerate(fh, 1):
-        try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise _not_utf8(path, n, exc) from None
+def _utf8_lines(fh: IO[str], path: Path) -> Iterator[str]:
+    try:
+        yield from fh
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
 
 
 class _Lines:
-    """A text file's lines in parts of at most :data:`PIECE_CHARS` bytes (decoded; "\\r\\n"
-    read as "\\n"), one part of look-ahead. A part is (text, starts a line, ends a line)."""
+    """A text file's lines in parts of at most :data:`PIECE_CHARS` characters, one part of
+    look-ahead. A part is (text, starts a line, ends a line)."""
 
-    def __init__(self, fh: IO[bytes], path: Path | str) -> None:
+    def __init__(self, fh: IO[str], path: Path | str) -> None:
         self.fh, self.path = fh, path
-        self.decoder = codecs.getincrementaldecoder("utf-8")()
-        self.carry = ""
         self.line_start = True
-        self.line = 1
         self.ahead: tuple[str, bool, bool] | None = None
 
     def peek(self) -> tuple[str, bool, bool] | None:
-        while self.ahead is None:
-            raw = self.fh.readline(PIECE_CHARS)
+        if self.ahead is None:
             try:
-                text = self.carry + self.decoder.decode(raw, final=not raw)
+                text = self.fh.readline(PIECE_CHARS)
             except UnicodeDecodeError as exc:
-                raise _not_utf8(self.path, self.line, exc) from None
-            if not raw and not text:
-                return None
-            self.carry = ""
-            if raw and text.endswith("\r"):  # maybe the first half of a "\r\n" cut in two
-                text, self.carry = text[:-1], "\r"
-            if text:  # empty when a part ends inside a multi-byte character
-                text = text.replace("\r\n", "\n")
+                raise _not_utf8(self.path, exc) from None
+            if text:
                 ends = text.endswith("\n")
                 self.ahead = (text, self.line_start, ends)
                 self.line_start = ends
-                self.line += ends
         return self.ahead
 
     def take(self) -> tuple[str, bool, bool] | None:
@@ -390,13 +387,15 @@ def _is_blank(part: tuple[str, bool, bool]) -> bool:
     return not part[0].strip()
 
 
-def _txt_documents(fh: IO[bytes], pack_chars: int | None,
+def _txt_documents(fh: IO[str], pack_chars: int | None,
                    path: Path | str = "text") -> Iterator[Iterable[str]]:
     """Documents of a text file with the .txt rule, each a lazy iterable of pieces (the file
     is read as they are consumed; a dropped document is skipped over)."""
-    raw = fh.read(_SNIFF_CHARS)
-    head = raw.decode("utf-8", "replace")  # bad bytes are reported, with their line, below
-    lines = head.splitlines()[:-1] if len(raw) == _SNIFF_CHARS else head.splitlines()
+    try:
+        head = fh.read(_SNIFF_CHARS)
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
+    lines = head.splitlines()[:-1] if len(head) == _SNIFF_CHARS else head.splitlines()
     wiki = sum(1 for ln in lines if _HEADING.match(ln)) >= 2
     fh.seek(0)
     src = _Lines(fh, path)
