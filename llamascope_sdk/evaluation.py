@@ -16,7 +16,17 @@ whose ``max_position_embeddings`` allows it, and documents that long, or ``pack=
 any other model with the same hidden size, e.g. Llama-3.1-8B-Instruct with the base SAEs: just
 pass that model (``--model`` in the CLI).
 
-Hooks are placed with :func:`llamascope_sdk.hooks.hooked` (capture and replace functions).
+Hooks are placed with :func:`llamascope_sdk.hooks.hooked` (capture and replace functions);
+the clean pass is :func:`llamascope_sdk.capture.capture`, the one capture of the SDK.
+
+Several processes (``torchrun``; gloo on CPU, nccl on GPU): every rank reads the same batches
+and runs batches i with i % world == rank. Every sum is kept per batch (one row of a small
+[batches, 9] table: squared error, squared norm, the three NLLs, KL and the counts) and added
+in batch order at the end, after an ``all_reduce`` of the table (each row is non-zero on one
+rank only, so the reduction is exact): every metric but one equals one process's, bit for bit.
+The exception is the [D] sum of the outputs that the centred explained variance uses: it is
+added across ranks in another order (float64, a relative difference of about 1e-16). Firing
+counts and the L0 distribution (a histogram of per-token L0) are integers.
 """
 
 from __future__ import annotations
@@ -34,10 +44,11 @@ import torch
 from torch import nn
 
 from . import metrics as M
+from .capture import capture
 from .compat import check_compatible, named_saes
 from .corpus import iter_documents, tensor_batches, token_batches
 from .errors import IncompatibleModelError
-from .hooks import SiteFn, capture_into, hooked, replace_with
+from .hooks import SiteFn, hooked, replace_with
 from .models import special_ids
 from .sae import SAE
 from .sites import (
@@ -115,20 +126,69 @@ def _json_safe(v: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------- evaluation
+#: The per-batch sums of :class:`_Running`, in the order of its table's columns.
+_COLUMNS = ("sum_sq_err", "sum_sq_y", "nll_clean", "nll_spliced", "nll_zero", "kl", "n_targets",
+            "n_excluded", "n_tokens")
+
+
 @dataclass
 class _Running:
-    """Per-SAE sums over batches."""
+    """Per-SAE sums: one row per batch (added in batch order at the end), plus [D]/[F] sums."""
 
     sae: SAE
     site_in: Site
     site_out: Site
     stats: M.ReconstructionStats
+    rows: dict[int, list[float]] = field(default_factory=dict)
+    l0_hist: torch.Tensor | None = None
     nll_clean: float = 0.0
     nll_spliced: float = 0.0
     nll_zero: float = 0.0
     kl: float = 0.0
     n_targets: int = 0
     n_excluded: int = 0
+
+    def add_batch(self, i: int, b: M.ReconstructionStats, **sums: float) -> None:
+        """Record batch ``i``: its reconstruction statistics ``b`` and its other sums."""
+        self.rows[i] = [b.sum_sq_err, b.sum_sq_y, *(float(sums[k]) for k in _COLUMNS[2:-1]),
+                        float(b.n_tokens)]
+        st = self.stats
+        if b.sum_y is not None and b.fire_counts is not None:
+            if st.sum_y is None or st.fire_counts is None:
+                st.sum_y, st.fire_counts = b.sum_y.clone(), b.fire_counts.clone()
+            else:
+                st.sum_y += b.sum_y
+                st.fire_counts += b.fire_counts
+        hist = torch.bincount(b.l0_all, minlength=self.sae.d_sae + 1)
+        self.l0_hist = hist if self.l0_hist is None else self.l0_hist + hist
+
+    def finish(self, n_batches: int, dist: Any) -> None:
+        """Merge the ranks (``dist``: :class:`~llamascope_sdk.training.ddp.Dist`) and add the
+        rows in batch order."""
+        table = torch.zeros(n_batches, len(_COLUMNS), dtype=torch.float64)
+        for i, row in self.rows.items():
+            table[i] = torch.tensor(row, dtype=torch.float64)
+        st = self.stats
+        dev = self.sae.device
+        if st.sum_y is None or st.fire_counts is None:
+            st.sum_y = torch.zeros(self.sae.d_model, dtype=torch.float64, device=dev)
+            st.fire_counts = torch.zeros(self.sae.d_sae, dtype=torch.long, device=dev)
+        hist = self.l0_hist if self.l0_hist is not None else torch.zeros(self.sae.d_sae + 1,
+                                                                         dtype=torch.long)
+        if dist.world > 1:
+            table = dist.sum(table.to(dev)).cpu()
+            st.sum_y, st.fire_counts = dist.sum(st.sum_y), dist.sum(st.fire_counts)
+            hist = dist.sum(hist.to(dev)).cpu()
+        total = [0.0] * len(_COLUMNS)
+        for row in table.tolist():
+            total = [t + v for t, v in zip(total, row, strict=True)]
+        sums = dict(zip(_COLUMNS, total, strict=True))
+        st.sum_sq_err, st.sum_sq_y, st.n_tokens = sums["sum_sq_err"], sums["sum_sq_y"], int(sums["n_tokens"])
+        self.nll_clean, self.nll_spliced = sums["nll_clean"], sums["nll_spliced"]
+        self.nll_zero, self.kl = sums["nll_zero"], sums["kl"]
+        self.n_targets, self.n_excluded = int(sums["n_targets"]), int(sums["n_excluded"])
+        # The per-token L0 values, as a sorted list (the same on every rank and for one process).
+        st.l0_values = [torch.repeat_interleave(torch.arange(len(hist)), hist.cpu())]
 
 
 def _check(model: nn.Module, named: Mapping[str, SAE], context: int) -> None:
@@ -208,15 +268,16 @@ def _kept(count: torch.Tensor, x_BTD: torch.Tensor, max_norm: float | None) -> t
     return count & (x_BTD.float().norm(dim=-1) <= max_norm)
 
 
-def _run_batch(model: nn.Module, ids: torch.Tensor, valid: torch.Tensor, count: torch.Tensor,
-               runs: list[_Running], zero_ablation: bool, max_norm: float | None) -> None:
-    """One clean pass, then one spliced pass per SAE; adds to each run's sums."""
-    acts: dict[Site, torch.Tensor] = {}
+def _run_batch(i: int, model: nn.Module, ids: torch.Tensor, valid: torch.Tensor,
+               count: torch.Tensor, runs: list[_Running], zero_ablation: bool,
+               max_norm: float | None) -> None:
+    """One clean pass, then one spliced pass per SAE; records batch ``i`` in each run."""
     sites = {s for r in runs for s in (r.site_in, r.site_out)}
     # The clean output of the layer before each spliced site, to resume the spliced pass there.
     sites |= {Site(r.site_out.layer - 1, "resid_post") for r in runs if r.site_out.layer > 0}
-    hooks = {s: capture_into(acts, s) for s in sites}
-    log_p = _forward(model, ids, valid, hooks)
+    acts, out = capture(model, sites, ids, valid, stop_after_last=False)
+    log_p = M.log_probs(out.logits)
+    del out
     nll_clean = M.nll_from_log_probs(log_p, ids)
     # KL(p || q) = sum p log p - sum p log q: the first term and p are shared by all SAEs,
     # so each SAE costs one dot product over the vocabulary, not an exp and a subtraction.
@@ -224,24 +285,25 @@ def _run_batch(model: nn.Module, ids: torch.Tensor, valid: torch.Tensor, count: 
     neg_entropy = torch.linalg.vecdot(p, log_p)
     for r in runs:
         keep = _kept(count, acts[r.site_in], max_norm)  # excluded positions stay clean
-        r.n_excluded += int((count & ~keep).sum())
         tmask = keep[:, 1:].float()  # position t counts iff its target t+1 does
-        r.n_targets += int(keep[:, 1:].sum())
-        r.nll_clean += _masked_sum(nll_clean, tmask)
         y = acts[r.site_out]
         spliced = y.clone()
-        spliced[keep] = _reconstruct(r.sae, acts[r.site_in][keep], y[keep], r.stats)
+        b = M.ReconstructionStats(r.sae.d_model, r.sae.d_sae)
+        spliced[keep] = _reconstruct(r.sae, acts[r.site_in][keep], y[keep], b)
         n = r.site_out.layer
         resume = (n, acts[Site(n - 1, "resid_post")]) if n > 0 else None
         log_q = _forward(model, ids, valid, {r.site_out: replace_with(spliced)}, resume)
-        r.nll_spliced += _masked_sum(M.nll_from_log_probs(log_q, ids), tmask)
-        kl = neg_entropy - torch.linalg.vecdot(p, log_q)
-        r.kl += _masked_sum(kl[:, :-1], tmask)
+        nll_spliced = _masked_sum(M.nll_from_log_probs(log_q, ids), tmask)
+        kl = _masked_sum((neg_entropy - torch.linalg.vecdot(p, log_q))[:, :-1], tmask)
         del log_q
+        nll_zero = 0.0
         if zero_ablation:
             spliced[keep] = 0
             log_z = _forward(model, ids, valid, {r.site_out: replace_with(spliced)}, resume)
-            r.nll_zero += _masked_sum(M.nll_from_log_probs(log_z, ids), tmask)
+            nll_zero = _masked_sum(M.nll_from_log_probs(log_z, ids), tmask)
+        r.add_batch(i, b, nll_clean=_masked_sum(nll_clean, tmask), nll_spliced=nll_spliced,
+                    nll_zero=nll_zero, kl=kl, n_targets=int(keep[:, 1:].sum()),
+                    n_excluded=int((count & ~keep).sum()))
 
 
 @torch.inference_mode()
@@ -311,14 +373,22 @@ def evaluate(model: nn.Module, tokenizer: Any,
                                 batch_size=batch_size, pack=pack)
     from tqdm.auto import tqdm
 
-    n_seq = 0
-    with tqdm(total=tokens, unit="tok", disable=not progress, desc="evaluate") as bar:
-        for ids, valid in batches:
+    from .training.ddp import init_from_env
+
+    dist = init_from_env(device.type)
+    n_seq, n_batches = 0, 0
+    with tqdm(total=tokens, unit="tok", disable=not progress or not dist.is_main,
+              desc="evaluate") as bar:
+        for i, (ids, valid) in enumerate(batches):
+            n_seq, n_batches = n_seq + ids.shape[0], i + 1
+            bar.update(int(valid.sum()))
+            if i % dist.world != dist.rank:
+                continue
             ids, valid = ids.to(device), valid.to(device)
             count = valid if include_special else valid & ~torch.isin(ids, specials)
-            _run_batch(model, ids, valid, count, runs, zero_ablation, exclude_norm_above)
-            n_seq += ids.shape[0]
-            bar.update(int(valid.sum()))
+            _run_batch(i, model, ids, valid, count, runs, zero_ablation, exclude_norm_above)
+    for r in runs:
+        r.finish(n_batches, dist)
     name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
     return {key: _result(key, r, name, n_seq, context, include_special, zero_ablation,
                          exclude_norm_above) for key, r in zip(named, runs, strict=True)}

@@ -43,6 +43,26 @@ def build():
     return model, tok, sae
 
 
+EVAL_ARGS = dict(tokens=500, context=32, batch_size=2, zero_ablation=True)
+
+
+def eval_tensors(res) -> dict[str, torch.Tensor]:
+    """Every number of an EvalResult (float64 scalars, the L0 summary, frequencies)."""
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, v) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), x)
+        elif isinstance(v, list):
+            out[prefix] = torch.tensor(v, dtype=torch.float64)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[prefix] = torch.tensor([v], dtype=torch.float64)
+
+    walk("", res.to_dict(frequencies=True))
+    return out
+
+
 def flatten(res) -> dict[str, torch.Tensor]:
     """Every tensor of a MiningResult, plus its counts, by name."""
     out = {}
@@ -70,6 +90,7 @@ def main() -> None:
     ap.add_argument("--checkpoint-dir")
     ap.add_argument("--checkpoint-every", type=int)
     ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--evaluate", action="store_true", help="evaluate() instead of mine()")
     a = ap.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     Path(f"{a.out}.pid{rank}").write_text(str(os.getpid()))
@@ -83,10 +104,15 @@ def main() -> None:
             return forward(*args, **kwargs)
 
         model.forward = slow
-    res = mine(model, tok, sae, DOCS, progress=False, checkpoint_every=a.checkpoint_every,
-               checkpoint_dir=a.checkpoint_dir, **ARGS)[sae.name]
+    if a.evaluate:
+        from llamascope_sdk.evaluation import evaluate
+
+        out = eval_tensors(evaluate(model, tok, sae, DOCS, progress=False, **EVAL_ARGS)[sae.name])
+    else:
+        out = flatten(mine(model, tok, sae, DOCS, progress=False, checkpoint_every=a.checkpoint_every,
+                           checkpoint_dir=a.checkpoint_dir, **ARGS)[sae.name])
     if rank == 0:
-        save_file({k: v.contiguous() for k, v in flatten(res).items()}, a.out)
+        save_file({k: v.contiguous() for k, v in out.items()}, a.out)
     shutdown()
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from llamascope_sdk.mining import mine
 
-from .mining_worker import ARGS, DOCS, build, flatten
+from .mining_worker import ARGS, DOCS, EVAL_ARGS, build, eval_tensors, flatten
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
@@ -93,3 +93,26 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(reference, tmp_path, 
     assert "mining: resuming from" in p.stderr and done >= 0
     assert_same(load_file(str(out)), reference)
     assert not ckpt.exists()  # removed once mining finished
+
+
+def test_evaluate_over_two_ranks_equals_one_process(tmp_path):
+    """Every metric of evaluate() (zero ablation too) from 2 ranks equals one process's; the
+    centred explained variance up to float64 summation order across ranks (see evaluation.py)."""
+    from llamascope_sdk.evaluation import evaluate
+
+    torch.set_num_threads(1)
+    model, tok, sae = build()
+    want = eval_tensors(evaluate(model, tok, sae, DOCS, progress=False, **EVAL_ARGS)[sae.name])
+    out = tmp_path / "eval.safetensors"
+    p = subprocess.run(torchrun(str(out), "--evaluate"), cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = load_file(str(out))
+    assert sorted(got) == sorted(want)
+    for k in want:
+        if k == "explained_variance_centred":
+            torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=0)
+        else:
+            assert torch.equal(got[k], want[k]), k
+    assert int(want["n_tokens"]) > 200 and 0 < float(want["l0_mean"]) < 64
+    assert int(want["n_sequences"]) > 8  # several batches on each rank

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 import typer
@@ -54,7 +55,12 @@ def eval_cmd(names: Annotated[list[str], typer.Argument(help="SAE names sharing 
     from llamascope_sdk.models import base_model_of, load_model
     from llamascope_sdk.sae import SAE
 
+    from llamascope_sdk.training.ddp import init_from_env
+
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU a rank
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     resolve_device(device)
+    dist = init_from_env(device)
     saes = [SAE.from_pretrained(n, revision=revision, device=device) for n in names]
     models = {base_model_of(s) for s in saes}
     if model is None and len(models) > 1:
@@ -65,7 +71,9 @@ def eval_cmd(names: Annotated[list[str], typer.Argument(help="SAE names sharing 
     for s in saes:
         check_compatible(lm, s)
     results = evaluate(lm, tok, saes, dataset, tokens=tokens, context=context, pack=pack,
-                       zero_ablation=zero_ablation, progress=not as_json)
+                       zero_ablation=zero_ablation, progress=not as_json and dist.is_main)
+    if not dist.is_main:  # every rank holds the same merged metrics; rank 0 prints them
+        return
     out = {name: r.to_dict() for name, r in results.items()}
     if as_json:
         echo_json(out)

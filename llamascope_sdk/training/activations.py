@@ -1,7 +1,8 @@
 """Activations for training: one LM pass feeds every requested site, stopping early.
 
-``ActivationGenerator`` hooks all sites (R/A/M/TC of several layers) at once through
-:func:`llamascope_sdk.hooks.hooked`, which ends the forward after the last site it needs, so
+``ActivationGenerator`` captures all sites (R/A/M/TC of several layers) at once through
+:func:`llamascope_sdk.capture.capture` (the capture mining and evaluation use too), which
+ends the forward after the last site it needs, so
 layers after it never run (spec section 4; peers 5.2 "one LM pass -> many SAEs", "early exit"). Positions holding
 BOS/EOS/pad are dropped. ``LiveSource`` turns a :class:`~.data.TokenSource` into activation
 chunks; :mod:`.cache` writes and reads the same chunks from disk.
@@ -15,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from llamascope_sdk.capture import capture, keep_mask, valid_mask
 from llamascope_sdk.corpus import pad_rows
-from llamascope_sdk.hooks import capture_into, hooked
 from llamascope_sdk.sites import Site, module_for, parse_hook_point
 
 from .data import TokenSource
@@ -51,17 +52,13 @@ class ActivationGenerator:
         Returns a dict with one [n, D] tensor per hook point and ``tokens`` [n] (the token at
         each kept position), ``row`` [n] (batch row) and ``pos`` [n] (position in the row).
         """
-        dev = next(self.model.parameters()).device
         b, t = tokens.shape
         if lengths is None:
             lengths = torch.full((b,), t)
-        valid = torch.arange(t)[None, :] < lengths[:, None]
-        keep = valid & ~torch.isin(tokens, self.drop_ids)
-        store: dict[Site, torch.Tensor] = {}
-        hooks = {site: capture_into(store, site) for site in self.sites.values()}
-        with hooked(self.model, hooks, stop_after_last=True):
-            self.model(input_ids=tokens.to(dev), attention_mask=valid.long().to(dev), use_cache=False)
-        flat = keep.reshape(-1).to(dev)
+        valid = valid_mask(lengths, t)
+        keep = keep_mask(tokens, valid, self.drop_ids)
+        store, _ = capture(self.model, self.sites.values(), tokens, valid)
+        flat = keep.reshape(-1).to(next(self.model.parameters()).device)
         out: Chunk = {n: store[self.sites[n]].reshape(b * t, -1)[flat].to(self.dtype).cpu()
                       for n in self.hook_points}
         rows, pos = keep.nonzero(as_tuple=True)
