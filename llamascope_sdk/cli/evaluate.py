@@ -54,7 +54,6 @@ def eval_cmd(names: Annotated[list[str], typer.Argument(help="SAE names sharing 
     from llamascope_sdk.evaluation import evaluate
     from llamascope_sdk.models import base_model_of, load_model
     from llamascope_sdk.sae import SAE
-
     from llamascope_sdk.training.ddp import init_from_env
 
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU a rank
