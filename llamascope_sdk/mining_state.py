@@ -120,20 +120,21 @@ def _assign(old: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.
     """Merge candidate keys ``cand`` [R, C] (-1 = none) into slots ``old`` [R, K].
 
     Returns (row, slot, column) of every candidate that enters: it replaces an evicted or
-    empty slot; kept slots are not touched.
+    empty slot; kept slots are not touched. No sort: the j-th entering candidate of a row (in
+    column order) takes the row's j-th free slot (in slot order), both listed by ``nonzero``.
     """
     r, k = old.shape
     allk = torch.cat([old, cand], dim=1)
     _, ti = allk.topk(k, dim=1, sorted=False)
     chosen = torch.zeros_like(allk, dtype=torch.bool).scatter_(1, ti, True)
-    kept = chosen[:, :k]
+    free = ~chosen[:, :k]
     new = chosen[:, k:] & (cand >= 0)
     n_new = new.sum(1)
-    free = torch.argsort(kept.to(torch.int8), dim=1, stable=True)  # freed slots first
-    cols = torch.argsort((~new).to(torch.int8), dim=1, stable=True)  # entering columns first
-    width = max(k, cand.shape[1])
-    ri, j = (torch.arange(width, device=old.device)[None, :] < n_new[:, None]).nonzero(as_tuple=True)
-    return ri, free[ri, j], cols[ri, j]
+    fr, fs = free.nonzero(as_tuple=True)  # row-major: rows ascending, slots ascending
+    rank = free.cumsum(1).sub_(1).view(-1)[fr * k + fs]  # j: the j-th free slot of its row
+    use = rank < n_new[fr]
+    nr, nc = new.nonzero(as_tuple=True)
+    return nr, fs[use], nc
 
 
 class Slots:
@@ -163,11 +164,12 @@ class Slots:
     def offer(self, feat: torch.Tensor, key: torch.Tensor, row: torch.Tensor, batch: Batch,
               flat: torch.Tensor) -> None:
         """Candidates: feature ``feat`` [n], its ``key`` [n] at flat batch row ``row`` [n]
-        (``b * T + t``); ``flat`` [B*T, F] the batch's activations."""
+        (``b * T + t``); ``flat`` the batch's activations [B*T, F]."""
         m = key > self.floor[feat]
         feat, key, row = feat[m], key[m], row[m]
         if feat.numel() == 0:
             return
+        k = self.k
         # The K best candidates of each feature: sort by key, then (stably) by feature.
         o = torch.argsort(key, descending=True)
         o = o[torch.argsort(feat[o], stable=True)]
@@ -175,25 +177,31 @@ class Slots:
         uniq, counts = torch.unique_consecutive(feat, return_counts=True)
         group = torch.repeat_interleave(torch.arange(len(uniq), device=feat.device), counts)
         rank = torch.arange(len(feat), device=feat.device) - (counts.cumsum(0) - counts)[group]
-        m = rank < self.k
-        group, rank, key, row = group[m], rank[m], key[m], row[m]
-        cand = torch.full((len(uniq), self.k), -1, dtype=torch.long, device=feat.device)
+        m = rank < k
+        lin = group[m] * k + rank[m]
+        cand = torch.full((len(uniq), k), -1, dtype=torch.long, device=feat.device)
         crow = torch.zeros_like(cand)
-        cand[group, rank] = key
-        crow[group, rank] = row
+        cand.view(-1)[lin] = key[m]
+        crow.view(-1)[lin] = row[m]
         ri, slot, col = _assign(self.keys[uniq], cand)
         f = uniq[ri]
-        rows = crow[ri, col]
-        self.keys[f, slot] = cand[ri, col]
+        at = f * k + slot  # flat slot index
+        src = ri * k + col
+        rows = crow.view(-1)[src]
+        self.keys.view(-1)[at] = cand.view(-1)[src]
         b, t = rows // batch.T, rows % batch.T
-        self.doc[f, slot] = batch.doc[b]
-        self.pos[f, slot] = batch.start[b] + t
+        self.doc.view(-1)[at] = batch.doc[b]
+        self.pos.view(-1)[at] = batch.start[b] + t
+        w = len(self.offsets)
         tw = t[:, None] + self.offsets  # [n, W]
         inside = (tw >= 0) & (tw < batch.length[b][:, None])
-        twc = tw.clamp(0, batch.T - 1)
-        self.tok[f, slot] = torch.where(inside, batch.ids[b[:, None], twc], -1).to(torch.int32)
-        acts = flat[b[:, None] * batch.T + twc, f[:, None]]
-        self.act[f, slot] = torch.where(inside, acts, 0.0)
+        src_rows = (b[:, None] * batch.T + tw.clamp(0, batch.T - 1)).view(-1)
+        tok = batch.ids.reshape(-1).index_select(0, src_rows).view(-1, w)
+        nf = flat.shape[1]
+        act = flat.view(-1).index_select(0, (src_rows.view(-1, w) * nf + f[:, None]).view(-1))
+        act = act.view(-1, w)
+        self.tok.view(-1, w).index_copy_(0, at, torch.where(inside, tok, -1).to(torch.int32))
+        self.act.view(-1, w).index_copy_(0, at, torch.where(inside, act, 0.0))
         self.floor[uniq] = self.keys[uniq].amin(1)
 
     def examples(self, by_value: bool) -> Examples:
