@@ -31,7 +31,14 @@ from typing import Any
 
 from .demo import DEMO_SAE_DIR, DEMO_SAE_NAME, is_demo
 from .errors import SaeNotFoundError
-from .formats import check_importable, detect, files_to_read, folder_files
+from .formats import (
+    IMPORTABLE,
+    UnsupportedFormatError,
+    check_importable,
+    detect,
+    files_to_read,
+    folder_files,
+)
 from .hub import Provenance, download
 from .registry import SaeRef, claims, resolve
 
@@ -81,6 +88,9 @@ def locate(name_or_path: str | os.PathLike[str], *, fmt: str | None = None,
         DownloadError and its subclasses: the Hub refused, failed or could not be reached.
     """
     text = os.fspath(name_or_path).strip()
+    if fmt is not None and fmt not in IMPORTABLE:
+        raise UnsupportedFormatError(f"unknown source format {fmt!r}: allowed are "
+                                     f"{', '.join(IMPORTABLE)} (or none, to detect it)")
     if is_demo(text):
         return Located(DEMO_SAE_DIR, "release", DEMO_SAE_NAME, None, Provenance(path=str(DEMO_SAE_DIR)))
     path = Path(text).expanduser()

@@ -132,3 +132,11 @@ def test_check_name_refuses_without_a_request(tmp_path) -> None:
         check_name("~/no/such/sae")
     with pytest.raises(UnknownSaeError, match="unknown Llama Scope SAE 'what ever'"):
         check_name("what ever")
+
+
+def test_an_unknown_source_format_is_named(tmp_path) -> None:
+    with pytest.raises(UnsupportedFormatError) as err:
+        convert("demo", "release", tmp_path / "out", fmt="gemma")
+    assert str(err.value) == ("unknown source format 'gemma': allowed are release, saelens, "
+                              "llamascopium, sparsify (or none, to detect it)")
+    assert not (tmp_path / "out").exists()
