@@ -123,3 +123,15 @@ def test_empty_folder_is_used_and_a_crash_leaves_the_old_folder(tmp_path) -> Non
 
         write_folder(empty, crash, replaceable=replaceable_sae_folder)
     assert _tree(empty) == before and sorted(os.listdir(tmp_path)) == ["empty"]
+
+
+def test_without_an_atomic_exchange_the_two_renames_give_the_same_result(tmp_path, monkeypatch) -> None:
+    import llamascope_sdk.atomic as atomic
+
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)  # macOS, Windows
+    a, b = tiny_sae(seed=1), tiny_sae(seed=2)
+    a.labels = {3: "A's label"}
+    folder = a.save_pretrained(tmp_path / "sae")
+    b.save_pretrained(folder)
+    assert SAE.from_pretrained(folder).labels == {}
+    assert sorted(os.listdir(tmp_path)) == ["sae"]
