@@ -96,7 +96,11 @@ def open_folder(repo_id: str, subfolder: str = "", *, revision: str | None = Non
     rev = revision or DEFAULT_REVISION
     sub = subfolder.strip("/")
     where = f"{repo_id}:{sub}" if sub else repo_id
-    commit, names = _cached_listing(repo_id, rev, s) if s.offline else _listing(repo_id, rev, s, where)
+    if s.offline:
+        commit, names = _cached_listing(repo_id, rev, s)
+    else:
+        commit, names = _listing(repo_id, rev, s, where)
+        _remember_ref(repo_id, rev, commit, s)
     prefix = f"{sub}/" if sub else ""
     files = frozenset(n[len(prefix):] for n in names
                       if n.startswith(prefix) and n[len(prefix):].count("/") <= 1)
@@ -121,6 +125,23 @@ def _listing(repo_id: str, revision: str, s: Settings, where: str) -> tuple[str,
         raise translate(exc, f"could not open {where}", revision=revision,
                         endpoint=s.endpoint) from None
     return str(info.sha), [sib.rfilename for sib in info.siblings or []]
+
+
+def _remember_ref(repo_id: str, revision: str, commit: str, s: Settings) -> None:
+    """Record in the HF cache which commit ``revision`` pointed to (``refs/<revision>``, as
+    ``hf_hub_download`` does for a branch), so that an offline load finds the snapshot: the
+    files themselves are fetched by commit."""
+    import contextlib
+
+    from huggingface_hub.file_download import repo_folder_name
+
+    from .atomic import atomic_write_text
+
+    if revision == commit:
+        return
+    ref = Path(s.cache_dir) / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / revision
+    with contextlib.suppress(OSError):  # a read-only shared cache: offline loads pin a commit
+        atomic_write_text(ref, commit)
 
 
 def _cached_listing(repo_id: str, revision: str, s: Settings) -> tuple[str, list[str]]:

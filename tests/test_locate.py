@@ -140,3 +140,18 @@ def test_an_unknown_source_format_is_named(tmp_path) -> None:
     assert str(err.value) == ("unknown source format 'gemma': allowed are release, saelens, "
                               "llamascopium, sparsify (or none, to detect it)")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_folder_loads_offline_from_the_cache_after_one_online_load(sparsify_hub, monkeypatch) -> None:
+    from .fakehub import set_offline
+
+    hub, commit, _, _ = sparsify_hub
+    online = SAE.from_pretrained(f"{REPO}:layers.12")
+    hub.clear_log()
+    set_offline(monkeypatch)
+    offline = SAE.from_pretrained(f"{REPO}:layers.12")
+    assert hub.log == [] and offline.source.commit == commit
+    x = torch.randn(5, 64)
+    assert torch.equal(offline.encode(x), online.encode(x))
+    with pytest.raises(Exception, match="not in the local cache"):
+        SAE.from_pretrained("someone/never-downloaded:sub")
