@@ -203,3 +203,29 @@ def test_a_file_that_is_not_parquet_is_one_line(tmp_path: Path) -> None:
     path.write_text("not parquet at all")
     with pytest.raises(DataFormatError, match=r"a\.parquet: not a readable Parquet file \("):
         list(corpus.iter_documents(path))
+
+
+@pytest.mark.parametrize("command", [["inspect", "--sae", "demo"], ["eval", "demo"]])
+def test_commands_check_the_corpus_before_loading_anything(tmp_path: Path, monkeypatch,
+                                                           command: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    from llamascope_sdk import models, sae
+    from llamascope_sdk.cli import app
+
+    def no_load(*a, **k):
+        raise AssertionError("loaded before the corpus was checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    monkeypatch.setattr(sae.SAE, "from_pretrained", no_load)
+    (tmp_path / "a.csv").write_text("text\nx\n")
+    (tmp_path / "ok.txt").write_text("x\n")
+    for dataset, message in [
+        (f"{tmp_path / 'ok.txt'},{tmp_path / 'missing.txt'}",
+         f"error: dataset file {tmp_path / 'missing.txt'} does not exist"),
+        (str(tmp_path / "a.csv"), f"error: {tmp_path / 'a.csv'}: unsupported file type '.csv'; "
+                                  "use .txt, .jsonl or .parquet, or a Hugging Face dataset name")]:
+        extra = ["--out", str(tmp_path / "o")] if command[0] == "inspect" else []
+        res = CliRunner().invoke(app, [*command, "--dataset", dataset, *extra])
+        assert res.exit_code == 1, res.output
+        assert [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")] == [message]

@@ -48,6 +48,7 @@ from .documents import (
     CorpusSource,
     LocalDocuments,
     ReadCounts,
+    check_source,
     file_documents,
     hub_documents,
     iter_documents,
@@ -74,7 +75,7 @@ from .tokens import (
 )
 
 __all__ = ["PIECE_CHARS", "RULES", "SUFFIXES", "Batch", "LocalDocuments", "ReadCounts", "Rule", "Sequence", "CorpusSource",
-           "batches", "bos_ids", "check_context", "document_tokens", "encode", "file_documents",
+           "batches", "bos_ids", "check_context", "check_source", "document_tokens", "encode", "file_documents",
            "hub_documents", "iter_documents", "local_documents", "local_paths", "pad_id",
            "pad_rows", "sequences", "split_document", "split_text", "tensor_batches",
            "token_batches"]

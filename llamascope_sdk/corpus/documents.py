@@ -108,6 +108,26 @@ def file_documents(path: Path, text_field: str = "text", pack_chars: int | None 
     return ["".join(d) for d in _file_documents(path, text_field, pack_chars, ReadCounts())]
 
 
+def check_source(source: CorpusSource | Iterable[str]) -> None:
+    """Check a corpus before any long work: every local file it names exists and has a type
+    that can be read (a dataset name is checked when it is streamed).
+
+    Raises:
+        DataFileNotFoundError: a named file does not exist.
+        DataFormatError: a file of an unsupported type.
+    """
+    if not isinstance(source, str | os.PathLike):
+        return
+    for path in local_paths(source) or []:
+        if not path.is_file():
+            raise DataFileNotFoundError(f"dataset file {path} does not exist",
+                                        hint="check the path (several files: a,b,c)")
+        suffix = path.suffix.lower()
+        if suffix not in (".jsonl", ".parquet") and suffix not in _TEXT_SUFFIXES:
+            raise DataFormatError(f"{path}: unsupported file type {suffix!r}; use .txt, .jsonl "
+                                  "or .parquet, or a Hugging Face dataset name")
+
+
 class LocalDocuments:
     """The documents of local files (comma-separated), minus or only the hold-out, streamed:
     ``len()`` is known up front (one counting pass over the files, in bounded memory) and each
