@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from llamascope_sdk.errors import CorruptCheckpointError
+from llamascope_sdk.sites import HOOK_KINDS, Site, position_sites
 
 from ._build import Plain, UnsupportedFormatError, need, plain_record, read_json, read_tensors
 
@@ -51,14 +52,17 @@ def hook_points_for(name: str, transcode: bool) -> tuple[str, str]:
             f"cannot tell the hook point of sparsify hookpoint {name!r} (expected layers.L, "
             "layers.L.mlp or layers.L.self_attn)", hint="pass hook_point= (convert --hook-point)")
     layer, sub = int(m.group(1)), m.group(2)
-    out = {None: "hook_resid_post", "mlp": "hook_mlp_out"}.get(sub, "hook_attn_out")
+    module = {None: "", "attn": "self_attn", "attention": "self_attn"}.get(sub, sub)
+    out = next(Site(layer, h.kind) for h in HOOK_KINDS.values()  # the output hooked there
+               if h.module == module and not h.reads_input)
     if transcode:
-        if sub != "mlp":
+        tc_in, tc_out = position_sites(layer, "TC")
+        if out != tc_out:
             raise UnsupportedFormatError(
                 f"sparsify transcoder on {name!r}: only MLP transcoders (layers.L.mlp) map onto "
-                "this SDK's hook points (blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out)")
-        return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.{out}"
-    return f"blocks.{layer}.{out}", f"blocks.{layer}.{out}"
+                f"this SDK's hook points ({tc_in.hook_point} -> {tc_out.hook_point})")
+        return tc_in.hook_point, tc_out.hook_point
+    return out.hook_point, out.hook_point
 
 
 def read(folder: str | Path, *, hook_point: str | None = None,
