@@ -48,12 +48,13 @@ import torch
 
 from llamascope_sdk.atomic import atomic_save_safetensors, atomic_write_text
 from llamascope_sdk.registry import BASE_MODEL
+from llamascope_sdk.sites import HOOK_KINDS, POSITIONS
 
 from ._build import Exportable, UnsupportedFormatError, write_sae_folder
 
 CONFIG = "config.yaml"
-FEATURE_INPUT_HOOK = "ln2.hook_normalized"
-FEATURE_OUTPUT_HOOK = "hook_mlp_out"
+#: What circuit-tracer looks up on each TransformerLens block: the TC position's two suffixes.
+FEATURE_INPUT_HOOK, FEATURE_OUTPUT_HOOK = (HOOK_KINDS[k].suffix for k in POSITIONS["TC"])
 
 
 def layer_file(layer: int) -> str:
