@@ -79,7 +79,8 @@ def results(args: argparse.Namespace, model, tok, sae) -> None:
     prompts = list(NEUTRAL_PROMPTS)[:args.prompts]
     report, md = [], []
     t0 = time.perf_counter()
-    for f in [*sorted(CONCEPTS), *top]:
+    todo = {"labelled": sorted(CONCEPTS), "top": top, "all": [*sorted(CONCEPTS), *top]}[args.part]
+    for f in todo:
         r = eval_steer(model, tok, sae, [f], strengths=strengths, prompts=prompts,
                        concept=CONCEPTS.get(f), max_new_tokens=args.tokens)[0]
         plot_sweep(r, out / f"feature_{f}.png")
@@ -96,8 +97,9 @@ def results(args: argparse.Namespace, model, tok, sae) -> None:
         for m in ("feature", "diffmean", "prompt"):
             md.append(_row(m, r.chosen[m]))
         print("\n".join(md[-6:]), flush=True)
-    (out / "eval_steer.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
-    (out / "eval_steer.md").write_text("\n".join(md) + "\n")
+    (out / f"eval_steer_{args.part}.json").write_text(json.dumps(report, indent=1,
+                                                                 allow_nan=False) + "\n")
+    (out / f"eval_steer_{args.part}.md").write_text("\n".join(md) + "\n")
     print(f"done in {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.1f}")
 
 
@@ -109,6 +111,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--results", type=Path, default=None)
     ap.add_argument("--scores", type=Path, default=None)
+    ap.add_argument("--part", choices=("all", "labelled", "top"), default="all",
+                    help="results: the labelled features, the top-3 by output score, or both")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     model, tok = load_model("smollm2-135m")

@@ -93,7 +93,8 @@ class Judge:
 
 
 def make_judge(url: str, model: str, *, key_env: str | None = None, concurrency: int = 4,
-               timeout: float = 120.0, max_retries: int = 6, backoff: float = 1.0) -> Judge:
+               timeout: float = 120.0, max_retries: int = 6, backoff: float = 1.0,
+               max_tokens: int = 96) -> Judge:
     """A :class:`Judge` on the chat endpoint at ``url`` (key from ``$key_env`` when given).
 
     Raises:
@@ -109,7 +110,7 @@ def make_judge(url: str, model: str, *, key_env: str | None = None, concurrency:
                              hint=f"export {key_env}=... or drop --judge-key-env")
     client = ChatClient(url, model, api_key=key, concurrency=concurrency, timeout=timeout,
                         max_retries=max_retries, backoff=backoff, temperature=0.0)
-    return Judge(client)
+    return Judge(client, max_tokens=max_tokens)
 
 
 __all__ = ["Judge", "make_judge", "parse_rating", "harmonic_mean", "RUBRIC"]

@@ -84,3 +84,32 @@ def test_key_env_must_be_set(monkeypatch):
     monkeypatch.delenv("STEER_JUDGE_KEY", raising=False)
     with pytest.raises(InputError, match="STEER_JUDGE_KEY"):
         make_judge("http://127.0.0.1:9/v1", "m", key_env="STEER_JUDGE_KEY")
+
+
+@pytest.mark.smollm
+@pytest.mark.slow
+def test_end_to_end_with_llamascope_serve_as_judge(smollm2, tmp_path, monkeypatch):
+    """Plumbing, not quality: eval_steer's judge calls a real `llamascope serve` running
+    SmolLM2-135M-Instruct; every continuation is asked three questions, and what the small
+    model answers is parsed or counted as unparsable."""
+    import math
+
+    from llamascope_sdk import SAE
+    from llamascope_sdk.steer_eval import eval_steer
+    from tests.serve_helpers import KEY, MODEL_ID, running_server
+
+    model, tok = smollm2
+    sae = SAE.from_pretrained("demo")
+    monkeypatch.setenv("STEER_TEST_JUDGE_KEY", KEY)
+    prompts = ["The sea is", "My city has", "The book was", "Rain falls"]
+    with running_server(model, tok, tmp_path) as srv:
+        judge = make_judge(srv.url + "/v1", MODEL_ID, key_env="STEER_TEST_JUDGE_KEY",
+                           concurrency=2, max_tokens=12)
+        res = eval_steer(model, tok, sae, [4154], strengths=[0, 40], prompts=prompts,
+                         max_new_tokens=4, baselines=False, judge=judge, progress=False)
+    rep = judge.report()
+    # (unsteered + strength 40) x 4 prompts continuations, three questions each
+    assert rep["items"] == 8 and rep["requests"] == 24 and rep["replies"] == 24
+    assert rep["completion_tokens"] > 0 and 0 <= rep["unparsable"] <= 24
+    for p in res[0].curves["feature"]:
+        assert p.judge is None or math.isnan(p.judge) or 0 <= p.judge <= 2
