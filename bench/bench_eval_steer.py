@@ -9,8 +9,8 @@ with it).
 
 Results (``--results OUT``): the demo's three labelled features (each with a concept text
 written for its label) and the three features with the highest output score (concept = their
-top logit-lens tokens), with the prompt and DiffMean baselines; writes OUT/eval_steer.json,
-OUT/eval_steer.md (the tables) and one PNG per feature.
+top logit-lens tokens), with the prompt and DiffMean baselines; writes OUT/eval_steer_PART.json,
+OUT/eval_steer_PART.md (the tables) and one PNG per feature (--part labelled, top or all).
 
     python bench/bench_eval_steer.py --results bench/out/eval_steer --prompts 8 --tokens 24 \
         --strengths 0,20,40,80,160 --scores /tmp/scores   # feature_scores.safetensors folder
