@@ -158,8 +158,8 @@ def _custom_fields(info: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]
         "d_model": info["d_model"], "width_label": f"{info['d_sae'] // info['d_model']}x",
         "base_model": info.get("model", BASE_MODEL),
         "hook_point_in": info["hook_point_in"], "hook_point_out": info["hook_point_out"],
-        "hf_in": info.get("hf_in") or _hf_words(sites[0]),
-        "hf_out": info.get("hf_out") or _hf_words(sites[1]),
+        "hf_in": info.get("hf_in") or sites[0].describe(),
+        "hf_out": info.get("hf_out") or sites[1].describe(),
         "load_name": info.get("load_name") or info.get("repo_id") or name,
         "neuronpedia_id": info.get("neuronpedia_id"), "neuronpedia_url": info.get("neuronpedia_url"),
         "hub_label": info.get("repo_id"),
@@ -181,12 +181,6 @@ def _custom_fields(info: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]
 def _family_recipe(data: dict[str, Any], tokens: str) -> list[dict[str, Any]]:
     """The released-script-vs-paper rows of families.yaml, ``{tokens}`` filled in."""
     return [{**row, "released": str(row["released"]).format(tokens=tokens)} for row in data["recipe"]]
-
-
-def _hf_words(site: Any) -> str:
-    if site.reads_input:
-        return f"{site.module_path} (input / rms, no gain)"
-    return f"{site.module_path} (output)"
 
 
 def render_card(ref_or_info: SaeRef | str | dict[str, Any], metrics: Any = None) -> str:
@@ -250,21 +244,27 @@ def sae_card(sae: Any, lm_config: dict[str, Any] | None = None) -> str:
     model, threshold; where it was converted from)."""
     if sae.ref is not None:
         return render_card(sae.ref)
-    import re
+    from .errors import HookpointNotFoundError
+    from .sites import parse_hook_point, position_of
 
     hp = sae.hyperparams
     lm = lm_config or sae.lm_config or {}
     base = str(lm.get("model_name") or BASE_MODEL)
     kind = "transcoder" if hp.is_transcoder else "sparse autoencoder"
-    m = re.match(r"^blocks\.(\d+)\.(hook_\w+)", hp.hook_point_out)
-    position = "TC" if hp.is_transcoder else {
-        "hook_resid_post": "R", "hook_attn_out": "A", "hook_mlp_out": "M"}.get(m.group(2) if m else "", "R")
+    try:
+        sites = parse_hook_point(hp.hook_point_in), parse_hook_point(hp.hook_point_out)
+    except HookpointNotFoundError:
+        sites = None
+    try:
+        position = "TC" if hp.is_transcoder else position_of(*sites) if sites else "?"
+    except HookpointNotFoundError:  # a foreign SAE reading one site and writing another
+        position = "?"
     gate = (f"one threshold θ = {float(sae.threshold):.6g}" if hp.act_fn == "jumprelu" and
             not sae.per_feature_threshold else "one threshold per feature"
             if hp.act_fn == "jumprelu" else f"k = {hp.top_k}" if hp.act_fn == "topk" else "ReLU")
     source = (hp.model_extra or {}).get("converted_from") or {}
     info: dict[str, Any] = {
-        "name": sae.name, "layer": int(m.group(1)) if m else "?", "position": position,
+        "name": sae.name, "layer": sites[1].layer if sites else "?", "position": position,
         "d_model": hp.d_model, "d_sae": hp.d_sae, "hook_point_in": hp.hook_point_in,
         "hook_point_out": hp.hook_point_out, "model": base, "load_name": "<this folder or repo>",
         "summary": f"A {hp.act_fn} {kind} on `{base}` ({gate}), saved with llamascope-sdk in the "
@@ -272,7 +272,7 @@ def sae_card(sae: Any, lm_config: dict[str, Any] | None = None) -> str:
         "architecture": f"{hp.act_fn} {kind} ({gate})", "tags": ["llamascope", hp.act_fn],
         "note": f"Converted from a {source['format']} checkpoint." if source.get("format") else None,
     }
-    if m is None:  # a hook point the site table does not know: name it as it is
+    if sites is None:  # a hook point the site table does not know: name it as it is
         info.update(hf_in=hp.hook_point_in, hf_out=hp.hook_point_out)
     return render_card(info)
 
