@@ -35,18 +35,14 @@ To make relative steering (``--relative``) and mean ablation work on the mined S
     sae = SAE.from_pretrained("L15R-8x")
     sae.stats = FeatureStats.load(store_folder)      # feature_stats.safetensors inside it
 
-What is shown about a feature (summary, examples, steer command) is in
-:mod:`~llamascope_sdk.feature_view`.
+What is shown about a feature (summary, bands, steer command) is in
+:mod:`~llamascope_sdk.feature_view`; checking output folders and reading each file checked is
+in :mod:`~llamascope_sdk.store_files`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,280 +51,47 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_save_safetensors, atomic_write_text, check_replaceable, write_folder
+from .atomic import atomic_save_safetensors, atomic_write_text, write_folder
 from .corpus import RULES
 from .errors import (
     CorruptCheckpointError,
     FeatureIndexError,
-    FolderNotOwnedError,
     LlamascopeError,
-    OutputPathError,
     StoreMismatchError,
 )
 from .feature_stats import LABELS_FILE, STATS_FILE, FeatureStats, read_labels, write_labels
-from .fingerprint import differences, fingerprint, is_fingerprint
+from .fingerprint import differences, fingerprint
 from .logit_lens import APPROXIMATION, LogitLens
 from .metrics import DENSE_FREQUENCY
 from .mining import HIST_EDGES, Contexts, Examples, MiningResult
 from .mining_state import sample_priority
 from .paths import cache_root
-
-FORMAT = "llamascope-feature-store"
-KIND = "feature-store"
-VERSION = 2
-MANIFEST = "manifest.json"
-#: Files every store has; the others (samples, logit lens, labels, pages/) are optional.
-REQUIRED = ("top.safetensors", "histogram.safetensors", STATS_FILE, "vocab.json")
-_OPTIONAL_DIRS = ("pages",)
+from .store_files import (
+    FORMAT,
+    KIND,
+    MANIFEST,
+    REQUIRED,
+    VERSION,
+    IncompleteStoreError,
+    check_output_folder,
+    check_stats_target,
+    check_store_target,
+    read_manifest,
+    read_tensors,
+    read_vocab,
+    remove_leftovers,
+    replaceable_store,
+)
 
 
 class StoreVersionError(LlamascopeError, ValueError):
     """A store written by an older SDK lacks what was asked for (it must be mined again)."""
 
 
-class IncompleteStoreError(LlamascopeError, FileNotFoundError):
-    """A folder that is not a complete feature store (no manifest: interrupted or not a store)."""
-
-
 def default_store_dir(sae_name: str) -> Path:
     """Where ``llamascope inspect`` writes a store when no --out is given:
     ``$LLAMASCOPE_CACHE/features/<sae name>``."""
     return cache_root() / "features" / sae_name.replace("/", "_")
-
-
-# ---------------------------------------------------------------------- ownership of the folder
-def _own_manifest(folder: Path) -> dict[str, Any] | None:
-    """The folder's manifest when it is a feature store's (format and kind say so), else None."""
-    try:
-        meta = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        return None
-    if meta.get("kind", KIND) != KIND:  # stores written before "kind" existed carry only format
-        return None
-    return meta
-
-
-#: Files the SDK adds to a store after mining: explanations (``llamascope explain``, see
-#: explain/records.py) and the temporary files of their atomic writes. They describe the mined
-#: examples, so they go when the store is mined again.
-_ADDED = re.compile(r"explanations/[A-Za-z0-9._-]+/(config\.json|features/\d+\.json"
-                    r"|(features/)?\.[^/]+\.tmp)")
-
-
-def _foreign_entries(folder: Path, meta: dict[str, Any]) -> list[str]:
-    """Entries under ``folder`` that the store did not write: not listed in its manifest and
-    not an SDK-added file (:data:`_ADDED`)."""
-    listed = {f for f in meta.get("files", []) if isinstance(f, str)} | {MANIFEST}
-    out = []
-    for p in sorted(folder.rglob("*")):
-        rel = p.relative_to(folder).as_posix()
-        if p.is_dir() and not p.is_symlink():
-            if rel.split("/")[0] in (*_OPTIONAL_DIRS, "explanations") \
-                    or any(f.startswith(rel + "/") for f in listed):
-                continue
-            out.append(rel + "/")
-        elif rel not in listed and not _ADDED.fullmatch(rel):
-            out.append(rel)
-    return out
-
-
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _replaceable_store(folder: Path) -> None:
-    """Accept (for :func:`~llamascope_sdk.atomic.write_folder`) a folder that is an earlier
-    feature store holding only the files its manifest lists; raise otherwise."""
-    entries = sorted(p.name for p in folder.iterdir())
-    meta = _own_manifest(folder)
-    if meta is None:
-        raise FolderNotOwnedError(
-            f"{folder} is not a feature store ({len(entries)} entries, e.g. "
-            f"{', '.join(entries[:3])}): only an empty folder or an earlier feature store is "
-            "replaced", hint="choose a new or empty folder for --out")
-    foreign = _foreign_entries(folder, meta)
-    if foreign:
-        raise FolderNotOwnedError(
-            f"{folder} is a feature store but also holds files it did not write "
-            f"({', '.join(foreign[:3])}); replacing it would delete them",
-            hint="move those files out, or choose another --out")
-
-
-def check_store_target(folder: str | Path, sae: Any = None) -> Path:
-    """Check that a store may be written at ``folder``, before any work: it is new (and can be
-    created), empty, or an earlier feature store holding only the files it wrote. With ``sae``,
-    an earlier store must also be that SAE's (same weights' fingerprint; for stores from before
-    fingerprints, the same name): one SAE's store never replaces another's.
-
-    Raises:
-        FolderNotOwnedError: a file, a folder the SDK did not write, or a store with files
-            added (nothing in it is touched).
-        StoreMismatchError: the store of another SAE.
-        OutputPathError: a place that cannot be written.
-    """
-    folder = check_output_folder(check_replaceable(folder, _replaceable_store))
-    meta = _own_manifest(folder) if sae is not None and folder.is_dir() else None
-    if meta is not None:
-        old: Any = meta.get("fingerprint")
-        diff = (differences(old, fingerprint(sae)) if is_fingerprint(old)
-                else [] if meta.get("sae") == sae.name else ["another name"])
-        if diff:
-            raise StoreMismatchError(
-                f"{folder} holds the feature store of SAE {meta.get('sae')!r} ({'; '.join(diff)}); "
-                f"a store of {sae.name!r} does not replace it",
-                hint="choose another --out, or delete that folder first")
-    return folder
-
-
-def check_output_folder(folder: str | Path) -> Path:
-    """Check that ``folder`` is a folder (or can be created as one) whose entries can be
-    written, renamed and replaced; it is not created.
-
-    Raises:
-        OutputPathError: a file, a path through a file, or no write permission.
-    """
-    folder = Path(folder).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise OutputPathError(f"{folder} is a file, not a folder", hint="choose a folder")
-    parent = folder.parent if folder.exists() else _nearest_existing(folder.parent)
-    if not parent.is_dir():
-        raise OutputPathError(f"cannot create {folder}: {parent} is a file, not a folder")
-    for place in (parent, folder) if folder.exists() else (parent,):
-        if not os.access(place, os.W_OK | os.X_OK):
-            raise OutputPathError(f"cannot write {folder}: no write permission in {place}",
-                                  hint="choose a folder you can write, e.g. under your home")
-    # Permission bits do not tell everything (root, read-only or special file systems such as
-    # /proc): create and remove an empty probe folder where the output will be created.
-    try:
-        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".llamascope-probe-"))
-    except OSError as exc:
-        raise OutputPathError(f"cannot write {folder}: {parent}: {exc.strerror or exc}",
-                              hint="choose a folder you can write, e.g. under your home") from None
-    return folder
-
-
-def check_stats_target(folder: str | Path) -> Path:
-    """Where ``--save-stats-to FOLDER`` writes: ``FOLDER/feature_stats.safetensors``, checked
-    and the folder created before any work. An existing statistics file is replaced only when
-    the SDK wrote it (a feature-stats safetensors file); any other file there is refused.
-
-    Raises:
-        OutputPathError: ``folder`` is a file (or a file name), or not writable, or holds a
-            ``feature_stats.safetensors`` the SDK did not write.
-    """
-    folder = Path(folder).expanduser()
-    if not folder.exists() and folder.suffix in (".safetensors", ".json", ".txt", ".pt", ".bin"):
-        raise OutputPathError(f"--save-stats-to takes a folder (it writes {STATS_FILE} into "
-                              f"it); {folder} looks like a file name",
-                              hint="give the folder, e.g. the SAE's own local folder")
-    if folder.exists() and not folder.is_dir():
-        raise OutputPathError(f"--save-stats-to takes a folder (it writes {STATS_FILE} into "
-                              f"it); {folder} is a file", hint="give the folder that should hold it")
-    check_output_folder(folder)
-    target = folder / STATS_FILE
-    if target.is_symlink() or (target.exists() and not _is_stats_file(target)):
-        raise OutputPathError(f"{target} exists and was not written by llamascope-sdk (not a "
-                              "feature statistics file); it is not overwritten",
-                              hint="move it away, or choose another --save-stats-to folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputPathError(f"cannot create {folder}: {exc.strerror or exc}") from None
-    return target
-
-
-def _is_stats_file(path: Path) -> bool:
-    try:
-        FeatureStats.load(path)
-    except (LlamascopeError, OSError, ValueError):
-        return False
-    return True
-
-
-def _remove_leftovers(folder: Path) -> None:
-    """Remove temporary siblings of killed runs (older than a minute): the SDK's own names."""
-    for pattern in (f".{folder.name}.tmp-*", f".{folder.name}.*.tmp", f".{folder.name}.*.old"):
-        for old in folder.parent.glob(pattern):
-            with contextlib.suppress(OSError):
-                if old.is_dir() and time.time() - old.stat().st_mtime > 60:
-                    shutil.rmtree(old)
-
-
-# ---------------------------------------------------------------------- reading files, checked
-def _manifest(folder: Path) -> dict[str, Any]:
-    mpath = folder / MANIFEST
-    if not mpath.is_file():
-        raise IncompleteStoreError(
-            f"{folder} is not a complete feature store (no {MANIFEST}): it is not a store, "
-            "or the mining run that writes it did not finish",
-            hint="rerun `llamascope inspect ... --out` to mine it again")
-    try:
-        meta = json.loads(mpath.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        raise CorruptCheckpointError(f"{mpath}: not readable JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise CorruptCheckpointError(f"{mpath}: expected a JSON object (the store's manifest), "
-                                     f"found a {type(meta).__name__}")
-    if meta.get("format") != FORMAT or meta.get("kind", KIND) != KIND or meta.get("complete") is not True:
-        raise IncompleteStoreError(f"{mpath} is not the manifest of a complete feature store",
-                                   hint="rerun `llamascope inspect` to mine it again")
-    version = meta.get("version")
-    if not isinstance(version, int):
-        raise CorruptCheckpointError(f"{mpath}: \"version\" should be an integer, found {version!r}")
-    if version > VERSION:
-        raise CorruptCheckpointError(f"{folder}: store version {version} is newer than this SDK "
-                                     f"reads ({VERSION})", hint="upgrade llamascope-sdk")
-    expect: dict[str, tuple[type, ...]] = {"d_sae": (int,), "window_before": (int,),
-                                           "histogram_edges": (list,), "files": (list,), "sae": (str,)}
-    for key, types in expect.items():
-        value = meta.get(key)
-        if not isinstance(value, types) or isinstance(value, bool):
-            want = " or ".join({int: "an integer", list: "a list", str: "a string"}[t] for t in types)
-            raise CorruptCheckpointError(f"{mpath}: {key!r} should be {want}, found {value!r}"[:300])
-    if meta["d_sae"] < 1 or meta["window_before"] < 0:
-        raise CorruptCheckpointError(f"{mpath}: d_sae must be >= 1 and window_before >= 0")
-    if "fingerprint" in meta and not is_fingerprint(meta["fingerprint"]):
-        raise CorruptCheckpointError(f"{mpath}: \"fingerprint\" is not a weights fingerprint")
-    return meta
-
-
-def _tensors(path: Path, shapes: dict[str, tuple[int | None, ...]]) -> dict[str, torch.Tensor]:
-    """Load a safetensors file and check its tensors' names and shapes (None: any size)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        t = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CorruptCheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    for name, shape in shapes.items():
-        if name not in t:
-            raise CorruptCheckpointError(f"{path}: no tensor {name!r}; expected {sorted(shapes)}")
-        got = tuple(t[name].shape)
-        if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape, strict=True)):
-            want = "[" + ", ".join("*" if w is None else str(w) for w in shape) + "]"
-            raise CorruptCheckpointError(f"{path}: tensor {name!r} has shape {list(got)}, expected {want}")
-    return t
-
-
-def _vocab(path: Path) -> dict[int, str]:
-    want = "a JSON object of token id -> text"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        raise CorruptCheckpointError(f"{path}: not readable JSON ({exc}); expected {want}") from None
-    if not isinstance(raw, dict):
-        raise CorruptCheckpointError(f"{path}: expected {want}, found a {type(raw).__name__}")
-    vocab = {}
-    for k, v in raw.items():
-        if not isinstance(v, str) or not k.lstrip("-").isdigit():
-            raise CorruptCheckpointError(f"{path}: expected {want}, found {k!r}: {v!r}"[:300])
-        vocab[int(k)] = v
-    return vocab
 
 
 @dataclass
@@ -414,7 +177,7 @@ class FeatureStore:
             OutputPathError: ``folder`` is not writable.
         """
         folder = check_store_target(folder)
-        _remove_leftovers(folder)
+        remove_leftovers(folder)
 
         def write(tmp: Path) -> None:
             self._write(tmp)
@@ -427,7 +190,7 @@ class FeatureStore:
                                         if p.is_file())}
             atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
-        write_folder(folder, write, replaceable=_replaceable_store)
+        write_folder(folder, write, replaceable=replaceable_store)
         self.path = folder
         return folder
 
@@ -469,7 +232,7 @@ class FeatureStore:
                 message names the file and what was expected.
         """
         folder = Path(folder).expanduser()
-        meta = _manifest(folder)
+        meta = read_manifest(folder)
         f, center = int(meta["d_sae"]), int(meta["window_before"])
         missing = [name for name in REQUIRED if not (folder / name).is_file()]
         missing += [name for name in meta["files"] if isinstance(name, str)
@@ -483,7 +246,7 @@ class FeatureStore:
             p = folder / name
             if not p.is_file():
                 return None
-            t = _tensors(p, {"values": (f, None), "doc": (f, None), "pos": (f, None),
+            t = read_tensors(p, {"values": (f, None), "doc": (f, None), "pos": (f, None),
                              "tokens": (f, None, None), "acts": (f, None, None)})
             n, w = t["values"].shape[1], t["tokens"].shape[2]
             for key, shape in (("doc", (f, n)), ("pos", (f, n)), ("tokens", (f, n, w)), ("acts", (f, n, w))):
@@ -498,13 +261,13 @@ class FeatureStore:
         top = ex("top.safetensors")
         assert top is not None  # REQUIRED
         bins = len(meta["histogram_edges"]) + 1
-        hist = _tensors(folder / "histogram.safetensors", {"counts": (f, bins)})["counts"]
+        hist = read_tensors(folder / "histogram.safetensors", {"counts": (f, bins)})["counts"]
         lens = None
         if (folder / "logit_lens.safetensors").is_file():
-            t = _tensors(folder / "logit_lens.safetensors",
+            t = read_tensors(folder / "logit_lens.safetensors",
                          {k: (f, None) for k in ("top_ids", "top_values", "bottom_ids", "bottom_values")})
             lens = LogitLens(t["top_ids"], t["top_values"], t["bottom_ids"], t["bottom_values"])
-        vocab = _vocab(folder / "vocab.json")
+        vocab = read_vocab(folder / "vocab.json")
         labels = read_labels(folder / LABELS_FILE, f) if (folder / LABELS_FILE).is_file() else {}
         stats = FeatureStats.load(folder / STATS_FILE)
         if stats.d_sae != f:
@@ -518,7 +281,7 @@ class FeatureStore:
         samples = ex("samples.safetensors", before)
         contexts = None
         if version >= 2 and (folder / "nonactivating.safetensors").is_file():
-            t = _tensors(folder / "nonactivating.safetensors",
+            t = read_tensors(folder / "nonactivating.safetensors",
                          {"tokens": (None, None), "doc": (None,), "pos": (None,),
                           "order": (None,), "fires": (f, None)})
             r, w = t["tokens"].shape
@@ -668,6 +431,6 @@ def load_store(store_or_name: str | Path) -> FeatureStore:
     return store
 
 
-__all__ = ["FeatureStore", "IncompleteStoreError", "StoreVersionError", "check_output_folder", "check_stats_target",
-           "check_store_target", "default_store_dir",
-           "load_store", "resolve_store", "MANIFEST"]
+__all__ = ["FeatureStore", "IncompleteStoreError", "StoreVersionError", "check_output_folder",
+           "check_stats_target", "check_store_target", "default_store_dir", "load_store",
+           "resolve_store", "MANIFEST"]
