@@ -99,12 +99,12 @@ def whole_file_rule(text: str, pack_chars: int | None = None) -> list[str]:
 @pytest.mark.parametrize("seed", range(40))
 def test_streamed_txt_equals_the_whole_file_rule(tmp_path: Path, seed: int, monkeypatch) -> None:
     """Random files of headings, sub-headings, blank and whitespace lines, long lines read in
-    parts (PIECE_CHARS shrunk to 12 bytes, longer than the headings; multi-byte characters cut
-    between parts), Windows line ends: the streamed reader gives the whole-file rule's
+    parts (PIECE_CHARS shrunk to 12 characters, longer than the headings; multi-byte characters
+    and CRLF line ends cut between parts): the streamed reader gives the whole-file rule's
     documents."""
     import random
 
-    monkeypatch.setattr(corpus.documents, "PIECE_CHARS", 12)
+    monkeypatch.setattr(corpus.textfile, "PIECE_CHARS", 12)
     rng = random.Random(seed)
     pieces = [" = T{} = ", " = = S = = ", "", "  ", "\t", "word", " two words here ", "x" * 30,
               "  indented  and long line of text  ", "naïve — 東京の夜 — ünïcödé, split mid-character"]

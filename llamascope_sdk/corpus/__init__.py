@@ -43,7 +43,6 @@ BOS included, and cuts the last sequence short.
 from __future__ import annotations
 
 from .documents import (
-    PIECE_CHARS,
     SUFFIXES,
     CorpusSource,
     LocalDocuments,
@@ -56,6 +55,7 @@ from .documents import (
     local_paths,
     split_text,
 )
+from .textfile import PIECE_CHARS
 from .tokens import (
     RULES,
     Batch,

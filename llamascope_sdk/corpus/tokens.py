@@ -11,7 +11,8 @@ import torch
 
 from llamascope_sdk.errors import InputError
 
-from .documents import PIECE_CHARS, CorpusSource, ReadCounts, document_pieces
+from .documents import CorpusSource, ReadCounts, document_pieces
+from .textfile import PIECE_CHARS
 
 #: Documents sorted by length together before batching, in units of batch_size (less padding).
 _SORT_POOL = 16
