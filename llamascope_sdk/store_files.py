@@ -162,16 +162,42 @@ def check_output_folder(folder: str | Path) -> Path:
     return folder
 
 
-def check_stats_target(folder: str | Path) -> Path:
+#: Files that make a folder an SAE's (the release layout, SAELens): statistics written there
+#: must be of that SAE.
+_SAE_FILES = ("hyperparams.json", "cfg.json")
+
+
+def check_stats_target(folder: str | Path, sae: Any = None) -> Path:
     """Where ``--save-stats-to FOLDER`` writes: ``FOLDER/feature_stats.safetensors``, checked
     and the folder created before any work. An existing statistics file is replaced only when
-    the SDK wrote it (a feature-stats safetensors file); any other file there is refused.
+    the SDK wrote it (a feature-stats safetensors file); any other file there is refused. With
+    ``sae`` (once it is loaded, still before mining): the folder must not be another SAE's
+    folder, and a statistics file there must have ``sae``'s width.
 
     Raises:
         OutputPathError: ``folder`` is a file (or a file name), or not writable, or holds a
-            ``feature_stats.safetensors`` the SDK did not write.
+            ``feature_stats.safetensors`` the SDK did not write, or belongs to another SAE.
     """
-    folder = Path(folder).expanduser()
+    target = _stats_target(Path(folder).expanduser())
+    if sae is not None:
+        own = getattr(getattr(sae, "source", None), "path", None)
+        here = target.parent.resolve()
+        if any((here / f).is_file() for f in _SAE_FILES) and (own is None or Path(own).resolve() != here):
+            raise OutputPathError(
+                f"{target.parent} is the folder of another SAE than {sae.name!r}: its "
+                "statistics would describe the wrong weights",
+                hint="give the mined SAE's own folder, or a new one")
+        if target.is_file():
+            old = FeatureStats.load(target)
+            if old.d_sae != sae.d_sae:
+                raise OutputPathError(
+                    f"{target} holds statistics of {old.d_sae} features, not of {sae.name!r} "
+                    f"({sae.d_sae}): they belong to another SAE and are not overwritten",
+                    hint="give the mined SAE's own folder, or a new one")
+    return target
+
+
+def _stats_target(folder: Path) -> Path:
     if not folder.exists() and folder.suffix in (".safetensors", ".json", ".txt", ".pt", ".bin"):
         raise OutputPathError(f"--save-stats-to takes a folder (it writes {STATS_FILE} into "
                               f"it); {folder} looks like a file name",

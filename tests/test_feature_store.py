@@ -335,3 +335,32 @@ def test_a_store_of_another_sae_is_not_replaced(mined, tiny_llama, tmp_path):
                               f"differ; W_enc weights differ); a store of {sae.name!r} does not "
                               "replace it")
     assert _tree(folder) == before
+
+
+def test_stats_are_not_saved_into_another_saes_folder(tmp_path):
+    """Issue 17 case 2/3: --save-stats-to the folder of another SAE (or over statistics of
+    another width) would mix two SAEs: refused, intact; the SAE's own folder is fine."""
+    from llamascope_sdk import SAE
+    from llamascope_sdk.feature_store import check_stats_target
+
+    from .helpers import make_release
+
+    mine_dir = make_release(tmp_path / "mine", d_sae=256)
+    other_dir = make_release(tmp_path / "other", d_sae=256, seed=1)
+    sae = SAE.from_pretrained(str(mine_dir))
+    assert check_stats_target(mine_dir, sae) == mine_dir / "feature_stats.safetensors"
+    before = _tree(other_dir)
+    with pytest.raises(OutputPathError) as err:
+        check_stats_target(other_dir, sae)
+    assert str(err.value) == (f"{other_dir} is the folder of another SAE than 'mine': its "
+                              "statistics would describe the wrong weights")
+    assert _tree(other_dir) == before
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    n = torch.zeros(96)
+    FeatureStats(mean=n.clone(), typical=n.clone(), frequency=n.clone(), n_tokens=1).save(plain)
+    with pytest.raises(OutputPathError) as err:
+        check_stats_target(plain, sae)
+    assert str(err.value) == (f"{plain / 'feature_stats.safetensors'} holds statistics of 96 "
+                              "features, not of 'mine' (256): they belong to another SAE and are "
+                              "not overwritten")

@@ -104,6 +104,8 @@ def inspect(sae: SaesOpt,
                or default_store_dir(s.name) for name, s in saes.items()}
     for name, target in targets.items():
         check_store_target(target, saes[name])
+    if save_stats_to is not None:
+        stats_file = check_stats_target(save_stats_to, first)
     kw: dict[str, Any] = dict(tokens=tokens, context=context, batch_size=batch_size, top_n=top_n,
                               n_samples=samples, deciles=deciles, example_context=example_context,
                               n_nonactivating=non_activating,
