@@ -67,3 +67,17 @@ def test_thousand_pages_take_seconds(mined, tmp_path):  # noqa: F811
     assert len(list((tmp_path / "p" / "features").iterdir())) == n
     assert took < 60, f"1,000 pages took {took:.1f} s"
     assert torch.is_tensor(store.top.values)
+
+
+def test_a_feature_that_never_fired_gets_no_steer_command(mined):  # noqa: F811
+    """Issue 17 case 16 on the pages: no 'Try it' with a zero-strength steer."""
+    _, res = mined
+    store = FeatureStore.from_result(res, CharTokenizer(), sae_spec="my-sae")
+    dead = [i for i in range(store.d_sae) if float(store.stats.frequency[i]) == 0.0]
+    fired = int(store.stats.frequency.argmax())
+    assert dead, "the fixture has features that never fired"
+    assert view.summary(store, dead[0])["steer"] is None
+    assert 'id="steer"' not in feature_page(store, dead[0])
+    assert 'id="steer"' in feature_page(store, fired)
+    assert view.store_steer_command(store, fired) == (
+        f"llamascope steer --sae my-sae -f {fired} -a {4 * float(store.stats.typical[fired]):.1f}")
