@@ -268,6 +268,10 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             raise CorruptCheckpointError(f"{mpath}: {key!r} should be {want}, found {value!r}"[:300])
     if meta["d_sae"] < 1 or meta["window_before"] < 0:
         raise CorruptCheckpointError(f"{mpath}: d_sae must be >= 1 and window_before >= 0")
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in meta["histogram_edges"]):
+        raise CorruptCheckpointError(f"{mpath}: 'histogram_edges' should be a list of numbers")
+    if not all(isinstance(x, str) for x in meta["files"]):
+        raise CorruptCheckpointError(f"{mpath}: 'files' should be a list of file names")
     if "fingerprint" in meta and not is_fingerprint(meta["fingerprint"]):
         raise CorruptCheckpointError(f"{mpath}: \"fingerprint\" is not a weights fingerprint")
     return meta

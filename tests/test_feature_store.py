@@ -235,6 +235,10 @@ def test_wrong_json_types_in_a_store(mined, tmp_path):
     with pytest.raises(CorruptCheckpointError) as err:
         FeatureStore.load(folder)
     assert str(err.value) == f"{folder / MANIFEST}: 'd_sae' should be an integer, found '96'"
+    (folder / MANIFEST).write_text(manifest.replace('"histogram_edges": [', '"histogram_edges": ["x", '))
+    with pytest.raises(CorruptCheckpointError) as err:
+        FeatureStore.load(folder)
+    assert str(err.value) == f"{folder / MANIFEST}: 'histogram_edges' should be a list of numbers"
     (folder / MANIFEST).write_text(manifest)
     (folder / "vocab.json").write_text("[1, 2, 3]")
     with pytest.raises(CorruptCheckpointError) as err:
