@@ -59,7 +59,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=100_000)
     ap.add_argument("--n-explain", type=int, default=10)
     ap.add_argument("--n-score", type=int, default=10)
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--timeout", type=float, default=3600.0,
+                    help="a CPU server shared with other work can take many minutes per request")
+    ap.add_argument("--reuse-store", action="store_true", help="skip inspect if OUT/feats exists")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     store = a.out / "feats"
@@ -69,15 +72,17 @@ def main() -> None:
     try:
         t1 = time.time()
         data = ",".join(str(CORPUS / f) for f in ("wikitext2-valid.txt", "tinyshakespeare.txt"))
-        subprocess.run(cli("inspect", "--sae", "demo", "--dataset", data, "--tokens",
-                           str(a.tokens), "--out", str(store), "--max-pages", "100"),
-                       cwd=REPO, check=True)
+        if not (a.reuse_store and (store / "manifest.json").is_file()):
+            subprocess.run(cli("inspect", "--sae", "demo", "--dataset", data, "--tokens",
+                               str(a.tokens), "--out", str(store), "--max-pages", "100"),
+                           cwd=REPO, check=True)
         t_inspect = time.time() - t1
         t2 = time.time()
         r = subprocess.run(cli("explain", str(store), "--top-frequency", str(a.features),
                                "--endpoint", url, "--model", "smollm2-135m", "--n-explain",
                                str(a.n_explain), "--n-score", str(a.n_score), "--concurrency",
-                               str(a.concurrency), "--tokenizer", "smollm2-135m", "--json"),
+                               str(a.concurrency), "--timeout", str(a.timeout),
+                               "--tokenizer", "smollm2-135m", "--json"),
                            cwd=REPO, check=True, stdout=subprocess.PIPE, text=True)
         t_explain = time.time() - t2
     finally:
