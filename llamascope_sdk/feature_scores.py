@@ -79,12 +79,14 @@ class FeatureScores:
         return int(self.output_score.shape[0])
 
     def get(self, i: int) -> dict[str, float | int] | None:
-        """Feature ``i``'s scores and its output-score rank (1 = best); None if unscored."""
+        """Feature ``i``'s scores, its output-score rank (1 = best) among the ``scored``
+        features; None if unscored."""
         os_ = float(self.output_score[i])
         if math.isnan(os_):
             return None
         rank = int((self.output_score.nan_to_num(nan=-math.inf) > os_).sum()) + 1
         return {"output_score": os_, "output_score_rank": rank,
+                "scored": int((~torch.isnan(self.output_score)).sum()),
                 "delta_token_confidence": float(self.delta_token_confidence[i])}
 
     def top(self, n: int, by: str = "output_score") -> list[int]:

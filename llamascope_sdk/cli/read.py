@@ -110,7 +110,7 @@ def show(store: Annotated[str, typer.Argument(help="A feature store folder, or a
         say(f"neuronpedia: {s['neuronpedia_url']}")
     if sc:
         say(f"output score {sc['output_score']:.3g} (#{sc['output_score_rank']:,} of "
-            f"{st.d_sae:,})   delta token confidence {sc['delta_token_confidence']:+.3g}")
+            f"{sc['scored']:,} scored)   delta token confidence {sc['delta_token_confidence']:+.3g}")
     say(f"steer: {s['steer']}" if s["steer"] else
         "steer: none (the feature never fired on the mined corpus: no typical activation)")
     lens = view.logit_lens(st, feature)
