@@ -7,7 +7,9 @@ feature in one batch, :func:`~llamascope_sdk.batch_generation.generate_batch`) b
   unit decoder direction; clamp: the activation set to that value; scale: multiplied by it),
   at every position (prompt and generated);
 * ``diffmean``: AxBench's DiffMean direction (:func:`.steer_metrics.diffmean_direction`: concept
-  text minus neutral text, at the SAE's output site), unit length, added at the same lengths;
+  text minus neutral text, at the SAE's output site), unit length, added at the same lengths
+  (with ``mode`` clamp or scale the strengths are values or factors, so DiffMean's vectors of
+  those lengths are matched in number only, not in effect);
 * ``prompt``: no edit, the prompt preceded by an instruction to write about the concept (one
   point, drawn flat across strengths);
 * ``none``: no edit, the reference every lift is measured against.
