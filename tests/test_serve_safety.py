@@ -186,3 +186,76 @@ def test_sigterm_finishes_running_requests_and_refuses_new_ones(tmp_path: Path) 
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def _holds(served) -> int:
+    return sum(served.pool._held.values())
+
+
+def test_client_timeout_on_non_streamed_request_frees_its_row_and_holds(served) -> None:
+    sched = served.scheduler
+    # clamp needs the SAE's encoder, so the pool holds the SAE for the request
+    body = _body(max_tokens=256, steering=[{"sae": served.layer5, "feature": 3, "mode": "clamp",
+                                            "value": 2.0}])
+    before = sched.steps
+    full = _post(served, body)  # the same request, let finish: how long it runs
+    assert full.status_code == 200, full.text
+    assert full.json()["usage"]["completion_tokens"] == 256
+    full_steps = sched.steps - before
+    assert full_steps >= 256 and _holds(served) == 0
+
+    before = sched.steps
+    t0 = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 1 s
+        httpx.post(f"{served.url}/v1/completions", headers=AUTH, json=body,
+                   timeout=httpx.Timeout(30, read=1.0))
+    wait_for(lambda: httpx.get(f"{served.url}/health", timeout=30).json()["running"] == 0,
+             timeout=10)
+    freed_after = time.monotonic() - t0
+    assert sched.load == {"running": 0, "waiting": 0, "rows": 0}
+    assert _holds(served) == 0
+    used = sched.steps - before
+    assert used < full_steps / 2, (used, full_steps, freed_after)
+
+
+def test_streamed_client_gone_while_queued_releases_holds(served) -> None:
+    sched = served.scheduler
+    body = _body(max_tokens=64, stream=True,
+                 steering=[{"sae": served.layer5, "feature": 3, "mode": "clamp", "value": 2.0}])
+    before = sched.steps
+    with scheduler_paused(sched):
+        with httpx.Client(timeout=60) as c, c.stream("POST", f"{served.url}/v1/completions",
+                                                     headers=AUTH, json=body) as r:
+            assert next(r.iter_lines()).startswith("data: ")  # the first chunk, then hang up
+            assert (sched.load["waiting"], _holds(served)) == (1, 1)
+        wait_for(lambda: sched.load["waiting"] == 0 and _holds(served) == 0, timeout=10)
+    wait_for(lambda: sched.load["rows"] == 0, timeout=30)
+    assert sched.steps - before < 64  # never generated its 64 tokens
+
+
+def test_stream_that_never_starts_still_cleans_up() -> None:
+    """The client leaves before the body starts: the body generator never runs (so its
+    ``finally`` cannot release), yet the response's cleanup does."""
+    import asyncio
+
+    from llamascope_sdk.serve.app import _Stream
+
+    ran, cleaned = [], []
+
+    async def body():
+        ran.append(1)
+        yield "data: x\n\n"
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(_message):
+        await asyncio.sleep(30)  # a client that never takes the headers
+
+    async def main() -> None:
+        resp = _Stream(body(), lambda: cleaned.append(1))
+        await asyncio.wait_for(resp({"type": "http", "asgi": {"spec_version": "2.3"}},
+                                    receive, send), timeout=10)
+
+    asyncio.run(main())
+    assert cleaned == [1] and ran == []

@@ -13,7 +13,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +41,32 @@ class ServeConfig:
     allow_local_saes: bool = False
     max_batch: int = 16
     max_queue: int = 64
+
+
+_GONE = object()  # put on a job's events when its client disconnects
+
+
+async def _watch_disconnect(job: Job, request: Any) -> None:
+    """Wait for the client to go away (the request body is already read, so the next message
+    is the disconnect), then wake the request's reader."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.events.put_nowait(_GONE)
+
+
+class _Stream(StreamingResponse):
+    """A streamed response that runs ``cleanup`` however it ends, even when the client left
+    before the body started (then the body generator never runs, nor its ``finally``)."""
+
+    def __init__(self, content: AsyncIterator[str], cleanup: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._cleanup()
 
 
 class Server:
@@ -74,17 +100,25 @@ class Server:
         self.scheduler.submit(job)
         return job
 
-    async def tokens(self, job: Job, request: Any) -> AsyncIterator[Token]:
-        """The job's tokens as they come; cancels the job when the client goes away."""
+    async def tokens(self, job: Job, request: Any, *, watch: bool = False) -> AsyncIterator[Token]:
+        """The job's tokens as they come; cancels the job when the client goes away.
+
+        ``watch`` (non-streamed requests): a task waits for the client's disconnect the whole
+        time, so a client that gives up frees its rows at once. A streamed response is cancelled
+        by Starlette when its client leaves (that ends this generator); it is also polled here
+        while no token comes."""
         done = False
+        watcher = asyncio.ensure_future(_watch_disconnect(job, request)) if watch else None
         try:
             while True:
                 try:
                     item = await asyncio.wait_for(job.events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
+                    if not watch and await request.is_disconnected():
                         return
                     continue
+                if item is _GONE:
+                    return
                 if item is None:
                     done = True
                     return
@@ -93,6 +127,8 @@ class Server:
                     raise http_error(item)
                 yield item
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if not done:
                 self.scheduler.cancel(job)
 
@@ -157,12 +193,15 @@ def create_app(model: Any, tokenizer: Any, pool: SaePool, config: ServeConfig) -
             steering.release()
             raise
         if req.stream:
-            return StreamingResponse(_stream(server, job, steering, request, chat),
-                                     media_type="text/event-stream")
+            def cleanup() -> None:
+                steering.release()
+                server.scheduler.cancel(job)  # a no-op once the job finished
+
+            return _Stream(_stream(server, job, steering, request, chat), cleanup)
         try:
             ids: list[list[int]] = [[] for _ in job.rows]
             finish: list[str] = ["length"] * len(job.rows)
-            async for t in server.tokens(job, request):
+            async for t in server.tokens(job, request, watch=True):
                 ids[t.row].append(t.token)
                 if t.finish:
                     finish[t.row] = t.finish

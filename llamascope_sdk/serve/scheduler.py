@@ -61,7 +61,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._running: dict[int, Job] = {}  # generator handle -> job
-        self._cancel: set[int] = set()  # id(job)
+        self._cancel: list[Job] = []  # to drop at the next step
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._stopping = False
         self.steps = 0
@@ -82,12 +82,14 @@ class Scheduler:
             self._cond.notify_all()
 
     def cancel(self, job: Job) -> None:
-        """Drop a job (its client disconnected): waiting, or its rows at the next step."""
+        """Drop a job (its client disconnected): waiting, or its rows at the next step.
+        Jobs are held (not their ids), so a finished job's id reused by a new job cancels
+        nothing; a finished job is simply not found among the running ones."""
         with self._cond:
             if job in self._waiting:
                 self._waiting.remove(job)
                 return
-            self._cancel.add(id(job))
+            self._cancel.append(job)
             self._cond.notify_all()
 
     def call(self, fn: Callable[[], Any]) -> Future[Any]:
@@ -125,7 +127,8 @@ class Scheduler:
                     self._cond.wait(self.batch_wait)  # let requests sent together arrive
                 calls = list(self._calls)
                 self._calls.clear()
-                cancelled = {h for h, j in self._running.items() if id(j) in self._cancel}
+                gone = {id(j) for j in self._cancel}  # the jobs are alive here: ids are unique
+                cancelled = {h for h, j in self._running.items() if id(j) in gone}
                 self._cancel.clear()
                 admit = []
                 rows = self.gen.size - len(cancelled)
