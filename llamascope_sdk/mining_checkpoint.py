@@ -86,8 +86,10 @@ class Checkpointer:
                 {"batch": i, "n_tokens": n_tokens, "n_docs": n_docs, "world": self.dist.world,
                  "identity": self.identity}, sort_keys=True) + "\n")
             atomic_write_text(step / "COMPLETE", "")
+            # only older steps: a newer one is an incomplete leftover of a killed run that the
+            # other ranks are about to write into again (removing it raced with their writes)
             for old in self._steps():
-                if old != step:
+                if old.name < step.name:
                     shutil.rmtree(old, ignore_errors=True)
 
     def finish(self) -> None:
