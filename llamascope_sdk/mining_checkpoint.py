@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import sys
 from collections.abc import Mapping
@@ -38,6 +39,11 @@ def default_checkpoint_dir(identity: Mapping[str, Any]) -> Path:
     return cache_root() / "mining-checkpoints" / h
 
 
+_STEP = re.compile(r"step-\d{9}")
+#: what after_batch writes into a step (atomic.py's temporary files included)
+_OWN_FILE = re.compile(r"rank-\d+\.safetensors|meta\.json|COMPLETE|\..+\.tmp")
+
+
 class Checkpointer:
     def __init__(self, folder: Path, every: int, dist: Dist, identity: Mapping[str, Any]) -> None:
         self.folder, self.every, self.dist = Path(folder).expanduser(), every, dist
@@ -45,7 +51,14 @@ class Checkpointer:
         self.since = 0
 
     def _steps(self) -> list[Path]:
-        return sorted(p for p in self.folder.glob("step-*") if p.is_dir()) if self.folder.is_dir() else []
+        """The step folders this class wrote: ``step-<9 digits>`` holding only its own files,
+        so that nothing else in a user's --checkpoint-dir (a training run's ``step-...-w...``
+        folders, say) is ever read or removed."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.iterdir()
+                      if p.is_dir() and _STEP.fullmatch(p.name)
+                      and all(_OWN_FILE.fullmatch(f.name) for f in p.iterdir()))
 
     def resume(self, trackers: Mapping[str, Tracker]) -> tuple[int, int, int]:
         """Load the newest complete step; (last batch done, tokens, documents) or (-1, 0, 0)."""

@@ -116,3 +116,25 @@ def test_evaluate_over_two_ranks_equals_one_process(tmp_path):
             assert torch.equal(got[k], want[k]), k
     assert int(want["n_tokens"]) > 200 and 0 < float(want["l0_mean"]) < 64
     assert int(want["n_sequences"]) > 8  # several batches on each rank
+
+
+def test_finish_removes_only_the_steps_mining_wrote(tmp_path):
+    """A --checkpoint-dir shared with other things: a training checkpoint (step-...-w...) and a
+    step-shaped folder holding a user's file stay byte for byte; mining's own step goes."""
+    from llamascope_sdk.mining_checkpoint import Checkpointer
+    from llamascope_sdk.training.ddp import Dist
+
+    training = tmp_path / "step-0000123-w000007"
+    training.mkdir()
+    (training / "model.safetensors").write_bytes(b"weights")
+    users = tmp_path / "step-000000004"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    ours = tmp_path / "step-000000006"
+    ours.mkdir()
+    (ours / "rank-0.safetensors").write_bytes(b"")
+    (ours / "COMPLETE").write_text("")
+    Checkpointer(tmp_path, 10, Dist(), {}).finish()
+    assert not ours.exists()
+    assert (training / "model.safetensors").read_bytes() == b"weights"
+    assert (users / "notes.txt").read_text() == "mine"
