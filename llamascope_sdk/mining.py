@@ -235,7 +235,7 @@ def mine(model: Any, tokenizer: Any, saes: SAE | Sequence[SAE] | Mapping[str, SA
                     batch = Batch(ids.to(dev), keep.to(dev), length.to(dev), doc.to(dev),
                                   start.to(dev), order.to(dev), T)
                     with torch.no_grad():
-                        tr.update(named[name].encode(acts[sites[name]]), batch)
+                        tr.update_sparse(*firings(named[name], acts[sites[name]]), batch)
             if ckpt is not None:
                 ckpt.after_batch(i, int(length.sum()), trackers, n_tokens, n_docs)
     finally:
@@ -251,6 +251,23 @@ def mine(model: Any, tokenizer: Any, saes: SAE | Sequence[SAE] | Mapping[str, SA
     if ckpt is not None:
         ckpt.finish()
     return out
+
+
+def firings(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The non-zero activations of ``sae.encode(x)`` over ``x`` [..., D] flattened to rows:
+    (row, feature, value), row-major. The same values as ``encode``; for JumpReLU and ReLU
+    SAEs without building the dense [rows, F] output (one comparison over the
+    pre-activations, then ``nonzero``): ``a * (a > theta) > 0`` is ``a > max(theta, 0)``."""
+    x2 = x.reshape(-1, x.shape[-1])
+    act = sae.hyperparams.act_fn
+    if act in ("jumprelu", "relu"):
+        a = sae.pre_acts(x2)
+        rows, cols = ((a > sae.gate_threshold().clamp(min=0)) if act == "jumprelu"
+                      else (a > 0)).nonzero(as_tuple=True)
+        return rows, cols, a[rows, cols]
+    f = sae.encode(x2)
+    rows, cols = (f > 0).nonzero(as_tuple=True)
+    return rows, cols, f[rows, cols]
 
 
 def _result(sae: SAE, name: str, tr: Tracker, n_tokens: int, n_docs: int,

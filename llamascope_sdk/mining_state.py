@@ -21,11 +21,15 @@ exactly the state of one pass over both. Slots are kept unsorted; :meth:`Slots.e
 them once at the end.
 
 The work per batch is proportional to the batch's firings (non-zero activations, about
-tokens x L0), not to tokens x features: the firings are listed once with ``nonzero``, the
-histogram and counts are ``bincount`` over them, and only firings whose key beats the current
-K-th key of their feature (the slot's floor) are candidates; only winning entries copy their
-context window out of the batch. Dense work is limited to the sum, the comparison and the
-``nonzero`` over [tokens, F].
+tokens x L0), not to tokens x features: mining lists the firings straight from the
+pre-activations (:func:`llamascope_sdk.mining.firings`: one comparison and a ``nonzero``, the
+dense activations are never built), the histogram and counts are ``bincount`` over them, and
+only firings whose key beats the current K-th key of their feature (the slot's floor) are
+candidates; only winning entries copy their context window, the activations of the window
+read from the firings sorted by (feature, row) (:class:`Firings`), not from a dense tensor.
+At the end (:meth:`Slots.examples`) the empty slots, never written while mining, are filled
+once and only the filled slots move: touching the state's memory the first time is then
+the fixed cost of a run (about 1-2 s per GiB on the 2-core test machine), paid once.
 """
 
 from __future__ import annotations
@@ -116,6 +120,32 @@ class Batch:
     T: int
 
 
+class Firings:
+    """A batch's non-zero activations, sorted by (feature, flat row), for reading a
+    feature's activations over a window of rows without the dense [B*T, F] tensor."""
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
+                 n_rows: int) -> None:
+        self.n_rows = n_rows
+        self.key, o = (cols * n_rows + rows).sort()
+        self.rows, self.vals = rows[o], vals[o]
+
+    def windows(self, feat: torch.Tensor, row: torch.Tensor, lo_row: torch.Tensor,
+                hi_row: torch.Tensor, before: int, w: int) -> torch.Tensor:
+        """[n, w]: feature ``feat[i]``'s activation at rows ``row[i] - before + j``; 0 where
+        it did not fire and outside ``[lo_row[i], hi_row[i])`` (the row's sequence)."""
+        base = feat * self.n_rows
+        lo = torch.searchsorted(self.key, base + torch.maximum(row - before, lo_row))
+        hi = torch.searchsorted(self.key, base + torch.minimum(row - before + w, hi_row))
+        cnt = (hi - lo).clamp_(min=0)
+        dev = feat.device
+        which = torch.repeat_interleave(torch.arange(len(feat), device=dev), cnt)
+        j = lo[which] + torch.arange(len(which), device=dev) - (cnt.cumsum(0) - cnt)[which]
+        out = torch.zeros((len(feat), w), dtype=torch.float32, device=dev)
+        out[which, self.rows[j] - row[which] + before] = self.vals[j]
+        return out
+
+
 def _assign(old: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge candidate keys ``cand`` [R, C] (-1 = none) into slots ``old`` [R, K].
 
@@ -162,9 +192,9 @@ class Slots:
         self.floor = self.keys.amin(1)
 
     def offer(self, feat: torch.Tensor, key: torch.Tensor, row: torch.Tensor, batch: Batch,
-              flat: torch.Tensor) -> None:
+              firings: Firings) -> None:
         """Candidates: feature ``feat`` [n], its ``key`` [n] at flat batch row ``row`` [n]
-        (``b * T + t``); ``flat`` the batch's activations [B*T, F]."""
+        (``b * T + t``); ``firings`` the batch's non-zero activations."""
         m = key > self.floor[feat]
         feat, key, row = feat[m], key[m], row[m]
         if feat.numel() == 0:
@@ -197,11 +227,9 @@ class Slots:
         inside = (tw >= 0) & (tw < batch.length[b][:, None])
         src_rows = (b[:, None] * batch.T + tw.clamp(0, batch.T - 1)).view(-1)
         tok = batch.ids.reshape(-1).index_select(0, src_rows).view(-1, w)
-        nf = flat.shape[1]
-        act = flat.view(-1).index_select(0, (src_rows.view(-1, w) * nf + f[:, None]).view(-1))
-        act = act.view(-1, w)
+        act = firings.windows(f, rows, b * batch.T, b * batch.T + batch.length[b], self.before, w)
         self.tok.view(-1, w).index_copy_(0, at, torch.where(inside, tok, -1).to(torch.int32))
-        self.act.view(-1, w).index_copy_(0, at, torch.where(inside, act, 0.0))
+        self.act.view(-1, w).index_copy_(0, at, act)
         self.floor[uniq] = self.keys[uniq].amin(1)
 
     def examples(self, by_value: bool) -> Examples:
@@ -218,13 +246,24 @@ class Slots:
                                | (keys & _INV), -1)
         idx = keys.argsort(dim=1, descending=True, stable=True)
         empty = keys.gather(1, idx) < 0
-        step = max(1, 2**22 // max(1, k * w))
-        for lo in range(0, f, step):
-            hi = min(lo + step, f)
-            i3 = idx[lo:hi, :, None].expand(-1, -1, w)
-            e3 = empty[lo:hi, :, None]
-            self.tok[lo:hi] = self.tok[lo:hi].gather(1, i3).masked_fill_(e3, -1)
-            self.act[lo:hi] = self.act[lo:hi].gather(1, i3).masked_fill_(e3, 0.0)
+        # In place, touching each byte about once: empty slots (never written while mining,
+        # so not yet in memory) are filled with -1/0 in one pass; only the filled slots move,
+        # listed by their sorted rank (filled slots sort before empty ones).
+        tok, act = self.tok.view(f * k, w), self.act.view(f * k, w)
+        filled = keys >= 0
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            tok.masked_fill_(~filled.view(-1, 1), -1)
+            act.masked_fill_(~filled.view(-1, 1), 0.0)
+        finally:
+            torch.set_num_threads(threads)
+        dst = (~empty).view(-1).nonzero().squeeze(1)
+        src = (idx + torch.arange(f, device=idx.device)[:, None] * k).view(-1)[dst]
+        moved = dst != src
+        dst, src = dst[moved], src[moved]
+        tok.index_copy_(0, dst, tok.index_select(0, src))
+        act.index_copy_(0, dst, act.index_select(0, src))
         return Examples(values.gather(1, idx).cpu(), self.doc.gather(1, idx).cpu(),
                         self.pos.gather(1, idx).cpu(), self.tok.cpu(), self.act.cpu(), self.before)
 
@@ -336,14 +375,18 @@ class Tracker:
         self.edges = HIST_EDGES.to(device)
 
     def update(self, f_BTF: torch.Tensor, batch: Batch) -> None:
-        f = f_BTF.shape[-1]
-        flat = f_BTF.reshape(-1, f)  # the encode's own output: zeroed in place below
-        flat = flat.float() if flat.dtype != torch.float32 else flat.contiguous()
-        drop = (~batch.keep.reshape(-1)).nonzero().squeeze(1)
-        if drop.numel():
-            flat.index_fill_(0, drop, 0.0)
+        """One batch from its dense activations [B, T, F] (see :meth:`update_sparse`)."""
+        flat = f_BTF.reshape(-1, f_BTF.shape[-1])
         rows, cols = (flat > 0).nonzero(as_tuple=True)
-        vals = flat[rows, cols]
+        self.update_sparse(rows, cols, flat[rows, cols], batch)
+
+    def update_sparse(self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
+                      batch: Batch) -> None:
+        """One batch from its firings: flat rows (``b * T + t``, ascending) [n], features [n]
+        and activations [n] (> 0); firings on tokens outside ``batch.keep`` are dropped."""
+        f = self.d_sae
+        m = batch.keep.reshape(-1)[rows]
+        rows, cols, vals = rows[m], cols[m], vals[m].float()
         # Sums over the firings in their (row-major) order: the same on every machine and
         # thread count, so a distributed run adds exactly the same per-batch sums.
         self.total += torch.bincount(cols, weights=vals.double(), minlength=f)
@@ -352,9 +395,10 @@ class Tracker:
                                     minlength=self.hist.numel())
         order = batch.order.reshape(-1)[rows]
         inv = _INV - order
-        self.top.offer(cols, (vals.view(torch.int32).long() << 32) | inv, rows, batch, flat)
+        firings = Firings(rows, cols, vals, batch.ids.numel())
+        self.top.offer(cols, (vals.view(torch.int32).long() << 32) | inv, rows, batch, firings)
         if self.samples is not None:
-            self.samples.offer(cols, (_mix(order, cols) << 32) | inv, rows, batch, flat)
+            self.samples.offer(cols, (_mix(order, cols) << 32) | inv, rows, batch, firings)
         if self.pool is not None:
             self.pool.offer(batch, rows, cols)
 

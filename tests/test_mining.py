@@ -291,3 +291,56 @@ def test_absurd_top_n_says_the_memory_it_would_need(tiny_llama):
     msg = str(exc.value)
     assert msg.startswith(f"top_n=10000000, n_samples=100 need {need / 2**30:.1f} GiB of mining state")
     assert "lower them" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("act_fn,gate,threshold,dtype", [
+    ("jumprelu", "reference", 0.05, torch.float32),
+    ("jumprelu", "saelens", 0.05, torch.float32),
+    ("jumprelu", "reference", -0.3, torch.float32),  # a negative theta: encode can be < 0
+    ("jumprelu", "reference", 0.05, torch.bfloat16),
+    ("relu", "reference", 0.05, torch.float32),
+    ("topk", "reference", 0.05, torch.float32),
+])
+def test_firings_are_the_positive_entries_of_encode(act_fn, gate, threshold, dtype):
+    """mining.firings lists exactly (row, feature, value) of encode(x) > 0, row-major, without
+    building encode's dense output."""
+    from llamascope_sdk.mining import firings
+
+    from .helpers import tiny_sae
+
+    sae = tiny_sae(threshold=max(threshold, 0.0), d_sae=512)
+    with torch.no_grad():
+        sae.threshold.fill_(threshold)
+    sae.hyperparams = sae.hyperparams.model_copy(update={"act_fn": act_fn, "top_k": 20})
+    sae.gate = gate
+    sae = sae.to(dtype)
+    x = (torch.randn(3, 40, 64, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    f = sae.encode(x).reshape(-1, 512)
+    want_r, want_c = (f > 0).nonzero(as_tuple=True)
+    assert len(want_r) > 50 and (f > 0).float().mean() < 0.6  # neither empty nor dense
+    rows, cols, vals = firings(sae, x)
+    assert torch.equal(rows, want_r) and torch.equal(cols, want_c)
+    assert torch.equal(vals, f[want_r, want_c])
+
+
+def test_firing_windows_equal_the_dense_gather():
+    """Firings.windows reads a feature's activations around a row from the sparse firings; it
+    equals slicing the dense [rows, F] tensor, with 0 outside the row's sequence."""
+    from llamascope_sdk.mining_state import Firings
+
+    g = torch.Generator().manual_seed(0)
+    B, T, F, before, w = 4, 30, 50, 7, 11
+    dense = torch.relu(torch.randn(B * T, F, generator=g) - 1.5)
+    rows, cols = dense.nonzero(as_tuple=True)
+    fir = Firings(rows, cols, dense[rows, cols], B * T)
+    length = torch.tensor([30, 12, 25, 1])
+    pick = torch.randint(0, len(rows), (200,), generator=g)
+    row, feat = rows[pick], cols[pick]
+    b = row // T
+    lo, hi = b * T, b * T + length[b]
+    got = fir.windows(feat, row, lo, hi, before, w)
+    for i in range(len(pick)):
+        for j in range(w):
+            r = int(row[i]) - before + j
+            want = float(dense[r, feat[i]]) if lo[i] <= r < hi[i] else 0.0
+            assert float(got[i, j]) == want
