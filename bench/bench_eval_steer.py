@@ -64,7 +64,8 @@ def _row(method: str, p) -> str:
     f = lambda v, s: "-" if v is None or v != v else format(v, s)  # noqa: E731
     st = "-" if p.strength is None else f"{p.strength:g}"
     return (f"| {method} | {st} | {f(p.concept_activation, '.2f')} | {f(p.concept_lift, '+.2f')} "
-            f"| {f(p.perplexity, '.1f')} | {f(p.kl, '.2f')} | {f(p.dloss, '+.2f')} |")
+            f"| {f(p.perplexity, '.1f')} | {f(p.distinct, '.2f')} | {f(p.kl, '.2f')} "
+            f"| {f(p.dloss, '+.2f')} |")
 
 
 def results(args: argparse.Namespace, model, tok, sae) -> None:
@@ -91,8 +92,8 @@ def results(args: argparse.Namespace, model, tok, sae) -> None:
         md.append(f"\n**Feature {f}** {repr(r.label) if r.label else '(unlabelled)'} — output "
                   f"score {sc.get('output_score', float('nan')):.3f} (#{sc.get('output_score_rank')})"
                   f"; concept lift = {r.concept_measure}\n")
-        md.append("| method | chosen strength | feature act. | concept lift | perplexity | KL | "
-                  "d loss |\n|---|---|---|---|---|---|---|")
+        md.append("| method | chosen strength | feature act. | concept lift | perplexity | "
+                  "distinct-2 | KL | d loss |\n|---|---|---|---|---|---|---|---|")
         md.append(_row("none (unsteered)", r.curves["none"][0]))
         for m in ("feature", "diffmean", "prompt"):
             md.append(_row(m, r.chosen[m]))

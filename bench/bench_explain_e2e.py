@@ -59,6 +59,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=100_000)
     ap.add_argument("--n-explain", type=int, default=10)
     ap.add_argument("--n-score", type=int, default=10)
+    ap.add_argument("--scorer-batch", type=int, default=1,
+                    help="contexts per scorer request (1: a yes/no question each, which a 135M "
+                         "model can answer; 5: the list format)")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=3600.0,
                     help="a CPU server shared with other work can take many minutes per request")
@@ -80,7 +83,8 @@ def main() -> None:
         t2 = time.time()
         r = subprocess.run(cli("explain", str(store), "--top-frequency", str(a.features),
                                "--endpoint", url, "--model", "smollm2-135m", "--n-explain",
-                               str(a.n_explain), "--n-score", str(a.n_score), "--concurrency",
+                               str(a.n_explain), "--n-score", str(a.n_score), "--scorer-batch",
+                               str(a.scorer_batch), "--concurrency",
                                str(a.concurrency), "--timeout", str(a.timeout),
                                "--tokenizer", "smollm2-135m", "--json"),
                            cwd=REPO, check=True, stdout=subprocess.PIPE, text=True)

@@ -400,16 +400,10 @@ def resolve_store(store_or_name: str | Path) -> Path:
     if p.is_dir():
         return p
     from .demo import DEMO_SAE_NAME, is_demo
-    from .errors import UnknownSaeError
-    from .registry import resolve
+    from .registry import claims, resolve
 
-    if is_demo(text):
-        name = DEMO_SAE_NAME
-    else:
-        try:
-            name = resolve(text).name
-        except UnknownSaeError:
-            name = text
+    # a misspelt Llama Scope name is refused by resolve, which says what is allowed
+    name = DEMO_SAE_NAME if is_demo(text) else resolve(text).name if claims(text) else text
     d = default_store_dir(name)
     if not d.is_dir():
         raise IncompleteStoreError(

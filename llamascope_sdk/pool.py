@@ -153,14 +153,12 @@ class SaePool:
         path = Path(resolve_alias(str(name))).expanduser()
         if path.is_dir():
             return str(path.resolve())
-        from .errors import UnknownSaeError
         from .locate import locate
-        from .registry import resolve
+        from .registry import claims, resolve
 
-        try:
+        if claims(str(name)):  # a Llama Scope spelling: resolve says what is wrong with it
             return resolve(str(name)).name
-        except UnknownSaeError:
-            return locate(str(name)).name  # a Hub repository (folder) in any format
+        return locate(str(name)).name  # a Hub repository (folder) in any format
 
     def _folder(self, name: str) -> Path | None:
         """The release-layout folder of ``name`` (:func:`~llamascope_sdk.locate.locate`

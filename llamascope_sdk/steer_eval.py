@@ -17,13 +17,16 @@ feature in one batch, :func:`~llamascope_sdk.batch_generation.generate_batch`) b
 Each continuation is scored by the unsteered model (:mod:`.steer_metrics`): concept (the
 feature's re-encoded activation; the lift in log-probability of the concept text, or without
 one of the feature's top logit-lens tokens, over the unsteered continuation of the same
-prompt), fluency (perplexity) and, for the edits, side effects on neutral text (KL, loss change).
+prompt), fluency (perplexity, and distinct-2 against repetition) and, for the edits, side
+effects on neutral text (KL, loss change).
 
 No choosing on the test prompts: prompts are split in two halves (even positions select, odd
-positions test). Per method the strength is chosen on the selection half: the largest concept
-lift among strengths whose perplexity is at most ``fluency_limit`` (2) times the unsteered
-perplexity (with a judge: the largest mean AxBench score); the reported scores of the chosen
-strength, and all curves, are the test half's.
+positions test). Per method the strength is chosen on the selection half (:func:`choose`): the
+largest concept lift among strengths whose perplexity is at most ``fluency_limit`` (2) times the unsteered
+perplexity and whose distinct-2 is at least ``diversity_limit`` (0.5) times the unsteered
+one (perplexity under the unsteered model does not see degenerate repetition, distinct-2 does;
+with a judge: the largest mean AxBench score); the reported scores of the chosen strength, and
+all curves, are the test half's.
 """
 
 from __future__ import annotations
@@ -61,6 +64,25 @@ NEUTRAL_PROMPTS = (
     "The old bridge over the river",
     "The children were excited because",
 )
+#: Held-out neutral instructions for ``chat=True`` (user messages of everyday requests), our own.
+NEUTRAL_INSTRUCTIONS = (
+    "Describe a quiet morning at home.",
+    "What should I pack for a weekend trip?",
+    "Write a short note to thank a neighbour.",
+    "Tell me about your favourite season.",
+    "How do I keep a houseplant alive?",
+    "Give me three ideas for a rainy afternoon.",
+    "Explain how to make a cup of tea.",
+    "Write two sentences about a busy market.",
+    "What makes a good breakfast?",
+    "Describe the view from a train window.",
+    "How can I get better at remembering names?",
+    "Write a short story opening about a lost key.",
+    "What is a good way to start a meeting?",
+    "Describe an old bridge over a river.",
+    "Suggest a name for a small bakery.",
+    "Tell me how to plan a picnic.",
+)
 #: Neutral passages for side effects and DiffMean's negative side, our own.
 NEUTRAL_TEXTS = (
     "The train left the station a few minutes after nine. Most passengers read or looked out "
@@ -87,6 +109,7 @@ class Point:
     kl: float | None = None
     dloss: float | None = None
     judge: float | None = None
+    distinct: float | None = None
 
 
 @dataclass
@@ -150,7 +173,8 @@ class _Sweep:
         jk = key if key in self.per else ("none", None)
         judge = _nanmean([self.judged.get((jk, i)) for i in idx]) if self.judged else None
         return Point(key[0], key[1], _nanmean([src[i].concept_activation for i in idx]),
-                     _nanmean(lift), math.exp(_nanmean([src[i].nll for i in idx])), kl, dl, judge)
+                     _nanmean(lift), math.exp(_nanmean([src[i].nll for i in idx])), kl, dl, judge,
+                     _nanmean([src[i].distinct for i in idx]))
 
 
 def _minus(a: float | None, b: float | None) -> float:
@@ -163,10 +187,29 @@ def _objective(p: Point, by_judge: bool) -> float:
     return v if v is not None and math.isfinite(v) else -math.inf
 
 
+def choose(points: Sequence[Point], ref: Point, *, fluency_limit: float = 2.0,
+           diversity_limit: float = 0.5, by_judge: bool = False) -> int:
+    """The index of the strength chosen among ``points`` (one method, the selection half):
+    the best objective (the judge's mean score, else the concept lift) among the eligible
+    points, those whose perplexity is at most ``fluency_limit`` x ``ref``'s (the unsteered
+    run on the same prompts) and whose distinct-2 is at least ``diversity_limit`` x ``ref``'s
+    (no degenerate repetition); the first point (strength 0 in the usual sweep) when none is."""
+    def fluent(p: Point) -> bool:
+        if not p.perplexity <= fluency_limit * ref.perplexity:  # NaN is not eligible
+            return False
+        if ref.distinct is None or not math.isfinite(ref.distinct):
+            return True
+        return p.distinct is not None and p.distinct >= diversity_limit * ref.distinct
+
+    ok = [j for j, p in enumerate(points) if fluent(p)] or [0]
+    return max(ok, key=lambda j: _objective(points[j], by_judge))
+
+
 def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
                strengths: Sequence[float] = DEFAULT_STRENGTHS, mode: str = "add",
                prompts: Sequence[str] | None = None, concept: str | None = None,
                max_new_tokens: int = 32, baselines: bool = True, fluency_limit: float = 2.0,
+               diversity_limit: float = 0.5, chat: bool = False,
                neutral_texts: Sequence[str] = NEUTRAL_TEXTS,
                judge: Callable[[list[tuple[str, str, str]]], list[float | None]] | None = None,
                progress: bool = True) -> list[FeatureEval]:
@@ -176,11 +219,17 @@ def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
         features: feature indices of ``sae``.
         strengths: per mode: add = vector length (model units), clamp = value, scale = factor.
         prompts: held-out prompts (at least 2; even positions select, odd ones test);
-            default :data:`NEUTRAL_PROMPTS`.
+            default :data:`NEUTRAL_PROMPTS` (with ``chat``: :data:`NEUTRAL_INSTRUCTIONS`).
+        chat: each prompt is one user message in the tokenizer's chat template and what is
+            scored is the assistant's reply (instruct models); the prompt baseline puts its
+            instruction in the same message. Edits still apply at every position.
         concept: the concept text (scored by log-probability; DiffMean's positive text; named
             in the prompt baseline when the feature has no label); default the feature's top
             logit-lens tokens.
         baselines: also run the prompt and DiffMean baselines.
+        fluency_limit, diversity_limit: a strength is eligible when its perplexity is at most
+            ``fluency_limit`` x the unsteered one and its distinct-2 at least
+            ``diversity_limit`` x the unsteered one (:func:`choose`).
         judge: scores ``[(prompt, continuation, concept)]`` -> one number (or None) each;
             used to choose strengths and reported (see :mod:`.steer_judge`).
 
@@ -188,8 +237,8 @@ def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
         InputError: an unknown mode, non-finite strengths, fewer than 2 prompts.
     """
     from .batch_generation import generate_batch
+    from .generation import prompt_ids
     from .logit_lens import logit_lens
-    from .models import tokenize
     from .row_edits import VectorEdit
     from .sites import parse_hook_point
     from .steer_metrics import diffmean_direction, score_continuations, side_effects
@@ -199,7 +248,8 @@ def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
     strengths = [float(s) for s in strengths]
     if not strengths or not all(math.isfinite(s) for s in strengths):
         raise InputError(f"strengths must be finite numbers, got {strengths}")
-    prompts = list(prompts if prompts is not None else NEUTRAL_PROMPTS)
+    prompts = list(prompts if prompts is not None
+                   else NEUTRAL_INSTRUCTIONS if chat else NEUTRAL_PROMPTS)
     if len(prompts) < 2 or not all(p.strip() for p in prompts):
         raise InputError(f"give at least 2 non-empty prompts (got {len(prompts)}): half choose "
                          "the strength, the other half report the scores")
@@ -208,7 +258,7 @@ def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
     feats = [int(i) for i in sae.check_features(list(features)).tolist()]
     site = parse_hook_point(sae.hyperparams.hook_point_out)
     lens = logit_lens(model, sae.W_dec[torch.tensor(feats, device=sae.device)], k=10).top_ids
-    p_ids = [tokenize(tokenizer, p)[0].tolist() for p in prompts]
+    p_ids = [prompt_ids(tokenizer, p, chat=chat)[0].tolist() for p in prompts]
     concept_ids = (tokenizer(" " + concept.strip(), add_special_tokens=False)["input_ids"]
                    if concept else None)
     halves = {"select": list(range(0, len(prompts), 2)), "test": list(range(1, len(prompts), 2))}
@@ -229,11 +279,13 @@ def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
                 if s != 0:
                     runs[("diffmean", s)] = [VectorEdit((s * v).to(sae.device), site)]
             runs[("prompt", None)] = []
-        rows, row_edits, keys = [], [], []
+        rows: list[list[int]] = []
+        row_edits, keys = [], []
         for key, edits in runs.items():
             for i, p in enumerate(prompts):
-                rows.append(f"{PROMPT_INSTRUCTION.format(concept=desc)}\n\n{p}"
-                            if key[0] == "prompt" else p)
+                rows.append(prompt_ids(tokenizer, f"{PROMPT_INSTRUCTION.format(concept=desc)}"
+                                       f"\n\n{p}", chat=chat)[0].tolist()
+                            if key[0] == "prompt" else p_ids[i])
                 row_edits.append(edits)
                 keys.append((key, i))
         if progress:
@@ -268,9 +320,9 @@ def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
             sel = [point(k, halves["select"]) for k in keys_m]
             curves[m] = [point(k, halves["test"]) for k in keys_m]
             chosen_on[m] = sel
-            ref = point(("none", None), halves["select"]).perplexity
-            ok = [j for j, p in enumerate(sel) if p.perplexity <= fluency_limit * ref] or [0]
-            best = max(ok, key=lambda j: _objective(sel[j], judge is not None))
+            best = choose(sel, point(("none", None), halves["select"]),
+                          fluency_limit=fluency_limit, diversity_limit=diversity_limit,
+                          by_judge=judge is not None)
             chosen[m] = curves[m][best]
         curves["none"] = [point(("none", None), halves["test"])]
         examples = {f"{k[0]}@{k[1]:g}" if k[1] is not None else k[0]: texts_of[k][halves["test"][0]]
@@ -282,5 +334,5 @@ def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
     return results
 
 
-__all__ = ["eval_steer", "FeatureEval", "Point", "NEUTRAL_PROMPTS", "NEUTRAL_TEXTS",
+__all__ = ["eval_steer", "choose", "NEUTRAL_INSTRUCTIONS", "FeatureEval", "Point", "NEUTRAL_PROMPTS", "NEUTRAL_TEXTS",
            "DEFAULT_STRENGTHS", "MODES"]

@@ -9,7 +9,10 @@ For a continuation c of a prompt p (new tokens only, a trailing EOS dropped):
 * ``concept_logprob``: with a concept text k, ``(1/|k|) Σ_j log p(k_j | p + c + k_<j)``: how
   expected the concept text is after the continuation;
 * ``nll``: mean negative log-likelihood of c given p; ``exp(nll)`` is its perplexity under the
-  unsteered model (the fluency measure).
+  unsteered model (the fluency measure);
+* ``distinct``: distinct-2 of c, the number of different token bigrams over the number of
+  bigrams (Li et al. 2016). Perplexity alone rewards degenerate repetition (" of of of ..."
+  is easy to predict once it has started); distinct-2 falls towards 0 on it.
 
 Side effects of an edit, on neutral text n (BOS + text, the edit at every position):
 ``kl`` = mean over positions of KL(p_clean(·|n_≤j) || p_edit(·|n_≤j)) and ``dloss`` = mean
@@ -47,6 +50,13 @@ class ContinuationScores:
     concept_logprob: float | None
     nll: float
     n_tokens: int
+    distinct: float = float("nan")
+
+
+def distinct_2(ids: Sequence[int]) -> float:
+    """Different bigrams / bigrams of ``ids`` (NaN with fewer than 2 tokens)."""
+    pairs = list(zip(ids[:-1], ids[1:], strict=True))
+    return len(set(pairs)) / len(pairs) if pairs else float("nan")
 
 
 def _pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +114,7 @@ def score_continuations(model: Any, tokenizer: Any, sae: SAE, feature: int,
             if extra:
                 k = torch.arange(n_p + n_c, n_p + n_c + len(extra), device=dev)
                 concept = float(logp[b, k - 1].gather(1, ids[b, k][:, None]).mean())
-            out.append(ContinuationScores(act, lens_lp, concept, nll, n_c))
+            out.append(ContinuationScores(act, lens_lp, concept, nll, n_c, distinct_2(c)))
     return out
 
 

@@ -17,8 +17,8 @@ _STYLE = {"feature": ("tab:red", "o"), "diffmean": ("tab:blue", "s"), "prompt": 
 
 
 def plot_sweep(result: Any, path: str | Path) -> Path:
-    """Draw ``result`` (a :class:`~llamascope_sdk.steer_eval.FeatureEval`) to ``path``: three
-    panels (concept lift, the feature's activation, perplexity) against strength, the test
+    """Draw ``result`` (a :class:`~llamascope_sdk.steer_eval.FeatureEval`) to ``path``: four
+    panels (concept lift, the feature's activation, perplexity, distinct-2) against strength, the test
     half's values, the chosen strength of each method circled; the prompt baseline is a
     dashed horizontal line. Written atomically."""
     try:
@@ -30,8 +30,9 @@ def plot_sweep(result: Any, path: str | Path) -> Path:
         raise InputError("plots need matplotlib", hint="pip install 'llamascope-sdk[plot]'") from None
     panels = [("concept_lift", "concept lift (nats)"),
               ("concept_activation", "feature activation (re-encoded)"),
-              ("perplexity", "perplexity (unsteered model)")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+              ("perplexity", "perplexity (unsteered model)"),
+              ("distinct", "distinct-2 (1 = no repeated bigram)")]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     for ax, (key, title) in zip(axes, panels, strict=True):
         for method, pts in result.curves.items():
             if method not in _STYLE:

@@ -78,6 +78,9 @@ class FakeEndpoint:
     per_message: int = 4
     per_request: int = 3
     model_name: str | None = None  # when set, other model names get HTTP 404
+    #: when set, a request's prompt tokens are this of its messages (a server applying its
+    #: model's chat template), instead of the per-message rule
+    count_messages: Callable[[list[dict[str, str]]], int] | None = None
 
     def __post_init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
@@ -134,6 +137,8 @@ class FakeEndpoint:
 
     # ------------------------------------------------------------------ answering
     def prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        if self.count_messages is not None:
+            return self.count_messages(messages)
         return sum(self.count_tokens(m.get("content", "")) + self.per_message
                    for m in messages) + self.per_request
 

@@ -64,6 +64,9 @@ def test_continuation_scores_match_plain_computation(tiny_llama, char_tokenizer)
         assert g.concept_activation == pytest.approx(act, rel=1e-4, abs=1e-6)
         assert g.concept_logprob == pytest.approx(con, abs=1e-4)
         assert g.n_tokens == n_c
+        pairs = [(c[j], c[j + 1]) for j in range(n_c - 1)]
+        if pairs:
+            assert g.distinct == len(set(pairs)) / len(pairs)
 
 
 def test_side_effects_match_attach_per_text(tiny_llama, char_tokenizer):
@@ -111,7 +114,9 @@ def test_strength_is_chosen_on_the_selection_half(tiny_llama, char_tokenizer):
         sel, test = r.chosen_on[m], r.curves[m]
         assert [p.strength for p in test] == [0, 1, 4, 16]
         ref = sel[0].perplexity  # strength 0 adds nothing: the unsteered run
-        ok = [j for j, p in enumerate(sel) if p.perplexity <= 3.0 * ref]
+        ref_d = sel[0].distinct
+        ok = [j for j, p in enumerate(sel) if p.perplexity <= 3.0 * ref
+              and p.distinct >= 0.5 * ref_d]
         best = max(ok, key=lambda j: sel[j].concept_lift)
         assert r.chosen[m] is test[best]
         assert test[0].concept_lift == 0 and test[0].kl == 0
@@ -179,3 +184,51 @@ def test_serve_request_body(tmp_path):
     p = save_serve_request(Steer(sae, [3], 4.0), tmp_path / "req.json", sae_spec="demo")
     with pytest.raises(InputError, match="exists"):
         save_serve_request(Steer(sae, [3], 4.0), p, sae_spec="demo")
+
+
+def test_degenerate_repetition_is_not_chosen_even_at_low_perplexity():
+    """A strength whose continuation repeats itself (" of of of ...") can have a perplexity
+    below the unsteered one; distinct-2 keeps it from being chosen."""
+    from llamascope_sdk.steer_eval import Point, choose
+    from llamascope_sdk.steer_metrics import distinct_2
+
+    assert distinct_2([7, 7, 7, 7, 7]) == 0.25  # one bigram, 4 times
+    assert distinct_2([1, 2, 1, 2, 1, 2]) == 0.4
+    assert distinct_2([1, 2, 3, 4]) == 1.0 and math.isnan(distinct_2([3]))
+    ref = Point("none", None, 0.0, 0.0, 3.0, distinct=0.9)
+    pts = [Point("feature", 0.0, 0.0, 0.0, 3.0, distinct=0.9),
+           Point("feature", 40.0, 1.0, 0.6, 5.0, distinct=0.8),    # fluent, some lift
+           Point("feature", 160.0, 0.3, 7.8, 3.7, distinct=0.05),  # degenerate, huge lift
+           Point("feature", 80.0, 2.0, 2.0, 9.0, distinct=0.7)]    # too perplex
+    assert choose(pts, ref) == 1
+    assert choose(pts, ref, diversity_limit=0.0) == 2  # without the guard it would win
+    assert choose(pts, ref, fluency_limit=3.5) == 3
+    assert choose(pts[2:3] + pts[3:], ref) == 0  # none eligible: the first point
+
+
+@pytest.mark.smollm
+def test_chat_mode_scores_the_assistants_reply(smollm2):
+    """--chat: prompts go through the chat template; the unsteered reply equals the model's
+    own greedy reply to that user message, and the prompt baseline's instruction sits in the
+    same user message."""
+    from llamascope_sdk import SAE
+
+    model, tok = smollm2
+    sae = SAE.from_pretrained("demo")
+    prompts = ["Describe a quiet morning.", "What makes a good breakfast?"]
+    (r,) = eval_steer(model, tok, sae, [4154], strengths=[0, 40], prompts=prompts, chat=True,
+                      max_new_tokens=6, progress=False, baselines=False)
+    ids = tok.apply_chat_template([{"role": "user", "content": prompts[1]}],
+                                  add_generation_prompt=True, return_tensors="pt")
+    ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                             do_sample=False)
+    assert r.examples["none"] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert r.examples["feature@40"] != r.examples["none"]
+
+
+def test_chat_mode_needs_a_chat_template(tiny_llama, char_tokenizer):
+    sae = tiny_sae(layer=LAYER, d_sae=64, threshold=0.0)
+    with pytest.raises(InputError, match="chat template"):
+        eval_steer(tiny_llama, char_tokenizer, sae, [5], chat=True, progress=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -74,6 +75,42 @@ def test_estimate_is_within_ten_percent_of_reported_usage(tmp_path):
     # a second plan sees nothing left to do
     again = plan_run(store, range(6), "m", settings=Settings(n_score=20), count_tokens=count_words)
     assert again.todo == [] and again.estimate.requests == 0 and again.skipped == list(range(6))
+
+
+@pytest.mark.smollm
+def test_chat_template_count_matches_a_server_of_that_model(tmp_path, smollm2):
+    """With the model's tokenizer, whole requests are counted through its chat template (what
+    a server running it reports: SmolLM2's template adds a default system message), so the
+    prompt estimate is near exact; the per-message rule misses that system message."""
+    from llamascope_sdk.explain.cost import EXPLANATION_GUESS, template_counter, tokenizer_counter
+    from llamascope_sdk.explain.prompts import EXPLAIN_SYSTEM
+
+    _, tok = smollm2
+    by_template = template_counter(tok)
+    assert by_template is not None
+    store = ToyStore(tmp_path / "store", per_decile=4, n_non=30)
+    settings = Settings(n_score=20)
+    plan = plan_run(store, range(4), "m", settings=settings, count_tokens=tokenizer_counter(tok),
+                    count_messages=by_template)
+    rule = plan_run(store, range(4), "m", settings=settings, count_tokens=tokenizer_counter(tok))
+    def reply(messages):  # the explainer writes exactly the estimate's guess
+        if messages[0]["content"] == EXPLAIN_SYSTEM:
+            return EXPLANATION_GUESS
+        n = len(re.findall(r"^Example \d+: ", messages[-1]["content"], re.MULTILINE))
+        return "[" + ", ".join(["0"] * n) + "]"
+
+    with FakeEndpoint(reply=reply, count_messages=by_template, lifetime=60) as fake:
+        explain_features(store, range(4), ChatClient(fake.url, "m", concurrency=4),
+                         settings=settings)
+    reported = fake.usage["prompt_tokens"]
+    assert plan.estimate.requests == len(fake.requests) == 4 * (1 + 8 + 8)  # 40 items, 5 each
+    assert plan.estimate.prompt_tokens == reported  # every prompt counted as the server does
+    assert rule.estimate.requests == plan.estimate.requests
+    # a user-only request (the --scorer-batch 1 form) gets SmolLM2's default system message,
+    # which a per-message rule cannot know about
+    user_only = [{"role": "user", "content": "Is this about cats? Answer Yes or No."}]
+    assert by_template(user_only) > tokenizer_counter(tok)(user_only[0]["content"]) + 20
+    assert plan.estimate.completion_max == 4 * (60 + 16 * 5 * 8)
 
 
 def test_rerun_skips_done_features_and_refuses_other_settings(tmp_path):

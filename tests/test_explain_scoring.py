@@ -127,3 +127,47 @@ def test_old_store_explains_from_top_and_says_how_to_rescore():
     assert [c.doc for c in sets.explain] == [0, 1, 2, 3]
     assert [c.doc for c in sets.activating] == [4, 5]  # samples minus those shown
     assert sets.non_activating == [] and "llamascope inspect --sae L3R-8x" in (sets.note or "")
+
+
+_ONE = re.compile(r'^Text: "(.*)"$', re.MULTILINE)
+
+
+def test_one_context_per_request_gives_the_same_hand_computed_accuracies():
+    """--scorer-batch 1: one yes/no question per excerpt, answered by a word; the accuracies
+    equal the batched ones above (the scripted judgement is the same)."""
+    words = iter(["Yes.", "1", "no", "0 - it does not", "YES", "No, because"] * 10)
+
+    def one(messages):
+        (msg,) = messages
+        user = msg["content"]
+        assert msg["role"] == "user" and "Answer Yes or No." in user and "Example 1" not in user
+        (e,) = _ONE.findall(user)
+        if "between << and >>" in user:
+            hit = any(w in span for span in re.findall(r"<<(.*?)>>", e) for w in ("cat", "dog", "car"))
+        else:
+            hit = "cat" in e or "bird" in e
+        word = next(words)
+        while (word.lower().startswith(("1", "yes"))) != hit:  # a yes/no word of the right sign
+            word = next(words)
+        return word
+
+    with FakeEndpoint(reply=one, lifetime=30) as fake:
+        client = ChatClient(fake.url, "scorer", concurrency=2)
+        det = score(client, "detection", "the word cat", SETS, feature=7, batch=1)
+        fuz = score(client, "fuzzing", "the word cat", SETS, feature=7, batch=1)
+    assert (det["tp"], det["fn"], det["tn"], det["fp"]) == (6, 0, 3, 1)
+    assert (fuz["tp"], fuz["fn"], fuz["tn"], fuz["fp"]) == (6, 0, 2, 2)
+    assert det["requests"] == fuz["requests"] == 10 and len(fake.requests) == 20
+    assert det["unparsable_batches"] == fuz["unparsable_batches"] == 0
+
+
+def test_one_word_answers_parse_only_when_they_come_first():
+    assert parse_labels("Yes, it does.", 1, single=True) == [1]
+    assert parse_labels("0", 1, single=True) == [0]
+    assert parse_labels("[1]", 1, single=True) == [1]
+    assert parse_labels("false", 1, single=True) == [0]
+    for bad in ("I think yes", "The answer is 1", "", "maybe", "2"):
+        with pytest.raises(ValueError):
+            parse_labels(bad, 1, single=True)
+    with pytest.raises(ValueError):
+        parse_labels("yes", 1)  # the list format (a batch's last, 1-item request) needs a list

@@ -93,11 +93,13 @@ def eval_steer_cmd(
         feature: Annotated[list[int], typer.Option("--feature", "-f", help="Feature to evaluate; repeat for several.")],
         mode: Annotated[str, typer.Option(help="add (strength = length of the added vector), clamp (set the activation to the strength) or scale (multiply it by the strength).")] = "add",
         strengths: Annotated[str, typer.Option(help="Comma-separated strengths to sweep.")] = "0,10,20,40,80,160",
-        prompts: Annotated[Path | None, typer.Option("--prompts", help="A text file, one held-out prompt per line (at least 2). [default: 16 built-in neutral prompts]", show_default=False)] = None,
+        prompts: Annotated[Path | None, typer.Option("--prompts", help="A text file, one held-out prompt per line (at least 2). [default: 16 built-in neutral prompts, or with --chat 16 neutral instructions]", show_default=False)] = None,
+        chat: Annotated[bool, typer.Option("--chat", help="Each prompt is a user message in the chat template; the assistant's reply is scored (instruct models).")] = False,
         concept: Annotated[str | None, typer.Option("--concept", help="Concept text: its log-probability lift is the concept score, the prompt baseline asks for it, DiffMean contrasts it with neutral text. [default: the feature's top logit-lens tokens]", show_default=False)] = None,
         max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, max=1024, help="Tokens generated per prompt.")] = 32,
         baselines: Annotated[bool, typer.Option(help="Also run the prompt and DiffMean baselines.")] = True,
         fluency_limit: Annotated[float, typer.Option(min=1.0, help="A strength is eligible when its perplexity is at most this times the unsteered one.")] = 2.0,
+        diversity_limit: Annotated[float, typer.Option(min=0.0, max=1.0, help="...and its distinct-2 (different token bigrams / bigrams) at least this times the unsteered one: perplexity alone does not see degenerate repetition.")] = 0.5,
         plot: Annotated[Path | None, typer.Option("--plot", help="Folder for one PNG per feature (concept and fluency against strength; needs matplotlib).", show_default=False)] = None,
         judge: Annotated[str | None, typer.Option("--judge", help="OpenAI-compatible chat endpoint (base URL) that scores each continuation with the AxBench rubric.", show_default=False)] = None,
         judge_model: Annotated[str | None, typer.Option("--judge-model", help="Model name for --judge.", show_default=False)] = None,
@@ -153,7 +155,8 @@ def eval_steer_cmd(
         s.check_features(f)
     results = eval_steer(lm, tok, s, feature, strengths=values, mode=mode, prompts=texts,
                          concept=concept, max_new_tokens=max_new_tokens, baselines=baselines,
-                         fluency_limit=fluency_limit, judge=judge_fn)
+                         fluency_limit=fluency_limit, diversity_limit=diversity_limit,
+                         chat=chat, judge=judge_fn)
     written = {}
     if plot is not None:
         from llamascope_sdk.steer_plot import plot_sweep
@@ -162,7 +165,7 @@ def eval_steer_cmd(
             written[r.feature] = str(plot_sweep(r, plot / f"eval_steer_{s.name}_{r.feature}.png"))
     exports = _exports(s, results[0], mode, export_lm_eval, export_serve, sae)
     if as_json:
-        echo_json({"sae": s.name, "mode": mode, "strengths": values,
+        echo_json({"sae": s.name, "mode": mode, "chat": chat, "strengths": values,
                    "judge": getattr(judge_fn, "report", lambda: None)(),
                    "features": [r.to_dict() for r in results], "plots": written,
                    "exports": exports})
@@ -192,13 +195,14 @@ def _print_feature(sae_name: str, mode: str, r: Any) -> None:
             mark = "  <- chosen" if r.chosen.get(m) is p else ""
             rows.append([m, _fmt(p.strength, "g") if p.strength is not None else "-",
                          _fmt(p.concept_activation), _fmt(p.concept_lift, "+.3f"),
-                         _fmt(p.perplexity, ".2f"), _fmt(p.kl), _fmt(p.dloss, "+.3g"),
+                         _fmt(p.perplexity, ".2f"), _fmt(p.distinct, ".2f"), _fmt(p.kl),
+                         _fmt(p.dloss, "+.3g"),
                          _fmt(p.judge, ".2f") + mark])
     label = f" '{r.label}'" if r.label else ""
     table(f"{sae_name} feature {r.feature}{label}, mode {mode}: test-half scores "
           f"(strength chosen on the other half); concept lift = {r.concept_measure}",
-          ["method", "strength", "feature act.", "concept lift", "perplexity", "KL", "d loss",
-           "judge"], rows)
+          ["method", "strength", "feature act.", "concept lift", "perplexity", "distinct-2", "KL",
+           "d loss", "judge"], rows)
 
 
 def _exports(s: Any, r: Any, mode: str, lm_eval_path: Path | None, serve_path: Path | None,

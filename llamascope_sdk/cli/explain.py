@@ -47,19 +47,22 @@ def top_frequency(store: Any, n: int) -> list[int]:
     return order[:n]
 
 
-def token_counter(name: str | None) -> tuple[Any, str]:
+def token_counter(name: str | None) -> tuple[Any, Any, str]:
     """Count tokens with the tokenizer ``name`` (a local folder, a cached Hub id or
-    'smollm2-135m'); without one, about 4 characters per token."""
-    from llamascope_sdk.explain.cost import approx_tokens, tokenizer_counter
+    'smollm2-135m'), whole requests with its chat template when it has one; without a
+    tokenizer, about 4 characters per token."""
+    from llamascope_sdk.explain.cost import approx_tokens, template_counter, tokenizer_counter
 
     if name is None:
-        return approx_tokens, "about 4 characters per token (--tokenizer counts exactly)"
+        return approx_tokens, None, "about 4 characters per token (--tokenizer counts exactly)"
     from transformers import AutoTokenizer
 
     from llamascope_sdk.models import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
-    return tokenizer_counter(tok), f"the {name} tokenizer"
+    messages = template_counter(tok)
+    how = f"the {name} tokenizer" + (" and its chat template" if messages is not None else "")
+    return tokenizer_counter(tok), messages, how
 
 
 def save_labels(store: Any, folder: Path) -> tuple[int, int]:
@@ -118,6 +121,7 @@ def explain(
         timeout: Annotated[float, typer.Option(min=1, help="Seconds a request may wait for the server (a local server on a CPU can take minutes under load; a timed-out request is sent again, which adds load).")] = 600.0,
         n_explain: Annotated[int, typer.Option(min=1, help="Contexts shown to the explainer.")] = 20,
         n_score: Annotated[int, typer.Option(min=1, help="Held-out activating and non-activating contexts per scorer.")] = 50,
+        scorer_batch: Annotated[int, typer.Option(min=1, max=50, help="Contexts per scorer request, answered as a list of 0/1; 1 asks one yes/no question per context (more requests, a format small local models can follow).")] = 5,
         tokenizer: Annotated[str | None, typer.Option(help="Tokenizer for the cost estimate (local folder, cached Hub id or smollm2-135m). [default: 4 characters per token]", show_default=False)] = None,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the records. [default: STORE/explanations/<model>]", show_default=False)] = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the estimate and stop.")] = False,
@@ -126,7 +130,7 @@ def explain(
     """Explain features in words and score the explanations (detection, fuzzing), resumably.
 
     With --endpoint and --model, each feature costs one explainer request and, on held-out
-    contexts, detection and fuzzing requests (5 contexts each); the number of requests and
+    contexts, detection and fuzzing requests (--scorer-batch contexts each); the number of requests and
     tokens is printed before anything is sent. Records go to STORE/explanations/<model>/;
     running again skips finished features. Without --endpoint, writes VocabProj (logit lens)
     and TokenChange (steering) descriptions, which need no LLM.
@@ -151,7 +155,7 @@ def explain(
     else:
         assert model is not None
         _run(st, feats, endpoint, model, api_key, concurrency, max_cost_tokens, timeout,
-             n_explain, n_score, tokenizer, out, dry_run, as_json)
+             n_explain, n_score, scorer_batch, tokenizer, out, dry_run, as_json)
         if dry_run:
             return
     from llamascope_sdk.explain.view import refresh_pages
@@ -177,16 +181,18 @@ def _llm_free(st: Any, feats: list[int], device: str, dtype: str | None, as_json
 
 def _run(st: Any, feats: list[int], endpoint: str, model: str, api_key: str | None,
          concurrency: int, max_cost: int | None, timeout: float, n_explain: int, n_score: int,
+         scorer_batch: int,
          tokenizer: str | None, out: Path | None, dry_run: bool, as_json: bool) -> None:
     from llamascope_sdk.endpoint import ChatClient
     from llamascope_sdk.errors import InputError
     from llamascope_sdk.explain import Settings, explain_features, plan_run
 
-    settings = Settings(n_explain=n_explain, n_score=n_score)
+    settings = Settings(n_explain=n_explain, n_score=n_score, batch=scorer_batch)
     client = ChatClient(endpoint, model, api_key=api_key, concurrency=concurrency,
                         timeout=timeout, token_budget=max_cost)
-    count, how = token_counter(tokenizer)
-    plan = plan_run(st, feats, model, settings=settings, out=out, count_tokens=count)
+    count, count_messages, how = token_counter(tokenizer)
+    plan = plan_run(st, feats, model, settings=settings, out=out, count_tokens=count,
+                    count_messages=count_messages)
     typer.echo(f"to send: {plan.estimate.line()}; {len(plan.skipped)} features already done; "
                f"tokens counted with {how}", err=True)
     if max_cost is not None and plan.estimate.total_tokens > max_cost:

@@ -4,8 +4,10 @@ The explainer sees contexts with the tokens the feature fires on between ``<<`` 
 (runs of consecutive firing tokens share one pair), and below each context those tokens with
 the activation on a 0-10 scale (10 = the largest activation among the contexts shown), as in
 Bills et al. (2023) and delphi. Scorers get numbered contexts, five per request by default, and
-answer with a list of 0s and 1s in order (``[1, 0, 0, 1, 0]``). Anything else is unparsable:
-counted, never guessed. Changing any text here changes :data:`PROMPT_VERSION`.
+answer with a list of 0s and 1s in order (``[1, 0, 0, 1, 0]``); with one context per request
+(``--scorer-batch 1``, a format small local models can follow) the question ends in "Answer Yes
+or No." and the reply's first word is the answer (yes/no, 1/0, true/false). Anything else is unparsable: counted,
+never guessed. Changing any text here changes :data:`PROMPT_VERSION`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Collection, Sequence
 
 from .examples import Context
 
-PROMPT_VERSION = "llamascope-explain-1"
+PROMPT_VERSION = "llamascope-explain-2"
 
 EXPLAIN_SYSTEM = (
     "You are an interpretability researcher studying one feature inside a language model. "
@@ -40,6 +42,15 @@ FUZZING_SYSTEM = (
     "the description applies to (1) or were marked at random (0). Reply with a list of 0s and "
     "1s, one per excerpt in order, for example [1, 0, 0, 1, 0], and nothing else.")
 
+#: One excerpt per request (``--scorer-batch 1``): a user message only, ending in a yes/no
+#: question, the form even a 135M chat model answers with a leading "Yes" or "No".
+SINGLE_DETECTION = ('Text: "{text}"\nDescription: {explanation}\nQuestion: does the text '
+                    "contain what the description describes? Answer Yes or No.")
+SINGLE_FUZZING = ('Text: "{text}"\nDescription: {explanation}\nQuestion: do the marked words '
+                  "(between << and >>) match the description? Answer Yes or No.")
+
+_WORD = re.compile(r"[A-Za-z0-9]+")
+_ONE_WORD = {"1": 1, "0": 0, "yes": 1, "no": 0, "true": 1, "false": 0}
 _LIST = re.compile(r"\[[^\[\]]*\]")
 _PREFIX = re.compile(r"^(explanation|description|answer|feature)\s*[:\-]\s*", re.IGNORECASE)
 
@@ -83,8 +94,15 @@ def _scale(a: float, top: float) -> int:
     return max(1, round(10 * a / top)) if top > 0 else 0
 
 
-def scorer_messages(kind: str, explanation: str, texts: Sequence[str]) -> list[dict[str, str]]:
-    """A detection or fuzzing request: the explanation and numbered excerpts."""
+def scorer_messages(kind: str, explanation: str, texts: Sequence[str],
+                    single: bool = False) -> list[dict[str, str]]:
+    """A detection or fuzzing request: the explanation and numbered excerpts, or with
+    ``single`` (one excerpt per request) a yes/no question about ``texts[0]``."""
+    if single:
+        if len(texts) != 1:
+            raise ValueError(f"single: one excerpt per request, got {len(texts)}")
+        form = SINGLE_DETECTION if kind == "detection" else SINGLE_FUZZING
+        return [{"role": "user", "content": form.format(text=texts[0], explanation=explanation)}]
     system = DETECTION_SYSTEM if kind == "detection" else FUZZING_SYSTEM
     body = "\n".join(f"Example {n}: {t}" for n, t in enumerate(texts, 1))
     user = (f"Description: {explanation}\n\n{body}\n\n"
@@ -107,13 +125,21 @@ def parse_explanation(text: str) -> str:
     raise ValueError("empty reply")
 
 
-def parse_labels(text: str, n: int) -> list[int]:
-    """The first ``[...]`` in the reply as ``n`` labels, each 0 or 1 (true/false accepted).
+def parse_labels(text: str, n: int, single: bool = False) -> list[int]:
+    """The first ``[...]`` in the reply as ``n`` labels, each 0 or 1 (true/false accepted);
+    with ``single``, the reply's first word (yes/no, 1/0, true/false) or a one-label list.
 
     Raises:
-        ValueError: no list, not JSON, the wrong length, or a value other than 0/1.
+        ValueError: no list, not JSON, the wrong length, or a value other than 0/1; with
+        ``single``, a reply whose first word is not an answer.
     """
     m = _LIST.search(text)
+    if m is None and single and n == 1:
+        # one excerpt: the reply's first word, if it is an answer (never a later word)
+        w = _WORD.search(text)
+        if w is not None and w.group(0).lower() in _ONE_WORD:
+            return [_ONE_WORD[w.group(0).lower()]]
+        raise ValueError("the reply does not start with 1, 0, yes or no")
     if m is None:
         raise ValueError("no [...] list in the reply")
     try:
@@ -131,6 +157,8 @@ def parse_labels(text: str, n: int) -> list[int]:
     return out
 
 
-def expected_answer(n: int) -> str:
+def expected_answer(n: int, single: bool = False) -> str:
     """What a well-formed scorer reply for ``n`` excerpts looks like (for cost estimates)."""
+    if single:
+        return "Yes"
     return "[" + ", ".join("1" if k % 2 == 0 else "0" for k in range(n)) + "]"

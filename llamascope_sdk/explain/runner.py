@@ -20,7 +20,7 @@ from typing import Any
 from llamascope_sdk.endpoint import ChatClient, Usage
 from llamascope_sdk.errors import InputError
 
-from .cost import Counter, Estimate, add, approx_tokens, estimate_feature
+from .cost import Counter, Estimate, MessagesCounter, add, approx_tokens, estimate_feature
 from .examples import ExampleSets, example_sets
 from .prompts import PROMPT_VERSION, explainer_messages, parse_explanation
 from .records import claim_folder, is_done, run_folder, write_feature
@@ -81,8 +81,10 @@ def _folder(store: Any, model: str, out: str | Path | None) -> Path:
 
 def plan_run(store: Any, features: Sequence[int], model: str, *, settings: Settings = Settings(),
              out: str | Path | None = None, count_tokens: Counter = approx_tokens,
-             per_message: int = 4, per_request: int = 3) -> Plan:
-    """What :func:`explain_features` will do: the features left to do and their cost."""
+             per_message: int = 4, per_request: int = 3,
+             count_messages: MessagesCounter | None = None) -> Plan:
+    """What :func:`explain_features` will do: the features left to do and their cost
+    (``count_messages``: a whole request's tokens, e.g. :func:`.cost.template_counter`)."""
     folder = _folder(store, model, out)
     feats = [store.check_feature(i) for i in dict.fromkeys(features)]
     todo = [i for i in feats if not is_done(folder, i)]
@@ -91,7 +93,9 @@ def plan_run(store: Any, features: Sequence[int], model: str, *, settings: Setti
         sets = example_sets(store, i, n_explain=settings.n_explain, n_score=settings.n_score)
         est = add(est, estimate_feature(sets, i, count=count_tokens, seed=settings.seed,
                                         batch=settings.batch, scorers=settings.scorers,
-                                        per_message=per_message, per_request=per_request))
+                                        per_message=per_message, per_request=per_request,
+                                        count_messages=count_messages,
+                                        explain_max_tokens=settings.explain_max_tokens))
     return Plan(folder, todo, [i for i in feats if i not in set(todo)], est)
 
 

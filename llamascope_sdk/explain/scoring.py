@@ -30,6 +30,9 @@ from llamascope_sdk.endpoint import ChatClient
 from .examples import ExampleSets
 from .prompts import marked, parse_labels, plain, scorer_messages
 
+#: max_tokens of a scorer request, per excerpt in it
+MAX_TOKENS_PER_ITEM = 8
+
 SCORERS = ("detection", "fuzzing")
 
 
@@ -83,9 +86,10 @@ def score(client: ChatClient, kind: str, explanation: str, sets: ExampleSets, *,
           feature: int, seed: int = 0, batch: int = 5) -> dict[str, Any]:
     """Run one scorer for one explanation; the result is JSON-ready."""
     groups = batches(items_for(kind, sets, rng_for(seed, feature, kind)), batch)
-    convs = [scorer_messages(kind, explanation, [it.text for it in g]) for g in groups]
-    parsers = [partial(parse_labels, n=len(g)) for g in groups]
-    replies = client.map(convs, max_tokens=8 * batch, parse=parsers)
+    single = batch == 1  # one yes/no question per excerpt
+    convs = [scorer_messages(kind, explanation, [it.text for it in g], single) for g in groups]
+    parsers = [partial(parse_labels, n=len(g), single=single) for g in groups]
+    replies = client.map(convs, max_tokens=MAX_TOKENS_PER_ITEM * batch, parse=parsers)
     labels: list[int] = []
     preds: list[int] = []
     bad = 0
