@@ -10,8 +10,7 @@ import argparse
 import json
 import sys
 
-from llamascope_sdk import SAE, evaluate, load_model, run_script
-from llamascope_sdk.corpus import check_source
+from llamascope_sdk import SAE, check_corpus, evaluate, load_model, run_script
 
 
 def main() -> None:
@@ -23,7 +22,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=256)
     args = ap.parse_args()
 
-    check_source(args.dataset)  # a missing file is reported before the model is loaded
+    check_corpus(args.dataset)  # a missing file is reported before the model is loaded
     sae = SAE.from_pretrained(args.sae)
     model, tokenizer = load_model(args.model)
     results = evaluate(model, tokenizer, [sae], args.dataset, tokens=args.tokens,

@@ -48,6 +48,7 @@ _EXPORTS = {
     "run_script": "cli.app",
     "ChatClient": "endpoint",
     "explain_features": "explain",
+    "check_corpus": "corpus",
 }
 
 # Spelled out (not ``[*_EXPORTS]``) so that linters see the TYPE_CHECKING imports as exported.
@@ -55,12 +56,14 @@ __all__ = ["__version__", "SAE", "Hyperparams", "FeatureStats", "list_saes", "lo
            "attach", "hooked", "Steer", "Clamp", "Scale", "Ablate", "read_features",
            "measure_feature_stats", "compare_generations", "generate_batch", "BatchGenerator",
            "SaePool", "evaluate", "LlamascopeError", "mine", "FeatureStore", "search_features", "tokenize",
-           "DEMO_FEATURE", "run_script", "ChatClient", "explain_features", "FeatureScores", "score_features"]
+           "DEMO_FEATURE", "run_script", "ChatClient", "explain_features", "FeatureScores", "score_features",
+           "check_corpus"]
 
 if TYPE_CHECKING:
     from .attachment import attach
     from .batch_generation import BatchGenerator, generate_batch
     from .cli.app import run_script
+    from .corpus import check_corpus
     from .demo import DEMO_FEATURE
     from .endpoint import ChatClient
     from .errors import LlamascopeError

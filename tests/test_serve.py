@@ -194,3 +194,33 @@ def test_encode_equals_the_cli_json(served, smollm2, saes) -> None:
     assert got["tokens"] == want["tokens"] and got["l0"] == want["l0"]
     assert [[f for f, _ in row] for row in got["top"][saes[0].name]] == \
            [[f for f, _ in row] for row in want["top"][saes[0].name]]
+
+
+def test_stop_strings_cut_the_text_streamed_or_not(client, smollm2, saes) -> None:
+    """``stop``: the choice ends before the first stop string (not included), finish_reason
+    "stop"; the stream's pieces concatenate to the same text; the baseline is cut the same
+    way; a bad stop is one 400 naming the field."""
+    model, tok = smollm2
+    want = compare_generations(model, tok, PROMPT, [], max_new_tokens=16).baseline
+    words = want.split()
+    stop = " " + words[3]  # a stop string inside the greedy continuation
+    cut = want[:want.find(stop)]
+    assert 0 < len(cut) < len(want)
+    r = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=16, stop=[stop, "zzzq"],
+                                  extra_body={"return_baseline": True})
+    assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
+    assert r.steering["baseline"]["text"] == cut and r.steering["baseline"]["finish_reason"] == "stop"
+    assert r.usage.completion_tokens < 16
+    pieces, reasons = [], []
+    for ch in client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=16, stop=stop,
+                                        stream=True):
+        pieces.append(ch.choices[0].text)
+        reasons.append(ch.choices[0].finish_reason)
+    assert "".join(pieces) == cut and reasons[-1] == "stop"
+    never = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=16, stop="zzzq")
+    assert never.choices[0].text == want and never.choices[0].finish_reason == "length"
+    import openai
+
+    for bad in (["a", "b", "c", "d", "e"], [""], 5):
+        with pytest.raises(openai.BadRequestError, match="stop"):
+            client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=4, stop=bad)

@@ -25,7 +25,7 @@ from llamascope_sdk.batch_generation import Row, Token
 from llamascope_sdk.pool import SaePool
 
 from .errors import HttpError, http_error
-from .payloads import GenRequest, Limits, parse_generation, parse_json
+from .payloads import GenRequest, Limits, first_stop, parse_generation, parse_json
 from .scheduler import Job, Scheduler
 from .steering import Steering, build, check_name
 
@@ -197,17 +197,27 @@ def create_app(model: Any, tokenizer: Any, pool: SaePool, config: ServeConfig) -
                 steering.release()
                 server.scheduler.cancel(job)  # a no-op once the job finished
 
-            return _Stream(_stream(server, job, steering, request, chat), cleanup)
+            return _Stream(_stream(server, job, steering, request, chat, req.stop), cleanup)
         try:
             ids: list[list[int]] = [[] for _ in job.rows]
             finish: list[str] = ["length"] * len(job.rows)
+            cut: list[int | None] = [None] * len(job.rows)
+            done = [False] * len(job.rows)
             async for t in server.tokens(job, request, watch=True):
+                if done[t.row]:
+                    continue  # this row met a stop string; the others still run
                 ids[t.row].append(t.token)
                 if t.finish:
-                    finish[t.row] = t.finish
+                    finish[t.row], done[t.row] = t.finish, True
+                if req.stop:
+                    at = first_stop(server.decode(ids[t.row]), req.stop)
+                    if at is not None:
+                        cut[t.row], finish[t.row], done[t.row] = at, "stop", True
+                if all(done):
+                    break  # leaving server.tokens cancels the job: its rows are freed
         finally:
             steering.release()
-        return _response(server, req, steering, ids, finish, chat)
+        return _response(server, req, steering, ids, finish, chat, cut)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -228,8 +238,11 @@ def create_app(model: Any, tokenizer: Any, pool: SaePool, config: ServeConfig) -
 
 
 def _response(server: Server, req: GenRequest, steering: Steering, ids: list[list[int]],
-              finish: list[str], chat: bool) -> dict[str, Any]:
-    text = server.decode(ids[0])
+              finish: list[str], chat: bool, cut: list[int | None]) -> dict[str, Any]:
+    def text_of(row: int) -> str:
+        return server.decode(ids[row])[:cut[row]]  # [:None] is the whole text
+
+    text = text_of(0)
     choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": text},
                                "finish_reason": finish[0], "logprobs": None} if chat else
                               {"index": 0, "text": text, "finish_reason": finish[0], "logprobs": None})
@@ -242,13 +255,15 @@ def _response(server: Server, req: GenRequest, steering: Steering, ids: list[lis
         "steering": {"applied": steering.applied},
     }
     if req.return_baseline:
-        out["steering"]["baseline"] = {"text": server.decode(ids[1]), "finish_reason": finish[1],
+        out["steering"]["baseline"] = {"text": text_of(1), "finish_reason": finish[1],
                                        "completion_tokens": len(ids[1])}
     return out
 
 
-async def _stream(server: Server, job: Job, steering: Steering, request: Any, chat: bool) -> AsyncIterator[str]:
-    """Server-sent events: the text in pieces that concatenate to the non-streamed text."""
+async def _stream(server: Server, job: Job, steering: Steering, request: Any, chat: bool,
+                  stops: list[str]) -> AsyncIterator[str]:
+    """Server-sent events: the text in pieces that concatenate to the non-streamed text (with
+    ``stops``, the last few characters wait until no stop string can be forming there)."""
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
 
@@ -270,6 +285,7 @@ async def _stream(server: Server, job: Job, steering: Steering, request: Any, ch
 
     ids: list[int] = []
     sent = ""
+    hold = max((len(x) for x in stops), default=1) - 1  # a stop string may still be forming
     try:
         yield chunk("" if chat else None, None, first=True)
         async for t in server.tokens(job, request):
@@ -277,7 +293,12 @@ async def _stream(server: Server, job: Job, steering: Steering, request: Any, ch
             text = server.decode(ids)
             if t.finish is None and text.endswith("\ufffd"):
                 continue  # half of a multi-byte character: wait for the rest
-            piece, sent = text[len(sent):], text
+            at = first_stop(text, stops) if stops else None
+            if at is not None:
+                yield chunk(text[len(sent):at], "stop")
+                break  # leaving server.tokens cancels the job
+            end = len(text) if t.finish else max(len(sent), len(text) - hold)
+            piece, sent = text[len(sent):end], text[:end]
             if piece or t.finish:
                 yield chunk(piece, t.finish)
         yield "data: [DONE]\n\n"

@@ -2,9 +2,10 @@
 
 Chat and completion bodies follow the OpenAI API (``messages`` or ``prompt``, ``max_tokens``,
 ``temperature``, ``top_p``, ``seed``, ``stream``); two fields are this server's own:
-``steering`` (a list of edits, or false) and ``return_baseline``. Fields the server does not
-read (``user``, ``stream_options``, ...) are ignored; fields it cannot honour (``n`` > 1, ``stop``)
-are refused rather than ignored.
+``steering`` (a list of edits, or false) and ``return_baseline``. ``stop`` (a string or up to 4)
+ends a choice before the first of them, which is not included, with finish_reason "stop".
+Fields the server does not read (``user``, ``stream_options``, ...) are ignored; fields it
+cannot honour (``n`` > 1) are refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class GenRequest:
     return_baseline: bool
     model: str | None
     edits: list[EditSpec] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -109,9 +111,7 @@ def parse_generation(body: dict[str, Any], *, chat: bool, tokenizer: Any, model:
     """Check a chat (``chat=True``) or completion body and tokenise its prompt."""
     if body.get("n") not in (None, 1):
         raise HttpError(400, f"n must be 1 (one choice per request), got {body.get('n')!r}", "n")
-    if body.get("stop") not in (None, [], ""):
-        raise HttpError(400, "stop sequences are not supported; generation stops at EOS or "
-                             "max_tokens", "stop")
+    stop = _stop(body.get("stop"))
     name = body.get("model")
     if name is not None and not isinstance(name, str):
         raise HttpError(400, f"model must be a string, got {name!r}", "model")
@@ -129,7 +129,7 @@ def parse_generation(body: dict[str, Any], *, chat: bool, tokenizer: Any, model:
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
         seed=_int(body, "seed", None, -(2**63), 2**63 - 1),
         stream=_bool(body, "stream"), return_baseline=_bool(body, "return_baseline"),
-        model=name)
+        model=name, stop=stop)
     if req.top_p == 0:
         raise HttpError(400, "top_p must be greater than 0", "top_p")
     req.edits = parse_steering(body.get("steering"), chat=chat, limits=limits)
@@ -137,6 +137,27 @@ def parse_generation(body: dict[str, Any], *, chat: bool, tokenizer: Any, model:
         raise HttpError(400, "return_baseline cannot be combined with stream; send two "
                              "requests or drop stream", "return_baseline")
     return req
+
+
+MAX_STOP = 4  #: as OpenAI's API
+
+
+def _stop(raw: Any) -> list[str]:
+    """``stop``: null, a string or a list of up to :data:`MAX_STOP` non-empty strings."""
+    if raw is None or raw == [] or raw == "":
+        return []
+    stops = [raw] if isinstance(raw, str) else raw
+    if (not isinstance(stops, list) or not 1 <= len(stops) <= MAX_STOP
+            or not all(isinstance(x, str) and x for x in stops)):
+        raise HttpError(400, f"stop must be a non-empty string or a list of 1 to {MAX_STOP} "
+                             f"non-empty strings, got {raw!r}", "stop")
+    return list(stops)
+
+
+def first_stop(text: str, stops: list[str]) -> int | None:
+    """Where ``text`` is cut: the start of the earliest stop string in it, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
 
 
 def _chat_ids(body: dict[str, Any], tokenizer: Any) -> list[int]:
