@@ -13,7 +13,7 @@ synthetic 64x SAE (36,864 features, random encoder, threshold set for an L0 of a
 Besides its per-batch work, a run has a fixed cost proportional to the state (its memory is
 touched for the first time and the slots are sorted once at the end: about 2 GiB at 36,864
 features, 1-2 s per GiB here), so with few tokens the ratio is dominated by it: at
-``--tokens 4096`` (two batches of 8 x 256) 36,864 features measured 2.3x. The default,
+``--tokens 4096`` (two batches of 8 x 256) 36,864 features measured 2.4x (4,608: 1.2x). The default,
 32,768 tokens (16 batches), is still a small run; the ratio falls further with more.
 
 DIR holds wikitext2-valid.txt (see bench/corpus_files.py; default $LLAMASCOPE_CORPUS).
