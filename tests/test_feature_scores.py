@@ -10,6 +10,7 @@ import torch
 
 from llamascope_sdk.errors import CorruptCheckpointError, InputError
 from llamascope_sdk.feature_scores import SCORES_FILE, FeatureScores, load_scores, score_features
+from llamascope_sdk.feature_stats import FeatureStats
 from llamascope_sdk.hooks import hooked
 from llamascope_sdk.logit_lens import final_norm_and_unembed
 from llamascope_sdk.models import tokenize
@@ -171,3 +172,19 @@ def test_cli_scores_reach_store_pages_show_and_search(smollm2, tmp_path):
     assert [h["feature"] for h in hits] == want
     assert [h["output_score"] for h in hits] == pytest.approx(
         [scores.output_score[f].item() for f in want])
+    # without a prompt: the store's best-scored features, no model, dense ones left out
+    res = runner.invoke(app, ["search", "--sae", "demo", "--store", str(out), "--sort",
+                              "output-score", "--top", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    listed = json.loads(res.stdout)["hits"]
+    st = FeatureStats.load(out)
+    ranked = [f for f in scores.top(scores.d_sae) if st.frequency[f] <= 0.1][:4]
+    assert [h["feature"] for h in listed] == ranked
+    assert [h["output_score"] for h in listed] == pytest.approx(
+        [scores.output_score[f].item() for f in ranked])
+    unscored = tmp_path / "unscored"
+    runner.invoke(app, ["inspect", "--sae", "demo", "--dataset", str(text), "--tokens", "60",
+                        "--out", str(unscored), "-f", "4154", "--max-pages", "1"])
+    res = runner.invoke(app, ["search", "--sae", "demo", "--store", str(unscored), "--sort",
+                              "output-score"])
+    assert res.exit_code != 0 and "score-features" in res.output

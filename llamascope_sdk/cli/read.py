@@ -125,6 +125,48 @@ def show(store: Annotated[str, typer.Argument(help="A feature store folder, or a
         say("(never fired on the mined corpus)")
 
 
+def _top_by_output_score(sae: str, store: str | None, top: int, include_dense: bool,
+                         as_json: bool) -> None:
+    """``search --sort output-score`` without a prompt: the store's best-scored features (no
+    model needed), dense ones left out unless asked for."""
+    from llamascope_sdk import demo
+    from llamascope_sdk.feature_scores import SCORES_FILE, FeatureScores
+    from llamascope_sdk.feature_store import load_store
+    from llamascope_sdk.feature_view import steer_command
+    from llamascope_sdk.metrics import DENSE_FREQUENCY
+
+    st = load_store(store if store is not None else sae)
+    if st.path is None or not (st.path / SCORES_FILE).is_file():
+        raise typer.BadParameter(f"the store {st.path} has no {SCORES_FILE}: run `llamascope "
+                                 f"score-features --sae {sae} --store {st.path}` first",
+                                 param_hint="--sort")
+    scores = FeatureScores.load(st.path)
+    freq, typical = st.stats.frequency, st.stats.typical
+    hits: list[dict[str, Any]] = []
+    for i in scores.top(st.d_sae):
+        dense = float(freq[i]) > DENSE_FREQUENCY
+        if dense and not include_dense:
+            continue
+        hits.append({"feature": i, **(scores.get(i) or {}), "frequency": float(freq[i]),
+                     "dense": dense, "label": st.labels.get(i)})
+        if len(hits) == top:
+            break
+    spec = "demo" if demo.is_demo(sae) else sae
+    cmd = (steer_command(spec, hits[0]["feature"], relative=True,
+                         typical=float(typical[hits[0]["feature"]])) if hits else None)
+    if as_json:
+        echo_json({"sae": st.name, "sort": "output-score", "hits": hits, "steer": cmd})
+        return
+    table(f"{st.name}: the {len(hits)} features with the highest output score (of "
+          f"{hits[0]['scored'] if hits else 0} scored)",
+          ["feature", "output score", "delta token conf.", "frequency", "label"],
+          [[h["feature"], f"{h['output_score']:.3g}", f"{h['delta_token_confidence']:+.3f}",
+            f"{100 * h['frequency']:.3g}%" + (" dense" if h["dense"] else ""), h["label"] or ""]
+           for h in hits])
+    if cmd:
+        typer.echo(f"steer the top hit: {cmd}")
+
+
 @app.command()
 @command
 def search(sae: SaeOpt,
@@ -157,8 +199,13 @@ def search(sae: SaeOpt,
             table(f"explanations of {st.name} matching {text!r}", ["feature", "explanation", "scores", "explainer"],
                   [[h["feature"], h["explanation"], h["scores"], h["model"]] for h in found])
         return
+    if prompt is None and sort == "output-score":
+        _top_by_output_score(sae, store, top, include_dense, as_json)
+        return
     if prompt is None:
-        raise typer.BadParameter("give --prompt TEXT (or --text WORDS to search explanations)", param_hint="--prompt")
+        raise typer.BadParameter("give --prompt TEXT (or --text WORDS to search explanations, or "
+                                 "--sort output-score alone for the best-scored features)",
+                                 param_hint="--prompt")
     check_text(prompt)
     if vs is not None:
         check_text(vs, "--vs")
