@@ -148,10 +148,19 @@ class FakeEndpoint:
                 return self._script.pop(0)
         return self.reply(messages)
 
+    def _leave(self, h: BaseHTTPRequestHandler) -> None:
+        """The request stops counting as in flight, once: before its answer is written (a
+        client may send its next request as soon as it has read the answer)."""
+        if getattr(h, "fake_in_flight", False):
+            h.fake_in_flight = False  # type: ignore[attr-defined]
+            with self._lock:
+                self.in_flight -= 1
+
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        h.fake_in_flight = True  # type: ignore[attr-defined]
         try:
             n = int(h.headers.get("Content-Length") or 0)
             request = json.loads(h.rfile.read(n))
@@ -167,12 +176,12 @@ class FakeEndpoint:
                 action = action.then
             self._answer(h, request, messages, action)
         finally:
-            with self._lock:
-                self.in_flight -= 1
+            self._leave(h)
 
     def _answer(self, h: BaseHTTPRequestHandler, request: dict[str, Any],
                 messages: list[dict[str, str]], action: Action) -> None:
         if isinstance(action, Drop):
+            self._leave(h)
             h.close_connection = True
             h.connection.close()
             with self._lock:
@@ -205,6 +214,7 @@ class FakeEndpoint:
               headers: dict[str, str] | None = None) -> None:
         with self._lock:
             self.statuses.append(code)
+        self._leave(h)
         h.send_response(code)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(body)))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +23,6 @@ from llamascope_sdk.training.sources import live_source
 from .tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -53,9 +46,12 @@ def test_two_processes_equal_one(tmp_path: Path, tiny_llama, char_tokenizer) -> 
     env = {"OMP_NUM_THREADS": "1", "PATH": shutil.os.environ["PATH"]}
     subprocess.run([sys.executable, *base, "--set", f"output_dir={tmp_path / 'one'}"],
                    check=True, cwd=ROOT, timeout=120, env=env, capture_output=True)
-    subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                    *base, "--set", f"output_dir={tmp_path / 'two'}"],
-                   check=True, cwd=ROOT, timeout=120, env=env, capture_output=True)
+    # --standalone: torchrun's rendezvous takes a free port itself (a port picked here and
+    # released before torchrun binds it can be taken in between)
+    two = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *base, "--set",
+                          f"output_dir={tmp_path / 'two'}"],
+                         cwd=ROOT, timeout=120, env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-4000:]
     one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-4, rtol=1e-4)
