@@ -358,10 +358,9 @@ def evaluate(model: nn.Module, tokenizer: Any,
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     context = context or min(DEFAULT_CONTEXT, max_pos or DEFAULT_CONTEXT)
     _check(model, named, context)
-    if isinstance(texts_or_dataset, str | os.PathLike):
-        from .corpus import check_source
+    from .corpus import check_corpus
 
-        check_source(texts_or_dataset)  # a missing file is one line, before any forward
+    check_corpus(texts_or_dataset)  # a missing file is one line, before any forward (paths only)
     batch_size = batch_size or max(1, 2048 // context)
     device = next(model.parameters()).device
     runs = [_Running(sae, parse_hook_point(sae.hyperparams.hook_point_in),

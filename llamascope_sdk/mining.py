@@ -195,7 +195,7 @@ def mine(model: Any, tokenizer: Any, saes: SAE | Sequence[SAE] | Mapping[str, SA
                        n_nonactivating=n_nonactivating, nonactivating_pool=nonactivating_pool)
     named = named_saes(saes)
     check_mining_args(model, named, tokens=tokens, context=context, batch_size=batch_size, cfg=cfg)
-    corpus_mod.check_source(corpus)  # a missing or unreadable file: one line, before any work
+    corpus_mod.check_corpus(corpus)  # a missing or unreadable file: one line, before any work
     if checkpoint_every is not None and (checkpoint_every < 1 or checkpoint_dir is None):
         raise InputError(f"checkpoint_every={checkpoint_every!r}: give an integer >= 1 and a "
                          "checkpoint_dir")

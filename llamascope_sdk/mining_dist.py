@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .mining_state import Tracker, merge_pool, merge_slots
+from .mining_state import Tracker
 from .training.ddp import Dist
 
 #: Bytes of one rank's slots gathered at a time.
@@ -40,6 +40,29 @@ def _merge_block(obj: object, names: tuple[str, ...], lo: int, hi: int, world: i
     merged = merge_slots(parts)
     for name in names:
         getattr(obj, name)[lo:hi] = merged[name]
+
+
+def merge_slots(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Slots of several states (``keys``/``doc``/``pos`` [F, K], ``tok``/``act`` [F, K, W])
+    merged into the K largest keys per feature: what one pass over all their batches keeps."""
+    k = parts[0]["keys"].shape[1]
+    top, idx = torch.cat([p["keys"] for p in parts], dim=1).topk(k, dim=1)
+    out = {"keys": top}
+    for name in ("doc", "pos", "tok", "act"):
+        cat = torch.cat([p[name] for p in parts], dim=1)
+        out[name] = cat.gather(1, idx if cat.dim() == 2 else idx[..., None].expand(-1, -1, cat.shape[2]))
+    return out
+
+
+def merge_pool(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Pools of several states merged into the R largest keys (as :func:`merge_slots`)."""
+    r = parts[0]["keys"].shape[1]
+    top, idx = torch.cat([p["keys"] for p in parts], dim=1).topk(r, dim=1)
+    i = idx[0]
+    out = {"keys": top, "fires": torch.cat([p["fires"] for p in parts], dim=1)[:, i]}
+    for name in ("doc", "pos", "tok"):
+        out[name] = torch.cat([p[name] for p in parts], dim=0)[i]
+    return out
 
 
 def merge_trackers(trackers: Mapping[str, Tracker], dist: Dist) -> None:
@@ -74,4 +97,4 @@ def merge_trackers(trackers: Mapping[str, Tracker], dist: Dist) -> None:
             pool.fires = fires
 
 
-__all__ = ["merge_trackers", "all_gather", "BLOCK_BYTES"]
+__all__ = ["merge_trackers", "merge_slots", "merge_pool", "all_gather", "BLOCK_BYTES"]

@@ -16,7 +16,7 @@ Every entry has a unique 64-bit key and a slot keeps the K largest keys seen:
 * pool: ``priority(order, -1) << 32 | (2^32-1 - order)`` over every counted token.
 
 Because the kept set is the K largest keys, it does not depend on the order batches are seen
-in or on how they are split between processes: merging two states (:func:`merge_slots`) gives
+in or on how they are split between processes: merging two states (:func:`~llamascope_sdk.mining_dist.merge_slots`) gives
 exactly the state of one pass over both. Slots are kept unsorted; :meth:`Slots.examples` sorts
 them once at the end.
 
@@ -422,29 +422,6 @@ class Tracker:
                 obj.load({k.split(".", 1)[1]: v for k, v in t.items() if k.startswith(part + ".")})
 
 
-def merge_slots(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Slots of several states (``keys``/``doc``/``pos`` [F, K], ``tok``/``act`` [F, K, W])
-    merged into the K largest keys per feature: what one pass over all their batches keeps."""
-    k = parts[0]["keys"].shape[1]
-    top, idx = torch.cat([p["keys"] for p in parts], dim=1).topk(k, dim=1)
-    out = {"keys": top}
-    for name in ("doc", "pos", "tok", "act"):
-        cat = torch.cat([p[name] for p in parts], dim=1)
-        out[name] = cat.gather(1, idx if cat.dim() == 2 else idx[..., None].expand(-1, -1, cat.shape[2]))
-    return out
-
-
-def merge_pool(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Pools of several states merged into the R largest keys (as :func:`merge_slots`)."""
-    r = parts[0]["keys"].shape[1]
-    top, idx = torch.cat([p["keys"] for p in parts], dim=1).topk(r, dim=1)
-    i = idx[0]
-    out = {"keys": top, "fires": torch.cat([p["fires"] for p in parts], dim=1)[:, i]}
-    for name in ("doc", "pos", "tok"):
-        out[name] = torch.cat([p[name] for p in parts], dim=0)[i]
-    return out
-
-
 def state_bytes(d_sae: int, top_n: int = 20, window: int = 21, n_samples: int = 100,
                 example_context: int = 64, pool: int = 1000) -> int:
     """Bytes of a miner's running state for one SAE (see :mod:`llamascope_sdk.mining`)."""
@@ -455,4 +432,4 @@ def state_bytes(d_sae: int, top_n: int = 20, window: int = 21, n_samples: int = 
 
 
 __all__ = ["HIST_EDGES", "Examples", "Contexts", "MiningConfig", "Tracker", "Batch",
-           "sample_priority", "state_bytes", "merge_slots", "merge_pool"]
+           "sample_priority", "state_bytes"]

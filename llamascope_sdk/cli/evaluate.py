@@ -50,7 +50,7 @@ def eval_cmd(names: Annotated[list[str], typer.Argument(help="SAE names sharing 
              revision: RevisionOpt = None, as_json: JsonOpt = False) -> None:
     """L0, explained variance, MSE, delta LM loss, KL and dead/dense features on a text."""
     from llamascope_sdk.compat import check_compatible
-    from llamascope_sdk.corpus import check_source
+    from llamascope_sdk.corpus import check_corpus
     from llamascope_sdk.devices import resolve_device
     from llamascope_sdk.evaluation import evaluate
     from llamascope_sdk.models import base_model_of, load_model
@@ -60,7 +60,7 @@ def eval_cmd(names: Annotated[list[str], typer.Argument(help="SAE names sharing 
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU a rank
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     resolve_device(device)
-    check_source(dataset)  # a missing or unreadable file is reported before any loading
+    check_corpus(dataset)  # a missing or unreadable file is reported before any loading
     dist = init_from_env(device)
     saes = [SAE.from_pretrained(n, revision=revision, device=device) for n in names]
     models = {base_model_of(s) for s in saes}

@@ -64,7 +64,7 @@ def inspect(sae: SaesOpt,
     """
     from llamascope_sdk import demo
     from llamascope_sdk.compat import check_compatible
-    from llamascope_sdk.corpus import check_source
+    from llamascope_sdk.corpus import check_corpus
     from llamascope_sdk.feature_store import (
         check_output_folder,
         check_stats_target,
@@ -78,7 +78,7 @@ def inspect(sae: SaesOpt,
     from llamascope_sdk.training.ddp import init_from_env
 
     specs = {name: "demo" if demo.is_demo(name) else name for name in sae}  # checked once
-    check_source(dataset)  # a missing or unreadable file is reported before any loading
+    check_corpus(dataset)  # a missing or unreadable file is reported before any loading
     # Every output path is checked before anything loads or is mined (and the statistics'
     # folder created): a file, a folder the SDK did not write or an unwritable place is refused.
     if save_stats_to is not None and len(sae) > 1:

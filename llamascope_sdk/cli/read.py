@@ -157,12 +157,10 @@ def _top_by_output_score(sae: str, store: str | None, top: int, include_dense: b
     if as_json:
         echo_json({"sae": st.name, "sort": "output-score", "hits": hits, "steer": cmd})
         return
-    table(f"{st.name}: the {len(hits)} features with the highest output score (of "
-          f"{hits[0]['scored'] if hits else 0} scored)",
-          ["feature", "output score", "delta token conf.", "frequency", "label"],
-          [[h["feature"], f"{h['output_score']:.3g}", f"{h['delta_token_confidence']:+.3f}",
-            f"{100 * h['frequency']:.3g}%" + (" dense" if h["dense"] else ""), h["label"] or ""]
-           for h in hits])
+    from .eval_steer import score_table
+
+    score_table(f"{st.name}: the {len(hits)} features with the highest output score (of "
+                f"{hits[0]['scored'] if hits else 0} scored)", hits)
     if cmd:
         typer.echo(f"steer the top hit: {cmd}")
 

@@ -47,7 +47,7 @@ from .documents import (
     CorpusSource,
     LocalDocuments,
     ReadCounts,
-    check_source,
+    check_corpus,
     file_documents,
     hub_documents,
     iter_documents,
@@ -74,12 +74,8 @@ from .tokens import (
     token_batches,
 )
 
-#: :func:`check_source` under the name the package exports: check a corpus (files exist, types
-#: readable) before loading a model.
-check_corpus = check_source
-
 __all__ = ["PIECE_CHARS", "RULES", "SUFFIXES", "Batch", "LocalDocuments", "ReadCounts", "Rule", "Sequence", "CorpusSource",
-           "batches", "bos_ids", "check_context", "check_corpus", "check_source", "document_tokens", "encode", "file_documents",
+           "batches", "bos_ids", "check_context", "check_corpus", "document_tokens", "encode", "file_documents",
            "hub_documents", "iter_documents", "local_documents", "local_paths", "pad_id",
            "pad_rows", "sequences", "split_document", "split_text", "tensor_batches",
            "token_batches"]

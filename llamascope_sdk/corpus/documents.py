@@ -101,7 +101,7 @@ def file_documents(path: Path, text_field: str = "text", pack_chars: int | None 
     return ["".join(d) for d in _file_documents(path, text_field, pack_chars, ReadCounts())]
 
 
-def check_source(source: CorpusSource | Iterable[str]) -> None:
+def check_corpus(source: CorpusSource | Iterable[str]) -> None:
     """Check a corpus before any long work: every local file it names exists and has a type
     that can be read (a dataset name is checked when it is streamed).
 
