@@ -148,7 +148,9 @@ def eval_steer_cmd(
         check_text(concept, "--concept")
     if (judge is None) != (judge_model is None):
         raise typer.BadParameter("--judge and --judge-model go together", param_hint="--judge")
-    if export_lm_eval is not None and mode != "add":
+    from llamascope_sdk.steering.spec import MODES as TABLE
+
+    if export_lm_eval is not None and TABLE[mode].lm_eval_action is None:
         raise InputError(f"--export-lm-eval exports add edits only, not {mode}: lm-eval's "
                          "'clamp' sets a direction's projection, not an SAE feature's activation",
                          hint="use --mode add, or --export-serve")
@@ -218,11 +220,11 @@ def _exports(s: Any, r: Any, mode: str, lm_eval_path: Path | None, serve_path: P
     out: dict[str, str] = {}
     if lm_eval_path is None and serve_path is None:
         return out
-    from llamascope_sdk.steering.interventions import Clamp, Scale, Steer
     from llamascope_sdk.steering.lm_eval_export import save_lm_eval_steer, save_serve_request
+    from llamascope_sdk.steering.spec import make_edit
 
     strength = r.chosen["feature"].strength or 0.0
-    edit = {"add": Steer, "clamp": Clamp, "scale": Scale}[mode](s, [r.feature], strength)
+    edit = make_edit(mode, s, [r.feature], strength)
     if lm_eval_path is not None:
         out["lm-eval steer file"] = str(save_lm_eval_steer([edit], lm_eval_path))
     if serve_path is not None:

@@ -50,10 +50,11 @@ from llamascope_sdk.evaluation.steer_metrics import (
 from llamascope_sdk.loading.sae import SAE
 from llamascope_sdk.steering.batch_generation import generate_batch
 from llamascope_sdk.steering.generation import prompt_ids
-from llamascope_sdk.steering.interventions import Clamp, Intervention, Scale, Steer
+from llamascope_sdk.steering.interventions import Intervention
 from llamascope_sdk.steering.row_edits import VectorEdit
+from llamascope_sdk.steering.spec import SWEEP_MODES, make_edit
 
-MODES = ("add", "clamp", "scale")
+MODES = SWEEP_MODES  #: the modes the steering spec marks as swept
 DEFAULT_STRENGTHS = (0.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 #: Held-out neutral prompts (continuations of everyday openings), our own.
 NEUTRAL_PROMPTS = (
@@ -149,11 +150,7 @@ class FeatureEval:
 
 
 def _edit(sae: SAE, feature: int, mode: str, strength: float) -> Intervention:
-    if mode == "add":
-        return Steer(sae, [feature], strength)
-    if mode == "clamp":
-        return Clamp(sae, [feature], strength)
-    return Scale(sae, [feature], strength)
+    return make_edit(mode, sae, [feature], strength)
 
 
 def _nanmean(xs: Sequence[float | None]) -> float:
