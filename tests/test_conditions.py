@@ -30,8 +30,9 @@ def _reference(model, ids: list[int], n_new: int, steps: list[dict]) -> list[int
     the output of layer ``cond_layer`` (clean of this edit: it is read before it), BOS and other
     special tokens excluded, latched if asked. The whole sequence runs at every step."""
     seq = list(ids)
+    reads: dict[int, torch.Tensor] = {}
     for _ in range(n_new):
-        reads: dict[int, torch.Tensor] = {}
+        reads.clear()
         handles = []
 
         def keep(layer):
@@ -209,3 +210,31 @@ def test_clamp_with_a_condition_only_changes_where_it_holds(tiny_llama, saes) ->
     edited = resid_after_layer1([Clamp(sae1, [7], 5.0, when=FeatureCondition(sae0, f, above))])
     changed = (edited - clean).abs().amax(-1) > 0
     assert changed.tolist() == holds.tolist()
+
+
+def test_eval_steer_reports_where_the_condition_fired(tiny_llama, saes) -> None:
+    """A condition that never holds leaves every prompt as it was (all quiet, all unchanged);
+    one that always holds on real tokens fires on every prompt; the report's counts are
+    checked against generations made here."""
+    from llamascope_sdk.evaluation.steer_eval import eval_steer
+    from tests.test_eval_steer import _Tok
+
+    sae0, sae1 = saes
+    tok = _Tok()
+    prompts = ["abc def", "hello wo", "xyz", "the cat", "a b c", "more text"]
+    f = _feature(tiny_llama, sae0)
+    never = FeatureCondition(sae0, f, 1e6)
+    res = eval_steer(tiny_llama, tok, sae1, [5], strengths=[0.0, 8.0], prompts=prompts,
+                     max_new_tokens=4, baselines=False, progress=False, when=never)[0]
+    rows = {r["strength"]: r for r in res.condition}
+    assert rows[8.0] == {"strength": 8.0, "fired": 0.0, "quiet_prompts": 3,
+                         "quiet_unchanged": 1.0, "quiet_dlog_perplexity": 0.0}
+    sometimes = FeatureCondition(sae0, f, _threshold(tiny_llama, sae0, f, PROMPTS[0]))
+    res = eval_steer(tiny_llama, tok, sae1, [5], strengths=[8.0], prompts=prompts,
+                     max_new_tokens=4, baselines=False, progress=False, when=sometimes)[0]
+    got = res.condition[0]
+    gens = generate_batch(tiny_llama, tok, [prompts[i] for i in (1, 3, 5)],
+                          [[Steer(sae1, [5], 8.0, when=sometimes)]] * 3, max_new_tokens=4)
+    fired = [g.fired for g in gens]
+    assert got["fired"] == pytest.approx(sum(fired) / 3)
+    assert got["quiet_prompts"] == 3 - sum(fired)

@@ -71,6 +71,8 @@ class Token:
     finish: str | None = None
     readout: list[ReadoutValues] | None = None
     read_ids: list[int] | None = None
+    #: on the last event: whether a condition of the row's edits held anywhere (None: none)
+    fired: bool | None = None
 
 
 @dataclass
@@ -80,6 +82,8 @@ class Generation:
     ids: list[int]
     text: str
     finish: str
+    #: whether a condition of the row's edits held at some position (None: no conditions)
+    fired: bool | None = None
 
 
 @dataclass
@@ -247,6 +251,7 @@ class BatchGenerator:
             read = (st.state.read, read_ids[b]) if st.state.readouts else (None, None)
             if st.finishing is not None:  # this forward only read the last token
                 events.append(Token(st.handle, None, st.finishing, *read))
+                events[-1].fired = None if st.state.fired is None else bool(st.state.fired)
                 continue
             tok = self._pick(st, logits[b])
             st.out.append(tok)
@@ -255,6 +260,8 @@ class BatchGenerator:
             if finish is not None and st.state.readouts:
                 st.finishing, finish = finish, None  # one more forward reads this token
             events.append(Token(st.handle, tok, finish, *read))
+            if finish is not None:
+                events[-1].fired = None if st.state.fired is None else bool(st.state.fired)
         return events
 
     @staticmethod
@@ -366,6 +373,7 @@ def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[
     handles: dict[int, int] = {}
     todo = list(enumerate(rows))
     finish: dict[int, str] = {}
+    fired: dict[int, bool | None] = {}
     out: dict[int, list[int]] = {}
     while todo or gen.busy:
         while todo and gen.size < limit:
@@ -376,5 +384,6 @@ def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[
                 out.setdefault(handles[t.row], []).append(t.token)
             if t.finish:
                 finish[handles[t.row]] = t.finish
-    return [Generation(out[i], tokenizer.decode(out[i], skip_special_tokens=True), finish[i])
-            for i in range(len(rows))]
+                fired[handles[t.row]] = t.fired
+    return [Generation(out[i], tokenizer.decode(out[i], skip_special_tokens=True), finish[i],
+                       fired[i]) for i in range(len(rows))]

@@ -143,6 +143,7 @@ class RowState:
     readouts: Sequence[Readout] = ()
     read: list[ReadoutValues] = field(default_factory=list)  # one per readout, last forward
     latched: dict[int, torch.Tensor] = field(default_factory=dict)  # edit index -> bool [1]
+    fired: torch.Tensor | None = None  # bool []: a condition held somewhere (None: none)
 
 
 def row_hooks(edits: Sequence[Sequence[RowEdit]], pos_BT: torch.Tensor,
@@ -216,6 +217,7 @@ def _condition_reader(when: Condition, b: int, j: int, keep_BT: torch.Tensor, st
         if latched is not None:
             state.latched[j] = latched
         gates[(b, j)] = on
+        state.fired = on.any() if state.fired is None else state.fired | on.any()
     return read
 
 

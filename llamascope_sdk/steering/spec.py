@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamascope_sdk.base.errors import FieldError
+from llamascope_sdk.steering.conditions import DirectionCondition, FeatureCondition
 from llamascope_sdk.steering.interventions import Ablate, Clamp, Intervention, Scale, Steer
 
 POSITIONS = ("prompt", "generated", "all")
@@ -223,8 +224,9 @@ class SteeringEntry:
 
     @classmethod
     def of(cls, iv: Intervention, sae_spec: str) -> SteeringEntry:
-        """The entry of a built intervention (its SAE named ``sae_spec``), without its
-        condition. Raises :class:`FieldError` for positions a JSON entry cannot name."""
+        """The entry of a built intervention (its SAE named ``sae_spec``; a condition on a
+        feature of the same SAE names it so too). Raises :class:`FieldError` for positions a
+        JSON entry cannot name."""
         mode = mode_of(iv)
         if not isinstance(iv.positions, str):
             raise FieldError(f"a steering entry takes positions {', '.join(POSITIONS)}, not "
@@ -232,7 +234,7 @@ class SteeringEntry:
         value = None if mode.value_arg is None else _plain(getattr(iv, mode.value_arg))
         return cls(sae_spec, tuple(int(i) for i in iv.idx.tolist()), mode.name, value,
                    bool(getattr(iv, "relative", False)), iv.positions,
-                   getattr(iv, "mode", "zero") == "mean")
+                   getattr(iv, "mode", "zero") == "mean", _when_of(iv, sae_spec))
 
 
 @dataclass(frozen=True)
@@ -363,6 +365,17 @@ def _value(raw: Any, mode: Mode, param: str) -> float | tuple[float, ...] | None
     if not all(math.isfinite(v) for v in vals):
         raise FieldError(f"{param} must be finite, got {raw!r}", param)
     return tuple(float(v) for v in raw) if isinstance(raw, list) else float(raw)
+
+
+def _when_of(iv: Intervention, sae_spec: str) -> WhenEntry | None:
+    w = iv.when
+    if isinstance(w, FeatureCondition):
+        return WhenEntry(float(w.above), sae=sae_spec if w.sae is iv.sae else w.sae.name,
+                         feature=w.feature, latch=w.latch)
+    if isinstance(w, DirectionCondition):
+        return WhenEntry(float(w.above), direction=tuple(float(x) for x in w.direction.tolist()),
+                         hook_point=w.site.hook_point, latch=w.latch)
+    return None
 
 
 def _plain(v: Any) -> float | tuple[float, ...]:
