@@ -232,3 +232,27 @@ def test_eight_concurrent_conditional_requests_equal_the_reference_loop(served, 
     plain = _reference(model, ids[0], 6, [], special)
     assert refs[0] not in (always, plain) or refs[2] not in (always, plain)
     assert "when feature" in outs[0]["steering"]["applied"][0]
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"readout": {"sae": "demo", "features": [4608]}}, "readout.features"),
+    ({"readout": {"sae": "demo", "top_k": 1000}}, "readout.top_k"),
+    ({"readout": [{"sae": "demo"}]}, "readout[0]"),
+    ({"steering": [{"sae": "demo", "feature": 1, "value": 1.0,
+                    "when": {"sae": "demo", "feature": 4608, "above": 1}}]},
+     "steering[0].when.feature"),
+    ({"steering": [{"sae": "demo", "feature": 1, "value": 1.0,
+                    "when": {"direction": [1.0] * 576, "hook_point": "blocks.20.hook_resid_post",
+                             "above": 1}}]}, "steering[0].when"),
+    ({"steering": [{"sae": "demo", "feature": 1, "value": 1.0,
+                    "when": {"direction": [1.0] * 3, "hook_point": "blocks.2.hook_resid_post",
+                             "above": 1}}]}, "steering[0].when.direction"),
+    ({"steering": [{"sae": "demo", "feature": 1, "value": 1.0, "when": {"above": "x"}}]},
+     "steering[0].when.above"),
+])
+def test_bad_readouts_and_conditions_are_400s_naming_the_field(served, extra, param) -> None:
+    r = httpx.post(f"{served.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2, **extra},
+                   headers=HEADERS, timeout=600)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and "\n" not in err["message"]

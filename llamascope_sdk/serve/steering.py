@@ -19,7 +19,12 @@ from typing import Any, TypeVar
 
 import torch
 
-from llamascope_sdk.base.errors import FieldError, SaeNotFoundError, UnknownSaeError
+from llamascope_sdk.base.errors import (
+    FieldError,
+    HookpointNotFoundError,
+    SaeNotFoundError,
+    UnknownSaeError,
+)
 from llamascope_sdk.loading.compat import check_compatible
 from llamascope_sdk.loading.demo import is_demo
 from llamascope_sdk.loading.sae import SAE
@@ -74,7 +79,7 @@ def build(specs: list[SteeringEntry], pool: SaePool, model: Any, *,
     try:
         for spec in specs:
             edit, text = _one(spec, pool, out, model, served, allow_local)
-            out.edits += as_row_edits(model, [edit])
+            out.edits += _placed(model, edit, spec.param)
             out.applied.append(f"{spec.sae}: {text}")
         for r in readouts or []:
             out.readouts.append(_readout(r, out, model, served, allow_local))
@@ -84,22 +89,30 @@ def build(specs: list[SteeringEntry], pool: SaePool, model: Any, *,
     return out
 
 
+def _placed(model: Any, edit: RowEdit | Intervention, param: str) -> list[RowEdit]:
+    """The edit placed at its sites (its SAE checked against the model)."""
+    return _step(lambda: as_row_edits(model, [edit]), param)
+
+
 def _step(fn: Callable[[], T], param: str) -> T:
-    """``fn()``; an SDK error becomes the HTTP answer about field ``param`` (an index out of
-    range about its ``feature`` list, an unknown SAE about its ``sae``)."""
+    """``fn()``; an SDK error becomes the HTTP answer about field ``param`` (by its class: an
+    index out of range is about the entry's ``feature``, an unknown SAE about its ``sae``; a
+    :class:`FieldError` names its own field inside the entry)."""
+    entry = param.split(".")[0]
     try:
         return fn()
     except HttpError:
         raise
     except FieldError as exc:
-        raise http_error(exc, exc.field) from None
+        raise http_error(exc, exc.field if exc.field.startswith(entry) else
+                         f"{entry}.{exc.field}") from None
     except Exception as exc:
-        base = param.rsplit(".", 1)[0]
-        if isinstance(exc, IndexError):
-            field = f"{base}.feature" if not base.startswith("readout") else param
-        elif isinstance(exc, UnknownSaeError) or (isinstance(exc, (KeyError, FileNotFoundError))
-                                                   and not isinstance(exc, SaeNotFoundError)):
-            field = f"{base}.sae"
+        if isinstance(exc, IndexError) and not entry.startswith("readout"):
+            field = f"{entry}.feature" if ".when" not in param else f"{entry}.when.feature"
+        elif isinstance(exc, UnknownSaeError) or (
+                isinstance(exc, (KeyError, FileNotFoundError))
+                and not isinstance(exc, (SaeNotFoundError, HookpointNotFoundError))):
+            field = f"{entry}.sae"
         else:
             field = param
         raise http_error(exc, field) from None
@@ -132,14 +145,18 @@ def _condition(spec: SteeringEntry, out: Steering, model: Any, served: Collectio
     w, param = spec.when, f"{spec.param}.when"
     if w is None:
         return None
+    cond: Condition
     if w.direction is not None:
         vector, hook_point = torch.tensor(w.direction), str(w.hook_point)
-        return _step(lambda: DirectionCondition(vector, hook_point, w.above, latch=w.latch),
-                     f"{param}.direction")
-    assert w.sae is not None and w.feature is not None
-    sae = _held(w.sae, param, out, model, served, allow_local)
-    return _step(lambda: FeatureCondition(sae, w.feature, w.above, latch=w.latch),  # type: ignore[arg-type]
-                 f"{param}.feature")
+        cond = _step(lambda: DirectionCondition(vector, hook_point, w.above, latch=w.latch),
+                     f"{param}.hook_point")
+    else:
+        assert w.sae is not None and w.feature is not None
+        sae = _held(w.sae, param, out, model, served, allow_local)
+        cond = _step(lambda: FeatureCondition(sae, w.feature, w.above, latch=w.latch),  # type: ignore[arg-type]
+                     f"{param}.feature")
+    _step(lambda: cond.check_model(model), param)
+    return cond
 
 
 def _one(spec: SteeringEntry, pool: SaePool, out: Steering, model: Any, served: Collection[str],

@@ -47,7 +47,7 @@ from llamascope_sdk.core.hooks import SiteFn, hooked
 from llamascope_sdk.core.sites import Site, decoder_layers
 from llamascope_sdk.loading.compat import check_compatible, named_saes
 from llamascope_sdk.loading.sae import SAE
-from llamascope_sdk.steering.conditions import FeatureCondition, gate
+from llamascope_sdk.steering.conditions import gate
 from llamascope_sdk.steering.interventions import Intervention, edit_delta, position_mask
 
 CAPTURE_ALL = ("features", "inputs", "targets", "recons")
@@ -370,8 +370,8 @@ def attach(model: nn.Module, saes: SAE | Sequence[SAE] | Mapping[str, SAE] = (),
     for name, sae in named.items():
         slots[id(sae)] = _make_slot(model, sae, name, read=True, splice=splice)
     for iv in ivs:
-        if isinstance(iv.when, FeatureCondition):
-            check_compatible(model, iv.when.sae)
+        if iv.when is not None:
+            iv.when.check_model(model)
         if id(iv.sae) not in slots:
             slots[id(iv.sae)] = _make_slot(model, iv.sae, iv.sae.name, read=False, splice=False)
         slots[id(iv.sae)].interventions.append(iv)

@@ -24,11 +24,13 @@ loop in tests/test_conditions.py).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-from llamascope_sdk.base.errors import InputError
-from llamascope_sdk.core.sites import Site, parse_hook_point
+from llamascope_sdk.base.errors import FieldError, InputError
+from llamascope_sdk.core.sites import Site, hidden_size, module_for, parse_hook_point
+from llamascope_sdk.loading.compat import check_compatible
 from llamascope_sdk.loading.sae import SAE
 
 
@@ -62,12 +64,20 @@ class Condition:
         """Refuse a condition read after ``edit_site`` in the forward.
 
         Raises:
-            InputError: the condition's site comes later than the edit's.
+            FieldError: (field ``when``) the condition's site comes later than the edit's.
         """
         if self.site.order > edit_site.order:
-            raise InputError(f"{what}: the condition is read at {self.site.hook_point}, after "
+            raise FieldError(f"{what}: the condition is read at {self.site.hook_point}, after "
                              f"the edit's site {edit_site.hook_point}; read it at the edit's "
-                             "layer or an earlier one")
+                             "layer or an earlier one", "when")
+
+    def check_model(self, model: Any) -> None:
+        """Refuse a condition the model cannot be read for (layer out of range, width).
+
+        Raises:
+            IncompatibleModelError, HookpointNotFoundError: naming the condition.
+        """
+        module_for(model, self.site)
 
     def describe(self) -> str:
         """``"when feature 12 of demo > 1.5 (latched)"``: what the condition asks."""
@@ -98,6 +108,9 @@ class FeatureCondition(Condition):
                              "needs a threshold SAE (jumprelu/relu), not Top-K")
         self.site = parse_hook_point(sae.hyperparams.hook_point_in)
 
+    def check_model(self, model: Any) -> None:
+        check_compatible(model, self.sae)
+
     def values(self, x_BTD: torch.Tensor) -> torch.Tensor:
         return self.sae.encode_features(x_BTD.to(self.sae.dtype), self.idx)[..., 0].float()
 
@@ -125,6 +138,13 @@ class DirectionCondition(Condition):
         if not math.isfinite(norm) or norm == 0:
             raise InputError(f"condition direction must be finite and non-zero (norm {norm})")
         self.direction = v / norm  # unit
+
+    def check_model(self, model: Any) -> None:
+        module_for(model, self.site)
+        if hidden_size(model) != self.direction.numel():
+            raise FieldError(f"condition direction has {self.direction.numel()} values; the "
+                             f"model's activations at {self.site.hook_point} have "
+                             f"{hidden_size(model)}", "when.direction")
 
     def values(self, x_BTD: torch.Tensor) -> torch.Tensor:
         if x_BTD.shape[-1] != self.direction.numel():

@@ -25,6 +25,17 @@ integer tensor/array; bools, floats and nested lists are refused, never truncate
 strength, value, factor and mean must be a finite number (NaN/inf are refused), one value or
 one per feature.
 
+Every intervention may carry a condition, ``when=`` (a
+:class:`~llamascope_sdk.steering.conditions.FeatureCondition` or
+:class:`~llamascope_sdk.steering.conditions.DirectionCondition`, read at the edit's layer or an
+earlier one): it then applies only where the condition holds (``attach`` and the per-row
+edits read it; see :mod:`~llamascope_sdk.steering.conditions`).
+
+One rule for a steer's strength (:func:`steer_coefficients`) and one set of checks
+(:func:`edit_indices`) serve :class:`Steer` and the pool's steer of an SAE that is not loaded
+(:meth:`~llamascope_sdk.steering.pool.SaePool.steer_edit`), so both give the same vector and
+the same error for the same input.
+
 Typical activation (for ``Steer(relative=True)`` and ``Ablate(mode="mean")``): ``sae.stats``,
 a :class:`~llamascope_sdk.core.feature_stats.FeatureStats`.
 """

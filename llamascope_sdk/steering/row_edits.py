@@ -123,6 +123,8 @@ def as_row_edits(model: nn.Module, edits: Sequence[Intervention | RowEdit]) -> l
     ready edits kept as given."""
     out: list[RowEdit] = []
     for e in edits:
+        if e.when is not None:
+            e.when.check_model(model)
         if isinstance(e, VectorEdit):
             module_for(model, e.site)
             if tuple(e.vector.shape) != (hidden_size(model),):
