@@ -83,7 +83,8 @@ class _RowFiller:
         grads, g_embed = rows.backward(self.tape, self.rep, targets)
         batch = self.tape.embed.shape[0] if self.tape.embed is not None else len(targets.layers)
         out = torch.zeros(batch, self.n_cols, dtype=self.rep.dtype, device=self.edges.device)
-        rows.contract(self.rep, grads, g_embed, out, self.offsets)
+        with torch.no_grad():
+            rows.contract(self.rep, grads, g_embed, out, self.offsets)
         n = len(targets.layers)
         self.edges[start:start + n] = out[:n]
 
@@ -97,7 +98,7 @@ class _RowFiller:
             sae = self.rep.transcoders[layer]
             layers.append(layer)
             positions.append(int(lf.pos[k]))
-            vecs.append(sae.W_enc[lf.feat[k]].to(self.rep.dtype))
+            vecs.append(sae.W_enc[lf.feat[k]].detach().to(self.rep.dtype))
         dev = vecs[0].device if vecs else torch.device("cpu")
         return rows.Targets(layers, positions, torch.stack([v.to(dev) for v in vecs]))
 
@@ -222,7 +223,7 @@ def _run_rows(model: nn.Module, rep: Replacement, vecs_KD: torch.Tensor, n_feat:
     n_logits = int(vecs_KD.shape[0])
     ids_BT = rep.ids_T[None].expand(batch, -1).to(replacement.embed_device(model))
     inner = getattr(model, "model", model)
-    with frozen_forward(model) as tape:
+    with frozen_forward(model, rep.mlp_out) as tape:
         inner(input_ids=ids_BT, use_cache=False)
         filler = _RowFiller(rep, tape, n_logits + n_feat, device)
         for s in range(0, n_logits, batch):
