@@ -97,3 +97,12 @@ def test_trace_writes_graph_view_and_paths(smollm2, tmp_path, folders) -> None:
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert [x["token"] for x in report["logits"]] == [" the"] and report["paths"]
+
+
+@pytest.mark.smollm
+def test_llama_scope_set_on_another_model_is_refused_before_loading(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr("llamascope_sdk.loading.models.load_model", _no_model)
+    res = runner.invoke(app, ["trace", "-t", "LXTC-8x", "-p", PROMPT, "-o", str(tmp_path / "o"),
+                              "-m", "smollm2-135m"])
+    assert res.exit_code == 1, res.output
+    assert "d_model=4096 does not match" in res.output and "hidden_size=576" in res.output

@@ -87,14 +87,17 @@ def _check_transcoders(items: list[str], device: str) -> tuple[list[Any], list[s
     return local, named
 
 
-def _check_prompt(model_name: str, prompt: str) -> None:
-    """Refuse a prompt longer than the model's window, reading only its config and tokenizer."""
+def _check_model(model_name: str, prompt: str, width: int | None) -> None:
+    """Refuse a model of another width than the transcoders and a prompt longer than its
+    window, reading only its config and tokenizer (no weights)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from llamascope_sdk.base.errors import InputError
-    from llamascope_sdk.loading.models import resolve_model_path, tokenize
+    from llamascope_sdk.loading.models import check_hidden_size, resolve_model_path, tokenize
 
     path = resolve_model_path(model_name)
+    if width is not None:
+        check_hidden_size(model_name, path, width)
     window = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
     n = int(tokenize(AutoTokenizer.from_pretrained(path), prompt).shape[1])
     if isinstance(window, int) and n > window:
@@ -131,6 +134,17 @@ def _match_stores(stores: list[Any], tcs: dict[int, Any]) -> dict[int, Any]:
                                      "with none of these transcoders",
                                      hint="give the stores of this transcoder set")
     return out
+
+
+def _width(local: list[Any], named: list[str]) -> int | None:
+    """The hidden size the transcoders need (None for the demo set, built for its model)."""
+    from llamascope_sdk.base.errors import InputError
+    from llamascope_sdk.loading.registry import D_MODEL
+
+    widths = {sae.d_model for sae in local} | ({D_MODEL} if named else set())
+    if len(widths) > 1:
+        raise InputError(f"--transcoders mixes widths {sorted(widths)}: one model's set is needed")
+    return widths.pop() if widths else None
 
 
 def _default_model(transcoders: str, local: list[Any]) -> str:
@@ -212,7 +226,7 @@ def trace_cmd(
     local, named = ([], []) if demo else _check_transcoders(_expand(transcoders), device)
     stores = _load_stores(list(store or []))
     model_name = model or _default_model(transcoders, local)
-    _check_prompt(model_name, prompt)
+    _check_model(model_name, prompt, _width(local, named))
     _run(transcoders, local, named, stores, model_name, prompt, target_dir, target=target,
          max_nodes=max_nodes, thresholds=(node_threshold, edge_threshold), max_logits=max_logits,
          batch_size=batch_size, device=device, dtype=dtype, as_json=as_json)
@@ -230,13 +244,12 @@ def _run(spec: str, local: list[Any], named: list[str], stores: list[Any], model
     from llamascope_sdk.trace.paths import paths_text
     from llamascope_sdk.trace.replacement import by_layer
 
-    width = local[0].d_model if local else (4096 if named else None)
-    lm, tok = load_model(model_name, device=device, dtype=dtype, hidden_size=width)
+    lm, tok = load_model(model_name, device=device, dtype=dtype, hidden_size=_width(local, named))
     tcs = by_layer(lm, _transcoders(spec, local, named, lm, device))
     by_store = _match_stores(stores, tcs)
     graph = attribute(lm, tcs, prompt, tokenizer=tok, max_logits=max_logits,
                       max_feature_nodes=max_nodes, batch_size=batch_size,
-                      target=_target_id(tok, target), verbose=not as_json)
+                      target=_target_id(tok, target), report=lambda m: say(m, err=as_json))
     graph.model_name = model_name
     pruned = prune(graph, *thresholds)
     notes = feature_notes(graph, tcs, by_store)

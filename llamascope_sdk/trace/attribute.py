@@ -158,7 +158,7 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE],
               max_logits: int = 10, logit_probability: float = 0.95,
               max_feature_nodes: int = 7500, batch_size: int = 256, target: int | None = None,
               update_interval: int = 4, graph_device: str | torch.device = "cpu",
-              verbose: bool = False) -> Graph:
+              verbose: bool = False, report: Callable[[str], None] | None = None) -> Graph:
     """The attribution graph of ``prompt`` through ``transcoders`` (circuit-tracer's
     definition for per-layer transcoders; docs/trace.md).
 
@@ -176,6 +176,7 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE],
         update_interval: batches between re-rankings of the features by influence.
         graph_device: where the edge matrix is kept (host memory by default).
         verbose: print progress and the memory estimate.
+        report: where those lines go instead of print (e.g. stderr); implies verbose.
 
     Example:
         >>> g = attribute(model, [SAE.from_pretrained(f"L{i}TC-8x") for i in range(32)],
@@ -183,7 +184,8 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE],
         >>> g.describe_node(g.logit_offset)
     """
     _check_settings(max_logits, logit_probability, max_feature_nodes, batch_size)
-    report: Callable[[str], None] = print if verbose else (lambda _m: None)
+    if report is None:
+        report = print if verbose else (lambda _m: None)
     t0 = time.perf_counter()
     tcs = replacement.by_layer(model, transcoders)
     ids_T = _token_ids(prompt, tokenizer)
