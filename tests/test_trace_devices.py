@@ -61,3 +61,23 @@ def test_model_split_over_cpu_and_gpu() -> None:
                            _device_map(["cpu", "cuda:0", "cpu"][:N_LAYERS], "cuda:0"))
     got = attribute(split, [t.to("cuda:0") for t in tcs], IDS, batch_size=32)
     torch.testing.assert_close(got.edges_RC, want.edges_RC, rtol=1e-9, atol=1e-9)
+
+
+def test_an_edge_matrix_beyond_free_memory_is_refused_before_any_backward(monkeypatch) -> None:
+    from llamascope_sdk.base.errors import InputError
+    from llamascope_sdk.trace import memory, rows
+
+    model = tiny_model(torch.float32)
+    tcs = transcoders(list(range(N_LAYERS)), torch.float32)
+    full = attribute(model, tcs, IDS, batch_size=32)
+    need = full.info["estimate_bytes"]["host"]
+    monkeypatch.setattr(memory, "available_bytes", lambda _d: need // 2)
+    monkeypatch.setattr(rows, "backward", lambda *_a: pytest.fail("a backward ran"))
+    with pytest.raises(InputError, match=r"use max_feature_nodes \(--max-nodes\) (\d+) or fewer") as e:
+        attribute(model, tcs, IDS, batch_size=32)
+    fit = int(str(e.value).split("--max-nodes) ")[1].split()[0])
+    assert 0 < fit < full.n_features
+    monkeypatch.undo()
+    monkeypatch.setattr(memory, "available_bytes", lambda _d: need // 2)
+    small = attribute(model, tcs, IDS, batch_size=32, max_feature_nodes=fit)
+    assert small.info["estimate_bytes"]["host"] <= need // 2

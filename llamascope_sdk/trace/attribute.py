@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from llamascope_sdk.trace import replacement, rows
 from llamascope_sdk.trace.frozen import Tape, frozen_forward
 from llamascope_sdk.trace.graph import Graph
 from llamascope_sdk.trace.influence import influence
-from llamascope_sdk.trace.memory import estimate
+from llamascope_sdk.trace.memory import check_edge_matrix_fits, estimate
 from llamascope_sdk.trace.replacement import Replacement
 
 
@@ -200,6 +201,8 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE],
                    n_logits=n_logits, batch_size=batch)
     report(f"{n_active} active features, {n_logits} logit targets, {n_feat} feature rows; "
            + est.describe())
+    check_edge_matrix_fits(est, torch.device(graph_device), n_active=n_active,
+                           n_logits=n_logits, n_cols=n_active + (rep.n_layers + 1) * rep.n_pos)
     filler = _run_rows(model, rep, vecs_KD, n_feat, batch, update_interval, probs_K,
                        torch.device(graph_device), report)
     selected, edges = _package(filler[0], filler[1], n_logits)
@@ -213,7 +216,8 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE],
         transcoder_names=[tcs[layer].name for layer in sorted(tcs)],
         info={"max_logits": max_logits, "logit_probability": logit_probability,
               "max_feature_nodes": max_feature_nodes, "batch_size": batch,
-              "seconds": round(time.perf_counter() - t0, 3)})
+              "seconds": round(time.perf_counter() - t0, 3),
+              "estimate_bytes": {**asdict(est), "device": est.device, "host": est.host}})
     report(f"attribution done in {graph.info['seconds']:.1f} s")
     return graph.check()
 
