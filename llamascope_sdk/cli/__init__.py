@@ -16,6 +16,7 @@ from llamascope_sdk.cli import (  # noqa: F401  (register their commands)
     inspect,
     read,
     serve,
+    trace,
 )
 from llamascope_sdk.cli.app import app, main
 
