@@ -92,3 +92,53 @@ def test_demo_set_as_shipped():
 def test_demo_set_refuses_another_model(tiny_llama):
     with pytest.raises(IncompatibleModelError, match="need SmolLM2-135M"):
         demo_transcoders(tiny_llama)
+
+
+@pytest.mark.smollm
+@pytest.mark.slow
+def test_demo_stores_mined_once_and_match_the_transcoders(smollm2, tmp_path, monkeypatch):
+    """The stores' best activation of every feature equals the largest encode() over the
+    same corpus windows, recomputed here by one capture pass; a second call mines nothing."""
+    from llamascope_sdk import corpus
+    from llamascope_sdk.core.sites import Site
+    from llamascope_sdk.loading.capture import capture, keep_mask
+    from llamascope_sdk.loading.models import special_ids
+    from llamascope_sdk.trace import demo
+
+    monkeypatch.setenv("LLAMASCOPE_CACHE", str(tmp_path))
+    model, tok = smollm2
+    stores = demo.demo_stores(model, tok)
+    assert len(stores) == 30 and all(s.path is not None and s.path.parent == tmp_path / "features"
+                                     for s in stores)
+    tcs = demo.demo_transcoders(model)
+    layers = (2, 7)
+    best = {L: torch.zeros(320) for L in layers}
+    specials = torch.tensor(sorted(special_ids(tok)))
+    for b in corpus.batches(tok, demo.demo_corpus(), tokens=demo.STORE_TOKENS,
+                            context=demo.STORE_CONTEXT, batch_size=8, rule="windows"):
+        acts, _ = capture(model, [Site(L, "ln2_normalized") for L in layers], b.ids, b.valid)
+        keep = keep_mask(b.ids, b.valid, specials)
+        for L in layers:
+            f = tcs[L].encode(acts[Site(L, "ln2_normalized")][keep])
+            best[L] = torch.maximum(best[L], f.max(0).values)
+    for L in layers:
+        stored = stores[L].top.values[:, 0].float().clamp_min(0)
+        assert torch.allclose(stored, best[L], rtol=1e-4, atol=1e-5), L
+        assert (best[L] > 0).sum() > 100  # most features fire on the excerpts
+
+    def no_mining(*_a, **_k):
+        raise AssertionError("mined again")
+
+    monkeypatch.setattr(demo, "_mine", no_mining)
+    again = demo.demo_stores(model, tok)
+    assert torch.equal(again[7].top.values, stores[7].top.values)
+
+
+def test_run_folder_name_of_many_saes_fits_a_file_name():
+    from llamascope_sdk.training.loop import run_name
+
+    names = [demo_tc_name(L) for L in range(30)]
+    name = run_name(names)
+    assert len(name) <= 200 and name.startswith(names[0] + "+29-more-")
+    assert run_name(names[:29] + ["other"]) != name  # another set gets another folder
+    assert run_name(names[:2]) == "+".join(names[:2])  # short runs keep the old name
