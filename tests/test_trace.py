@@ -230,7 +230,10 @@ def test_frozen_replacement_reproduces_logits(dtype: torch.dtype, tol: float) ->
                                    rtol=0, atol=10 * tol)
 
 
-def _check_graph(model, tcs: list[SAE], graph, atol: float) -> None:
+def _check_graph(model, tcs: list[SAE], graph, atol: float, logit_atol: float | None = None
+                 ) -> None:
+    """Every edge of ``graph`` against intervention: absolute tolerance ``atol`` on feature
+    rows and ``logit_atol`` (default ``atol``) on logit rows."""
     by_layer = {int(s.hyperparams.hook_point_out.split(".")[1]): s for s in tcs}
     ref, names = intervened_edges(model, by_layer, graph)
     feats = [n for n in names if n[0] == "feature"]
@@ -241,21 +244,26 @@ def _check_graph(model, tcs: list[SAE], graph, atol: float) -> None:
     keep = torch.cat([graph.selected_A, torch.arange(n_active, len(names))])
     want = ref[:, keep]
     assert graph.edges_RC.shape == want.shape
-    scale = want.abs().max().item()
-    err = (graph.edges_RC.double() - want).abs().max().item()
-    assert err <= atol * scale, f"max edge error {err:.3g} (scale {scale:.3g})"
-    assert (want.abs() > 1e-6 * scale).sum() > want.numel() // 10  # edges are not all ~0
+    diff = (graph.edges_RC.double() - want).abs()
+    nf = graph.n_features
+    feat_err, logit_err = diff[:nf].max().item(), diff[nf:].max().item()
+    assert feat_err <= atol, f"feature rows: max edge error {feat_err:.3g} > {atol}"
+    assert logit_err <= (logit_atol or atol), f"logit rows: max error {logit_err:.3g}"
+    assert (want.abs() > 1e-3).sum() > want.numel() // 10  # the edges are not all ~0
 
 
-@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-9), (torch.float32, 5e-5)])
-def test_every_edge_equals_intervention(dtype: torch.dtype, atol: float) -> None:
+@pytest.mark.parametrize("dtype,atol,logit_atol", [(torch.float64, 1e-10, 1e-10),
+                                                   (torch.float32, 5e-4, 1e-5)])
+def test_every_edge_equals_intervention(dtype: torch.dtype, atol: float, logit_atol: float) -> None:
     """(b) Every edge (features, errors, tokens -> features, logits) is the direct effect
-    measured by removing the source in the independent frozen forward."""
+    measured by removing the source in the independent frozen forward (run in float64).
+    float32: circuit-tracer's own tolerances (5e-4 on features, 1e-5 on logits; measured
+    3.8e-5 and 1.8e-6 with edges up to 92 and 8.9); float64: 1e-10 (measured 4e-14)."""
     model = tiny_model(dtype)
     tcs = transcoders(list(range(N_LAYERS)), dtype)
     graph = attribute(model, tcs, IDS, batch_size=64)
     assert graph.n_features == graph.active_features_A3.shape[0] > 50
-    _check_graph(model.double(), [t.double() for t in tcs], graph, atol)
+    _check_graph(model.double(), [t.double() for t in tcs], graph, atol, logit_atol)
 
 
 def test_layer_without_transcoder_is_one_error_node_per_position() -> None:
@@ -263,7 +271,7 @@ def test_layer_without_transcoder_is_one_error_node_per_position() -> None:
     tcs = transcoders([0, 2])
     graph = attribute(model, tcs, IDS, batch_size=32)
     assert set(graph.active_features_A3[:, 0].tolist()) == {0, 2}
-    _check_graph(model, tcs, graph, 1e-9)
+    _check_graph(model, tcs, graph, 1e-10)
 
 
 def test_selected_features_keep_exact_edges() -> None:
@@ -274,7 +282,7 @@ def test_selected_features_keep_exact_edges() -> None:
     full = attribute(model, tcs, IDS, batch_size=32)
     graph = attribute(model, tcs, IDS, max_feature_nodes=40, batch_size=16)
     assert graph.n_features == 40
-    _check_graph(model, tcs, graph, 1e-9)
+    _check_graph(model, tcs, graph, 1e-10)
     # the feature with the largest direct effect on the top logit was selected
     top_logit_row = full.edges_RC[full.n_features, : full.n_features].abs()
     best = full.selected_A[int(top_logit_row.argmax())]
