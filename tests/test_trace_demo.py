@@ -108,8 +108,8 @@ def test_demo_stores_mined_once_and_match_the_transcoders(smollm2, tmp_path, mon
     monkeypatch.setenv("LLAMASCOPE_CACHE", str(tmp_path))
     model, tok = smollm2
     stores = demo.demo_stores(model, tok)
-    assert len(stores) == 30 and all(s.path is not None and s.path.parent == tmp_path / "features"
-                                     for s in stores)
+    assert sorted(stores) == list(range(30)) and all(
+        s.path is not None and s.path.parent == tmp_path / "features" for s in stores.values())
     tcs = demo.demo_transcoders(model)
     layers = (2, 7)
     best = {L: torch.zeros(320) for L in layers}

@@ -130,8 +130,10 @@ def demo_corpus(corpus: str | Path | None = None) -> str:
 
 
 def demo_stores(model: nn.Module | None = None, tokenizer: Any = None, *,
-                corpus: str | Path | None = None, progress: bool = False) -> list[FeatureStore]:
-    """The feature store of every demo transcoder, layer 0 first, mined once and cached.
+                corpus: str | Path | None = None,
+                progress: bool = False) -> dict[int, FeatureStore]:
+    """``{layer: feature store}`` of every demo transcoder (the form the graph exports take),
+    mined once and cached.
 
     Stores already cached are loaded; the missing ones are mined together in one pass
     (about a minute on a 2-core CPU) under a lock, and each is saved whole in one step.
@@ -145,7 +147,7 @@ def demo_stores(model: nn.Module | None = None, tokenizer: Any = None, *,
             for L, store in zip(todo, _mine(todo, model, tokenizer, corpus, progress), strict=True):
                 store.save(dirs[L])  # whole, in one step
                 stores[L] = store
-    return [s for s in stores if s is not None]
+    return {L: s for L, s in enumerate(stores) if s is not None}
 
 
 def _mine(layers: list[int], model: nn.Module | None, tokenizer: Any, corpus: str | Path | None,
