@@ -39,8 +39,9 @@ from llamascope_sdk.loading.demo import (
     demo_tc_dir,
     demo_tc_name,
 )
-from llamascope_sdk.loading.models import model_device
+from llamascope_sdk.loading.models import load_model, model_device
 from llamascope_sdk.loading.sae import SAE
+from llamascope_sdk.mining.mine import mine
 from llamascope_sdk.store.feature_store import FeatureStore, default_store_dir
 
 #: Names that mean the demo transcoder set where a set is asked for.
@@ -152,9 +153,6 @@ def demo_stores(model: nn.Module | None = None, tokenizer: Any = None, *,
 
 def _mine(layers: list[int], model: nn.Module | None, tokenizer: Any, corpus: str | Path | None,
           progress: bool) -> list[FeatureStore]:
-    from llamascope_sdk.loading.models import load_model
-    from llamascope_sdk.mining.mine import mine
-
     text = demo_corpus(corpus)
     if model is None or tokenizer is None:
         model, tokenizer = load_model(DEMO_TC_MODEL)
