@@ -76,9 +76,11 @@ def measure(model: Any, tok: Any, saes: list[Any], ids: torch.Tensor) -> dict[st
     layers = []
     for L, s in enumerate(saes):
         d = per[s.name].to_dict()
-        layers.append({"layer": L, "name": s.name, **{k: d[k] for k in (
-            "l0", "explained_variance", "explained_variance_centered", "delta_lm_loss", "kl_div")
-            if k in d}})
+        layers.append({"layer": L, "name": s.name, "l0": d["l0_mean"],
+                       "explained_variance": d["explained_variance_uncentred"],
+                       "explained_variance_centred": d["explained_variance_centred"],
+                       "delta_lm_loss": d["delta_lm_loss"], "kl_div": d["kl_div"],
+                       "frac_dead": d["frac_dead"]})
         print(json.dumps(layers[-1]))
     q = replacement_quality(model, saes, ids, special_ids(tok))
     print(json.dumps(q.to_dict()))
@@ -115,10 +117,12 @@ def main() -> None:
     p.add_argument("--eval-only", action="store_true",
                    help="re-measure the shipped set and rewrite its card and results.json")
     p.add_argument("--eval-rows", type=int, default=4, help="held-out rows of 1024 tokens")
+    p.add_argument("--train-seconds", type=float, default=None,
+                   help="with --skip-train: the training time of the run that made --export")
     args = p.parse_args()
     cfgs = layer_configs(args.corpus)  # before any long work: one line if the corpus is missing
     torch.manual_seed(0)
-    train_s = None
+    train_s = args.train_seconds
     if not args.eval_only:
         if not args.skip_train:
             from llamascope_sdk.training.loop import train
@@ -156,7 +160,7 @@ def render_set_card(result: dict[str, Any]) -> str:
     t = TrainConfig.load(TEMPLATE)
     q = result["all_replaced"]
     rows = [f"| {r['layer']} | {r['l0']:.1f} | {r['explained_variance']:.3f} | "
-            f"{r['explained_variance_centered']:.3f} | {r['delta_lm_loss']:.4f} |"
+            f"{r['explained_variance_centred']:.3f} | {r['delta_lm_loss']:.4f} | {r['frac_dead']:.3f} |"
             for r in result["layers"]]
     train = (f"{result['train_seconds'] / 60:.0f} min" if result.get("train_seconds")
              else "not recorded")
@@ -186,9 +190,10 @@ def render_set_card(result: dict[str, Any]) -> str:
         "## Reconstruction quality (held-out text)", "",
         f"{result['eval_rows'][0]} held-out rows of {result['eval_rows'][1]} tokens ({n_tok:,} "
         "tokens); BOS is excluded and left clean. Per layer, from `evaluate` (that layer's MLP "
-        "replaced alone): L0, explained variance of the MLP output (uncentred and centred), "
-        "delta LM loss.", "",
-        "| layer | L0 | EV | EV centred | delta LM loss |", "|---|---|---|---|---|", *rows, "",
+        "replaced alone): L0, explained variance of the MLP output (uncentred, the paper's "
+        "formula, and centred), delta LM loss, fraction of features that never fired.", "",
+        "| layer | L0 | EV | EV centred | delta LM loss | dead |", "|---|---|---|---|---|---|",
+        *rows, "",
         f"All 30 MLPs replaced at once (`llamascope_sdk.trace.quality.replacement_quality`, "
         f"{q['n_tokens']:,} predicted tokens): cross-entropy {q['ce_clean']:.4f} clean vs "
         f"{q['ce_replaced']:.4f} replaced, **delta LM loss {q['delta_lm_loss']:.4f} nats**, "
