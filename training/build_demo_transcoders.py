@@ -148,7 +148,10 @@ def write_results(result: dict[str, Any], train_s: float | None) -> None:
     old = DEMO_TC_DIR / "results.json"
     if train_s is None and old.is_file():
         train_s = json.loads(old.read_text()).get("train_seconds")
-    result = {**result, "train_seconds": train_s, "command": COMMAND}
+    shipped = sum(f.stat().st_size for f in DEMO_TC_DIR.rglob("*") if f.is_file()
+                  and f.name not in ("README.md", "results.json"))
+    result = {**result, "train_seconds": train_s, "command": COMMAND,
+              "shipped_mib": shipped / 2**20}
     atomic_write_text(old, json.dumps(result, indent=1) + "\n")
     atomic_write_text(DEMO_TC_DIR / "README.md", render_set_card(result))
 
@@ -173,7 +176,7 @@ def render_set_card(result: dict[str, Any]) -> str:
         f"the MLP output (`blocks.L.hook_mlp_out`); {t.d_sae} features per layer (K = {t.top_k} "
         "during training, then one global JumpReLU threshold), bf16. It exists so that "
         "`llamascope trace --transcoders demo` runs offline on a CPU; it is small on purpose "
-        "(the repository ships it: 30 x 320 x 576 x 2 matrices in bf16, 22 MB).", "",
+        f"(the repository ships it: {result.get('shipped_mib', 0):.1f} MiB in all).", "",
         "Load: `from llamascope_sdk.trace.demo import demo_transcoders; tcs = demo_transcoders()` "
         "(layer 0 first), or one layer by name: `SAE.from_pretrained(\"smollm2-135m-L5TC-320\")`. "
         "Feature stores (top examples per feature) are mined on first use from the "
