@@ -39,8 +39,8 @@ from torch import nn
 
 from llamascope_sdk.base.atomic import atomic_save_safetensors
 from llamascope_sdk.base.errors import InputError
-from llamascope_sdk.corpus import bos_ids, encode, pad_id
 from llamascope_sdk.core.sites import Site, hidden_size
+from llamascope_sdk.corpus import bos_ids, encode, pad_id
 from llamascope_sdk.loading.capture import capture
 from llamascope_sdk.loading.models import model_device
 

@@ -17,6 +17,7 @@ import importlib.util
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ def data_dir() -> Path:
     return folder
 
 
-def _read_csv(path: Path):  # type: ignore[no-untyped-def]
+def _read_csv(path: Path) -> Any:
     try:
         import pandas as pd
         import zstandard  # noqa: F401  (pandas needs it for compression="zstd")

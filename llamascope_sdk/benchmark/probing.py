@@ -55,7 +55,7 @@ class ProbeMetrics:
     val_auc: float
 
 
-def _sklearn() -> Any:
+def require_sklearn() -> Any:
     try:
         import sklearn  # noqa: F401
     except ImportError as exc:
@@ -91,7 +91,7 @@ def normal_split(y: np.ndarray, n_total: int, seed: int) -> tuple[np.ndarray, np
 
 
 def _cv_splits(X: np.ndarray, y: np.ndarray, seed: int) -> list[tuple[Any, Any]]:
-    _, _, ms = _sklearn()
+    _, _, ms = require_sklearn()
     n = X.shape[0]
     if n >= 128:
         val = min(int(0.2 * n), 100)
@@ -102,7 +102,7 @@ def _cv_splits(X: np.ndarray, y: np.ndarray, seed: int) -> list[tuple[Any, Any]]
 
 
 def _model(C: float | None, penalty: str, seed: int) -> Any:
-    lm, _, _ = _sklearn()
+    lm, _, _ = require_sklearn()
     kw: dict[str, Any] = {"random_state": seed, "max_iter": 1000}
     if C is not None:
         kw["C"] = C
@@ -127,7 +127,7 @@ _SKLEARN_L1_RATIO = _sklearn_at_least(1, 8)
 
 def _val_auc(C: float, X: np.ndarray, y: np.ndarray, splits: list[tuple[Any, Any]],
              penalty: str, seed: int) -> float:
-    _, met, _ = _sklearn()
+    _, met, _ = require_sklearn()
     scores = []
     for tr, va in splits:
         if len(np.unique(y[tr])) < 2:
@@ -141,7 +141,7 @@ def _val_auc(C: float, X: np.ndarray, y: np.ndarray, splits: list[tuple[Any, Any
 def best_probe(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray,
                y_test: np.ndarray, *, penalty: str = "l2", seed: int = BASE_SEED) -> ProbeMetrics:
     """The regularisation search and the test scores of the chosen probe (``find_best_reg``)."""
-    _, met, _ = _sklearn()
+    _, met, _ = require_sklearn()
     best_C: float | None = None
     val_scores: list[float] = []
     with warnings.catch_warnings():
