@@ -141,6 +141,7 @@ def _add_sae(s: _Sums, sae: SAE, x_ND: torch.Tensor, y_ND: torch.Tensor) -> None
     s.ev_legacy += float((1 - sse / var).sum())
 
 
+@torch.no_grad()
 def _extra(model: nn.Module, tokenizer: Any, named: Mapping[str, SAE], ids_ND: torch.Tensor,
            batch_size: int) -> dict[Site, _SiteSums]:
     """The zero-ablation forward per output site, and the per-SAE reconstruction sums."""
@@ -222,6 +223,7 @@ class CoreResult:
     tokens_per_sample: int
 
 
+@torch.no_grad()
 def core_metrics(model: nn.Module, tokenizer: Any, named: Mapping[str, SAE], text: Any, *,
                  n_seeds: int = 3, tokens: int = 8192, context: int = 128,
                  batch_size: int = 8) -> dict[str, CoreResult]:

@@ -26,12 +26,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamascope_sdk import __version__
 from llamascope_sdk.base.atomic import atomic_write_bytes, atomic_write_text
 from llamascope_sdk.benchmark.spread import Spread, within_noise
 
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llamascope-sdk")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 #: The commit field SAEBench requires: these numbers were not produced by SAEBench's code.
-COMMIT = f"not SAEBench: llamascope-sdk {__version__} (llamascope bench)"
+COMMIT = f"not SAEBench: llamascope-sdk {_version()} (llamascope bench)"
 EVAL_TYPES = {"core": "core", "probing": "sparse_probing_sae_probes",
               "absorption": "absorption_first_letter", "autointerp": "autointerp"}
 #: The schema file each eval type validates against (in sae-bench's ``evals/`` folder).

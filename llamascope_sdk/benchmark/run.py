@@ -38,7 +38,13 @@ from llamascope_sdk.benchmark.outputs import (
     core_output,
     probing_output,
 )
-from llamascope_sdk.benchmark.probing import BASE_SEED, DEFAULT_KS, DEFAULT_REG, probe_dataset
+from llamascope_sdk.benchmark.probing import (
+    BASE_SEED,
+    DEFAULT_KS,
+    DEFAULT_REG,
+    probe_dataset,
+    require_sklearn,
+)
 from llamascope_sdk.benchmark.report import MetricOutput, plot, table, write_jsons
 from llamascope_sdk.core.sites import Site, parse_hook_point
 from llamascope_sdk.corpus import check_corpus
@@ -104,8 +110,6 @@ def check_settings(s: BenchSettings, out: str | Path) -> Path:
     if "probing" in s.metrics or s.text is None and {"core", "autointerp"} & set(s.metrics):
         D.check_names(s.datasets or [])  # also: the extra is installed
         if "probing" in s.metrics:
-            from llamascope_sdk.benchmark.probing import require_sklearn
-
             require_sklearn()
     if s.text is not None:
         check_corpus(s.text)
@@ -196,7 +200,7 @@ def _text(s: BenchSettings, names: Sequence[str]) -> Any:
     """The core / autointerp text: the user's, or the sae-probes prompts (offline)."""
     if s.text is not None:
         return s.text
-    return [p for ds in names for p in D.load(ds).prompts]
+    return [p for ds in (names or D.dataset_names()) for p in D.load(ds).prompts]
 
 
 def run_autointerp(model: nn.Module, tokenizer: Any, named: Mapping[str, SAE], text: Any,
@@ -317,12 +321,12 @@ def benchmark(saes: str | SAE | Sequence[str | SAE] | Mapping[str, SAE], *,
     timing: dict[str, Any] = {"load_s": time.perf_counter() - t_start}
     results: dict[str, list[MetricOutput]] = {n: [] for n in named}
     steps = {"core": lambda: {n: core_output(r, _core_cfg(lm, s)) for n, r in core_metrics(
-                 lm, tok, named, _text(s, names or D.dataset_names()), n_seeds=s.n_seeds,
+                 lm, tok, named, _text(s, names), n_seeds=s.n_seeds,
                  tokens=s.core_tokens, context=s.core_context).items()},
              "probing": lambda: run_probing(cache, named, names, s, timing),
              "absorption": lambda: run_absorption(cache, tok, named, s),
              "autointerp": lambda: run_autointerp(lm, tok, named,
-                                                  _text(s, names or D.dataset_names()), s)}
+                                                  _text(s, names), s)}
     for m in METRICS:
         if m in s.metrics:
             t0 = time.perf_counter()

@@ -1,0 +1,199 @@
+"""``benchmark()`` and ``llamascope bench`` end to end on a tiny random Llama (core metrics,
+no extra needed): checks before any model loads, the folder rule, values against a direct
+computation, and the SAEBench JSON against the schema's required structure.
+
+The schema check runs in two ways: always against the required fields written down below
+(names from SAEBench's eval_output_schema_core.json, sae-bench 0.6.0); and, when sae-bench
+is installed (``pip install --no-deps sae-bench==0.6.0``), against its schema files themselves
+with a small validator of the JSON-Schema keywords those files use ($ref, anyOf, type,
+required, properties, items, additionalProperties, minimum), plus ``jsonschema`` when present.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llamascope_sdk.base.errors import FolderNotOwnedError, InputError
+from llamascope_sdk.benchmark.core import packed_rows
+from llamascope_sdk.benchmark.report import SCHEMA_FILES
+from llamascope_sdk.benchmark.run import BenchSettings, benchmark, check_settings
+from llamascope_sdk.cli import app
+from tests.conftest import CharTokenizer
+from tests.helpers import tiny_sae
+
+CORE_REQUIRED = {
+    "model_behavior_preservation": ["kl_div_score", "kl_div_with_ablation", "kl_div_with_sae"],
+    "model_performance_preservation": ["ce_loss_score", "ce_loss_with_ablation",
+                                       "ce_loss_with_sae", "ce_loss_without_sae"],
+    "reconstruction_quality": ["explained_variance", "explained_variance_legacy", "mse", "cossim"],
+    "shrinkage": ["l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias"],
+    "sparsity": ["l0", "l1"],
+    "token_stats": ["total_tokens_eval_reconstruction", "total_tokens_eval_sparsity_variance"],
+    "misc_metrics": ["freq_over_1_percent", "freq_over_10_percent",
+                     "normalized_freq_over_1_percent", "normalized_freq_over_10_percent",
+                     "average_max_encoder_cosine_sim", "average_max_decoder_cosine_sim",
+                     "frac_alive"]}
+_CORPUS = str(Path(__file__).parent / "data" / "corpus" / "wikitext2-valid.txt")
+TOP_REQUIRED = ["eval_config", "eval_id", "datetime_epoch_millis", "eval_result_metrics",
+                "sae_bench_commit_hash", "sae_lens_id", "sae_lens_release_id",
+                "sae_lens_version", "sae_cfg_dict"]
+
+
+# ------------------------------------------------------------ a small JSON-Schema validator
+def _type_ok(v: Any, t: str) -> bool:
+    return {"object": isinstance(v, dict), "array": isinstance(v, list),
+            "string": isinstance(v, str), "boolean": isinstance(v, bool), "null": v is None,
+            "integer": isinstance(v, int) and not isinstance(v, bool),
+            "number": isinstance(v, int | float) and not isinstance(v, bool)
+            and math.isfinite(v)}[t]
+
+
+def validate(v: Any, schema: dict[str, Any], root: dict[str, Any], path: str = "$") -> list[str]:
+    if "$ref" in schema:
+        return validate(v, root["$defs"][schema["$ref"].split("/")[-1]], root, path)
+    if "anyOf" in schema:
+        if any(not validate(v, s, root, path) for s in schema["anyOf"]):
+            return []
+        return [f"{path}: matches no anyOf branch"]
+    errors: list[str] = []
+    if "type" in schema and not _type_ok(v, schema["type"]):
+        return [f"{path}: {v!r} is not {schema['type']}"]
+    if "minimum" in schema and v < schema["minimum"]:
+        errors.append(f"{path}: {v} < {schema['minimum']}")
+    if isinstance(v, dict):
+        errors += [f"{path}: missing {k}" for k in schema.get("required", []) if k not in v]
+        props = schema.get("properties", {})
+        for k, x in v.items():
+            if k in props:
+                errors += validate(x, props[k], root, f"{path}.{k}")
+            elif isinstance(schema.get("additionalProperties"), dict):
+                errors += validate(x, schema["additionalProperties"], root, f"{path}.{k}")
+            elif schema.get("additionalProperties") is False:
+                errors.append(f"{path}: unexpected {k}")
+    if isinstance(v, list) and "items" in schema:
+        for i, x in enumerate(v):
+            errors += validate(x, schema["items"], root, f"{path}[{i}]")
+    return errors
+
+
+def _installed_schema(eval_type: str) -> dict[str, Any] | None:
+    spec = importlib.util.find_spec("sae_bench")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "evals" / SCHEMA_FILES[eval_type]
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def test_validator_catches_what_it_should() -> None:
+    schema = {"$defs": {"M": {"type": "object", "required": ["x"],
+                              "properties": {"x": {"type": "number"}}}},
+              "type": "object", "required": ["m"], "properties": {"m": {"$ref": "#/$defs/M"}}}
+    assert validate({"m": {"x": 1.5}}, schema, schema) == []
+    assert validate({"m": {"x": None}}, schema, schema) == ["$.m.x: None is not number"]
+    assert validate({"m": {}}, schema, schema) == ["$.m: missing x"]
+    assert validate({}, schema, schema) == ["$: missing m"]
+
+
+# ------------------------------------------------------------ checks before any model
+@pytest.mark.parametrize(("settings", "fragment"), [
+    (BenchSettings(metrics=("tpp",)), "arXiv 2605.18229"),
+    (BenchSettings(metrics=("scr",)), "should not be used"),
+    (BenchSettings(metrics=("core", "ravel")), "unknown metric 'ravel'"),
+    (BenchSettings(metrics=("autointerp",), text=_CORPUS), "--endpoint"),
+    (BenchSettings(metrics=("core",), text="no-such-file.txt"), "does not exist"),
+    (BenchSettings(n_seeds=0), "n_seeds"),
+    (BenchSettings(ks=(1, 0)), "every k"),
+    (BenchSettings(reg="l3"), "reg must be l1 or l2"),
+])
+def test_bad_settings_are_one_line(tmp_path: Path, settings: BenchSettings, fragment: str) -> None:
+    with pytest.raises((InputError, FileNotFoundError)) as e:
+        check_settings(settings, tmp_path / "out")
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_folder_with_foreign_files_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FolderNotOwnedError, match="did not write"):
+        check_settings(BenchSettings(metrics=("core",), text=_CORPUS), tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_cli_refuses_tpp_in_one_line_before_loading(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["bench", "--sae", "no-such-sae", "--metrics", "core,tpp",
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1
+    err = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and "TPP is not offered" in err[0], res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------ a run on a tiny model
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Any) -> Any:
+    out = tmp_path_factory.mktemp("bench") / "run"
+    corpus = Path(__file__).parent / "data" / "corpus" / "wikitext2-valid.txt"
+    saes = {"a": tiny_sae(layer=1, seed=0), "b": tiny_sae(layer=1, seed=1)}
+    settings = BenchSettings(metrics=("core",), n_seeds=2, core_tokens=256, core_context=32,
+                             text=str(corpus))
+    run = benchmark(saes, out=out, model=tiny_llama, tokenizer=CharTokenizer(),
+                    settings=settings)
+    return run, out, saes, corpus
+
+
+def test_core_values_match_a_direct_computation(tiny_run: Any, tiny_llama: Any) -> None:
+    """L0 and the mean input norm of each sample, from output_hidden_states (not the SDK's
+    hooks): hidden_states[2] is the residual stream after layer 1."""
+    run, _, saes, corpus = tiny_run
+    tok = CharTokenizer()
+    rows = packed_rows(tok, str(corpus), rows=2 * 8, context=32)
+    for name, sae in saes.items():
+        core = next(o for o in run.outputs[name] if o.metric == "core")
+        for k in range(2):
+            ids = rows[k * 8:(k + 1) * 8]
+            with torch.no_grad():
+                h = tiny_llama(input_ids=ids, output_hidden_states=True).hidden_states[2]
+            keep = ~torch.isin(ids, torch.tensor([0, 1, 2]))
+            x = h[keep]
+            l0 = float((sae.encode(x) != 0).sum(-1).double().mean())
+            assert core.spreads["l0"].values[k] == pytest.approx(l0, rel=1e-6)
+            assert core.spreads["l2_norm_in"].values[k] == pytest.approx(
+                float(x.norm(dim=-1).mean()), rel=1e-4)
+        assert core.spreads["l0"].n == 2
+
+
+def test_outputs_written_and_schema_valid(tiny_run: Any) -> None:
+    run, out, _, _ = tiny_run
+    assert (out / "comparison.md").read_text() == run.table
+    assert "b vs a" in run.table and ("within noise" in run.table or "differs" in run.table)
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("a", "b"):
+        doc = json.loads((out / name / "core.json").read_text())
+        assert all(k in doc for k in TOP_REQUIRED) and doc["eval_type_id"] == "core"
+        for group, fields in CORE_REQUIRED.items():
+            for f in fields:
+                v = doc["eval_result_metrics"][group][f]
+                assert isinstance(v, int | float) and math.isfinite(v), (group, f, v)
+        spreads = doc["eval_result_unstructured"]["spreads"]
+        assert spreads["l0"]["n_seeds"] == 2 and len(spreads["l0"]["values"]) == 2
+
+
+def test_core_json_validates_against_saebench_schema(tiny_run: Any) -> None:
+    schema = _installed_schema("core")
+    if schema is None:
+        pytest.skip("sae-bench is not installed (pip install --no-deps sae-bench==0.6.0)")
+    _, out, _, _ = tiny_run
+    doc = json.loads((out / "a" / "core.json").read_text())
+    assert validate(doc, schema, schema) == []
+    if importlib.util.find_spec("jsonschema") is not None:
+        import jsonschema
+
+        jsonschema.validate(doc, schema)
