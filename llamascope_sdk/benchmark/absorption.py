@@ -233,14 +233,21 @@ def aggregate(letters: Sequence[LetterResult]) -> tuple[float, float, float]:
 
 
 def one_seed(sae: SAE, x_ND: torch.Tensor, labels: torch.Tensor, seed: int,
+             probes: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
              ) -> list[LetterResult]:
-    """Steps 2-5 for one seed: split, the three probes, and every letter's result."""
+    """Steps 2-5 for one seed: split, the three probes, and every letter's result.
+    ``probes`` keeps the ground-truth probe per seed (it does not depend on the SAE)."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(x_ND.shape[0], generator=g)
     n_test = max(1, x_ND.shape[0] // 5)
     te, tr = order[:n_test], order[n_test:]
     y = F.one_hot(labels, len(LETTERS))
-    W, b = train_probe(x_ND[tr].float(), y[tr], seed=seed)
+    if probes is not None and seed in probes:
+        W, b = probes[seed]
+    else:
+        W, b = train_probe(x_ND[tr].float(), y[tr], seed=seed)
+        if probes is not None:
+            probes[seed] = (W, b)
     f_all = sae.encode(x_ND.to(sae.device, sae.dtype)).float().cpu()
     W1, _ = train_probe(f_all[tr], y[tr], seed=seed, epochs=50, l1=0.01)
     scores = x_ND.float() @ W.T + b
@@ -257,12 +264,14 @@ def one_seed(sae: SAE, x_ND: torch.Tensor, labels: torch.Tensor, seed: int,
     return out
 
 
-def absorption(sae: SAE, x_ND: torch.Tensor, words: Sequence[str], *,
-               seeds: Sequence[int]) -> AbsorptionResult:
+def absorption(sae: SAE, x_ND: torch.Tensor, words: Sequence[str], *, seeds: Sequence[int],
+               probes: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+               ) -> AbsorptionResult:
     """The metric of one SAE from the word activations ``x_ND`` (one row per word, read at its
-    token in its prompt at the SAE's input site), over ``seeds``."""
+    token in its prompt at the SAE's input site), over ``seeds``; ``probes``: the ground-truth
+    probes by seed, shared by the SAEs at one hook point (filled when missing)."""
     labels = torch.tensor([LETTERS.index(first_letter(w)) for w in words])
-    per = [one_seed(sae, x_ND, labels, s) for s in seeds]
+    per = [one_seed(sae, x_ND, labels, s, probes) for s in seeds]
     agg = [aggregate(p) for p in per]
     return AbsorptionResult(spread([a[0] for a in agg]), spread([a[1] for a in agg]),
                             spread([a[2] for a in agg]), per, len(words))

@@ -17,14 +17,15 @@ import json
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from llamascope_sdk.base.atomic import atomic_write_text
+from llamascope_sdk.base.atomic import atomic_save_safetensors, atomic_write_text
 from llamascope_sdk.base.endpoint import ChatClient
 from llamascope_sdk.base.errors import FolderNotOwnedError, InputError
 from llamascope_sdk.benchmark import absorption as A
@@ -42,6 +43,7 @@ from llamascope_sdk.benchmark.probing import (
     BASE_SEED,
     DEFAULT_KS,
     DEFAULT_REG,
+    ProbeMetrics,
     probe_dataset,
     require_sklearn,
 )
@@ -142,10 +144,22 @@ def _encoder(sae: SAE) -> Any:
     return enc
 
 
+def _dense_cached(cache: ActivationCache, site: Site, data: D.ProbeDataset, x: torch.Tensor,
+                  seed: int) -> ProbeMetrics:
+    """The dense baseline of (hook point, dataset, seed): it does not depend on the SAE, so a
+    later run with other SAEs at this hook point reads it from the cache folder."""
+    path = cache.path(site, data.name).with_suffix(f".dense-seed{seed}.json")
+    if path.is_file():
+        return ProbeMetrics(**json.loads(path.read_text()))
+    m = probe_dataset(data.name, x, data.labels, data.n_total, None, seed=seed).dense
+    atomic_write_text(path, json.dumps(asdict(m)))
+    return m
+
+
 def run_probing(cache: ActivationCache, named: Mapping[str, SAE], names: Sequence[str],
                 s: BenchSettings, timing: dict[str, Any]) -> dict[str, MetricOutput]:
     """The sae-probes protocol on every dataset, for every SAE and seed; the dense baseline
-    once per (hook point, dataset, seed)."""
+    once per (hook point, dataset, seed), kept in the cache folder."""
     seeds = [BASE_SEED + i for i in range(s.n_seeds)]
     res: dict[str, dict[int, list[Any]]] = {n: {sd: [] for sd in seeds} for n in named}
     by_site = _sites(named)
@@ -156,14 +170,13 @@ def run_probing(cache: ActivationCache, named: Mapping[str, SAE], names: Sequenc
         acts = cache.get(ds, data.prompts, list(by_site))
         t1 = time.perf_counter()
         for site, members in by_site.items():
+            x = acts[site]
             for sd in seeds:
-                dense = None
+                dense = _dense_cached(cache, site, data, x, sd)
                 for n in members:
-                    r = probe_dataset(ds, acts[site], data.labels, data.n_total,
-                                      _encoder(named[n]), seed=sd, ks=s.ks, reg=s.reg,
-                                      dense=dense)
-                    dense = r.dense
-                    res[n][sd].append(r)
+                    res[n][sd].append(probe_dataset(ds, x, data.labels, data.n_total,
+                                                    _encoder(named[n]), seed=sd, ks=s.ks,
+                                                    reg=s.reg, dense=dense))
         per_ds[ds] = {"activations_s": t1 - t0, "probe_fit_s": time.perf_counter() - t1,
                       "rows": len(data.prompts)}
     cfg = {"model_name": _model_name(cache.model), "random_seed": BASE_SEED,
@@ -181,19 +194,38 @@ def run_absorption(cache: ActivationCache, tokenizer: Any, named: Mapping[str, S
     words = [words[i] for i in keep]
     prompts = A.prompts_for(words, BASE_SEED)
     by_site = _sites(named)
-    acts = cache.get(f"absorption-first-letter-{len(words)}", prompts, list(by_site),
-                     from_end=n_after)
+    set_name = f"absorption-first-letter-{len(words)}"
+    acts = cache.get(set_name, prompts, list(by_site), from_end=n_after)
     seeds = [BASE_SEED + i for i in range(s.n_seeds)]
     out = {}
     for site, members in by_site.items():
+        probes = _load_probes(cache.path(site, set_name).with_suffix(".gt-probes.safetensors"))
         for n in members:
-            r = A.absorption(named[n], acts[site], words, seeds=seeds)
+            r = A.absorption(named[n], acts[site], words, seeds=seeds, probes=probes[0])
             cfg = {"model_name": _model_name(cache.model), "random_seed": BASE_SEED,
                    "f1_jump_threshold": A.F1_JUMP, "max_k_value": A.MAX_K,
                    "prompt_template": A.TEMPLATE, "min_GT_probe_f1": A.MIN_PROBE_F1,
                    "n_words": len(words), "n_seeds": s.n_seeds}
             out[n] = absorption_output(r, cfg)
+        _save_probes(*probes)
     return out
+
+
+def _load_probes(path: Path) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], Path]:
+    """The ground-truth letter probes of a hook point by seed, from the cache folder."""
+    found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    if path.is_file():
+        t = load_file(str(path))
+        for key in t:
+            if key.startswith("W_"):
+                seed = int(key[2:])
+                found[seed] = (t[key], t[f"b_{seed}"])
+    return found, path
+
+
+def _save_probes(probes: dict[int, tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
+    tensors = {f"{p}_{seed}": t for seed, wb in probes.items() for p, t in zip("Wb", wb, strict=True)}
+    atomic_save_safetensors(tensors, path)
 
 
 def _text(s: BenchSettings, names: Sequence[str]) -> Any:
