@@ -197,3 +197,22 @@ def test_core_json_validates_against_saebench_schema(tiny_run: Any) -> None:
         import jsonschema
 
         jsonschema.validate(doc, schema)
+
+
+def test_table_marks_noise_and_missing_numbers() -> None:
+    from llamascope_sdk.benchmark.report import MetricOutput, table
+    from llamascope_sdk.benchmark.spread import spread
+
+    def out(auc: list[float], frac: list[float]) -> list[MetricOutput]:
+        return [MetricOutput("probing", {}, {}, [], {"auc": spread(auc)}, [], ("auc",)),
+                MetricOutput("absorption", {}, {}, [], {"frac": spread(frac)},
+                             ["no letter passed"], ("frac",))]
+
+    text = table({"a": out([0.80, 0.82, 0.81], [0.2, 0.3]),
+                  "b": out([0.81, 0.80, 0.83], [math.nan]),
+                  "c": out([0.90, 0.91, 0.89], [0.25, 0.35])})
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()}
+    assert "+0.003 (within noise)" in rows["probing: auc"]
+    assert "+0.090 (differs)" in rows["probing: auc"]
+    assert "| no number |" in rows["absorption: frac"]
+    assert "no number for b: no letter passed" in text

@@ -119,9 +119,11 @@ def table(results: Mapping[str, Sequence[MetricOutput]]) -> str:
                 if not math.isfinite(o.spreads[h].mean):
                     missing.setdefault(f"{o.metric}: {h}", {})[n] = "; ".join(o.notes[:1])
     for key, by in rows.items():
-        cells = [by[n].text() if n in by else "not run" for n in names]
+        cells = [("no number" if not math.isfinite(by[n].mean) else by[n].text())
+                 if n in by else "not run" for n in names]
         for n in names[1:]:
-            if n not in by or names[0] not in by:
+            if n not in by or names[0] not in by or not (
+                    math.isfinite(by[n].mean) and math.isfinite(by[names[0]].mean)):
                 cells.append("")
                 continue
             same = within_noise(by[n], by[names[0]])
@@ -130,9 +132,8 @@ def table(results: Mapping[str, Sequence[MetricOutput]]) -> str:
                        False: "differs"}[same]
             cells.append(f"{d:+.3f} ({verdict})")
         lines.append("| " + " | ".join([key, *cells]) + " |")
-    for key, why in missing.items():
-        for n, note in why.items():
-            lines.append(f"\n{n}, {key}: no number ({note})")
+    notes = {f"{n}: {note}" for why in missing.values() for n, note in why.items()}
+    lines += [f"\nno number for {note}" for note in sorted(notes)]
     return "\n".join(lines) + "\n"
 
 
