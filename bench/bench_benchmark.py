@@ -8,8 +8,8 @@ Run once, niced (the machine is shared)::
 Needs the ``bench`` extra (scikit-learn, zstandard) and ``pip install --no-deps
 sae-probes==0.4.2``. The sae-probes datasets hold 35 million SmolLM2 tokens (334,092 prompts),
 hours of forward passes on 2 CPU cores, so this script probes a stated subset (``--datasets``):
-every k-th of the datasets whose prompts total at most ``--max-dataset-tokens`` tokens (the
-choice is printed). Run A benchmarks the demo SAE in a fresh folder; run B benchmarks the
+every k-th of the datasets whose prompts total at most ``--max-dataset-chars`` characters
+(the choice is printed). Run A benchmarks the demo SAE in a fresh folder; run B benchmarks the
 second SAE ("demo-half": the demo SAE with features 2304.. switched off, a synthetic narrower
 SAE) in the same folder, so its activations, dense baselines and absorption probes come from
 A's cache; B's time over A's is the "second SAE at the same hook" ratio. Prints the time per
@@ -28,20 +28,15 @@ import torch
 from llamascope_sdk.benchmark import datasets as D
 from llamascope_sdk.benchmark.report import plot, table
 from llamascope_sdk.benchmark.run import BenchSettings, benchmark
-from llamascope_sdk.corpus import encode
-from llamascope_sdk.loading.models import load_model
 from llamascope_sdk.loading.sae import SAE
 
 
-def choose(tok: object, max_tokens: int, every: int, limit: int) -> list[str]:
-    """Every ``every``-th, by increasing token count, of the datasets whose prompts total at
-    most ``max_tokens`` tokens, at most ``limit`` of them; prints the total."""
-    sizes = {}
-    for name in D.dataset_names():
-        d = D.load(name)
-        sizes[name] = sum(min(1024, len(encode(tok, p, bos=True))) for p in d.prompts)
-    print(f"all {len(sizes)} sae-probes datasets: {sum(sizes.values()):,} SmolLM2 tokens")
-    small = sorted((n for n, t in sizes.items() if t <= max_tokens), key=lambda n: sizes[n])
+def choose(max_chars: int, every: int, limit: int) -> list[str]:
+    """Every ``every``-th, by increasing size, of the datasets whose prompts total at most
+    ``max_chars`` characters (a proxy for tokens that needs no tokenizer), at most ``limit``."""
+    sizes = {n: sum(len(p) for p in D.load(n).prompts) for n in D.dataset_names()}
+    small = sorted((n for n, c in sizes.items() if c <= max_chars), key=lambda n: sizes[n])
+    print(f"{len(small)} of {len(sizes)} datasets have <= {max_chars:,} prompt characters")
     return small[::every][:limit]
 
 
@@ -57,16 +52,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="/tmp/bench_benchmark")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--max-dataset-tokens", type=int, default=15_300)
+    ap.add_argument("--max-dataset-chars", type=int, default=48_100)
     ap.add_argument("--every", type=int, default=3)
-    ap.add_argument("--datasets", type=int, default=6)
+    ap.add_argument("--datasets", type=int, default=5)
     ap.add_argument("--core-tokens", type=int, default=1024)
     ap.add_argument("--absorption-words", type=int, default=600)
     args = ap.parse_args()
-    _, tok = load_model("smollm2-135m")
-    names = choose(tok, args.max_dataset_tokens, args.every, args.datasets)
-    print(f"datasets ({len(names)} of {len(D.dataset_names())}; every {args.every}th of those "
-          f"with <= {args.max_dataset_tokens} prompt tokens): {', '.join(names)}")
+    names = choose(args.max_dataset_chars, args.every, args.datasets)
+    print(f"datasets ({len(names)} of {len(D.dataset_names())}; every {args.every}-th of those, "
+          f"smallest first): {', '.join(names)}")
     s = BenchSettings(metrics=("core", "probing", "absorption"), n_seeds=args.seeds,
                       datasets=names, core_tokens=args.core_tokens,
                       absorption_words=args.absorption_words)
