@@ -216,3 +216,12 @@ def test_table_marks_noise_and_missing_numbers() -> None:
     assert "+0.090 (differs)" in rows["probing: auc"]
     assert "| no number |" in rows["absorption: frac"]
     assert "no number for b: no letter passed" in text
+
+
+def test_core_without_text_or_datasets_says_what_to_give(tmp_path: Path) -> None:
+    if importlib.util.find_spec("sae_probes") is not None:
+        pytest.skip("sae-probes is installed: its prompts are the default text")
+    from llamascope_sdk.base.errors import DataUnavailableError
+
+    with pytest.raises(DataUnavailableError, match="--text FILE"):
+        check_settings(BenchSettings(metrics=("core",)), tmp_path / "o")

@@ -27,7 +27,7 @@ from torch import nn
 
 from llamascope_sdk.base.atomic import atomic_save_safetensors, atomic_write_text
 from llamascope_sdk.base.endpoint import ChatClient
-from llamascope_sdk.base.errors import FolderNotOwnedError, InputError
+from llamascope_sdk.base.errors import DataUnavailableError, FolderNotOwnedError, InputError
 from llamascope_sdk.benchmark import absorption as A
 from llamascope_sdk.benchmark import datasets as D
 from llamascope_sdk.benchmark.activations import ActivationCache, cache_bytes
@@ -109,10 +109,16 @@ def check_settings(s: BenchSettings, out: str | Path) -> Path:
         raise InputError(f"n_seeds and every k must be >= 1; got {s.n_seeds} and {list(s.ks)}")
     if s.reg not in ("l1", "l2"):
         raise InputError(f"reg must be l1 or l2, got {s.reg!r}")
-    if "probing" in s.metrics or s.text is None and {"core", "autointerp"} & set(s.metrics):
+    if "probing" in s.metrics:
         D.check_names(s.datasets or [])  # also: the extra is installed
-        if "probing" in s.metrics:
-            require_sklearn()
+        require_sklearn()
+    elif s.text is None and {"core", "autointerp"} & set(s.metrics):
+        try:
+            D.check_names(s.datasets or [])
+        except DataUnavailableError:
+            raise DataUnavailableError(
+                "core and autointerp read --text FILE (.txt/.jsonl/.parquet or a Hugging Face "
+                f"dataset), or by default the sae-probes prompts: {D.EXTRA_HINT}") from None
     if s.text is not None:
         check_corpus(s.text)
     if "autointerp" in s.metrics and not (s.endpoint and s.endpoint_model):
