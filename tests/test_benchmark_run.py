@@ -225,3 +225,91 @@ def test_core_without_text_or_datasets_says_what_to_give(tmp_path: Path) -> None
 
     with pytest.raises(DataUnavailableError, match="--text FILE"):
         check_settings(BenchSettings(metrics=("core",)), tmp_path / "o")
+
+
+def test_autointerp_run_against_the_fake_endpoint(tmp_path: Path, tiny_llama: Any) -> None:
+    """The whole autointerp path (capture, excerpts, one explainer and one scorer request per
+    feature, the SAEBench JSON) with a scorer that answers 0 for every excerpt: each feature
+    scores its share of inactive excerpts, which the test reads from the requests."""
+    import re
+
+    from tests.fake_endpoint import FakeEndpoint
+
+    def excerpts(messages: list[dict[str, str]]) -> list[str]:
+        return re.findall(r"^Example \d+: (.*)$", messages[-1]["content"], flags=re.M)
+
+    def reply(messages: list[dict[str, str]]) -> str:
+        if "list of 0s and 1s" in messages[0]["content"]:
+            return str([0] * len(excerpts(messages)))
+        return "letters"
+
+    with FakeEndpoint(reply=reply) as fake:
+        settings = BenchSettings(metrics=("autointerp",), n_seeds=2, text=_CORPUS,
+                                 autointerp_features=3, autointerp_tokens=4096,
+                                 endpoint=fake.url, endpoint_model="judge")
+        run = benchmark({"a": tiny_sae(layer=1, seed=0)}, out=tmp_path / "o", model=tiny_llama,
+                        tokenizer=CharTokenizer(), settings=settings)
+    (out,) = run.outputs["a"]
+    scored = out.details  # features with enough activations for the protocol, both seeds
+    assert 1 <= len(scored) <= 6 and all(f["explanation"] == "letters" for f in scored)
+    n_scorer = sum("list of 0s and 1s" in r["messages"][0]["content"] for r in fake.requests)
+    assert n_scorer == len(scored) == len(fake.requests) // 2
+    per_seed = run.outputs["a"][0].spreads["autointerp_score"].values
+    assert len(per_seed) == 2 and all(0.0 <= v < 1.0 for v in per_seed)
+    doc = json.loads((tmp_path / "o" / "a" / "autointerp.json").read_text())
+    assert doc["eval_type_id"] == "autointerp"
+    m = doc["eval_result_metrics"]["autointerp"]
+    assert m["autointerp_score"] == pytest.approx(sum(per_seed) / 2)
+    schema = _installed_schema("autointerp")
+    if schema is not None:
+        assert validate(doc, schema, schema) == []
+
+
+def test_probing_run_and_its_saebench_json(tmp_path: Path, tiny_llama: Any) -> None:
+    """Probing on one real sae-probes dataset with the tiny model: the dense baseline and the
+    SAE probes per dataset, the JSON (schema-checked when sae-bench is installed), and the
+    dense baseline read back from the cache by a second run."""
+    if importlib.util.find_spec("sae_probes") is None or importlib.util.find_spec("sklearn") is None:
+        pytest.skip("needs the bench extra and sae-probes (pip install --no-deps sae-probes==0.4.2)")
+    settings = BenchSettings(metrics=("probing",), n_seeds=2, ks=(1, 2),
+                             datasets=["119_us_state_TX"])
+    sae = tiny_sae(layer=1, seed=0)
+    run = benchmark({"a": sae}, out=tmp_path / "o", model=tiny_llama, tokenizer=CharTokenizer(),
+                    settings=settings)
+    (out,) = run.outputs["a"]
+    (det,) = out.details
+    assert det["dataset_name"] == "119_us_state_TX"
+    for key in ("llm_test_auc", "sae_top_1_test_auc", "sae_top_2_test_accuracy"):
+        assert 0.0 <= det[key] <= 1.0
+    doc = json.loads((tmp_path / "o" / "a" / "sparse_probing_sae_probes.json").read_text())
+    assert doc["eval_result_metrics"]["llm"]["llm_test_auc"] == pytest.approx(
+        out.spreads["llm_test_auc"].mean)
+    schema = _installed_schema("sparse_probing_sae_probes")
+    if schema is not None:
+        assert validate(doc, schema, schema) == []
+    again = benchmark({"b": sae}, out=tmp_path / "o", model=tiny_llama, tokenizer=CharTokenizer(),
+                      settings=settings)
+    assert again.timing["activation_forward_s"] == 0.0  # activations and baselines cached
+    assert again.outputs["b"][0].spreads["llm_test_auc"] == out.spreads["llm_test_auc"]
+    assert again.outputs["b"][0].spreads["sae_top_2_test_auc"] == out.spreads["sae_top_2_test_auc"]
+
+
+def test_absorption_json_structure() -> None:
+    from llamascope_sdk.benchmark.absorption import AbsorptionResult, LetterResult
+    from llamascope_sdk.benchmark.outputs import absorption_output
+    from llamascope_sdk.benchmark.report import saebench_json
+    from llamascope_sdk.benchmark.spread import spread
+
+    letters = [LetterResult("s", 0.9, [0], 20, 0.25, 0.25, 5),
+               LetterResult("t", 0.8, [3, 4], 10, 0.1, 0.0, 0),
+               LetterResult("x", 0.4, [7], 3, 1.0, 1.0, 3)]  # below the F1 gate: left out
+    r = AbsorptionResult(spread([0.175, 0.2]), spread([0.125, 0.1]), spread([1.5, 1.5]),
+                         [letters], 100)
+    doc = saebench_json(absorption_output(r, {"model_name": "m"}), "sae", {})
+    mean = doc["eval_result_metrics"]["mean"]
+    assert mean["mean_absorption_fraction_score"] == pytest.approx(0.1875)
+    assert mean["std_dev_absorption_fraction_score"] == pytest.approx(0.1060660, rel=1e-5)
+    assert [d["first_letter"] for d in doc["eval_result_details"]] == ["s", "t"]
+    schema = _installed_schema("absorption_first_letter")
+    if schema is not None:
+        assert validate(doc, schema, schema) == []
