@@ -313,3 +313,22 @@ def test_absorption_json_structure() -> None:
     schema = _installed_schema("absorption_first_letter")
     if schema is not None:
         assert validate(doc, schema, schema) == []
+
+
+def test_absorption_refuses_transcoders_before_the_model(tmp_path: Path) -> None:
+    tc = tiny_sae(layer=1, position="TC")
+    with pytest.raises(InputError, match="not defined for transcoders"):
+        benchmark({"tc": tc}, out=tmp_path / "o", model="no-such-model-is-loaded",
+                  settings=BenchSettings(metrics=("absorption",)))
+
+
+def test_core_runs_on_a_transcoder(tmp_path: Path, tiny_llama: Any) -> None:
+    """Input and output sites differ (ln2 normalised in, MLP out): both are read, the output
+    site is the one zeroed and spliced."""
+    run = benchmark({"tc": tiny_sae(layer=1, position="TC")}, out=tmp_path / "o",
+                    model=tiny_llama, tokenizer=CharTokenizer(),
+                    settings=BenchSettings(metrics=("core",), n_seeds=1, core_tokens=128,
+                                           core_context=32, text=_CORPUS))
+    (core,) = run.outputs["tc"]
+    assert core.spreads["l0"].mean > 0 and math.isfinite(core.spreads["kl_div_with_ablation"].mean)
+    assert core.spreads["kl_div_with_ablation"].mean > 0

@@ -303,9 +303,14 @@ def _named(saes: Any, device: str) -> dict[str, SAE]:
     return out
 
 
-def _load(saes: Any, model: Any, tokenizer: Any, device: str,
-          dtype: str | None) -> tuple[dict[str, SAE], nn.Module, Any]:
+def _load(saes: Any, model: Any, tokenizer: Any, device: str, dtype: str | None,
+          metrics: Sequence[str]) -> tuple[dict[str, SAE], nn.Module, Any]:
     named = _named(saes, device)
+    if "absorption" in metrics:
+        tc = [n for n, sae in named.items() if sae.is_transcoder]
+        if tc:
+            raise InputError(f"absorption is not defined for transcoders ({', '.join(tc)}): its "
+                             "decoder writes another site than the probe reads; drop absorption")
     first = next(iter(named.values()))
     if model is None or isinstance(model, str):
         model, tokenizer = load_model(model or base_model_of(first), device=device, dtype=dtype,
@@ -351,7 +356,7 @@ def benchmark(saes: str | SAE | Sequence[str | SAE] | Mapping[str, SAE], *,
     out = check_settings(s, out)
     names = s.datasets or (D.dataset_names() if "probing" in s.metrics else [])
     t_start = time.perf_counter()
-    named, lm, tok = _load(saes, model, tokenizer, device, dtype)
+    named, lm, tok = _load(saes, model, tokenizer, device, dtype, s.metrics)
     _check_cache(s, names, next(iter(named.values())).d_model, len(_sites(named)))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / MARKER, json.dumps({"written_by": "llamascope bench"}))
