@@ -150,14 +150,16 @@ def main() -> None:
         cond_sae = SAE.from_pretrained(folder, device=args.device)
         print(f"device {args.device}; 8 rows x {args.tokens} new tokens; best of {args.rounds} "
               "interleaved runs")
-        for part, rate in (("generator", generator_part(model, tok, sae, cond_sae, args.tokens,
-                                                          args.rounds)),
-                           ("server", serve_part(model, tok, folder, args.tokens, args.rounds))):
-            print(f"{part}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in rate.items()))
-            print(f"{part}: readout (8 features x 8 rows) / plain = "
-                  f"{rate['readout'] / rate['plain']:.3f}x (target >= 0.95)")
-            print(f"{part}: conditional edit / unconditional edit = "
-                  f"{rate['conditional'] / rate['edit']:.3f}x (target >= 0.95)")
+        report("generator", generator_part(model, tok, sae, cond_sae, args.tokens, args.rounds))
+        report("server", serve_part(model, tok, folder, args.tokens, args.rounds))
+
+
+def report(part: str, rate: dict[str, float]) -> None:
+    print(f"{part}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in rate.items()))
+    print(f"{part}: readout (8 features x 8 rows) / plain = "
+          f"{rate['readout'] / rate['plain']:.3f}x (target >= 0.95)")
+    print(f"{part}: conditional edit / unconditional edit = "
+          f"{rate['conditional'] / rate['edit']:.3f}x (target >= 0.95)", flush=True)
 
 
 if __name__ == "__main__":
