@@ -82,7 +82,17 @@ def _threshold(model, sae, feature: int, ids: list[int]) -> float:
     with attach(model, [sae]) as h, torch.no_grad():
         model(torch.tensor([ids]), use_cache=False)
     v = h.features[sae.name][0, :, feature]
-    return float(v[v > 0].median()) if bool((v > 0).any()) else 0.0
+    return _between(v[v > 0]) if bool((v > 0).any()) else 0.0
+
+
+def _between(v: torch.Tensor) -> float:
+    """A threshold halfway between two neighbouring values around the median, so no value
+    sits on it (a reading equal to the threshold would be decided by float rounding)."""
+    s = v.flatten().sort().values
+    if s.numel() < 2:
+        return float(s[0]) / 2
+    i = s.numel() // 2
+    return float(s[i - 1] + s[i]) / 2
 
 
 PROMPTS = [[1, 5, 9, 14, 22, 31, 40], [1, 60, 61, 62], [1, 7, 7, 7, 7, 7, 8, 9], [1, 90, 3, 44, 45]]

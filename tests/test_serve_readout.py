@@ -171,6 +171,14 @@ def _reference(model, ids: list[int], n_new: int, edits: list[dict], special: se
     return seq[len(ids):]
 
 
+def _between(v: torch.Tensor) -> float:
+    """A threshold halfway between two neighbouring values around the median (no reading sits
+    on it, where float rounding would decide)."""
+    s = v.flatten().sort().values
+    i = max(1, s.numel() // 2)
+    return float(s[i - 1] + s[i]) / 2 if s.numel() > 1 else float(s[0]) / 2
+
+
 PROMPTS = ["The old castle stood on the hill, and the king said",
            "My favourite city is", "Once upon a time there was a", "The recipe calls for"]
 
@@ -190,8 +198,8 @@ def test_eight_concurrent_conditional_requests_equal_the_reference_loop(served, 
     f_TF = l5.encode(hs[6][0])[1:]  # without BOS
     fired = (f_TF > 0).sum(0)
     f5 = int(torch.where(fired < f_TF.shape[0], fired, 0).argmax())  # fires often, not always
-    t5 = float(f_TF[:, f5][f_TF[:, f5] > 0].median())
-    t_dir = float((hs[11][0] @ unit).median())
+    t5 = _between(f_TF[:, f5][f_TF[:, f5] > 0])
+    t_dir = _between(hs[11][0] @ unit)
     v4154 = 40.0 * demo_sae.W_dec[4154]
     kinds = [
         ({"when": {"sae": served.layer5, "feature": f5, "above": t5}},

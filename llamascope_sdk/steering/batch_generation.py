@@ -211,10 +211,16 @@ class BatchGenerator:
             keep &= ~torch.isin(ids_BT, torch.tensor(self.special, device=ids_BT.device))
         hooks = row_hooks([st.edits for st in rows], pos_BT, [st.prompt_len for st in rows], keep,
                           [st.state for st in rows])
-        with hooked(self.model, hooks):
+        # A forward that only reads the last tokens of finishing rows stops after the last
+        # site it reads (their logits and cache are not needed: the rows leave after it).
+        drain = bool(hooks) and all(st.finishing is not None for st in rows)
+        out = None
+        with hooked(self.model, hooks, stop_after_last=drain):
             out = self.model(input_ids=ids_BT, attention_mask=mask_BL,
                              position_ids=pos_BT.clamp(min=0), use_cache=True, logits_to_keep=1,
                              **{self._cache_arg: cache})
+        if out is None:
+            return torch.zeros(len(rows), 1, device=ids_BT.device), cache
         return out.logits[:, -1, :], getattr(out, self._cache_arg)
 
     def _decode(self) -> list[Token]:
