@@ -212,18 +212,20 @@ class ReadoutLog:
         if not read or not ids:
             return []
         new = []
+        texts = [self.decode([tok]) for tok in ids]
         for k, (r, vals) in enumerate(zip(self.readouts, read, strict=True)):
             pct = self.percentiles[k]
-            p = pct(vals.features, vals.values) if pct is not None else None
+            values = vals.values.tolist()  # one conversion, not one per value
+            feats = vals.features.tolist() if r.top_k is not None else None
+            pcts = pct(vals.features, vals.values).tolist() if pct is not None else None
             rows = []
             for t, tok in enumerate(ids):
                 row: dict[str, Any] = {"position": self.position + t, "token_id": tok,
-                                       "token": self.decode([tok]),
-                                       "values": [round(float(v), 6) for v in vals.values[t]]}
-                if r.top_k is not None:
-                    row["features"] = [int(f) for f in vals.features[t]]
-                if p is not None:
-                    row["percentiles"] = [None if v != v else round(float(v), 3) for v in p[t]]
+                                       "token": texts[t], "values": values[t]}
+                if feats is not None:
+                    row["features"] = feats[t]
+                if pcts is not None:
+                    row["percentiles"] = [None if v != v else round(v, 3) for v in pcts[t]]
                 rows.append(row)
             self.tokens[k] += rows
             new.append(self._head(k) | {"tokens": rows})
