@@ -287,3 +287,26 @@ def test_selected_features_keep_exact_edges() -> None:
     top_logit_row = full.edges_RC[full.n_features, : full.n_features].abs()
     best = full.selected_A[int(top_logit_row.argmax())]
     assert best in graph.selected_A
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_hooks_removed_and_grad_flags_restored_after_an_error(monkeypatch) -> None:
+    from llamascope_sdk.trace import rows
+
+    model = tiny_model()
+    model.model.layers[0].mlp.down_proj.weight.requires_grad_(True)
+    flags = [p.requires_grad for p in model.parameters()]
+    before = _hook_count(model)
+    attribute(model, transcoders([1]), IDS, batch_size=8)
+    assert _hook_count(model) == before
+
+    def boom(*_a, **_k):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(rows, "backward", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        attribute(model, transcoders([1]), IDS, batch_size=8)
+    assert _hook_count(model) == before
+    assert [p.requires_grad for p in model.parameters()] == flags

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from llamascope_sdk.cli import (  # noqa: F401  (register their commands)
+    bench,
     catalog,
     convert,
     eval_steer,
@@ -16,6 +17,7 @@ from llamascope_sdk.cli import (  # noqa: F401  (register their commands)
     inspect,
     read,
     serve,
+    trace,
 )
 from llamascope_sdk.cli.app import app, main
 

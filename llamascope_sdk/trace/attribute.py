@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from llamascope_sdk.trace import replacement, rows
 from llamascope_sdk.trace.frozen import Tape, frozen_forward
 from llamascope_sdk.trace.graph import Graph
 from llamascope_sdk.trace.influence import influence
-from llamascope_sdk.trace.memory import estimate
+from llamascope_sdk.trace.memory import check_edge_matrix_fits, estimate
 from llamascope_sdk.trace.replacement import Replacement
 
 
@@ -83,7 +84,8 @@ class _RowFiller:
         grads, g_embed = rows.backward(self.tape, self.rep, targets)
         batch = self.tape.embed.shape[0] if self.tape.embed is not None else len(targets.layers)
         out = torch.zeros(batch, self.n_cols, dtype=self.rep.dtype, device=self.edges.device)
-        rows.contract(self.rep, grads, g_embed, out, self.offsets)
+        with torch.no_grad():
+            rows.contract(self.rep, grads, g_embed, out, self.offsets)
         n = len(targets.layers)
         self.edges[start:start + n] = out[:n]
 
@@ -97,7 +99,7 @@ class _RowFiller:
             sae = self.rep.transcoders[layer]
             layers.append(layer)
             positions.append(int(lf.pos[k]))
-            vecs.append(sae.W_enc[lf.feat[k]].to(self.rep.dtype))
+            vecs.append(sae.W_enc[lf.feat[k]].detach().to(self.rep.dtype))
         dev = vecs[0].device if vecs else torch.device("cpu")
         return rows.Targets(layers, positions, torch.stack([v.to(dev) for v in vecs]))
 
@@ -157,7 +159,7 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE],
               max_logits: int = 10, logit_probability: float = 0.95,
               max_feature_nodes: int = 7500, batch_size: int = 256, target: int | None = None,
               update_interval: int = 4, graph_device: str | torch.device = "cpu",
-              verbose: bool = False) -> Graph:
+              verbose: bool = False, report: Callable[[str], None] | None = None) -> Graph:
     """The attribution graph of ``prompt`` through ``transcoders`` (circuit-tracer's
     definition for per-layer transcoders; docs/trace.md).
 
@@ -175,6 +177,7 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE],
         update_interval: batches between re-rankings of the features by influence.
         graph_device: where the edge matrix is kept (host memory by default).
         verbose: print progress and the memory estimate.
+        report: where those lines go instead of print (e.g. stderr); implies verbose.
 
     Example:
         >>> g = attribute(model, [SAE.from_pretrained(f"L{i}TC-8x") for i in range(32)],
@@ -182,7 +185,8 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE],
         >>> g.describe_node(g.logit_offset)
     """
     _check_settings(max_logits, logit_probability, max_feature_nodes, batch_size)
-    report: Callable[[str], None] = print if verbose else (lambda _m: None)
+    if report is None:
+        report = print if verbose else (lambda _m: None)
     t0 = time.perf_counter()
     tcs = replacement.by_layer(model, transcoders)
     ids_T = _token_ids(prompt, tokenizer)
@@ -197,6 +201,8 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE],
                    n_logits=n_logits, batch_size=batch)
     report(f"{n_active} active features, {n_logits} logit targets, {n_feat} feature rows; "
            + est.describe())
+    check_edge_matrix_fits(est, torch.device(graph_device), n_active=n_active,
+                           n_logits=n_logits, n_cols=n_active + (rep.n_layers + 1) * rep.n_pos)
     filler = _run_rows(model, rep, vecs_KD, n_feat, batch, update_interval, probs_K,
                        torch.device(graph_device), report)
     selected, edges = _package(filler[0], filler[1], n_logits)
@@ -210,7 +216,8 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE],
         transcoder_names=[tcs[layer].name for layer in sorted(tcs)],
         info={"max_logits": max_logits, "logit_probability": logit_probability,
               "max_feature_nodes": max_feature_nodes, "batch_size": batch,
-              "seconds": round(time.perf_counter() - t0, 3)})
+              "seconds": round(time.perf_counter() - t0, 3),
+              "estimate_bytes": {**asdict(est), "device": est.device, "host": est.host}})
     report(f"attribution done in {graph.info['seconds']:.1f} s")
     return graph.check()
 
@@ -222,7 +229,7 @@ def _run_rows(model: nn.Module, rep: Replacement, vecs_KD: torch.Tensor, n_feat:
     n_logits = int(vecs_KD.shape[0])
     ids_BT = rep.ids_T[None].expand(batch, -1).to(replacement.embed_device(model))
     inner = getattr(model, "model", model)
-    with frozen_forward(model) as tape:
+    with frozen_forward(model, rep.mlp_out) as tape:
         inner(input_ids=ids_BT, use_cache=False)
         filler = _RowFiller(rep, tape, n_logits + n_feat, device)
         for s in range(0, n_logits, batch):

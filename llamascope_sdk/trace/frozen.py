@@ -12,7 +12,8 @@ stream once the prompt is fixed:
   (and ``o_proj``) alone, whatever attention kernel the model uses (eager, sdpa, flash);
 - each MLP's output is replaced by a leaf tensor of the same value (the transcoder's
   reconstruction plus the error, i.e. the MLP output itself), its input detached so the MLP
-  builds no graph: nothing flows through an MLP;
+  builds no graph: nothing flows through an MLP; when the prompt's MLP outputs are known
+  (attribution records them first) the MLP is not even run;
 - the token embeddings become a leaf tensor.
 
 The tape returned records the tensors attribution reads and injects at: the embedding leaf,
@@ -27,7 +28,7 @@ removed in a ``finally``, on success, on an exception and on KeyboardInterrupt.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,7 +80,8 @@ def frozen_rms(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.
 def _norm_hook(record: Callable[[torch.Tensor, torch.Tensor], None] | None) -> Callable[..., Any]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
         normed, out = frozen_rms(module, args[0])
-        if not torch.allclose(out.detach(), output.detach(), rtol=1e-4, atol=1e-6):
+        # the copies of a batch are equal: checking the first is enough (and cheap)
+        if not torch.allclose(out[:1].detach(), output[:1].detach(), rtol=1e-4, atol=1e-6):
             raise IncompatibleModelError(
                 f"{type(module).__name__} does not compute weight * x / rms(x): attribution "
                 "needs Llama-style RMSNorms")
@@ -97,9 +99,19 @@ def _detach_input(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (args[0].detach(), *args[1:])
 
 
-def _leaf(store: dict[int, torch.Tensor], layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def _skip_input(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """No position reaches the MLP: its output comes from the constants (no wasted work)."""
+    return (args[0].detach()[:, :0], *args[1:])
+
+
+def _leaf(store: dict[int, torch.Tensor], layer: int, const_TD: torch.Tensor | None
+          ) -> Callable[[torch.Tensor], torch.Tensor]:
     def fn(y: torch.Tensor) -> torch.Tensor:
-        leaf = y.detach().requires_grad_(True)
+        if const_TD is None:
+            leaf = y.detach().requires_grad_(True)
+        else:
+            c = const_TD.to(device=y.device, dtype=y.dtype)
+            leaf = c.expand(y.shape[0], *c.shape).requires_grad_(True)
         store[layer] = leaf
         return leaf
     return fn
@@ -114,7 +126,8 @@ def _submodule(parent: nn.Module, name: str, what: str) -> nn.Module:
     return mod
 
 
-def _register_freezes(model: nn.Module, tape: Tape) -> list[torch.utils.hooks.RemovableHandle]:
+def _register_freezes(model: nn.Module, tape: Tape, skip_mlp: bool
+                      ) -> list[torch.utils.hooks.RemovableHandle]:
     inner = getattr(model, "model", model)
     handles = []
 
@@ -139,25 +152,32 @@ def _register_freezes(model: nn.Module, tape: Tape) -> list[torch.utils.hooks.Re
             handles.append(_submodule(attn, proj, "attention").register_forward_hook(_detach_output))
         handles.append(_submodule(block, "post_attention_layernorm", "norm").register_forward_hook(
             _norm_hook(keep_input(layer))))
-        handles.append(_submodule(block, "mlp", "MLP").register_forward_pre_hook(_detach_input))
+        handles.append(_submodule(block, "mlp", "MLP").register_forward_pre_hook(
+            _skip_input if skip_mlp else _detach_input))
     handles.append(_submodule(inner, "norm", "final norm").register_forward_hook(
         _norm_hook(keep_final)))
     return handles
 
 
 @contextmanager
-def frozen_forward(model: nn.Module) -> Iterator[Tape]:
+def frozen_forward(model: nn.Module, mlp_out: Sequence[torch.Tensor] | None = None
+                   ) -> Iterator[Tape]:
     """Within the block, ``model.model(input_ids=...)`` is the frozen replacement forward;
     the yielded :class:`Tape` fills as it runs. Model parameters are set not to require
-    gradients for the block (so no weight gradient is kept) and restored after it."""
+    gradients for the block (so no weight gradient is kept) and restored after it.
+
+    ``mlp_out``: each layer's MLP output on the prompt ([T, D], recorded before); given, the
+    MLPs are not run at all (each sees zero positions) and these constants take their place.
+    """
     tape = Tape()
     params = [p for p in model.parameters() if p.requires_grad]
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
         for p in params:
             p.requires_grad_(False)
-        handles = _register_freezes(model, tape)
-        sites = {Site(layer, "mlp_out"): _leaf(tape.mlp_out, layer)
+        handles = _register_freezes(model, tape, mlp_out is not None)
+        sites = {Site(layer, "mlp_out"): _leaf(tape.mlp_out, layer,
+                                               None if mlp_out is None else mlp_out[layer])
                  for layer in range(len(decoder_layers(model)))}
         with hooked(model, sites):
             yield tape

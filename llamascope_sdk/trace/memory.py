@@ -22,10 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from llamascope_sdk.base.errors import InputError
 from llamascope_sdk.core.sites import decoder_layers, hidden_size
 from llamascope_sdk.loading.sae import SAE
 from llamascope_sdk.trace.rows import CHUNK_ELEMENTS
@@ -85,7 +87,7 @@ def estimate(model: nn.Module, transcoders: Mapping[int, SAE], *, n_pos: int, n_
     forward = 2 * b * t * n_layers * d * e + attn
     backward = b * t * (n_layers + 2) * d * e
     rows_, cols = n_feature_rows + n_logits, n_active + (n_layers + 1) * n_pos
-    graph = 0 if n_feature_rows >= n_active else 4 * rows_ * (n_feature_rows + (n_layers + 1) * t)
+    graph = host_bytes(rows_, n_active + n_logits, cols) - 4 * rows_ * cols
     return Estimate(weights=int(weights), forward=int(forward), backward=int(backward),
                     scratch=4 * CHUNK_ELEMENTS, edges=4 * rows_ * cols, graph=int(graph))
 
@@ -95,3 +97,51 @@ def measured_peak(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return None
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on ``device``: MemAvailable of /proc/meminfo for the CPU,
+    the CUDA driver's free bytes for a GPU; None where unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        text = Path("/proc/meminfo").read_text(encoding="ascii")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB // 10 else f"{n / (1 << 20):.1f} MiB"
+
+
+def host_bytes(n_rows: int, n_active: int, n_cols: int) -> int:
+    """The host term of the formula for ``n_rows`` feature rows (plus the logit rows)."""
+    graph = 0 if n_rows >= n_active else 4 * n_rows * (n_cols - n_active + n_rows)
+    return 4 * n_rows * n_cols + graph
+
+
+def check_edge_matrix_fits(est: Estimate, device: torch.device, *, n_active: int,
+                           n_logits: int, n_cols: int) -> None:
+    """Refuse, before any backward pass, an edge matrix larger than the memory available where
+    it is kept, naming a ``max_feature_nodes`` that fits (in 90% of it).
+
+    Raises:
+        InputError: the message gives both sizes and the largest feature-row count that fits.
+    """
+    free = available_bytes(device)
+    if free is None or est.host <= free:
+        return
+    lo, hi = 0, n_active  # largest F with host_bytes(F + K) <= 0.9 free
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        ok = host_bytes(mid + n_logits, n_active + n_logits, n_cols) <= 0.9 * free
+        lo, hi = (mid, hi) if ok else (lo, mid - 1)
+    raise InputError(
+        f"the edge matrix needs {_size(est.host)} on {device}, {_size(free)} is available: "
+        f"use max_feature_nodes (--max-nodes) {lo} or fewer, or a shorter prompt")

@@ -64,7 +64,8 @@ def paths_text(graph: Graph, pruned: PruneResult, *, k: int = 5) -> str:
              "[edge = direct effect]:"]
     for i, (strength, path) in enumerate(strongest_paths(graph, pruned, k=k), 1):
         parts = [f"{graph.describe_node(n)} [{w:+.3g}]" for n, w in path]
-        lines.append(f"{i:2d}. {strength:.4f}  " + " -> ".join([*parts, "logit"]))
+        end = f"logit {graph.logit_strings[0]!r}"
+        lines.append(f"{i:2d}. {strength:.4f}  " + " -> ".join([*parts, end]))
     if len(lines) == 1:
         lines.append("  (no kept path: lower --node-threshold/--edge-threshold keep fewer nodes; "
                      "raise them to keep more)")

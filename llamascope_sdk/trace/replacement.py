@@ -52,6 +52,7 @@ class Replacement:
     transcoders: dict[int, SAE]
     features: dict[int, LayerFeatures]  # only layers with a transcoder
     errors: list[torch.Tensor]  # per layer [T, D] on the layer's device, row 0 zero
+    mlp_out: list[torch.Tensor]  # per layer [T, D], the model's dtype and device
     tokens_TD: torch.Tensor  # token embeddings [T, D]
     logits_V: torch.Tensor  # last-position logits, float32
     n_layers: int
@@ -83,6 +84,11 @@ def by_layer(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE]) -
     """
     items = list(transcoders.values()) if isinstance(transcoders, Mapping) else list(transcoders)
     n_layers, d = len(decoder_layers(model)), hidden_size(model)
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise IncompatibleModelError(
+            "some of the model's weights are offloaded (on the meta device): attribution needs "
+            "every weight on a real device; spread the model over GPUs and CPU with device_map "
+            "instead of offloading it")
     out: dict[int, SAE] = {}
     for sae in items:
         if not isinstance(sae, SAE):
@@ -121,7 +127,9 @@ def _forward_record(model: nn.Module, ids_T: torch.Tensor
         assert tape.final is not None
         head = unembedding(model)
         logits_V = tape.final[0, -1].to(head.device) @ head.T
-    return tape.tc_in, tape.mlp_out, logits_V.float()
+    x_in = {layer: x.detach() for layer, x in tape.tc_in.items()}
+    y_out = {layer: y.detach() for layer, y in tape.mlp_out.items()}
+    return x_in, y_out, logits_V.detach().float()
 
 
 def work_dtype(model: nn.Module) -> torch.dtype:
@@ -162,8 +170,9 @@ def build(model: nn.Module, transcoders: dict[int, SAE], ids_T: torch.Tensor) ->
     embed = input_embedding(model)
     with torch.no_grad():
         tokens_TD = embed(ids_T.to(embed_device(model))).to(dtype)
-    return Replacement(ids_T.cpu(), transcoders, features, errors, tokens_TD, logits_V, n_layers,
-                       dtype)
+    mlp_out = [y_out[layer][0] for layer in range(n_layers)]
+    return Replacement(ids_T.cpu(), transcoders, features, errors, mlp_out, tokens_TD, logits_V,
+                       n_layers, dtype)
 
 
 def input_embedding(model: nn.Module) -> nn.Module:

@@ -1,0 +1,171 @@
+"""Activations of prompt sets at hook points: captured once per (model, hook point, prompt set)
+and shared by every SAE read at that hook point, on disk, bounded and resumable.
+
+One forward per batch of prompts records every hook point still missing for that prompt set
+(the forward stops after the last one), so the 8x and 32x SAEs of one site, or an SAE and its
+retrained copy, cost one model pass between them, and a second ``llamascope bench`` run with
+another SAE at a cached site costs no model pass at all. Each prompt contributes the
+activation [D] of one position: its last token (sae-probes) or a fixed number of tokens
+before the end (absorption reads the word before a fixed suffix).
+
+Prompts are tokenised with BOS first and the END kept when they are longer than ``max_len``
+(sae-probes truncates on the left, at 1024 tokens), sorted by length and batched up to
+``batch_tokens`` padded tokens per forward.
+
+**Disk** (float32): ``<root>/<model key>/<hook point>/<set>.safetensors``, one [N, D] tensor.
+The model key hashes the model's name, shape, dtype, tokenizer and ``max_len``, so a cache is
+never read for another model. Size, before any forward (:func:`cache_bytes`)::
+
+    bytes = 4 * D * (number of hook points) * sum over prompt sets of N_set
+
+e.g. all 113 sae-probes datasets (334,092 prompts) at one hook point: 0.77 GB for D = 576
+(SmolLM2-135M), 5.5 GB for D = 4096 (Llama-3.1-8B). A run whose total exceeds
+``max_bytes`` is refused in one line before the model runs. A file is written atomically when
+its prompt set is complete, so a killed run continues from the first set it had not finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llamascope_sdk.base.atomic import atomic_save_safetensors
+from llamascope_sdk.base.errors import InputError
+from llamascope_sdk.core.sites import Site, hidden_size
+from llamascope_sdk.corpus import bos_ids, encode, pad_id
+from llamascope_sdk.loading.capture import capture
+from llamascope_sdk.loading.models import model_device
+
+#: sae-probes' ``max_seq_len``.
+MAX_LEN = 1024
+BYTES_PER_VALUE = 4
+
+
+def cache_bytes(n_rows: int, d_model: int, n_sites: int) -> int:
+    """The documented bound: 4 bytes x D x hook points x prompts."""
+    return BYTES_PER_VALUE * d_model * n_sites * n_rows
+
+
+def model_key(model: nn.Module, tokenizer: Any, max_len: int) -> str:
+    """A folder name that changes with anything that changes the activations."""
+    cfg = getattr(model, "config", None)
+    name = str(getattr(cfg, "_name_or_path", "") or type(model).__name__)
+    dtype = next(model.parameters()).dtype
+    ident = json.dumps([name, hidden_size(model), getattr(cfg, "num_hidden_layers", None),
+                        getattr(cfg, "vocab_size", None), str(dtype),
+                        getattr(tokenizer, "name_or_path", ""), bos_ids(tokenizer), max_len,
+                        [float(p.detach().flatten()[:4096].float().sum()) for p in list(model.parameters())[:2]]])
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in name.split("/")[-1])[:40]
+    return f"{slug or 'model'}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+
+@dataclass
+class Timing:
+    """Where the capture time went (for the bench's forward-vs-probe share)."""
+
+    forward_s: float = 0.0
+    tokens: int = 0
+    forwards: int = 0
+    loaded_sets: int = 0
+    computed_sets: int = 0
+    per_set_s: dict[str, float] = field(default_factory=dict)
+
+
+class ActivationCache:
+    """Per-prompt activations at hook points of one model, on disk under ``root``."""
+
+    def __init__(self, root: str | Path, model: nn.Module, tokenizer: Any, *,
+                 max_len: int = MAX_LEN, batch_tokens: int = 8192) -> None:
+        if max_len < 2 or batch_tokens < max_len:
+            raise InputError(f"max_len must be >= 2 and batch_tokens >= max_len; got {max_len}, "
+                             f"{batch_tokens}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_len, self.batch_tokens = max_len, batch_tokens
+        self.folder = Path(root) / model_key(model, tokenizer, max_len)
+        self.timing = Timing()
+
+    def path(self, site: Site, name: str) -> Path:
+        return self.folder / site.hook_point / f"{name}.safetensors"
+
+    def has(self, site: Site, name: str) -> bool:
+        return self.path(site, name).is_file()
+
+    def get(self, name: str, prompts: Sequence[str], sites: Sequence[Site], *,
+            from_end: int = 0) -> dict[Site, torch.Tensor]:
+        """``{site: [N, D] float32}`` for ``prompts`` (set ``name``), from disk where present;
+        the missing sites are captured in one pass and written."""
+        out: dict[Site, torch.Tensor] = {}
+        missing = [s for s in dict.fromkeys(sites) if not self._load(s, name, len(prompts), out)]
+        if missing:
+            t0 = time.perf_counter()
+            acts = self._capture(prompts, missing, from_end)
+            for s, x in acts.items():
+                self.path(s, name).parent.mkdir(parents=True, exist_ok=True)
+                atomic_save_safetensors({"acts": x}, self.path(s, name),
+                                        metadata={"n": str(len(prompts)), "from_end": str(from_end)})
+                out[s] = x
+            self.timing.per_set_s[name] = time.perf_counter() - t0
+            self.timing.computed_sets += 1
+        else:
+            self.timing.loaded_sets += 1
+        return out
+
+    def _load(self, site: Site, name: str, n: int, out: dict[Site, torch.Tensor]) -> bool:
+        if not self.has(site, name):
+            return False
+        from safetensors.torch import load_file
+
+        x = load_file(str(self.path(site, name)))["acts"]
+        if x.shape[0] != n:
+            return False  # another version of the prompt set: captured again
+        out[site] = x
+        return True
+
+    def ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        """BOS + the last ``max_len - 1`` tokens of each prompt."""
+        bos = bos_ids(self.tokenizer)
+        keep = self.max_len - len(bos)
+        return [bos + encode(self.tokenizer, p, bos=False)[-keep:] for p in prompts]
+
+    def _capture(self, prompts: Sequence[str], sites: list[Site],
+                 from_end: int) -> dict[Site, torch.Tensor]:
+        rows = self.ids(prompts)
+        if any(len(r) <= from_end for r in rows):
+            raise InputError(f"a prompt has {min(len(r) for r in rows)} tokens, fewer than the "
+                             f"position read ({from_end} before the end)")
+        d = hidden_size(self.model)
+        result = {s: torch.empty(len(rows), d, dtype=torch.float32) for s in sites}
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        dev, pad = model_device(self.model), pad_id(self.tokenizer)
+        start = 0
+        while start < len(order):
+            width = len(rows[order[start]])
+            chunk = order[start:start + max(1, self.batch_tokens // width)]
+            start += len(chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            lengths = torch.tensor([len(rows[i]) for i in chunk])
+            for j, i in enumerate(chunk):
+                ids[j, :len(rows[i])] = torch.tensor(rows[i])
+            valid = torch.arange(width)[None, :] < lengths[:, None]
+            t0 = time.perf_counter()
+            acts, _ = capture(self.model, sites, ids, valid)
+            self.timing.forward_s += time.perf_counter() - t0
+            self.timing.tokens += int(lengths.sum())
+            self.timing.forwards += 1
+            pos = (lengths - 1 - from_end).to(dev)
+            for s in sites:
+                picked = acts[s][torch.arange(len(chunk), device=dev), pos]
+                result[s][torch.tensor(chunk)] = picked.float().cpu()
+        return result
+
+
+__all__ = ["BYTES_PER_VALUE", "MAX_LEN", "ActivationCache", "Timing", "cache_bytes",
+           "model_key"]
