@@ -104,6 +104,15 @@ class InputError(LlamascopeError, ValueError):
     """Text or numbers a caller passed that cannot be used as given (empty, too long, NaN...)."""
 
 
+class FieldError(InputError):
+    """Bad input in one named field of a request or entry; ``field`` names it
+    (``steering[2].value``), so a server answers with it without reading the message."""
+
+    def __init__(self, message: str, field: str, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.field = field
+
+
 class OutputPathError(LlamascopeError, OSError):
     """An output path the SDK will not write: a file where a folder goes, a folder (or file) the
     SDK did not write, or a place without write permission. Checked before any work starts."""

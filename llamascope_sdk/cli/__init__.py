@@ -17,6 +17,7 @@ from llamascope_sdk.cli import (  # noqa: F401  (register their commands)
     inspect,
     read,
     serve,
+    trace,
 )
 from llamascope_sdk.cli.app import app, main
 

@@ -114,6 +114,9 @@ def eval_steer_cmd(
         judge_key_env: Annotated[str | None, typer.Option("--judge-key-env", help="Environment variable holding the judge's API key.", show_default=False)] = None,
         judge_concurrency: Annotated[int, typer.Option(min=1, max=64, help="Judge requests in flight at once.")] = 4,
         export_lm_eval: Annotated[Path | None, typer.Option("--export-lm-eval", help="Write the chosen add edit of the first feature as an lm-eval `steered` .pt file.", show_default=False)] = None,
+        when_feature: Annotated[int | None, typer.Option("--when-feature", help="Conditional steering: apply the edit only where this feature of the same SAE is above --when-above; the report adds where it fired and the side effects on prompts where it never did.", show_default=False)] = None,
+        when_above: Annotated[float, typer.Option("--when-above", help="Threshold of --when-feature (model units).")] = 0.0,
+        when_latch: Annotated[bool, typer.Option("--when-latch", help="Once the condition held, keep the edit on for the rest of the sequence.")] = False,
         export_serve: Annotated[Path | None, typer.Option("--export-serve", help="Write the chosen edit of the first feature as a `llamascope serve` request body (JSON).", show_default=False)] = None,
         model: ModelOpt = None, device: DeviceOpt = "cpu", dtype: DtypeOpt = None,
         revision: RevisionOpt = None, as_json: JsonOpt = False) -> None:
@@ -148,7 +151,12 @@ def eval_steer_cmd(
         check_text(concept, "--concept")
     if (judge is None) != (judge_model is None):
         raise typer.BadParameter("--judge and --judge-model go together", param_hint="--judge")
-    if export_lm_eval is not None and mode != "add":
+    from llamascope_sdk.steering.spec import MODES as TABLE
+
+    if export_lm_eval is not None and when_feature is not None:
+        raise InputError("--export-lm-eval with --when-feature: lm-eval's steered model adds "
+                         "at every position and has no conditions", hint="use --export-serve")
+    if export_lm_eval is not None and TABLE[mode].lm_eval_action is None:
         raise InputError(f"--export-lm-eval exports add edits only, not {mode}: lm-eval's "
                          "'clamp' sets a direction's projection, not an SAE feature's activation",
                          hint="use --mode add, or --export-serve")
@@ -161,17 +169,22 @@ def eval_steer_cmd(
     s, lm, tok = load_sae_and_model(sae, model, device, dtype, revision)
     for f in feature:
         s.check_features(f)
+    when = None
+    if when_feature is not None:
+        from llamascope_sdk.steering.conditions import FeatureCondition
+
+        when = FeatureCondition(s, when_feature, when_above, latch=when_latch)
     results = eval_steer(lm, tok, s, feature, strengths=values, mode=mode, prompts=texts,
                          concept=concept, max_new_tokens=max_new_tokens, baselines=baselines,
                          fluency_limit=fluency_limit, diversity_limit=diversity_limit,
-                         chat=chat, judge=judge_fn)
+                         chat=chat, judge=judge_fn, when=when)
     written = {}
     if plot is not None:
         from llamascope_sdk.evaluation.steer_plot import plot_sweep
 
         for r in results:
             written[r.feature] = str(plot_sweep(r, plot / f"eval_steer_{s.name}_{r.feature}.png"))
-    exports = _exports(s, results[0], mode, export_lm_eval, export_serve, sae)
+    exports = _exports(s, results[0], mode, export_lm_eval, export_serve, sae, when)
     if as_json:
         echo_json({"sae": s.name, "mode": mode, "chat": chat, "strengths": values,
                    "judge": getattr(judge_fn, "report", lambda: None)(),
@@ -180,12 +193,22 @@ def eval_steer_cmd(
         return
     for r in results:
         _print_feature(s.name, mode, r)
+        if r.condition is not None and when is not None:
+            _print_condition(when.describe(), r.condition)
         if r.feature in written:
             typer.echo(f"plot: {written[r.feature]}")
     for what, path in exports.items():
         typer.echo(f"{what}: {path}")
     if judge_fn is not None:
         typer.echo(f"judge: {judge_fn.report()}")
+
+
+def _print_condition(what: str, rows: list[dict[str, Any]]) -> None:
+    table(f"condition: {what} (test half; 'quiet' = prompts where it never fired)",
+          ["strength", "fired on", "quiet prompts", "quiet unchanged", "quiet d log ppl"],
+          [[_fmt(r["strength"], "g"), f"{100 * r['fired']:.0f}%", r["quiet_prompts"],
+            "-" if r["quiet_unchanged"] is None else f"{100 * r['quiet_unchanged']:.0f}%",
+            _fmt(r["quiet_dlog_perplexity"], "+.3g")] for r in rows])
 
 
 def _fmt(v: float | None, spec: str = ".3g") -> str:
@@ -214,15 +237,15 @@ def _print_feature(sae_name: str, mode: str, r: Any) -> None:
 
 
 def _exports(s: Any, r: Any, mode: str, lm_eval_path: Path | None, serve_path: Path | None,
-             spec: str) -> dict[str, str]:
+             spec: str, when: Any = None) -> dict[str, str]:
     out: dict[str, str] = {}
     if lm_eval_path is None and serve_path is None:
         return out
-    from llamascope_sdk.steering.interventions import Clamp, Scale, Steer
     from llamascope_sdk.steering.lm_eval_export import save_lm_eval_steer, save_serve_request
+    from llamascope_sdk.steering.spec import make_edit
 
     strength = r.chosen["feature"].strength or 0.0
-    edit = {"add": Steer, "clamp": Clamp, "scale": Scale}[mode](s, [r.feature], strength)
+    edit = make_edit(mode, s, [r.feature], strength, when=when)
     if lm_eval_path is not None:
         out["lm-eval steer file"] = str(save_lm_eval_steer([edit], lm_eval_path))
     if serve_path is not None:

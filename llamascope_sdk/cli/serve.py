@@ -26,6 +26,10 @@ def serve(model: ModelOpt = None,
           max_queue: Annotated[int, typer.Option(min=0, help="Requests waiting at most; more get 429.")] = 64,
           max_edits: Annotated[int, typer.Option(min=0, help="Edits per request at most.")] = 16,
           max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens a request may ask for at most.")] = 1024,
+          store: Annotated[list[str] | None, typer.Option(
+              "--store", help="Feature store (folder, or an SAE name whose store is in the "
+              "default place) whose mined activations give readouts their percentiles; repeat "
+              "for several.", show_default=False)] = None,
           allow_local_saes: Annotated[bool, typer.Option(help="Let requests name local SAE folders (otherwise only those given with --sae).")] = False,
           device: DeviceOpt = "cpu", dtype: DtypeOpt = None) -> None:
     """Serve the model with per-request feature steering (OpenAI-compatible API)."""
@@ -37,7 +41,10 @@ def serve(model: ModelOpt = None,
     from llamascope_sdk.loading.compat import check_compatible
     from llamascope_sdk.loading.models import base_model_of, load_model
     from llamascope_sdk.steering.pool import SaePool, parse_bytes
+    from llamascope_sdk.store.feature_store import resolve_store
 
+    for st in store or []:
+        resolve_store(st)  # a bad --store is reported before anything loads
     names = list(sae or [])
     pool = SaePool(parse_bytes(sae_memory), device=device)
     first = pool.get(names[0]) if names else None
@@ -55,6 +62,6 @@ def serve(model: ModelOpt = None,
                          limits=Limits(max_edits=max_edits, max_tokens=max_tokens,
                                        default_max_tokens=min(128, max_tokens)),
                          served_saes=tuple(names), allow_local_saes=allow_local_saes,
-                         max_batch=max_batch, max_queue=max_queue)
+                         max_batch=max_batch, max_queue=max_queue, stores=tuple(store or ()))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run(create_app(lm, tok, pool, config), host, port)

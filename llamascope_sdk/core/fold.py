@@ -54,6 +54,25 @@ class Folded(Protocol):
 _LOAD_BLOCK = 1024
 
 
+def normalise_rows_(rows_nD: torch.Tensor) -> torch.Tensor:
+    """Divide each decoder row by its norm, in place (an all-zero row stays zero); return the
+    norms [n]. The one decoder-row normalisation: the fold's, and the pool's for the rows it
+    reads from a checkpoint without loading the SAE."""
+    norms_n = torch.linalg.vector_norm(rows_nD, dim=1)
+    rows_nD.div_(torch.where(norms_n > 0, norms_n, torch.ones_like(norms_n))[:, None])
+    return norms_n
+
+
+def unit_decoder_rows(raw_rows_nD: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Raw decoder rows (file dtype) as the folded unit rows of an SAE held in ``dtype``:
+    normalised in fp32 (fp64 for an fp64 SAE) and cast once, exactly as :func:`fold_into`
+    folds them."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    rows = raw_rows_nD.to(compute, copy=True)
+    normalise_rows_(rows)
+    return rows.to(dtype)
+
+
 @torch.no_grad()
 def fold_into(sae: Folded, get: Any) -> None:
     """Fill the inference weights from raw tensors. ``get(name)`` returns one raw tensor
@@ -97,8 +116,7 @@ def fold_into(sae: Folded, get: Any) -> None:
         dec_FD.copy_(dec_raw.t())
     if sae.dtype == compute:
         sae.W_dec.copy_(dec_FD)
-        norms_c = torch.linalg.vector_norm(sae.W_dec, dim=1)
-        sae.W_dec.div_(torch.where(norms_c > 0, norms_c, torch.ones_like(norms_c))[:, None])
+        norms_c = normalise_rows_(sae.W_dec)
     else:
         # bf16/fp16 weights: normalise each block of rows in an fp32 scratch, cast once.
         norms_c = torch.empty(f_dim, device=dev, dtype=compute)
@@ -108,9 +126,7 @@ def fold_into(sae: Folded, get: Any) -> None:
             b = min(blk, f_dim - j)
             rows_bD = scratch_bD[:b]
             rows_bD.copy_(dec_FD[j:j + b])
-            n = torch.linalg.vector_norm(rows_bD, dim=1)
-            norms_c[j:j + b] = n
-            rows_bD.div_(torch.where(n > 0, n, torch.ones_like(n))[:, None])
+            norms_c[j:j + b] = normalise_rows_(rows_bD)
             sae.W_dec[j:j + b].copy_(rows_bD)
         del scratch_bD
     del dec_FD

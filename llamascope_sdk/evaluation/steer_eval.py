@@ -49,11 +49,13 @@ from llamascope_sdk.evaluation.steer_metrics import (
 )
 from llamascope_sdk.loading.sae import SAE
 from llamascope_sdk.steering.batch_generation import generate_batch
+from llamascope_sdk.steering.conditions import Condition
 from llamascope_sdk.steering.generation import prompt_ids
-from llamascope_sdk.steering.interventions import Clamp, Intervention, Scale, Steer
+from llamascope_sdk.steering.interventions import Intervention
 from llamascope_sdk.steering.row_edits import VectorEdit
+from llamascope_sdk.steering.spec import SWEEP_MODES, make_edit
 
-MODES = ("add", "clamp", "scale")
+MODES = SWEEP_MODES  #: the modes the steering spec marks as swept
 DEFAULT_STRENGTHS = (0.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 #: Held-out neutral prompts (continuations of everyday openings), our own.
 NEUTRAL_PROMPTS = (
@@ -134,6 +136,9 @@ class FeatureEval:
     chosen: dict[str, Point]
     chosen_on: dict[str, list[Point]]  # the selection half's curve each choice was made on
     examples: dict[str, str] = field(default_factory=dict)
+    #: with a condition (``when``): per strength, where it fired and what the edit did on the
+    #: prompts where it never fired (:func:`condition_report`)
+    condition: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         def clean(v: Any) -> Any:
@@ -148,12 +153,36 @@ class FeatureEval:
         return clean(asdict(self))
 
 
-def _edit(sae: SAE, feature: int, mode: str, strength: float) -> Intervention:
-    if mode == "add":
-        return Steer(sae, [feature], strength)
-    if mode == "clamp":
-        return Clamp(sae, [feature], strength)
-    return Scale(sae, [feature], strength)
+def _edit(sae: SAE, feature: int, mode: str, strength: float,
+          when: Condition | None = None) -> Intervention:
+    return make_edit(mode, sae, [feature], strength, when=when)
+
+
+def condition_report(keys: Sequence[tuple[tuple[str, float | None], int]],
+                     gens: Sequence[Any], scores: Sequence[Any],
+                     test: Sequence[int]) -> list[dict[str, Any]]:
+    """Per strength of the conditional feature edit, on the test prompts: the share where the
+    condition fired at some position, and on the prompts where it never fired (``quiet``): how
+    many, the share whose continuation is token for token the unsteered one, and the mean
+    change of perplexity (log, nats per token) against the unsteered continuation. An edit
+    that never applies leaves a prompt as it was, so these say what the condition spared."""
+    plain = {i: (g, sc) for (k, i), g, sc in zip(keys, gens, scores, strict=True)
+             if k == ("none", None)}
+    by_strength: dict[float | None, list[tuple[int, Any, Any]]] = {}
+    for (k, i), g, sc in zip(keys, gens, scores, strict=True):
+        if k[0] == "feature" and i in test:
+            by_strength.setdefault(k[1], []).append((i, g, sc))
+    out = []
+    for s, items in by_strength.items():
+        quiet = [(i, g, sc) for i, g, sc in items if not g.fired]
+        out.append({
+            "strength": s, "fired": sum(bool(g.fired) for _, g, _ in items) / len(items),
+            "quiet_prompts": len(quiet),
+            "quiet_unchanged": (sum(g.ids == plain[i][0].ids for i, g, _ in quiet) / len(quiet)
+                                if quiet else None),
+            "quiet_dlog_perplexity": (_nanmean([sc.nll - plain[i][1].nll for i, _, sc in quiet])
+                                      if quiet else None)})
+    return out
 
 
 def _nanmean(xs: Sequence[float | None]) -> float:
@@ -222,6 +251,7 @@ def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
                diversity_limit: float = 0.5, chat: bool = False,
                neutral_texts: Sequence[str] = NEUTRAL_TEXTS,
                judge: Callable[[list[tuple[str, str, str]]], list[float | None]] | None = None,
+               when: Condition | None = None,
                progress: bool = True) -> list[FeatureEval]:
     """Sweep ``strengths`` for each feature and compare with the baselines (module docstring).
 
@@ -242,6 +272,9 @@ def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
             ``diversity_limit`` x the unsteered one (:func:`choose`).
         judge: scores ``[(prompt, continuation, concept)]`` -> one number (or None) each;
             used to choose strengths and reported (see :mod:`.steer_judge`).
+        when: a condition on the feature edit (conditional steering): it then applies only
+            where the condition holds; :attr:`FeatureEval.condition` reports where it fired
+            and the side effects on the prompts where it never did.
 
     Raises:
         InputError: an unknown mode, non-finite strengths, fewer than 2 prompts.
@@ -274,7 +307,7 @@ def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
         runs: dict[tuple[str, float | None], list[Any]] = {("none", None): []}
         for s in strengths:
             if not (mode in ("add",) and s == 0):
-                runs[("feature", s)] = [_edit(sae, f, mode, s)]
+                runs[("feature", s)] = [_edit(sae, f, mode, s, when)]
         if baselines:
             texts = [concept] if concept else [" ".join(w.strip() for w in lens_words)]
             v = diffmean_direction(model, tokenizer, sae, texts, neutral_texts)
@@ -334,7 +367,8 @@ def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
         results.append(FeatureEval(
             f, sae.labels.get(f), desc, "concept text log-probability lift (nats)" if concept_ids
             else "log-probability lift of the feature's top-10 logit-lens tokens (nats)",
-            curves, chosen, chosen_on, examples))
+            curves, chosen, chosen_on, examples,
+            condition_report(keys, gens, scores, halves["test"]) if when is not None else None))
     return results
 
 

@@ -142,6 +142,11 @@ def _release_fields(ref: SaeRef, data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _width_label(d_sae: int, d_model: int) -> str:
+    """``8x`` for a whole expansion factor, else the ratio to 3 digits (``0.556x``)."""
+    return f"{d_sae // d_model}x" if d_sae % d_model == 0 else f"{d_sae / d_model:.3g}x"
+
+
 def _custom_fields(info: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     required = ("layer", "position", "d_model", "d_sae", "hook_point_in", "hook_point_out")
     missing = [k for k in required if k not in info]
@@ -158,7 +163,7 @@ def _custom_fields(info: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]
         "summary": info.get("summary") or pos["summary"].format(layer=info["layer"]),
         "warning": info.get("warning"), "note": info.get("note"), "layer": info["layer"],
         "position": pos_key, "position_title": pos["title"], "d_sae": info["d_sae"],
-        "d_model": info["d_model"], "width_label": f"{info['d_sae'] // info['d_model']}x",
+        "d_model": info["d_model"], "width_label": _width_label(info["d_sae"], info["d_model"]),
         "base_model": info.get("model", BASE_MODEL),
         "hook_point_in": info["hook_point_in"], "hook_point_out": info["hook_point_out"],
         "hf_in": info.get("hf_in") or sites[0].describe(),

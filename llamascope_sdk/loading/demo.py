@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,3 +72,28 @@ def is_demo(name: str | Path) -> bool:
 def resolve_alias(name: str | Path) -> str:
     """The demo SAE's folder for a demo alias, else ``name`` unchanged."""
     return str(DEMO_SAE_DIR) if is_demo(name) else str(name)
+
+
+# --- the demo transcoder set (issue 25 item 6; built by training/build_demo_transcoders.py) ---
+#: One JumpReLU transcoder per layer of SmolLM2-135M (blocks.L.ln2.hook_normalized ->
+#: blocks.L.hook_mlp_out, 320 features each); the set's card is ``DEMO_TC_DIR / "README.md"``.
+DEMO_TC_SET = "smollm2-135m-TC-320"
+DEMO_TC_DIR = PACKAGE_DIR / "assets" / DEMO_TC_SET
+DEMO_TC_LAYERS = 30
+_TC_LAYER_NAME = re.compile(r"smollm2-135m-l(\d+)tc-320")
+
+
+def demo_tc_name(layer: int) -> str:
+    """The name of the demo transcoder at ``layer`` (``smollm2-135m-L5TC-320``)."""
+    return f"smollm2-135m-L{layer}TC-320"
+
+
+def demo_tc_dir(layer: int) -> Path:
+    """The release folder of the demo transcoder at ``layer``."""
+    return DEMO_TC_DIR / demo_tc_name(layer)
+
+
+def demo_tc_layer(name: str | Path) -> int | None:
+    """The layer a demo transcoder name means (``smollm2-135m-L5TC-320`` -> 5), else None."""
+    m = _TC_LAYER_NAME.fullmatch(str(name).strip().lower())
+    return int(m.group(1)) if m and int(m.group(1)) < DEMO_TC_LAYERS else None

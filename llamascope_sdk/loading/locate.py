@@ -30,7 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from llamascope_sdk.base.errors import SaeNotFoundError
-from llamascope_sdk.loading.demo import DEMO_SAE_DIR, DEMO_SAE_NAME, is_demo
+from llamascope_sdk.loading.demo import (
+    DEMO_SAE_DIR,
+    DEMO_SAE_NAME,
+    demo_tc_dir,
+    demo_tc_layer,
+    demo_tc_name,
+    is_demo,
+)
 from llamascope_sdk.loading.formats import (
     IMPORTABLE,
     UnsupportedFormatError,
@@ -94,6 +101,9 @@ def locate(name_or_path: str | os.PathLike[str], *, fmt: str | None = None,
                                      f"{', '.join(IMPORTABLE)} (or none, to detect it)")
     if is_demo(text):
         return Located(DEMO_SAE_DIR, "release", DEMO_SAE_NAME, None, Provenance(path=str(DEMO_SAE_DIR)))
+    if (layer := demo_tc_layer(text)) is not None:  # a transcoder of the demo set
+        folder = demo_tc_dir(layer)
+        return Located(folder, "release", demo_tc_name(layer), None, Provenance(path=str(folder)))
     path = Path(text).expanduser()
     if path.exists():
         return _local(path, fmt)

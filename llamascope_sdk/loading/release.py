@@ -19,9 +19,14 @@ leaves nothing of A, and a folder holding anything but an SAE folder the SDK wro
 from __future__ import annotations
 
 import json
+import os
+import struct
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from llamascope_sdk.base.dtypes import SAFETENSORS
 from llamascope_sdk.base.errors import CorruptCheckpointError, SaeNotFoundError
 from llamascope_sdk.core.feature_stats import LABELS_FILE, STATS_FILE
 from llamascope_sdk.core.hyperparams import Hyperparams
@@ -98,6 +103,36 @@ def open_checkpoint(path: Path, hp: Hyperparams, device: str = "cpu") -> Any:
                 f"{path}: tensor '{name}' has dtype {sl.get_dtype()}; a release checkpoint holds "
                 f"floating-point tensors ({', '.join(FLOAT_DTYPES)}; the releases use BF16)")
     return handle
+
+
+def read_decoder_rows(folder: Path, hp: Hyperparams, features: list[int]) -> torch.Tensor:
+    """The raw decoder rows [n, D] (training space, the file's dtype) of ``features``, the
+    columns of ``decoder.weight`` [D, F] in the checkpoint, which :func:`open_checkpoint`
+    checks first. Indices are checked by the caller.
+
+    Each column is read element by element with ``os.pread`` at the offsets the file's header
+    gives (the format's 8-byte length and JSON), so a process's memory grows by the columns
+    alone. Why not safetensors' own slicing: its Python API gives no data offsets, and a column
+    sliced through its memory map faults in the pages around every row (measured: 49.6 MB for
+    one column of a 576 x 36,864 bf16 decoder, the whole tensor; this reader: under 16 MB,
+    tests/test_pool.py).
+    """
+    path = folder / CHECKPOINT
+    with open_checkpoint(path, hp):  # names, shapes and dtypes checked
+        pass
+    with open(path, "rb") as fh:
+        fd = fh.fileno()
+        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        info = json.loads(os.pread(fd, n, 8))["decoder.weight"]
+        dtype = SAFETENSORS[info["dtype"]]
+        rows, cols = info["shape"]
+        size = torch.empty((), dtype=dtype).element_size()
+        start = 8 + n + info["data_offsets"][0]
+        buf = bytearray()
+        for c in features:
+            for r in range(rows):
+                buf += os.pread(fd, size, start + (r * cols + int(c)) * size)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(len(features), rows)
 
 
 def read_lm_config(folder: Path) -> dict[str, Any] | None:

@@ -47,6 +47,55 @@ Gate = Literal["reference", "saelens"]
 GATES: tuple[str, ...] = ("reference", "saelens")
 
 
+def check_feature_indices(features: torch.Tensor | list[int] | int, d_sae: int,
+                          name: str) -> torch.Tensor:
+    """Feature indices of an SAE named ``name`` with ``d_sae`` features, checked, as a long
+    CPU tensor. The one check of indices: an SAE's, and the pool's for an unloaded one.
+
+    Accepted: an int, a flat list/tuple/range of ints, or a 0-/1-D integer tensor or array
+    (any int dtype; numpy ints count as ints). Refused, never truncated or coerced: bools,
+    floats (also 3.0), nested lists, tensors of more than one dimension.
+
+    Raises:
+        InputError: an index that is not an integer, or not a flat collection of them.
+        FeatureIndexError: an index outside 0..d_sae-1.
+    """
+    import numpy as np
+
+    need = ("feature indices must be integers: an int, a flat list of ints or a 1-D "
+            "integer tensor")
+    if isinstance(features, np.ndarray):
+        features = torch.from_numpy(features) if features.dtype != np.bool_ else features.tolist()
+    if isinstance(features, torch.Tensor):
+        if features.dtype == torch.bool or features.is_floating_point() or features.is_complex():
+            kind = str(features.dtype).removeprefix("torch.")
+            raise InputError(f"{name}: got a {kind} tensor; {need}")
+        if features.ndim > 1:
+            raise InputError(f"{name}: got a tensor of shape {list(features.shape)}; {need}")
+        idx = features.detach().reshape(-1).to(torch.long)
+    else:
+        single = not isinstance(features, (list, tuple, range))
+        items: list[Any] = [features] if single else list(features)  # type: ignore[arg-type]
+        for i, item in enumerate(items):
+            if isinstance(item, torch.Tensor) and item.ndim == 0 and not (
+                    item.dtype == torch.bool or item.is_floating_point() or item.is_complex()):
+                continue
+            if isinstance(item, (int, np.integer)) and not isinstance(item, (bool, np.bool_)):
+                continue
+            where = "" if single else f" at position {i}"
+            if isinstance(item, (list, tuple, range, torch.Tensor, np.ndarray)):
+                raise InputError(f"{name}: nested feature list ({item!r}{where}); {need}")
+            raise InputError(f"{name}: feature index {item!r} ({type(item).__name__})"
+                             f"{where} is not an integer; {need}")
+        idx = torch.tensor([int(i) for i in items], dtype=torch.long)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= d_sae):
+        bad = [int(i) for i in idx if not 0 <= int(i) < d_sae]
+        raise FeatureIndexError(f"{name}: feature index {bad[0]} is out of range; "
+                                f"allowed are 0..{d_sae - 1}")
+    return idx
+
+
+
 class SAE(nn.Module):
     """A Llama Scope sparse autoencoder or transcoder, with folded inference weights.
 
@@ -242,50 +291,9 @@ class SAE(nn.Module):
         return self.encode_topk_from_pre(self.pre_acts(x), k)
 
     def check_features(self, features: torch.Tensor | list[int] | int) -> torch.Tensor:
-        """Validate feature indices and return them as a long tensor on the SAE's device.
-
-        Accepted: an int, a flat list/tuple/range of ints, or a 0-/1-D integer tensor or array
-        (any int dtype; numpy ints count as ints). Refused, never truncated or coerced: bools,
-        floats (also 3.0), nested lists, tensors of more than one dimension.
-
-        Raises:
-            InputError: an index that is not an integer, or not a flat collection of them.
-            FeatureIndexError: an index outside 0..d_sae-1.
-        """
-        import numpy as np
-
-
-        need = ("feature indices must be integers: an int, a flat list of ints or a 1-D "
-                "integer tensor")
-        if isinstance(features, np.ndarray):
-            features = torch.from_numpy(features) if features.dtype != np.bool_ else features.tolist()
-        if isinstance(features, torch.Tensor):
-            if features.dtype == torch.bool or features.is_floating_point() or features.is_complex():
-                kind = str(features.dtype).removeprefix("torch.")
-                raise InputError(f"{self.name}: got a {kind} tensor; {need}")
-            if features.ndim > 1:
-                raise InputError(f"{self.name}: got a tensor of shape {list(features.shape)}; {need}")
-            idx = features.detach().reshape(-1).to(torch.long)
-        else:
-            single = not isinstance(features, (list, tuple, range))
-            items: list[Any] = [features] if single else list(features)  # type: ignore[arg-type]
-            for i, item in enumerate(items):
-                if isinstance(item, torch.Tensor) and item.ndim == 0 and not (
-                        item.dtype == torch.bool or item.is_floating_point() or item.is_complex()):
-                    continue
-                if isinstance(item, (int, np.integer)) and not isinstance(item, (bool, np.bool_)):
-                    continue
-                where = "" if single else f" at position {i}"
-                if isinstance(item, (list, tuple, range, torch.Tensor, np.ndarray)):
-                    raise InputError(f"{self.name}: nested feature list ({item!r}{where}); {need}")
-                raise InputError(f"{self.name}: feature index {item!r} ({type(item).__name__})"
-                                 f"{where} is not an integer; {need}")
-            idx = torch.tensor([int(i) for i in items], dtype=torch.long)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.d_sae):
-            bad = [int(i) for i in idx if not 0 <= int(i) < self.d_sae]
-            raise FeatureIndexError(f"{self.name}: feature index {bad[0]} is out of range; "
-                                    f"allowed are 0..{self.d_sae - 1}")
-        return idx.to(self.device)
+        """Validate feature indices (:func:`check_feature_indices`) and return them as a long
+        tensor on the SAE's device."""
+        return check_feature_indices(features, self.d_sae, self.name).to(self.device)
 
     def encode_features(self, x: torch.Tensor, features: torch.Tensor | list[int]) -> torch.Tensor:
         """Activations [..., n] of the listed features only: touches n encoder rows, not F."""

@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -31,9 +32,12 @@ from llamascope_sdk.serve.payloads import (
     parse_json,
 )
 from llamascope_sdk.serve.scheduler import Job, Scheduler
-from llamascope_sdk.serve.steering import Steering, build, check_name
+from llamascope_sdk.serve.steering import ReadoutLog, Steering, build, check_name
 from llamascope_sdk.steering.batch_generation import Row, Token
 from llamascope_sdk.steering.pool import SaePool
+from llamascope_sdk.steering.readout import Readout
+from llamascope_sdk.store.feature_store import load_store
+from llamascope_sdk.store.percentile import percentiles
 
 
 @dataclass
@@ -47,6 +51,7 @@ class ServeConfig:
     allow_local_saes: bool = False
     max_batch: int = 16
     max_queue: int = 64
+    stores: tuple[str, ...] = ()  #: feature stores (folders or SAE names) for readout percentiles
 
 
 _GONE = object()  # put on a job's events when its client disconnects
@@ -82,6 +87,8 @@ class Server:
         self.model, self.tokenizer, self.pool, self.config = model, tokenizer, pool, config
         self.scheduler = Scheduler(model, tokenizer, max_batch=config.max_batch,
                                    max_queue=config.max_queue)
+        self.stores = [load_store(s) for s in config.stores]
+        self._store_of: dict[str, Any] = {}  # readout SAE name -> its store, or None
 
     # ------------------------------------------------------------------ generation
     async def prepare(self, body: dict[str, Any], chat: bool) -> tuple[GenRequest, Steering]:
@@ -94,14 +101,31 @@ class Server:
 
         steering = await run_in_threadpool(
             build, req.edits, self.pool, self.model, served=self.config.served_saes,
-            allow_local=self.config.allow_local_saes)
+            allow_local=self.config.allow_local_saes, readouts=req.readouts)
         return req, steering
 
-    def job(self, req: GenRequest, steering: Steering) -> Job:
-        def row(edits: list[Any]) -> Row:
-            return Row(req.ids, edits, req.max_tokens, req.temperature, req.top_p, req.seed)
+    def readout_log(self, steering: Steering) -> ReadoutLog:
+        """The log of ``steering``'s readouts, with percentiles where a store has the SAE."""
+        def percentile_fn(r: Readout) -> Any:
+            if r.name not in self._store_of:
+                fits = [st for st in self.stores if _store_fits(st, r.sae)]
+                self._store_of[r.name] = fits[0] if fits else None
+            store = self._store_of[r.name]
+            if store is None:
+                return None
+            edges = torch.tensor(store.meta["histogram_edges"])
+            return lambda f, v: percentiles(store.hist, edges, f, v)
 
-        rows = [row(steering.edits)] + ([row([])] if req.return_baseline else [])
+        return ReadoutLog(steering.readouts, self.decode,
+                          [percentile_fn(r) for r in steering.readouts])
+
+    def job(self, req: GenRequest, steering: Steering) -> Job:
+        def row(edits: list[Any], readouts: list[Readout]) -> Row:
+            return Row(req.ids, edits, req.max_tokens, req.temperature, req.top_p, req.seed,
+                       readouts=readouts)
+
+        rows = [row(steering.edits, steering.readouts)] + (
+            [row([], [])] if req.return_baseline else [])
         job = Job(rows, asyncio.get_running_loop())
         self.scheduler.submit(job)
         return job
@@ -140,6 +164,15 @@ class Server:
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def _store_fits(store: Any, sae: Any) -> bool:
+    """Whether ``store`` was mined with ``sae`` (its weights' fingerprint)."""
+    try:
+        store.check_sae(sae)
+    except ValueError:  # StoreMismatchError
+        return False
+    return True
 
 
 def _check_key(server: Server, request: Any) -> None:
@@ -209,10 +242,13 @@ def create_app(model: Any, tokenizer: Any, pool: SaePool, config: ServeConfig) -
             finish: list[str] = ["length"] * len(job.rows)
             cut: list[int | None] = [None] * len(job.rows)
             done = [False] * len(job.rows)
+            log = server.readout_log(steering)
             async for t in server.tokens(job, request, watch=True):
                 if done[t.row]:
                     continue  # this row met a stop string; the others still run
-                ids[t.row].append(t.token)
+                log.add(t.readout, t.read_ids)
+                if t.token is not None:
+                    ids[t.row].append(t.token)
                 if t.finish:
                     finish[t.row], done[t.row] = t.finish, True
                 if req.stop:
@@ -223,7 +259,10 @@ def create_app(model: Any, tokenizer: Any, pool: SaePool, config: ServeConfig) -
                     break  # leaving server.tokens cancels the job: its rows are freed
         finally:
             steering.release()
-        return _response(server, req, steering, ids, finish, chat, cut)
+        out = _response(server, req, steering, ids, finish, chat, cut)
+        if steering.readouts:
+            out["choices"][0]["readout"] = log.json()
+        return out
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -272,7 +311,8 @@ async def _stream(server: Server, job: Job, steering: Steering, request: Any, ch
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
 
-    def chunk(piece: str | None, finish: str | None, first: bool = False) -> str:
+    def chunk(piece: str | None, finish: str | None, first: bool = False,
+              readout: list[dict[str, Any]] | None = None) -> str:
         if chat:
             delta: dict[str, Any] = {} if piece is None else {"content": piece}
             if first:
@@ -281,6 +321,8 @@ async def _stream(server: Server, job: Job, steering: Steering, request: Any, ch
                                       "logprobs": None}
         else:
             choice = {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}
+        if readout:
+            choice["readout"] = readout
         body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk" if chat else
                                 "text_completion", "created": created,
                                 "model": server.config.model_id, "choices": [choice]}
@@ -291,21 +333,26 @@ async def _stream(server: Server, job: Job, steering: Steering, request: Any, ch
     ids: list[int] = []
     sent = ""
     hold = max((len(x) for x in stops), default=1) - 1  # a stop string may still be forming
+    log = server.readout_log(steering)
+    pending: list[dict[str, Any]] = []  # readouts not sent yet (they go with the next chunk)
     try:
         yield chunk("" if chat else None, None, first=True)
         async for t in server.tokens(job, request):
-            ids.append(t.token)
+            pending += log.add(t.readout, t.read_ids)
+            if t.token is not None:
+                ids.append(t.token)
             text = server.decode(ids)
             if t.finish is None and text.endswith("\ufffd"):
                 continue  # half of a multi-byte character: wait for the rest
             at = first_stop(text, stops) if stops else None
             if at is not None:
-                yield chunk(text[len(sent):at], "stop")
+                yield chunk(text[len(sent):at], "stop", readout=pending)
                 break  # leaving server.tokens cancels the job
             end = len(text) if t.finish else max(len(sent), len(text) - hold)
             piece, sent = text[len(sent):end], text[:end]
-            if piece or t.finish:
-                yield chunk(piece, t.finish)
+            if piece or t.finish or pending:
+                yield chunk(piece, t.finish, readout=pending)
+                pending = []
         yield "data: [DONE]\n\n"
     except HttpError as exc:
         yield f"data: {json.dumps(exc.body())}\n\n"

@@ -1,8 +1,10 @@
 """Request bodies: parsed and checked field by field, each error one line naming the field.
 
 Chat and completion bodies follow the OpenAI API (``messages`` or ``prompt``, ``max_tokens``,
-``temperature``, ``top_p``, ``seed``, ``stream``); two fields are this server's own:
-``steering`` (a list of edits, or false) and ``return_baseline``. ``stop`` (a string or up to 4)
+``temperature``, ``top_p``, ``seed``, ``stream``); three fields are this server's own:
+``steering`` (a list of edits, or false), ``readout`` (features to read per token) and
+``return_baseline``; the first two are the steering spec's
+(:mod:`llamascope_sdk.steering.spec`). ``stop`` (a string or up to 4)
 ends a choice before the first of them, which is not included, with finish_reason "stop".
 Fields the server does not read (``user``, ``stream_options``, ...) are ignored; fields it
 cannot honour (``n`` > 1) are refused rather than ignored.
@@ -15,12 +17,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from llamascope_sdk.base.errors import FieldError
 from llamascope_sdk.loading.models import check_fits_window, tokenize
 from llamascope_sdk.serve.errors import HttpError
-
-MODES = ("add", "clamp", "scale", "ablate")
-POSITIONS = ("prompt", "generated", "all")
-EDIT_FIELDS = ("sae", "feature", "mode", "value", "relative", "positions", "mean")
+from llamascope_sdk.steering.spec import (
+    ReadoutEntry,
+    SteeringEntry,
+    parse_readout,
+    parse_steering,
+)
 
 
 @dataclass
@@ -28,22 +33,12 @@ class Limits:
     """What one request may ask for."""
 
     max_edits: int = 16
+    max_readouts: int = 4
     max_tokens: int = 1024
     default_max_tokens: int = 128
 
 
-@dataclass
-class EditSpec:
-    """One checked entry of ``steering``; ``param`` names it in errors (``steering[2]``)."""
-
-    sae: str
-    features: list[int]
-    mode: str
-    value: float | list[float] | None
-    relative: bool
-    positions: str
-    mean: bool
-    param: str
+EditSpec = SteeringEntry  #: one checked entry of ``steering`` (the steering spec's)
 
 
 @dataclass
@@ -59,7 +54,8 @@ class GenRequest:
     stream: bool
     return_baseline: bool
     model: str | None
-    edits: list[EditSpec] = field(default_factory=list)
+    edits: list[SteeringEntry] = field(default_factory=list)
+    readouts: list[ReadoutEntry] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
 
 
@@ -131,7 +127,7 @@ def parse_generation(body: dict[str, Any], *, chat: bool, tokenizer: Any, model:
         model=name, stop=stop)
     if req.top_p == 0:
         raise HttpError(400, "top_p must be greater than 0", "top_p")
-    req.edits = parse_steering(body.get("steering"), chat=chat, limits=limits)
+    req.edits, req.readouts = parse_edits(body, chat=chat, limits=limits)
     if req.return_baseline and req.stream:
         raise HttpError(400, "return_baseline cannot be combined with stream; send two "
                              "requests or drop stream", "return_baseline")
@@ -207,60 +203,14 @@ def _completion_ids(body: dict[str, Any], tokenizer: Any) -> list[int]:
                          "one prompt per request", "prompt")
 
 
-def parse_steering(raw: Any, *, chat: bool, limits: Limits) -> list[EditSpec]:
-    """The ``steering`` field: absent, null or false (no edits), or a list of edit objects."""
-    if raw is None or raw is False:
-        return []
-    if not isinstance(raw, list):
-        raise HttpError(400, f"steering must be a list of edits or false, got {raw!r}", "steering")
-    if len(raw) > limits.max_edits:
-        raise HttpError(400, f"steering has {len(raw)} edits, more than the limit of "
-                             f"{limits.max_edits} per request", "steering")
-    return [_edit(e, f"steering[{i}]", chat) for i, e in enumerate(raw)]
-
-
-def _edit(e: Any, param: str, chat: bool) -> EditSpec:
-    if not isinstance(e, dict):
-        raise HttpError(400, f"{param} must be an object with sae, feature, mode and value", param)
-    unknown = sorted(set(e) - set(EDIT_FIELDS))
-    if unknown:
-        raise HttpError(400, f"{param}: unknown field {unknown[0]!r}; allowed are "
-                             f"{', '.join(EDIT_FIELDS)}", f"{param}.{unknown[0]}")
-    sae = e.get("sae")
-    if not isinstance(sae, str) or not sae.strip():
-        raise HttpError(400, f"{param}.sae must be an SAE name (e.g. 'demo' or 'L12R-8x')", f"{param}.sae")
-    feat = e.get("feature")
-    feats = feat if isinstance(feat, list) else [feat]
-    if not feats or not all(isinstance(f, int) and not isinstance(f, bool) for f in feats):
-        raise HttpError(400, f"{param}.feature must be an integer or a non-empty list of "
-                             f"integers, got {feat!r}", f"{param}.feature")
-    mode = e.get("mode", "add")
-    if mode not in MODES:
-        raise HttpError(400, f"{param}.mode: unknown mode {mode!r}; allowed are "
-                             f"{', '.join(MODES)}", f"{param}.mode")
-    value = e.get("value")
-    if mode == "ablate":
-        if value is not None:
-            raise HttpError(400, f"{param}.value: ablate takes no value (use \"mean\": true for "
-                                 "mean ablation)", f"{param}.value")
-    else:
-        vals = value if isinstance(value, list) else [value]
-        if value is None or not vals or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-            raise HttpError(400, f"{param}.value must be a number (or one per feature) for "
-                                 f"mode {mode}, got {value!r}", f"{param}.value")
-        if not all(math.isfinite(v) for v in vals if v is not None):
-            raise HttpError(400, f"{param}.value must be finite, got {value!r}", f"{param}.value")
-    relative = e.get("relative", False)
-    if not isinstance(relative, bool) or (relative and mode != "add"):
-        raise HttpError(400, f"{param}.relative must be true or false, and true only with mode "
-                             "add", f"{param}.relative")
-    mean = e.get("mean", False)
-    if not isinstance(mean, bool) or (mean and mode != "ablate"):
-        raise HttpError(400, f"{param}.mean must be true or false, and true only with mode "
-                             "ablate", f"{param}.mean")
-    positions = e.get("positions", "generated" if chat else "all")
-    if positions not in POSITIONS:
-        raise HttpError(400, f"{param}.positions: {positions!r} is not allowed; allowed are "
-                             f"{', '.join(POSITIONS)}", f"{param}.positions")
-    return EditSpec(sae.strip(), [int(f) for f in feats if f is not None], mode, value, relative, positions, mean, param)
+def parse_edits(body: dict[str, Any], *, chat: bool,
+                limits: Limits) -> tuple[list[SteeringEntry], list[ReadoutEntry]]:
+    """The ``steering`` and ``readout`` fields, read by the steering spec
+    (:mod:`llamascope_sdk.steering.spec`); a bad entry is a 400 naming its field. In a chat,
+    edits apply to the reply (``positions: "generated"``) unless they say otherwise."""
+    try:
+        return (parse_steering(body.get("steering"), max_edits=limits.max_edits,
+                               default_positions="generated" if chat else "all"),
+                parse_readout(body.get("readout"), max_readouts=limits.max_readouts))
+    except FieldError as exc:
+        raise HttpError(400, str(exc), exc.field) from None

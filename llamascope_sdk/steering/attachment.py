@@ -14,6 +14,10 @@ Per forward, each hooked output site does, in this order, for the clean activati
 3. interventions on SAEs that are not spliced add (new - old) * d_i (see
    :mod:`llamascope_sdk.steering.interventions`).
 
+An intervention with a condition (``when=``, :mod:`~llamascope_sdk.steering.conditions`)
+applies only at the positions where the condition holds, read at its own site in the same
+forward before that site's edits; a latched condition's state lasts for the sequence.
+
 Special positions (token id in ``special_ids``: BOS, EOS, pad) are left untouched and their
 captured features are zero, unless ``include_special=True``. Absolute positions are tracked
 across KV-cached steps from the cache length seen by the model's forward, so ``"prompt"`` and
@@ -43,6 +47,7 @@ from llamascope_sdk.core.hooks import SiteFn, hooked
 from llamascope_sdk.core.sites import Site, decoder_layers
 from llamascope_sdk.loading.compat import check_compatible, named_saes
 from llamascope_sdk.loading.sae import SAE
+from llamascope_sdk.steering.conditions import FeatureCondition, gate
 from llamascope_sdk.steering.interventions import Intervention, edit_delta, position_mask
 
 CAPTURE_ALL = ("features", "inputs", "targets", "recons")
@@ -111,6 +116,8 @@ class Attachment:
         self._stack = ExitStack()
         self._step: _Step | None = None
         self._tc_in: dict[int, torch.Tensor] = {}
+        self._gates: dict[int, torch.Tensor] = {}  # id(intervention) -> where its condition holds
+        self._latched: dict[int, torch.Tensor] = {}  # id(intervention) -> [B] latched so far
         self._chunks: dict[str, dict[str, list[torch.Tensor]]] = {}
         self._id_chunks: list[torch.Tensor] = []
         self._mask_chunks: list[torch.Tensor] = []
@@ -120,6 +127,8 @@ class Attachment:
         hooks: dict[Site, list[SiteFn]] = {}
         for layer in sorted({s.site_in.layer for s in self._slots if s.site_in.reads_input}):
             hooks[Site(layer, "ln2_normalized")] = [self._tc_input(layer)]
+        for iv in (iv for s in self._slots for iv in s.interventions if iv.when is not None):
+            hooks.setdefault(iv.when.site, []).append(self._condition(iv))  # type: ignore[union-attr]
         for site_out in dict.fromkeys(s.site_out for s in self._slots):
             slots = [s for s in self._slots if s.site_out == site_out]
             hooks.setdefault(site_out, []).append(self._site_fn(slots))
@@ -137,9 +146,24 @@ class Attachment:
         self.remove()
 
     def reset(self) -> None:
-        """Drop everything captured so far."""
+        """Drop everything captured so far (and the state of latched conditions)."""
         self._chunks = {}
         self._id_chunks, self._mask_chunks = [], []
+        self._latched = {}
+
+    def _condition(self, iv: Intervention) -> SiteFn:
+        """Reads ``iv``'s condition at its site into ``self._gates`` (before any edit there)."""
+        when = iv.when
+        assert when is not None
+
+        def fn(x: torch.Tensor) -> None:
+            with torch.no_grad():
+                _, keep_BT = self._positions(x)
+                on, latched = gate(when.holds(x), keep_BT, when.latch, self._latched.get(id(iv)))
+                if latched is not None:
+                    self._latched[id(iv)] = latched
+                self._gates[id(iv)] = on
+        return fn
 
     # ------------------------------------------------------------------ captures
     def _cat(self, what: str) -> dict[str, torch.Tensor]:
@@ -230,7 +254,8 @@ class Attachment:
             f = sae.encode(x) if slot.read else None
             if f is not None:
                 self._capture(slot, x, y, f, keep_BT)
-            edits = [(iv, position_mask(iv.positions, pos_T, self.prompt_len)[None, :] & keep_BT)
+            edits = [(iv, position_mask(iv.positions, pos_T, self.prompt_len)[None, :] & keep_BT
+                      & (self._gates[id(iv)].to(keep_BT.device) if iv.when is not None else True))
                      for iv in slot.interventions]
             if slot.splice:
                 assert f is not None
@@ -345,6 +370,8 @@ def attach(model: nn.Module, saes: SAE | Sequence[SAE] | Mapping[str, SAE] = (),
     for name, sae in named.items():
         slots[id(sae)] = _make_slot(model, sae, name, read=True, splice=splice)
     for iv in ivs:
+        if isinstance(iv.when, FeatureCondition):
+            check_compatible(model, iv.when.sae)
         if id(iv.sae) not in slots:
             slots[id(iv.sae)] = _make_slot(model, iv.sae, iv.sae.name, read=False, splice=False)
         slots[id(iv.sae)].interventions.append(iv)

@@ -31,15 +31,19 @@ import torch
 from llamascope_sdk.base.errors import InputError
 from llamascope_sdk.core.hooks import hooked
 from llamascope_sdk.corpus import pad_id
+from llamascope_sdk.loading.compat import check_compatible
 from llamascope_sdk.loading.models import check_fits_window, model_device, special_ids
 from llamascope_sdk.steering.generation import prompt_ids
 from llamascope_sdk.steering.interventions import Intervention
-from llamascope_sdk.steering.row_edits import RowEdit, as_row_edits, row_hooks
+from llamascope_sdk.steering.readout import Readout, ReadoutValues
+from llamascope_sdk.steering.row_edits import RowEdit, RowState, as_row_edits, row_hooks
 
 
 @dataclass
 class Row:
-    """One prompt to continue: its token ids (BOS or chat template included), its edits."""
+    """One prompt to continue: its token ids (BOS or chat template included), its edits, and
+    the features to read at each of its tokens (``readouts``, handed out on its
+    :class:`Token` events)."""
 
     ids: Sequence[int]
     edits: Sequence[Intervention | RowEdit] = ()
@@ -48,15 +52,27 @@ class Row:
     top_p: float = 1.0
     seed: int | None = None
     stop_ids: Collection[int] | None = None
+    readouts: Sequence[Readout] = ()
 
 
 @dataclass
 class Token:
-    """A token produced for row ``row``; ``finish`` is "stop" or "length" on its last token."""
+    """A token produced for row ``row``; ``finish`` is "stop" or "length" on its last event.
+
+    For a row with readouts, ``readout`` holds what the forward that produced this event read
+    (one :class:`~llamascope_sdk.steering.readout.ReadoutValues` per readout) at the tokens
+    ``read_ids`` it ran on: the prompt at the first event, then the previous token. The last
+    token is read by one more forward, whose event has no token (``token`` None) and carries
+    ``finish``.
+    """
 
     row: int
-    token: int
+    token: int | None
     finish: str | None = None
+    readout: list[ReadoutValues] | None = None
+    read_ids: list[int] | None = None
+    #: on the last event: whether a condition of the row's edits held anywhere (None: none)
+    fired: bool | None = None
 
 
 @dataclass
@@ -66,6 +82,8 @@ class Generation:
     ids: list[int]
     text: str
     finish: str
+    #: whether a condition of the row's edits held at some position (None: no conditions)
+    fired: bool | None = None
 
 
 @dataclass
@@ -78,6 +96,8 @@ class _State:
     offset: int = 0  # left-padding columns of this row in the batch's cache
     out: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    state: RowState = field(default_factory=RowState)
+    finishing: str | None = None  # finished, one forward left to read its last token
 
 
 class BatchGenerator:
@@ -135,13 +155,15 @@ class BatchGenerator:
         if not 0 < row.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {row.top_p}")
         check_fits_window(self.model, len(ids), row.max_new_tokens)
+        for r in row.readouts:
+            check_compatible(self.model, r.sae, r.name)
         gen = None
         if row.temperature > 0:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(row.seed if row.seed is not None else torch.seed())
         stops = frozenset(row.stop_ids) if row.stop_ids is not None else self.eos
         st = _State(next(self._handles), row, as_row_edits(self.model, row.edits), len(ids),
-                    stops, generator=gen)
+                    stops, generator=gen, state=RowState(list(row.readouts)))
         self._pending.append(st)
         return st.handle
 
@@ -187,7 +209,8 @@ class BatchGenerator:
         keep = mask_BL[:, -ids_BT.shape[1]:].bool()
         if self.special:
             keep &= ~torch.isin(ids_BT, torch.tensor(self.special, device=ids_BT.device))
-        hooks = row_hooks([st.edits for st in rows], pos_BT, [st.prompt_len for st in rows], keep)
+        hooks = row_hooks([st.edits for st in rows], pos_BT, [st.prompt_len for st in rows], keep,
+                          [st.state for st in rows])
         with hooked(self.model, hooks):
             out = self.model(input_ids=ids_BT, attention_mask=mask_BL,
                              position_ids=pos_BT.clamp(min=0), use_cache=True, logits_to_keep=1,
@@ -203,7 +226,7 @@ class BatchGenerator:
         pos = torch.tensor([[n_cols - st.offset] for st in rows], device=self.device)
         logits, self._cache = self._forward(rows, ids, mask, pos, self._cache)
         self._mask = mask
-        return self._emit(rows, logits)
+        return self._emit(rows, logits, [[st.out[-1]] for st in rows])
 
     def _prefill(self, rows: list[_State]) -> list[Token]:
         width = max(st.prompt_len for st in rows)
@@ -220,16 +243,25 @@ class BatchGenerator:
 
         logits, cache = self._forward(rows, ids, mask, pos, DynamicCache())
         self._merge(rows, cache, mask)
-        return self._emit(rows, logits)
+        return self._emit(rows, logits, [[int(i) for i in st.row.ids] for st in rows])
 
-    def _emit(self, rows: list[_State], logits: torch.Tensor) -> list[Token]:
+    def _emit(self, rows: list[_State], logits: torch.Tensor, read_ids: list[list[int]]) -> list[Token]:
         events = []
         for b, st in enumerate(rows):
+            read = (st.state.read, read_ids[b]) if st.state.readouts else (None, None)
+            if st.finishing is not None:  # this forward only read the last token
+                events.append(Token(st.handle, None, st.finishing, *read))
+                events[-1].fired = None if st.state.fired is None else bool(st.state.fired)
+                continue
             tok = self._pick(st, logits[b])
             st.out.append(tok)
             finish = ("stop" if tok in st.stops else
                       "length" if len(st.out) >= st.row.max_new_tokens else None)
-            events.append(Token(st.handle, tok, finish))
+            if finish is not None and st.state.readouts:
+                st.finishing, finish = finish, None  # one more forward reads this token
+            events.append(Token(st.handle, tok, finish, *read))
+            if finish is not None:
+                events[-1].fired = None if st.state.fired is None else bool(st.state.fired)
         return events
 
     @staticmethod
@@ -341,14 +373,17 @@ def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[
     handles: dict[int, int] = {}
     todo = list(enumerate(rows))
     finish: dict[int, str] = {}
+    fired: dict[int, bool | None] = {}
     out: dict[int, list[int]] = {}
     while todo or gen.busy:
         while todo and gen.size < limit:
             i, row = todo.pop(0)
             handles[gen.add(row)] = i
         for t in gen.step():
-            out.setdefault(handles[t.row], []).append(t.token)
+            if t.token is not None:
+                out.setdefault(handles[t.row], []).append(t.token)
             if t.finish:
                 finish[handles[t.row]] = t.finish
-    return [Generation(out[i], tokenizer.decode(out[i], skip_special_tokens=True), finish[i])
-            for i in range(len(rows))]
+                fired[handles[t.row]] = t.fired
+    return [Generation(out[i], tokenizer.decode(out[i], skip_special_tokens=True), finish[i],
+                       fired[i]) for i in range(len(rows))]

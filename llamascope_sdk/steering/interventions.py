@@ -32,7 +32,7 @@ a :class:`~llamascope_sdk.core.feature_stats.FeatureStats`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Union
 
@@ -40,7 +40,9 @@ import torch
 
 from llamascope_sdk.base.errors import FeatureIndexError, InputError, SaeNotFoundError
 from llamascope_sdk.core.feature_stats import STATS_FILE, FeatureStats
-from llamascope_sdk.loading.sae import SAE
+from llamascope_sdk.core.sites import parse_hook_point
+from llamascope_sdk.loading.sae import SAE, check_feature_indices
+from llamascope_sdk.steering.conditions import Condition
 
 Positions = Union[Literal["all", "prompt", "generated"], slice, Sequence[int]]  # noqa: UP007
 Features = Union[int, Sequence[int], torch.Tensor]  # noqa: UP007
@@ -48,19 +50,68 @@ Values = Union[float, Sequence[float], torch.Tensor]  # noqa: UP007
 
 
 
-def stats_for(sae: SAE) -> FeatureStats:
-    """``sae.stats``, or a clear error naming how to get them."""
-    if sae.stats is not None:
-        return sae.stats
-    folder = sae.source.path
-    raise SaeNotFoundError(
-        f"{sae.name}: no feature statistics (no {STATS_FILE} beside the checkpoint"
+def missing_stats(name: str, folder: object) -> SaeNotFoundError:
+    """The error for an SAE (loaded or not) without feature statistics."""
+    return SaeNotFoundError(
+        f"{name}: no feature statistics (no {STATS_FILE} beside the checkpoint"
         f"{f' in {folder}' if folder else ''}, and sae.stats was not set)",
         hint="mine them with `llamascope inspect` (or llamascope_sdk.measure_feature_stats), "
              "or pass raw strengths / an explicit mean")
 
 
-def _vector(v: Values, n: int, what: str) -> torch.Tensor:
+def stats_for(sae: SAE) -> FeatureStats:
+    """``sae.stats``, or a clear error naming how to get them."""
+    if sae.stats is not None:
+        return sae.stats
+    raise missing_stats(sae.name, sae.source.path)
+
+
+def edit_indices(kind: str, name: str, d_sae: int, features: Features,
+                 positions: Positions) -> torch.Tensor:
+    """The checked feature indices (CPU) of an edit of ``kind`` on the SAE ``name``, and its
+    positions checked: the checks every edit makes, loaded SAE or not."""
+    idx = check_feature_indices(features, d_sae, name)  # type: ignore[arg-type]  # checked there
+    if idx.numel() == 0:
+        raise FeatureIndexError(f"{kind}: no features given")
+    check_positions(positions)
+    return idx
+
+
+def steer_coefficients(name: str, idx: torch.Tensor, strength: Values, relative: object,
+                       typical: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The strength rule: alpha [n] (fp32, model units) of a steer of features ``idx``.
+
+    Raw: ``strength`` (one value or one per feature). Relative: ``strength x`` each feature's
+    typical activation, ``typical()`` giving the [F] typical activations (called only then;
+    it raises when there are none). The one rule: :class:`Steer`'s and the pool's steer of an
+    unloaded SAE.
+
+    Raises:
+        InputError: ``relative`` not a bool; a bad strength; a typical activation that is not
+            finite or not positive (the feature never fired); an overflowing product.
+    """
+    if not isinstance(relative, bool):
+        raise InputError(f"Steer.relative must be True or False, got {relative!r}")
+    alpha = values_vector(strength, idx.numel(), "Steer strength")
+    if not relative:
+        return alpha
+    typ = typical().detach().float().cpu()[idx.cpu()]
+    for i, t in zip(idx.tolist(), typ.tolist(), strict=True):
+        if not math.isfinite(t):
+            raise InputError(f"{name}: feature {i} has a non-finite typical activation ({t}) in "
+                             "its feature statistics; typical activations must be finite: "
+                             "re-measure the stats or use a raw strength")
+        if not t > 0:
+            raise InputError(f"{name}: feature {i} never fired on the stats text, so it has no "
+                             "typical activation; use a raw strength")
+    alpha = alpha * typ
+    if not bool(torch.isfinite(alpha).all()):
+        raise InputError(f"{name}: Steer strength times the typical activation overflows "
+                         "float32; use a smaller strength")
+    return alpha
+
+
+def values_vector(v: Values, n: int, what: str) -> torch.Tensor:
     """``v`` as fp32 [n]: one number (repeated) or one per feature; each finite.
 
     Raises:
@@ -103,15 +154,15 @@ class Intervention:
     sae: SAE
     features: Features
     positions: Positions
+    when: Condition | None
     idx: torch.Tensor
 
     def _validate(self) -> None:
         if not isinstance(self.sae, SAE):
             raise TypeError(f"{type(self).__name__}.sae must be an SAE, got {type(self.sae).__name__}")
-        self.idx = self.sae.check_features(self.features)  # type: ignore[arg-type]  # checked there
-        if self.idx.numel() == 0:
-            raise FeatureIndexError(f"{type(self).__name__}: no features given")
-        check_positions(self.positions)
+        self.idx = edit_indices(type(self).__name__, self.sae.name, self.sae.d_sae, self.features,
+                                self.positions).to(self.sae.device)
+        check_when(self.when, self.sae, type(self).__name__)
 
     def target(self, old: torch.Tensor) -> torch.Tensor:  # noqa: ARG002  (the base refuses)
         """New activations [..., n] given the old ones; each subclass defines its own."""
@@ -132,33 +183,20 @@ class Steer(Intervention):
     strength: Values
     positions: Positions = "all"
     relative: bool = False
+    when: Condition | None = None
 
     def __post_init__(self) -> None:
         self._validate()
-        if not isinstance(self.relative, bool):
-            raise InputError(f"Steer.relative must be True or False, got {self.relative!r}")
-        _vector(self.strength, self.idx.numel(), "Steer strength")
-        if self.relative and self.sae.stats is not None:
-            self.coefficients()  # a dead or non-finite typical activation fails here already
+        if not self.relative or self.sae.stats is not None:
+            self.coefficients()  # a bad strength or typical activation fails here already
+        else:
+            steer_coefficients(self.sae.name, self.idx, self.strength, self.relative,
+                               lambda: torch.ones(self.sae.d_sae))  # the strength alone
 
     def coefficients(self) -> torch.Tensor:
-        """alpha [n] in model units, fp32 on the SAE's device."""
-        alpha = _vector(self.strength, self.idx.numel(), "Steer strength").to(self.sae.device)
-        if self.relative:
-            typical = stats_for(self.sae).typical.to(self.sae.device)[self.idx]
-            for i, t in zip(self.idx.tolist(), typical.tolist(), strict=True):
-                if not math.isfinite(t):
-                    raise InputError(f"{self.sae.name}: feature {i} has a non-finite typical "
-                                     f"activation ({t}) in sae.stats; typical activations must "
-                                     "be finite: re-measure the stats or use a raw strength")
-                if not t > 0:
-                    raise ValueError(f"{self.sae.name}: feature {i} never fired on the stats "
-                                     "text, so it has no typical activation; use a raw strength")
-            alpha = alpha * typical.float()
-            if not bool(torch.isfinite(alpha).all()):
-                raise InputError(f"{self.sae.name}: Steer strength times the typical "
-                                 "activation overflows float32; use a smaller strength")
-        return alpha
+        """alpha [n] in model units (:func:`steer_coefficients`), fp32 on the SAE's device."""
+        return steer_coefficients(self.sae.name, self.idx, self.strength, self.relative,
+                                  lambda: stats_for(self.sae).typical).to(self.sae.device)
 
     def target(self, old: torch.Tensor) -> torch.Tensor:
         return old + self.coefficients().to(old)
@@ -172,13 +210,14 @@ class Clamp(Intervention):
     features: Features
     value: Values
     positions: Positions = "all"
+    when: Condition | None = None
 
     def __post_init__(self) -> None:
         self._validate()
-        _vector(self.value, self.idx.numel(), "Clamp value")
+        values_vector(self.value, self.idx.numel(), "Clamp value")
 
     def target(self, old: torch.Tensor) -> torch.Tensor:
-        return _vector(self.value, old.shape[-1], "Clamp value").to(old).expand_as(old)
+        return values_vector(self.value, old.shape[-1], "Clamp value").to(old).expand_as(old)
 
 
 @dataclass
@@ -189,13 +228,14 @@ class Scale(Intervention):
     features: Features
     factor: Values
     positions: Positions = "all"
+    when: Condition | None = None
 
     def __post_init__(self) -> None:
         self._validate()
-        _vector(self.factor, self.idx.numel(), "Scale factor")
+        values_vector(self.factor, self.idx.numel(), "Scale factor")
 
     def target(self, old: torch.Tensor) -> torch.Tensor:
-        return old * _vector(self.factor, old.shape[-1], "Scale factor").to(old)
+        return old * values_vector(self.factor, old.shape[-1], "Scale factor").to(old)
 
 
 @dataclass
@@ -208,19 +248,20 @@ class Ablate(Intervention):
     mode: Literal["zero", "mean"] = "zero"
     positions: Positions = "all"
     mean: Values | None = None
+    when: Condition | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("zero", "mean"):
             raise InputError(f"Ablate.mode must be 'zero' or 'mean', got {self.mode!r}")
         self._validate()
         if self.mean is not None:
-            _vector(self.mean, self.idx.numel(), "Ablate mean")
+            values_vector(self.mean, self.idx.numel(), "Ablate mean")
 
     def target(self, old: torch.Tensor) -> torch.Tensor:
         if self.mode == "zero":
             return torch.zeros_like(old)
         if self.mean is not None:
-            mean = _vector(self.mean, old.shape[-1], "Ablate mean")
+            mean = values_vector(self.mean, old.shape[-1], "Ablate mean")
         else:
             mean = stats_for(self.sae).mean[self.idx.cpu()]
         return mean.to(old).expand_as(old)
@@ -246,6 +287,16 @@ def _is_int(p: object) -> bool:
     import numpy as np
 
     return isinstance(p, (int, np.integer)) and not isinstance(p, (bool, np.bool_))
+
+
+def check_when(when: object, sae: SAE, what: str) -> None:
+    """Refuse a ``when`` that is no :class:`Condition` or that is read after the edit's site."""
+    if when is None:
+        return
+    if not isinstance(when, Condition):
+        raise TypeError(f"{what}.when must be a FeatureCondition or DirectionCondition, got "
+                        f"{type(when).__name__}")
+    when.check_before(parse_hook_point(sae.hyperparams.hook_point_out), what)
 
 
 def check_positions(positions: Positions) -> None:

@@ -38,9 +38,10 @@ from typing import Any
 import torch
 
 from llamascope_sdk.base.atomic import atomic_write_bytes, atomic_write_text
-from llamascope_sdk.base.errors import InputError
+from llamascope_sdk.base.errors import FieldError, InputError
 from llamascope_sdk.core.sites import parse_hook_point
-from llamascope_sdk.steering.interventions import Ablate, Clamp, Intervention, Scale, Steer
+from llamascope_sdk.steering.interventions import Intervention, Steer
+from llamascope_sdk.steering.spec import SteeringEntry, mode_of
 
 
 def lm_eval_hookpoint(hook_point_out: str) -> str:
@@ -64,7 +65,7 @@ def lm_eval_steer_config(edits: Sequence[Intervention]) -> dict[str, dict[str, A
     vector: torch.Tensor | None = None
     hookpoint = None
     for iv in edits:
-        if not isinstance(iv, Steer):
+        if not isinstance(iv, Intervention) or mode_of(iv).lm_eval_action != "add":
             raise InputError(f"lm-eval export: {type(iv).__name__} cannot be exported; lm-eval's "
                              "'clamp' sets a direction's projection, not an SAE feature's "
                              "activation, and it has no scale or ablate",
@@ -72,6 +73,10 @@ def lm_eval_steer_config(edits: Sequence[Intervention]) -> dict[str, dict[str, A
         if iv.positions != "all":
             raise InputError(f"lm-eval export: positions={iv.positions!r}; lm-eval adds at every "
                              "position, so only positions='all' exports faithfully")
+        if iv.when is not None:
+            raise InputError("lm-eval export: a conditional edit cannot be exported; lm-eval's "
+                             "steered model adds at every position")
+        assert isinstance(iv, Steer)  # the one class the table exports as "add"
         hp = lm_eval_hookpoint(iv.sae.hyperparams.hook_point_out)
         if hookpoint is not None and hp != hookpoint:
             raise InputError(f"lm-eval export: edits at {hookpoint} and {hp}; lm-eval applies one "
@@ -109,21 +114,12 @@ def save_lm_eval_steer(edits: Sequence[Intervention], path: str | Path) -> Path:
 def serve_request(edit: Intervention, *, sae_spec: str, prompt: str = "Tell me about the sea.",
                   max_tokens: int = 64, chat: bool = True) -> dict[str, Any]:
     """A ``llamascope serve`` request body that applies ``edit`` (chat completions by default,
-    with ``return_baseline`` so the reply shows the unsteered text too)."""
-
-    feats = [int(i) for i in edit.idx.tolist()]
-    entry: dict[str, Any] = {"sae": sae_spec, "feature": feats if len(feats) > 1 else feats[0]}
-    if isinstance(edit, Steer):
-        entry.update(mode="add", value=_value(edit.strength), relative=edit.relative)
-    elif isinstance(edit, Clamp):
-        entry.update(mode="clamp", value=_value(edit.value))
-    elif isinstance(edit, Scale):
-        entry.update(mode="scale", value=_value(edit.factor))
-    elif isinstance(edit, Ablate):
-        entry.update(mode="ablate", mean=edit.mode == "mean")
-    if not isinstance(edit.positions, str):
-        raise InputError(f"serve takes positions prompt, generated or all, not {edit.positions!r}")
-    entry["positions"] = edit.positions
+    with ``return_baseline`` so the reply shows the unsteered text too); its entry is the
+    steering spec's (:meth:`~llamascope_sdk.steering.spec.SteeringEntry.of`)."""
+    try:
+        entry = SteeringEntry.of(edit, sae_spec).to_json()
+    except FieldError as exc:
+        raise InputError(f"serve export: {exc}") from None
     body: dict[str, Any] = {"max_tokens": max_tokens, "steering": [entry],
                             "return_baseline": True}
     if chat:
@@ -131,11 +127,6 @@ def serve_request(edit: Intervention, *, sae_spec: str, prompt: str = "Tell me a
     else:
         body["prompt"] = prompt
     return body
-
-
-def _value(v: Any) -> Any:
-    t = torch.as_tensor(v, dtype=torch.float64).reshape(-1).tolist()
-    return t[0] if len(t) == 1 else t
 
 
 def save_serve_request(edit: Intervention, path: str | Path, *, sae_spec: str,

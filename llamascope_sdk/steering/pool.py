@@ -13,8 +13,10 @@ serve`` share it) gives out SAEs by any name :meth:`SAE.from_pretrained` accepts
   :meth:`release`; when only held SAEs are left, the load is refused with
   :class:`~llamascope_sdk.base.errors.PoolBusyError` (try again later) instead of going over;
 * concurrent first requests for one SAE load it once: the others wait for that load;
-* :meth:`steer_edit` builds a steer from the features' decoder rows alone (safetensors
-  slicing), so adding a feature of an SAE that is not loaded costs a few rows, not the SAE.
+* :meth:`steer_edit` builds a steer from the features' decoder rows alone (the release
+  module's reader, the fold's normalisation, Steer's checks and strength rule), so adding a
+  feature of an SAE that is not loaded costs a few rows, not the SAE, and gives the vector and
+  the errors a loaded SAE gives.
 """
 
 from __future__ import annotations
@@ -24,24 +26,37 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from llamascope_sdk.base.devices import resolve_device
 from llamascope_sdk.base.dtypes import SAFETENSORS, parse_dtype
-from llamascope_sdk.base.errors import InputError, PoolBusyError, SaeBudgetError, SaeNotFoundError
+from llamascope_sdk.base.errors import InputError, PoolBusyError, SaeBudgetError
 from llamascope_sdk.core.feature_stats import LABELS_FILE, STATS_FILE, FeatureStats, read_labels
+from llamascope_sdk.core.fold import unit_decoder_rows
 from llamascope_sdk.core.hyperparams import Hyperparams
 from llamascope_sdk.core.sites import parse_hook_point
 from llamascope_sdk.loading.demo import resolve_alias
 from llamascope_sdk.loading.locate import locate
 from llamascope_sdk.loading.registry import claims, resolve
-from llamascope_sdk.loading.release import CHECKPOINT, HYPERPARAMS, open_checkpoint
+from llamascope_sdk.loading.release import (
+    CHECKPOINT,
+    HYPERPARAMS,
+    open_checkpoint,
+    read_decoder_rows,
+)
 from llamascope_sdk.loading.sae import SAE
+from llamascope_sdk.steering.conditions import Condition
 from llamascope_sdk.steering.generation import describe, describe_steer, feature_names
-from llamascope_sdk.steering.interventions import Positions, Steer, Values, _vector
+from llamascope_sdk.steering.interventions import (
+    Positions,
+    Steer,
+    Values,
+    edit_indices,
+    missing_stats,
+    steer_coefficients,
+)
 from llamascope_sdk.steering.row_edits import VectorEdit
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -89,34 +104,6 @@ def load_overhead(folder: Path, hp: Hyperparams) -> int:
     return 3 * hp.d_sae * hp.d_model * torch.empty((), dtype=file_dtype).element_size()
 
 
-def read_columns(path: Path, name: str, columns: list[int]) -> torch.Tensor:
-    """Columns [rows, n] of a 2-D tensor of a safetensors file, read element by element with
-    ``os.pread`` from the offsets its header gives: no mapping, so a process's memory grows by
-    the columns alone (reading a column through a memory map would map a page per row)."""
-    import json
-    import os
-    import struct
-
-
-    with open(path, "rb") as fh:
-        fd = fh.fileno()
-        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-        header = json.loads(os.pread(fd, n, 8))
-        info = header[name]
-        dtype = SAFETENSORS[info["dtype"]]
-        rows, cols = info["shape"]
-        size = torch.empty((), dtype=dtype).element_size()
-        start = 8 + n + info["data_offsets"][0]
-        buf = bytearray()
-        for c in columns:
-            if not 0 <= c < cols:
-                raise IndexError(f"column {c} of {name} is out of range 0..{cols - 1}")
-            for r in range(rows):
-                buf += os.pread(fd, size, start + (r * cols + c) * size)
-    raw = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(len(columns), rows)
-    return raw.t().clone()
-
-
 class SaePool:
     """SAEs by name within a byte budget on one device; see the module docstring.
 
@@ -158,15 +145,16 @@ class SaePool:
             return resolve(str(name)).name
         return locate(str(name)).name  # a Hub repository (folder) in any format
 
-    def _folder(self, name: str) -> Path | None:
+    def _folder(self, name: str) -> tuple[Path, str] | None:
         """The release-layout folder of ``name`` (:func:`~llamascope_sdk.loading.locate.locate`
-        downloads a Hub name), or None for a folder in another format."""
+        downloads a Hub name) and the name the loaded SAE would have, or None for a folder in
+        another format."""
         path = Path(resolve_alias(str(name))).expanduser()
         if path.is_dir():
-            return path if (path / HYPERPARAMS).is_file() else None
+            return (path, path.name) if (path / HYPERPARAMS).is_file() else None
 
         found = locate(str(name))
-        return found.folder if found.format == "release" else None
+        return (found.folder, found.name) if found.format == "release" else None
 
     # ------------------------------------------------------------------ state
     @property
@@ -266,14 +254,18 @@ class SaePool:
 
     # ------------------------------------------------------------------ steering cheaply
     def steer_edit(self, name: str, features: Any, strength: Values, *, relative: bool = False,
-                   positions: Positions = "all") -> tuple[Steer | VectorEdit, str]:
+                   positions: Positions = "all",
+                   when: Condition | None = None) -> tuple[Steer | VectorEdit, str]:
         """A steer of ``features`` of SAE ``name`` and the line that describes it
         (:func:`~llamascope_sdk.steering.generation.describe`).
 
         When the SAE is loaded this is a plain :class:`Steer`. Otherwise only the features'
-        decoder columns are read from the checkpoint (safetensors slicing) and folded into unit
-        rows exactly as a full load folds them, giving a
-        :class:`~llamascope_sdk.steering.row_edits.VectorEdit` with the same vector.
+        decoder rows are read (:func:`~llamascope_sdk.loading.release.read_decoder_rows`) and
+        made unit rows as a load folds them (:func:`~llamascope_sdk.core.fold.unit_decoder_rows`),
+        with Steer's checks and strength rule (:func:`~.interventions.edit_indices`,
+        :func:`~.interventions.steer_coefficients`), giving a
+        :class:`~llamascope_sdk.steering.row_edits.VectorEdit` with the same vector, and the
+        same error for the same bad input.
         """
         k = self.key(name)
         with self._cond:
@@ -281,48 +273,35 @@ class SaePool:
             if sae is not None:
                 self.hits += 1
                 self._saes.move_to_end(k)
-        folder = None if sae is not None else self._folder(name)
-        if sae is not None or folder is None:
+        found = None if sae is not None else self._folder(name)
+        if sae is not None or found is None:
             sae = sae if sae is not None else self.get(name)
-            iv = Steer(sae, features, strength, positions=positions, relative=relative)
+            iv = Steer(sae, features, strength, positions=positions, relative=relative, when=when)
             return iv, describe(iv)
-        return self._rows_steer(folder, k, features, strength, relative, positions)
+        return self._rows_steer(*found, k, features, strength, relative, positions, when)
 
-    def _rows_steer(self, folder: Path, key: str, features: Any, strength: Values,
-                    relative: bool, positions: Positions) -> tuple[VectorEdit, str]:
+    def _rows_steer(self, folder: Path, name: str, key: str, features: Any, strength: Values,
+                    relative: bool, positions: Positions,
+                    when: Condition | None) -> tuple[VectorEdit, str]:
         hp = Hyperparams.from_file(folder / HYPERPARAMS)
-        name = folder.name
-        proxy = SimpleNamespace(name=name, d_sae=hp.d_sae, device=torch.device("cpu"))
-        idx = SAE.check_features(proxy, features)  # type: ignore[arg-type]  # same checks as an SAE's
-        if not isinstance(relative, bool):
-            raise InputError(f"Steer.relative must be True or False, got {relative!r}")
-        alpha = _vector(strength, idx.numel(), "Steer strength")
-        if relative:
+        idx = edit_indices("Steer", name, hp.d_sae, features, positions)
+
+        def typical() -> torch.Tensor:
             if not (folder / STATS_FILE).is_file():
-                raise SaeNotFoundError(f"{name}: no feature statistics (no {STATS_FILE} beside "
-                                       f"the checkpoint in {folder})",
-                                       hint="mine them with `llamascope inspect`, or pass a raw strength")
-            typical = FeatureStats.load(folder / STATS_FILE).typical[idx]
-            for i, t in zip(idx.tolist(), typical.tolist(), strict=True):
-                if not t > 0:
-                    raise InputError(f"{name}: feature {i} never fired on the stats text, so it "
-                                     "has no typical activation; use a raw strength")
-            alpha = alpha * typical.float()
-        with open_checkpoint(folder / CHECKPOINT, hp):  # names, shapes and dtypes checked
-            pass
-        cols = read_columns(folder / CHECKPOINT, "decoder.weight", idx.tolist())  # [D, n]
-        compute = torch.float64 if self.dtype == torch.float64 else torch.float32
-        rows = cols.t().to(compute).contiguous()
-        norms = torch.linalg.vector_norm(rows, dim=1)
-        rows = (rows / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]).to(self.dtype)
-        vector = (alpha.to(self.device).to(self.dtype) @ rows.to(self.device))
+                raise missing_stats(name, folder)
+            return FeatureStats.load(folder / STATS_FILE).typical
+
+        alpha = steer_coefficients(name, idx, strength, relative, typical)
+        rows = unit_decoder_rows(read_decoder_rows(folder, hp, idx.tolist()), self.dtype)
+        vector = alpha.to(self.device).to(self.dtype) @ rows.to(self.device)
         labels = read_labels(folder / LABELS_FILE, hp.d_sae) if (folder / LABELS_FILE).is_file() else {}
         norm = hp.dataset_average_activation_norm
         where = f"positions={positions}" if isinstance(positions, str) else "chosen positions"
         text = describe_steer(feature_names(idx.tolist(), labels), [float(a) for a in alpha],
                               torch.as_tensor(strength).reshape(-1).tolist() if relative else None,
                               norm.out if norm is not None else None, where)
-        edit = VectorEdit(vector, parse_hook_point(hp.hook_point_out), positions, group=key)
+        edit = VectorEdit(vector, parse_hook_point(hp.hook_point_out), positions, group=key,
+                          when=when)
         return edit, text
 
 

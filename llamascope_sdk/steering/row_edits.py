@@ -13,12 +13,17 @@ False) and padding are never edited, as in attach.
 
 An edit is an :class:`InterventionEdit` (a Steer/Clamp/Scale/Ablate on a loaded SAE) or a
 :class:`VectorEdit` (a fixed vector added at a site: a steer whose vector was computed from
-decoder rows alone, see :class:`~llamascope_sdk.steering.pool.SaePool`).
+decoder rows alone, see :class:`~llamascope_sdk.steering.pool.SaePool`). Either may carry a
+condition (``when``, :mod:`~llamascope_sdk.steering.conditions`): it then applies only where
+that row's condition holds, read in the same forward (latched conditions keep their state in
+the row's :class:`RowState`). A row may also carry readouts
+(:class:`~llamascope_sdk.steering.readout.Readout`), read at its real positions of each
+forward into its :class:`RowState`. Readers run before the edits of their site.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +33,7 @@ from llamascope_sdk.base.errors import IncompatibleModelError
 from llamascope_sdk.core.hooks import SiteFn
 from llamascope_sdk.core.sites import Site, hidden_size, module_for
 from llamascope_sdk.loading.compat import check_compatible
+from llamascope_sdk.steering.conditions import Condition, gate
 from llamascope_sdk.steering.interventions import (
     Intervention,
     Positions,
@@ -36,6 +42,7 @@ from llamascope_sdk.steering.interventions import (
     edit_delta,
     position_mask,
 )
+from llamascope_sdk.steering.readout import Readout, ReadoutValues
 
 
 @dataclass
@@ -57,6 +64,10 @@ class InterventionEdit:
     @property
     def positions(self) -> Positions:
         return self.iv.positions
+
+    @property
+    def when(self) -> Condition | None:
+        return self.iv.when
 
     @property
     def group(self) -> int:
@@ -82,11 +93,14 @@ class VectorEdit:
     site: Site
     positions: Positions = "all"
     group: object = field(default_factory=object)
+    when: Condition | None = None
 
     def __post_init__(self) -> None:
         check_positions(self.positions)
         if self.site.reads_input:
             raise ValueError(f"a vector is added at an output site, not {self.site.hook_point}")
+        if self.when is not None:
+            self.when.check_before(self.site, "VectorEdit")
 
     @property
     def site_in(self) -> Site:
@@ -121,8 +135,20 @@ def as_row_edits(model: nn.Module, edits: Sequence[Intervention | RowEdit]) -> l
     return out
 
 
+@dataclass
+class RowState:
+    """What one row carries from forward to forward: the readouts it asks for and what the
+    last forward read for them, and which of its edits' conditions have latched."""
+
+    readouts: Sequence[Readout] = ()
+    read: list[ReadoutValues] = field(default_factory=list)  # one per readout, last forward
+    latched: dict[int, torch.Tensor] = field(default_factory=dict)  # edit index -> bool [1]
+    fired: torch.Tensor | None = None  # bool []: a condition held somewhere (None: none)
+
+
 def row_hooks(edits: Sequence[Sequence[RowEdit]], pos_BT: torch.Tensor,
-              prompt_lens: Sequence[int], keep_BT: torch.Tensor) -> dict[Site, list[SiteFn]]:
+              prompt_lens: Sequence[int], keep_BT: torch.Tensor,
+              states: Sequence[RowState] | None = None) -> dict[Site, list[SiteFn]]:
     """The hook functions for one forward of a batch: row ``b`` gets ``edits[b]``.
 
     Args:
@@ -130,33 +156,79 @@ def row_hooks(edits: Sequence[Sequence[RowEdit]], pos_BT: torch.Tensor,
         pos_BT: [B, T] each token's position in its own sequence (negative at padding).
         prompt_lens: each row's prompt length (for ``"prompt"``/``"generated"``).
         keep_BT: [B, T] False at special tokens and padding (never edited).
+        states: per row, its readouts (read into ``state.read`` at the real positions of
+            this forward) and its latched conditions (updated); None: no row has either.
 
     Returns:
-        site -> functions, for :func:`~llamascope_sdk.core.hooks.hooked`; empty when no row has edits.
+        site -> functions, for :func:`~llamascope_sdk.core.hooks.hooked`; empty when no row
+        has edits or readouts. At a site, readers (conditions, readouts) run before edits.
     """
     if len(edits) != pos_BT.shape[0] or len(prompt_lens) != pos_BT.shape[0]:
         raise ValueError(f"row_hooks: {len(edits)} edit lists and {len(prompt_lens)} prompt "
                          f"lengths for a batch of {pos_BT.shape[0]} rows")
-    # site_out -> row -> [(edit, mask [1, T])], edits grouped by SAE in order of first use
-    plan: dict[Site, dict[int, list[tuple[RowEdit, torch.Tensor]]]] = {}
+    states = states if states is not None else [RowState() for _ in edits]
+    gates: dict[tuple[int, int], torch.Tensor] = {}  # (row, edit) -> where its condition holds
+    readers: dict[Site, list[Callable[[torch.Tensor], None]]] = {}
+    # site_out -> row -> [(edit, mask [1, T], edit index)], grouped by SAE in order of first use
+    plan: dict[Site, dict[int, list[tuple[RowEdit, torch.Tensor, int]]]] = {}
     tc_layers: set[int] = set()
     for b, row in enumerate(edits):
-        groups: dict[tuple[Site, object], list[RowEdit]] = {}
-        for e in row:
-            groups.setdefault((e.site_out, e.group), []).append(e)
+        groups: dict[tuple[Site, object], list[tuple[int, RowEdit]]] = {}
+        for j, e in enumerate(row):
+            groups.setdefault((e.site_out, e.group), []).append((j, e))
+            if e.when is not None:
+                readers.setdefault(e.when.site, []).append(
+                    _condition_reader(e.when, b, j, keep_BT, states[b], gates))
         for (site, _), members in groups.items():
-            for e in members:
+            for j, e in members:
                 m = position_mask(e.positions, pos_BT[b], prompt_lens[b]) & keep_BT[b]
-                plan.setdefault(site, {}).setdefault(b, []).append((e, m[None, :]))
+                plan.setdefault(site, {}).setdefault(b, []).append((e, m[None, :], j))
                 if e.site_in.reads_input:
                     tc_layers.add(e.site_in.layer)
+        states[b].read = []
+        for r in states[b].readouts:
+            readers.setdefault(r.site, []).append(_readout_reader(r, b, pos_BT, keep_BT, states[b]))
     tc_in: dict[int, torch.Tensor] = {}
     hooks: dict[Site, list[SiteFn]] = {}
     for layer in sorted(tc_layers):
         hooks[Site(layer, "ln2_normalized")] = [_keep_input(tc_in, layer)]
+    for site, fns in readers.items():
+        hooks.setdefault(site, []).append(_read_all(fns))
     for site, rows in plan.items():
-        hooks.setdefault(site, []).append(_site_fn(rows, tc_in))
+        hooks.setdefault(site, []).append(_site_fn(rows, tc_in, gates))
     return hooks
+
+
+def _read_all(fns: list[Callable[[torch.Tensor], None]]) -> SiteFn:
+    def fn(x: torch.Tensor) -> None:
+        with torch.no_grad():
+            for f in fns:
+                f(x)
+    return fn
+
+
+def _condition_reader(when: Condition, b: int, j: int, keep_BT: torch.Tensor, state: RowState,
+                      gates: dict[tuple[int, int], torch.Tensor]) -> Callable[[torch.Tensor], None]:
+    """Reads row ``b``'s condition of edit ``j`` into ``gates`` (and its latch into ``state``)."""
+    def read(x: torch.Tensor) -> None:
+        holds = when.holds(x[b:b + 1])
+        on, latched = gate(holds, keep_BT[b:b + 1].to(holds.device), when.latch,
+                           state.latched.get(j))
+        if latched is not None:
+            state.latched[j] = latched
+        gates[(b, j)] = on
+        state.fired = on.any() if state.fired is None else state.fired | on.any()
+    return read
+
+
+def _readout_reader(r: Readout, b: int, pos_BT: torch.Tensor, keep_BT: torch.Tensor,
+                    state: RowState) -> Callable[[torch.Tensor], None]:
+    """Reads row ``b``'s readout ``r`` at the row's real (non-padding) positions."""
+    real = pos_BT[b] >= 0
+
+    def read(x: torch.Tensor) -> None:
+        state.read.append(r.read(x[b][real.to(x.device)], keep_BT[b][real]))
+    return read
 
 
 def _keep_input(store: dict[int, torch.Tensor], layer: int) -> SiteFn:
@@ -165,16 +237,20 @@ def _keep_input(store: dict[int, torch.Tensor], layer: int) -> SiteFn:
     return fn
 
 
-def _site_fn(rows: dict[int, list[tuple[RowEdit, torch.Tensor]]],
-             tc_in: dict[int, torch.Tensor]) -> SiteFn:
+def _site_fn(rows: dict[int, list[tuple[RowEdit, torch.Tensor, int]]],
+             tc_in: dict[int, torch.Tensor],
+             gates: dict[tuple[int, int], torch.Tensor]) -> SiteFn:
     def fn(y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             out = y.clone()
             for b, items in rows.items():
                 delta: torch.Tensor | None = None
-                for e, m in items:
+                for e, m, j in items:
                     x = tc_in[e.site_in.layer] if e.site_in.reads_input else y
-                    d = e.delta(x[b:b + 1], m.to(y.device))
+                    m = m.to(y.device)
+                    if e.when is not None:
+                        m = m & gates[(b, j)].to(y.device)
+                    d = e.delta(x[b:b + 1], m)
                     delta = d if delta is None else delta + d
                 assert delta is not None
                 out[b:b + 1] = y[b:b + 1] + delta.to(device=y.device, dtype=y.dtype)

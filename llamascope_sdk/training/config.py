@@ -33,6 +33,10 @@ class TrainConfig(BaseModel):
     hook_point_out: str = Field(description="hook name of the target (same as in for SAEs)")
     d_model: int = Field(default=D_MODEL, gt=0)
     expansion_factor: int = Field(default=8, gt=0)
+    n_features: int | None = Field(default=None, gt=0,
+                                   description="number of features when it is not a multiple of "
+                                               "d_model (e.g. a small demo set); default "
+                                               "d_model * expansion_factor")
     top_k: int = Field(default=50, gt=0, description="final K of the Top-K activation")
 
     # --- data ------------------------------------------------------------------------
@@ -131,7 +135,7 @@ class TrainConfig(BaseModel):
                              f"(batch_size={self.batch_size}); use 0 to disable shuffling")
         if self.top_k > self.d_sae:
             raise ValueError(f"top_k={self.top_k} exceeds d_sae={self.d_sae} "
-                             "(d_model * expansion_factor)")
+                             "(n_features, or d_model * expansion_factor)")
         if self.is_transcoder and self.init_encoder_norm is None:
             raise ValueError("init_encoder_norm is required for a transcoder "
                              "(hook_point_in != hook_point_out)")
@@ -142,7 +146,7 @@ class TrainConfig(BaseModel):
 
     @property
     def d_sae(self) -> int:
-        return self.d_model * self.expansion_factor
+        return self.n_features or self.d_model * self.expansion_factor
 
     @property
     def is_transcoder(self) -> bool:

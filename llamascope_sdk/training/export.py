@@ -29,7 +29,7 @@ def release_hyperparams(cfg: TrainConfig, norm_in: float, norm_out: float, thres
         "device": device or cfg.device, "seed": cfg.seed, "dtype": f"torch.{cfg.export_dtype}",
         "hook_point_in": cfg.hook_point_in, "hook_point_out": cfg.hook_point_out,
         "use_decoder_bias": True, "apply_decoder_bias_to_pre_encoder": False,
-        "expansion_factor": cfg.expansion_factor, "d_model": cfg.d_model, "d_sae": cfg.d_sae,
+        "expansion_factor": cfg.expansion_factor if cfg.n_features is None else None, "d_model": cfg.d_model, "d_sae": cfg.d_sae,
         "bias_init_method": "all_zero", "act_fn": "jumprelu", "jump_relu_threshold": threshold,
         "norm_activation": "dataset-wise",
         "dataset_average_activation_norm": {"in": norm_in, "out": norm_out},

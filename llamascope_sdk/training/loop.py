@@ -49,8 +49,7 @@ class Run:
         self.buffer = ShuffleBuffer(self.source, hook_points_of(cfgs), cap,
                                     seed=self.cfg.seed + (1000 * dist.rank if shard else 0))
         self.saes = [SAEOptimizer(c, dist) for c in cfgs]
-        name = "+".join(c.name for c in cfgs)
-        self.run_dir = Path(self.cfg.output_dir) / name
+        self.run_dir = Path(self.cfg.output_dir) / run_name([c.name for c in cfgs])
         self.step = 0
         self.saved_step: int | None = None
         self.started = False
@@ -237,6 +236,19 @@ class Run:
             bar.close()
         if wandb_run is not None:
             wandb_run.finish()
+
+
+def run_name(names: list[str], limit: int = 200) -> str:
+    """The run folder's name: the SAE names joined by '+', or, when that is longer than a
+    file name may be (30 transcoders trained together), the first name, the count and a
+    digest of all names, so that another set of SAEs never shares the folder."""
+    import hashlib
+
+    joined = "+".join(names)
+    if len(joined) <= limit:
+        return joined
+    digest = hashlib.sha256(joined.encode()).hexdigest()[:12]
+    return f"{names[0]}+{len(names) - 1}-more-{digest}"
 
 
 def threshold_inputs(run: Run, cfg: TrainConfig) -> dict[str, torch.Tensor]:
