@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from llamascope_sdk.base.endpoint import ChatClient, TokenBudgetExceeded
+from llamascope_sdk.base.endpoint import ChatClient, EndpointError, TokenBudgetExceeded
 from llamascope_sdk.base.errors import InputError
 from llamascope_sdk.explain import Settings, descriptions, explain_features, plan_run
 from llamascope_sdk.explain.prompts import PROMPT_VERSION
@@ -128,13 +128,44 @@ def test_rerun_skips_done_features_and_refuses_other_settings(tmp_path):
 
 def test_unparsable_explanation_is_recorded_not_scored(tmp_path):
     store = ToyStore(tmp_path / "store")
-    with FakeEndpoint(reply=scripted_reply, script=[Malformed()], lifetime=60) as fake:
+    # a well-formed chat completion whose message is empty: the model's reply, unparsable
+    with FakeEndpoint(reply=scripted_reply, script=["  "], lifetime=60) as fake:
         client = ChatClient(fake.url, "m")
         res = explain_features(store, [0], client, settings=SETTINGS)
     rec = json.loads((res.folder / "features" / "0.json").read_text())
     assert rec["explanation"] is None and rec["scores"] is None and "could not be parsed" in rec["note"]
     assert res.unparsable_explanations == 1 and client.usage.unparsable == 1
     assert len(fake.requests) == 1
+
+
+def test_a_reply_that_is_not_the_protocol_leaves_the_feature_to_do(tmp_path):
+    """Issue 27, item 6: before, a proxy's HTML page (HTTP 200) was recorded as an unparsable
+    explanation, the feature marked done and skipped by every re-run. Now it is sent again,
+    then the run stops with one line, nothing is written, and a re-run explains it."""
+    store = ToyStore(tmp_path / "store")
+    page = Malformed(b"<html><body>502 Bad Gateway</body></html>")
+    with FakeEndpoint(reply=lambda m: page, lifetime=60) as fake:
+        client = ChatClient(fake.url, "m", backoff=0.0, max_retries=1)
+        with pytest.raises(EndpointError, match=r"no chat completion after 2 attempts \(last: "
+                           r"HTTP 200 with a body that is not a chat completion: not JSON"):
+            explain_features(store, [0], client, settings=SETTINGS)
+        assert fake.statuses == [200, 200] and client.usage.unparsable == 0
+    folder = tmp_path / "store" / "explanations" / "m"
+    assert not (folder / "features" / "0.json").exists()
+    with FakeEndpoint(reply=scripted_reply, lifetime=60) as fake:
+        res = explain_features(store, [0], ChatClient(fake.url, "m"), settings=SETTINGS)
+    assert res.written == [0] and res.skipped == []
+    assert json.loads((folder / "features" / "0.json").read_text())["explanation"]
+
+
+def test_a_huge_reply_is_not_stored_whole(tmp_path):
+    """A server that ignores max_tokens: the record keeps the start of the reply only."""
+    store = ToyStore(tmp_path / "store")
+    with FakeEndpoint(reply=scripted_reply, script=["x" * 200_000], lifetime=60) as fake:
+        explain_features(store, [0], ChatClient(fake.url, "m"), settings=SETTINGS)
+    rec = json.loads((tmp_path / "store" / "explanations" / "m" / "features" / "0.json").read_text())
+    assert rec["explanation"] is None and rec["explainer_unparsable"]
+    assert rec["reply"] == "x" * 2000 + " [... 198,000 more characters not kept]"
 
 
 def test_retries_inside_a_run_and_token_budget(tmp_path):

@@ -28,7 +28,12 @@ from llamascope_sdk.explain.cost import (
     estimate_feature,
 )
 from llamascope_sdk.explain.examples import ExampleSets, example_sets
-from llamascope_sdk.explain.prompts import PROMPT_VERSION, explainer_messages, parse_explanation
+from llamascope_sdk.explain.prompts import (
+    PROMPT_VERSION,
+    clip_reply,
+    explainer_messages,
+    parse_explanation,
+)
 from llamascope_sdk.explain.scoring import SCORERS, score
 from llamascope_sdk.store.explanations import claim_folder, is_done, run_folder, write_feature
 
@@ -124,7 +129,7 @@ def explain_one(store: Any, i: int, client: ChatClient, settings: Settings) -> d
         return rec
     r = client.chat(explainer_messages(sets.explain), max_tokens=settings.explain_max_tokens,
                     parse=parse_explanation)
-    rec.update(explanation=r.value, reply=r.text, prompt_tokens=r.prompt_tokens,
+    rec.update(explanation=r.value, reply=clip_reply(r.text), prompt_tokens=r.prompt_tokens,
                completion_tokens=r.completion_tokens)
     if r.value is None:
         rec["explainer_unparsable"] = True

@@ -27,7 +27,7 @@ from typing import Any
 
 from llamascope_sdk.base.endpoint import ChatClient
 from llamascope_sdk.explain.examples import ExampleSets
-from llamascope_sdk.explain.prompts import marked, parse_labels, plain, scorer_messages
+from llamascope_sdk.explain.prompts import clip_reply, marked, parse_labels, plain, scorer_messages
 
 #: max_tokens of a scorer request, per excerpt in it
 MAX_TOKENS_PER_ITEM = 8
@@ -100,6 +100,6 @@ def score(client: ChatClient, kind: str, explanation: str, sets: ExampleSets, *,
         preds += list(r.value)
     return {**balanced_accuracy(labels, preds), "n_items": sum(len(g) for g in groups),
             "n_scored": len(labels), "requests": len(groups), "unparsable_batches": bad,
-            "replies": [r.text for r in replies],
+            "replies": [clip_reply(r.text) for r in replies],
             "prompt_tokens": sum(r.prompt_tokens for r in replies),
             "completion_tokens": sum(r.completion_tokens for r in replies)}

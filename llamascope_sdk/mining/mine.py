@@ -62,6 +62,13 @@ from llamascope_sdk.loading.capture import capture, keep_mask
 from llamascope_sdk.loading.compat import check_compatible, named_saes
 from llamascope_sdk.loading.models import context_window, model_device, special_ids
 from llamascope_sdk.loading.sae import SAE
+from llamascope_sdk.mining.agreement import (
+    TokenDigest,
+    check_same_job,
+    check_same_tokens,
+    iter_digest,
+    job_identity,
+)
 from llamascope_sdk.mining.checkpoint import Checkpointer
 from llamascope_sdk.mining.merge import merge_trackers
 from llamascope_sdk.mining.state import (
@@ -189,7 +196,6 @@ def mine(model: Any, tokenizer: Any, saes: SAE | Sequence[SAE] | Mapping[str, SA
     """
     from tqdm.auto import tqdm
 
-
     cfg = MiningConfig(top_n=top_n, window_before=window_before, window_after=window_after,
                        deciles=deciles, n_samples=n_samples, example_context=example_context,
                        n_nonactivating=n_nonactivating, nonactivating_pool=nonactivating_pool)
@@ -202,24 +208,26 @@ def mine(model: Any, tokenizer: Any, saes: SAE | Sequence[SAE] | Mapping[str, SA
     sites: dict[str, Site] = {name: check_compatible(model, sae, name)[0]
                               for name, sae in named.items()}
     dist = init_from_env(model_device(model).type)
+    args = dict(tokens=tokens, context=context, batch_size=batch_size, split=split,
+                text_field=text_field, config=asdict(cfg))
+    # every rank runs this same job, or all stop here (before any model work)
+    check_same_job(job_identity(named, corpus, {**args, "checkpoint_every": checkpoint_every}),
+                   dist, model_device(model))
     trackers = {name: Tracker(sae.d_sae, cfg, sae.device) for name, sae in named.items()}
     specials = torch.tensor(sorted(special_ids(tokenizer)), dtype=torch.long)
     ckpt = (Checkpointer(Path(checkpoint_dir), checkpoint_every, dist,
-                         run_identity(named, corpus, tokens=tokens, context=context,
-                                      batch_size=batch_size, split=split, text_field=text_field,
-                                      config=asdict(cfg)))
+                         run_identity(named, corpus, **args))
             if checkpoint_every is not None and checkpoint_dir is not None else None)
     done, n_tokens, n_docs = -1, 0, 0
     if ckpt is not None:
         done, n_tokens, n_docs = ckpt.resume(trackers)
-    counts = ReadCounts()
+    counts, digest = ReadCounts(), TokenDigest()
     bar = tqdm(total=tokens, unit="tok", desc="mining", file=sys.stderr,
                disable=not progress or not dist.is_main, dynamic_ncols=True)
     try:
-        for i, b in enumerate(corpus_mod.batches(tokenizer, corpus, tokens=tokens, context=context,
-                                                 batch_size=batch_size, rule="windows",
-                                                 split=split, text_field=text_field,
-                                                 counts=counts)):
+        for i, b in enumerate(iter_digest(corpus_mod.batches(
+                tokenizer, corpus, tokens=tokens, context=context, batch_size=batch_size,
+                rule="windows", split=split, text_field=text_field, counts=counts), digest)):
             ids, valid, length, doc, start, offset = b.ids, b.valid, b.lengths, b.doc, b.pos, b.order
             bar.update(int(length.sum()))
             if i <= done:
@@ -244,6 +252,7 @@ def mine(model: Any, tokenizer: Any, saes: SAE | Sequence[SAE] | Mapping[str, SA
     if n_tokens == 0:
         raise ValueError("mining: the corpus holds no non-special tokens")
     if dist.world > 1:
+        check_same_tokens(digest, n_tokens, dist, model_device(model))
         merge_trackers(trackers, dist)
     out = {name: _result(named[name], name, tr, n_tokens, n_docs, cfg)
            for name, tr in trackers.items()}

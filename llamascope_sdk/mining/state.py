@@ -246,26 +246,34 @@ class Slots:
                                | (keys & _INV), -1)
         idx = keys.argsort(dim=1, descending=True, stable=True)
         empty = keys.gather(1, idx) < 0
-        # In place, touching each byte about once: empty slots (never written while mining,
-        # so not yet in memory) are filled with -1/0 in one pass; only the filled slots move,
-        # listed by their sorted rank (filled slots sort before empty ones).
+        # In place, touching each byte about once: only the filled slots move, listed by
+        # their sorted rank (filled slots sort before empty ones); then the slots that end
+        # empty are filled with -1/0 in one pass. Filling after the move matters: a slot
+        # emptied by the move (a filled slot behind an empty one, which topk's order among
+        # equal empty keys can leave) would otherwise keep a copy of the window that moved
+        # out, where a merge of several ranks has -1 (the store would differ byte for byte).
         tok, act = self.tok.view(f * k, w), self.act.view(f * k, w)
-        filled = keys >= 0
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            tok.masked_fill_(~filled.view(-1, 1), -1)
-            act.masked_fill_(~filled.view(-1, 1), 0.0)
-        finally:
-            torch.set_num_threads(threads)
         dst = (~empty).view(-1).nonzero().squeeze(1)
         src = (idx + torch.arange(f, device=idx.device)[:, None] * k).view(-1)[dst]
         moved = dst != src
         dst, src = dst[moved], src[moved]
         tok.index_copy_(0, dst, tok.index_select(0, src))
         act.index_copy_(0, dst, act.index_select(0, src))
+        _fill_empty(tok, act, empty.view(-1, 1))
         return Examples(values.gather(1, idx).cpu(), self.doc.gather(1, idx).cpu(),
                         self.pos.gather(1, idx).cpu(), self.tok.cpu(), self.act.cpu(), self.before)
+
+
+def _fill_empty(tok: torch.Tensor, act: torch.Tensor, empty: torch.Tensor) -> None:
+    """-1 tokens and 0 activations in the empty slots (one thread: the pass is memory-bound
+    and first-touches pages never written while mining)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tok.masked_fill_(empty, -1)
+        act.masked_fill_(empty, 0.0)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class Pool:

@@ -30,7 +30,7 @@ def explanation_lines(store: Any, i: int) -> list[str]:
     if free.get("token_change"):
         lines.append("TokenChange (adding it raises): "
                      + " ".join(repr(t) for t, _ in free["token_change"]["tokens"][:8]))
-    return lines
+    return lines + [f"explanation not used: {why}" for why in info["explanation_errors"]]
 
 
 def explanation_html(store: Any, i: int) -> str:

@@ -24,7 +24,7 @@ from llamascope_sdk.core.metrics import DENSE_FREQUENCY
 from llamascope_sdk.store import view
 from llamascope_sdk.store.explanation_view import explanation_html
 from llamascope_sdk.store.feature_store import FeatureStore
-from llamascope_sdk.store.scores import DEFINITIONS, FeatureScores, load_scores
+from llamascope_sdk.store.scores import DEFINITIONS, FeatureScores, scores_of
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#1d1d1f;padding:0 16px}
@@ -220,7 +220,7 @@ def write_pages(store: FeatureStore, folder: str | Path, features: list[int] | N
     Selection scores (``scores``, else the store's ``feature_scores.safetensors``) add a
     sortable output-score column and two facts per page."""
     folder = Path(folder)
-    scores = scores if scores is not None else load_scores(store.path)
+    scores = scores if scores is not None else scores_of(store)
     feats = default_page_features(store, features, max_pages)
     (folder / "features").mkdir(parents=True, exist_ok=True)
     for i in feats:

@@ -1,0 +1,153 @@
+"""Distributed mining runs one job or none (issue 27, item 4): a rank started with other
+arguments, another corpus or another SAE stops every rank with one line naming the
+difference, before any model work; a corpus that differs only in its middle is caught before
+the merge. And the empty example slots of one process equal those of a merge byte for byte.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamascope_sdk.base.errors import RankMismatchError
+from llamascope_sdk.mining.agreement import (
+    check_agree,
+    file_identity,
+    first_difference,
+    job_identity,
+)
+from llamascope_sdk.mining.merge import merge_slots
+from llamascope_sdk.mining.state import Slots
+
+from .mining_worker import DOCS
+from .test_mining_distributed import REPO, TIMEOUT, env
+
+# ---------------------------------------------------------------- the rank check, in-process
+
+
+def test_first_difference_names_the_path():
+    a = {"args": {"tokens": 600, "context": 40}, "corpus": [{"bytes": 10}]}
+    b = {"args": {"tokens": 500, "context": 40}, "corpus": [{"bytes": 10}]}
+    assert first_difference(a, b) == ("args.tokens", 600, 500)
+    assert first_difference(a, a) is None
+    assert first_difference({"corpus": [{"bytes": 10}]}, {"corpus": [{"bytes": 11}]}) == \
+        ("corpus[0].bytes", 10, 11)
+
+
+def test_every_rank_decides_alike_with_one_line():
+    same = {"args": {"tokens": 600}}
+    check_agree([same, same, same], "mining job")  # no error
+    with pytest.raises(RankMismatchError) as info:
+        check_agree([same, same, {"args": {"tokens": 500}}], "mining job")
+    msg = str(info.value)
+    assert msg == ("rank 2 runs another mining job than rank 0: args.tokens is 500 there, 600 "
+                   "on rank 0; every rank stopped before merging anything")
+    assert "\n" not in msg and isinstance(info.value, ValueError)
+
+
+def test_job_identity_is_content_not_path(tmp_path):
+    """The same file copied elsewhere (another node) is the same corpus; one byte changed in
+    its last MiB is not."""
+    text = "\n\n".join(DOCS) * 40000  # > 2 MiB: head and tail are read, not the middle
+    a, b = tmp_path / "a" / "c.txt", tmp_path / "b" / "c.txt"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_text(text)
+    assert file_identity(a) == file_identity(b)
+    b.write_text(text[:-1] + "!")
+    assert file_identity(a) != file_identity(b)
+
+
+def test_job_identity_fingerprints_the_sae():
+    from .mining_worker import build
+
+    _, _, sae = build()
+    one = job_identity({"s": sae}, ["x"], {"tokens": 1})
+    with torch.no_grad():
+        sae.W_enc.mul_(1.5)
+    other = job_identity({"s": sae}, ["x"], {"tokens": 1})
+    where = first_difference(one, other)
+    assert where is not None and where[0].startswith("saes.s.W_enc")
+    assert one["corpus"] == "strings"
+
+
+# ---------------------------------------------------------------- two real ranks (gloo)
+
+
+def _run(tmp_path: Path, differ: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    corpus, other = tmp_path / "corpus.txt", tmp_path / "other.txt"
+    corpus.write_text("\n\n".join(DOCS) + "\n")
+    other.write_text("\n\n".join(reversed(DOCS)) + "\n")
+    out = tmp_path / "out.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "tests.mining_mismatch_worker", str(out), str(corpus), str(other),
+           "--differ", differ]
+    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    return p, out
+
+
+@pytest.mark.parametrize(("differ", "line"), [
+    ("tokens", "rank 1 runs another mining job than rank 0: args.tokens is 500 there, 600 on "
+               "rank 0; every rank stopped before merging anything"),
+    ("corpus", "rank 1 runs another mining job than rank 0: the corpus differs (other.txt "
+               "there, corpus.txt on rank 0; corpus[0].sha256_ends differs); every rank stopped "
+               "before merging anything"),
+    ("sae", "rank 1 runs another mining job than rank 0: SAE "),
+])
+def test_a_rank_with_another_job_stops_every_rank_before_any_forward(tmp_path, differ, line):
+    p, out = _run(tmp_path, differ)
+    assert p.returncode != 0
+    errors = [ln for ln in p.stderr.splitlines() if "RankMismatchError: " in ln]
+    assert len(errors) == 2, p.stderr[-3000:]  # both ranks, the same line
+    for ln in errors:
+        assert ln.split("RankMismatchError: ", 1)[1].startswith(line), ln
+    assert not out.exists()
+    assert not list(tmp_path.glob("out.safetensors.forward*"))  # no model work on any rank
+
+
+def test_a_corpus_differing_in_the_middle_is_caught_before_the_merge(tmp_path):
+    p, out = _run(tmp_path, "middle")
+    assert p.returncode != 0
+    errors = [ln for ln in p.stderr.splitlines() if "RankMismatchError: " in ln]
+    assert len(errors) == 2, p.stderr[-3000:]
+    assert all("rank 1 read other tokens than rank 0" in ln for ln in errors), errors
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- empty slots, byte for byte
+
+
+def _slots(keys: list[int]) -> Slots:
+    """One feature, three slots holding ``keys`` (-1 empty), every window distinct."""
+    s = Slots(1, len(keys), 1, 1, torch.device("cpu"))
+    s.keys[0] = torch.tensor(keys)
+    s.doc[0] = torch.tensor([k // 10 if k >= 0 else -1 for k in keys])
+    s.pos[0] = torch.tensor([k % 10 if k >= 0 else -1 for k in keys])
+    for j, k in enumerate(keys):
+        if k >= 0:
+            s.tok[0, j] = torch.tensor([k, k + 1, k + 2], dtype=torch.int32)
+            s.act[0, j] = torch.tensor([0.0, float(k), 0.5])
+    return s
+
+
+def test_an_empty_slot_between_filled_ones_ends_empty():
+    """A hole (which topk's tie order among empty keys can leave) was sorted away by moving
+    the filled slot, leaving a copy of its window in the now-empty slot: one process kept
+    that copy where the merge of two ranks has -1."""
+    one = _slots([7, -1, 9]).examples(by_value=False)
+    assert one.tokens[0].tolist() == [[9, 10, 11], [7, 8, 9], [-1, -1, -1]]
+    assert one.acts[0, 2].tolist() == [0.0, 0.0, 0.0]
+    assert one.doc[0].tolist() == [0, 0, -1]
+    # what two ranks give: each holds one entry, merged
+    a, b = _slots([7, -1, -1]), _slots([9, -1, -1])
+    merged = merge_slots([a.tensors() | {"tok": a.tok, "act": a.act},
+                          b.tensors() | {"tok": b.tok, "act": b.act}])
+    m = Slots(1, 3, 1, 1, torch.device("cpu"))
+    m.load(merged)
+    two = m.examples(by_value=False)
+    for name in ("values", "doc", "pos", "tokens", "acts"):
+        assert torch.equal(getattr(one, name), getattr(two, name)), name

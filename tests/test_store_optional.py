@@ -1,0 +1,171 @@
+"""Issue 27, items 5 and 9: a store's optional files (scores, explanations) are checked like
+the required ones, a bad one is reported in one line while the rest of the store still works,
+nothing is read through a link that leaves the store, and every writer of scores, labels or
+explanations refuses another SAE's store or folder by fingerprint."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llamascope_sdk.base.errors import CorruptCheckpointError, StoreMismatchError
+from llamascope_sdk.cli import app
+from llamascope_sdk.store.explanations import feature_explanations, write_feature
+from llamascope_sdk.store.feature_store import FeatureStore
+from llamascope_sdk.store.scores import SCORES_FILE, FeatureScores, load_scores
+
+from .conftest import CharTokenizer
+from .test_feature_store import mined  # noqa: F401  (fixture)
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def store(mined, tmp_path):  # noqa: F811
+    sae, res = mined
+    return FeatureStore.from_result(res, CharTokenizer()).save(tmp_path / "st")
+
+
+def _scores(n: int, *, meta: dict | None = None) -> FeatureScores:
+    out = torch.full((n,), math.nan)
+    dtc = torch.full((n,), math.nan)
+    out[:4] = torch.tensor([0.5, 0.25, 0.75, 0.1])
+    dtc[:4] = torch.tensor([0.1, -0.2, 0.3, 0.0])
+    return FeatureScores(out, dtc, meta or {})
+
+
+def _tamper(folder, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / SCORES_FILE
+    t = load_file(str(path))
+    change(t)
+    save_file(t, str(path))
+
+
+BAD_SCORES = {
+    "wrong length": (lambda t: t.update(output_score=t["output_score"][:-1],
+                                        delta_token_confidence=t["delta_token_confidence"][:-1]),
+                     "scores of 95 features, but the store has 96"),
+    "inf": (lambda t: t["output_score"].__setitem__(2, math.inf),
+            "'output_score' is inf at feature 2; scores lie in [0, 1] (NaN: not scored)"),
+    "nan confidence": (lambda t: t["delta_token_confidence"].__setitem__(1, math.nan),
+                       "'delta_token_confidence' is NaN at feature 1 where 'output_score' is "
+                       "not (both are NaN for a feature that was not scored)"),
+    "float64": (lambda t: t.update(output_score=t["output_score"].double()),
+                "'output_score' is float64, expected float32"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SCORES))
+def test_tampered_scores_are_one_line_and_the_store_still_works(store, case):
+    change, why = BAD_SCORES[case]
+    _scores(96).save(store)
+    _tamper(store, change)
+    path = store / SCORES_FILE
+    with pytest.raises(CorruptCheckpointError) as info:
+        load_scores(store, d_sae=96)
+    assert str(info.value) == f"{path}: {why}"
+    shown = runner.invoke(app, ["show", str(store), "2"])
+    assert shown.exit_code == 0, shown.output
+    assert f"scores not shown: {path}: {why}" in shown.stdout
+    assert "frequency" in shown.stdout  # the rest of the feature is there
+    js = runner.invoke(app, ["show", str(store), "2", "--json"])
+    assert js.exit_code == 0, js.output
+    data = json.loads(js.stdout)
+    assert data["scores_error"] == f"{path}: {why}" and "scores" not in data
+    ranked = runner.invoke(app, ["search", "--sae", "x", "--store", str(store), "--sort",
+                                 "output-score"])
+    assert ranked.exit_code == 1
+    assert ranked.stderr.splitlines()[0] == f"error: {path}: {why}"
+
+
+def test_good_scores_still_show(store):
+    _scores(96).save(store)
+    js = json.loads(runner.invoke(app, ["show", str(store), "2", "--json"]).stdout)
+    assert js["scores"]["output_score"] == pytest.approx(0.75)
+    assert js["scores"]["output_score_rank"] == 1 and "scores_error" not in js
+
+
+def test_a_scores_file_linking_out_of_the_store_is_not_read(store, tmp_path):
+    outside = tmp_path / "elsewhere"
+    _scores(96).save(outside)
+    (store / SCORES_FILE).symlink_to(outside / SCORES_FILE)
+    with pytest.raises(CorruptCheckpointError, match="is a link out of the store; not read"):
+        load_scores(store, d_sae=96)
+
+
+# ---------------------------------------------------------------- explanation records
+
+
+def _record(i: int, text: str = "cats") -> dict:
+    return {"feature": i, "sae": "s", "model": "m", "prompt_version": "v1",
+            "explanation": text, "scores": None, "note": None}
+
+
+def _explainer(store) -> None:
+    folder = store / "explanations" / "m"
+    (folder / "features").mkdir(parents=True)
+    (folder / "config.json").write_text("{}\n")
+    return folder
+
+
+@pytest.mark.parametrize(("content", "why"), [
+    ('{"feature": 3, "explanation": "ca', "not readable JSON"),
+    (json.dumps(_record(4)), "its 'feature' field is 4, not 3"),
+    (json.dumps({**_record(3), "explanation": ["x"]}), "'explanation' should be a string"),
+    (json.dumps({**_record(3), "scores": {"detection": {"balanced_accuracy": 7}}}),
+     "scores.detection.balanced_accuracy should be a number in [0, 1] or null"),
+])
+def test_a_bad_explanation_record_is_reported_not_used(store, content, why):
+    folder = _explainer(store)
+    path = folder / "features" / "3.json"
+    path.write_text(content)
+    info = feature_explanations(store, 3)
+    assert info["explanations"] == []
+    assert len(info["explanation_errors"]) == 1 and info["explanation_errors"][0].startswith(f"{path}: {why}")
+    shown = runner.invoke(app, ["show", str(store), "3"])
+    assert shown.exit_code == 0
+    assert f"explanation not used: {path}: {why}" in shown.stdout
+
+
+def test_a_good_record_is_used(store):
+    folder = _explainer(store)
+    write_feature(folder, 3, _record(3))
+    info = feature_explanations(store, 3)
+    assert [r["explanation"] for r in info["explanations"]] == ["cats"] and not info["explanation_errors"]
+
+
+def test_explanations_linked_from_outside_the_store_are_not_read(store, tmp_path):
+    outside = tmp_path / "outside-explanations"
+    (outside / "m" / "features").mkdir(parents=True)
+    (outside / "m" / "config.json").write_text("{}\n")
+    (outside / "m" / "features" / "3.json").write_text(json.dumps(_record(3, "planted")))
+    (store / "explanations").symlink_to(outside)
+    info = feature_explanations(store, 3)
+    assert info["explanations"] == []
+    assert info["explanation_errors"] == [f"{store / 'explanations'}: a link out of the store; not read"]
+
+
+# ---------------------------------------------------------------- writers check the SAE
+
+
+def test_scores_of_another_sae_are_not_saved_into_a_store(mined, store):  # noqa: F811
+    from llamascope_sdk.base.fingerprint import fingerprint
+
+    sae, _ = mined
+    fp = fingerprint(sae)
+    other = {**fp, "W_dec": [v + 1.0 for v in fp["W_dec"]]}
+    before = sorted(p.name for p in store.iterdir())
+    with pytest.raises(StoreMismatchError) as info:
+        _scores(96, meta={"sae": "other", "fingerprint": json.dumps(other)}).save(store)
+    assert str(info.value).startswith(f"the feature store {store} belongs to SAE {sae.name!r}, "
+                                      "not to 'other' (W_dec weights differ): scores of 'other' "
+                                      "are not written there")
+    assert sorted(p.name for p in store.iterdir()) == before
+    _scores(96, meta={"sae": sae.name, "fingerprint": json.dumps(fp)}).save(store)  # its own
+    assert (store / SCORES_FILE).is_file()
