@@ -169,3 +169,101 @@ def test_scores_of_another_sae_are_not_saved_into_a_store(mined, store):  # noqa
     assert sorted(p.name for p in store.iterdir()) == before
     _scores(96, meta={"sae": sae.name, "fingerprint": json.dumps(fp)}).save(store)  # its own
     assert (store / SCORES_FILE).is_file()
+
+
+def _tree(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture
+def other_sae(mined, tiny_llama):  # noqa: F811
+    """An SAE of the same width and site as the mined one, with other weights."""
+    from .test_hooks import synthetic_sae
+
+    torch.manual_seed(1)
+    ids = torch.randint(3, 99, (2, 24))
+    ids[:, 0] = 1
+    return synthetic_sae(tiny_llama, ids, 1, "M", d_sae=96, l0=12, seed=5)
+
+
+def test_score_features_refuses_another_saes_store_before_scoring(mined, store, other_sae,  # noqa: F811
+                                                                   tiny_llama, monkeypatch):
+    """Before: `score-features --sae OTHER --store STORE` overwrote the store's scores, exit 0."""
+    sae, _ = mined
+    _scores(96, meta={"sae": sae.name}).save(store)
+    before = _tree(store)
+    monkeypatch.setattr("llamascope_sdk.cli.eval_steer.load_sae_and_model",
+                        lambda *a, **k: (other_sae, tiny_llama, CharTokenizer()))
+
+    def no_scoring(*a, **k):
+        raise AssertionError("scored another SAE's features")
+
+    monkeypatch.setattr("llamascope_sdk.store.scores.score_features", no_scoring)
+    res = runner.invoke(app, ["score-features", "--sae", "x", "--store", str(store)])
+    assert res.exit_code == 1, res.output
+    assert res.stderr.splitlines()[0] == (
+        f"error: the feature store {store} was mined with SAE {sae.name!r}, not with "
+        f"{other_sae.name!r} (W_dec weights differ; W_enc weights differ)")
+    assert _tree(store) == before
+
+
+def test_save_labels_to_another_saes_folder_is_refused_before_any_work(mined, store, other_sae,  # noqa: F811
+                                                                       tmp_path, monkeypatch):
+    """Before: `explain --save-labels-to` wrote one SAE's explanations into another SAE's
+    folder, whose `steer` captions then showed them."""
+    sae, _ = mined
+    folder = tmp_path / "other-sae"
+    other_sae.save_pretrained(folder)
+    before = _tree(folder)
+
+    def no_work(*a, **k):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr("llamascope_sdk.cli.explain._select", no_work)
+    res = runner.invoke(app, ["explain", str(store), "--features", "3", "--save-labels-to",
+                              str(folder)])
+    assert res.exit_code == 1, res.output
+    assert res.stderr.splitlines()[0] == (
+        f"error: {folder} (an SAE folder) belongs to SAE 'other-sae', not to "
+        f"{sae.name!r} (W_dec weights differ; W_enc weights differ): labels of {sae.name!r} "
+        "are not written there")
+    assert _tree(folder) == before
+
+
+def test_save_labels_to_another_saes_store_and_out_into_it_are_refused(mined, store, tmp_path,  # noqa: F811
+                                                                       monkeypatch):
+    sae, res = mined
+    other = FeatureStore.from_result(res, CharTokenizer())
+    other.meta["fingerprint"] = {**other.meta["fingerprint"],
+                                 "W_enc": [v + 1.0 for v in other.meta["fingerprint"]["W_enc"]]}
+    other.meta["sae"] = "someone-else"
+    folder = other.save(tmp_path / "other-store")
+    before = _tree(folder)
+    monkeypatch.setattr("llamascope_sdk.cli.explain._select", lambda *a, **k: [3])
+    for args in (["--save-labels-to", str(folder)],
+                 ["--out", str(folder / "explanations" / "m"), "--endpoint", "http://x/v1",
+                  "-m", "m"]):
+        out = runner.invoke(app, ["explain", str(store), "--features", "3", *args])
+        assert out.exit_code == 1, out.output
+        what = "labels" if args[0] == "--save-labels-to" else "explanations"
+        assert out.stderr.splitlines()[0] == (
+            f"error: the feature store {folder} belongs to SAE 'someone-else', not to "
+            f"{sae.name!r} (W_enc weights differ): {what} of {sae.name!r} are not written "
+            "there")
+    assert _tree(folder) == before
+
+
+def test_labels_go_to_the_saes_own_folder_or_a_plain_one(mined, store, tmp_path):  # noqa: F811
+    from llamascope_sdk.store.feature_store import FeatureStore as Store
+    from llamascope_sdk.store.ownership import check_labels_target
+
+    sae, _ = mined
+    own = tmp_path / "own-sae"
+    sae.save_pretrained(own)
+    st = Store.load(store)
+    check_labels_target(own, st)  # the same weights: accepted
+    check_labels_target(tmp_path / "new-folder", st)  # nothing there names an SAE
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("mine")
+    check_labels_target(tmp_path / "plain", st)

@@ -25,14 +25,32 @@ from llamascope_sdk.cli.app import (
 )
 
 
-def _store_folder(store: str | None, sae_name: str) -> Path:
+def _store_folder(store: str | None, sae_name: str) -> Any:
     """The store to write into: ``--store``, else the SAE's store in the default location;
-    it must be a complete store (mined by ``llamascope inspect``)."""
+    it must be a complete store (mined by ``llamascope inspect``) in a folder we can write."""
     from llamascope_sdk.store.feature_store import FeatureStore, default_store_dir
+    from llamascope_sdk.store.files import check_output_folder
 
     folder = Path(store).expanduser() if store else default_store_dir(sae_name)
-    FeatureStore.load(folder)  # refuses a folder that is not a complete store, with a hint
-    return folder
+    st = FeatureStore.load(folder)  # refuses a folder that is not a complete store, with a hint
+    check_output_folder(folder)
+    return st
+
+
+def _refresh_pages(st: Any, scores: Any) -> str | None:
+    """Rewrite the store's existing pages with the scores; a line saying why not when its
+    pages folder is a link out of the store (nothing is written through it)."""
+    from llamascope_sdk.store.ownership import inside
+    from llamascope_sdk.store.pages import write_pages
+
+    pages = st.path / "pages"
+    if not (pages / "index.html").is_file():
+        return None
+    if not inside(st.path, pages):
+        return f"pages not updated: {pages} is a link out of the store"
+    done = sorted(int(p.stem) for p in (pages / "features").glob("*.html") if p.stem.isdigit())
+    write_pages(st, pages, done or None, max_pages=len(done) or 1000, scores=scores)
+    return None
 
 
 @app.command("score-features")
@@ -51,25 +69,21 @@ def score_features_cmd(
     and the change in next-token confidence (Wang et al. 2025), one amplified forward per
     feature, batched. Written into the feature store for `show`, the pages and
     `search --sort output-score`."""
-    from llamascope_sdk.store.feature_store import FeatureStore
-    from llamascope_sdk.store.pages import write_pages
     from llamascope_sdk.store.scores import DEFINITIONS, OUTPUT_SCORE_PROMPT, score_features
 
     text = check_text(prompt) if prompt is not None else OUTPUT_SCORE_PROMPT
     if store is not None:
         _store_folder(store, sae)  # a bad --store is reported before anything loads
     s, lm, tok = load_sae_and_model(sae, model, device, dtype, revision)
-    folder = _store_folder(store, s.name)
+    st = _store_folder(store, s.name).check_sae(s)  # another SAE's store: refused before work
     for f in features or []:
         s.check_features(f)
     scores = score_features(lm, tok, s, prompt=text, amplification=amplification,
                             batch_size=batch_size, features=features)
-    path = scores.save(folder)
-    pages = folder / "pages"
-    if (pages / "index.html").is_file():
-        st = FeatureStore.load(folder)
-        done = sorted(int(p.stem) for p in (pages / "features").glob("*.html") if p.stem.isdigit())
-        write_pages(st, pages, done or None, max_pages=len(done) or 1000, scores=scores)
+    path = scores.save(st.path)
+    skipped = _refresh_pages(st, scores)
+    if skipped:
+        typer.echo(skipped, err=True)
     best = scores.top(top)
     rows = [{"feature": i, "label": s.labels.get(i), **(scores.get(i) or {})} for i in best]
     if as_json:

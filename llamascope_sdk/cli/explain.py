@@ -82,8 +82,13 @@ def save_labels(store: Any, folder: Path) -> tuple[int, int]:
 
     path = folder / LABELS_FILE
     old = read_labels(path, store.d_sae) if path.is_file() else {}
-    new = {i: label_text(r) for i, r in descriptions(store.path).items() if i not in old}
+    unused: list[str] = []
+    new = {i: label_text(r) for i, r in descriptions(store.path, unused).items() if i not in old}
     write_labels(path, {**old, **new})
+    for why in unused[:3]:
+        say(f"explanation not used: {why}", err=True)
+    if len(unused) > 3:
+        say(f"... and {len(unused) - 3} more explanation records not used", err=True)
     return len(new), len(old)
 
 
@@ -158,6 +163,7 @@ def explain(
     if save_labels_to is not None and save_labels_to.exists() and not save_labels_to.is_dir():
         raise InputError(f"--save-labels-to {save_labels_to} is not a folder")
     st = load_store(store)
+    _check_writers(st, save_labels_to, out)
     feats = _select(st, features, top_frequency_n, search, top, device, dtype)
     if endpoint is None:
         _llm_free(st, feats, device, dtype, as_json)
@@ -177,10 +183,22 @@ def explain(
                    f"{kept} kept", err=True)
 
 
+def _check_writers(st: Any, labels_to: Path | None, out: Path | None) -> None:
+    """Before any work: labels and explanations of this store's SAE go to no other SAE's
+    folder or store (fingerprints compared; one line otherwise)."""
+    from llamascope_sdk.store.ownership import check_labels_target, check_writes_into_store
+
+    if labels_to is not None:
+        check_labels_target(labels_to, st)
+    if out is not None:
+        check_writes_into_store(out, st.name, st.meta.get("fingerprint"), "explanations")
+
+
 def _llm_free(st: Any, feats: list[int], device: str, dtype: str | None, as_json: bool) -> None:
     from llamascope_sdk.explain.llm_free import describe_outputs
 
     sae, lm, tok = _load(st, device, dtype)
+    st.check_sae(sae)  # the descriptions are written into this store: of its own SAE only
     folder = describe_outputs(st, feats, model=lm, tokenizer=tok, sae=sae)
     if as_json:
         echo_json({"folder": str(folder), "features": feats})
