@@ -239,6 +239,18 @@ class ChatClient:
             payload["seed"] = int(self.seed)
         return self._reply(self._send(json.dumps(payload).encode("utf-8")), parse)
 
+    def probe(self, retries: int = 1) -> Reply:
+        """One small request (a few tokens) with at most ``retries`` retries: whether the
+        endpoint answers this model with a chat completion, before long work depends on it.
+
+        Raises:
+            EndpointError: it refused, or did not answer with a chat completion.
+        """
+        payload = {"model": self.model, "temperature": self.temperature, "max_tokens": 8,
+                   "messages": [{"role": "user", "content": "Reply with: Rating: [[2]]"}]}
+        return self._reply(self._send(json.dumps(payload).encode("utf-8"),
+                                      min(retries, self.max_retries)), None)
+
     def map(self, conversations: Iterable[Messages], *, max_tokens: int | None = None,
             parse: Callable[[str], Any] | Sequence[Callable[[str], Any]] | None = None
             ) -> list[Reply]:
@@ -262,13 +274,15 @@ class ChatClient:
         wait = retry_after if retry_after is not None else self.backoff * 2 ** attempt
         return min(self.max_backoff, wait)
 
-    def _send(self, data: bytes) -> dict[str, Any]:
-        """POST ``data`` until a chat completion comes back (retrying as the class says)."""
+    def _send(self, data: bytes, retries: int | None = None) -> dict[str, Any]:
+        """POST ``data`` until a chat completion comes back (retrying as the class says, at
+        most ``retries`` times when given)."""
+        retries = self.max_retries if retries is None else retries
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         last, what = "", "no answer"
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(retries + 1):
             self._count_request(attempt)
             req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
             retry_after: float | None = None
@@ -290,9 +304,9 @@ class ChatClient:
             except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
                 reason = getattr(exc, "reason", exc)
                 last, what = f"{type(reason).__name__}: {reason}", "no answer"
-            if attempt < self.max_retries:
+            if attempt < retries:
                 time.sleep(self._wait(attempt, retry_after))
-        raise EndpointError(f"{self.url}: {what} after {self.max_retries + 1} attempts "
+        raise EndpointError(f"{self.url}: {what} after {retries + 1} attempts "
                             f"(last: {last})", hint="is the server running and the URL right? "
                             "Rerun to resume: finished work is kept")
 

@@ -129,6 +129,7 @@ def eval_steer_cmd(
         judge_concurrency: Annotated[int, typer.Option(min=1, max=64, help="Judge requests in flight at once.")] = 4,
         export_lm_eval: Annotated[Path | None, typer.Option("--export-lm-eval", help="Write the chosen add edit of the first feature as an lm-eval `steered` .pt file.", show_default=False)] = None,
         export_serve: Annotated[Path | None, typer.Option("--export-serve", help="Write the chosen edit of the first feature as a `llamascope serve` request body (JSON).", show_default=False)] = None,
+        out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the results (the --json report) to this new .json file; with --judge the results without the judge are written there first, and kept should the judge fail. [default with --judge: a new file under $LLAMASCOPE_CACHE/eval-steer]", show_default=False)] = None,
         model: ModelOpt = None, device: DeviceOpt = "cpu", dtype: DtypeOpt = None,
         revision: RevisionOpt = None, as_json: JsonOpt = False) -> None:
     """Does steering with a feature work? Sweep strengths on held-out prompts and report, per
@@ -166,19 +167,24 @@ def eval_steer_cmd(
         raise InputError(f"--export-lm-eval exports add edits only, not {mode}: lm-eval's "
                          "'clamp' sets a direction's projection, not an SAE feature's activation",
                          hint="use --mode add, or --export-serve")
+    check_outputs(plot, export_lm_eval, export_serve, out)  # before any model work
     judge_fn = None
     if judge is not None:
         from llamascope_sdk.evaluation.judge import make_judge
 
         judge_fn = make_judge(judge, str(judge_model), key_env=judge_key_env,
                               concurrency=judge_concurrency)
+        judge_fn.probe()  # a judge that is down fails now, not after the sweep
     s, lm, tok = load_sae_and_model(sae, model, device, dtype, revision)
     for f in feature:
         s.check_features(f)
-    results = eval_steer(lm, tok, s, feature, strengths=values, mode=mode, prompts=texts,
-                         concept=concept, max_new_tokens=max_new_tokens, baselines=baselines,
-                         fluency_limit=fluency_limit, diversity_limit=diversity_limit,
-                         chat=chat, judge=judge_fn)
+    if judge_fn is not None and out is None:
+        out = _default_out(s.name, feature)
+    report = {"sae": s.name, "mode": mode, "chat": chat, "strengths": values}
+    results = _sweep(out, report, lambda keep: eval_steer(
+        lm, tok, s, feature, strengths=values, mode=mode, prompts=texts, concept=concept,
+        max_new_tokens=max_new_tokens, baselines=baselines, fluency_limit=fluency_limit,
+        diversity_limit=diversity_limit, chat=chat, judge=judge_fn, on_llm_free=keep))
     written = {}
     if plot is not None:
         from llamascope_sdk.evaluation.steer_plot import plot_sweep
@@ -186,11 +192,12 @@ def eval_steer_cmd(
         for r in results:
             written[r.feature] = str(plot_sweep(r, plot / f"eval_steer_{s.name}_{r.feature}.png"))
     exports = _exports(s, results[0], mode, export_lm_eval, export_serve, sae)
+    report |= {"judge": getattr(judge_fn, "report", lambda: None)(),
+               "features": [r.to_dict() for r in results], "plots": written, "exports": exports}
+    if out is not None:
+        _write_report(out, report)
     if as_json:
-        echo_json({"sae": s.name, "mode": mode, "chat": chat, "strengths": values,
-                   "judge": getattr(judge_fn, "report", lambda: None)(),
-                   "features": [r.to_dict() for r in results], "plots": written,
-                   "exports": exports})
+        echo_json(report)
         return
     for r in results:
         _print_feature(s.name, mode, r)
@@ -200,6 +207,83 @@ def eval_steer_cmd(
         typer.echo(f"{what}: {path}")
     if judge_fn is not None:
         typer.echo(f"judge: {judge_fn.report()}")
+
+
+def check_outputs(plot: Path | None, lm_eval_path: Path | None, serve_path: Path | None,
+                  out: Path | None) -> None:
+    """Every output path of ``eval-steer``, checked before any model work (one line each):
+    export and result files are new (never overwritten) in a folder that can be written,
+    ``--plot`` is a folder (created now) and matplotlib is installed."""
+    import importlib.util
+
+    from llamascope_sdk.base.errors import InputError, OutputPathError
+    from llamascope_sdk.store.files import check_output_folder
+
+    for option, path, suffixes in (("--export-lm-eval", lm_eval_path, (".pt", ".pth")),
+                                   ("--export-serve", serve_path, ()),
+                                   ("--out", out, (".json",))):
+        if path is None:
+            continue
+        if path.exists() or path.is_symlink():
+            raise OutputPathError(f"{option} {path} exists; choose a new file name (it is never "
+                                  "overwritten)")
+        if suffixes and path.suffix.lower() not in suffixes:
+            raise InputError(f"{option} {path}: give a file name ending in "
+                             f"{' or '.join(suffixes)}")
+        check_output_folder(path.parent)
+    if plot is not None:
+        if plot.exists() and not plot.is_dir():
+            raise OutputPathError(f"--plot {plot} is a file; give a folder (one PNG per feature "
+                                  "is written into it)")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise InputError("--plot needs matplotlib", hint="pip install 'llamascope-sdk[plot]'")
+        check_output_folder(plot)
+        plot.mkdir(parents=True, exist_ok=True)
+
+
+def _default_out(sae_name: str, features: list[int]) -> Path:
+    """Where a judged run keeps its results when no --out is given (a new file)."""
+    import time
+
+    from llamascope_sdk.base.paths import cache_root
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"{sae_name.replace('/', '_')}_f{features[0]}_{stamp}.json"
+    return cache_root() / "eval-steer" / name
+
+
+def _write_report(path: Path, report: dict[str, Any]) -> None:
+    import json
+
+    from llamascope_sdk.base.atomic import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(report, indent=1, allow_nan=False) + "\n")
+
+
+def _sweep(out: Path | None, report: dict[str, Any], run: Any) -> Any:
+    """``run(keep)``: the sweep, ``keep`` writing the results without the judge to ``out``
+    before the judge is asked; a judge failure then says where they are, in one line."""
+    from llamascope_sdk.base.endpoint import EndpointError
+
+    kept: list[Path] = []
+
+    def keep(results: list[Any]) -> None:
+        if out is not None:
+            _write_report(out, {**report, "judge": "not run (these results are chosen by the "
+                                "concept lift; the judge had not answered yet)",
+                                "features": [r.to_dict() for r in results]})
+            kept.append(out)
+            typer.echo(f"results without the judge: {out}", err=True)
+
+    try:
+        return run(keep)
+    except EndpointError as exc:
+        if not kept:
+            raise
+        raise EndpointError(f"the judge failed ({exc}); the results without the judge are kept "
+                            f"in {kept[0]}", hint="rerun when the judge is back, or without "
+                            "--judge") from None
 
 
 def _fmt(v: float | None, spec: str = ".3g") -> str:

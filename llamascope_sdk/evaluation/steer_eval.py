@@ -35,6 +35,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -222,6 +223,7 @@ def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
                diversity_limit: float = 0.5, chat: bool = False,
                neutral_texts: Sequence[str] = NEUTRAL_TEXTS,
                judge: Callable[[list[tuple[str, str, str]]], list[float | None]] | None = None,
+               on_llm_free: Callable[[list[FeatureEval]], None] | None = None,
                progress: bool = True) -> list[FeatureEval]:
     """Sweep ``strengths`` for each feature and compare with the baselines (module docstring).
 
@@ -241,7 +243,11 @@ def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
             ``fluency_limit`` x the unsteered one and its distinct-2 at least
             ``diversity_limit`` x the unsteered one (:func:`choose`).
         judge: scores ``[(prompt, continuation, concept)]`` -> one number (or None) each;
-            used to choose strengths and reported (see :mod:`.steer_judge`).
+            used to choose strengths and reported (see :mod:`.judge`). It runs after every
+            feature's continuations were generated and scored without it.
+        on_llm_free: with a judge, called with the results without it (strengths chosen by
+            the concept lift) before the judge is asked anything, so that a caller can keep
+            them should the judge fail.
 
     Raises:
         InputError: an unknown mode, non-finite strengths, fewer than 2 prompts.
@@ -266,7 +272,7 @@ def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
     concept_ids = (tokenizer(" " + concept.strip(), add_special_tokens=False)["input_ids"]
                    if concept else None)
     halves = {"select": list(range(0, len(prompts), 2)), "test": list(range(1, len(prompts), 2))}
-    results = []
+    generated = []
     for n, f in enumerate(feats):
         lens_words = [tokenizer.decode([int(t)]) for t in lens[n].tolist()]
         desc = sae.labels.get(f) or concept or "the words " + ", ".join(
@@ -306,36 +312,65 @@ def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
         edit_keys = [k for k in runs if k[0] in ("feature", "diffmean")]
         fx = dict(zip(edit_keys, side_effects(model, tokenizer, neutral_texts,
                                               [runs[k] for k in edit_keys]), strict=True))
-        judged: dict[tuple[tuple[str, float | None], int], float | None] = {}
-        if judge is not None:
-            items = [(k, i) for k in runs for i in range(len(prompts))]
-            marks = judge([(prompts[i], texts_of[k][i], desc) for k, i in items])
-            judged = dict(zip(items, marks, strict=True))
+        generated.append(_Generated(f, desc, runs, per, texts_of, fx))
+    evaluate = partial(_feature_eval, sae, strengths=strengths, halves=halves,
+                       baselines=baselines, fluency_limit=fluency_limit,
+                       diversity_limit=diversity_limit, by_text=bool(concept_ids))
+    results = [evaluate(one, {}, by_judge=False) for one in generated]
+    if judge is None:
+        return results
+    if on_llm_free is not None:
+        on_llm_free(results)  # kept even when the judge fails below
+    return [evaluate(one, _judged(one, judge, prompts), by_judge=True) for one in generated]
 
-        sweep = _Sweep(per, fx, judged, bool(concept_ids))
-        point = sweep.point
 
-        curves: dict[str, list[Point]] = {}
-        chosen: dict[str, Point] = {}
-        chosen_on: dict[str, list[Point]] = {}
-        methods = ["feature"] + (["diffmean", "prompt"] if baselines else [])
-        for m in methods:
-            keys_m = [("prompt", None)] if m == "prompt" else [(m, s) for s in strengths]
-            sel = [point(k, halves["select"]) for k in keys_m]
-            curves[m] = [point(k, halves["test"]) for k in keys_m]
-            chosen_on[m] = sel
-            best = choose(sel, point(("none", None), halves["select"]),
-                          fluency_limit=fluency_limit, diversity_limit=diversity_limit,
-                          by_judge=judge is not None)
-            chosen[m] = curves[m][best]
-        curves["none"] = [point(("none", None), halves["test"])]
-        examples = {f"{k[0]}@{k[1]:g}" if k[1] is not None else k[0]: texts_of[k][halves["test"][0]]
-                    for k in runs}
-        results.append(FeatureEval(
-            f, sae.labels.get(f), desc, "concept text log-probability lift (nats)" if concept_ids
-            else "log-probability lift of the feature's top-10 logit-lens tokens (nats)",
-            curves, chosen, chosen_on, examples))
-    return results
+@dataclass
+class _Generated:
+    """One feature's continuations and their LLM-free scores (what a judge then reads)."""
+
+    feature: int
+    desc: str
+    runs: dict[tuple[str, float | None], list[Any]]
+    per: dict[tuple[str, float | None], dict[int, Any]]
+    texts_of: dict[tuple[str, float | None], dict[int, str]]
+    fx: dict[tuple[str, float | None], tuple[float, float]]
+
+
+def _judged(g: _Generated, judge: Callable[[list[tuple[str, str, str]]], list[float | None]],
+            prompts: Sequence[str]) -> dict[tuple[tuple[str, float | None], int], float | None]:
+    """The judge's mark of every continuation of ``g``."""
+    items = [(k, i) for k in g.runs for i in range(len(prompts))]
+    marks = judge([(prompts[i], g.texts_of[k][i], g.desc) for k, i in items])
+    return dict(zip(items, marks, strict=True))
+
+
+def _feature_eval(sae: SAE, g: _Generated,
+                  judged: dict[tuple[tuple[str, float | None], int], float | None], *,
+                  strengths: Sequence[float], halves: dict[str, list[int]], baselines: bool,
+                  fluency_limit: float, diversity_limit: float, by_text: bool,
+                  by_judge: bool) -> FeatureEval:
+    """Curves and chosen strengths of one feature (by the judge's marks when ``by_judge``)."""
+    point = _Sweep(g.per, g.fx, judged, by_text).point
+    curves: dict[str, list[Point]] = {}
+    chosen: dict[str, Point] = {}
+    chosen_on: dict[str, list[Point]] = {}
+    methods = ["feature"] + (["diffmean", "prompt"] if baselines else [])
+    for m in methods:
+        keys_m = [("prompt", None)] if m == "prompt" else [(m, s) for s in strengths]
+        sel = [point(k, halves["select"]) for k in keys_m]
+        curves[m] = [point(k, halves["test"]) for k in keys_m]
+        chosen_on[m] = sel
+        best = choose(sel, point(("none", None), halves["select"]),
+                      fluency_limit=fluency_limit, diversity_limit=diversity_limit,
+                      by_judge=by_judge)
+        chosen[m] = curves[m][best]
+    curves["none"] = [point(("none", None), halves["test"])]
+    examples = {f"{k[0]}@{k[1]:g}" if k[1] is not None else k[0]: g.texts_of[k][halves["test"][0]]
+                for k in g.runs}
+    return FeatureEval(
+        g.feature, sae.labels.get(g.feature), g.desc, "concept text log-probability lift (nats)"
+        if by_text else "log-probability lift of the feature's top-10 logit-lens tokens (nats)",
+        curves, chosen, chosen_on, examples)
 
 
 __all__ = ["eval_steer", "choose", "NEUTRAL_INSTRUCTIONS", "FeatureEval", "Point", "NEUTRAL_PROMPTS", "NEUTRAL_TEXTS",
