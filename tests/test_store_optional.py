@@ -267,3 +267,44 @@ def test_labels_go_to_the_saes_own_folder_or_a_plain_one(mined, store, tmp_path)
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "notes.txt").write_text("mine")
     check_labels_target(tmp_path / "plain", st)
+
+
+# ---------------------------------------------------------------- other optional files
+
+
+@pytest.mark.parametrize(("name", "content", "why"), [
+    ("samples.safetensors", b"garbage garbage garbage", "not a readable safetensors file"),
+    ("logit_lens.safetensors", None, "tensor 'top_values' holds nan at [0, 0]; values are finite"),
+    ("feature_labels.json", b'{"999": "x"}', "feature index 999 is out of range 0..95"),
+])
+def test_a_bad_optional_file_is_one_line_and_the_rest_works(mined, tiny_llama, tmp_path,  # noqa: F811
+                                                            name, content, why):
+    from safetensors.torch import load_file, save_file
+
+    _, res = mined
+    folder = FeatureStore.from_result(res, CharTokenizer(), model=tiny_llama).save(tmp_path / "s")
+    path = folder / name
+    if content is None:
+        t = load_file(str(path))
+        t["top_values"][0, 0] = math.nan
+        save_file(t, str(path))
+    else:
+        path.write_bytes(content)
+    st = FeatureStore.load(folder)
+    assert len(st.problems) == 1 and st.problems[0].startswith(f"{path}: ")
+    assert why in st.problems[0] and st.problems[0].endswith("; not used")
+    shown = runner.invoke(app, ["show", str(folder), "3"])
+    assert shown.exit_code == 0, shown.output
+    assert f"store file not used: {st.problems[0]}" in shown.stdout
+    js = json.loads(runner.invoke(app, ["show", str(folder), "3", "--json"]).stdout)
+    assert js["store_errors"] == st.problems
+
+
+def test_a_required_file_linking_out_of_the_store_is_refused(store, tmp_path):
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((store / "top.safetensors").read_bytes())
+    (store / "top.safetensors").unlink()
+    (store / "top.safetensors").symlink_to(outside)
+    with pytest.raises(CorruptCheckpointError, match=r"files of the store are links out of "
+                       r"it: \['top.safetensors'\]; not read"):
+        FeatureStore.load(store)

@@ -95,7 +95,8 @@ def show(store: Annotated[str, typer.Argument(help="A feature store folder, or a
     if as_json:
         echo_json({**view.feature(st, feature), **feature_explanations(st.path, feature),
                    **({"scores": sc} if sc else {}),
-                   **({"scores_error": scores_error} if scores_error else {})})
+                   **({"scores_error": scores_error} if scores_error else {}),
+                   **({"store_errors": st.problems} if st.problems else {})})
         return
     s = view.summary(st, feature)
     label = f" '{s['label']}'" if s["label"] else ""
@@ -104,6 +105,8 @@ def show(store: Annotated[str, typer.Argument(help="A feature store folder, or a
         say(line)
     if scores_error:
         say(f"scores not shown: {scores_error}")
+    for why in st.problems:
+        say(f"store file not used: {why}")
     say(f"frequency {100 * s['frequency']:.3g}%   typical {s['typical']:.4g}   "
         f"mean {s['mean']:.4g}   max {s['max']:.4g}   ({s['n_tokens']:,} tokens)")
     if s["neuronpedia_url"]:

@@ -46,6 +46,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +82,18 @@ from llamascope_sdk.store.files import (
     REQUIRED,
     VERSION,
     IncompleteStoreError,
+    check_finite,
     check_output_folder,
     check_stats_target,
     check_store_target,
     read_manifest,
+    read_optional,
     read_tensors,
     read_vocab,
     remove_leftovers,
     replaceable_store,
 )
+from llamascope_sdk.store.ownership import inside
 
 
 class StoreVersionError(LlamascopeError, ValueError):
@@ -116,6 +120,8 @@ class FeatureStore:
     labels: dict[int, str] = field(default_factory=dict)
     path: Path | None = None
     contexts: Contexts | None = None  # the pool of random contexts (non-activating examples)
+    #: optional files that were present but not used, one line each (see :meth:`load`)
+    problems: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -230,8 +236,10 @@ class FeatureStore:
     @classmethod
     def load(cls, folder: str | Path) -> FeatureStore:
         """Read a store written by :meth:`save`; no model needed. Every file is checked (JSON
-        types, tensor names and shapes); the optional ones (pages, samples, logit lens,
-        labels) may be missing.
+        types, tensor names, shapes and finite values; no file may be a link leading out of
+        the store); the optional ones (pages, samples, logit lens, labels, the
+        non-activating pool) may be missing, and one that is bad is left out and named in
+        :attr:`problems` (one line each) while the rest of the store is used.
 
         Raises:
             IncompleteStoreError: no complete manifest (an interrupted run, or not a store).
@@ -241,9 +249,11 @@ class FeatureStore:
         folder = Path(folder).expanduser()
         meta = read_manifest(folder)
         f, center = int(meta["d_sae"]), int(meta["window_before"])
+        linked = [name for name in REQUIRED if not inside(folder, folder / name)]
+        if linked:
+            raise CorruptCheckpointError(f"{folder}: files of the store are links out of it: "
+                                         f"{linked[:3]}; not read")
         missing = [name for name in REQUIRED if not (folder / name).is_file()]
-        missing += [name for name in meta["files"] if isinstance(name, str)
-                    and name.endswith(".safetensors") and not (folder / name).is_file()]
         if missing:
             raise CorruptCheckpointError(f"{folder}: files of the store are missing: "
                                          f"{sorted(set(missing))[:3]}",
@@ -263,19 +273,18 @@ class FeatureStore:
             if not 0 <= center < w:
                 raise CorruptCheckpointError(f"{folder / MANIFEST}: window_before {center} does not "
                                              f"fit the {w}-token windows of {name}")
+            check_finite(p, t, ("values", "acts"))
             return Examples(t["values"], t["doc"], t["pos"], t["tokens"].long(), t["acts"], center)
 
         top = ex("top.safetensors")
         assert top is not None  # REQUIRED
         bins = len(meta["histogram_edges"]) + 1
         hist = read_tensors(folder / "histogram.safetensors", {"counts": (f, bins)})["counts"]
-        lens = None
-        if (folder / "logit_lens.safetensors").is_file():
-            t = read_tensors(folder / "logit_lens.safetensors",
-                         {k: (f, None) for k in ("top_ids", "top_values", "bottom_ids", "bottom_values")})
-            lens = LogitLens(t["top_ids"], t["top_values"], t["bottom_ids"], t["bottom_values"])
+        problems: list[str] = []
+        optional = partial(read_optional, folder, meta, problems)
+        lens = optional("logit_lens.safetensors", lambda p: _read_lens(p, f))
         vocab = read_vocab(folder / "vocab.json")
-        labels = read_labels(folder / LABELS_FILE, f) if (folder / LABELS_FILE).is_file() else {}
+        labels = optional(LABELS_FILE, lambda p: read_labels(p, f)) or {}
         stats = FeatureStats.load(folder / STATS_FILE)
         if stats.d_sae != f:
             raise CorruptCheckpointError(f"{folder / STATS_FILE}: statistics of {stats.d_sae} "
@@ -285,20 +294,11 @@ class FeatureStore:
         if not isinstance(before, int) or isinstance(before, bool) or before < 0:
             raise CorruptCheckpointError(f"{folder / MANIFEST}: 'example_before' should be an "
                                          f"integer >= 0, found {before!r}")
-        samples = ex("samples.safetensors", before)
-        contexts = None
-        if version >= 2 and (folder / "nonactivating.safetensors").is_file():
-            t = read_tensors(folder / "nonactivating.safetensors",
-                         {"tokens": (None, None), "doc": (None,), "pos": (None,),
-                          "order": (None,), "fires": (f, None)})
-            r, w = t["tokens"].shape
-            if any(t[k].shape[0] != r for k in ("doc", "pos", "order")) or t["fires"].shape[1] != r \
-                    or not 0 <= before < max(w, 1):
-                raise CorruptCheckpointError(f"{folder / 'nonactivating.safetensors'}: its "
-                                             f"tensors do not describe one pool of {r} contexts")
-            contexts = Contexts(t["tokens"].long(), t["doc"], t["pos"], t["order"],
-                                t["fires"].bool(), before)
-        return cls(meta, top, samples, stats, hist, lens, vocab, labels, folder, contexts)
+        samples = optional("samples.safetensors", lambda p: ex(p.name, before))
+        contexts = (optional("nonactivating.safetensors", lambda p: _read_pool(p, f, before))
+                    if version >= 2 else None)
+        return cls(meta, top, samples, stats, hist, lens, vocab, labels, folder, contexts,
+                   problems)
 
     # ------------------------------------------------------------------ reading
     @property
@@ -397,6 +397,24 @@ class FeatureStore:
                 f"({'; '.join(diff)})",
                 hint=f"mine this SAE: llamascope inspect --sae {sae.name} --dataset FILE")
         return self
+
+
+def _read_lens(path: Path, f: int) -> LogitLens:
+    t = read_tensors(path, {k: (f, None) for k in ("top_ids", "top_values", "bottom_ids",
+                                                  "bottom_values")})
+    check_finite(path, t, ("top_values", "bottom_values"))
+    return LogitLens(t["top_ids"], t["top_values"], t["bottom_ids"], t["bottom_values"])
+
+
+def _read_pool(path: Path, f: int, before: int) -> Contexts:
+    t = read_tensors(path, {"tokens": (None, None), "doc": (None,), "pos": (None,),
+                            "order": (None,), "fires": (f, None)})
+    r, w = t["tokens"].shape
+    if any(t[k].shape[0] != r for k in ("doc", "pos", "order")) or t["fires"].shape[1] != r \
+            or not 0 <= before < max(w, 1):
+        raise CorruptCheckpointError(f"{path}: its tensors do not describe one pool of {r} "
+                                     "contexts")
+    return Contexts(t["tokens"].long(), t["doc"], t["pos"], t["order"], t["fires"].bool(), before)
 
 
 def resolve_store(store_or_name: str | Path) -> Path:

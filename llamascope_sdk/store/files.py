@@ -17,8 +17,9 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -32,6 +33,7 @@ from llamascope_sdk.base.errors import (
 )
 from llamascope_sdk.base.fingerprint import differences, fingerprint, is_fingerprint
 from llamascope_sdk.core.feature_stats import STATS_FILE, FeatureStats
+from llamascope_sdk.store.ownership import inside
 
 FORMAT = "llamascope-feature-store"
 KIND = "feature-store"
@@ -296,6 +298,40 @@ def read_tensors(path: Path, shapes: dict[str, tuple[int | None, ...]]) -> dict[
     return t
 
 
+T = TypeVar("T")
+
+
+def read_optional(folder: Path, meta: dict[str, Any], problems: list[str], name: str,
+                  read: Callable[[Path], T]) -> T | None:
+    """An optional file of a store, read by ``read``: None when it is absent, or when it is
+    bad (a link out of the store, missing though the manifest lists it, or refused by
+    ``read``), with a line naming it and why in ``problems``: the store works without it."""
+    path = folder / name
+    if not path.exists() and not path.is_symlink():
+        if name in meta.get("files", []):
+            problems.append(f"{path}: listed in the manifest but missing; not used")
+        return None
+    if not inside(folder, path):
+        problems.append(f"{path}: a link out of the store; not used")
+        return None
+    try:
+        return read(path)
+    except (CorruptCheckpointError, OSError) as exc:
+        problems.append(f"{exc}; not used")
+        return None
+
+
+def check_finite(path: Path, tensors: dict[str, torch.Tensor], names: tuple[str, ...]) -> None:
+    """Refuse NaN or infinite values in the float tensors ``names`` of ``path``."""
+    for name in names:
+        bad = ~torch.isfinite(tensors[name])
+        if bool(bad.any()):
+            where = [int(i) for i in bad.nonzero()[0].tolist()]
+            raise CorruptCheckpointError(f"{path}: tensor {name!r} holds "
+                                         f"{float(tensors[name][tuple(where)])} at {where}; "
+                                         "values are finite")
+
+
 def read_vocab(path: Path) -> dict[int, str]:
     want = "a JSON object of token id -> text"
     try:
@@ -314,5 +350,6 @@ def read_vocab(path: Path) -> dict[int, str]:
 
 
 __all__ = ["FORMAT", "IncompleteStoreError", "KIND", "MANIFEST", "REQUIRED", "VERSION",
-           "check_output_folder", "check_stats_target", "check_store_target", "read_manifest",
-           "read_tensors", "read_vocab", "remove_leftovers", "replaceable_store"]
+           "check_finite", "check_output_folder", "check_stats_target", "check_store_target",
+           "read_manifest", "read_optional", "read_tensors", "read_vocab", "remove_leftovers",
+           "replaceable_store"]
