@@ -151,3 +151,52 @@ def test_an_empty_slot_between_filled_ones_ends_empty():
     two = m.examples(by_value=False)
     for name in ("values", "doc", "pos", "tokens", "acts"):
         assert torch.equal(getattr(one, name), getattr(two, name)), name
+
+
+# ---------------------------------------------------------------- checkpoints (item 10)
+
+
+def test_finish_removes_the_steps_a_killed_run_left(tmp_path, capsys):
+    """A killed run leaves a complete step, a newer incomplete one (one rank's file and an
+    atomic write's temporary file): a finished run removes them all, and the folder."""
+    from llamascope_sdk.base.dist import Dist
+    from llamascope_sdk.mining.checkpoint import Checkpointer
+
+    ckpt = tmp_path / "ckpt"
+    done, half = ckpt / "step-000000004", ckpt / "step-000000009"
+    for step in (done, half):
+        step.mkdir(parents=True)
+    for name in ("rank-0.safetensors", "rank-1.safetensors", "meta.json", "COMPLETE"):
+        (done / name).write_bytes(b"x" * 100)
+    (half / "rank-0.safetensors").write_bytes(b"x" * 100)
+    (half / ".rank-1.safetensors.k2j3h4.tmp").write_bytes(b"x" * 50)
+    Checkpointer(ckpt, 10, Dist(), {}).finish()
+    assert not ckpt.exists()
+    assert capsys.readouterr().err == ""
+
+
+def test_a_step_that_cannot_be_removed_is_named_not_left_silently(tmp_path, capsys,
+                                                                  monkeypatch):
+    """Before, rmtree(ignore_errors=True) left such a step (815 MB in the campaign) without a
+    word. A removal that fails (here: as on a file system where another process still holds a
+    file) is named with its size and why."""
+    import errno
+    import os
+
+    from llamascope_sdk.base.dist import Dist
+    from llamascope_sdk.mining import checkpoint
+    from llamascope_sdk.mining.checkpoint import Checkpointer
+
+    step = tmp_path / "ckpt" / "step-000000004"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_bytes(b"x" * 2**20)
+
+    def stuck(path, onerror):
+        onerror(os.rmdir, str(path), (OSError, OSError(errno.ENOTEMPTY, "Directory not empty"),
+                                      None))
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", stuck)
+    Checkpointer(tmp_path / "ckpt", 10, Dist(), {}).finish()
+    err = capsys.readouterr().err
+    assert err == (f"mining: could not remove the checkpoint step {step} (1 MiB): {step}: "
+                   "[Errno 39] Directory not empty; delete it by hand\n")
