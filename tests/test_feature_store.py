@@ -221,6 +221,14 @@ def test_garbage_store_file_names_the_file(mined, tiny_llama, tmp_path, name):
     _, res = mined
     folder = FeatureStore.from_result(res, CharTokenizer(), model=tiny_llama).save(tmp_path / "s")
     (folder / name).write_bytes(b"garbage garbage garbage")
+    if name in ("samples.safetensors", "logit_lens.safetensors"):
+        # optional files (issue 27, item 9): left out and named, the rest of the store is used
+        st = FeatureStore.load(folder)
+        assert len(st.problems) == 1 and st.problems[0].startswith(f"{folder / name}: ")
+        assert "not a readable safetensors file" in st.problems[0]
+        assert (st.samples is None) == (name == "samples.safetensors")
+        assert (st.lens is None) == (name == "logit_lens.safetensors")
+        return
     with pytest.raises(CorruptCheckpointError) as err:
         FeatureStore.load(folder)
     assert str(err.value).startswith(f"{folder / name}") and "not a readable safetensors file" in str(err.value)

@@ -210,9 +210,9 @@ def mine(model: Any, tokenizer: Any, saes: SAE | Sequence[SAE] | Mapping[str, SA
     dist = init_from_env(model_device(model).type)
     args = dict(tokens=tokens, context=context, batch_size=batch_size, split=split,
                 text_field=text_field, config=asdict(cfg))
-    # every rank runs this same job, or all stop here (before any model work)
-    check_same_job(job_identity(named, corpus, {**args, "checkpoint_every": checkpoint_every}),
-                   dist, model_device(model))
+    if dist.world > 1:  # every rank runs this same job, or all stop here (before any forward)
+        check_same_job(job_identity(named, corpus, {**args, "checkpoint_every": checkpoint_every}),
+                       dist, model_device(model))
     trackers = {name: Tracker(sae.d_sae, cfg, sae.device) for name, sae in named.items()}
     specials = torch.tensor(sorted(special_ids(tokenizer)), dtype=torch.long)
     ckpt = (Checkpointer(Path(checkpoint_dir), checkpoint_every, dist,
