@@ -308,3 +308,28 @@ def test_a_required_file_linking_out_of_the_store_is_refused(store, tmp_path):
     with pytest.raises(CorruptCheckpointError, match=r"files of the store are links out of "
                        r"it: \['top.safetensors'\]; not read"):
         FeatureStore.load(store)
+
+
+def test_search_text_names_the_records_it_cannot_use(store):
+    folder = _explainer(store)
+    write_feature(folder, 3, _record(3, "cats on mats"))
+    bad = folder / "features" / "5.json"
+    bad.write_text(json.dumps(_record(6, "cats everywhere")))  # names another feature
+    res = runner.invoke(app, ["search", "--sae", "x", "--store", str(store), "--text", "cats",
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert [h["feature"] for h in data["hits"]] == [3]
+    assert data["explanation_errors"] == [f"{bad}: its 'feature' field is 6, not 5"]
+
+
+def test_pages_are_not_refreshed_through_a_link_out_of_the_store(store, tmp_path):
+    from llamascope_sdk.store.feature_store import FeatureStore as Store
+    from llamascope_sdk.store.pages import refresh_pages
+
+    outside = tmp_path / "someone-elses-site"
+    (outside / "features").mkdir(parents=True)
+    (outside / "features" / "3.html").write_text("theirs")
+    (store / "pages").symlink_to(outside)
+    assert refresh_pages(Store.load(store), [3]) == 0
+    assert (outside / "features" / "3.html").read_text() == "theirs"

@@ -260,10 +260,14 @@ def _search_text(sae: str, store: str | None, text: str, top: int, as_json: bool
 
     check_text(text, "--text")
     st = load_store(store if store is not None else sae)
-    found = search_descriptions(st, text, top)
+    unused: list[str] = []
+    found = search_descriptions(st, text, top, unused)
     if as_json:
-        echo_json({"sae": st.name, "text": text, "hits": found})
+        echo_json({"sae": st.name, "text": text, "hits": found,
+                   **({"explanation_errors": unused} if unused else {})})
     else:
+        for why in unused:
+            say(f"explanation not used: {why}", err=True)
         table(f"explanations of {st.name} matching {text!r}", ["feature", "explanation", "scores", "explainer"],
               [[h["feature"], h["explanation"], h["scores"], h["model"]] for h in found])
 

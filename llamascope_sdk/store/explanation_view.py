@@ -49,12 +49,14 @@ def explanation_html(store: Any, i: int) -> str:
     return '<div id="explanations"><h2>Explanation</h2>' + "".join(rows) + "</div>"
 
 
-def search_descriptions(store: Any, text: str, top: int = 10) -> list[dict[str, Any]]:
+def search_descriptions(store: Any, text: str, top: int = 10,
+                        problems: list[str] | None = None) -> list[dict[str, Any]]:
     """Features whose best explanation contains the most words of ``text`` (case-insensitive);
-    ties go to the higher mean score, then the lower index."""
+    ties go to the higher mean score, then the lower index. Records that cannot be used are
+    left out (``problems`` gets a line for each)."""
     words = set(re.findall(r"\w+", text.lower()))
     hits = []
-    for i, rec in descriptions(getattr(store, "path", None)).items():
+    for i, rec in descriptions(getattr(store, "path", None), problems).items():
         have = set(re.findall(r"\w+", str(rec["explanation"]).lower()))
         n = len(words & have)
         if n:

@@ -24,6 +24,7 @@ from llamascope_sdk.core.metrics import DENSE_FREQUENCY
 from llamascope_sdk.store import view
 from llamascope_sdk.store.explanation_view import explanation_html
 from llamascope_sdk.store.feature_store import FeatureStore
+from llamascope_sdk.store.ownership import inside
 from llamascope_sdk.store.scores import DEFINITIONS, FeatureScores, scores_of
 
 _CSS = """
@@ -232,11 +233,13 @@ def write_pages(store: FeatureStore, folder: str | Path, features: list[int] | N
 
 def refresh_pages(store: Any, features: list[int]) -> int:
     """Rewrite the existing HTML pages of ``features`` (under STORE/pages) so they show the
-    new explanations; returns how many were rewritten. Pages that do not exist stay absent."""
-
+    new explanations; returns how many were rewritten. Pages that do not exist stay absent,
+    and nothing is written through a pages folder that links out of the store."""
     if getattr(store, "path", None) is None:
         return 0
     folder = Path(store.path) / "pages" / "features"
+    if not inside(store.path, folder):
+        return 0
     n = 0
     for i in features:
         page = folder / f"{int(i)}.html"
