@@ -333,3 +333,22 @@ def test_pages_are_not_refreshed_through_a_link_out_of_the_store(store, tmp_path
     (store / "pages").symlink_to(outside)
     assert refresh_pages(Store.load(store), [3]) == 0
     assert (outside / "features" / "3.html").read_text() == "theirs"
+
+
+def test_scores_copied_from_another_saes_store_are_not_used(mined, store, tmp_path):  # noqa: F811
+    import shutil
+
+    from llamascope_sdk.base.fingerprint import fingerprint
+    from llamascope_sdk.store.feature_store import FeatureStore as Store
+    from llamascope_sdk.store.scores import scores_of
+
+    sae, _ = mined
+    fp = fingerprint(sae)
+    other = {**fp, "W_enc": [v + 1.0 for v in fp["W_enc"]]}
+    elsewhere = _scores(96, meta={"sae": "other", "fingerprint": json.dumps(other)}).save(
+        tmp_path / "plain-folder")
+    shutil.copy(elsewhere, store / SCORES_FILE)
+    with pytest.raises(CorruptCheckpointError) as info:
+        scores_of(Store.load(store))
+    assert str(info.value) == (f"{store / SCORES_FILE}: scores of another SAE ('other') than "
+                               "the store's (fingerprints differ)")
