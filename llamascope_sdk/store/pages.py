@@ -188,12 +188,12 @@ def _score(scores: FeatureScores | None, i: int) -> float:
 def index_page(store: FeatureStore, features: list[int],
                scores: FeatureScores | None = None) -> str:
     rows = []
+    top, best = store.top, store.top.best()
     for i in features:
-        toks = [store.token_text(int(store.top.tokens[i, k, store.top.center]))
-                for k in range(min(5, store.top.values.shape[1])) if int(store.top.doc[i, k]) >= 0]
+        toks = [store.token_text(int(top.tokens[k, top.center])) for k in top.rows(i)[:5]]
         rows.append({"i": i, "label": store.labels.get(i, ""), "dense": view.is_dense(store, i),
                      "freq": float(store.stats.frequency[i]), "typ": float(store.stats.typical[i]),
-                     "max": float(store.top.values[i, 0]),
+                     "max": float(best[i]),
                      "out": _score(scores, i),
                      "toks": " ".join(repr(_tok(t)) for t in dict.fromkeys(toks))})
     return _INDEX_T.render(rows=rows, sae=store.name, hook=store.meta.get("hook_point_out"),

@@ -83,7 +83,7 @@ def summary(store: FeatureStore, i: int) -> dict[str, Any]:
     return {"feature": i, "sae": store.name, "label": store.labels.get(i),
             "frequency": float(store.stats.frequency[i]),
             "typical": float(store.stats.typical[i]), "mean": float(store.stats.mean[i]),
-            "max": float(store.top.values[i, 0]), "dense": is_dense(store, i),
+            "max": store.top.first(i), "dense": is_dense(store, i),
             "n_tokens": int(store.stats.n_tokens),
             "neuronpedia_url": f"{url}/{i}" if url else None,
             "steer": store_steer_command(store, i)}
