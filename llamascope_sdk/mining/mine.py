@@ -99,6 +99,7 @@ class MiningResult:
     contexts: Contexts | None = None  # the pool of random contexts (non-activating examples)
     config: MiningConfig = field(default_factory=MiningConfig)
     read: dict[str, Any] = field(default_factory=dict)  # corpus.ReadCounts.as_dict()
+    state_bytes: int = 0  # bytes the running state held at the end (Tracker.nbytes)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -316,10 +317,12 @@ def firings(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 def _result(sae: SAE, name: str, tr: Tracker, n_tokens: int, n_docs: int,
             cfg: MiningConfig) -> MiningResult:
     stats = FeatureStats.from_sums(tr.total.cpu(), tr.fired.cpu().double(), n_tokens)
+    held = tr.nbytes()
     return MiningResult(sae, name, tr.top.examples(by_value=False),
                         tr.samples.examples(by_value=True) if tr.samples is not None else None,
                         stats, tr.hist.view(sae.d_sae, -1).cpu(), n_tokens, n_docs,
-                        tr.pool.contexts() if tr.pool is not None else None, cfg)
+                        tr.pool.contexts() if tr.pool is not None else None, cfg,
+                        state_bytes=held)
 
 
 def run_identity(saes: SAE | Sequence[SAE] | Mapping[str, SAE], corpus: Any,

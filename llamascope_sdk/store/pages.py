@@ -244,3 +244,16 @@ def refresh_pages(store: Any, features: list[int]) -> int:
             atomic_write_text(page, feature_page(store, int(i)))
             n += 1
     return n
+
+
+def rewrite_pages(folder: Path, scores: FeatureScores | None = None) -> int:
+    """Rewrite a store's pages (``FOLDER/pages``: its index and the feature pages it already
+    has) after something the pages show changed (new scores); returns the pages written, 0
+    when the store has no pages."""
+    pages = Path(folder) / "pages"
+    if not (pages / "index.html").is_file():
+        return 0
+    store = FeatureStore.load(folder)
+    done = sorted(int(p.stem) for p in (pages / "features").glob("*.html") if p.stem.isdigit())
+    write_pages(store, pages, done or None, max_pages=len(done) or 1000, scores=scores)
+    return len(done)
