@@ -32,6 +32,7 @@ in :mod:`~llamascope_sdk.store.files`.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,6 +89,37 @@ from llamascope_sdk.store.files import (
 
 class StoreVersionError(LlamascopeError, ValueError):
     """A store written by an older SDK lacks what was asked for (it must be mined again)."""
+
+
+_BYTE = re.compile(r"\\x([0-9a-f]{2})")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-level BPE alphabet (GPT-2): printable bytes stand for themselves, the others
+    for the code points from 256 up, in byte order."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = [b for b in range(256) if b not in keep]
+    return {b: chr(b) for b in keep} | {b: chr(256 + k) for k, b in enumerate(extra)}
+
+
+_BYTE_OF = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def readable_token(tokenizer: Any, token_id: int) -> str:
+    """A token's text for people: its decoded text, or, for a token that is part of a UTF-8
+    character (decoding gives the replacement character), its bytes as ``<0x..>`` escapes
+    (a SentencePiece byte token is already named so; a byte-level BPE token is mapped back
+    to its bytes)."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text
+    piece = str(tokenizer.convert_ids_to_tokens(token_id))
+    if re.fullmatch(r"(<0x[0-9A-Fa-f]{2}>)+", piece):
+        return piece.upper().replace("<0X", "<0x")
+    if piece and all(c in _BYTE_OF for c in piece):
+        raw = bytes(_BYTE_OF[c] for c in piece).decode("utf-8", errors="backslashreplace")
+        text = _BYTE.sub(lambda m: f"<0x{m.group(1).upper()}>", raw)
+    return text.replace("\ufffd", "<U+FFFD>")  # the character itself, or bytes not found
 
 
 def default_store_dir(sae_name: str) -> Path:
@@ -162,7 +194,7 @@ class FeatureStore:
         if lens is not None:
             ids += [lens.top_ids.reshape(-1), lens.bottom_ids.reshape(-1)]
         uniq = torch.unique(torch.cat([i.long() for i in ids]))
-        vocab = {int(i): tokenizer.decode([int(i)]) for i in uniq.tolist() if i >= 0}
+        vocab = {int(i): readable_token(tokenizer, int(i)) for i in uniq.tolist() if i >= 0}
         return cls(meta, result.top, result.samples, result.stats, result.hist, lens, vocab,
                    dict(getattr(sae, "labels", {}) or {}), contexts=result.contexts)
 
