@@ -89,12 +89,14 @@ class Pool:
         # (slot, feature) pairs: feature fires in the context held by slot
         self.pair_slot = torch.zeros(0, dtype=torch.long, device=device)
         self.pair_feat = torch.zeros(0, dtype=torch.long, device=device)
+        self._distinct = 0  # pairs after the last removal of duplicates
 
     def nbytes(self) -> int:
         held = (self.keys, self.doc, self.pos, self.tok, self.pair_slot, self.pair_feat)
         return sum(t.numel() * t.element_size() for t in held)
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        self._dedupe()  # checkpoints and merges hold each pair once
         return {"keys": self.keys, "doc": self.doc, "pos": self.pos, "tok": self.tok,
                 "pair_slot": self.pair_slot, "pair_feat": self.pair_feat}
 
@@ -141,15 +143,24 @@ class Pool:
         n = torch.searchsorted(rows_nz, hi) - start
         which = torch.repeat_interleave(torch.arange(len(slot), device=slot.device), n)
         idx = start[which] + torch.arange(len(which), device=slot.device) - (n.cumsum(0) - n)[which]
-        width = int(cols_nz.max()) + 1 if cols_nz.numel() else 1
-        pairs = torch.unique(slot[which] * width + cols_nz[idx])
         gone = torch.zeros(self.r, dtype=torch.bool, device=slot.device)
         gone[slot] = True
         stay = ~gone[self.pair_slot]
-        self.pair_slot = torch.cat([self.pair_slot[stay], pairs // width])
-        self.pair_feat = torch.cat([self.pair_feat[stay], pairs % width])
+        # A feature firing twice in a window gives two equal pairs: they are removed only when
+        # the pairs have doubled since the last time (amortised), and at the end.
+        self.pair_slot = torch.cat([self.pair_slot[stay], slot[which]])
+        self.pair_feat = torch.cat([self.pair_feat[stay], cols_nz[idx]])
+        if len(self.pair_slot) > 2 * max(self._distinct, 4096):
+            self._dedupe()
+
+    def _dedupe(self) -> None:
+        width = int(self.pair_feat.max()) + 1 if self.pair_feat.numel() else 1
+        pairs = torch.unique(self.pair_slot * width + self.pair_feat)
+        self.pair_slot, self.pair_feat = pairs // width, pairs % width
+        self._distinct = len(pairs)
 
     def contexts(self) -> Contexts:
+        self._dedupe()
         idx = self.keys[0].argsort(descending=True, stable=True)
         rank = torch.empty_like(idx)
         rank[idx] = torch.arange(self.r, device=idx.device)

@@ -226,7 +226,7 @@ class Slots:
         if n == 0:
             return
         self._reserve(n)
-        at = torch.arange(self.n, self.n + n, device=feat.device)
+        at = slice(self.n, self.n + n)  # new rows go to the end: slices, not scattered writes
         self.n += n
         b, t = rows // batch.T, rows % batch.T
         self.keys[at], self.feat[at] = key, feat
@@ -236,7 +236,7 @@ class Slots:
         inside = (tw >= 0) & (tw < batch.length[b][:, None])
         src_rows = (b[:, None] * batch.T + tw.clamp(0, batch.T - 1)).view(-1)
         tok = batch.ids.reshape(-1).index_select(0, src_rows).view(-1, self.w)
-        self.tok[at] = torch.where(inside, tok, -1).to(torch.int32)
+        self.tok[at] = tok.masked_fill_(~inside, -1)
         self.act[at] = firings.windows(feat, rows, b * batch.T, b * batch.T + batch.length[b],
                                        self.before, self.w)
 
