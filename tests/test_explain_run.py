@@ -214,3 +214,29 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path):
     assert len(written) < 6
     assert tree(killed) == tree(whole)
     assert len([k for k in tree(whole) if k.endswith(".json")]) == 7  # config + 6 features
+
+
+def test_features_too_thin_to_score_are_skipped_with_a_reason_and_no_request(tmp_path):
+    """Issue 29.5: one firing per decile leaves nothing held out; three non-activating
+    contexts are too few negatives. Neither costs a request; every score says its n."""
+    from llamascope_sdk.explain.examples import MIN_ACTIVATING, MIN_NON_ACTIVATING
+
+    assert (MIN_ACTIVATING, MIN_NON_ACTIVATING) == (5, 5)  # delphi's examples per scorer prompt
+    thin = ToyStore(tmp_path / "a", per_decile=1)       # [1::2] of one example: none held out
+    dense = ToyStore(tmp_path / "b", n_non=3)            # 3 negatives
+    ok = ToyStore(tmp_path / "c")
+    with FakeEndpoint(reply=scripted_reply, lifetime=60) as fake:
+        client = ChatClient(fake.url, "toy", concurrency=2)
+        r1 = explain_features(thin, [0, 1], client, settings=SETTINGS)
+        r2 = explain_features(dense, [2], client, settings=SETTINGS)
+        assert len(fake.requests) == 0 and plan_run(thin, [0, 1], "x", settings=SETTINGS).estimate.requests == 0
+        r3 = explain_features(ok, [3], client, settings=SETTINGS)
+        assert len(fake.requests) == 9
+    assert set(r1.too_few) == {0, 1} and "0 held-out activating context(s), fewer than the 5" in r1.too_few[0]
+    assert "3 non-activating context(s), fewer than the 5" in r2.too_few[2]
+    rec = json.loads((r1.folder / "features" / "0.json").read_text())
+    assert rec["skipped"] == rec["note"] == r1.too_few[0] and rec["scores"] is None
+    assert r3.too_few == {}
+    rec = json.loads((r3.folder / "features" / "3.json").read_text())
+    for s in rec["scores"].values():  # 10 held-out positives, 10 negatives, all parsed
+        assert (s["n_positive"], s["n_negative"]) == (10, 10) == (s["tp"] + s["fn"], s["tn"] + s["fp"])

@@ -47,7 +47,7 @@ def test_round_trip_without_model(mined, tiny_llama, tmp_path):
     store.save(tmp_path / "store")
     back = FeatureStore.load(tmp_path / "store")
     for a, b in ((store.top, back.top), (store.samples, back.samples)):
-        for key in ("values", "doc", "pos", "tokens", "acts"):
+        for key in ("indptr", "values", "doc", "pos", "tokens", "acts"):
             assert torch.equal(getattr(a, key).long() if key == "tokens" else getattr(a, key),
                                getattr(b, key)), key
     assert torch.equal(back.hist, res.hist)
@@ -56,10 +56,11 @@ def test_round_trip_without_model(mined, tiny_llama, tmp_path):
     assert back.labels == {3: "a label"}
     i = int(res.stats.frequency.argmax())
     f = view.feature(back, i)
-    assert f["top_examples"][0]["max"] == float(res.top.values[i, 0])
+    first = res.top.rows(i)[0]
+    assert f["top_examples"][0]["max"] == float(res.top.values[first])
     ex = f["top_examples"][0]
     assert ex["acts"][ex["max_index"]] == pytest.approx(ex["max"])
-    assert (ex["doc"], ex["pos"]) == (int(res.top.doc[i, 0]), int(res.top.pos[i, 0]))
+    assert (ex["doc"], ex["pos"]) == (int(res.top.doc[first]), int(res.top.pos[first]))
     assert len(ex["tokens"]) == len(ex["acts"]) == len(ex["token_ids"])
     json.dumps(f, allow_nan=False)
     # The statistics are the file relative steering reads.

@@ -1,7 +1,7 @@
 """Distributed mining runs one job or none (issue 27, item 4): a rank started with other
 arguments, another corpus or another SAE stops every rank with one line naming the
 difference, before any model work; a corpus that differs only in its middle is caught before
-the merge. And the empty example slots of one process equal those of a merge byte for byte.
+the merge. (Empty example slots no longer exist: store v3 keeps rows only where a feature fired.)
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from llamascope_sdk.mining.agreement import (
     first_difference,
     job_identity,
 )
-from llamascope_sdk.mining.merge import merge_slots
-from llamascope_sdk.mining.state import Slots
 
 from .mining_worker import DOCS
 from .test_mining_distributed import REPO, TIMEOUT, env
@@ -116,41 +114,6 @@ def test_a_corpus_differing_in_the_middle_is_caught_before_the_merge(tmp_path):
     assert len(errors) == 2, p.stderr[-3000:]
     assert all("rank 1 read other tokens than rank 0" in ln for ln in errors), errors
     assert not out.exists()
-
-
-# ---------------------------------------------------------------- empty slots, byte for byte
-
-
-def _slots(keys: list[int]) -> Slots:
-    """One feature, three slots holding ``keys`` (-1 empty), every window distinct."""
-    s = Slots(1, len(keys), 1, 1, torch.device("cpu"))
-    s.keys[0] = torch.tensor(keys)
-    s.doc[0] = torch.tensor([k // 10 if k >= 0 else -1 for k in keys])
-    s.pos[0] = torch.tensor([k % 10 if k >= 0 else -1 for k in keys])
-    for j, k in enumerate(keys):
-        if k >= 0:
-            s.tok[0, j] = torch.tensor([k, k + 1, k + 2], dtype=torch.int32)
-            s.act[0, j] = torch.tensor([0.0, float(k), 0.5])
-    return s
-
-
-def test_an_empty_slot_between_filled_ones_ends_empty():
-    """A hole (which topk's tie order among empty keys can leave) was sorted away by moving
-    the filled slot, leaving a copy of its window in the now-empty slot: one process kept
-    that copy where the merge of two ranks has -1."""
-    one = _slots([7, -1, 9]).examples(by_value=False)
-    assert one.tokens[0].tolist() == [[9, 10, 11], [7, 8, 9], [-1, -1, -1]]
-    assert one.acts[0, 2].tolist() == [0.0, 0.0, 0.0]
-    assert one.doc[0].tolist() == [0, 0, -1]
-    # what two ranks give: each holds one entry, merged
-    a, b = _slots([7, -1, -1]), _slots([9, -1, -1])
-    merged = merge_slots([a.tensors() | {"tok": a.tok, "act": a.act},
-                          b.tensors() | {"tok": b.tok, "act": b.act}])
-    m = Slots(1, 3, 1, 1, torch.device("cpu"))
-    m.load(merged)
-    two = m.examples(by_value=False)
-    for name in ("values", "doc", "pos", "tokens", "acts"):
-        assert torch.equal(getattr(one, name), getattr(two, name)), name
 
 
 # ---------------------------------------------------------------- checkpoints (item 10)

@@ -37,22 +37,6 @@ def _store_folder(store: str | None, sae_name: str) -> Any:
     return st
 
 
-def _refresh_pages(st: Any, scores: Any) -> str | None:
-    """Rewrite the store's existing pages with the scores; a line saying why not when its
-    pages folder is a link out of the store (nothing is written through it)."""
-    from llamascope_sdk.store.ownership import inside
-    from llamascope_sdk.store.pages import write_pages
-
-    pages = st.path / "pages"
-    if not (pages / "index.html").is_file():
-        return None
-    if not inside(st.path, pages):
-        return f"pages not updated: {pages} is a link out of the store"
-    done = sorted(int(p.stem) for p in (pages / "features").glob("*.html") if p.stem.isdigit())
-    write_pages(st, pages, done or None, max_pages=len(done) or 1000, scores=scores)
-    return None
-
-
 @app.command("score-features")
 @command
 def score_features_cmd(
@@ -69,6 +53,8 @@ def score_features_cmd(
     and the change in next-token confidence (Wang et al. 2025), one amplified forward per
     feature, batched. Written into the feature store for `show`, the pages and
     `search --sort output-score`."""
+    from llamascope_sdk.store.ownership import inside
+    from llamascope_sdk.store.pages import rewrite_pages
     from llamascope_sdk.store.scores import DEFINITIONS, OUTPUT_SCORE_PROMPT, score_features
 
     text = check_text(prompt) if prompt is not None else OUTPUT_SCORE_PROMPT
@@ -81,9 +67,8 @@ def score_features_cmd(
     scores = score_features(lm, tok, s, prompt=text, amplification=amplification,
                             batch_size=batch_size, features=features)
     path = scores.save(st.path)
-    skipped = _refresh_pages(st, scores)
-    if skipped:
-        typer.echo(skipped, err=True)
+    if not rewrite_pages(st.path, scores) and not inside(st.path, st.path / "pages"):
+        typer.echo(f"pages not updated: {st.path / 'pages'} is a link out of the store", err=True)
     best = scores.top(top)
     rows = [{"feature": i, "label": s.labels.get(i), **(scores.get(i) or {})} for i in best]
     if as_json:
@@ -117,7 +102,8 @@ def eval_steer_cmd(
         strengths: Annotated[str, typer.Option(help="Comma-separated strengths to sweep.")] = "0,10,20,40,80,160",
         prompts: Annotated[Path | None, typer.Option("--prompts", help="A text file, one held-out prompt per line (at least 2). [default: 16 built-in neutral prompts, or with --chat 16 neutral instructions]", show_default=False)] = None,
         chat: Annotated[bool, typer.Option("--chat", help="Each prompt is a user message in the chat template; the assistant's reply is scored (instruct models).")] = False,
-        concept: Annotated[str | None, typer.Option("--concept", help="Concept text: its log-probability lift is the concept score, the prompt baseline asks for it, DiffMean contrasts it with neutral text. [default: the feature's top logit-lens tokens]", show_default=False)] = None,
+        concept: Annotated[str | None, typer.Option("--concept", help="Concept text: its log-probability lift is the concept score, the prompt baseline asks for it, DiffMean contrasts it with neutral text. [default: the feature's explanation (explain) or label, else the tokens that most raise it in its top examples]", show_default=False)] = None,
+        store: Annotated[str | None, typer.Option("--store", help="Feature store whose explanations, labels and top examples give the concept. [default: the SAE's store in the default location, if there is one]", show_default=False)] = None,
         max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, max=1024, help="Tokens generated per prompt.")] = 32,
         baselines: Annotated[bool, typer.Option(help="Also run the prompt and DiffMean baselines.")] = True,
         fluency_limit: Annotated[float, typer.Option(min=1.0, help="A strength is eligible when its perplexity is at most this times the unsteered one.")] = 2.0,
@@ -178,13 +164,14 @@ def eval_steer_cmd(
     s, lm, tok = load_sae_and_model(sae, model, device, dtype, revision)
     for f in feature:
         s.check_features(f)
+    st = concept_store(store, s)
     if judge_fn is not None and out is None:
         out = _default_out(s.name, feature)
     report = {"sae": s.name, "mode": mode, "chat": chat, "strengths": values}
     results = _sweep(out, report, lambda keep: eval_steer(
         lm, tok, s, feature, strengths=values, mode=mode, prompts=texts, concept=concept,
         max_new_tokens=max_new_tokens, baselines=baselines, fluency_limit=fluency_limit,
-        diversity_limit=diversity_limit, chat=chat, judge=judge_fn, on_llm_free=keep))
+        diversity_limit=diversity_limit, chat=chat, judge=judge_fn, on_llm_free=keep, store=st))
     written = {}
     if plot is not None:
         from llamascope_sdk.evaluation.steer_plot import plot_sweep
@@ -201,6 +188,8 @@ def eval_steer_cmd(
         return
     for r in results:
         _print_feature(s.name, mode, r)
+        for line in r.no_choice.values():
+            typer.echo(line)
         if r.feature in written:
             typer.echo(f"plot: {written[r.feature]}")
     for what, path in exports.items():
@@ -286,6 +275,17 @@ def _sweep(out: Path | None, report: dict[str, Any], run: Any) -> Any:
                             "--judge") from None
 
 
+def concept_store(store: str | None, sae: Any) -> Any:
+    """The store that gives features their concepts: ``--store``, else the SAE's store in the
+    default location when there is one, else None."""
+    from llamascope_sdk.store.feature_store import FeatureStore, default_store_dir
+
+    folder = Path(store).expanduser() if store else default_store_dir(sae.name)
+    if store is None and not (folder / "manifest.json").is_file():
+        return None
+    return FeatureStore.load(folder).check_sae(sae)
+
+
 def _fmt(v: float | None, spec: str = ".3g") -> str:
     import math
 
@@ -293,22 +293,28 @@ def _fmt(v: float | None, spec: str = ".3g") -> str:
 
 
 def _print_feature(sae_name: str, mode: str, r: Any) -> None:
+    judged = r.headline == "judge"
     rows = []
     for m, pts in r.curves.items():
         if m == "none":
             continue
         for p in pts:
             mark = "  <- chosen" if r.chosen.get(m) is p else ""
-            rows.append([m, _fmt(p.strength, "g") if p.strength is not None else "-",
-                         _fmt(p.concept_activation), _fmt(p.concept_lift, "+.3f"),
-                         _fmt(p.perplexity, ".2f"), _fmt(p.distinct, ".2f"), _fmt(p.kl),
-                         _fmt(p.dloss, "+.3g"),
-                         _fmt(p.judge, ".2f") + mark])
+            lift = [_fmt(p.concept_lift, "+.3f")]
+            cells = [_fmt(p.judge, ".2f")] + lift if judged else lift
+            rows.append([m, _fmt(p.strength, "g") if p.strength is not None else "-", *cells,
+                         _fmt(p.concept_activation), _fmt(p.perplexity, ".2f"),
+                         _fmt(p.distinct, ".2f"), _fmt(p.kl), _fmt(p.dloss, "+.3g"),
+                         _fmt(p.lens_lift, "+.3f") + mark])
     label = f" '{r.label}'" if r.label else ""
-    table(f"{sae_name} feature {r.feature}{label}, mode {mode}: test-half scores "
-          f"(strength chosen on the other half); concept lift = {r.concept_measure}",
-          ["method", "strength", "feature act.", "concept lift", "perplexity", "distinct-2", "KL",
-           "d loss", "judge"], rows)
+    src = r.concept_source
+    where = src.get("source", "") + (f": {src['detail']}" if src.get("detail") else "")
+    table(f"{sae_name} feature {r.feature}{label}, mode {mode}: test-half scores (strength "
+          f"chosen on the other half by {'the AxBench judge score' if judged else 'concept lift'}); "
+          f"concept {r.concept!r} ({where}); {r.concept_measure}; perplexity: geometric mean "
+          "over prompts; KL: mean over non-BOS positions",
+          ["method", "strength", *(["judge (0-2)"] if judged else []), "concept lift",
+           "feature act.", "perplexity", "distinct-2", "KL", "d loss", "lens lift"], rows)
 
 
 def _exports(s: Any, r: Any, mode: str, lm_eval_path: Path | None, serve_path: Path | None,
@@ -319,6 +325,8 @@ def _exports(s: Any, r: Any, mode: str, lm_eval_path: Path | None, serve_path: P
     from llamascope_sdk.steering.interventions import Clamp, Scale, Steer
     from llamascope_sdk.steering.lm_eval_export import save_lm_eval_steer, save_serve_request
 
+    if "feature" not in r.chosen:  # no strength passed the limits: nothing to export
+        return out
     strength = r.chosen["feature"].strength or 0.0
     edit = {"add": Steer, "clamp": Clamp, "scale": Scale}[mode](s, [r.feature], strength)
     if lm_eval_path is not None:
