@@ -10,11 +10,12 @@ synthetic 64x SAE (36,864 features, random encoder, threshold set for an L0 of a
 
     .venv/bin/python bench/bench_mining.py --corpus DIR [--tokens 32768] [--runs 3]
 
-Besides its per-batch work, a run has a fixed cost proportional to the state (its memory is
-touched for the first time and the slots are sorted once at the end: about 2 GiB at 36,864
-features, 1-2 s per GiB here), so with few tokens the ratio is dominated by it: at
-``--tokens 4096`` (two batches of 8 x 256) 36,864 features measured 2.4x (4,608: 1.2x). The default,
-32,768 tokens (16 batches), is still a small run; the ratio falls further with more.
+The state and the store grow with what fired (format 3, issue 29.4): each run prints the
+bytes the state held at the end and the worst case (every feature full, ``state_bytes``);
+``--store-sizes 4000,32768`` mines the demo SAE on that many tokens and prints the store's size
+on disk without pages (target: 4,000 tokens <= 40 MB). Before format 3 the state was
+allocated for every slot of every feature (2 GiB at 36,864 features) and at ``--tokens 4096``
+mining took 2.4x its floor there.
 
 DIR holds wikitext2-valid.txt (see bench/corpus_files.py; default $LLAMASCOPE_CORPUS).
 """
@@ -70,6 +71,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--pages", type=int, default=1000)
     ap.add_argument("--widths", default="4608,36864", help="SAE widths (4608 = the demo SAE)")
+    ap.add_argument("--store-sizes", default="4000,32768",
+                    help="token budgets for the demo store size (comma-separated; '' for none)")
     add_corpus_argument(ap)
     args = ap.parse_args()
     (path,) = corpus_files(args.corpus, "wikitext2-valid.txt")
@@ -78,7 +81,6 @@ def main() -> None:
     from llamascope_sdk.core.sites import parse_hook_point
     from llamascope_sdk.loading.capture import capture
     from llamascope_sdk.mining.mine import memory_report, mine, state_bytes
-    from llamascope_sdk.mining.state import MiningConfig, Tracker
     from llamascope_sdk.store.feature_store import FeatureStore
     from llamascope_sdk.store.pages import write_pages
 
@@ -121,15 +123,22 @@ def main() -> None:
         print(f"{width:6d} features: mining / floor = {tm / tf:.2f}x fastest/fastest, per run "
               f"{pairs}  (target <= 1.25x); {n_tok / tm:.0f} tok/s mining, {n_tok / tf:.0f} "
               "tok/s floor")
-        tr = Tracker(width, MiningConfig(), torch.device("cpu"))
-        held = (sum(t.numel() * t.element_size() for t in tr.tensors().values())
-                + 8 * (tr.top.floor.numel() + (tr.samples.floor.numel() if tr.samples else 0)))
-        print(f"{width:6d} features: state memory formula {memory_report(width)}; tensors "
-              f"held {held / 2**20:.1f} MiB")
-        del tr
+        print(f"{width:6d} features: state held at the end {res.state_bytes / 2**20:.1f} MiB; "
+              f"worst case (every feature full) {memory_report(width)}")
     print(f"formula for 131,072 features: {state_bytes(131072) / 2**30:.2f} GiB "
           f"(with --samples 20 --example-context 32: "
           f"{state_bytes(131072, n_samples=20, example_context=32) / 2**30:.2f} GiB)")
+
+    for budget in [int(x) for x in args.store_sizes.split(",") if x.strip()]:
+        r = mine(model, tok, demo, path, progress=False, **{**kw, "tokens": budget})[demo.name]
+        st = FeatureStore.from_result(r, tok, model=model, sae_spec="demo", corpus=path.name)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = st.save(Path(tmp) / "store")
+            size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        n_top, n_s = int(r.top.counts().sum()), int(r.samples.counts().sum()) if r.samples else 0
+        print(f"demo store, {budget:,} tokens: {size / 1e6:.1f} MB on disk without pages "
+              f"(target at 4,000 tokens <= 40 MB); {n_top:,} top examples, {n_s:,} samples; "
+              f"state held at the end {r.state_bytes / 2**20:.1f} MiB")
 
     res = mine(model, tok, demo, path, progress=False, **kw)[demo.name]
     store = FeatureStore.from_result(res, tok, model=model, sae_spec="demo", corpus=str(path.name))

@@ -76,6 +76,10 @@ def main() -> None:
         "top example max token": html.escape(top["tokens"][top["max_index"]]).strip() in dom,
         "top example context": all(html.escape(t).strip() in dom for t in top["tokens"] if t.strip()),
         "histogram svg": 'id="histogram"' in dom,
+        "histogram count axis numbered": 'class="ytick"' in dom and ">10<" in dom,
+        "histogram activation axis numbered": dom.count('class="xtick"') >= 2,
+        "label source shown": 'id="label-source"' in dom and "hand-written" in dom,
+        "no replacement character": "\ufffd" not in text,
         "logit lens": 'id="promoted"' in dom,
     }
     for k, ok in checks.items():

@@ -221,4 +221,7 @@ class FakeEndpoint:
         for k, v in (headers or {}).items():
             h.send_header(k, v)
         h.end_headers()
-        h.wfile.write(body)
+        try:
+            h.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # a client that stopped reading (a cap)
+            h.close_connection = True

@@ -68,9 +68,9 @@ def flatten(res) -> dict[str, torch.Tensor]:
     out = {}
     for part in ("top", "samples"):
         e = getattr(res, part)
-        for k in ("values", "doc", "pos", "tokens", "acts"):
+        for k in ("indptr", "values", "doc", "pos", "tokens", "acts"):
             out[f"{part}.{k}"] = getattr(e, k)
-    for k in ("tokens", "doc", "pos", "order", "fires"):
+    for k in ("tokens", "doc", "pos", "order", "fires_ptr", "feature"):
         out[f"contexts.{k}"] = getattr(res.contexts, k)
     for k in ("mean", "typical", "frequency"):
         out[f"stats.{k}"] = getattr(res.stats, k)

@@ -183,7 +183,7 @@ def test_show_makes_control_characters_visible(mined, tmp_path):  # noqa: F811
     store = FeatureStore.from_result(res, CharTokenizer())
     i = int(res.stats.frequency.argmax())
     store.labels[i] = "evil\x1b[2J\x1b[31mRED\u202e"
-    tok = int(store.top.tokens[i, 0, store.top.center])
+    tok = int(store.top.tokens[store.top.rows(i)[0], store.top.center])
     store.vocab[tok] = "\x1b]0;title\x07"
     folder = store.save(tmp_path / "st")
     out = runner.invoke(app, ["show", str(folder), str(i)])
@@ -213,8 +213,8 @@ def test_table_and_say_escape_everything():
 def _demo_store(sae, folder, frequency, typical):
     """A store for ``sae`` whose statistics are the given tensors (one empty example slot)."""
     f = sae.d_sae
-    top = Examples(torch.zeros(f, 1), torch.full((f, 1), -1), torch.full((f, 1), -1),
-                   torch.full((f, 1, 3), -1), torch.zeros(f, 1, 3), 1)
+    top = Examples.from_dense(torch.zeros(f, 1), torch.full((f, 1), -1), torch.full((f, 1), -1),
+                              torch.full((f, 1, 3), -1), torch.zeros(f, 1, 3), 1)
     stats = FeatureStats(mean=frequency * typical, typical=typical, frequency=frequency, n_tokens=50)
     result = MiningResult(sae, sae.name, top, None, stats,
                           torch.zeros(f, len(HIST_EDGES) + 1, dtype=torch.long), 50, 2)

@@ -46,14 +46,15 @@ def test_exact_scores_on_constructed_replies():
 
 
 def test_malformed_replies_are_counted_not_guessed():
-    # the first item's three questions: a reply without a rating, a body that is no chat
-    # completion, then a good one; the second item is answered normally
+    # the first item's three questions: a reply without a rating; a body that is no chat
+    # completion, sent again and then answered; a good one; the second item is answered
+    # normally. Only the model's reply without a rating is unparsable (issue 27, item 6).
     script = ["I think it is fine.", Malformed(b'{"nope": 1}'), "Rating: [[2]]"]
     with FakeEndpoint(reply=_by_question, script=script, lifetime=60) as fake:
-        judge = make_judge(fake.url, "m", concurrency=1)
+        judge = make_judge(fake.url, "m", concurrency=1, backoff=0.0)
         got = judge([("p", "t", "c"), ("p2", "t2", "c2")])
     assert got[0] is None and got[1] == pytest.approx(1.5)
-    assert judge.report()["unparsable"] == 2
+    assert judge.report()["unparsable"] == 1 and judge.report()["malformed"] == 1
 
 
 def test_429_then_success():

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from llamascope_sdk import SAE
 from llamascope_sdk.cli import app
 from llamascope_sdk.cli.explain import top_frequency
-from llamascope_sdk.explain import plan_run
+from llamascope_sdk.explain import Settings, plan_run
 from llamascope_sdk.explain.examples import example_sets
 from llamascope_sdk.mining.mine import mine
 from llamascope_sdk.store.feature_store import FeatureStore
@@ -43,7 +43,7 @@ def store_and_sae(request, tiny_llama, tmp_path_factory):
     ids[:, 0] = 1
     sae = synthetic_sae(tiny_llama, ids, 1, request.param, d_sae=96, l0=12)
     res = mine(tiny_llama, CharTokenizer(), sae, DOCS, tokens=300, context=40, batch_size=4,
-               top_n=4, n_samples=20, example_context=8, window_before=3, window_after=2,
+               top_n=4, n_samples=20, deciles=2, example_context=4, window_before=3, window_after=2,
                n_nonactivating=10, nonactivating_pool=40, progress=False)[sae.name]
     folder = tmp_path_factory.mktemp(f"store{request.param}") / "store"
     store = FeatureStore.from_result(res, CharTokenizer(), model=tiny_llama, sae_spec="my-sae")
@@ -53,21 +53,26 @@ def store_and_sae(request, tiny_llama, tmp_path_factory):
     return FeatureStore.load(folder), sae_dir
 
 
+#: this tiny store's features fire a few times only: score them on what there is
+THIN = Settings(min_activating=1, min_non_activating=1)
+
+
 def test_explain_then_everywhere(store_and_sae):
     store, sae_dir = store_and_sae
     feats = top_frequency(store, 3)  # not dense: they have silent contexts to score on
     assert feats
     spec = ",".join(map(str, feats))
-    plan = plan_run(store, feats, "fake-explainer")
+    plan = plan_run(store, feats, "fake-explainer", settings=THIN)
     with FakeEndpoint(reply=explainer, lifetime=60) as fake:
         r = runner.invoke(app, ["explain", str(store.path), "--features", spec, "--endpoint",
                                 fake.url, "--model", "fake-explainer", "--save-labels-to",
-                                str(sae_dir)])
+                                str(sae_dir), "--min-activating", "1", "--min-non-activating", "1"])
         assert r.exit_code == 0, r.output
-        assert f"to send: {plan.estimate.requests} requests for {len(feats)} features" in r.stderr
+        assert f"to send: {plan.estimate.requests} requests for {plan.estimate.features} features" in r.stderr
         assert len(fake.requests) == plan.estimate.requests > 3  # scorers ran
         again = runner.invoke(app, ["explain", str(store.path), "--features", spec,
-                                    "--endpoint", fake.url, "--model", "fake-explainer"])
+                                    "--endpoint", fake.url, "--model", "fake-explainer",
+                                    "--min-activating", "1", "--min-non-activating", "1"])
         assert "to send: 0 requests" in again.stderr and len(fake.requests) == plan.estimate.requests
     f = feats[0]
     text = f"letters seen in {len(example_sets(store, f).explain)} excerpts"
@@ -84,7 +89,9 @@ def test_explain_then_everywhere(store_and_sae):
     found = runner.invoke(app, ["search", "--sae", "my-sae", "--store", str(store.path),
                                 "--text", "letters excerpts", "--json"])
     assert found.exit_code == 0, found.output
-    assert {h["feature"] for h in json.loads(found.stdout)["hits"]} == set(feats)
+    scored = {i for i in feats if example_sets(store, i, min_activating=1,
+                                               min_non_activating=1).skip is None}
+    assert {h["feature"] for h in json.loads(found.stdout)["hits"]} == scored
     assert SAE.from_pretrained(sae_dir).labels[f] == f"{text} (detection 0.50, fuzzing 0.50)"
 
 
@@ -99,7 +106,8 @@ def test_bad_input_is_one_line_before_any_request(store_and_sae):
         (["--features", "1", "--endpoint", "http://127.0.0.1:9/v1", "-m", "x",
           "--api-key-env", "NO_SUCH_VAR_FOR_SURE"], "NO_SUCH_VAR_FOR_SURE: that environment"),
         (["--features", "0-95", "--endpoint", "http://127.0.0.1:9/v1", "-m", "x",
-          "--max-cost-tokens", "10"], "above --max-cost-tokens 10; nothing was sent"),
+          "--max-cost-tokens", "10", "--min-activating", "1", "--min-non-activating", "1"],
+         "above --max-cost-tokens 10; nothing was sent"),
     ]
     for args, message in cases:
         r = runner.invoke(app, ["explain", str(store.path), *args])

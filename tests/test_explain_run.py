@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from llamascope_sdk.base.endpoint import ChatClient, TokenBudgetExceeded
+from llamascope_sdk.base.endpoint import ChatClient, EndpointError, TokenBudgetExceeded
 from llamascope_sdk.base.errors import InputError
 from llamascope_sdk.explain import Settings, descriptions, explain_features, plan_run
 from llamascope_sdk.explain.prompts import PROMPT_VERSION
@@ -128,13 +128,44 @@ def test_rerun_skips_done_features_and_refuses_other_settings(tmp_path):
 
 def test_unparsable_explanation_is_recorded_not_scored(tmp_path):
     store = ToyStore(tmp_path / "store")
-    with FakeEndpoint(reply=scripted_reply, script=[Malformed()], lifetime=60) as fake:
+    # a well-formed chat completion whose message is empty: the model's reply, unparsable
+    with FakeEndpoint(reply=scripted_reply, script=["  "], lifetime=60) as fake:
         client = ChatClient(fake.url, "m")
         res = explain_features(store, [0], client, settings=SETTINGS)
     rec = json.loads((res.folder / "features" / "0.json").read_text())
     assert rec["explanation"] is None and rec["scores"] is None and "could not be parsed" in rec["note"]
     assert res.unparsable_explanations == 1 and client.usage.unparsable == 1
     assert len(fake.requests) == 1
+
+
+def test_a_reply_that_is_not_the_protocol_leaves_the_feature_to_do(tmp_path):
+    """Issue 27, item 6: before, a proxy's HTML page (HTTP 200) was recorded as an unparsable
+    explanation, the feature marked done and skipped by every re-run. Now it is sent again,
+    then the run stops with one line, nothing is written, and a re-run explains it."""
+    store = ToyStore(tmp_path / "store")
+    page = Malformed(b"<html><body>502 Bad Gateway</body></html>")
+    with FakeEndpoint(reply=lambda m: page, lifetime=60) as fake:
+        client = ChatClient(fake.url, "m", backoff=0.0, max_retries=1)
+        with pytest.raises(EndpointError, match=r"no chat completion after 2 attempts \(last: "
+                           r"HTTP 200 with a body that is not a chat completion: not JSON"):
+            explain_features(store, [0], client, settings=SETTINGS)
+        assert fake.statuses == [200, 200] and client.usage.unparsable == 0
+    folder = tmp_path / "store" / "explanations" / "m"
+    assert not (folder / "features" / "0.json").exists()
+    with FakeEndpoint(reply=scripted_reply, lifetime=60) as fake:
+        res = explain_features(store, [0], ChatClient(fake.url, "m"), settings=SETTINGS)
+    assert res.written == [0] and res.skipped == []
+    assert json.loads((folder / "features" / "0.json").read_text())["explanation"]
+
+
+def test_a_huge_reply_is_not_stored_whole(tmp_path):
+    """A server that ignores max_tokens: the record keeps the start of the reply only."""
+    store = ToyStore(tmp_path / "store")
+    with FakeEndpoint(reply=scripted_reply, script=["x" * 200_000], lifetime=60) as fake:
+        explain_features(store, [0], ChatClient(fake.url, "m"), settings=SETTINGS)
+    rec = json.loads((tmp_path / "store" / "explanations" / "m" / "features" / "0.json").read_text())
+    assert rec["explanation"] is None and rec["explainer_unparsable"]
+    assert rec["reply"] == "x" * 2000 + " [... 198,000 more characters not kept]"
 
 
 def test_retries_inside_a_run_and_token_budget(tmp_path):
@@ -183,3 +214,29 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path):
     assert len(written) < 6
     assert tree(killed) == tree(whole)
     assert len([k for k in tree(whole) if k.endswith(".json")]) == 7  # config + 6 features
+
+
+def test_features_too_thin_to_score_are_skipped_with_a_reason_and_no_request(tmp_path):
+    """Issue 29.5: one firing per decile leaves nothing held out; three non-activating
+    contexts are too few negatives. Neither costs a request; every score says its n."""
+    from llamascope_sdk.explain.examples import MIN_ACTIVATING, MIN_NON_ACTIVATING
+
+    assert (MIN_ACTIVATING, MIN_NON_ACTIVATING) == (5, 5)  # delphi's examples per scorer prompt
+    thin = ToyStore(tmp_path / "a", per_decile=1)       # [1::2] of one example: none held out
+    dense = ToyStore(tmp_path / "b", n_non=3)            # 3 negatives
+    ok = ToyStore(tmp_path / "c")
+    with FakeEndpoint(reply=scripted_reply, lifetime=60) as fake:
+        client = ChatClient(fake.url, "toy", concurrency=2)
+        r1 = explain_features(thin, [0, 1], client, settings=SETTINGS)
+        r2 = explain_features(dense, [2], client, settings=SETTINGS)
+        assert len(fake.requests) == 0 and plan_run(thin, [0, 1], "x", settings=SETTINGS).estimate.requests == 0
+        r3 = explain_features(ok, [3], client, settings=SETTINGS)
+        assert len(fake.requests) == 9
+    assert set(r1.too_few) == {0, 1} and "0 held-out activating context(s), fewer than the 5" in r1.too_few[0]
+    assert "3 non-activating context(s), fewer than the 5" in r2.too_few[2]
+    rec = json.loads((r1.folder / "features" / "0.json").read_text())
+    assert rec["skipped"] == rec["note"] == r1.too_few[0] and rec["scores"] is None
+    assert r3.too_few == {}
+    rec = json.loads((r3.folder / "features" / "3.json").read_text())
+    for s in rec["scores"].values():  # 10 held-out positives, 10 negatives, all parsed
+        assert (s["n_positive"], s["n_negative"]) == (10, 10) == (s["tp"] + s["fn"], s["tn"] + s["fp"])

@@ -47,7 +47,7 @@ def test_round_trip_without_model(mined, tiny_llama, tmp_path):
     store.save(tmp_path / "store")
     back = FeatureStore.load(tmp_path / "store")
     for a, b in ((store.top, back.top), (store.samples, back.samples)):
-        for key in ("values", "doc", "pos", "tokens", "acts"):
+        for key in ("indptr", "values", "doc", "pos", "tokens", "acts"):
             assert torch.equal(getattr(a, key).long() if key == "tokens" else getattr(a, key),
                                getattr(b, key)), key
     assert torch.equal(back.hist, res.hist)
@@ -56,10 +56,11 @@ def test_round_trip_without_model(mined, tiny_llama, tmp_path):
     assert back.labels == {3: "a label"}
     i = int(res.stats.frequency.argmax())
     f = view.feature(back, i)
-    assert f["top_examples"][0]["max"] == float(res.top.values[i, 0])
+    first = res.top.rows(i)[0]
+    assert f["top_examples"][0]["max"] == float(res.top.values[first])
     ex = f["top_examples"][0]
     assert ex["acts"][ex["max_index"]] == pytest.approx(ex["max"])
-    assert (ex["doc"], ex["pos"]) == (int(res.top.doc[i, 0]), int(res.top.pos[i, 0]))
+    assert (ex["doc"], ex["pos"]) == (int(res.top.doc[first]), int(res.top.pos[first]))
     assert len(ex["tokens"]) == len(ex["acts"]) == len(ex["token_ids"])
     json.dumps(f, allow_nan=False)
     # The statistics are the file relative steering reads.
@@ -221,6 +222,14 @@ def test_garbage_store_file_names_the_file(mined, tiny_llama, tmp_path, name):
     _, res = mined
     folder = FeatureStore.from_result(res, CharTokenizer(), model=tiny_llama).save(tmp_path / "s")
     (folder / name).write_bytes(b"garbage garbage garbage")
+    if name in ("samples.safetensors", "logit_lens.safetensors"):
+        # optional files (issue 27, item 9): left out and named, the rest of the store is used
+        st = FeatureStore.load(folder)
+        assert len(st.problems) == 1 and st.problems[0].startswith(f"{folder / name}: ")
+        assert "not a readable safetensors file" in st.problems[0]
+        assert (st.samples is None) == (name == "samples.safetensors")
+        assert (st.lens is None) == (name == "logit_lens.safetensors")
+        return
     with pytest.raises(CorruptCheckpointError) as err:
         FeatureStore.load(folder)
     assert str(err.value).startswith(f"{folder / name}") and "not a readable safetensors file" in str(err.value)

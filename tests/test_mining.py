@@ -55,8 +55,10 @@ def materialise(model, tok, saes, docs, *, tokens, context, batch_size):
     return acts, doc_col, pos_col, order, {"tok": tok_col, "lo": lo, "hi": hi, "by_start": seqs}, specials
 
 
-def reference(A, doc_col, pos_col, order, seqs, specials, *, top_n, n_samples, before, after):
-    """Top-N / sample / stats / histogram of [N, F] activations by full stable sorts."""
+def reference(A, doc_col, pos_col, order, seqs, specials, *, top_n, n_samples, before, after,
+              example_context):
+    """Top-N / sample / stats / histogram of [N, F] activations by full stable sorts and the
+    spacing rule applied one firing at a time."""
     N, F = A.shape
     keep = ~torch.isin(seqs["tok"], specials)
     n_tokens = int(keep.sum())
@@ -70,53 +72,61 @@ def reference(A, doc_col, pos_col, order, seqs, specials, *, top_n, n_samples, b
     b = (A[r, c][:, None] > HIST_EDGES[None, :]).sum(1)
     hist.index_put_((c, b), torch.ones_like(b), accumulate=True)
     out["hist"] = hist
-    # Top-N: rows are in corpus order, so a stable descending sort puts earlier tokens first.
+    # Top-N: rows are in corpus order, so a stable descending sort puts earlier tokens first;
+    # then the spacing rule, one firing at a time (rows of one sequence share seqs["lo"]).
     vals, idx = torch.sort(A.T, dim=1, descending=True, stable=True)
-    out["top"] = (vals[:, :top_n], idx[:, :top_n])
-    # Samples: the n_samples firings with the highest priority, then sorted by activation.
+    out["top"] = [_spaced(idx[f][vals[f] > 0].tolist(), seqs, before + 1 + after)[:top_n]
+                  for f in range(F)]
+    # Samples: firings by priority, spaced, the first n_samples, then by activation and order.
     pri = sample_priority(order, torch.arange(F)).masked_fill(A.T <= 0, -1)
-    _, sidx = torch.sort(pri, dim=1, descending=True, stable=True)
-    sidx = sidx[:, :n_samples]
-    sval = A.T.gather(1, sidx).masked_fill(pri.gather(1, sidx) < 0, 0)
-    # value descending, then corpus order (= row index) ascending
-    perm = torch.argsort(sidx, dim=1, stable=True)
-    sidx, sval = sidx.gather(1, perm), sval.gather(1, perm)
-    perm = torch.argsort(sval, dim=1, descending=True, stable=True)
-    out["samples"] = (sval.gather(1, perm), sidx.gather(1, perm))
+    ps, sidx = torch.sort(pri, dim=1, descending=True, stable=True)
+    out["samples"] = []
+    for f in range(F):
+        kept = _spaced(sidx[f][ps[f] >= 0].tolist(), seqs, example_context)[:n_samples]
+        out["samples"].append(sorted(kept, key=lambda r, f=f: (-float(A[r, f]), r)))
     return out
 
 
-def check_examples(ex, ref_vals, ref_idx, A, doc_col, pos_col, seqs, before, after):
-    """Compare with the reference's winners; windows are cut from the materialised corpus
-    (rows of one sequence are contiguous, so row + offset is in it iff lo <= row + offset < hi)."""
+def _spaced(rows: list[int], seqs, gap: int) -> list[int]:
+    """The spacing rule by hand: walk ``rows`` best first and keep a row unless a kept one of
+    the same sequence lies closer than ``gap``."""
+    kept: list[int] = []
+    for r in rows:
+        if all(int(seqs["lo"][k]) != int(seqs["lo"][r]) or abs(k - r) >= gap for k in kept):
+            kept.append(r)
+    return kept
+
+
+def check_examples(ex, ref_rows, A, doc_col, pos_col, seqs, before, after):
+    """Compare with the reference's winners (row indices per feature, in order); windows are
+    cut from the materialised corpus (rows of one sequence are contiguous, so row + offset is
+    in it iff lo <= row + offset < hi)."""
     F = A.shape[1]
-    empty = ref_vals <= 0
-    assert torch.equal(ex.values, ref_vals.masked_fill(empty, 0))
-    assert torch.equal(ex.doc, doc_col[ref_idx].masked_fill(empty, -1))
-    assert torch.equal(ex.pos, pos_col[ref_idx].masked_fill(empty, -1))
+    assert ex.counts().tolist() == [len(r) for r in ref_rows]
+    idx = torch.tensor([r for rows in ref_rows for r in rows], dtype=torch.long)
+    feat = torch.tensor([f for f in range(F) for _ in ref_rows[f]], dtype=torch.long)
+    assert torch.equal(ex.values, A[idx, feat])
+    assert torch.equal(ex.doc, doc_col[idx]) and torch.equal(ex.pos, pos_col[idx])
     tok_col = seqs["tok"]
-    off = torch.arange(-before, after + 1)
-    rows = ref_idx[..., None] + off  # [F, K, W]
-    inside = ((rows >= seqs["lo"][ref_idx][..., None]) & (rows < seqs["hi"][ref_idx][..., None])
-              & ~empty[..., None])
+    rows = idx[:, None] + torch.arange(-before, after + 1)  # [n, W]
+    inside = (rows >= seqs["lo"][idx][:, None]) & (rows < seqs["hi"][idx][:, None])
     rc = rows.clamp(0, A.shape[0] - 1)
-    feat = torch.arange(F)[:, None, None].expand_as(rc)
     assert torch.equal(ex.tokens.long(), torch.where(inside, tok_col[rc], -1))
-    assert torch.equal(ex.acts, torch.where(inside, A[rc, feat], 0.0))
+    assert torch.equal(ex.acts, torch.where(inside, A[rc, feat[:, None].expand_as(rc)], 0.0))
 
 
 def check_all(res, A, doc_col, pos_col, order, seqs, specials, *, top_n, n_samples, before, after,
               example_context=64):
     ref = reference(A, doc_col, pos_col, order, seqs, specials, top_n=top_n, n_samples=n_samples,
-                    before=before, after=after)
+                    before=before, after=after, example_context=example_context)
     assert res.n_tokens == res.stats.n_tokens
     torch.testing.assert_close(res.stats.frequency, ref["frequency"].float(), rtol=0, atol=0)
     torch.testing.assert_close(res.stats.mean, ref["mean"].float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(res.stats.typical, ref["typical"].float(), rtol=1e-5, atol=1e-6)
     assert torch.equal(res.hist, ref["hist"])
-    check_examples(res.top, *ref["top"], A, doc_col, pos_col, seqs, before, after)
+    check_examples(res.top, ref["top"], A, doc_col, pos_col, seqs, before, after)
     eb = (3 * example_context) // 4
-    check_examples(res.samples, *ref["samples"], A, doc_col, pos_col, seqs, eb, example_context - 1 - eb)
+    check_examples(res.samples, ref["samples"], A, doc_col, pos_col, seqs, eb, example_context - 1 - eb)
     return ref
 
 
@@ -138,7 +148,7 @@ def test_mining_equals_brute_force_for_r_a_m_tc_in_one_pass(tiny_llama):
                progress=False, **kw)
     A, doc_col, pos_col, order, seqs, specials = materialise(model, tok, saes, DOCS, batch_size=3, **kw)
     for name in saes:
-        assert res[name].top.values.shape == (96, 5)
+        assert res[name].top.indptr.shape == (97,) and int(res[name].top.counts().max()) <= 5
         check_all(res[name], A[name], doc_col, pos_col, order, seqs, specials, top_n=5,
                   n_samples=6, before=4, after=3, example_context=9)
     # Every token of the 70-character document was read, in windows of BOS + 39 tokens, with
@@ -195,29 +205,46 @@ def test_ties_go_to_the_earlier_document_and_windows_stop_at_edges():
     f2[0, 5, 0] = 7.0       # padding (length 4): never counted
     tr.update(f2, b2)
     ex = tr.top.examples(by_value=False)
-    assert ex.doc[0].tolist() == [0, 1] and ex.pos[0].tolist() == [4, 1]
-    assert ex.values[0].tolist() == [5.0, 5.0]
-    assert ex.tokens[0, 0].tolist() == [11, 12, 13, 14, 15, -1]
-    assert ex.acts[0, 0].tolist() == [0.0, 0.0, 1.5, 5.0, 0.0, 0.0]
-    assert ex.tokens[0, 1].tolist() == [-1, -1, 1, 21, 22, 23]
-    assert ex.acts[0, 1].tolist() == [0.0, 0.0, 0.0, 5.0, 0.0, 0.0]
-    # feature 1: the BOS activation was dropped, the end-of-document one kept with its edge
-    assert ex.doc[1].tolist() == [2, -1] and ex.values[1].tolist() == [2.0, 0.0]
-    assert ex.tokens[1, 0].tolist() == [31, 32, 33, 34, -1, -1]
+    f0, f1_ = ex.span(0), ex.span(1)
+    assert ex.doc[f0].tolist() == [0, 1] and ex.pos[f0].tolist() == [4, 1]
+    assert ex.values[f0].tolist() == [5.0, 5.0]
+    assert ex.tokens[f0][0].tolist() == [11, 12, 13, 14, 15, -1]
+    assert ex.acts[f0][0].tolist() == [0.0, 0.0, 1.5, 5.0, 0.0, 0.0]
+    assert ex.tokens[f0][1].tolist() == [-1, -1, 1, 21, 22, 23]
+    assert ex.acts[f0][1].tolist() == [0.0, 0.0, 0.0, 5.0, 0.0, 0.0]
+    # feature 1: the BOS activation was dropped, the end-of-document one kept with its edge;
+    # nothing else fired, so it holds one example (no empty slot), feature 2 none
+    assert ex.doc[f1_].tolist() == [2] and ex.values[f1_].tolist() == [2.0]
+    assert ex.tokens[f1_][0].tolist() == [31, 32, 33, 34, -1, -1]
+    assert ex.counts().tolist() == [2, 1, 0]
     assert tr.fired.tolist() == [4, 1, 0]
 
 
-def test_state_formula_is_the_state_allocated_and_independent_of_corpus_size(tiny_llama):
-    """state_bytes() equals the bytes of every tensor a Tracker holds, before and after mining."""
+def test_state_memory_grows_with_the_examples_kept_not_with_features_x_slots():
+    """A state holds per feature only sums, histogram, floors and counts; examples are rows of
+    a table that grows with what fired (issue 29.4). state_bytes() is the most it can reach."""
+    from llamascope_sdk.mining.state import N_BINS, example_bytes
+
     cfg = MiningConfig(top_n=7, window_before=5, window_after=2, n_samples=30, deciles=10,
-                       example_context=12, n_nonactivating=5, nonactivating_pool=40)
-    tr = Tracker(96, cfg, torch.device("cpu"))
-    held = sum(t.numel() * t.element_size() for t in tr.tensors().values()) + tr.top.floor.numel() * 8
-    held += tr.samples.floor.numel() * 8
-    assert held == state_bytes(96, 7, 8, 30, 12, 40)
-    assert state_bytes(131072) == 131072 * (20 * (24 + 21 * 8) + 100 * (24 + 64 * 8) + 8 * 58
-                                            + 32 + 1000) + 1000 * (24 + 64 * 4)
-    assert state_bytes(4608) < 260 * 2**20
+                       example_context=12, n_nonactivating=0, nonactivating_pool=0)
+    tr = Tracker(10_000, cfg, torch.device("cpu"))
+    empty = tr.nbytes()
+    assert empty == 10_000 * (8 * N_BINS + 16) + 2 * 10_000 * 16  # no example held
+    T = 8
+    ids = torch.arange(3, 3 + T)[None]
+    ids[0, 0] = 1
+    acts = torch.zeros(1, T, 10_000)
+    acts[0, 3, 17] = 2.0
+    acts[0, 5, 9_999] = 1.0
+    tr.update(acts, Batch(ids, ids != 1, torch.tensor([T]), torch.tensor([0]), torch.tensor([0]),
+                          torch.arange(T)[None], T))
+    live = {k: v for k, v in tr.tensors().items() if k.startswith("top.")}
+    assert sorted(live["top.feat"].tolist()) == [17, 9_999]
+    held = tr.nbytes() - empty
+    # two firings: two rows each for top examples and samples, in tables of at least 1,024 rows
+    assert held == 1024 * (example_bytes(8) + example_bytes(12))
+    assert state_bytes(131072) == 131072 * (8 * 58 + 48 + 20 * (32 + 21 * 8) + 100 * (32 + 64 * 8)) \
+        + 1000 * (24 + 64 * 4)
 
 
 def test_empty_corpus_is_an_error(tiny_llama):
@@ -284,12 +311,14 @@ def test_absurd_top_n_says_the_memory_it_would_need(tiny_llama):
 
     ids = torch.randint(3, 99, (1, 10))
     sae = synthetic_sae(tiny_llama, ids, 0, "R", d_sae=4608, l0=4)
-    need = state_bytes(4608, top_n=10_000_000)
-    assert need > _memory_available(torch.device("cpu"))  # 10M slots of 4,608 features: ~8 TB
+    # at most one example per token read (100,000 by default): still ~86 GiB for 4,608 features
+    need = state_bytes(4608, top_n=100_000)
+    assert need > _memory_available(torch.device("cpu"))
     with pytest.raises(InputError) as exc:
         mine(tiny_llama, CharTokenizer(), sae, DOCS, top_n=10_000_000, context=64, progress=False)
     msg = str(exc.value)
-    assert msg.startswith(f"top_n=10000000, n_samples=100 need {need / 2**30:.1f} GiB of mining state")
+    assert msg.startswith(f"top_n=10000000, n_samples=100 may need up to {need / 2**30:.1f} GiB "
+                          "of mining state")
     assert "lower them" in msg and "\n" not in msg
 
 

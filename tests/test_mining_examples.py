@@ -4,6 +4,8 @@ computation over every materialised activation, and the store's format versions.
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from llamascope_sdk.store.feature_store import FeatureStore, StoreVersionError
 
 from .conftest import CharTokenizer
 from .test_hooks import synthetic_sae
-from .test_mining import DOCS, materialise
+from .test_mining import DOCS, materialise, reference
 
 KW = dict(tokens=400, context=40, batch_size=3)
 CFG = dict(top_n=3, n_samples=20, deciles=5, example_context=8, n_nonactivating=6,
@@ -41,13 +43,14 @@ def test_pool_is_the_highest_priority_contexts_and_fires_is_exact(mined):
     pri = _mix(order, torch.tensor(-1)).masked_fill(~counted, -1)
     rows = torch.sort(pri, descending=True, stable=True).indices[:25]
     c = res.contexts
+    fires = torch.stack([c.fires(i) for i in range(A.shape[1])])  # [F, R] from the lists
     assert torch.equal(c.order, order[rows]) and torch.equal(c.doc, doc_col[rows])
     assert torch.equal(c.pos, pos_col[rows])
     before, after = 6, 1  # 3/4 of the 8-token context before the centre
     for j, r in enumerate(rows.tolist()):  # the context stays inside its sequence
         lo = max(r - before, int(seqs["lo"][r]))
         hi = min(r + after, int(seqs["hi"][r]) - 1)
-        assert torch.equal(c.fires[:, j], (A[lo:hi + 1] > 0).any(0))
+        assert torch.equal(fires[:, j], (A[lo:hi + 1] > 0).any(0))
         want = [-1] * (before - (r - lo)) + tok_col[lo:hi + 1].tolist() + [-1] * (after - (hi - r))
         assert c.tokens[j].tolist() == want
 
@@ -57,7 +60,10 @@ def test_store_gives_deciles_and_non_activating_examples(mined, tmp_path):
     A = A[sae.name]
     store = FeatureStore.from_result(res, CharTokenizer(), sae_spec="my-sae", corpus="docs")
     back = FeatureStore.load(store.save(tmp_path / "st"))
-    assert back.meta["version"] == 2 and back.meta["deciles"] == 5
+    assert back.meta["version"] == 3 and back.meta["deciles"] == 5
+    assert back.meta["example_spacing"]["samples"] == 8 and back.meta["example_spacing"]["top"] == 21
+    ref = reference(A, doc_col, pos_col, order, seqs, specials, top_n=3, n_samples=20, before=16,
+                    after=4, example_context=8)["samples"]
     fired = (A > 0).sum(0)
     alive = (fired > 0).nonzero().squeeze(1)
     by_count = alive[fired[alive].argsort(stable=True)]
@@ -65,14 +71,11 @@ def test_store_gives_deciles_and_non_activating_examples(mined, tmp_path):
     for i in [int(fired.argmax()), int(by_count[len(by_count) // 2]), int(by_count[0])]:
         bands = back.decile_examples(i)
         assert [b["decile"] for b in bands] == [5, 4, 3, 2, 1]
-        vals = torch.sort(A[:, i][A[:, i] > 0], descending=True).values
-        n = min(20, len(vals))
         got = [e["max"] for b in bands for e in b["examples"]]
-        assert len(got) == n and got == sorted(got, reverse=True)
+        n = len(ref[i])  # the spaced sample (at most 20)
+        assert got == [float(A[r, i]) for r in ref[i]] and got == sorted(got, reverse=True)
         assert [len(b["examples"]) for b in bands] == [round((q + 1) * n / 5) - round(q * n / 5)
                                                         for q in range(5)]
-        if fired[i] <= 20:  # the whole firing set: the bands are its exact quintiles
-            assert got == vals.tolist()
         for b in bands:
             if b["examples"]:
                 assert (b["lo"], b["hi"]) == (b["examples"][-1]["max"], b["examples"][0]["max"])
@@ -80,7 +83,7 @@ def test_store_gives_deciles_and_non_activating_examples(mined, tmp_path):
                 assert e["acts"][e["max_index"]] == e["max"] and len(e["tokens"]) <= 8
         neg = back.non_activating(i)
         c = res.contexts
-        ok = [j for j in range(25) if not bool(c.fires[i, j])]
+        ok = [j for j in range(25) if not bool(c.fires(i)[j])]
         pri = [int(_mix(c.order[j], torch.tensor(i))) for j in ok]
         want = [ok[k] for k in sorted(range(len(ok)), key=lambda k: -pri[k])][:6]
         n_neg += len(neg)
@@ -94,10 +97,29 @@ def test_store_gives_deciles_and_non_activating_examples(mined, tmp_path):
     json.dumps(back.decile_examples(0) + back.non_activating(0), allow_nan=False)
 
 
-def test_version_1_store_loads_and_refuses_deciles_with_the_re_mine_command(mined, tmp_path):
-    sae, res, _ = mined
-    store = FeatureStore.from_result(res, CharTokenizer(), sae_spec="my-sae", corpus="docs.txt")
-    folder = store.save(tmp_path / "old")
+DATA = Path(__file__).parent / "data"
+
+
+def test_a_version_2_store_reads_as_it_did_and_saves_as_version_3(tmp_path):
+    """tests/data/store_v2 was written by the SDK at f0aa478 (format 2, [F, K] slots); what
+    that SDK read from it is in store_v2_expected.json."""
+    old = FeatureStore.load(DATA / "store_v2")
+    assert old.meta["version"] == 2
+    want = json.loads((DATA / "store_v2_expected.json").read_text())
+    for i in range(old.d_sae):
+        got = {"top": old.examples(i), "deciles": old.decile_examples(i),
+               "non_activating": old.non_activating(i)}
+        assert json.loads(json.dumps(got)) == want[str(i)], i
+    new = FeatureStore.load(old.save(tmp_path / "v3"))
+    assert new.meta["version"] == 3
+    for i in range(new.d_sae):
+        assert new.examples(i) == old.examples(i) and new.non_activating(i) == old.non_activating(i)
+
+
+def test_version_1_store_loads_and_refuses_deciles_with_the_re_mine_command(tmp_path):
+    folder = tmp_path / "old"
+    shutil.copytree(DATA / "store_v2", folder)
+    v2 = FeatureStore.load(DATA / "store_v2")
     # A version-1 store: samples with the top examples' windows, no pool, no v2 keys.
     m = json.loads((folder / "manifest.json").read_text())
     (folder / "nonactivating.safetensors").unlink()
@@ -105,11 +127,13 @@ def test_version_1_store_loads_and_refuses_deciles_with_the_re_mine_command(mine
     m = {k: v for k, v in m.items() if k not in ("deciles", "example_context", "example_before",
                                                  "n_nonactivating", "nonactivating_pool")}
     m["version"] = 1
+    m["sae_spec"], m["corpus"] = "my-sae", "docs.txt"
     m["files"] = [f for f in m["files"] if f != "nonactivating.safetensors"]
     (folder / "manifest.json").write_text(json.dumps(m))
     old = FeatureStore.load(folder)
-    assert old.examples(0) == store.examples(0)  # show still works
-    assert old.samples.center == old.top.center == 16 and old.contexts is None
+    i = int(v2.top.counts().argmax())
+    assert old.examples(i) == v2.examples(i) and old.examples(i)  # show still works
+    assert old.samples.center == old.top.center == 3 and old.contexts is None
     with pytest.raises(StoreVersionError) as exc:
         old.decile_examples(0)
     msg = str(exc.value)
@@ -117,7 +141,7 @@ def test_version_1_store_loads_and_refuses_deciles_with_the_re_mine_command(mine
     assert msg.endswith(f"re-mine it: llamascope inspect --sae my-sae --dataset docs.txt --out {folder}")
     with pytest.raises(StoreVersionError):
         old.non_activating(0)
-    m["version"] = 3
+    m["version"] = 4
     (folder / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ValueError, match="store version 3 is newer than this SDK reads"):
+    with pytest.raises(ValueError, match="store version 4 is newer than this SDK reads"):
         FeatureStore.load(folder)

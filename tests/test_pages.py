@@ -54,9 +54,12 @@ def test_thousand_pages_take_seconds(mined, tmp_path):  # noqa: F811
     def tile(t):
         return t.repeat(reps, *([1] * (t.dim() - 1)))[:n]
 
-    for e in (store.top, store.samples):
+    feats = (list(range(store.d_sae)) * reps)[:n]
+    for e in (store.top, store.samples):  # ragged: feature k of the 1,000 is feature k % 96
+        rows = torch.cat([torch.arange(int(e.indptr[i]), int(e.indptr[i + 1])) for i in feats])
         for key in ("values", "doc", "pos", "tokens", "acts"):
-            setattr(e, key, tile(getattr(e, key)))
+            setattr(e, key, getattr(e, key)[rows])
+        e.indptr = torch.cat([torch.zeros(1, dtype=torch.long), e.counts()[feats].cumsum(0)])
     store.hist = tile(store.hist)
     store.stats.mean, store.stats.typical, store.stats.frequency = (
         tile(store.stats.mean), tile(store.stats.typical), tile(store.stats.frequency))

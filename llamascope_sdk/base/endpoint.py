@@ -13,10 +13,15 @@ What it does for the caller:
   (``backoff * 2**attempt``, at most ``max_backoff`` seconds), waiting what a ``Retry-After``
   header asks instead when the server sends one; any other HTTP error (400, 401, 404...) stops
   at once with one line that quotes the server;
+- treats an HTTP 200 whose body is not a chat completion (a proxy's HTML error page, a
+  truncated or foreign JSON body, one without ``choices[0].message.content``, one larger than
+  ``max_reply_bytes``) as a failed transport, like a dropped connection: counted
+  (``malformed``), retried, and after the last retry an :class:`EndpointError`, so the work
+  that asked for it stays not done and a re-run tries it again;
 - counts what the server reports in ``usage`` (prompt and completion tokens), the requests sent,
-  the retries, and the replies it could not parse: a body that is not the JSON of a chat
-  completion, or (with ``parse=``) a message the caller's parser rejects. Such a reply gives
-  ``Reply.value = None`` and is counted, never guessed;
+  the retries, and the model replies it could not parse: a well-formed chat completion whose
+  message (with ``parse=``) the caller's parser rejects, or whose content is null. Such a
+  reply gives ``Reply.value = None`` and is counted, never guessed, and not sent again;
 - stops before a request once ``token_budget`` tokens (prompt + completion) were reported
   (requests already in flight still finish, so a run can pass the budget by those).
 
@@ -60,12 +65,13 @@ class Usage:
     """What a :class:`ChatClient` sent and what the server reported, summed over its life."""
 
     requests: int = 0           #: HTTP requests sent, retries included
-    replies: int = 0            #: replies with HTTP 200
+    replies: int = 0            #: chat completions received (HTTP 200, well-formed)
     retries: int = 0            #: requests sent again after a 429, a 5xx, a timeout or a dropped connection
     prompt_tokens: int = 0      #: sum of usage.prompt_tokens the server reported
     completion_tokens: int = 0  #: sum of usage.completion_tokens the server reported
-    missing_usage: int = 0      #: HTTP 200 replies that reported no usage
-    unparsable: int = 0         #: replies that were no chat completion, or that ``parse`` rejected
+    missing_usage: int = 0      #: chat completions that reported no usage
+    unparsable: int = 0         #: chat completions whose message ``parse`` rejected (or null)
+    malformed: int = 0          #: HTTP 200 bodies that were no chat completion (sent again)
 
     @property
     def total_tokens(self) -> int:
@@ -77,8 +83,9 @@ class Usage:
 
 @dataclass(frozen=True)
 class Reply:
-    """One answer. ``text`` is None when the body was not a chat completion; ``value`` is
-    ``parse(text)``, or None when there was no text or the parser raised ValueError."""
+    """One answer. ``text`` is the message (None when the model's content was null);
+    ``value`` is ``parse(text)``, or None when there was no text or the parser raised
+    ValueError."""
 
     text: str | None
     value: Any
@@ -123,6 +130,47 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+#: Largest reply body read (bytes); a larger one is refused as not a chat completion. A reply
+#: of ``max_tokens`` tokens is a few KiB; 1 MiB leaves room for any sane server's extras.
+MAX_REPLY_BYTES = 2**20
+
+
+class NotProtocolError(Exception):
+    """An HTTP 200 whose body is not a chat completion: a proxy's error page, a truncated or
+    foreign JSON body, or one larger than the cap. Retried like a dropped connection."""
+
+
+def _start(body: bytes) -> str:
+    return repr(body[:60].decode("utf-8", "replace"))
+
+
+def completion(body: bytes, cap: int = MAX_REPLY_BYTES) -> dict[str, Any]:
+    """The chat completion in ``body`` (at most ``cap`` bytes): a JSON object whose
+    ``choices[0].message`` holds a ``content`` string (or null: the model said nothing).
+
+    Raises:
+        NotProtocolError: saying what is wrong (the body's start quoted when it is no JSON).
+    """
+    if len(body) > cap:
+        raise NotProtocolError(f"larger than the {cap:,}-byte cap (max_reply_bytes)")
+    try:
+        obj = json.loads(body)
+    except ValueError:  # UnicodeDecodeError included
+        raise NotProtocolError(f"that is not a chat completion: not JSON, starts {_start(body)}"
+                               ) from None
+    choices = obj.get("choices") if isinstance(obj, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(message, dict) or not isinstance(message.get("content", 0), str | None):
+        raise NotProtocolError(f"that is not a chat completion: no choices[0].message.content, "
+                               f"starts {_start(body)}")
+    return obj
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
 class ChatClient:
     """Sends chat completions to one model at one OpenAI-compatible endpoint.
 
@@ -138,12 +186,15 @@ class ChatClient:
         temperature: sent with every request (0 by default: the most reproducible).
         seed: sent with every request when given (servers that support it sample reproducibly).
         token_budget: refuse to send once this many tokens (prompt + completion) were reported.
+        max_reply_bytes: a reply body larger than this is not read further nor kept (a
+            transport error, retried).
     """
 
     def __init__(self, url: str, model: str, *, api_key: str | None = None,
                  concurrency: int = 4, timeout: float = 120.0, max_retries: int = 6,
                  backoff: float = 1.0, max_backoff: float = 60.0, temperature: float = 0.0,
-                 seed: int | None = None, token_budget: int | None = None) -> None:
+                 seed: int | None = None, token_budget: int | None = None,
+                 max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
         if concurrency < 1:
             raise InputError(f"concurrency must be at least 1, got {concurrency}")
         if timeout <= 0 or max_retries < 0 or backoff < 0:
@@ -161,6 +212,7 @@ class ChatClient:
         self.temperature = float(temperature)
         self.seed = seed
         self.token_budget = token_budget
+        self.max_reply_bytes = int(max_reply_bytes)
         self.usage = Usage()
         self._api_key = api_key
         self._lock = threading.Lock()
@@ -185,8 +237,19 @@ class ChatClient:
             payload["max_tokens"] = int(max_tokens)
         if self.seed is not None:
             payload["seed"] = int(self.seed)
-        body = self._send(json.dumps(payload).encode("utf-8"))
-        return self._reply(body, parse)
+        return self._reply(self._send(json.dumps(payload).encode("utf-8")), parse)
+
+    def probe(self, retries: int = 1) -> Reply:
+        """One small request (a few tokens) with at most ``retries`` retries: whether the
+        endpoint answers this model with a chat completion, before long work depends on it.
+
+        Raises:
+            EndpointError: it refused, or did not answer with a chat completion.
+        """
+        payload = {"model": self.model, "temperature": self.temperature, "max_tokens": 8,
+                   "messages": [{"role": "user", "content": "Reply with: Rating: [[2]]"}]}
+        return self._reply(self._send(json.dumps(payload).encode("utf-8"),
+                                      min(retries, self.max_retries)), None)
 
     def map(self, conversations: Iterable[Messages], *, max_tokens: int | None = None,
             parse: Callable[[str], Any] | Sequence[Callable[[str], Any]] | None = None
@@ -211,60 +274,62 @@ class ChatClient:
         wait = retry_after if retry_after is not None else self.backoff * 2 ** attempt
         return min(self.max_backoff, wait)
 
-    def _send(self, data: bytes) -> bytes:
+    def _send(self, data: bytes, retries: int | None = None) -> dict[str, Any]:
+        """POST ``data`` until a chat completion comes back (retrying as the class says, at
+        most ``retries`` times when given)."""
+        retries = self.max_retries if retries is None else retries
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            with self._lock:
-                if self.token_budget is not None and self.usage.total_tokens >= self.token_budget:
-                    raise TokenBudgetExceeded(
-                        f"stopped: {self.usage.total_tokens} tokens were used, the budget is "
-                        f"{self.token_budget}", hint="raise --max-cost-tokens, then run again "
-                        "(what is done is kept)")
-                self.usage.requests += 1
-                if attempt:
-                    self.usage.retries += 1
+        last, what = "", "no answer"
+        for attempt in range(retries + 1):
+            self._count_request(attempt)
             req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
             retry_after: float | None = None
             try:
                 with self._slots, self._opener.open(req, timeout=self.timeout) as resp:
-                    return bytes(resp.read())
+                    body = bytes(resp.read(self.max_reply_bytes + 1))
+                return completion(body, self.max_reply_bytes)
+            except NotProtocolError as exc:
+                with self._lock:
+                    self.usage.malformed += 1
+                last, what = f"HTTP 200 with a body {exc}", "no chat completion"
             except urllib.error.HTTPError as exc:
-                detail = exc.read()[:300].decode("utf-8", "replace").strip()
+                detail = exc.read(300).decode("utf-8", "replace").strip()
                 if exc.code != 429 and not 500 <= exc.code < 600:
                     raise EndpointError(f"{self.url} answered HTTP {exc.code}: {detail or exc.reason}",
                                         hint=_hint(exc.code)) from None
-                last = f"HTTP {exc.code}: {detail or exc.reason}"
+                last, what = f"HTTP {exc.code}: {detail or exc.reason}", "no answer"
                 retry_after = retry_after_seconds(exc.headers.get("Retry-After"))
             except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
                 reason = getattr(exc, "reason", exc)
-                last = f"{type(reason).__name__}: {reason}"
-            if attempt < self.max_retries:
+                last, what = f"{type(reason).__name__}: {reason}", "no answer"
+            if attempt < retries:
                 time.sleep(self._wait(attempt, retry_after))
-        raise EndpointError(f"{self.url}: no answer after {self.max_retries + 1} attempts "
+        raise EndpointError(f"{self.url}: {what} after {retries + 1} attempts "
                             f"(last: {last})", hint="is the server running and the URL right? "
                             "Rerun to resume: finished work is kept")
 
-    def _reply(self, body: bytes, parse: Callable[[str], Any] | None) -> Reply:
-        prompt = completion = 0
-        text: str | None = None
-        finish: str | None = None
-        reported = False
-        try:
-            obj = json.loads(body)
-            usage = obj.get("usage") if isinstance(obj, dict) else None
-            if isinstance(usage, dict):
-                reported = True
-                prompt = int(usage.get("prompt_tokens") or 0)
-                completion = int(usage.get("completion_tokens") or 0)
-            choice = obj["choices"][0]
-            content = choice["message"]["content"]
-            finish = choice.get("finish_reason")
-            text = content if isinstance(content, str) else None
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            text = None
+    def _count_request(self, attempt: int) -> None:
+        with self._lock:
+            if self.token_budget is not None and self.usage.total_tokens >= self.token_budget:
+                raise TokenBudgetExceeded(
+                    f"stopped: {self.usage.total_tokens} tokens were used, the budget is "
+                    f"{self.token_budget}", hint="raise --max-cost-tokens, then run again "
+                    "(what is done is kept)")
+            self.usage.requests += 1
+            if attempt:
+                self.usage.retries += 1
+
+    def _reply(self, obj: dict[str, Any], parse: Callable[[str], Any] | None) -> Reply:
+        """A chat completion (checked by :func:`completion`) -> its :class:`Reply`."""
+        usage = obj.get("usage")
+        reported = isinstance(usage, dict)
+        prompt = _count(usage.get("prompt_tokens")) if isinstance(usage, dict) else 0
+        done = _count(usage.get("completion_tokens")) if isinstance(usage, dict) else 0
+        choice = obj["choices"][0]
+        text = choice["message"].get("content")
+        finish = choice.get("finish_reason")
         value = None
         parsed = text is not None
         if text is not None and parse is not None:
@@ -277,12 +342,10 @@ class ChatClient:
         with self._lock:
             self.usage.replies += 1
             self.usage.prompt_tokens += prompt
-            self.usage.completion_tokens += completion
-            if not reported:
-                self.usage.missing_usage += 1
-            if not parsed:
-                self.usage.unparsable += 1
-        return Reply(text, value, prompt, completion, finish)
+            self.usage.completion_tokens += done
+            self.usage.missing_usage += not reported
+            self.usage.unparsable += not parsed
+        return Reply(text, value, prompt, done, finish if isinstance(finish, str) else None)
 
 
 def _hint(code: int) -> str | None:
@@ -291,5 +354,5 @@ def _hint(code: int) -> str | None:
             404: "check the URL (the base URL usually ends in /v1) and the model name"}.get(code)
 
 
-__all__ = ["ChatClient", "EndpointError", "Reply", "TokenBudgetExceeded", "Usage", "chat_url",
-           "retry_after_seconds"]
+__all__ = ["MAX_REPLY_BYTES", "ChatClient", "EndpointError", "NotProtocolError", "Reply",
+           "TokenBudgetExceeded", "Usage", "chat_url", "completion", "retry_after_seconds"]

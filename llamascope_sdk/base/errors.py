@@ -122,6 +122,11 @@ class StoreMismatchError(LlamascopeError, ValueError):
     """A feature store mined with a different SAE than the one it is used with."""
 
 
+class RankMismatchError(LlamascopeError, ValueError):
+    """A rank of a distributed run that runs another job than rank 0 (other arguments, SAE or
+    corpus): every rank raises it, so all stop before anything is merged."""
+
+
 # --------------------------------------------------------------------------- Hub downloads
 class ChecksumMismatchError(CorruptCheckpointError):
     """A downloaded file whose content does not hash to what the Hub announced for it (sha256

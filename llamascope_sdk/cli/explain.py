@@ -82,8 +82,13 @@ def save_labels(store: Any, folder: Path) -> tuple[int, int]:
 
     path = folder / LABELS_FILE
     old = read_labels(path, store.d_sae) if path.is_file() else {}
-    new = {i: label_text(r) for i, r in descriptions(store.path).items() if i not in old}
+    unused: list[str] = []
+    new = {i: label_text(r) for i, r in descriptions(store.path, unused).items() if i not in old}
     write_labels(path, {**old, **new})
+    for why in unused[:3]:
+        say(f"explanation not used: {why}", err=True)
+    if len(unused) > 3:
+        say(f"... and {len(unused) - 3} more explanation records not used", err=True)
     return len(new), len(old)
 
 
@@ -131,6 +136,8 @@ def explain(
         n_explain: Annotated[int, typer.Option(min=1, help="Contexts shown to the explainer.")] = 20,
         n_score: Annotated[int, typer.Option(min=1, help="Held-out activating and non-activating contexts per scorer.")] = 50,
         scorer_batch: Annotated[int, typer.Option(min=1, max=50, help="Contexts per scorer request, answered as a list of 0/1; 1 asks one yes/no question per context (more requests, a format small local models can follow).")] = 5,
+        min_activating: Annotated[int, typer.Option(min=1, help="Skip (no request) a feature with fewer held-out activating contexts than this: too few to score (delphi's default scorer prompt holds 5).")] = 5,
+        min_non_activating: Annotated[int, typer.Option(min=1, help="Skip (no request) a feature with fewer non-activating contexts than this (a near-dense feature).")] = 5,
         tokenizer: Annotated[str | None, typer.Option(help="Tokenizer for the cost estimate (local folder, cached Hub id or smollm2-135m). [default: 4 characters per token]", show_default=False)] = None,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the records. [default: STORE/explanations/<model>]", show_default=False)] = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the estimate and stop.")] = False,
@@ -158,13 +165,18 @@ def explain(
     if save_labels_to is not None and save_labels_to.exists() and not save_labels_to.is_dir():
         raise InputError(f"--save-labels-to {save_labels_to} is not a folder")
     st = load_store(store)
+    _check_writers(st, save_labels_to, out)
     feats = _select(st, features, top_frequency_n, search, top, device, dtype)
     if endpoint is None:
         _llm_free(st, feats, device, dtype, as_json)
     else:
         assert model is not None
+        from llamascope_sdk.explain import Settings
+
+        settings = Settings(n_explain=n_explain, n_score=n_score, batch=scorer_batch,
+                            min_activating=min_activating, min_non_activating=min_non_activating)
         _run(st, feats, endpoint, model, api_key, concurrency, max_cost_tokens, timeout,
-             n_explain, n_score, scorer_batch, tokenizer, out, dry_run, as_json)
+             settings, tokenizer, out, dry_run, as_json)
         if dry_run:
             return
     from llamascope_sdk.store.pages import refresh_pages
@@ -177,10 +189,22 @@ def explain(
                    f"{kept} kept", err=True)
 
 
+def _check_writers(st: Any, labels_to: Path | None, out: Path | None) -> None:
+    """Before any work: labels and explanations of this store's SAE go to no other SAE's
+    folder or store (fingerprints compared; one line otherwise)."""
+    from llamascope_sdk.store.ownership import check_labels_target, check_writes_into_store
+
+    if labels_to is not None:
+        check_labels_target(labels_to, st)
+    if out is not None:
+        check_writes_into_store(out, st.name, st.meta.get("fingerprint"), "explanations")
+
+
 def _llm_free(st: Any, feats: list[int], device: str, dtype: str | None, as_json: bool) -> None:
     from llamascope_sdk.explain.llm_free import describe_outputs
 
     sae, lm, tok = _load(st, device, dtype)
+    st.check_sae(sae)  # the descriptions are written into this store: of its own SAE only
     folder = describe_outputs(st, feats, model=lm, tokenizer=tok, sae=sae)
     if as_json:
         echo_json({"folder": str(folder), "features": feats})
@@ -189,14 +213,12 @@ def _llm_free(st: Any, feats: list[int], device: str, dtype: str | None, as_json
 
 
 def _run(st: Any, feats: list[int], endpoint: str, model: str, api_key: str | None,
-         concurrency: int, max_cost: int | None, timeout: float, n_explain: int, n_score: int,
-         scorer_batch: int,
+         concurrency: int, max_cost: int | None, timeout: float, settings: Any,
          tokenizer: str | None, out: Path | None, dry_run: bool, as_json: bool) -> None:
     from llamascope_sdk.base.endpoint import ChatClient
     from llamascope_sdk.base.errors import InputError
-    from llamascope_sdk.explain import Settings, explain_features, plan_run
+    from llamascope_sdk.explain import explain_features, plan_run
 
-    settings = Settings(n_explain=n_explain, n_score=n_score, batch=scorer_batch)
     client = ChatClient(endpoint, model, api_key=api_key, concurrency=concurrency,
                         timeout=timeout, token_budget=max_cost)
     count, count_messages, how = token_counter(tokenizer)
@@ -218,7 +240,8 @@ def _run(st: Any, feats: list[int], endpoint: str, model: str, api_key: str | No
     summary = {"folder": str(res.folder), "written": len(res.written),
                "skipped": len(res.skipped), "unparsable_explanations": res.unparsable_explanations,
                "unparsable_scorer_batches": res.unparsable_batches, "usage": res.usage,
-               "estimate": plan.estimate.as_dict()}
+               "estimate": plan.estimate.as_dict(),
+               "too_few_to_score": {str(i): why for i, why in sorted(res.too_few.items())}}
     if as_json:
         echo_json(summary)
         return
@@ -229,3 +252,9 @@ def _run(st: Any, feats: list[int], endpoint: str, model: str, api_key: str | No
                f"({u['retries']} retries); estimated {plan.estimate.total_tokens:,} tokens\n"
                f"unparsable replies: {res.unparsable_explanations} explanations, "
                f"{res.unparsable_batches} scorer batches (left out, never guessed)")
+    if res.too_few:
+        typer.echo(f"{len(res.too_few)} features too thin to score, no request sent (need "
+                   f"{settings.min_activating} held-out activating and "
+                   f"{settings.min_non_activating} non-activating contexts): "
+                   + ", ".join(str(i) for i in sorted(res.too_few)[:20])
+                   + (" ..." if len(res.too_few) > 20 else ""))

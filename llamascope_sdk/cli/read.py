@@ -90,20 +90,23 @@ def show(store: Annotated[str, typer.Argument(help="A feature store folder, or a
     from llamascope_sdk.store import view
     from llamascope_sdk.store.explanation_view import explanation_lines
     from llamascope_sdk.store.feature_store import load_store
-    from llamascope_sdk.store.scores import load_scores
-
     st = load_store(store)
-    scores = load_scores(st.path)
-    sc = scores.get(st.check_feature(feature)) if scores is not None else None
+    sc, scores_error = _feature_scores(st, st.check_feature(feature))
     if as_json:
         echo_json({**view.feature(st, feature), **feature_explanations(st.path, feature),
-                   **({"scores": sc} if sc else {})})
+                   **({"scores": sc} if sc else {}),
+                   **({"scores_error": scores_error} if scores_error else {}),
+                   **({"store_errors": st.problems} if st.problems else {})})
         return
     s = view.summary(st, feature)
     label = f" '{s['label']}'" if s["label"] else ""
     say(f"{st.name} feature {feature}{label}{'  [dense]' if s['dense'] else ''}")
     for line in explanation_lines(st, feature):
         say(line)
+    if scores_error:
+        say(f"scores not shown: {scores_error}")
+    for why in st.problems:
+        say(f"store file not used: {why}")
     say(f"frequency {100 * s['frequency']:.3g}%   typical {s['typical']:.4g}   "
         f"mean {s['mean']:.4g}   max {s['max']:.4g}   ({s['n_tokens']:,} tokens)")
     if s["neuronpedia_url"]:
@@ -125,6 +128,19 @@ def show(store: Annotated[str, typer.Argument(help="A feature store folder, or a
         say("(never fired on the mined corpus)")
 
 
+def _feature_scores(st: Any, i: int) -> tuple[dict[str, Any] | None, str | None]:
+    """Feature ``i``'s selection scores, or why the store's scores file cannot be used (a
+    bad optional file: the rest of the feature is still shown)."""
+    from llamascope_sdk.base.errors import CorruptCheckpointError
+    from llamascope_sdk.store.scores import scores_of
+
+    try:
+        scores = scores_of(st)
+    except CorruptCheckpointError as exc:
+        return None, str(exc)
+    return (scores.get(i) if scores is not None else None), None
+
+
 def _top_by_output_score(sae: str, store: str | None, top: int, include_dense: bool,
                          as_json: bool) -> None:
     """``search --sort output-score`` without a prompt: the store's best-scored features (no
@@ -132,7 +148,7 @@ def _top_by_output_score(sae: str, store: str | None, top: int, include_dense: b
     from llamascope_sdk.core.metrics import DENSE_FREQUENCY
     from llamascope_sdk.loading import demo
     from llamascope_sdk.store.feature_store import load_store
-    from llamascope_sdk.store.scores import SCORES_FILE, FeatureScores
+    from llamascope_sdk.store.scores import SCORES_FILE, scores_of
     from llamascope_sdk.store.view import steer_command
 
     st = load_store(store if store is not None else sae)
@@ -140,7 +156,8 @@ def _top_by_output_score(sae: str, store: str | None, top: int, include_dense: b
         raise typer.BadParameter(f"the store {st.path} has no {SCORES_FILE}: run `llamascope "
                                  f"score-features --sae {sae} --store {st.path}` first",
                                  param_hint="--sort")
-    scores = FeatureScores.load(st.path)
+    scores = scores_of(st)
+    assert scores is not None  # the file exists (checked above)
     freq, typical = st.stats.frequency, st.stats.typical
     hits: list[dict[str, Any]] = []
     for i in scores.top(st.d_sae):
@@ -211,13 +228,17 @@ def search(sae: SaeOpt,
     if found_store is not None and (store is not None or s.stats is None):
         stats = found_store.stats
     if sort == "output-score":
-        from llamascope_sdk.store.scores import FeatureScores
+        from llamascope_sdk.store.scores import SCORES_FILE, scores_of
 
         if found_store is None or found_store.path is None:
             raise typer.BadParameter("--sort output-score reads the scores of a feature store: "
                                      "give --store DIR (scored by `llamascope score-features`)",
                                      param_hint="--store")
-        scores = FeatureScores.load(found_store.path).output_score
+        scored = scores_of(found_store)
+        if scored is None:
+            raise typer.BadParameter(f"the store {found_store.path} has no {SCORES_FILE}: run "
+                                     "`llamascope score-features` on it first", param_hint="--store")
+        scores = scored.output_score
     hits = search_features(lm, tok, s, prompt, vs=vs, stats=stats, top=top,
                            include_dense=include_dense, output_scores=scores)
     spec = "demo" if demo.is_demo(sae) else sae
@@ -239,10 +260,14 @@ def _search_text(sae: str, store: str | None, text: str, top: int, as_json: bool
 
     check_text(text, "--text")
     st = load_store(store if store is not None else sae)
-    found = search_descriptions(st, text, top)
+    unused: list[str] = []
+    found = search_descriptions(st, text, top, unused)
     if as_json:
-        echo_json({"sae": st.name, "text": text, "hits": found})
+        echo_json({"sae": st.name, "text": text, "hits": found,
+                   **({"explanation_errors": unused} if unused else {})})
     else:
+        for why in unused:
+            say(f"explanation not used: {why}", err=True)
         table(f"explanations of {st.name} matching {text!r}", ["feature", "explanation", "scores", "explainer"],
               [[h["feature"], h["explanation"], h["scores"], h["model"]] for h in found])
 

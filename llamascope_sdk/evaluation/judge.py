@@ -88,6 +88,16 @@ class Judge:
             out.append(harmonic_mean([r.value for r in got]))
         return out
 
+    def probe(self) -> None:
+        """Reach the endpoint once (one short request, at most one retry), before any model
+        work: an endpoint that is down or refuses fails here in one line, not after the
+        sweep. The reply is not judged; the request counts in :meth:`report`.
+
+        Raises:
+            EndpointError: the endpoint refused or did not answer with a chat completion.
+        """
+        self.client.probe()
+
     def report(self) -> dict[str, Any]:
         """Items judged and the client's usage (requests, retries, tokens, unparsable)."""
         return {"items": self.items, **self.client.usage.as_dict()}

@@ -14,19 +14,29 @@ feature in one batch, :func:`~llamascope_sdk.steering.batch_generation.generate_
   point, drawn flat across strengths);
 * ``none``: no edit, the reference every lift is measured against.
 
-Each continuation is scored by the unsteered model (:mod:`.steer_metrics`): concept (the
-feature's re-encoded activation; the lift in log-probability of the concept text, or without
-one of the feature's top logit-lens tokens, over the unsteered continuation of the same
-prompt), fluency (perplexity, and distinct-2 against repetition) and, for the edits, side
-effects on neutral text (KL, loss change).
+The concept of a feature (:mod:`.concept`): ``concept=``, else its best explanation, else its
+label, else the tokens that most raise it in its top examples; every result names the concept
+and its source. Each continuation is scored by the unsteered model (:mod:`.steer_metrics`):
+concept (the feature's re-encoded activation; the lift in log-probability of the concept text
+over the unsteered continuation of the same prompt; the logit-lens lift only when the lens is
+consistent with the top examples), fluency (perplexity, and distinct-2 against repetition)
+and, for the edits, side effects on neutral text (KL, loss change).
+
+Aggregation over the prompts of a half: every number is the mean over the prompts, except
+perplexity, the geometric mean ``exp((1/P) sum_p nll_p)`` with ``nll_p`` the mean token NLL of
+prompt p's continuation (an arithmetic mean of per-prompt perplexities would weigh the worst
+prompt most). KL and loss change are means over the neutral texts of per-text means over their
+non-special positions (BOS excluded, :func:`.steer_metrics.side_effects`).
 
 No choosing on the test prompts: prompts are split in two halves (even positions select, odd
 positions test). Per method the strength is chosen on the selection half (:func:`choose`): the
 largest concept lift among strengths whose perplexity is at most ``fluency_limit`` (2) times the unsteered
 perplexity and whose distinct-2 is at least ``diversity_limit`` (0.5) times the unsteered
 one (perplexity under the unsteered model does not see degenerate repetition, distinct-2 does;
-with a judge: the largest mean AxBench score); the reported scores of the chosen strength, and
-all curves, are the test half's.
+with a judge: the largest mean AxBench score, which is then the headline of every table); the
+reported scores of the chosen strength, and all curves, are the test half's. When no strength
+but the no-op (add 0, scale 1) passes, the method has no chosen strength and the result says so
+in one line (``no_choice``); nothing is exported for it.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ import torch
 from llamascope_sdk.base.errors import InputError
 from llamascope_sdk.core.logit_lens import logit_lens
 from llamascope_sdk.core.sites import parse_hook_point
+from llamascope_sdk.evaluation.concept import RULE, Concept, feature_concept
 from llamascope_sdk.evaluation.steer_metrics import (
     diffmean_direction,
     score_continuations,
@@ -111,7 +122,12 @@ PROMPT_INSTRUCTION = "Write about {concept}."
 
 @dataclass
 class Point:
-    """One method at one strength, averaged over a half of the prompts (NaN where undefined)."""
+    """One method at one strength, averaged over a half of the prompts (NaN where undefined).
+
+    ``perplexity`` is the geometric mean over the prompts: ``exp(mean_p nll_p)`` with
+    ``nll_p`` the mean token NLL of prompt p's continuation. ``lens_lift`` is the lift of the
+    feature's top-10 logit-lens tokens, only when the lens is consistent with the feature's
+    top examples (:mod:`.concept`), else None."""
 
     method: str
     strength: float | None
@@ -122,11 +138,18 @@ class Point:
     dloss: float | None = None
     judge: float | None = None
     distinct: float | None = None
+    lens_lift: float | None = None
 
 
 @dataclass
 class FeatureEval:
-    """The sweep of one feature: test-half curves per method, the chosen points, examples."""
+    """The sweep of one feature: test-half curves per method, the chosen points, examples.
+
+    ``concept`` is the concept text measured and ``concept_source`` where it came from
+    (:func:`.concept.feature_concept`); ``headline`` names the number a strength is chosen
+    by and reported first (the AxBench judge score with a judge, else the concept lift).
+    ``no_choice[m]``: one line saying why method m has no chosen strength (none passed the
+    fluency and diversity limits with more than the unsteered text: only the no-op did)."""
 
     feature: int
     label: str | None
@@ -136,6 +159,9 @@ class FeatureEval:
     chosen: dict[str, Point]
     chosen_on: dict[str, list[Point]]  # the selection half's curve each choice was made on
     examples: dict[str, str] = field(default_factory=dict)
+    concept_source: dict[str, Any] = field(default_factory=dict)
+    headline: str = "concept_lift"
+    no_choice: dict[str, str] = field(default_factory=dict)
     #: with a condition (``when``): per strength, where it fired and what the edit did on the
     #: prompts where it never fired (:func:`condition_report`)
     condition: list[dict[str, Any]] | None = None
@@ -146,7 +172,7 @@ class FeatureEval:
                 return None
             if isinstance(v, dict):
                 return {k: clean(x) for k, x in v.items()}
-            if isinstance(v, list):
+            if isinstance(v, list | tuple):
                 return [clean(x) for x in v]
             return v
 
@@ -185,6 +211,11 @@ def condition_report(keys: Sequence[tuple[tuple[str, float | None], int]],
     return out
 
 
+def is_no_op(mode: str, strength: float | None) -> bool:
+    """An edit that changes nothing: add 0, scale by 1."""
+    return (mode == "add" and strength == 0) or (mode == "scale" and strength == 1)
+
+
 def _nanmean(xs: Sequence[float | None]) -> float:
     v = [x for x in xs if x is not None and math.isfinite(x)]
     return sum(v) / len(v) if v else float("nan")
@@ -197,23 +228,22 @@ class _Sweep:
     per: dict[tuple[str, float | None], dict[int, Any]]
     fx: dict[tuple[str, float | None], tuple[float, float]]
     judged: dict[tuple[tuple[str, float | None], int], float | None]
-    by_concept_text: bool
+    lens_ok: bool
 
     def point(self, key: tuple[str, float | None], idx: list[int]) -> Point:
         """``key`` = (method, strength) averaged over the prompts ``idx``; a zero-strength add
         or DiffMean is the unsteered run (nothing is added)."""
         base = self.per[("none", None)]
         src = self.per.get(key, base)
-        if self.by_concept_text:
-            lift = [_minus(src[i].concept_logprob, base[i].concept_logprob) for i in idx]
-        else:
-            lift = [src[i].lens_logprob - base[i].lens_logprob for i in idx]
+        lift = [_minus(src[i].concept_logprob, base[i].concept_logprob) for i in idx]
+        lens = (_nanmean([src[i].lens_logprob - base[i].lens_logprob for i in idx])
+                if self.lens_ok else None)
         kl, dl = self.fx.get(key, (0.0, 0.0) if key[1] == 0 else (None, None))
         jk = key if key in self.per else ("none", None)
         judge = _nanmean([self.judged.get((jk, i)) for i in idx]) if self.judged else None
         return Point(key[0], key[1], _nanmean([src[i].concept_activation for i in idx]),
                      _nanmean(lift), math.exp(_nanmean([src[i].nll for i in idx])), kl, dl, judge,
-                     _nanmean([src[i].distinct for i in idx]))
+                     _nanmean([src[i].distinct for i in idx]), lens)
 
 
 def _minus(a: float | None, b: float | None) -> float:
@@ -227,12 +257,12 @@ def _objective(p: Point, by_judge: bool) -> float:
 
 
 def choose(points: Sequence[Point], ref: Point, *, fluency_limit: float = 2.0,
-           diversity_limit: float = 0.5, by_judge: bool = False) -> int:
+           diversity_limit: float = 0.5, by_judge: bool = False) -> int | None:
     """The index of the strength chosen among ``points`` (one method, the selection half):
     the best objective (the judge's mean score, else the concept lift) among the eligible
     points, those whose perplexity is at most ``fluency_limit`` x ``ref``'s (the unsteered
     run on the same prompts) and whose distinct-2 is at least ``diversity_limit`` x ``ref``'s
-    (no degenerate repetition); the first point (strength 0 in the usual sweep) when none is."""
+    (no degenerate repetition); None when no point is eligible."""
     def fluent(p: Point) -> bool:
         if not p.perplexity <= fluency_limit * ref.perplexity:  # NaN is not eligible
             return False
@@ -240,8 +270,21 @@ def choose(points: Sequence[Point], ref: Point, *, fluency_limit: float = 2.0,
             return True
         return p.distinct is not None and p.distinct >= diversity_limit * ref.distinct
 
-    ok = [j for j, p in enumerate(points) if fluent(p)] or [0]
-    return max(ok, key=lambda j: _objective(points[j], by_judge))
+    ok = [j for j, p in enumerate(points) if fluent(p)]
+    return max(ok, key=lambda j: _objective(points[j], by_judge)) if ok else None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """When a strength is eligible (:func:`choose`)."""
+
+    fluency: float = 2.0
+    diversity: float = 0.5
+
+    def no_choice(self, feature: int, method: str) -> str:
+        return (f"feature {feature}, {method}: no strength passed the limits (perplexity <= "
+                f"{self.fluency:g}x and distinct-2 >= {self.diversity:g}x the unsteered text's, "
+                "on the selection half) with a gain over no edit; nothing chosen, nothing exported")
 
 
 def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
@@ -252,7 +295,8 @@ def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
                neutral_texts: Sequence[str] = NEUTRAL_TEXTS,
                judge: Callable[[list[tuple[str, str, str]]], list[float | None]] | None = None,
                when: Condition | None = None,
-               progress: bool = True) -> list[FeatureEval]:
+               on_llm_free: Callable[[list[FeatureEval]], None] | None = None,
+               progress: bool = True, store: Any = None) -> list[FeatureEval]:
     """Sweep ``strengths`` for each feature and compare with the baselines (module docstring).
 
     Args:
@@ -264,113 +308,191 @@ def eval_steer(model: Any, tokenizer: Any, sae: SAE, features: Sequence[int], *,
             scored is the assistant's reply (instruct models); the prompt baseline puts its
             instruction in the same message. Edits still apply at every position.
         concept: the concept text (scored by log-probability; DiffMean's positive text; named
-            in the prompt baseline when the feature has no label); default the feature's top
-            logit-lens tokens.
+            in the prompt baseline); default by :func:`.concept.feature_concept` from the
+            store's explanation, the label, or the top examples' tokens.
+        store: the SAE's feature store (explanations, labels, top examples), or None.
         baselines: also run the prompt and DiffMean baselines.
         fluency_limit, diversity_limit: a strength is eligible when its perplexity is at most
             ``fluency_limit`` x the unsteered one and its distinct-2 at least
             ``diversity_limit`` x the unsteered one (:func:`choose`).
         judge: scores ``[(prompt, continuation, concept)]`` -> one number (or None) each;
-            used to choose strengths and reported (see :mod:`.steer_judge`).
+            used to choose strengths and reported first (see :mod:`.judge`). It runs after
+            every feature's continuations were generated and scored without it.
+        on_llm_free: with a judge, called with the results without it (strengths chosen by
+            the concept lift) before the judge is asked anything, so that a caller can keep
+            them should the judge fail.
         when: a condition on the feature edit (conditional steering): it then applies only
             where the condition holds; :attr:`FeatureEval.condition` reports where it fired
             and the side effects on the prompts where it never did.
 
     Raises:
-        InputError: an unknown mode, non-finite strengths, fewer than 2 prompts.
+        InputError: an unknown mode, non-finite strengths, fewer than 2 prompts, a feature
+            without any concept.
     """
+    strengths, prompts = _check_args(mode, strengths, prompts, chat, max_new_tokens)
+    feats = [int(i) for i in sae.check_features(list(features)).tolist()]
+    lens = logit_lens(model, sae.W_dec[torch.tensor(feats, device=sae.device)], k=10).top_ids
+    concepts = [feature_concept(f, concept=concept, labels=sae.labels, store=store,
+                                lens_words=[tokenizer.decode([int(t)]) for t in lens[n].tolist()])
+                for n, f in enumerate(feats)]  # every feature's concept before any work
+    setup = _Setup(model, tokenizer, sae, mode, strengths, prompts, chat, max_new_tokens,
+                   neutral_texts, Limits(fluency_limit, diversity_limit), judge, when)
+    done = []
+    for n, f in enumerate(feats):
+        runs = _runs(setup, f, concepts[n], baselines)
+        sweep, texts_of, cond = _generate(setup, f, concepts[n], runs, lens[n].tolist(), progress)
+        done.append(_Generated(f, concepts[n], runs, sweep, texts_of, cond))
+    results = [_one_feature(setup, g, baselines, by_judge=False) for g in done]
+    if judge is None:
+        return results
+    if on_llm_free is not None:
+        on_llm_free(results)  # kept even when the judge fails below
+    for g in done:
+        g.sweep.judged = _judged(setup, g)
+    return [_one_feature(setup, g, baselines, by_judge=True) for g in done]
 
+
+def _check_args(mode: str, strengths: Sequence[float], prompts: Sequence[str] | None,
+                chat: bool, max_new_tokens: int) -> tuple[list[float], list[str]]:
     if mode not in MODES:
         raise InputError(f"mode {mode!r} is unknown; allowed are {', '.join(MODES)}")
-    strengths = [float(s) for s in strengths]
-    if not strengths or not all(math.isfinite(s) for s in strengths):
-        raise InputError(f"strengths must be finite numbers, got {strengths}")
-    prompts = list(prompts if prompts is not None
-                   else NEUTRAL_INSTRUCTIONS if chat else NEUTRAL_PROMPTS)
-    if len(prompts) < 2 or not all(p.strip() for p in prompts):
-        raise InputError(f"give at least 2 non-empty prompts (got {len(prompts)}): half choose "
+    values = [float(s) for s in strengths]
+    if not values or not all(math.isfinite(s) for s in values):
+        raise InputError(f"strengths must be finite numbers, got {values}")
+    texts = list(prompts if prompts is not None
+                 else NEUTRAL_INSTRUCTIONS if chat else NEUTRAL_PROMPTS)
+    if len(texts) < 2 or not all(p.strip() for p in texts):
+        raise InputError(f"give at least 2 non-empty prompts (got {len(texts)}): half choose "
                          "the strength, the other half report the scores")
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    feats = [int(i) for i in sae.check_features(list(features)).tolist()]
-    site = parse_hook_point(sae.hyperparams.hook_point_out)
-    lens = logit_lens(model, sae.W_dec[torch.tensor(feats, device=sae.device)], k=10).top_ids
-    p_ids = [prompt_ids(tokenizer, p, chat=chat)[0].tolist() for p in prompts]
-    concept_ids = (tokenizer(" " + concept.strip(), add_special_tokens=False)["input_ids"]
-                   if concept else None)
-    halves = {"select": list(range(0, len(prompts), 2)), "test": list(range(1, len(prompts), 2))}
-    results = []
-    for n, f in enumerate(feats):
-        lens_words = [tokenizer.decode([int(t)]) for t in lens[n].tolist()]
-        desc = sae.labels.get(f) or concept or "the words " + ", ".join(
-            repr(w.strip()) for w in lens_words[:5])
-        runs: dict[tuple[str, float | None], list[Any]] = {("none", None): []}
-        for s in strengths:
-            if not (mode in ("add",) and s == 0):
-                runs[("feature", s)] = [_edit(sae, f, mode, s, when)]
-        if baselines:
-            texts = [concept] if concept else [" ".join(w.strip() for w in lens_words)]
-            v = diffmean_direction(model, tokenizer, sae, texts, neutral_texts)
-            v = v / v.norm().clamp(min=1e-12)
-            for s in strengths:
-                if s != 0:
-                    runs[("diffmean", s)] = [VectorEdit((s * v).to(sae.device), site)]
-            runs[("prompt", None)] = []
-        rows: list[list[int]] = []
-        row_edits, keys = [], []
-        for key, edits in runs.items():
-            for i, p in enumerate(prompts):
-                rows.append(prompt_ids(tokenizer, f"{PROMPT_INSTRUCTION.format(concept=desc)}"
-                                       f"\n\n{p}", chat=chat)[0].tolist()
-                            if key[0] == "prompt" else p_ids[i])
-                row_edits.append(edits)
-                keys.append((key, i))
-        if progress:
-            sys.stderr.write(f"feature {f}: generating {len(rows)} continuations of "
-                             f"{max_new_tokens} tokens in one batch\n")
-        gens = generate_batch(model, tokenizer, rows, row_edits, max_new_tokens=max_new_tokens)
-        scores = score_continuations(model, tokenizer, sae, f, [p_ids[i] for _, i in keys],
-                                     [g.ids for g in gens], lens[n].tolist(), concept_ids)
-        per: dict[tuple[str, float | None], dict[int, Any]] = {}
-        texts_of: dict[tuple[str, float | None], dict[int, str]] = {}
-        for (key, i), sc, g in zip(keys, scores, gens, strict=True):
-            per.setdefault(key, {})[i] = sc
-            texts_of.setdefault(key, {})[i] = g.text
-        edit_keys = [k for k in runs if k[0] in ("feature", "diffmean")]
-        fx = dict(zip(edit_keys, side_effects(model, tokenizer, neutral_texts,
-                                              [runs[k] for k in edit_keys]), strict=True))
-        judged: dict[tuple[tuple[str, float | None], int], float | None] = {}
-        if judge is not None:
-            items = [(k, i) for k in runs for i in range(len(prompts))]
-            marks = judge([(prompts[i], texts_of[k][i], desc) for k, i in items])
-            judged = dict(zip(items, marks, strict=True))
+    return values, texts
 
-        sweep = _Sweep(per, fx, judged, bool(concept_ids))
-        point = sweep.point
 
-        curves: dict[str, list[Point]] = {}
-        chosen: dict[str, Point] = {}
-        chosen_on: dict[str, list[Point]] = {}
-        methods = ["feature"] + (["diffmean", "prompt"] if baselines else [])
-        for m in methods:
-            keys_m = [("prompt", None)] if m == "prompt" else [(m, s) for s in strengths]
-            sel = [point(k, halves["select"]) for k in keys_m]
-            curves[m] = [point(k, halves["test"]) for k in keys_m]
-            chosen_on[m] = sel
-            best = choose(sel, point(("none", None), halves["select"]),
-                          fluency_limit=fluency_limit, diversity_limit=diversity_limit,
-                          by_judge=judge is not None)
+@dataclass
+class _Setup:
+    """What every feature's sweep shares."""
+
+    model: Any
+    tokenizer: Any
+    sae: SAE
+    mode: str
+    strengths: list[float]
+    prompts: list[str]
+    chat: bool
+    max_new_tokens: int
+    neutral_texts: Sequence[str]
+    limits: Limits
+    judge: Callable[[list[tuple[str, str, str]]], list[float | None]] | None
+    when: Condition | None = None
+
+
+Key = tuple[str, float | None]
+
+
+def _runs(s: _Setup, f: int, concept: Concept, baselines: bool) -> dict[Key, list[Any]]:
+    """Every (method, strength) of the sweep and its edits."""
+    runs: dict[Key, list[Any]] = {("none", None): []}
+    for x in s.strengths:
+        if not (s.mode == "add" and x == 0):
+            runs[("feature", x)] = [_edit(s.sae, f, s.mode, x, s.when)]
+    if baselines:
+        v = diffmean_direction(s.model, s.tokenizer, s.sae, [concept.text], s.neutral_texts)
+        v = v / v.norm().clamp(min=1e-12)
+        site = parse_hook_point(s.sae.hyperparams.hook_point_out)
+        for x in s.strengths:
+            if x != 0:
+                runs[("diffmean", x)] = [VectorEdit((x * v).to(s.sae.device), site)]
+        runs[("prompt", None)] = []
+    return runs
+
+
+def _generate(s: _Setup, f: int, concept: Concept, runs: dict[Key, list[Any]],
+              lens: list[int], progress: bool
+              ) -> tuple[_Sweep, dict[Key, dict[int, str]], list[dict[str, Any]] | None]:
+    """All continuations of the feature in one batch, scored, with side effects and marks."""
+    p_ids = [prompt_ids(s.tokenizer, p, chat=s.chat)[0].tolist() for p in s.prompts]
+    instruction = PROMPT_INSTRUCTION.format(concept=concept.text)
+    rows, row_edits, keys = [], [], []
+    for key, edits in runs.items():
+        for i, p in enumerate(s.prompts):
+            rows.append(prompt_ids(s.tokenizer, f"{instruction}\n\n{p}", chat=s.chat)[0].tolist()
+                        if key[0] == "prompt" else p_ids[i])
+            row_edits.append(edits)
+            keys.append((key, i))
+    if progress:
+        sys.stderr.write(f"feature {f}: generating {len(rows)} continuations of "
+                         f"{s.max_new_tokens} tokens in one batch\n")
+    gens = generate_batch(s.model, s.tokenizer, rows, row_edits, max_new_tokens=s.max_new_tokens)
+    concept_ids = s.tokenizer(" " + concept.text, add_special_tokens=False)["input_ids"]
+    scores = score_continuations(s.model, s.tokenizer, s.sae, f, [p_ids[i] for _, i in keys],
+                                 [g.ids for g in gens], lens, concept_ids)
+    per: dict[Key, dict[int, Any]] = {}
+    texts_of: dict[Key, dict[int, str]] = {}
+    for (key, i), sc, g in zip(keys, scores, gens, strict=True):
+        per.setdefault(key, {})[i] = sc
+        texts_of.setdefault(key, {})[i] = g.text
+    edit_keys = [k for k in runs if k[0] in ("feature", "diffmean")]
+    fx = dict(zip(edit_keys, side_effects(s.model, s.tokenizer, s.neutral_texts,
+                                          [runs[k] for k in edit_keys]), strict=True))
+    condition = (condition_report(keys, gens, scores, list(range(1, len(s.prompts), 2)))
+                 if s.when is not None else None)
+    return _Sweep(per, fx, {}, bool(concept.lens_consistent)), texts_of, condition
+
+
+@dataclass
+class _Generated:
+    """One feature's continuations and their LLM-free scores (what a judge then reads)."""
+
+    feature: int
+    concept: Concept
+    runs: dict[Key, list[Any]]
+    sweep: _Sweep
+    texts_of: dict[Key, dict[int, str]]
+    condition: list[dict[str, Any]] | None = None
+
+
+def _judged(s: _Setup, g: _Generated) -> dict[tuple[Key, int], float | None]:
+    """The judge's mark of every continuation of ``g``."""
+    assert s.judge is not None
+    items = [(k, i) for k in g.runs for i in range(len(s.prompts))]
+    marks = s.judge([(s.prompts[i], g.texts_of[k][i], g.concept.text) for k, i in items])
+    return dict(zip(items, marks, strict=True))
+
+
+def _one_feature(s: _Setup, g: _Generated, baselines: bool, by_judge: bool) -> FeatureEval:
+    """The sweep of a feature, generated and scored: choose on one half, report the other
+    (by the judge's marks when ``by_judge``)."""
+    f, concept, runs, sweep, texts_of = g.feature, g.concept, g.runs, g.sweep, g.texts_of
+    halves = {"select": list(range(0, len(s.prompts), 2)), "test": list(range(1, len(s.prompts), 2))}
+    curves: dict[str, list[Point]] = {}
+    chosen: dict[str, Point] = {}
+    chosen_on: dict[str, list[Point]] = {}
+    no_choice: dict[str, str] = {}
+    for m in ["feature"] + (["diffmean", "prompt"] if baselines else []):
+        keys_m: list[Key] = [("prompt", None)] if m == "prompt" else [(m, x) for x in s.strengths]
+        sel = [sweep.point(k, halves["select"]) for k in keys_m]
+        curves[m] = [sweep.point(k, halves["test"]) for k in keys_m]
+        chosen_on[m] = sel
+        best = choose(sel, sweep.point(("none", None), halves["select"]),
+                      fluency_limit=s.limits.fluency, diversity_limit=s.limits.diversity,
+                      by_judge=by_judge)
+        if best is None or (m != "prompt" and is_no_op("add" if m == "diffmean" else s.mode,
+                                                       keys_m[best][1])):
+            no_choice[m] = s.limits.no_choice(f, m)
+        else:
             chosen[m] = curves[m][best]
-        curves["none"] = [point(("none", None), halves["test"])]
-        examples = {f"{k[0]}@{k[1]:g}" if k[1] is not None else k[0]: texts_of[k][halves["test"][0]]
-                    for k in runs}
-        results.append(FeatureEval(
-            f, sae.labels.get(f), desc, "concept text log-probability lift (nats)" if concept_ids
-            else "log-probability lift of the feature's top-10 logit-lens tokens (nats)",
-            curves, chosen, chosen_on, examples,
-            condition_report(keys, gens, scores, halves["test"]) if when is not None else None))
-    return results
+    curves["none"] = [sweep.point(("none", None), halves["test"])]
+    examples = {f"{k[0]}@{k[1]:g}" if k[1] is not None else k[0]: texts_of[k][halves["test"][0]]
+                for k in runs}
+    return FeatureEval(f, s.sae.labels.get(f), concept.text, CONCEPT_MEASURE, curves, chosen,
+                       chosen_on, examples, concept.as_dict() | {"rule": RULE},
+                       "judge" if by_judge else "concept_lift", no_choice, g.condition)
 
 
-__all__ = ["eval_steer", "choose", "NEUTRAL_INSTRUCTIONS", "FeatureEval", "Point", "NEUTRAL_PROMPTS", "NEUTRAL_TEXTS",
-           "DEFAULT_STRENGTHS", "MODES"]
+CONCEPT_MEASURE = ("concept lift: mean over the continuation's prompts of the concept text's "
+                   "mean token log-probability after the continuation, minus the same after the "
+                   "unsteered continuation (nats)")
+
+__all__ = ["eval_steer", "choose", "is_no_op", "Limits", "NEUTRAL_INSTRUCTIONS", "FeatureEval",
+           "Point", "NEUTRAL_PROMPTS", "NEUTRAL_TEXTS", "DEFAULT_STRENGTHS", "MODES"]

@@ -15,8 +15,10 @@ For a continuation c of a prompt p (new tokens only, a trailing EOS dropped):
   is easy to predict once it has started); distinct-2 falls towards 0 on it.
 
 Side effects of an edit, on neutral text n (BOS + text, the edit at every position):
-``kl`` = mean over positions of KL(p_clean(·|n_≤j) || p_edit(·|n_≤j)) and ``dloss`` = mean
-next-token cross-entropy with the edit minus without.
+``kl`` = mean over the non-special positions j of n (BOS excluded: the edit's change of the
+prediction made at BOS says nothing about text) of KL(p_clean(·|n_≤j) || p_edit(·|n_≤j)),
+then the mean over the texts; ``dloss`` = mean next-token cross-entropy with the edit minus
+without, over every predicted token of n, then over the texts.
 
 :func:`diffmean_direction` is AxBench's DiffMean: the mean activation at the SAE's output site
 over the (non-special) tokens of concept texts minus the mean over neutral texts.
@@ -149,7 +151,7 @@ def side_effects(model: Any, tokenizer: Any, texts: Sequence[str],
             lp = torch.log_softmax(model(input_ids=b_ids, attention_mask=b_valid.long(),
                                          use_cache=False).logits.float(), -1)
         for j, (e, t) in enumerate(chunk):
-            m = valid[t]
+            m = keep[t]  # real tokens, BOS excluded
             kl = (clean[t][m].exp() * (clean[t][m] - lp[j][m])).sum(-1).mean()
             ce = -lp[j, :-1].gather(1, ids[t, 1:, None])[:, 0]
             ok = target_ok[t]

@@ -9,6 +9,12 @@ that keeps delphi's stratified sample (``decile_examples``, ``non_activating``; 
 * scorers (held out: never shown to the explainer): within every decile, examples ``[1::2]``,
   up to ``n_score`` taken the same way, and up to ``n_score`` non-activating contexts.
 
+A feature is skipped (no request at all; the record and the run's summary say why) when its
+held-out activating contexts are fewer than ``min_activating`` or its non-activating contexts
+fewer than ``min_non_activating`` (both 5 by default: one scorer prompt of each class, delphi's
+default of 5 examples per scorer prompt): a score needs positives and negatives, and one from
+1-3 negatives would say nothing. Every score reports the positives and negatives it rests on.
+
 An older store (version 1: top examples and a quantile sample, no non-activating contexts)
 still gets explanations, from its top examples; its scorers are skipped (``non_activating`` is
 empty) and the result says how to re-mine. The sample is a uniform sample of firings, so a
@@ -53,6 +59,7 @@ class ExampleSets:
     non_activating: list[Context]  # for the scorers
     source: str                    # "deciles" or "top" (an older store)
     note: str | None = None        # why scoring is impossible, when it is
+    skip: str | None = None        # why the feature is not worth a request (too few to score)
 
 
 def round_robin(groups: Sequence[Sequence[Context]], n: int) -> list[Context]:
@@ -80,7 +87,27 @@ def _deciles(store: Any, i: int) -> list[list[Context]] | None:
     return [[Context.from_example(e) for e in d["examples"]] for d in bands]
 
 
-def example_sets(store: Any, i: int, *, n_explain: int = 20, n_score: int = 50) -> ExampleSets:
+#: Held-out activating and non-activating contexts a feature needs to be scored (delphi's
+#: default number of examples per scorer prompt).
+MIN_ACTIVATING = 5
+MIN_NON_ACTIVATING = 5
+
+
+def too_few(n_held: int, n_non: int, min_activating: int, min_non_activating: int) -> str | None:
+    """Why a feature cannot be scored (one line), or None."""
+    if n_held < min_activating:
+        return (f"skipped: {n_held} held-out activating context(s), fewer than the "
+                f"{min_activating} a score needs (the feature fired too rarely in the mined corpus)")
+    if n_non < min_non_activating:
+        return (f"skipped: {n_non} non-activating context(s), fewer than the "
+                f"{min_non_activating} a score needs (a near-dense feature: mine more tokens or a "
+                "larger --nonactivating-pool)")
+    return None
+
+
+def example_sets(store: Any, i: int, *, n_explain: int = 20, n_score: int = 50,
+                 min_activating: int = MIN_ACTIVATING,
+                 min_non_activating: int = MIN_NON_ACTIVATING) -> ExampleSets:
     """Split feature ``i``'s mined contexts as the module docstring says."""
     meta = getattr(store, "meta", {}) or {}
     deciles = _deciles(store, i)
@@ -91,7 +118,8 @@ def example_sets(store: Any, i: int, *, n_explain: int = 20, n_score: int = 50) 
         why = None if non or not explain else (
             "the store has no context where this feature is silent (a dense feature, or mined "
             "with --non-activating 0), so the explanation was not scored")
-        return ExampleSets(explain, held, non, "deciles", why)
+        skip = too_few(len(held), len(non), min_activating, min_non_activating) if explain else None
+        return ExampleSets(explain, held, non, "deciles", why, skip)
     top = [Context.from_example(e) for e in store.examples(i)][:n_explain]
     seen = {c.key for c in top}
     held = [c for c in (Context.from_example(e) for e in store.examples(i, "samples"))

@@ -110,6 +110,18 @@ def scorer_messages(kind: str, explanation: str, texts: Sequence[str],
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
+#: Characters of a reply kept in a record (an explanation is one line of at most 300).
+REPLY_CHARS = 2000
+
+
+def clip_reply(text: str | None, limit: int = REPLY_CHARS) -> str | None:
+    """``text`` as a record keeps it: the first ``limit`` characters, and how many were cut
+    (a server that ignores max_tokens may answer megabytes)."""
+    if text is None or len(text) <= limit:
+        return text
+    return f"{text[:limit]} [... {len(text) - limit:,} more characters not kept]"
+
+
 def parse_explanation(text: str) -> str:
     """The first non-empty line of the reply, without a leading ``Explanation:`` and quotes.
 

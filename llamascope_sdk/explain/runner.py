@@ -27,8 +27,18 @@ from llamascope_sdk.explain.cost import (
     approx_tokens,
     estimate_feature,
 )
-from llamascope_sdk.explain.examples import ExampleSets, example_sets
-from llamascope_sdk.explain.prompts import PROMPT_VERSION, explainer_messages, parse_explanation
+from llamascope_sdk.explain.examples import (
+    MIN_ACTIVATING,
+    MIN_NON_ACTIVATING,
+    ExampleSets,
+    example_sets,
+)
+from llamascope_sdk.explain.prompts import (
+    PROMPT_VERSION,
+    clip_reply,
+    explainer_messages,
+    parse_explanation,
+)
 from llamascope_sdk.explain.scoring import SCORERS, score
 from llamascope_sdk.store.explanations import claim_folder, is_done, run_folder, write_feature
 
@@ -43,9 +53,12 @@ class Settings:
     seed: int = 0             #: seeds the scorers' shuffles
     scorers: tuple[str, ...] = SCORERS
     explain_max_tokens: int = 60
+    min_activating: int = MIN_ACTIVATING          #: held-out activating contexts a score needs
+    min_non_activating: int = MIN_NON_ACTIVATING  #: non-activating contexts a score needs
 
     def __post_init__(self) -> None:
-        for name in ("n_explain", "n_score", "batch", "explain_max_tokens"):
+        for name in ("n_explain", "n_score", "batch", "explain_max_tokens", "min_activating",
+                     "min_non_activating"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
         bad = [s for s in self.scorers if s not in SCORERS]
@@ -69,6 +82,7 @@ class RunResult:
     unparsable_explanations: int = 0
     unparsable_batches: int = 0
     usage: dict[str, int] = field(default_factory=dict)
+    too_few: dict[int, str] = field(default_factory=dict)  # features skipped: why
 
 
 def _config(store: Any, model: str, settings: Settings) -> dict[str, Any]:
@@ -96,7 +110,9 @@ def plan_run(store: Any, features: Sequence[int], model: str, *, settings: Setti
     todo = [i for i in feats if not is_done(folder, i)]
     est = Estimate()
     for i in todo:
-        sets = example_sets(store, i, n_explain=settings.n_explain, n_score=settings.n_score)
+        sets = _sets(store, i, settings)
+        if sets.skip is not None:
+            continue  # no request will be sent
         est = add(est, estimate_feature(sets, i, count=count_tokens, seed=settings.seed,
                                         batch=settings.batch, scorers=settings.scorers,
                                         per_message=per_message, per_request=per_request,
@@ -111,20 +127,31 @@ def _used(sets: ExampleSets) -> dict[str, Any]:
             "non_activating": [c.as_dict() for c in sets.non_activating]}
 
 
+def _sets(store: Any, i: int, settings: Settings) -> ExampleSets:
+    return example_sets(store, i, n_explain=settings.n_explain, n_score=settings.n_score,
+                        min_activating=settings.min_activating,
+                        min_non_activating=settings.min_non_activating)
+
+
 def explain_one(store: Any, i: int, client: ChatClient, settings: Settings) -> dict[str, Any]:
-    """The record of feature ``i``: explanation, scores, and what was used to get them."""
-    sets = example_sets(store, i, n_explain=settings.n_explain, n_score=settings.n_score)
+    """The record of feature ``i``: explanation, scores, and what was used to get them; a
+    feature too thin to score gets no request, and its record says why (``skipped``)."""
+    sets = _sets(store, i, settings)
     rec: dict[str, Any] = {"feature": i, "sae": store.name, "model": client.model,
                            "prompt_version": PROMPT_VERSION, "examples": _used(sets),
                            "explanation": None, "reply": None, "scores": None, "note": None,
                            "explainer_unparsable": False, "prompt_tokens": 0,
                            "completion_tokens": 0}
+    rec["skipped"] = sets.skip
     if not sets.explain:
         rec["note"] = "the feature never fired in the mined corpus: nothing to explain"
         return rec
+    if sets.skip is not None:
+        rec["note"] = sets.skip
+        return rec
     r = client.chat(explainer_messages(sets.explain), max_tokens=settings.explain_max_tokens,
                     parse=parse_explanation)
-    rec.update(explanation=r.value, reply=r.text, prompt_tokens=r.prompt_tokens,
+    rec.update(explanation=r.value, reply=clip_reply(r.text), prompt_tokens=r.prompt_tokens,
                completion_tokens=r.completion_tokens)
     if r.value is None:
         rec["explainer_unparsable"] = True
@@ -175,6 +202,8 @@ def explain_features(store: Any, features: Sequence[int], client: ChatClient, *,
                 continue
             rec = f.result()
             result.written.append(futures[f])
+            if rec.get("skipped"):
+                result.too_few[futures[f]] = rec["skipped"]
             result.unparsable_explanations += bool(rec["explainer_unparsable"])
             for s in (rec["scores"] or {}).values():
                 result.unparsable_batches += s["unparsable_batches"]
@@ -189,7 +218,8 @@ def explain_features(store: Any, features: Sequence[int], client: ChatClient, *,
 
 
 def _line(rec: dict[str, Any], k: int, n: int) -> str:
-    scores = " ".join(f"{name} {s['balanced_accuracy']:.2f}" for name, s in
-                      sorted((rec["scores"] or {}).items()) if s["balanced_accuracy"] is not None)
+    scores = " ".join(f"{name} {s['balanced_accuracy']:.2f} ({s['n_positive']}+/{s['n_negative']}-)"
+                      for name, s in sorted((rec["scores"] or {}).items())
+                      if s["balanced_accuracy"] is not None)
     what = repr(rec["explanation"]) if rec["explanation"] else f"({rec['note']})"
     return f"[{k}/{n}] feature {rec['feature']}: {what}{' ' + scores if scores else ''}"

@@ -13,7 +13,7 @@ Both run on contexts held out from the explainer (:func:`~.examples.example_sets
 The items of one scorer are shuffled with a generator seeded by (seed, feature, scorer) and
 sent ``batch`` per request (5 by default). The score is the balanced accuracy over the items
 whose batch reply parsed: ``(TP / (TP + FN) + TN / (TN + FP)) / 2``, so chance is 0.5 whatever
-the class balance. A batch whose reply does not parse is left out and counted
+the class balance; ``n_positive`` and ``n_negative`` are the parsed items behind it. A batch whose reply does not parse is left out and counted
 (``unparsable_batches``); with no parsed positive or no parsed negative the score is None.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 
 from llamascope_sdk.base.endpoint import ChatClient
 from llamascope_sdk.explain.examples import ExampleSets
-from llamascope_sdk.explain.prompts import marked, parse_labels, plain, scorer_messages
+from llamascope_sdk.explain.prompts import clip_reply, marked, parse_labels, plain, scorer_messages
 
 #: max_tokens of a scorer request, per excerpt in it
 MAX_TOKENS_PER_ITEM = 8
@@ -98,8 +98,9 @@ def score(client: ChatClient, kind: str, explanation: str, sets: ExampleSets, *,
             continue
         labels += [it.label for it in g]
         preds += list(r.value)
-    return {**balanced_accuracy(labels, preds), "n_items": sum(len(g) for g in groups),
+    return {**balanced_accuracy(labels, preds), "n_positive": sum(labels),
+            "n_negative": len(labels) - sum(labels), "n_items": sum(len(g) for g in groups),
             "n_scored": len(labels), "requests": len(groups), "unparsable_batches": bad,
-            "replies": [r.text for r in replies],
+            "replies": [clip_reply(r.text) for r in replies],
             "prompt_tokens": sum(r.prompt_tokens for r in replies),
             "completion_tokens": sum(r.completion_tokens for r in replies)}

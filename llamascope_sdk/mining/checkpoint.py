@@ -10,8 +10,10 @@ everything that changes the result)::
     step-000000041/COMPLETE             written by rank 0 after every rank saved (barrier)
 
 A step without ``COMPLETE`` (a run killed while saving) is ignored; older steps are removed once
-a newer one is complete, and the whole folder when mining finishes. Every rank decides when to
-save from the token count of all batches (which every rank sees), so all save the same step.
+a newer one is complete, and the whole folder when mining finishes (steps left by killed runs
+included; a step that cannot be removed is named on stderr, never left silently). Every rank
+decides when to save from the token count of all batches (which every rank sees), so all save
+the same step.
 With several nodes the folder must be on a file system they share.
 """
 
@@ -106,13 +108,31 @@ class Checkpointer:
                     shutil.rmtree(old, ignore_errors=True)
 
     def finish(self) -> None:
-        """Mining is done: remove the steps (and the folder if nothing else is in it)."""
+        """Mining is done: remove every step this class wrote, those of killed runs it resumed
+        included (and the folder if nothing else is in it). Every rank first removes its own
+        files from every step (a folder that is not shared between nodes is emptied too),
+        then rank 0 removes the steps; a step that cannot be removed is named on stderr with
+        its size and why, never left silently."""
+        self.dist.barrier()
+        for step in self._steps():
+            for f in step.glob(f"rank-{self.dist.rank}.safetensors"):
+                f.unlink(missing_ok=True)
         self.dist.barrier()
         if self.dist.is_main:
             for old in self._steps():
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_step(old)
             if self.folder.is_dir() and not any(self.folder.iterdir()):
                 self.folder.rmdir()
+
+
+def _remove_step(step: Path) -> None:
+    errors: list[str] = []
+    shutil.rmtree(step, onerror=lambda _fn, path, exc: errors.append(f"{path}: {exc[1]}"))
+    if step.exists():
+        size = sum(f.stat().st_size for f in step.rglob("*") if f.is_file())
+        sys.stderr.write(f"mining: could not remove the checkpoint step {step} ({size / 2**20:.0f} "
+                         f"MiB): {errors[0] if errors else 'it is not empty'}; delete it by "
+                         "hand\n")
 
 
 __all__ = ["Checkpointer", "default_checkpoint_dir"]

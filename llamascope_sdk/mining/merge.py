@@ -1,11 +1,12 @@
 """Merging the mining states of several ranks (``torchrun``) with torch.distributed.
 
-Sums, firing counts and histograms are added (``all_reduce``); top examples, samples and the
-pool of random contexts are gathered (``all_gather``) and each keeps its K largest keys, which
-is exactly what one process that saw every batch keeps (see :mod:`llamascope_sdk.mining.state`).
-Slots are gathered in blocks of features so that the extra memory is bounded by
-:data:`BLOCK_BYTES` x world size, not by the whole state. Every rank ends with the merged state.
-gloo on CPU, nccl on CUDA (the process group of :func:`llamascope_sdk.base.dist.init_from_env`).
+Sums, firing counts and histograms are added (``all_reduce``); the kept examples, samples and
+the pool of random contexts are gathered (``all_gather`` of each rank's ragged entries) and
+each feature keeps its K largest keys, which is exactly what one process that saw every batch
+keeps (see :mod:`llamascope_sdk.mining.state`: a sequence is never split between ranks, so the
+spacing rule was already applied on the rank that read it). Examples are gathered in blocks of
+features so that the extra memory is bounded by :data:`BLOCK_BYTES` x world size, not by the
+whole state. Every rank ends with the merged state.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from collections.abc import Mapping
 import torch
 
 from llamascope_sdk.base.dist import Dist
+from llamascope_sdk.mining.contexts import Pool
+from llamascope_sdk.mining.slots import Slots, rank_by_feature
 from llamascope_sdk.mining.state import Tracker
 
-#: Bytes of one rank's slots gathered at a time.
+#: Bytes of one rank's examples gathered at a time.
 BLOCK_BYTES = 64 * 2**20
 
 
@@ -26,37 +29,67 @@ def all_gather(t: torch.Tensor, world: int) -> list[torch.Tensor]:
     return Dist(world=world).gather(t)
 
 
-def _merge_block(obj: object, names: tuple[str, ...], lo: int, hi: int, world: int) -> None:
-    parts: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
-    for name in names:
-        for r, g in enumerate(all_gather(getattr(obj, name)[lo:hi], world)):
-            parts[r][name] = g
-    merged = merge_slots(parts)
-    for name in names:
-        getattr(obj, name)[lo:hi] = merged[name]
+def all_gather_ragged(t: torch.Tensor, world: int) -> list[torch.Tensor]:
+    """Every rank's ``t``, whose first dimension may differ between ranks."""
+    n = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
+    sizes = [int(s) for s in all_gather(n, world)]
+    pad = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    pad[:t.shape[0]] = t
+    return [g[:s] for g, s in zip(all_gather(pad, world), sizes, strict=True)]
 
 
-def merge_slots(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Slots of several states (``keys``/``doc``/``pos`` [F, K], ``tok``/``act`` [F, K, W])
-    merged into the K largest keys per feature: what one pass over all their batches keeps."""
-    k = parts[0]["keys"].shape[1]
-    top, idx = torch.cat([p["keys"] for p in parts], dim=1).topk(k, dim=1)
-    out = {"keys": top}
-    for name in ("doc", "pos", "tok", "act"):
-        cat = torch.cat([p[name] for p in parts], dim=1)
-        out[name] = cat.gather(1, idx if cat.dim() == 2 else idx[..., None].expand(-1, -1, cat.shape[2]))
-    return out
+def merge_slots(parts: list[dict[str, torch.Tensor]], k: int) -> dict[str, torch.Tensor]:
+    """Entries of several states (as :meth:`Slots.tensors`) merged into the K largest keys
+    per feature: what one pass over all their batches keeps."""
+    cat = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    o, rank = rank_by_feature(cat["feat"], cat["keys"])
+    keep = o[rank < k]
+    return {name: t[keep] for name, t in cat.items()}
 
 
-def merge_pool(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Pools of several states merged into the R largest keys (as :func:`merge_slots`)."""
-    r = parts[0]["keys"].shape[1]
-    top, idx = torch.cat([p["keys"] for p in parts], dim=1).topk(r, dim=1)
+def _merge_examples(slots: Slots, world: int) -> None:
+    mine = slots.tensors()
+    order = mine["feat"].argsort(stable=True)
+    mine = {n: t[order] for n, t in mine.items()}
+    per_feature = slots.k * (32 + 8 * slots.w)
+    step = max(1, BLOCK_BYTES // per_feature)
+    merged: list[dict[str, torch.Tensor]] = []
+    for lo in range(0, slots.f, step):
+        a, b = torch.searchsorted(mine["feat"], torch.tensor([lo, lo + step], device=mine["feat"].device)).tolist()
+        parts: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
+        for name, t in mine.items():
+            for r, g in enumerate(all_gather_ragged(t[a:b], world)):
+                parts[r][name] = g
+        merged.append(merge_slots(parts, slots.k))
+    slots.load({n: torch.cat([m[n] for m in merged]) for n in mine})
+
+
+def merge_pool(parts: list[dict[str, torch.Tensor]], r: int) -> dict[str, torch.Tensor]:
+    """Pools of several states (as :meth:`Pool.tensors`) merged into the R largest keys."""
+    keys = torch.cat([p["keys"] for p in parts], dim=1)
+    top, idx = keys.topk(r, dim=1)
     i = idx[0]
-    out = {"keys": top, "fires": torch.cat([p["fires"] for p in parts], dim=1)[:, i]}
+    out = {"keys": top}
     for name in ("doc", "pos", "tok"):
         out[name] = torch.cat([p[name] for p in parts], dim=0)[i]
+    new_slot = torch.full((keys.shape[1],), -1, dtype=torch.long, device=keys.device)
+    new_slot[i] = torch.arange(r, device=keys.device)
+    glob = torch.cat([p["pair_slot"] + j * r for j, p in enumerate(parts)])
+    feat = torch.cat([p["pair_feat"] for p in parts])
+    slot = new_slot[glob]
+    out["pair_slot"], out["pair_feat"] = slot[slot >= 0], feat[slot >= 0]
     return out
+
+
+def _merge_contexts(pool: Pool, world: int) -> None:
+    mine = pool.tensors()
+    parts: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
+    for name, t in mine.items():
+        gathered = (all_gather_ragged(t, world) if name.startswith("pair_")
+                    else all_gather(t, world))
+        for r, g in enumerate(gathered):
+            parts[r][name] = g
+    pool.load(merge_pool(parts, pool.r))
 
 
 def merge_trackers(trackers: Mapping[str, Tracker], dist: Dist) -> None:
@@ -67,28 +100,11 @@ def merge_trackers(trackers: Mapping[str, Tracker], dist: Dist) -> None:
         tr.fired.copy_(dist.sum(tr.fired))
         tr.hist.copy_(dist.sum(tr.hist))
         for slots in (tr.top, tr.samples):
-            if slots is None:
-                continue
-            names = ("keys", "doc", "pos", "tok", "act")
-            per = sum(getattr(slots, n)[0].numel() * getattr(slots, n).element_size() for n in names)
-            step = max(1, BLOCK_BYTES // max(1, per))
-            for lo in range(0, tr.d_sae, step):
-                _merge_block(slots, names, lo, min(lo + step, tr.d_sae), world)
-            slots.floor = slots.keys.amin(1)
-        pool = tr.pool
-        if pool is not None:
-            small = {n: all_gather(getattr(pool, n), world) for n in ("keys", "doc", "pos", "tok")}
-            parts = [{n: small[n][r] for n in small} | {"fires": pool.fires[:0]} for r in range(world)]
-            merged = merge_pool(parts)
-            idx = torch.cat(small["keys"], dim=1).topk(pool.r, dim=1).indices[0]
-            step = max(1, BLOCK_BYTES // max(1, pool.r))
-            fires = torch.empty_like(pool.fires)
-            for lo in range(0, tr.d_sae, step):
-                hi = min(lo + step, tr.d_sae)
-                fires[lo:hi] = torch.cat(all_gather(pool.fires[lo:hi], world), dim=1)[:, idx]
-            for n in ("keys", "doc", "pos", "tok"):
-                getattr(pool, n).copy_(merged[n])
-            pool.fires = fires
+            if slots is not None:
+                _merge_examples(slots, world)
+        if tr.pool is not None:
+            _merge_contexts(tr.pool, world)
 
 
-__all__ = ["merge_trackers", "merge_slots", "merge_pool", "all_gather", "BLOCK_BYTES"]
+__all__ = ["merge_trackers", "merge_slots", "merge_pool", "all_gather", "all_gather_ragged",
+           "BLOCK_BYTES"]

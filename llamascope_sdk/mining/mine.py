@@ -19,21 +19,25 @@ What is kept per feature (all configurable, see :func:`mine`):
   firings from the d-th decile of its activation distribution (delphi's protocol: 10 per
   decile), each with a context of ``example_context`` (64) tokens (48 before, 15 after);
 * the non-activating examples: a pool of ``nonactivating_pool`` (1000) random contexts of the
-  corpus (same width), shared by all features, with one bit per feature saying whether it
-  fires anywhere in the context; a feature's non-activating examples are up to
-  ``n_nonactivating`` (100) of those where it does not;
+  corpus (same width), shared by all features, with the features that fire anywhere in each
+  context; a feature's non-activating examples are up to ``n_nonactivating`` (100) of those
+  where it does not;
 * sums, firing counts and a histogram over :data:`HIST_EDGES`.
 
-Memory of the running state, per SAE of F features, with W = window_before + 1 + window_after,
-C = example_context, S = n_samples, P = nonactivating_pool, B = len(HIST_EDGES) + 1 bins::
+Spacing (:mod:`~llamascope_sdk.mining.spacing`): two top examples of a feature from one
+sequence are at least ``window_before + 1 + window_after`` tokens apart, two decile samples
+at least ``example_context``; the kept set is exactly the greedy (best) spaced set, so the
+examples never show overlapping windows of one passage.
 
-    bytes = F * (top_n * (24 + 8 W) + S * (24 + 8 C) + 8 B + 32 + P) + P * (24 + 4 C)
-
-(:func:`state_bytes`; 24 = key, document and position as int64; 8 per window token = int32
-token id + float32 activation). For a 131,072-feature Llama Scope SAE with the defaults that
-is 57,304 bytes per feature, 7.0 GiB; for the 4,608-feature demo SAE 252 MiB; with
-``--samples 20 --example-context 32`` a 131k SAE needs 1.1 GiB. On top of it come per-batch
-buffers of O(batch tokens x F) (the batch's activations, as the encode itself needs).
+Memory of the running state grows with what fired (:mod:`~llamascope_sdk.mining.slots`):
+per SAE of F features, with B = len(HIST_EDGES) + 1 bins, a fixed ``F * (8 B + 48)`` bytes
+(sums, histogram, a floor and a count per slot kind), plus ``32 + 8 W`` bytes per kept top
+example (W = window) and ``32 + 8 C`` per kept sample (C = example_context), plus the pool
+(``P * (24 + 4 C)`` and 16 bytes per (context, firing feature) pair). A feature keeps at most
+``top_n`` and ``n_samples`` of them, so :func:`state_bytes` (every feature full: 57 KB per
+feature with the defaults) is the most it can reach; a short run or a sparse SAE holds far
+less (``bench/bench_mining.py`` prints both). On top of it come per-batch buffers of
+O(batch tokens x F) (the batch's activations, as the encode itself needs).
 
 Several processes (``torchrun``): every rank reads and tokenises the whole corpus (so that
 every token has the same corpus order everywhere), runs the model only on batches i with
@@ -45,7 +49,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +66,13 @@ from llamascope_sdk.loading.capture import capture, keep_mask
 from llamascope_sdk.loading.compat import check_compatible, named_saes
 from llamascope_sdk.loading.models import context_window, model_device, special_ids
 from llamascope_sdk.loading.sae import SAE
+from llamascope_sdk.mining.agreement import (
+    TokenDigest,
+    check_same_job,
+    check_same_tokens,
+    iter_digest,
+    job_identity,
+)
 from llamascope_sdk.mining.checkpoint import Checkpointer
 from llamascope_sdk.mining.merge import merge_trackers
 from llamascope_sdk.mining.state import (
@@ -71,6 +82,7 @@ from llamascope_sdk.mining.state import (
     Examples,
     MiningConfig,
     Tracker,
+    example_bytes,
     sample_priority,
     state_bytes,
 )
@@ -94,6 +106,7 @@ class MiningResult:
     contexts: Contexts | None = None  # the pool of random contexts (non-activating examples)
     config: MiningConfig = field(default_factory=MiningConfig)
     read: dict[str, Any] = field(default_factory=dict)  # corpus.ReadCounts.as_dict()
+    state_bytes: int = 0  # bytes the running state held at the end (Tracker.nbytes)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -132,20 +145,22 @@ def check_mining_args(model: Any, saes: Mapping[str, SAE], *, tokens: int, conte
     if cfg.n_nonactivating > cfg.nonactivating_pool:
         raise bad(f"n_nonactivating={cfg.n_nonactivating} exceeds nonactivating_pool="
                   f"{cfg.nonactivating_pool} (the random contexts it is drawn from); raise the pool")
-    need = sum(_bytes(s.d_sae, cfg) for s in saes.values())
+    need = sum(_bytes(s.d_sae, cfg, tokens) for s in saes.values())
     device = next(iter(saes.values())).device
     have = _memory_available(device)
     if have is not None and need > have:
-        per = _bytes(max(s.d_sae for s in saes.values()), cfg) / max(1, cfg.top_n)
-        raise bad(f"top_n={cfg.top_n}, n_samples={cfg.n_samples} need {need / 2**30:.1f} GiB of "
-                  f"mining state (mining.state_bytes), more than the {have / 2**30:.1f} GiB of "
-                  f"{device.type} memory here; lower them (about {per / 2**20:.1f} MiB per "
-                  "top_n unit)")
+        per = sum(s.d_sae for s in saes.values()) * example_bytes(cfg.window)
+        raise bad(f"top_n={cfg.top_n}, n_samples={cfg.n_samples} may need up to "
+                  f"{need / 2**30:.1f} GiB of mining state (mining.state_bytes), more than the "
+                  f"{have / 2**30:.1f} GiB of {device.type} memory here; lower them (about "
+                  f"{per / 2**20:.1f} MiB per top_n unit)")
 
 
-def _bytes(d_sae: int, cfg: MiningConfig) -> int:
-    return state_bytes(d_sae, cfg.top_n, cfg.window_before + 1 + cfg.window_after,
-                       cfg.n_samples, cfg.example_context, cfg.pool)
+def _bytes(d_sae: int, cfg: MiningConfig, tokens: int) -> int:
+    """The most state one SAE can need: every feature full, but never more examples per
+    feature than tokens read."""
+    return state_bytes(d_sae, min(cfg.top_n, tokens), cfg.window, min(cfg.n_samples, tokens),
+                       cfg.example_context, cfg.pool)
 
 
 # ---------------------------------------------------------------------------- mining
@@ -187,9 +202,6 @@ def mine(model: Any, tokenizer: Any, saes: SAE | Sequence[SAE] | Mapping[str, SA
         InputError: a bad argument (one line naming it and what is allowed).
         ValueError: no non-special token in the corpus.
     """
-    from tqdm.auto import tqdm
-
-
     cfg = MiningConfig(top_n=top_n, window_before=window_before, window_after=window_after,
                        deciles=deciles, n_samples=n_samples, example_context=example_context,
                        n_nonactivating=n_nonactivating, nonactivating_pool=nonactivating_pool)
@@ -199,59 +211,104 @@ def mine(model: Any, tokenizer: Any, saes: SAE | Sequence[SAE] | Mapping[str, SA
     if checkpoint_every is not None and (checkpoint_every < 1 or checkpoint_dir is None):
         raise InputError(f"checkpoint_every={checkpoint_every!r}: give an integer >= 1 and a "
                          "checkpoint_dir")
-    sites: dict[str, Site] = {name: check_compatible(model, sae, name)[0]
-                              for name, sae in named.items()}
-    dist = init_from_env(model_device(model).type)
-    trackers = {name: Tracker(sae.d_sae, cfg, sae.device) for name, sae in named.items()}
-    specials = torch.tensor(sorted(special_ids(tokenizer)), dtype=torch.long)
-    ckpt = (Checkpointer(Path(checkpoint_dir), checkpoint_every, dist,
-                         run_identity(named, corpus, tokens=tokens, context=context,
-                                      batch_size=batch_size, split=split, text_field=text_field,
-                                      config=asdict(cfg)))
-            if checkpoint_every is not None and checkpoint_dir is not None else None)
-    done, n_tokens, n_docs = -1, 0, 0
-    if ckpt is not None:
-        done, n_tokens, n_docs = ckpt.resume(trackers)
+    args = dict(tokens=tokens, context=context, batch_size=batch_size, split=split,
+                text_field=text_field, config=asdict(cfg))
+    identity = run_identity(named, corpus, **args) if checkpoint_every is not None else {}
+    run = _Run.start(model, tokenizer, named, cfg, checkpoint_every, checkpoint_dir, identity,
+                     lambda: job_identity(named, corpus,
+                                          {**args, "checkpoint_every": checkpoint_every}))
     counts = ReadCounts()
-    bar = tqdm(total=tokens, unit="tok", desc="mining", file=sys.stderr,
-               disable=not progress or not dist.is_main, dynamic_ncols=True)
-    try:
-        for i, b in enumerate(corpus_mod.batches(tokenizer, corpus, tokens=tokens, context=context,
-                                                 batch_size=batch_size, rule="windows",
-                                                 split=split, text_field=text_field,
-                                                 counts=counts)):
-            ids, valid, length, doc, start, offset = b.ids, b.valid, b.lengths, b.doc, b.pos, b.order
-            bar.update(int(length.sum()))
-            if i <= done:
-                continue
-            T = ids.shape[1]
-            keep = keep_mask(ids, valid, specials)
-            n_tokens += int(keep.sum())
-            n_docs = max(n_docs, int(doc.max()) + 1)
-            if i % dist.world == dist.rank:
-                acts, _ = capture(model, dict.fromkeys(sites.values()), ids, valid)
-                order = offset[:, None] + torch.arange(T)[None, :]
-                for name, tr in trackers.items():
-                    dev = named[name].device
-                    batch = Batch(ids.to(dev), keep.to(dev), length.to(dev), doc.to(dev),
-                                  start.to(dev), order.to(dev), T)
-                    with torch.no_grad():
-                        tr.update_sparse(*firings(named[name], acts[sites[name]]), batch)
-            if ckpt is not None:
-                ckpt.after_batch(i, int(length.sum()), trackers, n_tokens, n_docs)
-    finally:
-        bar.close()
-    if n_tokens == 0:
-        raise ValueError("mining: the corpus holds no non-special tokens")
-    if dist.world > 1:
-        merge_trackers(trackers, dist)
-    out = {name: _result(named[name], name, tr, n_tokens, n_docs, cfg)
-           for name, tr in trackers.items()}
-    for r in out.values():
-        r.read = counts.as_dict()
-    if ckpt is not None:
-        ckpt.finish()
-    return out
+    stream = iter_digest(corpus_mod.batches(tokenizer, corpus, tokens=tokens, context=context,
+                                            batch_size=batch_size, rule="windows", split=split,
+                                            text_field=text_field, counts=counts), run.digest)
+    run.read(stream, tokens, progress)
+    return run.finish(counts)
+
+
+@dataclass
+class _Run:
+    """One mining run's moving parts: the SAEs and their sites, their trackers, the process
+    group, the checkpointer, and the counts so far."""
+
+    model: Any
+    named: dict[str, SAE]
+    sites: dict[str, Site]
+    trackers: dict[str, Tracker]
+    specials: torch.Tensor
+    dist: Any
+    ckpt: Checkpointer | None
+    cfg: MiningConfig
+    done: int = -1
+    n_tokens: int = 0
+    n_docs: int = 0
+    digest: TokenDigest = field(default_factory=TokenDigest)  # every token id read
+
+    @classmethod
+    def start(cls, model: Any, tokenizer: Any, named: dict[str, SAE], cfg: MiningConfig,
+              every: int | None, folder: str | os.PathLike[str] | None,
+              identity: dict[str, Any], job: Callable[[], dict[str, Any]]) -> _Run:
+        """Sites checked, every rank running the same ``job()`` (or all stop here, before any
+        forward), trackers made, and the newest checkpoint resumed (if any)."""
+        sites = {name: check_compatible(model, sae, name)[0] for name, sae in named.items()}
+        dist = init_from_env(model_device(model).type)
+        if dist.world > 1:
+            check_same_job(job(), dist, model_device(model))
+        trackers = {name: Tracker(sae.d_sae, cfg, sae.device) for name, sae in named.items()}
+        specials = torch.tensor(sorted(special_ids(tokenizer)), dtype=torch.long)
+        ckpt = (Checkpointer(Path(folder), every, dist, identity)
+                if every is not None and folder is not None else None)
+        run = cls(model, named, sites, trackers, specials, dist, ckpt, cfg)
+        if ckpt is not None:
+            run.done, run.n_tokens, run.n_docs = ckpt.resume(trackers)
+        return run
+
+    def read(self, stream: Iterable[Any], tokens: int, progress: bool) -> None:
+        """The pass: every batch counted, this rank's batches mined, checkpoints saved."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tokens, unit="tok", desc="mining", file=sys.stderr,
+                   disable=not progress or not self.dist.is_main, dynamic_ncols=True)
+        try:
+            for i, b in enumerate(stream):
+                bar.update(int(b.lengths.sum()))
+                if i > self.done:
+                    self.step(i, b)
+        finally:
+            bar.close()
+
+    def step(self, i: int, b: Any) -> None:
+        """Batch ``i``: counted on every rank (token order, documents), mined on its rank."""
+        ids, T = b.ids, b.ids.shape[1]
+        keep = keep_mask(ids, b.valid, self.specials)
+        self.n_tokens += int(keep.sum())
+        self.n_docs = max(self.n_docs, int(b.doc.max()) + 1)
+        if i % self.dist.world == self.dist.rank:
+            acts, _ = capture(self.model, dict.fromkeys(self.sites.values()), ids, b.valid)
+            order = b.order[:, None] + torch.arange(T)[None, :]
+            for name, tr in self.trackers.items():
+                dev = self.named[name].device
+                batch = Batch(ids.to(dev), keep.to(dev), b.lengths.to(dev), b.doc.to(dev),
+                              b.pos.to(dev), order.to(dev), T)
+                with torch.no_grad():
+                    tr.update_sparse(*firings(self.named[name], acts[self.sites[name]]), batch)
+        if self.ckpt is not None:
+            self.ckpt.after_batch(i, int(b.lengths.sum()), self.trackers, self.n_tokens,
+                                  self.n_docs)
+
+    def finish(self, counts: ReadCounts) -> dict[str, MiningResult]:
+        """The ranks' states merged, the results built, the checkpoints removed."""
+        if self.n_tokens == 0:
+            raise ValueError("mining: the corpus holds no non-special tokens")
+        if self.dist.world > 1:
+            check_same_tokens(self.digest, self.n_tokens, self.dist, model_device(self.model))
+            merge_trackers(self.trackers, self.dist)
+        out = {name: _result(self.named[name], name, tr, self.n_tokens, self.n_docs, self.cfg)
+               for name, tr in self.trackers.items()}
+        for r in out.values():
+            r.read = counts.as_dict()
+        if self.ckpt is not None:
+            self.ckpt.finish()
+        return out
 
 
 def firings(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -274,10 +331,12 @@ def firings(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 def _result(sae: SAE, name: str, tr: Tracker, n_tokens: int, n_docs: int,
             cfg: MiningConfig) -> MiningResult:
     stats = FeatureStats.from_sums(tr.total.cpu(), tr.fired.cpu().double(), n_tokens)
+    held = tr.nbytes()
     return MiningResult(sae, name, tr.top.examples(by_value=False),
                         tr.samples.examples(by_value=True) if tr.samples is not None else None,
                         stats, tr.hist.view(sae.d_sae, -1).cpu(), n_tokens, n_docs,
-                        tr.pool.contexts() if tr.pool is not None else None, cfg)
+                        tr.pool.contexts() if tr.pool is not None else None, cfg,
+                        state_bytes=held)
 
 
 def run_identity(saes: SAE | Sequence[SAE] | Mapping[str, SAE], corpus: Any,

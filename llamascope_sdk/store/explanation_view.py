@@ -30,7 +30,7 @@ def explanation_lines(store: Any, i: int) -> list[str]:
     if free.get("token_change"):
         lines.append("TokenChange (adding it raises): "
                      + " ".join(repr(t) for t, _ in free["token_change"]["tokens"][:8]))
-    return lines
+    return lines + [f"explanation not used: {why}" for why in info["explanation_errors"]]
 
 
 def explanation_html(store: Any, i: int) -> str:
@@ -39,7 +39,7 @@ def explanation_html(store: Any, i: int) -> str:
     rows = [f'<div class="label">{html.escape(r["explanation"])}</div>'
             f'<p class="muted">{html.escape(_scores(r))} (balanced accuracy on held-out '
             f'contexts, chance 0.50) &middot; explainer {html.escape(r["model"])} &middot; '
-            f'prompt {html.escape(r["prompt_version"])}</p>' for r in info["explanations"]]
+            f'prompt {html.escape(str(r.get("prompt_version") or "-"))}</p>' for r in info["explanations"]]
     free = info["llm_free"] or {}
     if free.get("token_change"):
         toks = " ".join(f"<code>{html.escape(t)}</code>" for t, _ in free["token_change"]["tokens"][:10])
@@ -49,12 +49,14 @@ def explanation_html(store: Any, i: int) -> str:
     return '<div id="explanations"><h2>Explanation</h2>' + "".join(rows) + "</div>"
 
 
-def search_descriptions(store: Any, text: str, top: int = 10) -> list[dict[str, Any]]:
+def search_descriptions(store: Any, text: str, top: int = 10,
+                        problems: list[str] | None = None) -> list[dict[str, Any]]:
     """Features whose best explanation contains the most words of ``text`` (case-insensitive);
-    ties go to the higher mean score, then the lower index."""
+    ties go to the higher mean score, then the lower index. Records that cannot be used are
+    left out (``problems`` gets a line for each)."""
     words = set(re.findall(r"\w+", text.lower()))
     hits = []
-    for i, rec in descriptions(getattr(store, "path", None)).items():
+    for i, rec in descriptions(getattr(store, "path", None), problems).items():
         have = set(re.findall(r"\w+", str(rec["explanation"]).lower()))
         n = len(words & have)
         if n:

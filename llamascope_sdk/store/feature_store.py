@@ -1,26 +1,15 @@
 """The on-disk feature store: what mining found for one SAE, reloadable without the model.
 
-A store is a folder::
-
-    manifest.json               written LAST; a folder without it (or not "complete") is refused
-    top.safetensors             values/doc/pos [F, N], tokens/acts [F, N, W]: top-N contexts
-    samples.safetensors         the same for the decile sample [F, S, C], sorted by activation
-                                (optional)
-    nonactivating.safetensors   the pool of random contexts: tokens [R, C], doc/pos/order [R],
-                                fires [F, R] uint8 (1: the feature fires somewhere in it) (optional)
-    feature_stats.safetensors   FeatureStats (the file relative steering and mean ablation read)
-    histogram.safetensors       counts [F, B] over edges [B - 1] (log-spaced, model units)
-    logit_lens.safetensors      top/bottom token ids and logits [F, k] (optional)
-    vocab.json                  token id -> text of every token id the arrays use
-    feature_labels.json         labels known for the SAE (optional)
-    pages/                      the HTML feature pages (optional; deleting them is fine)
+A store is a folder of safetensors arrays and JSON; the layout of each file (version 3: the
+examples ragged, only where a feature fired) is at the top of :mod:`~llamascope_sdk.store.files`.
 
 The manifest names the format and kind (``"format": "llamascope-feature-store"``, ``"kind":
 "feature-store"``), every file of the store, and a fingerprint of the SAE's weights
 (:mod:`~llamascope_sdk.base.fingerprint`) so a store is never used with another SAE.
 
-Versions: 1 (no decile sample, no non-activating contexts; 16 samples of 21 tokens) and 2
-(this layout). A version-1 store still loads for ``show`` and pages; asking it for decile or
+Versions: 1 (no decile sample, no non-activating contexts; 16 samples of 21 tokens), 2 ([F,
+K] slots: a store as large as features x slots, examples could overlap) and 3 (ragged, spaced
+examples). Version-2 stores load as they are. A version-1 store still loads for ``show`` and pages; asking it for decile or
 non-activating examples raises :class:`StoreVersionError` with the command that re-mines it.
 A newer version than this SDK knows is refused.
 
@@ -43,9 +32,11 @@ in :mod:`~llamascope_sdk.store.files`.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +64,7 @@ from llamascope_sdk.corpus import RULES
 from llamascope_sdk.loading.demo import DEMO_SAE_NAME, is_demo
 from llamascope_sdk.loading.registry import claims, resolve
 from llamascope_sdk.mining.mine import HIST_EDGES, Contexts, Examples, MiningResult
+from llamascope_sdk.mining.spacing import spacing_rule
 from llamascope_sdk.mining.state import sample_priority
 from llamascope_sdk.store.files import (
     FORMAT,
@@ -81,19 +73,57 @@ from llamascope_sdk.store.files import (
     REQUIRED,
     VERSION,
     IncompleteStoreError,
+    check_finite,
     check_output_folder,
     check_stats_target,
     check_store_target,
+    context_tensors,
+    example_tensors,
+    read_contexts,
+    read_examples,
     read_manifest,
+    read_optional,
     read_tensors,
     read_vocab,
     remove_leftovers,
     replaceable_store,
 )
+from llamascope_sdk.store.ownership import inside
 
 
 class StoreVersionError(LlamascopeError, ValueError):
     """A store written by an older SDK lacks what was asked for (it must be mined again)."""
+
+
+_BYTE = re.compile(r"\\x([0-9a-f]{2})")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-level BPE alphabet (GPT-2): printable bytes stand for themselves, the others
+    for the code points from 256 up, in byte order."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = [b for b in range(256) if b not in keep]
+    return {b: chr(b) for b in keep} | {b: chr(256 + k) for k, b in enumerate(extra)}
+
+
+_BYTE_OF = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def readable_token(tokenizer: Any, token_id: int) -> str:
+    """A token's text for people: its decoded text, or, for a token that is part of a UTF-8
+    character (decoding gives the replacement character), its bytes as ``<0x..>`` escapes
+    (a SentencePiece byte token is already named so; a byte-level BPE token is mapped back
+    to its bytes)."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text
+    piece = str(tokenizer.convert_ids_to_tokens(token_id))
+    if re.fullmatch(r"(<0x[0-9A-Fa-f]{2}>)+", piece):
+        return piece.upper().replace("<0X", "<0x")
+    if piece and all(c in _BYTE_OF for c in piece):
+        raw = bytes(_BYTE_OF[c] for c in piece).decode("utf-8", errors="backslashreplace")
+        text = _BYTE.sub(lambda m: f"<0x{m.group(1).upper()}>", raw)
+    return text.replace("\ufffd", "<U+FFFD>")  # the character itself, or bytes not found
 
 
 def default_store_dir(sae_name: str) -> Path:
@@ -116,6 +146,8 @@ class FeatureStore:
     labels: dict[int, str] = field(default_factory=dict)
     path: Path | None = None
     contexts: Contexts | None = None  # the pool of random contexts (non-activating examples)
+    #: optional files that were present but not used, one line each (see :meth:`load`)
+    problems: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -143,8 +175,8 @@ class FeatureStore:
             "corpus": corpus,
             "n_tokens": result.n_tokens,
             "n_docs": result.n_docs,
-            "top_n": int(result.top.values.shape[1]),
-            "n_samples": int(result.samples.values.shape[1]) if result.samples is not None else 0,
+            "top_n": result.config.top_n,
+            "n_samples": result.config.n_samples if result.samples is not None else 0,
             "n_bands": n_bands,
             "deciles": result.config.deciles,
             "example_context": result.config.example_context,
@@ -154,7 +186,8 @@ class FeatureStore:
             "sequence_rule": RULES["windows"],
             "read": dict(result.read),
             "window_before": result.top.center,
-            "window_after": int(result.top.tokens.shape[2]) - result.top.center - 1,
+            "window_after": result.top.width - result.top.center - 1,
+            "example_spacing": spacing_rule(result.config.window, result.config.example_context),
             "histogram_edges": [float(x) for x in HIST_EDGES],
             "logit_lens": APPROXIMATION if lens is not None else None,
             "dense_frequency": DENSE_FREQUENCY,
@@ -167,7 +200,7 @@ class FeatureStore:
         if lens is not None:
             ids += [lens.top_ids.reshape(-1), lens.bottom_ids.reshape(-1)]
         uniq = torch.unique(torch.cat([i.long() for i in ids]))
-        vocab = {int(i): tokenizer.decode([int(i)]) for i in uniq.tolist() if i >= 0}
+        vocab = {int(i): readable_token(tokenizer, int(i)) for i in uniq.tolist() if i >= 0}
         return cls(meta, result.top, result.samples, result.stats, result.hist, lens, vocab,
                    dict(getattr(sae, "labels", {}) or {}), contexts=result.contexts)
 
@@ -202,19 +235,11 @@ class FeatureStore:
         return folder
 
     def _write(self, tmp: Path) -> None:
-        def ex(e: Examples) -> dict[str, torch.Tensor]:
-            return {"values": e.values.float(), "doc": e.doc.long(), "pos": e.pos.long(),
-                    "tokens": e.tokens.int(), "acts": e.acts.float()}
-
-        atomic_save_safetensors(ex(self.top), tmp / "top.safetensors")
+        atomic_save_safetensors(example_tensors(self.top), tmp / "top.safetensors")
         if self.samples is not None:
-            atomic_save_safetensors(ex(self.samples), tmp / "samples.safetensors")
+            atomic_save_safetensors(example_tensors(self.samples), tmp / "samples.safetensors")
         if self.contexts is not None:
-            c = self.contexts
-            atomic_save_safetensors({"tokens": c.tokens.int(), "doc": c.doc.long(),
-                                     "pos": c.pos.long(), "order": c.order.long(),
-                                     "fires": c.fires.to(torch.uint8)},
-                                    tmp / "nonactivating.safetensors")
+            atomic_save_safetensors(context_tensors(self.contexts), tmp / "nonactivating.safetensors")
         self.stats.save(tmp / STATS_FILE)
         atomic_save_safetensors({"counts": self.hist.long(), "edges": HIST_EDGES.float()},
                                 tmp / "histogram.safetensors")
@@ -230,8 +255,10 @@ class FeatureStore:
     @classmethod
     def load(cls, folder: str | Path) -> FeatureStore:
         """Read a store written by :meth:`save`; no model needed. Every file is checked (JSON
-        types, tensor names and shapes); the optional ones (pages, samples, logit lens,
-        labels) may be missing.
+        types, tensor names, shapes and finite values; no file may be a link leading out of
+        the store); the optional ones (pages, samples, logit lens, labels, the
+        non-activating pool) may be missing, and one that is bad is left out and named in
+        :attr:`problems` (one line each) while the rest of the store is used.
 
         Raises:
             IncompleteStoreError: no complete manifest (an interrupted run, or not a store).
@@ -241,64 +268,40 @@ class FeatureStore:
         folder = Path(folder).expanduser()
         meta = read_manifest(folder)
         f, center = int(meta["d_sae"]), int(meta["window_before"])
+        linked = [name for name in REQUIRED if not inside(folder, folder / name)]
+        if linked:
+            raise CorruptCheckpointError(f"{folder}: files of the store are links out of it: "
+                                         f"{linked[:3]}; not read")
         missing = [name for name in REQUIRED if not (folder / name).is_file()]
-        missing += [name for name in meta["files"] if isinstance(name, str)
-                    and name.endswith(".safetensors") and not (folder / name).is_file()]
         if missing:
             raise CorruptCheckpointError(f"{folder}: files of the store are missing: "
                                          f"{sorted(set(missing))[:3]}",
                                          hint="mine it again with `llamascope inspect`")
 
-        def ex(name: str, center: int = center) -> Examples | None:
-            p = folder / name
-            if not p.is_file():
-                return None
-            t = read_tensors(p, {"values": (f, None), "doc": (f, None), "pos": (f, None),
-                             "tokens": (f, None, None), "acts": (f, None, None)})
-            n, w = t["values"].shape[1], t["tokens"].shape[2]
-            for key, shape in (("doc", (f, n)), ("pos", (f, n)), ("tokens", (f, n, w)), ("acts", (f, n, w))):
-                if tuple(t[key].shape) != shape:
-                    raise CorruptCheckpointError(f"{p}: tensor {key!r} has shape "
-                                                 f"{list(t[key].shape)}, expected {list(shape)}")
-            if not 0 <= center < w:
-                raise CorruptCheckpointError(f"{folder / MANIFEST}: window_before {center} does not "
-                                             f"fit the {w}-token windows of {name}")
-            return Examples(t["values"], t["doc"], t["pos"], t["tokens"].long(), t["acts"], center)
-
-        top = ex("top.safetensors")
-        assert top is not None  # REQUIRED
+        version = int(meta["version"])
+        top = read_examples(folder / "top.safetensors", f, center, version)
         bins = len(meta["histogram_edges"]) + 1
         hist = read_tensors(folder / "histogram.safetensors", {"counts": (f, bins)})["counts"]
-        lens = None
-        if (folder / "logit_lens.safetensors").is_file():
-            t = read_tensors(folder / "logit_lens.safetensors",
-                         {k: (f, None) for k in ("top_ids", "top_values", "bottom_ids", "bottom_values")})
-            lens = LogitLens(t["top_ids"], t["top_values"], t["bottom_ids"], t["bottom_values"])
+        problems: list[str] = []
+        optional = partial(read_optional, folder, meta, problems)
+        lens = optional("logit_lens.safetensors", lambda p: _read_lens(p, f))
         vocab = read_vocab(folder / "vocab.json")
-        labels = read_labels(folder / LABELS_FILE, f) if (folder / LABELS_FILE).is_file() else {}
+        labels = optional(LABELS_FILE, lambda p: read_labels(p, f)) or {}
         stats = FeatureStats.load(folder / STATS_FILE)
         if stats.d_sae != f:
             raise CorruptCheckpointError(f"{folder / STATS_FILE}: statistics of {stats.d_sae} "
                                          f"features, but the store has {f}")
-        version = int(meta["version"])
         before = meta.get("example_before", center) if version >= 2 else center
         if not isinstance(before, int) or isinstance(before, bool) or before < 0:
             raise CorruptCheckpointError(f"{folder / MANIFEST}: 'example_before' should be an "
                                          f"integer >= 0, found {before!r}")
-        samples = ex("samples.safetensors", before)
-        contexts = None
-        if version >= 2 and (folder / "nonactivating.safetensors").is_file():
-            t = read_tensors(folder / "nonactivating.safetensors",
-                         {"tokens": (None, None), "doc": (None,), "pos": (None,),
-                          "order": (None,), "fires": (f, None)})
-            r, w = t["tokens"].shape
-            if any(t[k].shape[0] != r for k in ("doc", "pos", "order")) or t["fires"].shape[1] != r \
-                    or not 0 <= before < max(w, 1):
-                raise CorruptCheckpointError(f"{folder / 'nonactivating.safetensors'}: its "
-                                             f"tensors do not describe one pool of {r} contexts")
-            contexts = Contexts(t["tokens"].long(), t["doc"], t["pos"], t["order"],
-                                t["fires"].bool(), before)
-        return cls(meta, top, samples, stats, hist, lens, vocab, labels, folder, contexts)
+        samples = optional("samples.safetensors",
+                           lambda p: read_examples(p, f, before, version))
+        contexts = (optional("nonactivating.safetensors",
+                             lambda p: read_contexts(p, f, before, version))
+                    if version >= 2 else None)
+        return cls(meta, top, samples, stats, hist, lens, vocab, labels, folder, contexts,
+                   problems)
 
     # ------------------------------------------------------------------ reading
     @property
@@ -324,9 +327,8 @@ class FeatureStore:
         if e is None:
             return []
         i = self.check_feature(i)
-        return [self._example(e.tokens[i, k], e.acts[i, k], float(e.values[i, k]),
-                              int(e.doc[i, k]), int(e.pos[i, k]), e.center)
-                for k in range(e.values.shape[1]) if int(e.doc[i, k]) >= 0]
+        return [self._example(e.tokens[k], e.acts[k], float(e.values[k]), int(e.doc[k]),
+                              int(e.pos[k]), e.center) for k in e.rows(i)]
 
     def _example(self, tokens: torch.Tensor, acts: torch.Tensor, value: float, doc: int,
                  pos: int, center: int) -> dict[str, Any]:
@@ -372,7 +374,7 @@ class FeatureStore:
         if c is None:
             return []
         n = int(self.meta.get("n_nonactivating", 0)) if n is None else n
-        idx = ((~c.fires[i]) & (c.doc >= 0)).nonzero().squeeze(1)
+        idx = ((~c.fires(i)) & (c.doc >= 0)).nonzero().squeeze(1)
         pri = sample_priority(c.order[idx], torch.tensor([i]))[0]
         idx = idx[pri.argsort(descending=True, stable=True)][:n]
         zero = torch.zeros(c.tokens.shape[1])
@@ -397,6 +399,13 @@ class FeatureStore:
                 f"({'; '.join(diff)})",
                 hint=f"mine this SAE: llamascope inspect --sae {sae.name} --dataset FILE")
         return self
+
+
+def _read_lens(path: Path, f: int) -> LogitLens:
+    t = read_tensors(path, {k: (f, None) for k in ("top_ids", "top_values", "bottom_ids",
+                                                  "bottom_values")})
+    check_finite(path, t, ("top_values", "bottom_values"))
+    return LogitLens(t["top_ids"], t["top_values"], t["bottom_ids"], t["bottom_values"])
 
 
 def resolve_store(store_or_name: str | Path) -> Path:

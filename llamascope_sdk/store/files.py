@@ -1,6 +1,32 @@
-"""The files of a feature store on disk: which folder a store may replace, the output paths
-``inspect`` checks before any work, and each file read back checked (JSON types, tensor names
-and shapes), so that a bad file is one line naming it.
+"""The files of a feature store on disk: their layout, which folder a store may replace, the
+output paths ``inspect`` checks before any work, and each file read back checked (JSON types,
+tensor names and shapes), so that a bad file is one line naming it.
+
+Layout, version 3 (F features; n_top, n_samples: the examples kept, only where the feature
+fired; W, C: window and context widths; R: random contexts; nnz: (context, feature) pairs)::
+
+    manifest.json               written LAST; "version": 3, "example_spacing" (the rule that
+                                keeps examples a window apart, :mod:`~llamascope_sdk.mining.spacing`)
+    top.safetensors             indptr [F + 1] int64: feature i's examples are rows
+                                indptr[i]:indptr[i + 1], best first; values [n_top] float32,
+                                doc/pos [n_top] int64, tokens [n_top, W] int32 (-1 outside the
+                                sequence), acts [n_top, W] float32
+    samples.safetensors         the same for the decile sample (rows of a feature sorted by
+                                activation, highest first; context C) (optional)
+    nonactivating.safetensors   the pool of random contexts: tokens [R, C] int32, doc/pos/order
+                                [R] int64; fires_ptr [R + 1] int64 and fires_feature [nnz]
+                                int32: the features that fire somewhere in context j are
+                                fires_feature[fires_ptr[j]:fires_ptr[j + 1]] (optional)
+    feature_stats.safetensors   FeatureStats
+    histogram.safetensors       counts [F, B] int64 over edges [B - 1] (log-spaced, model units)
+    logit_lens.safetensors      top/bottom token ids and logits [F, k] (optional)
+    vocab.json                  token id -> text of every token id the arrays use
+    feature_labels.json         labels known for the SAE (optional)
+    pages/                      the HTML feature pages (optional)
+
+So a store's size grows with the examples kept, not with features x slots. Version 2 (read,
+not written) kept [F, K] and [F, K, W] arrays with empty slots (``doc == -1``) and the pool's
+``fires`` as an [F, R] uint8 table; version 1 had no decile sample or pool.
 
 A folder is replaced only when it is provably an earlier store: its manifest says so (format
 and kind) and every file in it is one the manifest lists, or an explanation record the SDK
@@ -17,8 +43,9 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -32,10 +59,13 @@ from llamascope_sdk.base.errors import (
 )
 from llamascope_sdk.base.fingerprint import differences, fingerprint, is_fingerprint
 from llamascope_sdk.core.feature_stats import STATS_FILE, FeatureStats
+from llamascope_sdk.mining.contexts import Contexts
+from llamascope_sdk.mining.slots import Examples
+from llamascope_sdk.store.ownership import inside
 
 FORMAT = "llamascope-feature-store"
 KIND = "feature-store"
-VERSION = 2
+VERSION = 3
 MANIFEST = "manifest.json"
 #: Files every store has; the others (samples, logit lens, labels, pages/) are optional.
 REQUIRED = ("top.safetensors", "histogram.safetensors", STATS_FILE, "vocab.json")
@@ -296,6 +326,40 @@ def read_tensors(path: Path, shapes: dict[str, tuple[int | None, ...]]) -> dict[
     return t
 
 
+T = TypeVar("T")
+
+
+def read_optional(folder: Path, meta: dict[str, Any], problems: list[str], name: str,
+                  read: Callable[[Path], T]) -> T | None:
+    """An optional file of a store, read by ``read``: None when it is absent, or when it is
+    bad (a link out of the store, missing though the manifest lists it, or refused by
+    ``read``), with a line naming it and why in ``problems``: the store works without it."""
+    path = folder / name
+    if not path.exists() and not path.is_symlink():
+        if name in meta.get("files", []):
+            problems.append(f"{path}: listed in the manifest but missing; not used")
+        return None
+    if not inside(folder, path):
+        problems.append(f"{path}: a link out of the store; not used")
+        return None
+    try:
+        return read(path)
+    except (CorruptCheckpointError, OSError) as exc:
+        problems.append(f"{exc}; not used")
+        return None
+
+
+def check_finite(path: Path, tensors: dict[str, torch.Tensor], names: tuple[str, ...]) -> None:
+    """Refuse NaN or infinite values in the float tensors ``names`` of ``path``."""
+    for name in names:
+        bad = ~torch.isfinite(tensors[name])
+        if bool(bad.any()):
+            where = [int(i) for i in bad.nonzero()[0].tolist()]
+            raise CorruptCheckpointError(f"{path}: tensor {name!r} holds "
+                                         f"{float(tensors[name][tuple(where)])} at {where}; "
+                                         "values are finite")
+
+
 def read_vocab(path: Path) -> dict[int, str]:
     want = "a JSON object of token id -> text"
     try:
@@ -313,6 +377,77 @@ def read_vocab(path: Path) -> dict[int, str]:
 
 
 
+# ---------------------------------------------------------------------- examples, both versions
+def example_tensors(e: Examples) -> dict[str, torch.Tensor]:
+    """What ``top.safetensors`` / ``samples.safetensors`` hold (version 3)."""
+    return {"indptr": e.indptr.long(), "values": e.values.float(), "doc": e.doc.long(),
+            "pos": e.pos.long(), "tokens": e.tokens.int(), "acts": e.acts.float()}
+
+
+def context_tensors(c: Contexts) -> dict[str, torch.Tensor]:
+    """What ``nonactivating.safetensors`` holds (version 3)."""
+    return {"tokens": c.tokens.int(), "doc": c.doc.long(), "pos": c.pos.long(),
+            "order": c.order.long(), "fires_ptr": c.fires_ptr.long(),
+            "fires_feature": c.feature.int()}
+
+
+def _check_ptr(path: Path, ptr: torch.Tensor, n: int, what: str) -> None:
+    if int(ptr[0]) != 0 or int(ptr[-1]) != n or bool((ptr[1:] < ptr[:-1]).any()):
+        raise CorruptCheckpointError(f"{path}: {what} is not a rising index from 0 to {n}")
+
+
+def read_examples(path: Path, f: int, center: int, version: int) -> Examples:
+    """Examples from ``path``: ragged (version 3) or [F, K] slots (earlier), checked."""
+    if version < 3:
+        t = read_tensors(path, {"values": (f, None), "doc": (f, None), "pos": (f, None),
+                                "tokens": (f, None, None), "acts": (f, None, None)})
+        n, w = t["values"].shape[1], t["tokens"].shape[2]
+        want = {"doc": (f, n), "pos": (f, n), "tokens": (f, n, w), "acts": (f, n, w)}
+    else:
+        t = read_tensors(path, {"indptr": (f + 1,), "values": (None,), "doc": (None,),
+                                "pos": (None,), "tokens": (None, None), "acts": (None, None)})
+        n, w = t["values"].shape[0], t["tokens"].shape[1]
+        want = {"doc": (n,), "pos": (n,), "tokens": (n, w), "acts": (n, w)}
+        _check_ptr(path, t["indptr"], n, "indptr")
+    for key, shape in want.items():
+        if tuple(t[key].shape) != shape:
+            raise CorruptCheckpointError(f"{path}: tensor {key!r} has shape "
+                                         f"{list(t[key].shape)}, expected {list(shape)}")
+    if not 0 <= center < w:
+        raise CorruptCheckpointError(f"{path.parent / MANIFEST}: the window centre {center} does "
+                                     f"not fit the {w}-token windows of {path.name}")
+    check_finite(path, t, ("values", "acts"))
+    if version < 3:
+        return Examples.from_dense(t["values"], t["doc"], t["pos"], t["tokens"].long(),
+                                   t["acts"], center)
+    return Examples(t["indptr"], t["values"], t["doc"], t["pos"], t["tokens"].long(), t["acts"],
+                    center)
+
+
+def read_contexts(path: Path, f: int, center: int, version: int) -> Contexts:
+    """The pool of random contexts from ``path`` (version 2 or 3), checked."""
+    shapes: dict[str, tuple[int | None, ...]] = {"tokens": (None, None), "doc": (None,),
+                                                 "pos": (None,), "order": (None,)}
+    shapes |= {"fires": (f, None)} if version < 3 else {"fires_ptr": (None,), "fires_feature": (None,)}
+    t = read_tensors(path, shapes)
+    r, w = t["tokens"].shape
+    ok = all(t[k].shape[0] == r for k in ("doc", "pos", "order")) and 0 <= center < max(w, 1)
+    ok = ok and (t["fires"].shape[1] == r if version < 3 else t["fires_ptr"].shape[0] == r + 1)
+    if not ok:
+        raise CorruptCheckpointError(f"{path}: its tensors do not describe one pool of {r} contexts")
+    if version < 3:
+        return Contexts.from_dense(t["tokens"].long(), t["doc"], t["pos"], t["order"],
+                                   t["fires"].bool(), center)
+    _check_ptr(path, t["fires_ptr"], t["fires_feature"].shape[0], "fires_ptr")
+    feat = t["fires_feature"].long()
+    if feat.numel() and (int(feat.min()) < 0 or int(feat.max()) >= f):
+        raise CorruptCheckpointError(f"{path}: fires_feature holds features outside 0..{f - 1}")
+    return Contexts(t["tokens"].long(), t["doc"], t["pos"], t["order"], t["fires_ptr"], feat, center)
+
+
+
 __all__ = ["FORMAT", "IncompleteStoreError", "KIND", "MANIFEST", "REQUIRED", "VERSION",
-           "check_output_folder", "check_stats_target", "check_store_target", "read_manifest",
-           "read_tensors", "read_vocab", "remove_leftovers", "replaceable_store"]
+           "check_finite", "check_output_folder", "check_stats_target", "check_store_target",
+           "context_tensors", "example_tensors", "read_contexts", "read_examples",
+           "read_manifest", "read_optional", "read_tensors", "read_vocab", "remove_leftovers",
+           "replaceable_store"]

@@ -24,7 +24,8 @@ from llamascope_sdk.core.metrics import DENSE_FREQUENCY
 from llamascope_sdk.store import view
 from llamascope_sdk.store.explanation_view import explanation_html
 from llamascope_sdk.store.feature_store import FeatureStore
-from llamascope_sdk.store.scores import DEFINITIONS, FeatureScores, load_scores
+from llamascope_sdk.store.ownership import inside
+from llamascope_sdk.store.scores import DEFINITIONS, FeatureScores, scores_of
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#1d1d1f;padding:0 16px}
@@ -47,7 +48,7 @@ _FEATURE = """<!doctype html>
 <style>{{ css }}</style></head><body>
 <p class="muted"><a href="../index.html">all features</a> &middot; {{ sae }} &middot; {{ hook }}</p>
 <h1 id="title">{{ sae }} &middot; feature {{ f.feature }}</h1>
-{% if f.label %}<div class="label" id="label">{{ f.label }}</div>{% endif %}
+{% if f.label %}<div class="label" id="label">{{ f.label }} <span class="muted" id="label-source">(label: {{ f.label_source }})</span></div>{% endif %}
 {{ explained }}
 <div class="facts">
 <div>frequency<b id="frequency">{{ pct(f.frequency) }}</b></div>
@@ -122,8 +123,10 @@ def _pct(x: float) -> str:
 
 
 def _tok(text: str) -> str:
-    """A token as shown: newlines and tabs made visible."""
-    return text.replace("\n", "\u21b5").replace("\t", "\u21e5")
+    """A token as shown: newlines and tabs made visible; a replacement character (a store
+    written before byte tokens were kept as ``<0x..>``) shown as ``<bytes?>``."""
+    return (text.replace("\n", "\u21b5").replace("\t", "\u21e5")
+            .replace("\ufffd", "<bytes?>"))
 
 
 def example_html(e: dict[str, Any], scale: float) -> str:
@@ -140,28 +143,49 @@ def example_html(e: dict[str, Any], scale: float) -> str:
     return f'<div class="ex"><span class="where">{where}</span>{"".join(parts)}</div>'
 
 
-def histogram_svg(bins: list[dict[str, float]], width: int = 640, height: int = 160) -> str:
-    """Inline SVG bar chart of the non-empty log-spaced bins (count on a log scale)."""
+def histogram_svg(bins: list[dict[str, float]], width: int = 640, height: int = 190) -> str:
+    """Inline SVG bar chart of the non-empty log-spaced bins: counts on a log axis with their
+    values (1, 10, 100, ...), activation values under the bars at every decade edge and both
+    ends, both axes named."""
     if not bins:
         return '<p class="muted">No activations.</p>'
-    n = len(bins)
+    n, left, bottom = len(bins), 56, 44
     top = max(math.log10(b["count"] + 1) for b in bins)
-    bw = (width - 60) / n
-    bars = []
+    plot_h = height - bottom - 12
+    bw = (width - left - 10) / n
+
+    def y(count: float) -> float:
+        return height - bottom - plot_h * math.log10(count + 1) / top
+
+    out = []
     for k, b in enumerate(bins):
-        h = (height - 40) * math.log10(b["count"] + 1) / top
-        x = 50 + k * bw
-        bars.append(f'<rect x="{x:.1f}" y="{height - 25 - h:.1f}" width="{max(bw - 1, 1):.1f}" '
-                    f'height="{h:.1f}" fill="#e07020"><title>{_num(b["lo"])}-{_num(b["hi"])}: '
-                    f'{int(b["count"])}</title></rect>')
-    labels = [f'<text x="50" y="{height - 8}" font-size="11">{_num(bins[0]["lo"])}</text>',
-              f'<text x="{width - 10}" y="{height - 8}" font-size="11" text-anchor="end">'
-              f'{_num(bins[-1]["hi"])}</text>',
-              f'<text x="{width / 2}" y="{height - 8}" font-size="11" text-anchor="middle">'
-              'activation (log-spaced bins)</text>',
-              '<text x="4" y="14" font-size="11">count (log)</text>']
+        h = height - bottom - y(b["count"])
+        out.append(f'<rect x="{left + k * bw:.1f}" y="{y(b["count"]):.1f}" '
+                   f'width="{max(bw - 1, 1):.1f}" height="{h:.1f}" fill="#e07020"><title>'
+                   f'{_num(b["lo"])}-{_num(b["hi"])}: {int(b["count"])}</title></rect>')
+    ax = height - bottom
+    out.append(f'<line x1="{left}" y1="{ax}" x2="{width - 10}" y2="{ax}" stroke="#555"/>'
+               f'<line x1="{left}" y1="{ax}" x2="{left}" y2="12" stroke="#555"/>')
+    c = 1
+    while math.log10(c + 1) <= top + 1e-9:  # count ticks: 1, 10, 100, ...
+        out.append(f'<text class="ytick" x="{left - 4}" y="{y(c) + 4:.1f}" font-size="10" '
+                   f'text-anchor="end">{c:,}</text><line x1="{left - 3}" y1="{y(c):.1f}" '
+                   f'x2="{left}" y2="{y(c):.1f}" stroke="#555"/>')
+        c *= 10
+    step = max(1, n // 6)
+    for k, b in enumerate(bins):  # activation ticks: the lower edge of every step-th bar
+        if k % step == 0 and (k == 0 or n - k > step // 2):
+            x = left + k * bw
+            out.append(f'<text class="xtick" x="{x:.1f}" y="{ax + 14}" font-size="10" '
+                       f'text-anchor="middle">{_num(b["lo"])}</text>')
+    out.append(f'<text class="xtick" x="{width - 10}" y="{ax + 14}" font-size="10" '
+               f'text-anchor="end">{_num(bins[-1]["hi"])}</text>')
+    out.append(f'<text x="{(left + width) / 2}" y="{height - 6}" font-size="11" '
+               'text-anchor="middle">activation (model units; log-spaced bins)</text>'
+               f'<text x="12" y="{(height - bottom) / 2}" font-size="11" text-anchor="middle" '
+               f'transform="rotate(-90 12 {(height - bottom) / 2})">firings (log scale)</text>')
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'id="histogram">{"".join(bars)}{"".join(labels)}</svg>')
+            f'id="histogram">{"".join(out)}</svg>')
 
 
 def feature_page(store: FeatureStore, i: int, scores: FeatureScores | None = None) -> str:
@@ -188,12 +212,12 @@ def _score(scores: FeatureScores | None, i: int) -> float:
 def index_page(store: FeatureStore, features: list[int],
                scores: FeatureScores | None = None) -> str:
     rows = []
+    top, best = store.top, store.top.best()
     for i in features:
-        toks = [store.token_text(int(store.top.tokens[i, k, store.top.center]))
-                for k in range(min(5, store.top.values.shape[1])) if int(store.top.doc[i, k]) >= 0]
+        toks = [store.token_text(int(top.tokens[k, top.center])) for k in top.rows(i)[:5]]
         rows.append({"i": i, "label": store.labels.get(i, ""), "dense": view.is_dense(store, i),
                      "freq": float(store.stats.frequency[i]), "typ": float(store.stats.typical[i]),
-                     "max": float(store.top.values[i, 0]),
+                     "max": float(best[i]),
                      "out": _score(scores, i),
                      "toks": " ".join(repr(_tok(t)) for t in dict.fromkeys(toks))})
     return _INDEX_T.render(rows=rows, sae=store.name, hook=store.meta.get("hook_point_out"),
@@ -220,7 +244,7 @@ def write_pages(store: FeatureStore, folder: str | Path, features: list[int] | N
     Selection scores (``scores``, else the store's ``feature_scores.safetensors``) add a
     sortable output-score column and two facts per page."""
     folder = Path(folder)
-    scores = scores if scores is not None else load_scores(store.path)
+    scores = scores if scores is not None else scores_of(store)
     feats = default_page_features(store, features, max_pages)
     (folder / "features").mkdir(parents=True, exist_ok=True)
     for i in feats:
@@ -232,11 +256,13 @@ def write_pages(store: FeatureStore, folder: str | Path, features: list[int] | N
 
 def refresh_pages(store: Any, features: list[int]) -> int:
     """Rewrite the existing HTML pages of ``features`` (under STORE/pages) so they show the
-    new explanations; returns how many were rewritten. Pages that do not exist stay absent."""
-
+    new explanations; returns how many were rewritten. Pages that do not exist stay absent,
+    and nothing is written through a pages folder that links out of the store."""
     if getattr(store, "path", None) is None:
         return 0
     folder = Path(store.path) / "pages" / "features"
+    if not inside(store.path, folder):
+        return 0
     n = 0
     for i in features:
         page = folder / f"{int(i)}.html"
@@ -244,3 +270,16 @@ def refresh_pages(store: Any, features: list[int]) -> int:
             atomic_write_text(page, feature_page(store, int(i)))
             n += 1
     return n
+
+
+def rewrite_pages(folder: Path, scores: FeatureScores | None = None) -> int:
+    """Rewrite a store's pages (``FOLDER/pages``: its index and the feature pages it already
+    has) after something the pages show changed (new scores); returns the pages written, 0
+    when the store has no pages."""
+    pages = Path(folder) / "pages"
+    if not (pages / "index.html").is_file() or not inside(folder, pages):
+        return 0  # nothing is written through a pages folder that links out of the store
+    store = FeatureStore.load(folder)
+    done = sorted(int(p.stem) for p in (pages / "features").glob("*.html") if p.stem.isdigit())
+    write_pages(store, pages, done or None, max_pages=len(done) or 1000, scores=scores)
+    return len(done)

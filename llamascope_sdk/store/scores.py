@@ -34,6 +34,7 @@ The scores are saved as ``feature_scores.safetensors`` in a feature store folder
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -45,12 +46,14 @@ from tqdm import tqdm
 
 from llamascope_sdk.base.atomic import atomic_save_safetensors
 from llamascope_sdk.base.errors import CorruptCheckpointError, InputError
+from llamascope_sdk.base.fingerprint import differences, fingerprint, is_fingerprint
 from llamascope_sdk.core.hooks import hooked
 from llamascope_sdk.core.logit_lens import logit_lens
 from llamascope_sdk.loading.compat import check_compatible
 from llamascope_sdk.loading.models import check_fits_window, model_device, tokenize
 from llamascope_sdk.loading.sae import SAE
 from llamascope_sdk.steering.attachment import attach
+from llamascope_sdk.store.ownership import check_writes_into_store, inside
 
 SCORES_FILE = "feature_scores.safetensors"
 #: Arad et al.'s neutral sentence for the output score.
@@ -105,8 +108,17 @@ class FeatureScores:
         return values.topk(min(n, int(torch.isfinite(values).sum()))).indices.tolist()
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``folder/feature_scores.safetensors`` atomically; return its path."""
+        """Write ``folder/feature_scores.safetensors`` atomically; return its path.
+
+        Raises:
+            StoreMismatchError: ``folder`` is (in) the feature store of another SAE than the
+                one ``meta`` names (fingerprints compared; scores without a ``meta`` naming
+                their SAE are not checked).
+        """
         path = Path(folder).expanduser() / SCORES_FILE
+        if "fingerprint" in self.meta or "sae" in self.meta:
+            check_writes_into_store(path, str(self.meta.get("sae")),
+                                    _json_or_none(self.meta.get("fingerprint")), "scores")
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors({"output_score": self.output_score.float().cpu(),
                                  "delta_token_confidence": self.delta_token_confidence.float().cpu()},
@@ -114,11 +126,14 @@ class FeatureScores:
         return path
 
     @classmethod
-    def load(cls, folder_or_file: str | Path) -> FeatureScores:
-        """Read what :meth:`save` wrote (a store folder or the file itself).
+    def load(cls, folder_or_file: str | Path, *, d_sae: int | None = None,
+             store_fingerprint: Any = None) -> FeatureScores:
+        """Read what :meth:`save` wrote (a store folder or the file itself), checked
+        (:func:`check_scores`; with ``d_sae`` and ``store_fingerprint``: the store's).
 
         Raises:
-            FileNotFoundError: no scores there. CorruptCheckpointError: unreadable or wrong shape.
+            FileNotFoundError: no scores there. CorruptCheckpointError: unreadable, a link out
+                of the folder, or not scores of this store (one line naming the file).
         """
         from safetensors import safe_open
 
@@ -127,24 +142,92 @@ class FeatureScores:
         if not path.is_file():
             raise FileNotFoundError(f"no feature scores at {path}: compute them with "
                                     "`llamascope score-features --sae ... --store ...`")
+        if p.is_dir() and not inside(p, path):
+            raise CorruptCheckpointError(f"{path} is a link out of the store; not read")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
                 t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no iter)
         except Exception as exc:  # safetensors raises its own error types
             raise CorruptCheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-        need = ("output_score", "delta_token_confidence")
-        if any(k not in t or t[k].ndim != 1 for k in need) or \
-                t["output_score"].shape != t["delta_token_confidence"].shape:
-            raise CorruptCheckpointError(f"{path}: expected 1-D tensors {list(need)} of one length")
-        return cls(t["output_score"].float(), t["delta_token_confidence"].float(), meta)
+        check_scores(t, path, d_sae)
+        theirs = _json_or_none(meta.get("fingerprint"))
+        if is_fingerprint(theirs) and is_fingerprint(store_fingerprint) \
+                and differences(theirs, store_fingerprint):
+            raise CorruptCheckpointError(f"{path}: scores of another SAE ({meta.get('sae')!r}) "
+                                         "than the store's (fingerprints differ)")
+        return cls(t["output_score"], t["delta_token_confidence"], meta)
 
 
-def load_scores(folder: str | Path | None) -> FeatureScores | None:
-    """The scores saved in a store ``folder``, or None when it has none (or no folder)."""
+#: Bounds of each score (output score: a rank factor times a probability; Δ confidence: a
+#: difference of probabilities), with room for float32 rounding.
+_BOUNDS = {"output_score": (0.0, 1.0), "delta_token_confidence": (-1.0, 1.0)}
+
+
+def check_scores(t: dict[str, torch.Tensor], path: Path, d_sae: int | None = None) -> None:
+    """Refuse, in one line naming ``path``, tensors that are not scores of ``d_sae`` features:
+    both 1-D float32 of one length, each within its bounds, NaN exactly for the features that
+    were not scored (NaN in both).
+
+    Raises:
+        CorruptCheckpointError
+    """
+    def bad(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{path}: {why}")
+
+    need = tuple(_BOUNDS)
+    if any(k not in t or t[k].ndim != 1 for k in need) or \
+            t["output_score"].shape != t["delta_token_confidence"].shape:
+        raise bad(f"expected 1-D tensors {list(need)} of one length")
+    n = int(t["output_score"].shape[0])
+    if d_sae is not None and n != d_sae:
+        raise bad(f"scores of {n} features, but the store has {d_sae}")
+    for k in need:
+        if t[k].dtype != torch.float32:
+            raise bad(f"{k!r} is {str(t[k].dtype).removeprefix('torch.')}, expected float32")
+    unscored = torch.isnan(t["output_score"])
+    both = unscored != torch.isnan(t["delta_token_confidence"])
+    if bool(both.any()):
+        i = int(both.nonzero()[0])
+        which = ("delta_token_confidence", "output_score") if not bool(unscored[i]) else \
+            ("output_score", "delta_token_confidence")
+        raise bad(f"{which[0]!r} is NaN at feature {i} where {which[1]!r} is not (both are NaN "
+                  "for a feature that was not scored)")
+    for k, (lo, hi) in _BOUNDS.items():
+        v = t[k][~unscored].double()
+        out = ~((v >= lo - 1e-5) & (v <= hi + 1e-5))
+        if bool(out.any()):
+            i = int((~unscored).nonzero().squeeze(1)[out.nonzero()[0]])
+            raise bad(f"{k!r} is {float(t[k][i]):g} at feature {i}; scores lie in "
+                      f"[{lo:g}, {hi:g}] (NaN: not scored)")
+
+
+def _json_or_none(text: Any) -> Any:
+    try:
+        return json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return None
+
+
+def scores_of(store: Any) -> FeatureScores | None:
+    """The scores in a loaded feature store's folder (None when it has none), checked against
+    the store: one score per feature, measured on the store's SAE.
+
+    Raises:
+        CorruptCheckpointError: a bad scores file (one line naming it; the rest of the store
+            is usable).
+    """
+    return load_scores(getattr(store, "path", None), d_sae=int(store.d_sae),
+                       store_fingerprint=store.meta.get("fingerprint"))
+
+
+def load_scores(folder: str | Path | None, *, d_sae: int | None = None,
+                store_fingerprint: Any = None) -> FeatureScores | None:
+    """The scores saved in a store ``folder``, or None when it has none (or no folder);
+    checked as :meth:`FeatureScores.load` says."""
     if folder is None or not (Path(folder).expanduser() / SCORES_FILE).is_file():
         return None
-    return FeatureScores.load(folder)
+    return FeatureScores.load(folder, d_sae=d_sae, store_fingerprint=store_fingerprint)
 
 
 def cache_keyword(model: Any) -> str:
@@ -230,9 +313,10 @@ def score_features(model: Any, tokenizer: Any, sae: SAE, *, prompt: str = OUTPUT
     meta = {"prompt": prompt, "amplification": amplification, "lens_k": lens_k,
             "max_activation": m, "added_length": c, "sae": sae.name,
             "model": str(getattr(model, "name_or_path", "")),
-            "clean_top_probability": p_clean_top, "method": "feature_scores v1"}
+            "clean_top_probability": p_clean_top, "method": "feature_scores v1",
+            "fingerprint": json.dumps(fingerprint(sae))}
     return FeatureScores(out_score, dtc, meta)
 
 
-__all__ = ["FeatureScores", "score_features", "load_scores", "SCORES_FILE", "DEFINITIONS",
+__all__ = ["FeatureScores", "check_scores", "score_features", "load_scores", "scores_of", "SCORES_FILE", "DEFINITIONS",
            "OUTPUT_SCORE_PROMPT", "AMPLIFICATION", "LENS_K"]

@@ -13,6 +13,7 @@ from typing import Any
 
 from llamascope_sdk.core.metrics import DENSE_FREQUENCY
 from llamascope_sdk.mining.mine import quantile_bands
+from llamascope_sdk.store.explanations import feature_explanations, label_text
 from llamascope_sdk.store.feature_store import FeatureStore
 
 
@@ -76,14 +77,28 @@ def logit_lens(store: FeatureStore, i: int) -> dict[str, list[tuple[str, float]]
                            zip(lens.bottom_ids[i].tolist(), lens.bottom_values[i].tolist(), strict=True)]}
 
 
+def label_source(store: FeatureStore, i: int) -> str | None:
+    """Where feature ``i``'s label comes from: an explainer (model and scores) when it is the
+    caption of one of the store's explanation records (``explain --save-labels-to``), else
+    hand-written (the SAE's or the store's feature_labels.json); None without a label."""
+    label = store.labels.get(i)
+    if not label:
+        return None
+    for rec in feature_explanations(store.path, i)["explanations"]:
+        if label_text(rec) == label:
+            return f"explainer {rec.get('model')}" + label[len(str(rec['explanation'])):]
+    return "hand-written"
+
+
 def summary(store: FeatureStore, i: int) -> dict[str, Any]:
     """Label, frequency, typical/mean/max activation, dense flag, links and steer command."""
     i = store.check_feature(i)
     url = store.meta.get("neuronpedia_url")
     return {"feature": i, "sae": store.name, "label": store.labels.get(i),
+            "label_source": label_source(store, i),
             "frequency": float(store.stats.frequency[i]),
             "typical": float(store.stats.typical[i]), "mean": float(store.stats.mean[i]),
-            "max": float(store.top.values[i, 0]), "dense": is_dense(store, i),
+            "max": store.top.first(i), "dense": is_dense(store, i),
             "n_tokens": int(store.stats.n_tokens),
             "neuronpedia_url": f"{url}/{i}" if url else None,
             "steer": store_steer_command(store, i)}
