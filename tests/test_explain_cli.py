@@ -12,12 +12,12 @@ from typer.testing import CliRunner
 
 from llamascope_sdk import SAE
 from llamascope_sdk.cli import app
-from llamascope_sdk.cli.explain import top_frequency
 from llamascope_sdk.explain import Settings, plan_run
 from llamascope_sdk.explain.examples import example_sets
 from llamascope_sdk.mining.mine import mine
 from llamascope_sdk.store.feature_store import FeatureStore
 from llamascope_sdk.store.pages import write_pages
+from llamascope_sdk.store.view import frequent_features as top_frequency
 
 from .conftest import CharTokenizer
 from .fake_endpoint import FakeEndpoint

@@ -208,3 +208,14 @@ def run_script(fn: Callable[[], None]) -> int:
 def main() -> None:
     """Console entry point (``llamascope``)."""
     app()
+
+
+def score_table(title: str, rows: list[dict[str, Any]]) -> None:
+    """Features with their scores (``FeatureScores.get`` rows plus ``feature`` and ``label``;
+    a ``frequency`` column when the rows carry one)."""
+    freq = bool(rows) and "frequency" in rows[0]
+    table(title, ["feature", "output score", "delta token conf.",
+                  *(["frequency"] if freq else []), "label"],
+          [[r["feature"], f"{r['output_score']:.3g}", f"{r['delta_token_confidence']:+.3g}",
+            *([f"{100 * r['frequency']:.3g}%" + (" dense" if r["dense"] else "")] if freq else []),
+            r["label"] or ""] for r in rows])

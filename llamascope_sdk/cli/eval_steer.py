@@ -21,6 +21,7 @@ from llamascope_sdk.cli.app import (
     command,
     echo_json,
     load_sae_and_model,
+    score_table,
     table,
 )
 
@@ -80,17 +81,6 @@ def score_features_cmd(
     typer.echo(f"delta token confidence: {DEFINITIONS['delta_token_confidence']}")
     if rows:
         score_table(f"top {len(rows)} features of {s.name} by output score", rows)
-
-
-def score_table(title: str, rows: list[dict[str, Any]]) -> None:
-    """Features with their scores (``FeatureScores.get`` rows plus ``feature`` and ``label``;
-    a ``frequency`` column when the rows carry one)."""
-    freq = bool(rows) and "frequency" in rows[0]
-    table(title, ["feature", "output score", "delta token conf.",
-                  *(["frequency"] if freq else []), "label"],
-          [[r["feature"], f"{r['output_score']:.3g}", f"{r['delta_token_confidence']:+.3g}",
-            *([f"{100 * r['frequency']:.3g}%" + (" dense" if r["dense"] else "")] if freq else []),
-            r["label"] or ""] for r in rows])
 
 
 @app.command("eval-steer")

@@ -19,6 +19,9 @@ from llamascope_sdk.cli.app import (
     echo_json,
     say,
 )
+from llamascope_sdk.explain.cost import counter_for
+from llamascope_sdk.store.explanations import save_labels
+from llamascope_sdk.store.view import frequent_features
 
 
 def parse_features(spec: str, d_sae: int) -> list[int]:
@@ -45,53 +48,6 @@ def parse_features(spec: str, d_sae: int) -> list[int]:
     return list(dict.fromkeys(out))
 
 
-def top_frequency(store: Any, n: int) -> list[int]:
-    """The ``n`` most frequently firing features that are not dense (fire on at most
-    :data:`~llamascope_sdk.core.metrics.DENSE_FREQUENCY` of the tokens)."""
-    from llamascope_sdk.core.metrics import DENSE_FREQUENCY
-
-    freq = store.stats.frequency.float()
-    keep = (freq > 0) & (freq <= DENSE_FREQUENCY)
-    order = sorted(keep.nonzero().squeeze(1).tolist(), key=lambda i: (-float(freq[i]), i))
-    return order[:n]
-
-
-def token_counter(name: str | None) -> tuple[Any, Any, str]:
-    """Count tokens with the tokenizer ``name`` (a local folder, a cached Hub id or
-    'smollm2-135m'), whole requests with its chat template when it has one; without a
-    tokenizer, about 4 characters per token."""
-    from llamascope_sdk.explain.cost import approx_tokens, template_counter, tokenizer_counter
-
-    if name is None:
-        return approx_tokens, None, "about 4 characters per token (--tokenizer counts exactly)"
-    from transformers import AutoTokenizer
-
-    from llamascope_sdk.loading.models import resolve_model_path
-
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
-    messages = template_counter(tok)
-    how = f"the {name} tokenizer" + (" and its chat template" if messages is not None else "")
-    return tokenizer_counter(tok), messages, how
-
-
-def save_labels(store: Any, folder: Path) -> tuple[int, int]:
-    """Write the best explanation of each feature into ``folder/feature_labels.json``; labels
-    already there are kept. Returns (added, kept)."""
-    from llamascope_sdk.core.feature_stats import LABELS_FILE, read_labels, write_labels
-    from llamascope_sdk.store.explanations import descriptions, label_text
-
-    path = folder / LABELS_FILE
-    old = read_labels(path, store.d_sae) if path.is_file() else {}
-    unused: list[str] = []
-    new = {i: label_text(r) for i, r in descriptions(store.path, unused).items() if i not in old}
-    write_labels(path, {**old, **new})
-    for why in unused[:3]:
-        say(f"explanation not used: {why}", err=True)
-    if len(unused) > 3:
-        say(f"... and {len(unused) - 3} more explanation records not used", err=True)
-    return len(new), len(old)
-
-
 def _select(store: Any, features: str | None, top_freq: int | None, search: str | None,
             top: int, device: str, dtype: str | None) -> list[int]:
     from llamascope_sdk.base.errors import InputError
@@ -103,7 +59,7 @@ def _select(store: Any, features: str | None, top_freq: int | None, search: str 
     if features is not None:
         return parse_features(features, store.d_sae)
     if top_freq is not None:
-        return top_frequency(store, top_freq)
+        return frequent_features(store, top_freq)
     assert search is not None
     check_text(search, "--search")
     from llamascope_sdk.store.search import search_features
@@ -184,7 +140,12 @@ def explain(
     if refresh_pages(st, feats):
         typer.echo(f"feature pages updated: {st.path}/pages/index.html", err=True)
     if save_labels_to is not None:
-        added, kept = save_labels(st, save_labels_to)
+        unused: list[str] = []
+        added, kept = save_labels(st, save_labels_to, unused)
+        for why in unused[:3]:
+            typer.echo(f"explanation not used: {why}", err=True)
+        if len(unused) > 3:
+            typer.echo(f"... and {len(unused) - 3} more explanation records not used", err=True)
         typer.echo(f"{save_labels_to / 'feature_labels.json'}: {added} labels added, "
                    f"{kept} kept", err=True)
 
@@ -221,7 +182,7 @@ def _run(st: Any, feats: list[int], endpoint: str, model: str, api_key: str | No
 
     client = ChatClient(endpoint, model, api_key=api_key, concurrency=concurrency,
                         timeout=timeout, token_budget=max_cost)
-    count, count_messages, how = token_counter(tokenizer)
+    count, count_messages, how = counter_for(tokenizer)
     plan = plan_run(st, feats, model, settings=settings, out=out, count_tokens=count,
                     count_messages=count_messages)
     typer.echo(f"to send: {plan.estimate.line()}; {len(plan.skipped)} features already done; "

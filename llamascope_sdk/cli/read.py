@@ -24,6 +24,7 @@ from llamascope_sdk.cli.app import (
     echo_json,
     load_sae_and_model,
     say,
+    score_table,
     table,
 )
 
@@ -174,8 +175,6 @@ def _top_by_output_score(sae: str, store: str | None, top: int, include_dense: b
     if as_json:
         echo_json({"sae": st.name, "sort": "output-score", "hits": hits, "steer": cmd})
         return
-    from llamascope_sdk.cli.eval_steer import score_table
-
     score_table(f"{st.name}: the {len(hits)} features with the highest output score (of "
                 f"{hits[0]['scored'] if hits else 0} scored)", hits)
     if cmd:

@@ -24,6 +24,7 @@ from typing import Any
 from llamascope_sdk.explain.examples import ExampleSets
 from llamascope_sdk.explain.prompts import expected_answer, explainer_messages, scorer_messages
 from llamascope_sdk.explain.scoring import MAX_TOKENS_PER_ITEM, SCORERS, batches, items_for, rng_for
+from llamascope_sdk.loading.models import resolve_model_path
 
 #: A typical one-line explanation, counted in place of the one the explainer will write.
 EXPLANATION_GUESS = "the word 'the' at the start of a clause, mostly in news and encyclopedic text"
@@ -118,3 +119,17 @@ def add(a: Estimate, b: Estimate) -> Estimate:
     return Estimate(a.features + b.features, a.requests + b.requests,
                     a.prompt_tokens + b.prompt_tokens, a.completion_tokens + b.completion_tokens,
                     a.completion_max + b.completion_max)
+
+
+def counter_for(name: str | None) -> tuple[Counter, MessagesCounter | None, str]:
+    """Token counters for the estimate and how they count: the tokenizer ``name`` (a local
+    folder, a cached Hub id or 'smollm2-135m'), whole requests with its chat template when it
+    has one; without a name, about 4 characters per token."""
+    if name is None:
+        return approx_tokens, None, "about 4 characters per token (--tokenizer counts exactly)"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    messages = template_counter(tok)
+    how = f"the {name} tokenizer" + (" and its chat template" if messages is not None else "")
+    return tokenizer_counter(tok), messages, how

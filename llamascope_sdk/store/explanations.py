@@ -22,6 +22,7 @@ from typing import Any
 
 from llamascope_sdk.base.atomic import atomic_write_text
 from llamascope_sdk.base.errors import InputError
+from llamascope_sdk.core.feature_stats import LABELS_FILE, read_labels, write_labels
 from llamascope_sdk.store.ownership import inside
 
 EXPLANATIONS = "explanations"
@@ -207,3 +208,14 @@ def label_text(record: dict[str, Any]) -> str:
              if v.get("balanced_accuracy") is not None]
     text = str(record["explanation"])
     return f"{text} ({', '.join(parts)})" if parts else text
+
+
+def save_labels(store: Any, folder: Path, problems: list[str] | None = None) -> tuple[int, int]:
+    """Write the best explanation of each feature of ``store`` (:func:`descriptions`, captioned
+    by :func:`label_text`) into ``folder/feature_labels.json``; labels already there are
+    kept. Records that cannot be used are named in ``problems``. Returns (added, kept)."""
+    path = Path(folder) / LABELS_FILE
+    old = read_labels(path, store.d_sae) if path.is_file() else {}
+    new = {i: label_text(r) for i, r in descriptions(store.path, problems).items() if i not in old}
+    write_labels(path, {**old, **new})
+    return len(new), len(old)

@@ -42,6 +42,14 @@ def is_dense(store: FeatureStore, i: int) -> bool:
     return float(store.stats.frequency[i]) > DENSE_FREQUENCY
 
 
+def frequent_features(store: FeatureStore, n: int) -> list[int]:
+    """The ``n`` most frequently firing features that are not dense (:func:`is_dense`); ties
+    by index."""
+    freq = store.stats.frequency.float()
+    keep = [i for i in (freq > 0).nonzero().squeeze(1).tolist() if not is_dense(store, i)]
+    return sorted(keep, key=lambda i: (-float(freq[i]), i))[:n]
+
+
 def bands(store: FeatureStore, i: int, per_band: int = 4) -> list[dict[str, Any]]:
     """Quantile bands of the feature's sample, highest first: ``{"label", "examples"}``, at
     most ``per_band`` examples each, evenly spread over the band (the sample holds 100)."""
