@@ -39,7 +39,7 @@ def explanation_html(store: Any, i: int) -> str:
     rows = [f'<div class="label">{html.escape(r["explanation"])}</div>'
             f'<p class="muted">{html.escape(_scores(r))} (balanced accuracy on held-out '
             f'contexts, chance 0.50) &middot; explainer {html.escape(r["model"])} &middot; '
-            f'prompt {html.escape(r["prompt_version"])}</p>' for r in info["explanations"]]
+            f'prompt {html.escape(str(r.get("prompt_version") or "-"))}</p>' for r in info["explanations"]]
     free = info["llm_free"] or {}
     if free.get("token_change"):
         toks = " ".join(f"<code>{html.escape(t)}</code>" for t, _ in free["token_change"]["tokens"][:10])

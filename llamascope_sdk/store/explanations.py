@@ -98,7 +98,7 @@ def check_record(rec: Any, i: int, llm_free: bool = False) -> str | None:
     f = rec.get("feature")
     if type(f) is not int or f != i:
         return f"its 'feature' field is {f!r}, not {i}"
-    need = ("sae",) if llm_free else ("model", "prompt_version")
+    need = ("sae",) if llm_free else ("model",)
     for key in ("sae", "model", "prompt_version", "explanation", "note", "reply"):
         v = rec.get(key)
         if (v is not None or key in need) and not isinstance(v, str):
