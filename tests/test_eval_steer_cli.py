@@ -55,7 +55,8 @@ def test_small_demo_run_json_plot_exports(smollm2, tmp_path):
     assert feat["feature"] == 4154 and set(feat["curves"]) == {"feature", "diffmean", "prompt",
                                                                "none"}
     assert [p["strength"] for p in feat["curves"]["feature"]] == [0, 40]
-    assert feat["concept_measure"].startswith("concept text")
+    assert feat["concept_measure"].startswith("concept lift")
+    assert feat["concept"] == "thou art" and feat["concept_source"]["source"] == "given"
     png = out / "eval_steer_smollm2-135m-L15R-8x_4154.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and rep["plots"]["4154"] == str(png)
     chosen = feat["chosen"]["feature"]["strength"]

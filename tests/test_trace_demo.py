@@ -122,7 +122,9 @@ def test_demo_stores_mined_once_and_match_the_transcoders(smollm2, tmp_path, mon
             f = tcs[L].encode(acts[Site(L, "ln2_normalized")][keep])
             best[L] = torch.maximum(best[L], f.max(0).values)
     for L in layers:
-        stored = stores[L].top.values[:, 0].float().clamp_min(0)
+        top = stores[L].top  # store format 3: feature i's examples are rows indptr[i]:indptr[i+1]
+        stored = torch.tensor([float(top.values[top.indptr[i]]) if top.indptr[i + 1] > top.indptr[i]
+                               else 0.0 for i in range(320)]).clamp_min(0)
         assert torch.allclose(stored, best[L], rtol=1e-4, atol=1e-5), L
         assert (best[L] > 0).sum() > 100  # most features fire on the excerpts
 
