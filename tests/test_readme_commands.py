@@ -20,6 +20,9 @@ ELSEWHERE = {
     "convert LXTC-8x": "test_convert_circuit_tracer.py (the 32-layer set from synthetic transcoders)",
     "--endpoint": "test_explain_cli.py (the same CLI path against the scripted fake endpoint)",
     "llamascope serve": "a server that runs until stopped; the serve tests start it",
+    "llamascope bench": "test_benchmark_run.py (same library path on a tiny Llama; CLI refusals tested there)",
+    "llamascope trace": "test_trace_cli.py (same CLI path on SmolLM2, transcoder folders) and "
+                        "test_trace_demo.py (the demo set); minutes on a CPU",
 }
 
 
