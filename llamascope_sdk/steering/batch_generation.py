@@ -16,6 +16,12 @@ Decoding: greedy (``temperature=0``, the default), or sampling with ``temperatur
 ``top_p`` from a per-row generator seeded by ``seed``. A row stops after one of its stop ids
 (default: the model's EOS ids), included in its tokens like ``model.generate`` does, or after
 ``max_new_tokens``.
+
+Log-probabilities: a row with ``logprobs=N`` gets, on each of its tokens, the token's
+log-probability and the N most likely tokens (:mod:`llamascope_sdk.steering.logprobs`); a row
+with ``prompt_logprobs`` gets, on its first event, its prompt's tokens scored the same way, under
+its edits, from the same prefill forward (``max_new_tokens=0`` then scores the prompt only: one
+event with no token).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from llamascope_sdk.corpus import pad_id
 from llamascope_sdk.loading.models import check_fits_window, model_device, special_ids
 from llamascope_sdk.steering.generation import prompt_ids
 from llamascope_sdk.steering.interventions import Intervention
+from llamascope_sdk.steering.logprobs import MAX_TOP, FinalHidden, Logprobs, prompt_logprobs, score
 from llamascope_sdk.steering.row_edits import RowEdit, as_row_edits, row_hooks
 
 
@@ -48,15 +55,26 @@ class Row:
     top_p: float = 1.0
     seed: int | None = None
     stop_ids: Collection[int] | None = None
+    logprobs: int | None = None  #: top-N alternatives per token (0: the token's own only)
+    prompt_logprobs: bool = False  #: score the prompt's tokens too (first event's ``prompt``)
 
 
 @dataclass
 class Token:
-    """A token produced for row ``row``; ``finish`` is "stop" or "length" on its last token."""
+    """A token produced for row ``row``; ``finish`` is "stop" or "length" on its last token.
+
+    ``token`` is None only for a row with ``max_new_tokens=0`` (its prompt scored, nothing
+    generated). ``logprob`` and ``top`` (``(id, log-probability)``, most likely first) when the
+    row asked for ``logprobs``; ``prompt`` on the row's first event when it asked for
+    ``prompt_logprobs``.
+    """
 
     row: int
-    token: int
+    token: int | None
     finish: str | None = None
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+    prompt: Logprobs | None = None
 
 
 @dataclass
@@ -128,8 +146,11 @@ class BatchGenerator:
         ids = [int(i) for i in row.ids]
         if not ids:
             raise InputError("the prompt is empty (no token ids)", hint="give some text")
-        if row.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be at least 1, got {row.max_new_tokens}")
+        if row.max_new_tokens < (0 if row.prompt_logprobs else 1):
+            raise InputError(f"max_new_tokens must be at least 1 (0 only with prompt_logprobs), "
+                             f"got {row.max_new_tokens}")
+        if row.logprobs is not None and not 0 <= row.logprobs <= MAX_TOP:
+            raise InputError(f"logprobs must be in 0..{MAX_TOP}, got {row.logprobs}")
         if not (row.temperature >= 0 and row.temperature < float("inf")):
             raise InputError(f"temperature must be a finite number >= 0, got {row.temperature}")
         if not 0 < row.top_p <= 1:
@@ -183,16 +204,27 @@ class BatchGenerator:
         return events
 
     def _forward(self, rows: list[_State], ids_BT: torch.Tensor, mask_BL: torch.Tensor,
-                 pos_BT: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+                 pos_BT: torch.Tensor, cache: Any,
+                 prompts: bool = False) -> tuple[torch.Tensor, Any, list[Logprobs | None]]:
+        """Last-position logits [B, V], the cache, and (``prompts``) each row's prompt scored
+        when it asked for ``prompt_logprobs`` (from the final hidden states of this forward)."""
         keep = mask_BL[:, -ids_BT.shape[1]:].bool()
         if self.special:
             keep &= ~torch.isin(ids_BT, torch.tensor(self.special, device=ids_BT.device))
         hooks = row_hooks([st.edits for st in rows], pos_BT, [st.prompt_len for st in rows], keep)
-        with hooked(self.model, hooks):
+        scored: list[Logprobs | None] = [None] * len(rows)
+        want = prompts and any(st.row.prompt_logprobs for st in rows)
+        final = FinalHidden(self.model, active=want)
+        with hooked(self.model, hooks), final:
             out = self.model(input_ids=ids_BT, attention_mask=mask_BL,
                              position_ids=pos_BT.clamp(min=0), use_cache=True, logits_to_keep=1,
                              **{self._cache_arg: cache})
-        return out.logits[:, -1, :], getattr(out, self._cache_arg)
+            if final.hidden_BTD is not None:
+                for b, st in enumerate(rows):
+                    if st.row.prompt_logprobs:
+                        scored[b] = prompt_logprobs(self.model, final.hidden_BTD[b, st.offset:],
+                                                    st.row.ids, st.row.logprobs or 0)
+        return out.logits[:, -1, :], getattr(out, self._cache_arg), scored
 
     def _decode(self) -> list[Token]:
         assert self._mask is not None
@@ -201,7 +233,7 @@ class BatchGenerator:
         ids = torch.tensor([[st.out[-1]] for st in rows], device=self.device)
         mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
         pos = torch.tensor([[n_cols - st.offset] for st in rows], device=self.device)
-        logits, self._cache = self._forward(rows, ids, mask, pos, self._cache)
+        logits, self._cache, _ = self._forward(rows, ids, mask, pos, self._cache)
         self._mask = mask
         return self._emit(rows, logits)
 
@@ -218,18 +250,36 @@ class BatchGenerator:
             [[st.offset] for st in rows], device=self.device)
         from transformers import DynamicCache
 
-        logits, cache = self._forward(rows, ids, mask, pos, DynamicCache())
-        self._merge(rows, cache, mask)
-        return self._emit(rows, logits)
+        logits, cache, scored = self._forward(rows, ids, mask, pos, DynamicCache(), prompts=True)
+        events = self._emit(rows, logits, scored)
+        going = [b for b, e in enumerate(events) if e.finish is None]
+        if going:  # rows done at their first token (a loglikelihood request) never join
+            if len(going) < len(rows):
+                idx = torch.tensor(going, device=mask.device)
+                for layer in cache.layers:
+                    layer.keys = layer.keys.index_select(0, idx)
+                    layer.values = layer.values.index_select(0, idx)
+                mask = _trim_left(mask.index_select(0, idx), [rows[b] for b in going], cache)
+            self._merge([rows[b] for b in going], cache, mask)
+        return events
 
-    def _emit(self, rows: list[_State], logits: torch.Tensor) -> list[Token]:
+    def _emit(self, rows: list[_State], logits: torch.Tensor,
+              scored: Sequence[Logprobs | None] | None = None) -> list[Token]:
         events = []
         for b, st in enumerate(rows):
+            prompt = scored[b] if scored is not None else None
+            if st.row.max_new_tokens == 0:  # the prompt scored, nothing generated
+                events.append(Token(st.handle, None, "length", prompt=prompt))
+                continue
             tok = self._pick(st, logits[b])
             st.out.append(tok)
             finish = ("stop" if tok in st.stops else
                       "length" if len(st.out) >= st.row.max_new_tokens else None)
-            events.append(Token(st.handle, tok, finish))
+            ev = Token(st.handle, tok, finish, prompt=prompt)
+            if st.row.logprobs is not None:
+                got = score(logits[b:b + 1], torch.tensor([tok]), st.row.logprobs)
+                ev.logprob, ev.top = got.token[0], got.top[0]
+            events.append(ev)
         return events
 
     @staticmethod
@@ -283,6 +333,18 @@ class BatchGenerator:
         self._mask = self._mask.index_select(0, idx)[:, trim:]
         for st in self._rows:
             st.offset -= trim
+
+
+def _trim_left(mask_BL: torch.Tensor, rows: list[_State], cache: Any) -> torch.Tensor:
+    """Drop the padding columns no row of ``rows`` needs (after some rows were removed), from
+    the mask and ``cache``; the rows' offsets follow."""
+    trim = min(st.offset for st in rows)
+    if trim:
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, trim:], layer.values[:, :, trim:]
+        for st in rows:
+            st.offset -= trim
+    return mask_BL[:, trim:]
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
