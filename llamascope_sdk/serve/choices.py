@@ -27,17 +27,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from llamascope_sdk.serve.errors import HttpError
+from llamascope_sdk.serve.payloads import GenRequest, first_stop
 from llamascope_sdk.steering.logprobs import Logprobs
 
-from .errors import HttpError
-from .payloads import GenRequest, first_stop
-
 if TYPE_CHECKING:
+    from llamascope_sdk.serve.app import Server
+    from llamascope_sdk.serve.scheduler import Job
+    from llamascope_sdk.serve.steering import Steering
     from llamascope_sdk.steering.batch_generation import Token
-
-    from .app import Server
-    from .scheduler import Job
-    from .steering import Steering
 
 
 @dataclass
@@ -208,10 +206,11 @@ class _Events:
         return f"data: {json.dumps(body)}\n\n"
 
     def first(self) -> str:
-        """The opening event: the steering applied (and, in chat, each choice's role)."""
-        choices = ([{"index": i, "delta": {"role": "assistant", "content": ""},
-                     "finish_reason": None, "logprobs": None} for i in range(self.req.n_choices)]
-                   if self.req.chat else [])
+        """The opening event: the steering applied, each choice empty (in chat, its role)."""
+        choices = [{"index": i, "delta": {"role": "assistant", "content": ""},
+                    "finish_reason": None, "logprobs": None} if self.req.chat else
+                   {"index": i, "text": "", "finish_reason": None, "logprobs": None}
+                   for i in range(self.req.n_choices)]
         return self.event(choices, steering={"applied": self.steering.applied})
 
     def piece(self, i: int, row: _Sent, text: str, finish: str | None) -> str:
@@ -245,7 +244,7 @@ def _advance(server: Server, req: GenRequest, row: _Sent, t: Token, prompt: int)
         row.queued_lp.extend(Logprobs([t.logprob], [list(t.top or [])]))
     head = ""
     if first and req.echo:
-        head = req.texts[prompt] if req.texts[prompt] is not None else server.decode(req.prompts[prompt])
+        head = _echo(server, req, prompt)
         if row.out.prompt is not None:
             lp = Logprobs(list(row.out.prompt.token), list(row.out.prompt.top))
             lp.extend(row.queued_lp)

@@ -19,7 +19,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llamascope_sdk.serve.errors import HttpError, busy
@@ -181,7 +181,7 @@ class Scheduler:
                 job = self._running.get(e.row)
             if job is None:
                 continue
-            job.put(Token(job.handles[e.row], e.token, e.finish))
+            job.put(replace(e, row=job.handles[e.row]))
             if e.finish is not None:
                 with self._cond:
                     self._running.pop(e.row, None)

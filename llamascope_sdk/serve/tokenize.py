@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import HttpError
+from llamascope_sdk.serve.errors import HttpError
 
 
 def tokenizer_info(tokenizer: Any, model_id: str, max_model_len: int | None) -> dict[str, Any]:

@@ -409,6 +409,7 @@ def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[
             i, row = todo.pop(0)
             handles[gen.add(row)] = i
         for t in gen.step():
+            assert t.token is not None  # every row here generates
             out.setdefault(handles[t.row], []).append(t.token)
             if t.finish:
                 finish[handles[t.row]] = t.finish

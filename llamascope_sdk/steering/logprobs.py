@@ -62,7 +62,8 @@ def score(logits_TV: torch.Tensor, next_T: torch.Tensor, top_n: int) -> Logprobs
 
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm whose output the language-model head reads (``model.model.norm`` for Llama)."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    get = getattr(model, "get_decoder", None)
+    base = get() if callable(get) else getattr(model, "model", None)
     norm = getattr(base, "norm", None)
     if not isinstance(norm, nn.Module):
         raise TypeError(f"{type(model).__name__}: no final norm found (expected model.model.norm "
@@ -97,7 +98,7 @@ def prompt_logprobs(model: nn.Module, hidden_TD: torch.Tensor, ids: Sequence[int
                     top_n: int) -> Logprobs:
     """Log-probabilities of a prompt's tokens from its final hidden states (``hidden_TD``: the
     row's prompt positions, no padding): None for the first, then ``log p(ids[t] | ids[:t])``."""
-    head = model.get_output_embeddings()
+    head = getattr(model, "get_output_embeddings")()  # noqa: B009  (nn.Module's typing hides it)
     if len(ids) < 2:
         return Logprobs(token=[None], top=[[]])
     with torch.no_grad():
