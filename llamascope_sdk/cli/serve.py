@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -26,6 +26,10 @@ def serve(model: ModelOpt = None,
           max_queue: Annotated[int, typer.Option(min=0, help="Requests waiting at most; more get 429.")] = 64,
           max_edits: Annotated[int, typer.Option(min=0, help="Edits per request at most.")] = 16,
           max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens a request may ask for at most.")] = 1024,
+          preset: Annotated[list[str] | None, typer.Option(
+              "--preset", help="NAME=FILE.json: a steering list (the request field's JSON) "
+              "served as the model MODEL:NAME, for clients that cannot send a steering field "
+              "(lm-eval's loglikelihood requests). Repeat for several.")] = None,
           allow_local_saes: Annotated[bool, typer.Option(help="Let requests name local SAE folders (otherwise only those given with --sae).")] = False,
           device: DeviceOpt = "cpu", dtype: DtypeOpt = None) -> None:
     """Serve the model with per-request feature steering (OpenAI-compatible API)."""
@@ -38,6 +42,9 @@ def serve(model: ModelOpt = None,
     from llamascope_sdk.loading.models import base_model_of, load_model
     from llamascope_sdk.steering.pool import SaePool, parse_bytes
 
+    limits = Limits(max_edits=max_edits, max_tokens=max_tokens,
+                    default_max_tokens=min(128, max_tokens))
+    presets = _presets(preset or [], limits)
     names = list(sae or [])
     pool = SaePool(parse_bytes(sae_memory), device=device)
     first = pool.get(names[0]) if names else None
@@ -51,10 +58,36 @@ def serve(model: ModelOpt = None,
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.echo(f"warning: listening on {host} without --api-key: anyone who can reach it "
                    "can use it", err=True)
-    config = ServeConfig(model_id=model_id, api_key=api_key or None,
-                         limits=Limits(max_edits=max_edits, max_tokens=max_tokens,
-                                       default_max_tokens=min(128, max_tokens)),
+    names += [e["sae"] for edits in presets.values() for e in edits if e["sae"] not in names]
+    config = ServeConfig(model_id=model_id, api_key=api_key or None, limits=limits,
                          served_saes=tuple(names), allow_local_saes=allow_local_saes,
-                         max_batch=max_batch, max_queue=max_queue)
+                         max_batch=max_batch, max_queue=max_queue, presets=presets)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run(create_app(lm, tok, pool, config), host, port)
+
+
+def _presets(specs: list[str], limits: Any) -> dict[str, list[Any]]:
+    """``NAME=FILE.json`` options: each file's steering list, checked as a request's would be."""
+    import json
+    from pathlib import Path
+
+    from llamascope_sdk.serve.errors import HttpError
+    from llamascope_sdk.serve.payloads import parse_steering
+
+    out: dict[str, list[Any]] = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        if not sep or not name or not name.replace("-", "").replace("_", "").isalnum():
+            raise typer.BadParameter(f"{spec!r}: give NAME=FILE.json (NAME of letters, digits, "
+                                     "- and _)", param_hint="--preset")
+        try:
+            edits = json.loads(Path(file).expanduser().read_text())
+            parse_steering(edits, chat=False, limits=limits)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise typer.BadParameter(f"{file}: {exc}", param_hint="--preset") from None
+        except HttpError as exc:
+            raise typer.BadParameter(f"{file}: {exc.message}", param_hint="--preset") from None
+        if not edits:
+            raise typer.BadParameter(f"{file}: the steering list is empty", param_hint="--preset")
+        out[name] = edits
+    return out

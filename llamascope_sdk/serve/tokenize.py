@@ -18,12 +18,14 @@ from llamascope_sdk.serve.errors import HttpError
 
 
 def tokenizer_info(tokenizer: Any, model_id: str, max_model_len: int | None) -> dict[str, Any]:
-    """What lm-eval's remote tokenizer reads: the special tokens and the chat template."""
+    """What lm-eval's remote tokenizer reads (the special tokens and the chat template), and
+    ``name_or_path``: the folder to give lm-eval as ``tokenizer=`` for a local copy."""
     def tok(name: str) -> str | None:
         v = getattr(tokenizer, name, None)
         return str(v) if v is not None else None
 
     return {"model": model_id, "tokenizer_class": type(tokenizer).__name__,
+            "name_or_path": getattr(tokenizer, "name_or_path", None),
             "eos_token": tok("eos_token"), "bos_token": tok("bos_token"),
             "pad_token": tok("pad_token"), "unk_token": tok("unk_token"),
             "chat_template": getattr(tokenizer, "chat_template", None) or None,
