@@ -16,7 +16,7 @@ as a subprocess (the demo's feature 4154 at +80 added at every position, served 
   token-id lists; loglikelihood with ``logprobs: 1, echo: true, max_tokens: 1``), tokenising
   through the server (its ``/tokenizer_info`` and ``/tokenize``, which lm-eval detects), on the
   multiple-choice task ``llamascope_tiny_mc`` and the ``generate_until`` task
-  ``llamascope_tiny_gen``; again with ``batch_size=8`` (eight prompts per request) and with
+  ``llamascope_tiny_gen``; again with ``--batch_size 8`` (eight prompts per request) and with
   ``tokenizer_backend=huggingface,tokenizer=FOLDER`` (a local copy of the served tokenizer);
 * the same against ``smollm2-135m:sea`` (steered);
 * ``local-chat-completions`` with ``--apply_chat_template`` on the generate_until task;
@@ -77,7 +77,11 @@ def start_server(port: int, preset: Path, log: Path) -> subprocess.Popen[bytes]:
 def lm_eval(name: str, args: list[str], out: Path, limit: int | None) -> dict:
     """Run lm-eval's command line; the results and the logged samples per task."""
     exe = Path(sys.executable).parent / "lm_eval"
+    if list((out / name).rglob("results_*.json")):  # kept from an earlier run with --out
+        print(f"  {name}: reusing {out / name}", flush=True)
+        return _read(out / name)
     cmd = [str(exe), *args, "--output_path", str(out / name), "--log_samples", "--seed", "1234",
+           "--device", "cpu",
            "--include_path", str(ROOT / "bench" / "lm_eval_tasks")]
     if limit:
         cmd += ["--limit", str(limit)]
@@ -88,13 +92,17 @@ def lm_eval(name: str, args: list[str], out: Path, limit: int | None) -> dict:
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{name}: lm_eval failed:\n{r.stderr[-4000:]}")
-    results = json.loads(next((out / name).rglob("results_*.json")).read_text())
+    print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return _read(out / name)
+
+
+def _read(folder: Path) -> dict:
+    results = json.loads(next(folder.rglob("results_*.json")).read_text())
     samples = {}
-    for f in (out / name).rglob("samples_*.jsonl"):
+    for f in folder.rglob("samples_*.jsonl"):
         task = f.name.removeprefix("samples_").rsplit("_", 1)[0]
         samples[task] = sorted((json.loads(x) for x in f.read_text().splitlines()),
                                key=lambda s: s["doc_id"])
-    print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
     return {"results": results["results"], "samples": samples}
 
 
@@ -128,7 +136,8 @@ def compare(a: dict, b: dict, task: str) -> tuple[float, bool]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=None, help="items per task (default all)")
-    ap.add_argument("--out", type=Path, default=None, help="keep lm-eval's outputs here")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="keep lm-eval's outputs here (runs already there are read, not rerun)")
     args = ap.parse_args()
     import lm_eval as lm_eval_pkg
 
@@ -149,14 +158,15 @@ def main() -> None:
     print(f"lm-eval {lm_eval_pkg.__version__}; llamascope serve on {url}; model folder {folder}")
     comp = f"base_url={url}/v1/completions,max_retries=1"
     chat = f"base_url={url}/v1/chat/completions,max_retries=1"
-    hf = f"pretrained={folder},dtype=float32,device=cpu"
+    hf = f"pretrained={folder},dtype=float32"
     runs: dict[str, dict] = {}
     try:
         specs = {
             "served": ["--model", "local-completions", "--model_args", f"model={MODEL},{comp}",
                        "--tasks", TASKS],
             "served_batch8": ["--model", "local-completions", "--model_args",
-                              f"model={MODEL},{comp},batch_size=8", "--tasks", "llamascope_tiny_mc"],
+                              f"model={MODEL},{comp}", "--batch_size", "8", "--tasks",
+                              "llamascope_tiny_mc"],
             "served_hf_tokenizer": ["--model", "local-completions", "--model_args",
                                     f"model={MODEL},{comp},tokenizer_backend=huggingface,"
                                     f"tokenizer={folder}", "--tasks", "llamascope_tiny_mc"],
