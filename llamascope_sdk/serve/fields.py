@@ -30,8 +30,8 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "best_of": (1,), "suffix": ("",), "tools": ([],), "functions": ([],),
     "tool_choice": ("none",), "function_call": ("none",), "response_format": ({"type": "text"},),
 }
-#: fields that other parts of the server add (each module that reads one lists it here)
-EXTRA: list[str] = []
+#: fields that other parts of the server read (``readout``: the steering spec's feature readout)
+EXTRA: list[str] = ["readout"]
 
 
 def check_fields(body: dict[str, Any], *, chat: bool) -> None:
