@@ -234,13 +234,13 @@ def test_eval_steer_reports_where_the_condition_fired(tiny_llama, saes) -> None:
     prompts = ["abc def", "hello wo", "xyz", "the cat", "a b c", "more text"]
     f = _feature(tiny_llama, sae0)
     never = FeatureCondition(sae0, f, 1e6)
-    res = eval_steer(tiny_llama, tok, sae1, [5], strengths=[0.0, 8.0], prompts=prompts,
+    res = eval_steer(tiny_llama, tok, sae1, [5], strengths=[0.0, 8.0], prompts=prompts, concept="abc",
                      max_new_tokens=4, baselines=False, progress=False, when=never)[0]
     rows = {r["strength"]: r for r in res.condition}
     assert rows[8.0] == {"strength": 8.0, "fired": 0.0, "quiet_prompts": 3,
                          "quiet_unchanged": 1.0, "quiet_dlog_perplexity": 0.0}
     sometimes = FeatureCondition(sae0, f, _threshold(tiny_llama, sae0, f, PROMPTS[0]))
-    res = eval_steer(tiny_llama, tok, sae1, [5], strengths=[8.0], prompts=prompts,
+    res = eval_steer(tiny_llama, tok, sae1, [5], strengths=[8.0], prompts=prompts, concept="abc",
                      max_new_tokens=4, baselines=False, progress=False, when=sometimes)[0]
     got = res.condition[0]
     gens = generate_batch(tiny_llama, tok, [prompts[i] for i in (1, 3, 5)],

@@ -96,7 +96,7 @@ def test_too_many_edits_window_and_malformed_json(served) -> None:
     _error(_post(served, None, raw=b'{"prompt": "Hi",'), 400, None, "not valid JSON")
     _error(_post(served, None, raw=b'[1, 2]'), 400, None, "must be a JSON object")
     _error(_post(served, _body(max_tokens=10**6)), 400, "max_tokens", "between 1 and 256")
-    _error(_post(served, _body(n=2)), 400, "n", "n must be 1")
+    _error(_post(served, _body(n=0)), 400, "n", "n must be between 1 and 128")
     _error(_post(served, None, raw=b'{"prompt": "Hi", "temperature": NaN}'), 400,
            "temperature", "finite number")
     _error(_post(served, {"model": MODEL_ID, "messages": []}, "/v1/chat/completions"), 400,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -30,6 +30,10 @@ def serve(model: ModelOpt = None,
               "--store", help="Feature store (folder, or an SAE name whose store is in the "
               "default place) whose mined activations give readouts their percentiles; repeat "
               "for several.", show_default=False)] = None,
+          preset: Annotated[list[str] | None, typer.Option(
+              "--preset", help="NAME=FILE.json: a steering list (the request field's JSON) "
+              "served as the model MODEL:NAME, for clients that cannot send a steering field "
+              "(lm-eval's loglikelihood requests). Repeat for several.")] = None,
           allow_local_saes: Annotated[bool, typer.Option(help="Let requests name local SAE folders (otherwise only those given with --sae).")] = False,
           device: DeviceOpt = "cpu", dtype: DtypeOpt = None) -> None:
     """Serve the model with per-request feature steering (OpenAI-compatible API)."""
@@ -45,6 +49,9 @@ def serve(model: ModelOpt = None,
 
     for st in store or []:
         resolve_store(st)  # a bad --store is reported before anything loads
+    limits = Limits(max_edits=max_edits, max_tokens=max_tokens,
+                    default_max_tokens=min(128, max_tokens))
+    presets = _presets(preset or [], limits)
     names = list(sae or [])
     pool = SaePool(parse_bytes(sae_memory), device=device)
     first = pool.get(names[0]) if names else None
@@ -58,10 +65,42 @@ def serve(model: ModelOpt = None,
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.echo(f"warning: listening on {host} without --api-key: anyone who can reach it "
                    "can use it", err=True)
-    config = ServeConfig(model_id=model_id, api_key=api_key or None,
-                         limits=Limits(max_edits=max_edits, max_tokens=max_tokens,
-                                       default_max_tokens=min(128, max_tokens)),
+    for edits in presets.values():  # a preset's SAEs (and its conditions') are served too
+        for e in edits:
+            when = e.get("when")
+            for used in (e["sae"], when.get("sae") if isinstance(when, dict) else None):
+                if isinstance(used, str) and used not in names:
+                    names.append(used)
+    config = ServeConfig(model_id=model_id, api_key=api_key or None, limits=limits,
                          served_saes=tuple(names), allow_local_saes=allow_local_saes,
-                         max_batch=max_batch, max_queue=max_queue, stores=tuple(store or ()))
+                         max_batch=max_batch, max_queue=max_queue, stores=tuple(store or ()),
+                         presets=presets)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run(create_app(lm, tok, pool, config), host, port)
+
+
+def _presets(specs: list[str], limits: Any) -> dict[str, list[Any]]:
+    """``NAME=FILE.json`` options: each file's steering list, checked as a request's would be."""
+    import json
+    from pathlib import Path
+
+    from llamascope_sdk.serve.errors import HttpError
+    from llamascope_sdk.serve.payloads import parse_steering_list
+
+    out: dict[str, list[Any]] = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        if not sep or not name or not name.replace("-", "").replace("_", "").isalnum():
+            raise typer.BadParameter(f"{spec!r}: give NAME=FILE.json (NAME of letters, digits, "
+                                     "- and _)", param_hint="--preset")
+        try:
+            edits = json.loads(Path(file).expanduser().read_text())
+            parse_steering_list(edits, chat=False, limits=limits)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise typer.BadParameter(f"{file}: {exc}", param_hint="--preset") from None
+        except HttpError as exc:
+            raise typer.BadParameter(f"{file}: {exc.message}", param_hint="--preset") from None
+        if not edits:
+            raise typer.BadParameter(f"{file}: the steering list is empty", param_hint="--preset")
+        out[name] = edits
+    return out

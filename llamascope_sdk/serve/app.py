@@ -1,7 +1,11 @@
 """The HTTP application: OpenAI-style endpoints over the scheduler, the pool and the model.
 
 ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``
-(both also streamed as server-sent events with ``stream: true``) and ``POST /v1/encode``.
+(both also streamed as server-sent events with ``stream: true``; answers shaped in
+:mod:`.choices`), ``POST /v1/encode``, and the tokenizer (``GET /tokenizer_info``,
+``POST /tokenize``, ``POST /detokenize``, :mod:`.tokenize`). ``presets`` (named steering lists)
+are served as models of their own, ``MODEL:NAME``: a client that cannot add a ``steering`` field
+(lm-eval's loglikelihood requests) steers by naming one.
 With an API key every endpoint but ``/health`` needs ``Authorization: Bearer KEY`` (compared in
 constant time). Errors are one line in the OpenAI error shape (see :mod:`.errors`).
 """
@@ -9,10 +13,8 @@ constant time). Errors are one line in the OpenAI error shape (see :mod:`.errors
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
-import json
-import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -22,14 +24,17 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from llamascope_sdk.loading.models import context_window, special_ids
+from llamascope_sdk.serve import choices
+from llamascope_sdk.serve import tokenize as tokenizer_api
 from llamascope_sdk.serve.encoding import encode_request
 from llamascope_sdk.serve.errors import HttpError, http_error
 from llamascope_sdk.serve.payloads import (
     GenRequest,
     Limits,
-    first_stop,
     parse_generation,
     parse_json,
+    parse_steering_list,
 )
 from llamascope_sdk.serve.scheduler import Job, Scheduler
 from llamascope_sdk.serve.steering import ReadoutLog, Steering, build, check_name
@@ -52,6 +57,11 @@ class ServeConfig:
     max_batch: int = 16
     max_queue: int = 64
     stores: tuple[str, ...] = ()  #: feature stores (folders or SAE names) for readout percentiles
+    #: steering lists served as models named ``{model_id}:{name}`` (see the module docstring)
+    presets: dict[str, list[Any]] = field(default_factory=dict)
+
+    def model_ids(self) -> list[str]:
+        return [self.model_id, *(f"{self.model_id}:{p}" for p in self.presets)]
 
 
 _GONE = object()  # put on a job's events when its client disconnects
@@ -89,14 +99,20 @@ class Server:
                                    max_queue=config.max_queue)
         self.stores = [load_store(s) for s in config.stores]
         self._store_of: dict[str, Any] = {}  # readout SAE name -> its store, or None
+        self.special = frozenset(special_ids(tokenizer))
+        self.max_model_len = context_window(model)
 
     # ------------------------------------------------------------------ generation
     async def prepare(self, body: dict[str, Any], chat: bool) -> tuple[GenRequest, Steering]:
         req = parse_generation(body, chat=chat, tokenizer=self.tokenizer, model=self.model,
                                limits=self.config.limits)
-        if req.model not in (None, self.config.model_id):
-            raise HttpError(404, f"model {req.model!r} is not served; this server serves "
-                                 f"{self.config.model_id!r}", "model")
+        self._preset(req)
+        rows = req.n_choices + req.return_baseline
+        if rows > self.config.max_batch:
+            param = "n" if req.n > 1 else "prompt"
+            raise HttpError(400, f"{param}: the request needs {rows} rows (prompts x n), more "
+                                 f"than this server's batch of {self.config.max_batch}; send "
+                                 "fewer prompts per request", param)
         from starlette.concurrency import run_in_threadpool
 
         steering = await run_in_threadpool(
@@ -119,13 +135,32 @@ class Server:
         return ReadoutLog(steering.readouts, self.decode,
                           [percentile_fn(r) for r in steering.readouts])
 
-    def job(self, req: GenRequest, steering: Steering) -> Job:
-        def row(edits: list[Any], readouts: list[Readout]) -> Row:
-            return Row(req.ids, edits, req.max_tokens, req.temperature, req.top_p, req.seed,
-                       readouts=readouts)
+    def _preset(self, req: GenRequest) -> None:
+        """Check ``model``; a preset's name brings its steering list."""
+        if req.model in (None, self.config.model_id):
+            return
+        name = req.model.removeprefix(f"{self.config.model_id}:")
+        if name == req.model or name not in self.config.presets:
+            raise HttpError(404, f"model {req.model!r} is not served; this server serves "
+                                 f"{', '.join(map(repr, self.config.model_ids()))}", "model")
+        if req.edits:
+            raise HttpError(400, f"model {req.model!r} brings its own steering; send steering "
+                                 f"to {self.config.model_id!r} or drop the field", "steering")
+        req.edits = parse_steering_list(self.config.presets[name], chat=req.chat,
+                                        limits=self.config.limits)
 
-        rows = [row(steering.edits, steering.readouts)] + (
-            [row([], [])] if req.return_baseline else [])
+    def job(self, req: GenRequest, steering: Steering) -> Job:
+        """The request's rows (choice i: prompt i // n, sample i % n; then the baseline, which
+        has no edits and reads nothing)."""
+        def row(i: int, edits: list[Any], readouts: list[Readout]) -> Row:
+            seed = None if req.seed is None else req.seed + i % req.n
+            return Row(req.prompts[i // req.n], edits, req.max_tokens, req.temperature,
+                       req.top_p, seed, readouts=readouts, logprobs=req.logprobs,
+                       prompt_logprobs=req.echo and req.logprobs is not None)
+
+        rows = [row(i, steering.edits, steering.readouts) for i in range(req.n_choices)]
+        if req.return_baseline:
+            rows.append(row(0, [], []))
         job = Job(rows, asyncio.get_running_loop())
         self.scheduler.submit(job)
         return job
@@ -164,6 +199,11 @@ class Server:
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019  (one Server per app, alive as long)
+    def piece(self, token: int) -> str:
+        """One token's own string (special tokens spelled out), for log-probabilities."""
+        return str(self.tokenizer.decode([token], skip_special_tokens=False))
 
 
 def _store_fits(store: Any, sae: Any) -> bool:
@@ -220,8 +260,22 @@ def create_app(model: Any, tokenizer: Any, pool: SaePool, config: ServeConfig) -
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": config.model_id, "object": "model",
-                                            "created": 0, "owned_by": "llamascope-sdk"}]}
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0,
+                                            "owned_by": "llamascope-sdk"}
+                                           for m in config.model_ids()]}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        return tokenizer_api.tokenizer_info(tokenizer, config.model_id, server.max_model_len)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        return tokenizer_api.tokenize(tokenizer, parse_json(await request.body()),
+                                      server.max_model_len)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        return tokenizer_api.detokenize(tokenizer, parse_json(await request.body()))
 
     async def generate(request: Request, chat: bool) -> Any:
         body = parse_json(await request.body())
@@ -236,33 +290,12 @@ def create_app(model: Any, tokenizer: Any, pool: SaePool, config: ServeConfig) -
                 steering.release()
                 server.scheduler.cancel(job)  # a no-op once the job finished
 
-            return _Stream(_stream(server, job, steering, request, chat, req.stop), cleanup)
+            return _Stream(choices.stream(server, req, job, steering, request), cleanup)
         try:
-            ids: list[list[int]] = [[] for _ in job.rows]
-            finish: list[str] = ["length"] * len(job.rows)
-            cut: list[int | None] = [None] * len(job.rows)
-            done = [False] * len(job.rows)
-            log = server.readout_log(steering)
-            async for t in server.tokens(job, request, watch=True):
-                if done[t.row]:
-                    continue  # this row met a stop string; the others still run
-                log.add(t.readout, t.read_ids)
-                if t.token is not None:
-                    ids[t.row].append(t.token)
-                if t.finish:
-                    finish[t.row], done[t.row] = t.finish, True
-                if req.stop:
-                    at = first_stop(server.decode(ids[t.row]), req.stop)
-                    if at is not None:
-                        cut[t.row], finish[t.row], done[t.row] = at, "stop", True
-                if all(done):
-                    break  # leaving server.tokens cancels the job: its rows are freed
+            rows = await choices.collect(server, req, job, steering, request)
         finally:
             steering.release()
-        out = _response(server, req, steering, ids, finish, chat, cut)
-        if steering.readouts:
-            out["choices"][0]["readout"] = log.json()
-        return out
+        return choices.body(server, req, steering, rows)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -279,85 +312,6 @@ def create_app(model: Any, tokenizer: Any, pool: SaePool, config: ServeConfig) -
         return await encode_request(server, body)
 
     return app
-
-
-def _response(server: Server, req: GenRequest, steering: Steering, ids: list[list[int]],
-              finish: list[str], chat: bool, cut: list[int | None]) -> dict[str, Any]:
-    def text_of(row: int) -> str:
-        return server.decode(ids[row])[:cut[row]]  # [:None] is the whole text
-
-    text = text_of(0)
-    choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": text},
-                               "finish_reason": finish[0], "logprobs": None} if chat else
-                              {"index": 0, "text": text, "finish_reason": finish[0], "logprobs": None})
-    out: dict[str, Any] = {
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()), "model": server.config.model_id, "choices": [choice],
-        "usage": {"prompt_tokens": len(req.ids), "completion_tokens": len(ids[0]),
-                  "total_tokens": len(req.ids) + len(ids[0])},
-        "steering": {"applied": steering.applied},
-    }
-    if req.return_baseline:
-        out["steering"]["baseline"] = {"text": text_of(1), "finish_reason": finish[1],
-                                       "completion_tokens": len(ids[1])}
-    return out
-
-
-async def _stream(server: Server, job: Job, steering: Steering, request: Any, chat: bool,
-                  stops: list[str]) -> AsyncIterator[str]:
-    """Server-sent events: the text in pieces that concatenate to the non-streamed text (with
-    ``stops``, the last few characters wait until no stop string can be forming there)."""
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    created = int(time.time())
-
-    def chunk(piece: str | None, finish: str | None, first: bool = False,
-              readout: list[dict[str, Any]] | None = None) -> str:
-        if chat:
-            delta: dict[str, Any] = {} if piece is None else {"content": piece}
-            if first:
-                delta["role"] = "assistant"
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish,
-                                      "logprobs": None}
-        else:
-            choice = {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}
-        if readout:
-            choice["readout"] = readout
-        body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk" if chat else
-                                "text_completion", "created": created,
-                                "model": server.config.model_id, "choices": [choice]}
-        if first:
-            body["steering"] = {"applied": steering.applied}
-        return f"data: {json.dumps(body)}\n\n"
-
-    ids: list[int] = []
-    sent = ""
-    hold = max((len(x) for x in stops), default=1) - 1  # a stop string may still be forming
-    log = server.readout_log(steering)
-    pending: list[dict[str, Any]] = []  # readouts not sent yet (they go with the next chunk)
-    try:
-        yield chunk("" if chat else None, None, first=True)
-        async for t in server.tokens(job, request):
-            pending += log.add(t.readout, t.read_ids)
-            if t.token is not None:
-                ids.append(t.token)
-            text = server.decode(ids)
-            if t.finish is None and text.endswith("\ufffd"):
-                continue  # half of a multi-byte character: wait for the rest
-            at = first_stop(text, stops) if stops else None
-            if at is not None:
-                yield chunk(text[len(sent):at], "stop", readout=pending)
-                break  # leaving server.tokens cancels the job
-            end = len(text) if t.finish else max(len(sent), len(text) - hold)
-            piece, sent = text[len(sent):end], text[:end]
-            if piece or t.finish or pending:
-                yield chunk(piece, t.finish, readout=pending)
-                pending = []
-        yield "data: [DONE]\n\n"
-    except HttpError as exc:
-        yield f"data: {json.dumps(exc.body())}\n\n"
-    finally:
-        steering.release()
 
 
 __all__ = ["ServeConfig", "Server", "create_app", "check_name"]
