@@ -34,7 +34,7 @@ if which == "char":
     tok = CharTokenizer()
 else:
     from transformers import AutoTokenizer
-    from llamascope_sdk.models import resolve_model_path
+    from llamascope_sdk.loading.models import resolve_model_path
     tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
 base = status("VmRSS")
 t0 = time.perf_counter()

@@ -26,9 +26,9 @@ sys.path.insert(0, str(REPO))  # for bench.corpus_files and tests.helpers
 
 from bench.corpus_files import add_corpus_argument, corpus_files  # noqa: E402
 from llamascope_sdk import SAE  # noqa: E402
-from llamascope_sdk.evaluation import evaluate  # noqa: E402
-from llamascope_sdk.models import load_model, tokenize  # noqa: E402
-from llamascope_sdk.sites import parse_hook_point  # noqa: E402
+from llamascope_sdk.core.sites import parse_hook_point  # noqa: E402
+from llamascope_sdk.evaluation.evaluate import evaluate  # noqa: E402
+from llamascope_sdk.loading.models import load_model, tokenize  # noqa: E402
 from tests.helpers import raw_tensors, release_hyperparams  # noqa: E402
 
 

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llamascope_sdk import SAE, load_model
-from llamascope_sdk.steer_eval import NEUTRAL_PROMPTS, eval_steer
+from llamascope_sdk.evaluation.steer_eval import NEUTRAL_PROMPTS, eval_steer
 
 TARGET_S = 300.0
 #: Concept texts written for the demo's labels (used for the concept log-probability lift and
@@ -69,8 +69,8 @@ def _row(method: str, p) -> str:
 
 
 def results(args: argparse.Namespace, model, tok, sae) -> None:
-    from llamascope_sdk.feature_scores import FeatureScores
-    from llamascope_sdk.steer_plot import plot_sweep
+    from llamascope_sdk.evaluation.steer_plot import plot_sweep
+    from llamascope_sdk.store.scores import FeatureScores
 
     out = args.results
     out.mkdir(parents=True, exist_ok=True)

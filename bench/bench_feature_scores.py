@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llamascope_sdk import SAE, load_model
-from llamascope_sdk.feature_scores import score_features
+from llamascope_sdk.store.scores import score_features
 
 TARGET_S = 600.0
 

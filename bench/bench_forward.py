@@ -51,8 +51,9 @@ def main() -> None:
     raw = make_raw(d, args.d_sae)
     theta = threshold_for_l0(raw, N_IN, 50.0)
     with tempfile.TemporaryDirectory() as tmp:
-        from llamascope_sdk.hyperparams import Hyperparams
-        from llamascope_sdk.release import default_lm_config, write_release
+        from llamascope_sdk.core.hyperparams import Hyperparams
+        from llamascope_sdk.loading.formats.release_writer import write_release
+        from llamascope_sdk.loading.release import default_lm_config
 
         folder = write_release(Path(tmp) / "L8R-8x", Hyperparams.from_dict(hyperparams(d, args.d_sae, theta)),
                                raw, default_lm_config("meta-llama/Llama-3.1-8B", d))

@@ -124,10 +124,7 @@ def child(kind: str, dtype: str, device: str, path: str) -> None:
 
     import torch  # imports are not part of the measurement
 
-    from llamascope_sdk import (
-        SAE,
-        hub,  # noqa: F401
-    )
+    from llamascope_sdk import SAE
 
     def rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -39,9 +39,9 @@ from bench.corpus_files import add_corpus_argument, corpus_files  # noqa: E402
 def synthetic_sae(demo: Any, width: int, model: Any, tok: Any, path: Path, l0: int = 64) -> Any:
     """A random SAE at the demo's site, ``width`` features, threshold for an L0 of ``l0``."""
     from llamascope_sdk import SAE, corpus
-    from llamascope_sdk.capture import capture, keep_mask
-    from llamascope_sdk.models import special_ids
-    from llamascope_sdk.sites import parse_hook_point
+    from llamascope_sdk.core.sites import parse_hook_point
+    from llamascope_sdk.loading.capture import capture, keep_mask
+    from llamascope_sdk.loading.models import special_ids
 
     hp = demo.hyperparams.model_copy(update={"d_sae": width, "expansion_factor": width // demo.d_model})
     sae = SAE(hp)
@@ -75,12 +75,12 @@ def main() -> None:
     (path,) = corpus_files(args.corpus, "wikitext2-valid.txt")
 
     from llamascope_sdk import SAE, corpus, load_model
-    from llamascope_sdk.capture import capture
-    from llamascope_sdk.feature_store import FeatureStore
-    from llamascope_sdk.mining import memory_report, mine, state_bytes
-    from llamascope_sdk.mining_state import MiningConfig, Tracker
-    from llamascope_sdk.pages import write_pages
-    from llamascope_sdk.sites import parse_hook_point
+    from llamascope_sdk.core.sites import parse_hook_point
+    from llamascope_sdk.loading.capture import capture
+    from llamascope_sdk.mining.mine import memory_report, mine, state_bytes
+    from llamascope_sdk.mining.state import MiningConfig, Tracker
+    from llamascope_sdk.store.feature_store import FeatureStore
+    from llamascope_sdk.store.pages import write_pages
 
     model, tok = load_model("smollm2-135m")
     demo = SAE.from_pretrained("demo")

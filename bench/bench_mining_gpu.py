@@ -51,10 +51,10 @@ def llama_shaped(d_model: int, layers: int, vocab: int, device: str, dtype: torc
 def synthetic_sae(model: Any, tok: Any, layer: int, d_sae: int, l0: int, texts: list[str],
                   device: str, dtype: torch.dtype) -> Any:
     from llamascope_sdk import SAE, corpus
-    from llamascope_sdk.capture import capture, keep_mask
-    from llamascope_sdk.hyperparams import Hyperparams
-    from llamascope_sdk.models import special_ids
-    from llamascope_sdk.sites import parse_hook_point
+    from llamascope_sdk.core.hyperparams import Hyperparams
+    from llamascope_sdk.core.sites import parse_hook_point
+    from llamascope_sdk.loading.capture import capture, keep_mask
+    from llamascope_sdk.loading.models import special_ids
 
     d = model.config.hidden_size
     hook = f"blocks.{layer}.hook_resid_post"
@@ -101,10 +101,10 @@ def main() -> None:
     dtype = getattr(torch, a.dtype)
 
     from llamascope_sdk import corpus, mine
-    from llamascope_sdk.capture import capture
-    from llamascope_sdk.mining import state_bytes
-    from llamascope_sdk.models import load_model
-    from llamascope_sdk.sites import parse_hook_point
+    from llamascope_sdk.core.sites import parse_hook_point
+    from llamascope_sdk.loading.capture import capture
+    from llamascope_sdk.loading.models import load_model
+    from llamascope_sdk.mining.mine import state_bytes
 
     _, tok = load_model("smollm2-135m")  # its tokenizer; the model below is Llama-shaped
     base = [p.read_text(encoding="utf-8") for p in sorted((REPO / "tests" / "data" / "corpus").glob("*.txt"))]

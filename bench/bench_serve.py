@@ -27,9 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llamascope_sdk import SAE, Ablate, Clamp, Scale, Steer, demo, load_model  # noqa: E402
-from llamascope_sdk.batch_generation import BatchGenerator, Row  # noqa: E402
-from llamascope_sdk.generation import prompt_ids  # noqa: E402
+from llamascope_sdk import SAE, Ablate, Clamp, Scale, Steer, load_model
+from llamascope_sdk.loading import demo
+from llamascope_sdk.steering.batch_generation import BatchGenerator, Row  # noqa: E402
+from llamascope_sdk.steering.generation import prompt_ids  # noqa: E402
 
 PROMPTS = [demo.DEMO_PROMPT, "Once upon a time", "The sea is", "My favourite food is",
            "In 1999,", "Dear friend,", "The best way to learn is", "Hello, my name is"]
@@ -88,9 +89,9 @@ def latency(model, tok, sae5_dir: str, n_requests: int, n_tokens: int) -> None:
     import httpx
     import uvicorn
 
-    from llamascope_sdk.pool import SaePool
     from llamascope_sdk.serve import Limits, ServeConfig, create_app
     from llamascope_sdk.serve.runner import bind
+    from llamascope_sdk.steering.pool import SaePool
 
     cfg = ServeConfig(model_id="smollm2-135m", served_saes=(sae5_dir,),
                       limits=Limits(max_tokens=256), max_batch=16, max_queue=64)

@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llamascope_sdk import SAE, attach
-from llamascope_sdk.interventions import Ablate, Clamp, Steer
-from llamascope_sdk.models import load_model, special_ids, tokenize
+from llamascope_sdk.loading.models import load_model, special_ids, tokenize
+from llamascope_sdk.steering.interventions import Ablate, Clamp, Steer
 
 PROMPT = "Write a short paragraph about the history of the city of Lyon and its rivers."
 LAYER, D, F = 15, 576, 4608

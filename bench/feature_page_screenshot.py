@@ -46,10 +46,10 @@ def run(args: list[str]) -> str:
 
 def main() -> None:
     from llamascope_sdk import SAE, load_model
-    from llamascope_sdk import feature_view as view
-    from llamascope_sdk.feature_store import FeatureStore
-    from llamascope_sdk.mining import mine
-    from llamascope_sdk.pages import write_pages
+    from llamascope_sdk.mining.mine import mine
+    from llamascope_sdk.store import view
+    from llamascope_sdk.store.feature_store import FeatureStore
+    from llamascope_sdk.store.pages import write_pages
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_corpus_argument(ap)

@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llamascope_sdk import SAE, Steer, attach, load_model
-from llamascope_sdk.errors import InputError
-from llamascope_sdk.interventions import Clamp
-from llamascope_sdk.lm_eval_export import lm_eval_steer_config, save_lm_eval_steer
+from llamascope_sdk.base.errors import InputError
+from llamascope_sdk.steering.interventions import Clamp
+from llamascope_sdk.steering.lm_eval_export import lm_eval_steer_config, save_lm_eval_steer
 
 TEXT = "My favourite thing about the city is the old market by the river, where"
 

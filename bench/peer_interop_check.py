@@ -154,7 +154,7 @@ def saelens_export(tmp: Path, label: str, src) -> None:
     import sae_lens
 
     from llamascope_sdk import SAE
-    from llamascope_sdk.convert import convert
+    from llamascope_sdk.loading.convert import convert
 
     sae = src if isinstance(src, SAE) else SAE.from_pretrained(src, dtype=torch.float32)
     out = convert(src, "saelens", tmp / f"saelens-{label}")
@@ -248,7 +248,7 @@ def circuit_tracer_check(tmp: Path) -> None:
     from circuit_tracer.utils.hf_utils import load_transcoders
 
     from llamascope_sdk import SAE
-    from llamascope_sdk.convert import convert
+    from llamascope_sdk.loading.convert import convert
 
     paths = [synthetic(tmp, "TC", layer=i, seed=10 + i) for i in range(3)]
     out = convert(",".join(str(p) for p in paths), "circuit-tracer", tmp / "ct-set")
@@ -350,7 +350,7 @@ def llamascopium_export(tmp: Path, label: str, src, fold: bool = False) -> None:
     from llamascopium.models.sparse_dictionary import SparseDictionary
 
     from llamascope_sdk import SAE
-    from llamascope_sdk.convert import convert
+    from llamascope_sdk.loading.convert import convert
 
     sae = SAE.from_pretrained(src, dtype=torch.float32)
     out = tmp / f"lsc-{label}"

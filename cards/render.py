@@ -3,14 +3,14 @@
     python cards/render.py OUT_DIR [--metrics results.json] [--no-demo]
 
 ``results.json`` maps SAE names to metric dicts, e.g. ``{name: r.to_dict() for name, r in
-evaluate(...).items()}``. The work is done by :func:`llamascope_sdk.cards.render_all`.
+evaluate(...).items()}``. The work is done by :func:`llamascope_sdk.loading.cards.render_all`.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from llamascope_sdk.cards import render_all
+from llamascope_sdk.loading.cards import render_all
 
 
 def main(argv: list[str] | None = None) -> int:

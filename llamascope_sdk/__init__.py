@@ -15,38 +15,38 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 #: public name -> the module that defines it
 _EXPORTS = {
-    "SAE": "sae",
-    "Hyperparams": "hyperparams",
-    "FeatureStats": "feature_stats",
-    "list_saes": "registry",
-    "load_model": "models",
-    "tokenize": "models",
-    "attach": "attachment",
-    "hooked": "hooks",
-    "Steer": "interventions",
-    "Clamp": "interventions",
-    "Scale": "interventions",
-    "Ablate": "interventions",
-    "read_features": "reading",
-    "measure_feature_stats": "reading",
-    "compare_generations": "generation",
-    "generate_batch": "batch_generation",
-    "BatchGenerator": "batch_generation",
-    "SaePool": "pool",
-    "evaluate": "evaluation",
-    "LlamascopeError": "errors",
-    "mine": "mining",
-    "FeatureStore": "feature_store",
-    "search_features": "search",
-    "FeatureScores": "feature_scores",
-    "score_features": "feature_scores",
-    "DEMO_FEATURE": "demo",
+    "SAE": "loading.sae",
+    "Hyperparams": "core.hyperparams",
+    "FeatureStats": "core.feature_stats",
+    "list_saes": "loading.registry",
+    "load_model": "loading.models",
+    "tokenize": "loading.models",
+    "attach": "steering.attachment",
+    "hooked": "core.hooks",
+    "Steer": "steering.interventions",
+    "Clamp": "steering.interventions",
+    "Scale": "steering.interventions",
+    "Ablate": "steering.interventions",
+    "read_features": "steering.reading",
+    "measure_feature_stats": "steering.reading",
+    "compare_generations": "steering.generation",
+    "generate_batch": "steering.batch_generation",
+    "BatchGenerator": "steering.batch_generation",
+    "SaePool": "steering.pool",
+    "evaluate": "evaluation.evaluate",
+    "LlamascopeError": "base.errors",
+    "mine": "mining.mine",
+    "FeatureStore": "store.feature_store",
+    "search_features": "store.search",
+    "FeatureScores": "store.scores",
+    "score_features": "store.scores",
+    "DEMO_FEATURE": "loading.demo",
     "run_script": "cli.app",
-    "ChatClient": "endpoint",
+    "ChatClient": "base.endpoint",
     "explain_features": "explain",
     "check_corpus": "corpus",
 }
@@ -60,29 +60,29 @@ __all__ = ["__version__", "SAE", "Hyperparams", "FeatureStats", "list_saes", "lo
            "check_corpus"]
 
 if TYPE_CHECKING:
-    from .attachment import attach
-    from .batch_generation import BatchGenerator, generate_batch
-    from .cli.app import run_script
-    from .corpus import check_corpus
-    from .demo import DEMO_FEATURE
-    from .endpoint import ChatClient
-    from .errors import LlamascopeError
-    from .evaluation import evaluate
-    from .explain import explain_features
-    from .feature_scores import FeatureScores, score_features
-    from .feature_stats import FeatureStats
-    from .feature_store import FeatureStore
-    from .generation import compare_generations
-    from .hooks import hooked
-    from .hyperparams import Hyperparams
-    from .interventions import Ablate, Clamp, Scale, Steer
-    from .mining import mine
-    from .models import load_model, tokenize
-    from .pool import SaePool
-    from .reading import measure_feature_stats, read_features
-    from .registry import list_saes
-    from .sae import SAE
-    from .search import search_features
+    from llamascope_sdk.base.endpoint import ChatClient
+    from llamascope_sdk.base.errors import LlamascopeError
+    from llamascope_sdk.cli.app import run_script
+    from llamascope_sdk.core.feature_stats import FeatureStats
+    from llamascope_sdk.core.hooks import hooked
+    from llamascope_sdk.core.hyperparams import Hyperparams
+    from llamascope_sdk.corpus import check_corpus
+    from llamascope_sdk.evaluation.evaluate import evaluate
+    from llamascope_sdk.explain import explain_features
+    from llamascope_sdk.loading.demo import DEMO_FEATURE
+    from llamascope_sdk.loading.models import load_model, tokenize
+    from llamascope_sdk.loading.registry import list_saes
+    from llamascope_sdk.loading.sae import SAE
+    from llamascope_sdk.mining.mine import mine
+    from llamascope_sdk.steering.attachment import attach
+    from llamascope_sdk.steering.batch_generation import BatchGenerator, generate_batch
+    from llamascope_sdk.steering.generation import compare_generations
+    from llamascope_sdk.steering.interventions import Ablate, Clamp, Scale, Steer
+    from llamascope_sdk.steering.pool import SaePool
+    from llamascope_sdk.steering.reading import measure_feature_stats, read_features
+    from llamascope_sdk.store.feature_store import FeatureStore
+    from llamascope_sdk.store.scores import FeatureScores, score_features
+    from llamascope_sdk.store.search import search_features
 
 
 def __getattr__(name: str) -> Any:

@@ -1,5 +1,5 @@
 """``python -m llamascope_sdk`` runs the ``llamascope`` command line."""
 
-from .cli import main
+from llamascope_sdk.cli import main
 
 main()

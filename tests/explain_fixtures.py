@@ -89,7 +89,7 @@ def scripted_reply(messages: list[dict[str, str]]) -> str:
 
 
 def main(url: str, folder: str) -> None:
-    from llamascope_sdk.endpoint import ChatClient
+    from llamascope_sdk.base.endpoint import ChatClient
     from llamascope_sdk.explain import Settings, explain_features
 
     store = ToyStore(Path(folder))

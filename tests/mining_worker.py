@@ -82,8 +82,8 @@ def flatten(res) -> dict[str, torch.Tensor]:
 def main() -> None:
     from safetensors.torch import save_file
 
-    from llamascope_sdk.mining import mine
-    from llamascope_sdk.training.ddp import shutdown
+    from llamascope_sdk.base.dist import shutdown
+    from llamascope_sdk.mining.mine import mine
 
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -105,7 +105,7 @@ def main() -> None:
 
         model.forward = slow
     if a.evaluate:
-        from llamascope_sdk.evaluation import evaluate
+        from llamascope_sdk.evaluation.evaluate import evaluate
 
         out = eval_tensors(evaluate(model, tok, sae, DOCS, progress=False, **EVAL_ARGS)[sae.name])
     else:

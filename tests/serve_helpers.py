@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamascope_sdk.pool import SaePool
 from llamascope_sdk.serve import Limits, ServeConfig, create_app
 from llamascope_sdk.serve.runner import bind
+from llamascope_sdk.steering.pool import SaePool
 from tests.helpers import make_release
 
 KEY = "test-key-123"

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from llamascope_sdk import Ablate, Clamp, Scale, Steer, attach, compare_generations, hooked
-from llamascope_sdk.batch_generation import BatchGenerator, Row, generate_batch
-from llamascope_sdk.errors import InputError
-from llamascope_sdk.row_edits import VectorEdit, as_row_edits, row_hooks
+from llamascope_sdk.base.errors import InputError
+from llamascope_sdk.steering.batch_generation import BatchGenerator, Row, generate_batch
+from llamascope_sdk.steering.row_edits import VectorEdit, as_row_edits, row_hooks
 from tests.helpers import tiny_sae
 
 SPECIAL = [0, 1, 2]
@@ -115,7 +115,7 @@ def test_vector_edit_equals_steer(tiny_llama) -> None:
     sae = tiny_sae(layer=1, seed=5)
     iv = Steer(sae, [4, 8], [2.0, -1.5], positions="generated")
     vec = iv.coefficients() @ sae.W_dec[iv.idx]
-    from llamascope_sdk.sites import Site
+    from llamascope_sdk.core.sites import Site
 
     ve = VectorEdit(vec, Site(1, "resid_post"), positions="generated")
     gen = BatchGenerator(tiny_llama, special=SPECIAL, pad=0)
@@ -157,7 +157,8 @@ def test_sampling_is_reproducible_with_a_seed(tiny_llama) -> None:
 def test_smollm2_batch_equals_compare_generations(smollm2) -> None:
     """On the real model, fp32 greedy: a batch of mixed edits on two SAEs at different layers
     (one the demo SAE) gives exactly compare_generations' steered tokens for each row."""
-    from llamascope_sdk import SAE, demo
+    from llamascope_sdk import SAE
+    from llamascope_sdk.loading import demo
 
     model, tok = smollm2
     sae15 = SAE.from_pretrained(demo.DEMO_SAE_DIR)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from llamascope_sdk.cards import render_all, render_card
-from llamascope_sdk.demo import DEMO_SAE_DIR
-from llamascope_sdk.registry import ALL_SAES, resolve
+from llamascope_sdk.loading.cards import render_all, render_card
+from llamascope_sdk.loading.demo import DEMO_SAE_DIR
+from llamascope_sdk.loading.registry import ALL_SAES, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 SNIPPET = re.compile(r'SAE\.from_pretrained\("([^"]+)"\)')

@@ -241,7 +241,7 @@ def test_eval_demo_json(tmp_path) -> None:
 def test_relative_strength_uses_the_shipped_feature_stats() -> None:
     """The demo ships feature_stats.safetensors: --relative 4 equals a raw 4 x typical."""
     from llamascope_sdk import FeatureStats
-    from llamascope_sdk.demo import DEMO_SAE_DIR
+    from llamascope_sdk.loading.demo import DEMO_SAE_DIR
 
     typical = float(FeatureStats.load(DEMO_SAE_DIR / "feature_stats.safetensors").typical[4154])
     rel = runner.invoke(app, ["steer", "--sae", "demo", "-a", "4", "--relative", "-n", "5", "--json"])

@@ -102,7 +102,7 @@ def test_caption_states_units_raw_and_relative() -> None:
 @pytest.mark.smollm
 def test_chat_steers_only_the_assistant_reply(smollm2) -> None:
     from llamascope_sdk import SAE, Steer, compare_generations
-    from llamascope_sdk.generation import prompt_ids
+    from llamascope_sdk.steering.generation import prompt_ids
 
     model, tok = smollm2
     sae = SAE.from_pretrained("demo")

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from llamascope_sdk import SAE, FeatureStats
 from llamascope_sdk.cli import app
-from llamascope_sdk.feature_store import FeatureStore
-from llamascope_sdk.mining import mine
+from llamascope_sdk.mining.mine import mine
+from llamascope_sdk.store.feature_store import FeatureStore
 
 from .helpers import make_release
 

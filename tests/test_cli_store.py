@@ -13,11 +13,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from llamascope_sdk.base.errors import LlamascopeError
 from llamascope_sdk.cli import app
-from llamascope_sdk.errors import LlamascopeError
-from llamascope_sdk.feature_stats import FeatureStats
-from llamascope_sdk.feature_store import MANIFEST, FeatureStore
-from llamascope_sdk.mining import HIST_EDGES, Examples, MiningResult
+from llamascope_sdk.core.feature_stats import FeatureStats
+from llamascope_sdk.mining.mine import HIST_EDGES, Examples, MiningResult
+from llamascope_sdk.store.feature_store import MANIFEST, FeatureStore
 
 from .conftest import CharTokenizer
 from .test_feature_store import _tree, mined  # noqa: F401  (fixture)
@@ -166,7 +166,7 @@ def test_show_bad_store_file_is_one_line_naming_it(mined, tmp_path, name, conten
 
 def test_show_pages_deleted(mined, tmp_path):  # noqa: F811
     """Case 15: before, `show` refused the store once its pages/ folder was deleted."""
-    from llamascope_sdk.pages import write_pages
+    from llamascope_sdk.store.pages import write_pages
 
     _, res = mined
     folder = FeatureStore.from_result(res, CharTokenizer()).save(
@@ -201,7 +201,7 @@ def test_show_makes_control_characters_visible(mined, tmp_path):  # noqa: F811
 
 def test_table_and_say_escape_everything():
     """The one helper every terminal line goes through (the steer caption is a table title)."""
-    from llamascope_sdk.terminal import visible
+    from llamascope_sdk.base.terminal import visible
 
     assert visible("a\x1b[2Jb\nc\td\r\x9b\u2028") == "a\\x1b[2Jb\\nc\\td\\r\\x9b\\u2028"
     assert visible("line one\nline\ttwo\r", keep_lines=True) == "line one\nline\ttwo\\r"
@@ -225,7 +225,7 @@ def _demo_store(sae, folder, frequency, typical):
 def test_search_never_suggests_a_zero_strength_steer(smollm2, tmp_path):
     """Case 16: before, a top hit that never fired in the store gave `steer ... -a 0.0`."""
     from llamascope_sdk import SAE
-    from llamascope_sdk.demo import DEMO_SAE_DIR
+    from llamascope_sdk.loading.demo import DEMO_SAE_DIR
 
     # The demo SAE without its own statistics (so the suggestion is in raw units).
     sae_dir = tmp_path / "demo-copy"
@@ -260,7 +260,7 @@ def test_search_never_suggests_a_zero_strength_steer(smollm2, tmp_path):
 def test_search_refuses_a_store_of_another_sae_of_the_same_width(smollm2, tmp_path):
     """Case 2/6: before, `search --store` used any store of the same width silently."""
     from llamascope_sdk import SAE
-    from llamascope_sdk.demo import DEMO_SAE_DIR
+    from llamascope_sdk.loading.demo import DEMO_SAE_DIR
 
     other_dir = tmp_path / "demo-permuted"
     shutil.copytree(DEMO_SAE_DIR, other_dir)
@@ -280,7 +280,7 @@ def test_search_refuses_a_store_of_another_sae_of_the_same_width(smollm2, tmp_pa
 @pytest.mark.smollm
 def test_steer_caption_and_text_escape_control_characters(smollm2, tmp_path):
     """Case 13: before, a label's clear-screen sequence reached the terminal in the caption."""
-    from llamascope_sdk.demo import DEMO_SAE_DIR
+    from llamascope_sdk.loading.demo import DEMO_SAE_DIR
 
     sae_dir = tmp_path / "demo-copy"
     shutil.copytree(DEMO_SAE_DIR, sae_dir)
@@ -318,7 +318,7 @@ def test_inspect_does_not_replace_another_saes_store(smollm2, mined, tmp_path, m
     def no_mining(*args, **kwargs):
         raise AssertionError("mining started")
 
-    monkeypatch.setattr("llamascope_sdk.mining.mine", no_mining)
+    monkeypatch.setattr("llamascope_sdk.mining.mine.mine", no_mining)
     out = runner.invoke(app, ["inspect", "--sae", "demo", "--dataset", _corpus(tmp_path),
                               "--out", str(folder)])
     _refused(out, f"{folder} holds the feature store of SAE {res.name!r} (d_sae 96 vs 4608; d_model 64 vs 576); "
@@ -358,7 +358,7 @@ def test_inspect_refuses_an_out_on_a_file_system_it_cannot_write(tmp_path, no_lo
 def test_inspect_refuses_a_top_n_beyond_memory(smollm2, tmp_path):
     """Case 12: before, --top-n 10000000 tried a 368 GB allocation and printed "this looks like a
     bug"; now mining refuses it before allocating, naming the memory it would need."""
-    from llamascope_sdk.mining import _memory_available
+    from llamascope_sdk.mining.mine import _memory_available
 
     have = _memory_available(torch.device("cpu"))
     if have is None:

@@ -9,9 +9,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from llamascope_sdk.convert import convert
-from llamascope_sdk.formats import UnsupportedFormatError, detect_format
-from llamascope_sdk.sae import SAE
+from llamascope_sdk.loading.convert import convert
+from llamascope_sdk.loading.formats import UnsupportedFormatError, detect_format
+from llamascope_sdk.loading.sae import SAE
 from tests.helpers import (
     make_release,
     raw_tensors,
@@ -67,6 +67,6 @@ def test_hub_paths_and_refusals(tmp_path) -> None:
 
 
 def test_lxtc_names_expand_to_32_layers() -> None:
-    from llamascope_sdk.convert import transcoder_set
+    from llamascope_sdk.loading.convert import transcoder_set
 
     assert len(transcoder_set("LXTC-8x")) == 32

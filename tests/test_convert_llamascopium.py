@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llamascope_sdk.convert import convert
-from llamascope_sdk.sae import SAE
+from llamascope_sdk.loading.convert import convert
+from llamascope_sdk.loading.sae import SAE
 from tests.helpers import (
     make_release,
     raw_tensors,

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llamascope_sdk.convert import convert
-from llamascope_sdk.formats import UnsupportedFormatError
-from llamascope_sdk.sae import SAE
+from llamascope_sdk.loading.convert import convert
+from llamascope_sdk.loading.formats import UnsupportedFormatError
+from llamascope_sdk.loading.sae import SAE
 from tests.helpers import (
     make_release,
     raw_tensors,
@@ -167,7 +167,7 @@ def test_refusals_name_the_reason(tmp_path) -> None:
     avg = _write_saelens(tmp_path / "avg", _cfg("jumprelu", normalize_activations="expected_average_only_in"), t)
     with pytest.raises(UnsupportedFormatError, match="norm_scaling_factor"):
         SAE.from_pretrained(avg)
-    from llamascope_sdk.convert import load
+    from llamascope_sdk.loading.convert import load
 
     assert load(avg, norm_scaling_factor=2.0).d_sae == F
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llamascope_sdk.convert import convert
-from llamascope_sdk.formats import UnsupportedFormatError, detect_format
-from llamascope_sdk.sae import SAE
+from llamascope_sdk.loading.convert import convert
+from llamascope_sdk.loading.formats import UnsupportedFormatError, detect_format
+from llamascope_sdk.loading.sae import SAE
 
 D, F, K = 64, 256, 16
 
@@ -73,7 +73,7 @@ def test_mlp_transcoder_needs_and_folds_the_rmsnorm_gain(tmp_path) -> None:
     with pytest.raises(UnsupportedFormatError, match="gain"):
         SAE.from_pretrained(folder)
     gain = 0.5 + torch.rand(D)
-    from llamascope_sdk.convert import load
+    from llamascope_sdk.loading.convert import load
 
     sae = load(folder, rmsnorm_gain=gain)
     assert (sae.hyperparams.hook_point_in, sae.hyperparams.hook_point_out) == (
@@ -96,7 +96,7 @@ def test_refusals(tmp_path) -> None:
     write_sparsify(tmp_path / "weird")
     with pytest.raises(UnsupportedFormatError, match="hook point"):
         SAE.from_pretrained(tmp_path / "weird")
-    from llamascope_sdk.convert import load
+    from llamascope_sdk.loading.convert import load
 
     assert load(tmp_path / "weird", hook_point="blocks.9.hook_mlp_out").hyperparams.hook_point_in == \
         "blocks.9.hook_mlp_out"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llamascope_sdk import corpus
-from llamascope_sdk.errors import (
+from llamascope_sdk.base.errors import (
     DataFileNotFoundError,
     DataFormatError,
     DatasetStreamError,
@@ -210,8 +210,8 @@ def test_commands_check_the_corpus_before_loading_anything(tmp_path: Path, monke
                                                            command: list[str]) -> None:
     from typer.testing import CliRunner
 
-    from llamascope_sdk import models, sae
     from llamascope_sdk.cli import app
+    from llamascope_sdk.loading import models, sae
 
     def no_load(*a, **k):
         raise AssertionError("loaded before the corpus was checked")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llamascope_sdk import corpus
-from llamascope_sdk.errors import InputError
+from llamascope_sdk.base.errors import InputError
 
 from .conftest import CharTokenizer
 

@@ -7,14 +7,14 @@ import time
 
 import pytest
 
-from llamascope_sdk.endpoint import (
+from llamascope_sdk.base.endpoint import (
     ChatClient,
     EndpointError,
     TokenBudgetExceeded,
     chat_url,
     retry_after_seconds,
 )
-from llamascope_sdk.errors import InputError
+from llamascope_sdk.base.errors import InputError
 from tests.fake_endpoint import Delay, Drop, FakeEndpoint, Malformed, Status, count_words
 
 USER = [{"role": "user", "content": "Name one colour, please."}]

@@ -9,18 +9,22 @@ import pytest
 import torch
 
 from llamascope_sdk import Steer, attach
-from llamascope_sdk.errors import InputError
-from llamascope_sdk.interventions import Clamp, Scale
-from llamascope_sdk.lm_eval_export import (
+from llamascope_sdk.base.errors import InputError
+from llamascope_sdk.evaluation.steer_eval import eval_steer
+from llamascope_sdk.evaluation.steer_metrics import (
+    diffmean_direction,
+    score_continuations,
+    side_effects,
+)
+from llamascope_sdk.loading.models import tokenize
+from llamascope_sdk.steering.interventions import Clamp, Scale
+from llamascope_sdk.steering.lm_eval_export import (
     lm_eval_hookpoint,
     lm_eval_steer_config,
     save_lm_eval_steer,
     save_serve_request,
     serve_request,
 )
-from llamascope_sdk.models import tokenize
-from llamascope_sdk.steer_eval import eval_steer
-from llamascope_sdk.steer_metrics import diffmean_direction, score_continuations, side_effects
 from tests.conftest import CharTokenizer
 from tests.helpers import tiny_sae
 
@@ -189,8 +193,8 @@ def test_serve_request_body(tmp_path):
 def test_degenerate_repetition_is_not_chosen_even_at_low_perplexity():
     """A strength whose continuation repeats itself (" of of of ...") can have a perplexity
     below the unsteered one; distinct-2 keeps it from being chosen."""
-    from llamascope_sdk.steer_eval import Point, choose
-    from llamascope_sdk.steer_metrics import distinct_2
+    from llamascope_sdk.evaluation.steer_eval import Point, choose
+    from llamascope_sdk.evaluation.steer_metrics import distinct_2
 
     assert distinct_2([7, 7, 7, 7, 7]) == 0.25  # one bigram, 4 times
     assert distinct_2([1, 2, 1, 2, 1, 2]) == 0.4

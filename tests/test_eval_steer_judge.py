@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from llamascope_sdk.endpoint import ChatClient, EndpointError
-from llamascope_sdk.errors import InputError
-from llamascope_sdk.steer_judge import Judge, harmonic_mean, make_judge, parse_rating
+from llamascope_sdk.base.endpoint import ChatClient, EndpointError
+from llamascope_sdk.base.errors import InputError
+from llamascope_sdk.evaluation.judge import Judge, harmonic_mean, make_judge, parse_rating
 from tests.fake_endpoint import Delay, FakeEndpoint, Malformed, Status
 
 
@@ -95,7 +95,7 @@ def test_end_to_end_with_llamascope_serve_as_judge(smollm2, tmp_path, monkeypatc
     import math
 
     from llamascope_sdk import SAE
-    from llamascope_sdk.steer_eval import eval_steer
+    from llamascope_sdk.evaluation.steer_eval import eval_steer
     from tests.serve_helpers import KEY, MODEL_ID, running_server
 
     model, tok = smollm2

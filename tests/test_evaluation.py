@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from llamascope_sdk import SAE
-from llamascope_sdk import metrics as M
-from llamascope_sdk.errors import DownloadError, IncompatibleModelError
-from llamascope_sdk.evaluation import EvalResult, evaluate, iter_documents, token_batches
-from llamascope_sdk.hyperparams import Hyperparams
+from llamascope_sdk.base.errors import DownloadError, IncompatibleModelError
+from llamascope_sdk.core import metrics as M
+from llamascope_sdk.core.hyperparams import Hyperparams
+from llamascope_sdk.evaluation.evaluate import EvalResult, evaluate, iter_documents, token_batches
 
 from .conftest import CharTokenizer
 from .helpers import raw_tensors, release_hyperparams
@@ -302,7 +302,7 @@ def test_smollm2_wikitext(smollm2, corpus_dir) -> None:
 
 
 def test_layers_and_hooks_restored_after_an_error(tiny_llama, monkeypatch) -> None:
-    from llamascope_sdk import evaluation
+    from llamascope_sdk.evaluation import evaluate as evaluation
 
     def boom(_new):
         def hook(*_):

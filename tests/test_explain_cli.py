@@ -15,9 +15,9 @@ from llamascope_sdk.cli import app
 from llamascope_sdk.cli.explain import top_frequency
 from llamascope_sdk.explain import plan_run
 from llamascope_sdk.explain.examples import example_sets
-from llamascope_sdk.feature_store import FeatureStore
-from llamascope_sdk.mining import mine
-from llamascope_sdk.pages import write_pages
+from llamascope_sdk.mining.mine import mine
+from llamascope_sdk.store.feature_store import FeatureStore
+from llamascope_sdk.store.pages import write_pages
 
 from .conftest import CharTokenizer
 from .fake_endpoint import FakeEndpoint
@@ -122,7 +122,7 @@ def test_top_frequency_picks_the_most_frequent_non_dense_features(store_and_sae)
 
 def test_search_selects_the_features_search_ranks(store_and_sae, tiny_llama, monkeypatch):
     from llamascope_sdk.cli import explain as cli_explain
-    from llamascope_sdk.search import search_features
+    from llamascope_sdk.store.search import search_features
 
     store, sae_dir = store_and_sae
     sae = SAE.from_pretrained(sae_dir)

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from llamascope_sdk import FeatureStats, Steer, attach
-from llamascope_sdk import feature_view as view
 from llamascope_sdk.explain.llm_free import PROMPTS, describe_outputs, token_change
-from llamascope_sdk.feature_store import FeatureStore
-from llamascope_sdk.mining import mine
-from llamascope_sdk.models import tokenize
+from llamascope_sdk.loading.models import tokenize
+from llamascope_sdk.mining.mine import mine
+from llamascope_sdk.store import view
+from llamascope_sdk.store.feature_store import FeatureStore
 
 from .conftest import CharTokenizer
 from .test_hooks import synthetic_sae

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from llamascope_sdk.endpoint import ChatClient, TokenBudgetExceeded
-from llamascope_sdk.errors import InputError
+from llamascope_sdk.base.endpoint import ChatClient, TokenBudgetExceeded
+from llamascope_sdk.base.errors import InputError
 from llamascope_sdk.explain import Settings, descriptions, explain_features, plan_run
 from llamascope_sdk.explain.prompts import PROMPT_VERSION
 from tests.explain_fixtures import WORDS, ToyStore, scripted_reply

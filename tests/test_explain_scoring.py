@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from llamascope_sdk.endpoint import ChatClient
+from llamascope_sdk.base.endpoint import ChatClient
 from llamascope_sdk.explain.examples import Context, ExampleSets, example_sets, round_robin
 from llamascope_sdk.explain.prompts import (
     explainer_messages,

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from llamascope_sdk.errors import CorruptCheckpointError, InputError
-from llamascope_sdk.feature_scores import SCORES_FILE, FeatureScores, load_scores, score_features
-from llamascope_sdk.feature_stats import FeatureStats
-from llamascope_sdk.hooks import hooked
-from llamascope_sdk.logit_lens import final_norm_and_unembed
-from llamascope_sdk.models import tokenize
-from llamascope_sdk.sites import parse_hook_point
+from llamascope_sdk.base.errors import CorruptCheckpointError, InputError
+from llamascope_sdk.core.feature_stats import FeatureStats
+from llamascope_sdk.core.hooks import hooked
+from llamascope_sdk.core.logit_lens import final_norm_and_unembed
+from llamascope_sdk.core.sites import parse_hook_point
+from llamascope_sdk.loading.models import tokenize
+from llamascope_sdk.store.scores import SCORES_FILE, FeatureScores, load_scores, score_features
 from tests.helpers import tiny_sae
 
 

@@ -7,16 +7,21 @@ import json
 import pytest
 import torch
 
-from llamascope_sdk import feature_view as view
-from llamascope_sdk.errors import (
+from llamascope_sdk.base.errors import (
     CorruptCheckpointError,
     FolderNotOwnedError,
     OutputPathError,
     StoreMismatchError,
 )
-from llamascope_sdk.feature_stats import FeatureStats
-from llamascope_sdk.feature_store import MANIFEST, FeatureStore, IncompleteStoreError, load_store
-from llamascope_sdk.mining import mine
+from llamascope_sdk.core.feature_stats import FeatureStats
+from llamascope_sdk.mining.mine import mine
+from llamascope_sdk.store import view
+from llamascope_sdk.store.feature_store import (
+    MANIFEST,
+    FeatureStore,
+    IncompleteStoreError,
+    load_store,
+)
 
 from .conftest import CharTokenizer
 from .test_hooks import synthetic_sae
@@ -195,7 +200,7 @@ def test_deleting_pages_keeps_the_store_loadable(mined, tmp_path):
     _, res = mined
     store = FeatureStore.from_result(res, CharTokenizer())
     folder = store.save(tmp_path / "s", extra=lambda st, tmp: __import__(
-        "llamascope_sdk.pages", fromlist=["write_pages"]).write_pages(st, tmp / "pages", [3]))
+        "llamascope_sdk.store.pages", fromlist=["write_pages"]).write_pages(st, tmp / "pages", [3]))
     assert (folder / "pages" / "features" / "3.html").is_file()
     shutil.rmtree(folder / "pages")
     back = FeatureStore.load(folder)
@@ -282,7 +287,7 @@ def test_show_by_alias_finds_the_store_inspect_wrote(mined, tmp_path, monkeypatc
     from typer.testing import CliRunner
 
     from llamascope_sdk.cli import app
-    from llamascope_sdk.feature_store import default_store_dir
+    from llamascope_sdk.store.feature_store import default_store_dir
 
     monkeypatch.setenv("LLAMASCOPE_CACHE", str(tmp_path / "cache"))
     _, res = mined
@@ -325,7 +330,7 @@ def test_a_store_with_explanations_is_replaced_but_not_user_files_among_them(min
 def test_a_store_of_another_sae_is_not_replaced(mined, tiny_llama, tmp_path):
     """Issue 17 case 6 (store side): one SAE's store never replaces another's, even when both
     are called the same (the fingerprint decides); the same SAE re-mined replaces its own."""
-    from llamascope_sdk.feature_store import check_store_target
+    from llamascope_sdk.store.feature_store import check_store_target
 
     sae, res = mined
     folder = FeatureStore.from_result(res, CharTokenizer()).save(tmp_path / "s")
@@ -345,7 +350,7 @@ def test_stats_are_not_saved_into_another_saes_folder(tmp_path):
     """Issue 17 case 2/3: --save-stats-to the folder of another SAE (or over statistics of
     another width) would mix two SAEs: refused, intact; the SAE's own folder is fine."""
     from llamascope_sdk import SAE
-    from llamascope_sdk.feature_store import check_stats_target
+    from llamascope_sdk.store.feature_store import check_stats_target
 
     from .helpers import make_release
 

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llamascope_sdk import SAE
-from llamascope_sdk.convert import convert
-from llamascope_sdk.errors import CorruptCheckpointError
+from llamascope_sdk.base.errors import CorruptCheckpointError
+from llamascope_sdk.loading.convert import convert
 from tests.helpers import tiny_sae
 from tests.test_convert_saelens import _cfg, _foreign, _write_saelens
 from tests.test_convert_sparsify import write_sparsify
@@ -76,7 +76,7 @@ def test_llamascopium_threshold_of_the_wrong_length_is_refused(tmp_path) -> None
 
 def test_saelens_import_keeps_its_base_model(tmp_path) -> None:
     """The demo through SAELens and back still names SmolLM2 (not Llama-3.1-8B) at width 576."""
-    from llamascope_sdk.models import base_model_of
+    from llamascope_sdk.loading.models import base_model_of
 
     demo = SAE.from_pretrained("demo")
     back = SAE.from_pretrained(convert("demo", "saelens", tmp_path / "sl"))

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from llamascope_sdk import SAE
-from llamascope_sdk.errors import CorruptCheckpointError, DownloadError, SaeNotFoundError
-from llamascope_sdk.hub import download
+from llamascope_sdk.base.errors import CorruptCheckpointError, DownloadError, SaeNotFoundError
+from llamascope_sdk.loading.hub import download
 
 from .fakehub import D_MODEL, fake_hub_fixture, main_checkpoint, set_offline  # noqa: F401  (fixture)
 from .helpers import reference_encode
@@ -90,7 +90,7 @@ def test_second_load_makes_no_weight_request(fake_hub) -> None:
 
 
 def test_second_load_does_not_rehash(fake_hub, monkeypatch: pytest.MonkeyPatch) -> None:
-    import llamascope_sdk.hub as hub_mod
+    import llamascope_sdk.loading.hub as hub_mod
 
     SAE.from_pretrained("L12R-8x")
     calls: list[str] = []
@@ -329,7 +329,7 @@ def test_full_8x_size_bf16_checkpoint(fake_hub, tmp_path: Path) -> None:
 
 
 def test_fetch_hyperparams_reads_only_hyperparams(fake_hub) -> None:
-    from llamascope_sdk.hub import fetch_hyperparams
+    from llamascope_sdk.loading.hub import fetch_hyperparams
 
     hp, source = fetch_hyperparams("L12R-8x", revision="v0")
     assert hp.d_sae == 256 and source.commit == fake_hub.commits["R-old"]
@@ -349,8 +349,8 @@ def test_hf_endpoint_set_after_import_is_honoured(fake_hub, monkeypatch: pytest.
 
 # ------------------------------------------------------------------ load_model errors, by class
 def test_load_model_gated_is_a_hub_access_error(fake_hub) -> None:
-    from llamascope_sdk.errors import HubAccessError
-    from llamascope_sdk.models import load_model
+    from llamascope_sdk.base.errors import HubAccessError
+    from llamascope_sdk.loading.models import load_model
 
     with pytest.raises(HubAccessError, match="could not load model .*: it is gated on the Hub") as exc:
         load_model("OpenMOSS-Team/Llama3_1-8B-Base-LXTC-8x")
@@ -359,8 +359,8 @@ def test_load_model_gated_is_a_hub_access_error(fake_hub) -> None:
 
 
 def test_load_model_unknown_repo_and_revision_are_model_not_found(fake_hub) -> None:
-    from llamascope_sdk.errors import ModelNotFoundError
-    from llamascope_sdk.models import load_model
+    from llamascope_sdk.base.errors import ModelNotFoundError
+    from llamascope_sdk.loading.models import load_model
 
     with pytest.raises(ModelNotFoundError, match="could not load model 'nobody/nothing': it is neither "
                                                  "a local folder nor a repository") as exc:
@@ -371,7 +371,7 @@ def test_load_model_unknown_repo_and_revision_are_model_not_found(fake_hub) -> N
 
 
 def test_load_model_offline_cold_cache(fake_hub, monkeypatch: pytest.MonkeyPatch) -> None:
-    from llamascope_sdk.models import load_model
+    from llamascope_sdk.loading.models import load_model
 
     set_offline(monkeypatch)
     with pytest.raises(DownloadError, match="could not load model 'someone/model': it is not in the local cache and downloads are disabled") as exc:
@@ -384,8 +384,8 @@ def test_load_model_error_classes_not_message_text() -> None:
     """The class decides, not the words: a message saying 'gated' or '401' is not taken for one."""
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    from llamascope_sdk.errors import HubAccessError
-    from llamascope_sdk.models import _load_error
+    from llamascope_sdk.base.errors import HubAccessError
+    from llamascope_sdk.loading.models import _load_error
 
     try:
         raise OSError("the 401 gated offline thing") from ValueError("x")

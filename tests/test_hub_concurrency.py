@@ -31,8 +31,8 @@ def _load_worker(rounds: list[tuple[str, str]], barrier: Any, results: Any, unlo
     from llamascope_sdk import SAE
 
     if unlocked:  # only to demonstrate the race by hand: the download without its lock
-        import llamascope_sdk.resumable as resumable_mod
-        import llamascope_sdk.verification as verification_mod
+        import llamascope_sdk.loading.resumable as resumable_mod
+        import llamascope_sdk.loading.verification as verification_mod
 
         def no_lock(*a: Any, **k: Any) -> contextlib.nullcontext[None]:
             return contextlib.nullcontext()

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from llamascope_sdk import SAE
-from llamascope_sdk.errors import DownloadError, HubUnreachableError
-from llamascope_sdk.hub import fetch_hyperparams
+from llamascope_sdk.base.errors import DownloadError, HubUnreachableError
+from llamascope_sdk.loading.hub import fetch_hyperparams
 
 from .fakehub import fake_hub_fixture, set_offline  # noqa: F401  (fixture)
 
@@ -105,7 +105,7 @@ def test_refused_connection_is_not_retried_but_a_cut_one_is_resumed(fake_hub, mo
     fake_hub.hub.cut_after["checkpoints/final.safetensors"] = 10_000
     SAE.from_pretrained("L12R-8x")
     assert len(fake_hub.hub.requests("final.safetensors", "GET")) == 2  # cut, then resumed
-    import llamascope_sdk.hub as hub_mod
+    import llamascope_sdk.loading.hub as hub_mod
 
     calls: list[str] = []
     real = hub_mod._probe
@@ -117,7 +117,7 @@ def test_refused_connection_is_not_retried_but_a_cut_one_is_resumed(fake_hub, mo
 
 
 def test_load_model_unreachable_fails_fast_without_retry_logs(monkeypatch, tmp_path: Path, capfd) -> None:
-    from llamascope_sdk.models import load_model
+    from llamascope_sdk.loading.models import load_model
 
     endpoint = f"http://127.0.0.1:{closed_port()}"
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
@@ -135,8 +135,8 @@ def test_load_model_unreachable_fails_fast_without_retry_logs(monkeypatch, tmp_p
 def test_load_model_connection_error_behind_transformers_is_classified(fake_hub, monkeypatch) -> None:
     """If the Hub goes away between the quick check and transformers' own requests, the
     OSError transformers raises is classified by the huggingface_hub error class behind it."""
-    import llamascope_sdk.hub as hub_mod
-    from llamascope_sdk.models import load_model
+    import llamascope_sdk.loading.hub as hub_mod
+    from llamascope_sdk.loading.models import load_model
 
     monkeypatch.setattr(hub_mod, "check_reachable", lambda *a, **k: None)
     fake_hub.hub.stop()

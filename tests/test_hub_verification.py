@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from llamascope_sdk import SAE
-from llamascope_sdk.errors import (
+from llamascope_sdk.base.errors import (
     ChecksumMismatchError,
     CorruptCheckpointError,
     UnverifiableDownloadError,
 )
-from llamascope_sdk.hub import download, fetch_hyperparams
+from llamascope_sdk.loading.hub import download, fetch_hyperparams
 
 from .fakehub import fake_hub_fixture  # noqa: F401  (fixture)
 from .helpers import raw_tensors
@@ -199,7 +199,7 @@ def test_corrupt_cached_json_is_detected_and_a_plain_rerun_recovers(fake_hub) ->
 
 
 def test_warm_load_reads_the_record_instead_of_hashing(fake_hub, monkeypatch) -> None:
-    import llamascope_sdk.verification as hub_mod
+    import llamascope_sdk.loading.verification as hub_mod
 
     SAE.from_pretrained("L12R-8x")
     fake_hub.hub.clear_log()

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from llamascope_sdk import SAE
-from llamascope_sdk.errors import CorruptCheckpointError, HyperparamsError
-from llamascope_sdk.hyperparams import Hyperparams
+from llamascope_sdk.base.errors import CorruptCheckpointError, HyperparamsError
+from llamascope_sdk.core.hyperparams import Hyperparams
 
 from .helpers import raw_tensors, release_hyperparams, write_release
 

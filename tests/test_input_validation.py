@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llamascope_sdk import SAE, Ablate, Clamp, FeatureStats, Scale, Steer, attach
-from llamascope_sdk.errors import FeatureIndexError, InputError
+from llamascope_sdk.base.errors import FeatureIndexError, InputError
 
 from .helpers import raw_tensors, release_hyperparams
 

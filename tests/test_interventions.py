@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from llamascope_sdk import SAE, Ablate, Clamp, FeatureStats, Scale, Steer, attach
-from llamascope_sdk.errors import SaeNotFoundError
-from llamascope_sdk.interventions import stats_for
+from llamascope_sdk.base.errors import SaeNotFoundError
+from llamascope_sdk.steering.interventions import stats_for
 
 from .helpers import make_release, tiny_sae
 

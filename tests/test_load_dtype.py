@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llamascope_sdk import SAE
-from llamascope_sdk.errors import DtypeOverflowError, LlamascopeError
+from llamascope_sdk.base.errors import DtypeOverflowError, LlamascopeError
 
 from .helpers import raw_tensors, release_hyperparams, write_release
 

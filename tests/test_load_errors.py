@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from llamascope_sdk import SAE
-from llamascope_sdk.errors import (
+from llamascope_sdk.base.errors import (
     CorruptCheckpointError,
     DownloadError,
     HyperparamsError,

@@ -1,4 +1,4 @@
-"""The front door (llamascope_sdk.locate): every name or path an SAE is given by becomes one
+"""The front door (llamascope_sdk.loading.locate): every name or path an SAE is given by becomes one
 local folder and one format, detected once; Hub folders of any format come through the pinned,
 verified download path (loopback fake Hub)."""
 
@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from llamascope_sdk import SAE
-from llamascope_sdk.convert import convert
-from llamascope_sdk.errors import (
+from llamascope_sdk.base.errors import (
     ChecksumMismatchError,
     SaeNotFoundError,
     UnknownSaeError,
 )
-from llamascope_sdk.formats import UnsupportedFormatError
-from llamascope_sdk.locate import locate
+from llamascope_sdk.loading.convert import convert
+from llamascope_sdk.loading.formats import UnsupportedFormatError
+from llamascope_sdk.loading.locate import locate
 
 from .fakehub import fake_hub_fixture  # noqa: F401  (fixture)
 from .test_convert_sparsify import sparsify_forward, write_sparsify
@@ -104,7 +104,7 @@ def test_names_that_are_nothing_get_one_line(tmp_path) -> None:
 
 
 def test_local_formats_are_detected_once(tmp_path, monkeypatch) -> None:
-    import llamascope_sdk.locate as front
+    import llamascope_sdk.loading.locate as front
 
     write_sparsify(tmp_path / "ckpt" / "layers.12")
     calls = []
@@ -121,7 +121,7 @@ def test_local_formats_are_detected_once(tmp_path, monkeypatch) -> None:
 
 def test_check_name_refuses_without_a_request(tmp_path) -> None:
     """What the CLI asks before loading anything: names, folders and Hub ids pass, nonsense not."""
-    from llamascope_sdk.locate import check_name, hub_id
+    from llamascope_sdk.loading.locate import check_name, hub_id
 
     for ok in ("L12R-8x", "l12r_8x", f"{REPO}:layers.12", f"hf://{REPO}/layers.12", str(tmp_path)):
         check_name(ok)

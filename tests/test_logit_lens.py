@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llamascope_sdk.logit_lens import logit_lens
+from llamascope_sdk.core.logit_lens import logit_lens
 
 
 def test_logit_lens_is_a_matrix_product(tiny_llama):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from llamascope_sdk import metrics as M
+from llamascope_sdk.core import metrics as M
 
 
 # The plain batch formulas, written out: the reference the streaming statistics

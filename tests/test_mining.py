@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from llamascope_sdk import corpus
-from llamascope_sdk.compat import check_compatible
-from llamascope_sdk.hooks import capture_into, hooked
-from llamascope_sdk.mining import HIST_EDGES, mine, sample_priority, state_bytes
-from llamascope_sdk.mining_state import Batch, MiningConfig, Tracker
-from llamascope_sdk.models import special_ids
+from llamascope_sdk.core.hooks import capture_into, hooked
+from llamascope_sdk.loading.compat import check_compatible
+from llamascope_sdk.loading.models import special_ids
+from llamascope_sdk.mining.mine import HIST_EDGES, mine, sample_priority, state_bytes
+from llamascope_sdk.mining.state import Batch, MiningConfig, Tracker
 
 from .conftest import CharTokenizer
 from .test_hooks import synthetic_sae
@@ -232,7 +232,7 @@ def test_empty_corpus_is_an_error(tiny_llama):
 @pytest.mark.smollm
 def test_demo_sae_mining_equals_brute_force_on_real_text(smollm2, corpus_dir):
     from llamascope_sdk.corpus import iter_documents
-    from llamascope_sdk.sae import SAE
+    from llamascope_sdk.loading.sae import SAE
 
     model, tok = smollm2
     sae = SAE.from_pretrained("demo")
@@ -266,8 +266,8 @@ def test_demo_sae_mining_equals_brute_force_on_real_text(smollm2, corpus_dir):
     ({"n_nonactivating": 50, "nonactivating_pool": 10}, "n_nonactivating=50 exceeds nonactivating_pool=10"),
 ])
 def test_bad_arguments_are_refused_in_one_line_before_any_work(tiny_llama, kw, message, monkeypatch):
-    from llamascope_sdk import mining as mining_module
-    from llamascope_sdk.errors import InputError
+    from llamascope_sdk.base.errors import InputError
+    from llamascope_sdk.mining import mine as mining_module
 
     ids = torch.randint(3, 99, (1, 10))
     sae = synthetic_sae(tiny_llama, ids, 0, "R", d_sae=64, l0=4)
@@ -279,8 +279,8 @@ def test_bad_arguments_are_refused_in_one_line_before_any_work(tiny_llama, kw, m
 
 
 def test_absurd_top_n_says_the_memory_it_would_need(tiny_llama):
-    from llamascope_sdk.errors import InputError
-    from llamascope_sdk.mining import _memory_available
+    from llamascope_sdk.base.errors import InputError
+    from llamascope_sdk.mining.mine import _memory_available
 
     ids = torch.randint(3, 99, (1, 10))
     sae = synthetic_sae(tiny_llama, ids, 0, "R", d_sae=4608, l0=4)
@@ -304,7 +304,7 @@ def test_absurd_top_n_says_the_memory_it_would_need(tiny_llama):
 def test_firings_are_the_positive_entries_of_encode(act_fn, gate, threshold, dtype):
     """mining.firings lists exactly (row, feature, value) of encode(x) > 0, row-major, without
     building encode's dense output."""
-    from llamascope_sdk.mining import firings
+    from llamascope_sdk.mining.mine import firings
 
     from .helpers import tiny_sae
 
@@ -326,7 +326,7 @@ def test_firings_are_the_positive_entries_of_encode(act_fn, gate, threshold, dty
 def test_firing_windows_equal_the_dense_gather():
     """Firings.windows reads a feature's activations around a row from the sparse firings; it
     equals slicing the dense [rows, F] tensor, with 0 outside the row's sequence."""
-    from llamascope_sdk.mining_state import Firings
+    from llamascope_sdk.mining.state import Firings
 
     g = torch.Generator().manual_seed(0)
     B, T, F, before, w = 4, 30, 50, 7, 11

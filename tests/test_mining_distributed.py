@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llamascope_sdk.mining import mine
+from llamascope_sdk.mining.mine import mine
 
 from .mining_worker import ARGS, DOCS, EVAL_ARGS, build, eval_tensors, flatten
 
@@ -98,7 +98,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(reference, tmp_path, 
 def test_evaluate_over_two_ranks_equals_one_process(tmp_path):
     """Every metric of evaluate() (zero ablation too) from 2 ranks equals one process's; the
     centred explained variance up to float64 summation order across ranks (see evaluation.py)."""
-    from llamascope_sdk.evaluation import evaluate
+    from llamascope_sdk.evaluation.evaluate import evaluate
 
     torch.set_num_threads(1)
     model, tok, sae = build()
@@ -121,8 +121,8 @@ def test_evaluate_over_two_ranks_equals_one_process(tmp_path):
 def test_finish_removes_only_the_steps_mining_wrote(tmp_path):
     """A --checkpoint-dir shared with other things: a training checkpoint (step-...-w...) and a
     step-shaped folder holding a user's file stay byte for byte; mining's own step goes."""
-    from llamascope_sdk.mining_checkpoint import Checkpointer
-    from llamascope_sdk.training.ddp import Dist
+    from llamascope_sdk.base.dist import Dist
+    from llamascope_sdk.mining.checkpoint import Checkpointer
 
     training = tmp_path / "step-0000123-w000007"
     training.mkdir()

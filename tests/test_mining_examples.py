@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from llamascope_sdk.feature_store import FeatureStore, StoreVersionError
-from llamascope_sdk.mining import mine
-from llamascope_sdk.mining_state import _mix
+from llamascope_sdk.mining.mine import mine
+from llamascope_sdk.mining.state import _mix
+from llamascope_sdk.store.feature_store import FeatureStore, StoreVersionError
 
 from .conftest import CharTokenizer
 from .test_hooks import synthetic_sae

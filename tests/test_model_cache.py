@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from llamascope_sdk import model_cache
+from llamascope_sdk.loading import model_cache
 
 from .fakehub import fake_hub_fixture  # noqa: F401  (fixture)
 
@@ -64,7 +64,7 @@ def test_a_converted_model_that_differs_from_its_gguf_is_refused(tmp_path: Path)
     """The 4.57-reads-a-5.x-folder case: rope base 10,000 where the GGUF says 100,000."""
     import transformers
 
-    from llamascope_sdk.errors import CorruptCheckpointError
+    from llamascope_sdk.base.errors import CorruptCheckpointError
 
     facts = {"hidden_size": 576, "num_hidden_layers": 30, "vocab_size": 49152, "rope_theta": 100000.0}
     folder = _converted(tmp_path / "m", transformers.__version__, facts)
@@ -87,7 +87,7 @@ def test_a_converted_model_that_differs_from_its_gguf_is_refused(tmp_path: Path)
 @pytest.mark.smollm
 def test_the_real_conversion_matches_its_gguf() -> None:
     """Independent reading: the gguf package's metadata against the model transformers built."""
-    from llamascope_sdk.models import load_model
+    from llamascope_sdk.loading.models import load_model
 
     model, _ = load_model("smollm2-135m")
     facts = model_cache.gguf_facts(model_cache.smollm2_gguf_path())
@@ -100,8 +100,8 @@ def _convert_worker(cache: str, barrier: Any, results: Any) -> None:
     """Runs in a spawned process: resolve the demo model into an empty LLAMASCOPE_CACHE,
     noting (in a file) whether this process did the conversion."""
     os.environ["LLAMASCOPE_CACHE"] = cache
-    from llamascope_sdk import model_cache as mc
-    from llamascope_sdk import models as m
+    from llamascope_sdk.loading import model_cache as mc
+    from llamascope_sdk.loading import models as m
 
     real = mc.convert
     log = Path(cache) / "conversions.log"
@@ -166,8 +166,8 @@ def test_two_processes_convert_smollm2_at_once(tmp_path: Path) -> None:
 def test_a_model_of_another_width_is_refused_before_its_weights(fake_hub) -> None:
     """The SAE reads d_model=576 (a SmolLM2 SAE); the model is 4096 wide: refused after reading
     config.json, and not one byte of the weights is downloaded."""
-    from llamascope_sdk.errors import IncompatibleModelError
-    from llamascope_sdk.models import load_model
+    from llamascope_sdk.base.errors import IncompatibleModelError
+    from llamascope_sdk.loading.models import load_model
 
     fake_hub.hub.commit("meta-llama/Wide-Model", {
         "config.json": json.dumps({"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 2,

@@ -8,9 +8,9 @@ import time
 
 import torch
 
-from llamascope_sdk import feature_view as view
-from llamascope_sdk.feature_store import FeatureStore
-from llamascope_sdk.pages import feature_page, write_pages
+from llamascope_sdk.store import view
+from llamascope_sdk.store.feature_store import FeatureStore
+from llamascope_sdk.store.pages import feature_page, write_pages
 
 from .conftest import CharTokenizer
 from .test_feature_store import mined  # noqa: F401  (fixture)

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from llamascope_sdk import SAE, Steer
-from llamascope_sdk.errors import InputError, PoolBusyError, SaeBudgetError
-from llamascope_sdk.generation import describe
-from llamascope_sdk.pool import SaePool, parse_bytes
-from llamascope_sdk.row_edits import VectorEdit
+from llamascope_sdk.base.errors import InputError, PoolBusyError, SaeBudgetError
+from llamascope_sdk.steering.generation import describe
+from llamascope_sdk.steering.pool import SaePool, parse_bytes
+from llamascope_sdk.steering.row_edits import VectorEdit
 from tests.helpers import make_release
 
 D, F = 64, 256
@@ -184,7 +184,7 @@ BIG_TRACE = list(range(12)) + [0, 5, 11, 3, 3, 7]
 _MEMORY_SCRIPT = r"""
 import json, sys, torch
 from pathlib import Path
-from llamascope_sdk.pool import SaePool
+from llamascope_sdk.steering.pool import SaePool
 
 def rss(field):
     for line in open("/proc/self/status"):

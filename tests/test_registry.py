@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from llamascope_sdk.errors import UnknownSaeError
-from llamascope_sdk.registry import ALL_SAES, list_saes, resolve
+from llamascope_sdk.base.errors import UnknownSaeError
+from llamascope_sdk.loading.registry import ALL_SAES, list_saes, resolve
 
 SPELLINGS = [
     ("L12M-32x", (12, "M", 32)),

@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from llamascope_sdk.feature_stats import FeatureStats
-from llamascope_sdk.sae import SAE
+from llamascope_sdk.core.feature_stats import FeatureStats
+from llamascope_sdk.loading.sae import SAE
 from tests.helpers import raw_tensors, release_hyperparams, write_release
 
 D, F = 64, 256

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamascope_sdk.atomic import write_folder
-from llamascope_sdk.convert import convert
-from llamascope_sdk.errors import FolderNotOwnedError
-from llamascope_sdk.feature_stats import FeatureStats
-from llamascope_sdk.sae import SAE
+from llamascope_sdk.base.atomic import write_folder
+from llamascope_sdk.base.errors import FolderNotOwnedError
+from llamascope_sdk.core.feature_stats import FeatureStats
+from llamascope_sdk.loading.convert import convert
+from llamascope_sdk.loading.sae import SAE
 from tests.helpers import make_release, tiny_sae
 
 F = 256
@@ -119,14 +119,14 @@ def test_empty_folder_is_used_and_a_crash_leaves_the_old_folder(tmp_path) -> Non
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        from llamascope_sdk.formats import replaceable_sae_folder
+        from llamascope_sdk.loading.formats import replaceable_sae_folder
 
         write_folder(empty, crash, replaceable=replaceable_sae_folder)
     assert _tree(empty) == before and sorted(os.listdir(tmp_path)) == ["empty"]
 
 
 def test_without_an_atomic_exchange_the_two_renames_give_the_same_result(tmp_path, monkeypatch) -> None:
-    import llamascope_sdk.atomic as atomic
+    import llamascope_sdk.base.atomic as atomic
 
     monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)  # macOS, Windows
     a, b = tiny_sae(seed=1), tiny_sae(seed=2)

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from llamascope_sdk.feature_stats import FeatureStats
-from llamascope_sdk.feature_view import steer_command
-from llamascope_sdk.search import score_features
+from llamascope_sdk.core.feature_stats import FeatureStats
+from llamascope_sdk.store.search import score_features
+from llamascope_sdk.store.view import steer_command
 
 
 def stats(freq, typical, n=1000):
@@ -38,8 +38,8 @@ def test_steer_command():
 
 @pytest.mark.smollm
 def test_search_demo_finds_the_shakespeare_feature_and_hides_dense(smollm2):
-    from llamascope_sdk.sae import SAE
-    from llamascope_sdk.search import search_features
+    from llamascope_sdk.loading.sae import SAE
+    from llamascope_sdk.store.search import search_features
 
     model, tok = smollm2
     sae = SAE.from_pretrained("demo")

@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from llamascope_sdk import SAE, Ablate, Clamp, Scale, Steer, compare_generations, demo
+from llamascope_sdk import SAE, Ablate, Clamp, Scale, Steer, compare_generations
+from llamascope_sdk.loading import demo
 from tests.serve_helpers import KEY, MODEL_ID, running_server, scheduler_paused, wait_for
 
 pytestmark = pytest.mark.smollm
@@ -67,7 +68,7 @@ def test_completion_with_steering_and_baseline_equals_compare_generations(client
     want = compare_generations(model, tok, PROMPT, _ivs(steering, saes), max_new_tokens=N)
     assert r.choices[0].text == want.steered
     assert r.steering["baseline"]["text"] == want.baseline != want.steered
-    from llamascope_sdk.generation import describe
+    from llamascope_sdk.steering.generation import describe
 
     assert r.steering["applied"] == [f"demo: {describe(_ivs(steering, saes)[0])}"]
     assert "a vector of length +80 along its unit decoder direction (0.48 x" in r.steering["applied"][0]
@@ -182,7 +183,7 @@ def test_load_64_requests_from_16_clients_none_lost(served, smollm2, saes) -> No
 def test_encode_equals_the_cli_json(served, smollm2, saes) -> None:
     import httpx
 
-    from llamascope_sdk.reading import encode_report, read_features
+    from llamascope_sdk.steering.reading import encode_report, read_features
 
     model, tok = smollm2
     r = httpx.post(f"{served.url}/v1/encode", json={"sae": "demo", "text": "The city of", "top_k": 3},

@@ -16,7 +16,7 @@ from llamascope_sdk import (
     measure_feature_stats,
     read_features,
 )
-from llamascope_sdk.models import special_ids, tokenize
+from llamascope_sdk.loading.models import special_ids, tokenize
 
 from .test_hooks import synthetic_sae
 

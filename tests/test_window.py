@@ -10,10 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from llamascope_sdk import FeatureStats
+from llamascope_sdk.base.errors import InputError
 from llamascope_sdk.cli import app
-from llamascope_sdk.errors import InputError
-from llamascope_sdk.reading import read_features
-from llamascope_sdk.search import search_features
+from llamascope_sdk.steering.reading import read_features
+from llamascope_sdk.store.search import search_features
 
 from .conftest import CharTokenizer
 from .helpers import tiny_sae
@@ -42,8 +42,8 @@ def test_read_and_search_refuse_a_prompt_longer_than_the_window(tiny_llama) -> N
 
 
 def test_measure_stats_and_scoring_refuse_text_longer_than_the_window(tiny_llama) -> None:
-    from llamascope_sdk.feature_scores import score_features
-    from llamascope_sdk.reading import measure_feature_stats
+    from llamascope_sdk.steering.reading import measure_feature_stats
+    from llamascope_sdk.store.scores import score_features
 
     sae = tiny_sae(d_model=64)
     with pytest.raises(InputError) as info:
@@ -83,7 +83,7 @@ def test_inspect_checks_compatibility_and_the_demo_once(tmp_path, monkeypatch) -
     """Issue 16: inspect ran the compatibility check three times and the demo check three
     times. Now: one compatibility check (the CLI's; mine() finds it done) and the demo decided
     once by the loader's front door and once by the command."""
-    from llamascope_sdk import compat, demo, locate
+    from llamascope_sdk.loading import compat, demo, locate
 
     calls = {"compat": 0, "demo": 0}
     real_hidden, real_demo = compat.hidden_size, demo.is_demo

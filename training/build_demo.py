@@ -124,7 +124,7 @@ def heldout_rows(cfg, tokenizer, n_rows: int) -> torch.Tensor:  # noqa: ANN001
 
 def measure(model, tokenizer, sae, cfg, n_rows: int) -> dict[str, dict]:  # noqa: ANN001
     """Held-out metrics on all non-special tokens and without the massive activations."""
-    from llamascope_sdk.evaluation import evaluate
+    from llamascope_sdk.evaluation.evaluate import evaluate
 
     ids = heldout_rows(cfg, tokenizer, n_rows)
     cut = MASSIVE * sae.hyperparams.dataset_average_activation_norm.in_
@@ -140,7 +140,7 @@ def measure(model, tokenizer, sae, cfg, n_rows: int) -> dict[str, dict]:  # noqa
 def steer_text(model, tokenizer, sae, feature: int, strength: float, prompt: str):  # noqa: ANN001, ANN201
     """Greedy continuations of ``prompt`` without and with the feature steered (all positions)."""
     from llamascope_sdk import compare_generations
-    from llamascope_sdk.interventions import Steer
+    from llamascope_sdk.steering.interventions import Steer
 
     return compare_generations(model, tokenizer, prompt, Steer(sae, [feature], strength),
                                max_new_tokens=24)
@@ -167,8 +167,8 @@ def main() -> None:
     if args.eval_only:
         eval_only(args.eval_rows, args.corpus)
         return
-    from llamascope_sdk.models import load_model
-    from llamascope_sdk.sae import SAE
+    from llamascope_sdk.loading.models import load_model
+    from llamascope_sdk.loading.sae import SAE
     from llamascope_sdk.training.cache import read_manifest
     from llamascope_sdk.training.loop import train
 
@@ -263,9 +263,9 @@ def steer_grid(model, tok, sae, feats: list[dict]) -> str:  # noqa: ANN001
 def eval_only(n_rows: int, corpus: str) -> None:
     """Re-measure the shipped SAE on the held-out text and rewrite its card and results; the
     weights are checked to be byte-identical before and after."""
-    from llamascope_sdk.atomic import atomic_write_text
-    from llamascope_sdk.models import load_model
-    from llamascope_sdk.sae import SAE
+    from llamascope_sdk.base.atomic import atomic_write_text
+    from llamascope_sdk.loading.models import load_model
+    from llamascope_sdk.loading.sae import SAE
     from llamascope_sdk.training.config import TrainConfig
 
     dest = ROOT / "llamascope_sdk/assets" / TrainConfig.load(RECIPE).name
@@ -294,7 +294,7 @@ def _weight_digests(folder: Path) -> dict[str, str]:
 
 def ship(folder: Path, cfg, result: dict) -> Path:  # noqa: ANN001
     """Copy the release folder into the package with its card, recipe and results."""
-    from llamascope_sdk.atomic import atomic_write_text
+    from llamascope_sdk.base.atomic import atomic_write_text
 
     dest = ROOT / "llamascope_sdk/assets" / cfg.name
     shutil.rmtree(dest, ignore_errors=True)
@@ -309,10 +309,10 @@ def ship(folder: Path, cfg, result: dict) -> Path:  # noqa: ANN001
 
 
 def write_card(dest: Path, cfg, result: dict) -> Path:  # noqa: ANN001
-    """The demo's README.md through llamascope_sdk.cards.render_card (the release template)."""
-    from llamascope_sdk.atomic import atomic_write_text
-    from llamascope_sdk.cards import render_card
-    from llamascope_sdk.demo import DEMO_FEATURES
+    """The demo's README.md through llamascope_sdk.loading.cards.render_card (the release template)."""
+    from llamascope_sdk.base.atomic import atomic_write_text
+    from llamascope_sdk.loading.cards import render_card
+    from llamascope_sdk.loading.demo import DEMO_FEATURES
     from llamascope_sdk.training.export import card_info
 
     hp = json.loads((dest / "hyperparams.json").read_text())
@@ -349,8 +349,8 @@ def _features_markdown(result: dict, demo_features) -> str:  # noqa: ANN001
         steered = repr(f["steered"]).replace("|", "/")
         lines.append(f"| {f['feature']} | {tops} | {f['freq']:.3%} | {f['shakespeare_share']:.0%} "
                      f"| {f['strength']:.3g} | {steered} |")
-    from llamascope_sdk.demo import DEMO_SAE_DIR
-    from llamascope_sdk.feature_stats import LABELS_FILE, read_labels
+    from llamascope_sdk.core.feature_stats import LABELS_FILE, read_labels
+    from llamascope_sdk.loading.demo import DEMO_SAE_DIR
 
     labels = read_labels(DEMO_SAE_DIR / LABELS_FILE, 1 << 30)
     chosen = ", ".join(f"{d.index} at {d.strength:g} ({labels.get(d.index, 'unlabelled')})"
@@ -358,7 +358,7 @@ def _features_markdown(result: dict, demo_features) -> str:  # noqa: ANN001
     grid = "/".join(f"{m:g}x" for m in STRENGTH_FRACTIONS)
     lines += ["", f"The table steers at {SHOWN:g} x the dataset-average norm n_in; "
               f"`demo_results.json` holds the {grid} n_in grid. "
-              f"`llamascope_sdk.demo.DEMO_FEATURES` recommends {chosen}.", "",
+              f"`llamascope_sdk.loading.demo.DEMO_FEATURES` recommends {chosen}.", "",
               "`feature_stats.safetensors` holds each feature's typical activation (the mean of "
               "its non-zero activations over 20,000 held-out non-special tokens), the unit of "
               "relative strengths: `llamascope steer --sae demo -f 4154 -a 4 --relative`.", "",

@@ -79,8 +79,8 @@ def train_vanilla(x: torch.Tensor, l1: float, steps: int, bs: int, f_dim: int) -
 
 
 def train_topk(x: torch.Tensor, k: int, steps: int, bs: int, f_dim: int):  # noqa: ANN201
+    from llamascope_sdk.base.dist import Dist
     from llamascope_sdk.training.config import TrainConfig
-    from llamascope_sdk.training.ddp import Dist
     from llamascope_sdk.training.optimizer import SAEOptimizer
 
     cfg = TrainConfig(name=f"topk{k}", hook_point_in=HOOK, hook_point_out=HOOK,

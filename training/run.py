@@ -62,15 +62,15 @@ def resolve_configs(args: argparse.Namespace) -> list:
 
 def check_device(device: str) -> None:
     """Refuse a device this machine does not have before loading anything (DeviceError)."""
-    from llamascope_sdk.devices import resolve_device
+    from llamascope_sdk.base.devices import resolve_device
 
     resolve_device(device)
 
 
 def check_data(cfgs: list) -> None:
     """Local dataset files and activation caches must exist before the model is loaded."""
+    from llamascope_sdk.base.errors import DataFileNotFoundError
     from llamascope_sdk.corpus import local_paths
-    from llamascope_sdk.errors import DataFileNotFoundError
     from llamascope_sdk.training.errors import TrainConfigError
 
     for c in cfgs:
@@ -90,7 +90,7 @@ def check_data(cfgs: list) -> None:
 def run(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.list:
-        from llamascope_sdk.registry import list_saes
+        from llamascope_sdk.loading.registry import list_saes
 
         print("\n".join(r.name for r in list_saes()))
         return
@@ -128,7 +128,7 @@ def report(exc: BaseException) -> int:
     """One ``error:`` line and one ``hint:`` line on stderr; the exit status."""
     from pydantic import ValidationError
 
-    from llamascope_sdk.errors import DataUnavailableError, LlamascopeError, UnknownSaeError
+    from llamascope_sdk.base.errors import DataUnavailableError, LlamascopeError, UnknownSaeError
     from llamascope_sdk.training.config import describe
 
     if isinstance(exc, LlamascopeError):

@@ -6,7 +6,17 @@
 
 from __future__ import annotations
 
-from . import catalog, convert, eval_steer, evaluate, explain, generate, inspect, read, serve  # noqa: F401  (register their commands)
-from .app import app, main
+from llamascope_sdk.cli import (  # noqa: F401  (register their commands)
+    catalog,
+    convert,
+    eval_steer,
+    evaluate,
+    explain,
+    generate,
+    inspect,
+    read,
+    serve,
+)
+from llamascope_sdk.cli.app import app, main
 
 __all__ = ["app", "main"]

@@ -102,7 +102,7 @@ def command(fn: Callable[..., None]) -> Callable[..., None]:
 
 def report_error(exc: BaseException) -> int:
     """Print one readable line (plus a hint) for ``exc`` on stderr; return the exit code."""
-    from llamascope_sdk.errors import LlamascopeError
+    from llamascope_sdk.base.errors import LlamascopeError
 
     hint = getattr(exc, "hint", None)
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -127,8 +127,8 @@ def report_error(exc: BaseException) -> int:
 
 def say(text: str, *, err: bool = False) -> None:
     """Print one line with control characters made visible (labels, tokens and paths may hold
-    escape sequences: see :mod:`llamascope_sdk.terminal`)."""
-    from llamascope_sdk.terminal import visible
+    escape sequences: see :mod:`llamascope_sdk.base.terminal`)."""
+    from llamascope_sdk.base.terminal import visible
 
     typer.echo(visible(text), err=err)
 
@@ -145,7 +145,7 @@ def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from llamascope_sdk.terminal import visible
+    from llamascope_sdk.base.terminal import visible
 
     t = Table(title=None if title is None else Text(visible(title)), show_lines=False)
     for c in columns:
@@ -157,7 +157,7 @@ def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
 
 def check_text(text: str, option: str = "--prompt") -> str:
     """Refuse empty text and text that is not valid UTF-8 (one line, naming the option)."""
-    from llamascope_sdk.errors import InputError
+    from llamascope_sdk.base.errors import InputError
 
     try:
         text.encode("utf-8")
@@ -173,10 +173,10 @@ def load_sae_and_model(sae_name: str, model: str | None, device: str, dtype: str
                        revision: str | None, gate: str = "reference") -> tuple[Any, Any, Any]:
     """Load the SAE and the model it belongs to (by default the base model its lm_config.json
     names); check that they fit together."""
-    from llamascope_sdk.compat import check_compatible
-    from llamascope_sdk.devices import resolve_device
-    from llamascope_sdk.models import base_model_of, load_model
-    from llamascope_sdk.sae import SAE
+    from llamascope_sdk.base.devices import resolve_device
+    from llamascope_sdk.loading.compat import check_compatible
+    from llamascope_sdk.loading.models import base_model_of, load_model
+    from llamascope_sdk.loading.sae import SAE
 
     resolve_device(device)  # a missing GPU is reported before any download
     sae = SAE.from_pretrained(sae_name, revision=revision, device=device, gate=gate)  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .app import JsonOpt, RevisionOpt, app, command, echo_json, table
+from llamascope_sdk.cli.app import JsonOpt, RevisionOpt, app, command, echo_json, table
 
 
 @app.command("list")
@@ -16,7 +16,7 @@ def list_cmd(layer: Annotated[int | None, typer.Option(help="Only this layer (0-
              width: Annotated[str | None, typer.Option(help="Only this width: 8x/32k or 32x/128k.", show_default=False)] = None,
              as_json: JsonOpt = False) -> None:
     """List the 256 Llama Scope checkpoints (filterable)."""
-    from llamascope_sdk.registry import list_saes
+    from llamascope_sdk.loading.registry import list_saes
 
     refs = list_saes(layer=layer, position=position, width=width)
     if as_json:
@@ -32,7 +32,7 @@ def info(name: Annotated[str, typer.Argument(help="SAE name, local folder or 'de
          revision: RevisionOpt = None, as_json: JsonOpt = False,
          offline: Annotated[bool, typer.Option(help="Only registry facts; no Hub request.")] = False) -> None:
     """Facts about one SAE: repo, folder, hook points, width, dataset norms, threshold, links."""
-    from llamascope_sdk.info import sae_info
+    from llamascope_sdk.loading.info import sae_info
 
     facts = sae_info(name, revision=revision, fetch=not offline)
     if as_json:
@@ -46,7 +46,7 @@ def info(name: Annotated[str, typer.Argument(help="SAE name, local folder or 'de
 def download(names: Annotated[list[str], typer.Argument(help="One or more SAE names.")],
              revision: RevisionOpt = None, as_json: JsonOpt = False) -> None:
     """Download SAEs into the Hugging Face cache (an interrupted download resumes)."""
-    from llamascope_sdk.hub import download as fetch
+    from llamascope_sdk.loading.hub import download as fetch
 
     done = []
     for n in names:
@@ -63,7 +63,7 @@ def download(names: Annotated[list[str], typer.Argument(help="One or more SAE na
 def cards(out_dir: Annotated[str, typer.Argument(help="Folder to write one README.md per checkpoint into.")],
           as_json: JsonOpt = False) -> None:
     """Render the model card of every Llama Scope checkpoint."""
-    from llamascope_sdk.cards import render_all
+    from llamascope_sdk.loading.cards import render_all
 
     paths = render_all(out_dir)
     if as_json:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .app import JsonOpt, RevisionOpt, app, command, echo_json
+from llamascope_sdk.cli.app import JsonOpt, RevisionOpt, app, command, echo_json
 
 _TARGETS = "release, saelens, llamascopium or circuit-tracer"
 
@@ -41,7 +41,7 @@ def convert(src: Annotated[str, typer.Argument(help=(
             revision: RevisionOpt = None, as_json: JsonOpt = False) -> None:
     """Convert between the release layout and SAELens / Llamascopium / sparsify /
     circuit-tracer formats (exact: same features fire, same reconstructions)."""
-    from llamascope_sdk.convert import convert as run
+    from llamascope_sdk.loading.convert import convert as run
 
     gain = _read_gain(rmsnorm_gain) if rmsnorm_gain else None
     folder = run(src, to, out, fmt=from_format, revision=revision, dtype=dtype, hub_repo=hub_repo,

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .app import (
+from llamascope_sdk.cli.app import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
@@ -28,7 +28,7 @@ from .app import (
 def _store_folder(store: str | None, sae_name: str) -> Path:
     """The store to write into: ``--store``, else the SAE's store in the default location;
     it must be a complete store (mined by ``llamascope inspect``)."""
-    from llamascope_sdk.feature_store import FeatureStore, default_store_dir
+    from llamascope_sdk.store.feature_store import FeatureStore, default_store_dir
 
     folder = Path(store).expanduser() if store else default_store_dir(sae_name)
     FeatureStore.load(folder)  # refuses a folder that is not a complete store, with a hint
@@ -51,9 +51,9 @@ def score_features_cmd(
     and the change in next-token confidence (Wang et al. 2025), one amplified forward per
     feature, batched. Written into the feature store for `show`, the pages and
     `search --sort output-score`."""
-    from llamascope_sdk.feature_scores import DEFINITIONS, OUTPUT_SCORE_PROMPT, score_features
-    from llamascope_sdk.feature_store import FeatureStore
-    from llamascope_sdk.pages import write_pages
+    from llamascope_sdk.store.feature_store import FeatureStore
+    from llamascope_sdk.store.pages import write_pages
+    from llamascope_sdk.store.scores import DEFINITIONS, OUTPUT_SCORE_PROMPT, score_features
 
     text = check_text(prompt) if prompt is not None else OUTPUT_SCORE_PROMPT
     if store is not None:
@@ -124,8 +124,8 @@ def eval_steer_cmd(
     prompts; the scores shown are the other half's."""
     import math
 
-    from llamascope_sdk.errors import InputError
-    from llamascope_sdk.steer_eval import MODES, eval_steer
+    from llamascope_sdk.base.errors import InputError
+    from llamascope_sdk.evaluation.steer_eval import MODES, eval_steer
 
     if mode not in MODES:
         raise typer.BadParameter(f"{mode!r}: allowed are {', '.join(MODES)}", param_hint="--mode")
@@ -154,7 +154,7 @@ def eval_steer_cmd(
                          hint="use --mode add, or --export-serve")
     judge_fn = None
     if judge is not None:
-        from llamascope_sdk.steer_judge import make_judge
+        from llamascope_sdk.evaluation.judge import make_judge
 
         judge_fn = make_judge(judge, str(judge_model), key_env=judge_key_env,
                               concurrency=judge_concurrency)
@@ -167,7 +167,7 @@ def eval_steer_cmd(
                          chat=chat, judge=judge_fn)
     written = {}
     if plot is not None:
-        from llamascope_sdk.steer_plot import plot_sweep
+        from llamascope_sdk.evaluation.steer_plot import plot_sweep
 
         for r in results:
             written[r.feature] = str(plot_sweep(r, plot / f"eval_steer_{s.name}_{r.feature}.png"))
@@ -218,8 +218,8 @@ def _exports(s: Any, r: Any, mode: str, lm_eval_path: Path | None, serve_path: P
     out: dict[str, str] = {}
     if lm_eval_path is None and serve_path is None:
         return out
-    from llamascope_sdk.interventions import Clamp, Scale, Steer
-    from llamascope_sdk.lm_eval_export import save_lm_eval_steer, save_serve_request
+    from llamascope_sdk.steering.interventions import Clamp, Scale, Steer
+    from llamascope_sdk.steering.lm_eval_export import save_lm_eval_steer, save_serve_request
 
     strength = r.chosen["feature"].strength or 0.0
     edit = {"add": Steer, "clamp": Clamp, "scale": Scale}[mode](s, [r.feature], strength)

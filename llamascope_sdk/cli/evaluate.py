@@ -7,7 +7,16 @@ from typing import Annotated, Any
 
 import typer
 
-from .app import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, RevisionOpt, app, command, echo_json
+from llamascope_sdk.cli.app import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    RevisionOpt,
+    app,
+    command,
+    echo_json,
+)
 
 #: What each printed metric means (the table's third column).
 EXPLAIN: dict[str, str] = {
@@ -49,13 +58,13 @@ def eval_cmd(names: Annotated[list[str], typer.Argument(help="SAE names sharing 
              model: ModelOpt = None, device: DeviceOpt = "cpu", dtype: DtypeOpt = None,
              revision: RevisionOpt = None, as_json: JsonOpt = False) -> None:
     """L0, explained variance, MSE, delta LM loss, KL and dead/dense features on a text."""
-    from llamascope_sdk.compat import check_compatible
+    from llamascope_sdk.base.devices import resolve_device
+    from llamascope_sdk.base.dist import init_from_env
     from llamascope_sdk.corpus import check_corpus
-    from llamascope_sdk.devices import resolve_device
-    from llamascope_sdk.evaluation import evaluate
-    from llamascope_sdk.models import base_model_of, load_model
-    from llamascope_sdk.sae import SAE
-    from llamascope_sdk.training.ddp import init_from_env
+    from llamascope_sdk.evaluation.evaluate import evaluate
+    from llamascope_sdk.loading.compat import check_compatible
+    from llamascope_sdk.loading.models import base_model_of, load_model
+    from llamascope_sdk.loading.sae import SAE
 
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU a rank
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"

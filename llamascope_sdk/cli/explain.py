@@ -9,12 +9,21 @@ from typing import Annotated, Any
 
 import typer
 
-from .app import DeviceOpt, DtypeOpt, JsonOpt, app, check_text, command, echo_json, say
+from llamascope_sdk.cli.app import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    app,
+    check_text,
+    command,
+    echo_json,
+    say,
+)
 
 
 def parse_features(spec: str, d_sae: int) -> list[int]:
     """``"0-99,120,130-140"`` -> the indices, each checked against ``d_sae``."""
-    from llamascope_sdk.errors import FeatureIndexError, InputError
+    from llamascope_sdk.base.errors import FeatureIndexError, InputError
 
     out: list[int] = []
     for part in spec.replace(" ", "").split(","):
@@ -38,8 +47,8 @@ def parse_features(spec: str, d_sae: int) -> list[int]:
 
 def top_frequency(store: Any, n: int) -> list[int]:
     """The ``n`` most frequently firing features that are not dense (fire on at most
-    :data:`~llamascope_sdk.metrics.DENSE_FREQUENCY` of the tokens)."""
-    from llamascope_sdk.metrics import DENSE_FREQUENCY
+    :data:`~llamascope_sdk.core.metrics.DENSE_FREQUENCY` of the tokens)."""
+    from llamascope_sdk.core.metrics import DENSE_FREQUENCY
 
     freq = store.stats.frequency.float()
     keep = (freq > 0) & (freq <= DENSE_FREQUENCY)
@@ -57,7 +66,7 @@ def token_counter(name: str | None) -> tuple[Any, Any, str]:
         return approx_tokens, None, "about 4 characters per token (--tokenizer counts exactly)"
     from transformers import AutoTokenizer
 
-    from llamascope_sdk.models import resolve_model_path
+    from llamascope_sdk.loading.models import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
     messages = template_counter(tok)
@@ -68,8 +77,8 @@ def token_counter(name: str | None) -> tuple[Any, Any, str]:
 def save_labels(store: Any, folder: Path) -> tuple[int, int]:
     """Write the best explanation of each feature into ``folder/feature_labels.json``; labels
     already there are kept. Returns (added, kept)."""
-    from llamascope_sdk.explain.records import descriptions, label_text
-    from llamascope_sdk.feature_stats import LABELS_FILE, read_labels, write_labels
+    from llamascope_sdk.core.feature_stats import LABELS_FILE, read_labels, write_labels
+    from llamascope_sdk.store.explanations import descriptions, label_text
 
     path = folder / LABELS_FILE
     old = read_labels(path, store.d_sae) if path.is_file() else {}
@@ -80,7 +89,7 @@ def save_labels(store: Any, folder: Path) -> tuple[int, int]:
 
 def _select(store: Any, features: str | None, top_freq: int | None, search: str | None,
             top: int, device: str, dtype: str | None) -> list[int]:
-    from llamascope_sdk.errors import InputError
+    from llamascope_sdk.base.errors import InputError
 
     given = [x is not None for x in (features, top_freq, search)]
     if sum(given) != 1:
@@ -92,14 +101,14 @@ def _select(store: Any, features: str | None, top_freq: int | None, search: str 
         return top_frequency(store, top_freq)
     assert search is not None
     check_text(search, "--search")
-    from llamascope_sdk.search import search_features
+    from llamascope_sdk.store.search import search_features
 
     sae, lm, tok = _load(store, device, dtype)
     return [h.feature for h in search_features(lm, tok, sae, search, stats=store.stats, top=top)]
 
 
 def _load(store: Any, device: str, dtype: str | None) -> tuple[Any, Any, Any]:
-    from .app import load_sae_and_model
+    from llamascope_sdk.cli.app import load_sae_and_model
 
     return load_sae_and_model(str(store.meta.get("sae_spec") or store.name),
                               store.meta.get("model"), device, dtype, None)
@@ -135,8 +144,8 @@ def explain(
     running again skips finished features. Without --endpoint, writes VocabProj (logit lens)
     and TokenChange (steering) descriptions, which need no LLM.
     """
-    from llamascope_sdk.errors import InputError
-    from llamascope_sdk.feature_store import load_store
+    from llamascope_sdk.base.errors import InputError
+    from llamascope_sdk.store.feature_store import load_store
 
     if endpoint is not None and not model:
         raise InputError("--endpoint needs --model NAME (the model the endpoint serves)")
@@ -158,7 +167,7 @@ def explain(
              n_explain, n_score, scorer_batch, tokenizer, out, dry_run, as_json)
         if dry_run:
             return
-    from llamascope_sdk.explain.view import refresh_pages
+    from llamascope_sdk.store.pages import refresh_pages
 
     if refresh_pages(st, feats):
         typer.echo(f"feature pages updated: {st.path}/pages/index.html", err=True)
@@ -183,8 +192,8 @@ def _run(st: Any, feats: list[int], endpoint: str, model: str, api_key: str | No
          concurrency: int, max_cost: int | None, timeout: float, n_explain: int, n_score: int,
          scorer_batch: int,
          tokenizer: str | None, out: Path | None, dry_run: bool, as_json: bool) -> None:
-    from llamascope_sdk.endpoint import ChatClient
-    from llamascope_sdk.errors import InputError
+    from llamascope_sdk.base.endpoint import ChatClient
+    from llamascope_sdk.base.errors import InputError
     from llamascope_sdk.explain import Settings, explain_features, plan_run
 
     settings = Settings(n_explain=n_explain, n_score=n_score, batch=scorer_batch)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .app import (
+from llamascope_sdk.cli.app import (
     DeviceOpt,
     DtypeOpt,
     FeatureOpt,
@@ -42,8 +42,8 @@ def _positions(positions: str | None, chat: bool) -> Any:
 def _defaults(sae_name: str, features: list[int] | None, prompt: str | None,
               strength: float | None, need_strength: bool) -> tuple[list[int], str, float | None]:
     """Fill in the demo's feature, prompt and strength; require them for other SAEs."""
-    from llamascope_sdk import demo
-    from llamascope_sdk.locate import check_name
+    from llamascope_sdk.loading import demo
+    from llamascope_sdk.loading.locate import check_name
 
     if demo.is_demo(sae_name):
         features = features or [demo.DEMO_FEATURE.index]
@@ -68,7 +68,7 @@ def _run(sae: str, features: list[int] | None, prompt: str | None, strength: flo
          max_new_tokens: int, seed: int | None, device: str, dtype: str | None,
          revision: str | None, chat: bool, as_json: bool, title: str,
          need_strength: bool = False) -> None:
-    from llamascope_sdk.generation import compare_generations, describe
+    from llamascope_sdk.steering.generation import compare_generations, describe
 
     feats, text, value = _defaults(sae, features, prompt, strength, need_strength)
     s, lm, tok = load_sae_and_model(sae, model, device, dtype, revision)
@@ -98,7 +98,7 @@ def steer(sae: SaeOpt, feature: FeatureOpt = None,
           device: DeviceOpt = "cpu", dtype: DtypeOpt = None, revision: RevisionOpt = None,
           as_json: JsonOpt = False) -> None:
     """Generate with and without steering and show both side by side."""
-    from llamascope_sdk.interventions import Steer
+    from llamascope_sdk.steering.interventions import Steer
 
     if strength is None and relative:
         strength = 1.0  # as strongly as the feature usually fires
@@ -121,7 +121,7 @@ def ablate(sae: SaeOpt, feature: FeatureOpt = None,
            device: DeviceOpt = "cpu", dtype: DtypeOpt = None, revision: RevisionOpt = None,
            as_json: JsonOpt = False) -> None:
     """Generate with and without ablating features and show both side by side."""
-    from llamascope_sdk.interventions import Ablate
+    from llamascope_sdk.steering.interventions import Ablate
 
     def make(s: Any, feats: list[int], _value: float | None) -> Any:
         return Ablate(s, feats, mode=mode,  # type: ignore[arg-type]  # checked by Ablate

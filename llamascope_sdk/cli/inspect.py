@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .app import (
+from llamascope_sdk.cli.app import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
@@ -62,20 +62,20 @@ def inspect(sae: SaesOpt,
     Relative steering then works with the mined statistics: pass --save-stats-to the SAE's
     folder, or in Python: sae.stats = FeatureStats.load(STORE).
     """
-    from llamascope_sdk import demo
-    from llamascope_sdk.compat import check_compatible
+    from llamascope_sdk.base.dist import init_from_env
     from llamascope_sdk.corpus import check_corpus
-    from llamascope_sdk.feature_store import (
+    from llamascope_sdk.loading import demo
+    from llamascope_sdk.loading.compat import check_compatible
+    from llamascope_sdk.loading.models import check_fits_window
+    from llamascope_sdk.loading.sae import SAE
+    from llamascope_sdk.mining.checkpoint import default_checkpoint_dir
+    from llamascope_sdk.mining.mine import mine, run_identity
+    from llamascope_sdk.store.feature_store import (
         check_output_folder,
         check_stats_target,
         check_store_target,
         default_store_dir,
     )
-    from llamascope_sdk.mining import mine, run_identity
-    from llamascope_sdk.mining_checkpoint import default_checkpoint_dir
-    from llamascope_sdk.models import check_fits_window
-    from llamascope_sdk.sae import SAE
-    from llamascope_sdk.training.ddp import init_from_env
 
     specs = {name: "demo" if demo.is_demo(name) else name for name in sae}  # checked once
     check_corpus(dataset)  # a missing or unreadable file is reported before any loading
@@ -150,9 +150,9 @@ def _write_store(spec_name: str, spec: str, s: Any, result: Any, lm: Any, tok: A
                  dataset: str, model: str | None, features: list[int] | None, pages: bool,
                  max_pages: int, stats_file: Path | None) -> dict[str, Any]:
     """Write one SAE's store (and pages, and optionally its statistics); what was written."""
-    from llamascope_sdk import feature_view as view
-    from llamascope_sdk.feature_store import FeatureStore
-    from llamascope_sdk.pages import write_pages
+    from llamascope_sdk.store import view
+    from llamascope_sdk.store.feature_store import FeatureStore
+    from llamascope_sdk.store.pages import write_pages
 
     has_stats = s.stats is not None
     if stats_file is not None:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .app import (
+from llamascope_sdk.cli.app import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
@@ -46,9 +46,9 @@ def encode(sae: SaeOpt, prompt: PromptOpt = None, model: ModelOpt = None,
     Features that fire on more than 10% of tokens (from the SAE's statistics, when it has
     them) are marked 'dense': they say little about this prompt.
     """
-    from llamascope_sdk import demo
-    from llamascope_sdk.metrics import DENSE_FREQUENCY
-    from llamascope_sdk.reading import encode_report, read_features
+    from llamascope_sdk.core.metrics import DENSE_FREQUENCY
+    from llamascope_sdk.loading import demo
+    from llamascope_sdk.steering.reading import encode_report, read_features
 
     if prompt is None and demo.is_demo(sae):
         prompt = demo.DEMO_PROMPT
@@ -86,11 +86,11 @@ def show(store: Annotated[str, typer.Argument(help="A feature store folder, or a
          examples: Annotated[int, typer.Option("--examples", "-n", min=0, help="Top examples to print.")] = 10,
          as_json: JsonOpt = False) -> None:
     """Print a feature's summary and top examples from a feature store (no model needed)."""
-    from llamascope_sdk import feature_view as view
     from llamascope_sdk.explain import feature_explanations
-    from llamascope_sdk.explain.view import explanation_lines
-    from llamascope_sdk.feature_scores import load_scores
-    from llamascope_sdk.feature_store import load_store
+    from llamascope_sdk.store import view
+    from llamascope_sdk.store.explanation_view import explanation_lines
+    from llamascope_sdk.store.feature_store import load_store
+    from llamascope_sdk.store.scores import load_scores
 
     st = load_store(store)
     scores = load_scores(st.path)
@@ -129,11 +129,11 @@ def _top_by_output_score(sae: str, store: str | None, top: int, include_dense: b
                          as_json: bool) -> None:
     """``search --sort output-score`` without a prompt: the store's best-scored features (no
     model needed), dense ones left out unless asked for."""
-    from llamascope_sdk import demo
-    from llamascope_sdk.feature_scores import SCORES_FILE, FeatureScores
-    from llamascope_sdk.feature_store import load_store
-    from llamascope_sdk.feature_view import steer_command
-    from llamascope_sdk.metrics import DENSE_FREQUENCY
+    from llamascope_sdk.core.metrics import DENSE_FREQUENCY
+    from llamascope_sdk.loading import demo
+    from llamascope_sdk.store.feature_store import load_store
+    from llamascope_sdk.store.scores import SCORES_FILE, FeatureScores
+    from llamascope_sdk.store.view import steer_command
 
     st = load_store(store if store is not None else sae)
     if st.path is None or not (st.path / SCORES_FILE).is_file():
@@ -157,7 +157,7 @@ def _top_by_output_score(sae: str, store: str | None, top: int, include_dense: b
     if as_json:
         echo_json({"sae": st.name, "sort": "output-score", "hits": hits, "steer": cmd})
         return
-    from .eval_steer import score_table
+    from llamascope_sdk.cli.eval_steer import score_table
 
     score_table(f"{st.name}: the {len(hits)} features with the highest output score (of "
                 f"{hits[0]['scored'] if hits else 0} scored)", hits)
@@ -180,13 +180,13 @@ def search(sae: SaeOpt,
     """Rank the features most specific to a text (activation on it relative to the feature's
     typical activation, down-weighted by firing frequency; or against --vs) and print the
     steer command for the top hit (none for a feature that never fired in the statistics)."""
-    from llamascope_sdk import demo
-    from llamascope_sdk.feature_store import default_store_dir, load_store
-    from llamascope_sdk.feature_view import steer_command
-    from llamascope_sdk.search import search_features
+    from llamascope_sdk.loading import demo
+    from llamascope_sdk.store.feature_store import default_store_dir, load_store
+    from llamascope_sdk.store.search import search_features
+    from llamascope_sdk.store.view import steer_command
 
     if text is not None:
-        from llamascope_sdk.explain.view import search_descriptions
+        from llamascope_sdk.store.explanation_view import search_descriptions
 
         check_text(text, "--text")
         st = load_store(store if store is not None else sae)
@@ -220,7 +220,7 @@ def search(sae: SaeOpt,
     if found_store is not None and (store is not None or s.stats is None):
         stats = found_store.stats
     if sort == "output-score":
-        from llamascope_sdk.feature_scores import FeatureScores
+        from llamascope_sdk.store.scores import FeatureScores
 
         if found_store is None or found_store.path is None:
             raise typer.BadParameter("--sort output-score reads the scores of a feature store: "

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .app import DeviceOpt, DtypeOpt, ModelOpt, app, command
+from llamascope_sdk.cli.app import DeviceOpt, DtypeOpt, ModelOpt, app, command
 
 
 @app.command()
@@ -34,9 +34,9 @@ def serve(model: ModelOpt = None,
     except ImportError as exc:
         raise typer.BadParameter(f"the server needs the serve extra ({exc.name} is missing): "
                                  "pip install 'llamascope-sdk[serve]'") from None
-    from llamascope_sdk.compat import check_compatible
-    from llamascope_sdk.models import base_model_of, load_model
-    from llamascope_sdk.pool import SaePool, parse_bytes
+    from llamascope_sdk.loading.compat import check_compatible
+    from llamascope_sdk.loading.models import base_model_of, load_model
+    from llamascope_sdk.steering.pool import SaePool, parse_bytes
 
     names = list(sae or [])
     pool = SaePool(parse_bytes(sae_memory), device=device)

@@ -15,7 +15,7 @@ characters; training does). Every document is stripped; empty ones are dropped.
 **Text values** of .jsonl rows, .parquet columns and dataset rows must be strings: a ``null``
 (``None``) is skipped like an empty text and counted (:attr:`ReadCounts.null_rows`, one line on
 stderr per file); any other type (a number, a list, bytes, an object) is refused with the row
-number, as a :class:`~llamascope_sdk.errors.DataFormatError`.
+number, as a :class:`~llamascope_sdk.base.errors.DataFormatError`.
 
 **Sequences** (:func:`sequences`): every document is tokenised piece by piece (a document is
 cut into pieces of at most :data:`PIECE_CHARS` characters at a space between two non-space
@@ -42,7 +42,7 @@ BOS included, and cuts the last sequence short.
 
 from __future__ import annotations
 
-from .documents import (
+from llamascope_sdk.corpus.documents import (
     SUFFIXES,
     CorpusSource,
     LocalDocuments,
@@ -55,8 +55,8 @@ from .documents import (
     local_paths,
     split_text,
 )
-from .textfile import PIECE_CHARS
-from .tokens import (
+from llamascope_sdk.corpus.textfile import PIECE_CHARS
+from llamascope_sdk.corpus.tokens import (
     RULES,
     Batch,
     Rule,

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamascope_sdk.corpus.textfile import _txt_documents, _utf8_lines
-from llamascope_sdk.errors import (
+from llamascope_sdk.base.errors import (
     DataFileNotFoundError,
     DataFormatError,
     DatasetStreamError,
     TextFieldError,
 )
+from llamascope_sdk.corpus.textfile import _txt_documents, _utf8_lines
 
 #: File suffixes read as local corpora; anything else that is not an existing file is taken
 #: to be a Hugging Face dataset name.

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-from llamascope_sdk.errors import DataFormatError
+from llamascope_sdk.base.errors import DataFormatError
 
 #: A top-level WikiText heading: " = Title = " (sub-headings use " = = ... = = ").
 _HEADING = re.compile(r"^ ?= [^=].* = ?$")

@@ -9,10 +9,9 @@ from typing import Any, Literal
 
 import torch
 
-from llamascope_sdk.errors import InputError
-
-from .documents import CorpusSource, ReadCounts, document_pieces
-from .textfile import PIECE_CHARS
+from llamascope_sdk.base.errors import InputError
+from llamascope_sdk.corpus.documents import CorpusSource, ReadCounts, document_pieces
+from llamascope_sdk.corpus.textfile import PIECE_CHARS
 
 #: Documents sorted by length together before batching, in units of batch_size (less padding).
 _SORT_POOL = 16
@@ -274,7 +273,7 @@ def tensor_batches(ids: torch.Tensor, tokens: int, context: int,
 
 def encode(tokenizer: Any, text: str, *, bos: bool = True, context: int | None = None) -> list[int]:
     """One text's ids by the ``"first"`` rule: BOS first (unless ``bos=False``), cut to
-    ``context`` ids (``None``: no cut). What :func:`~llamascope_sdk.models.tokenize` uses."""
+    ``context`` ids (``None``: no cut). What :func:`~llamascope_sdk.loading.models.tokenize` uses."""
     for _, ids in split_document(tokenizer, text, context, rule="first", bos=bos):
         return ids
     return bos_ids(tokenizer) if bos else []

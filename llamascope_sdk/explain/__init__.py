@@ -9,8 +9,8 @@ versioned prompts and their parsers), ``scoring`` (detection, fuzzing, balanced 
 
 from __future__ import annotations
 
-from .records import descriptions, feature_explanations
-from .runner import RunResult, Settings, explain_features, plan_run
+from llamascope_sdk.explain.runner import RunResult, Settings, explain_features, plan_run
+from llamascope_sdk.store.explanations import descriptions, feature_explanations
 
 __all__ = ["RunResult", "Settings", "descriptions", "explain_features", "feature_explanations",
            "plan_run"]

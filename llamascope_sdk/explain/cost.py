@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .examples import ExampleSets
-from .prompts import expected_answer, explainer_messages, scorer_messages
-from .scoring import MAX_TOKENS_PER_ITEM, SCORERS, batches, items_for, rng_for
+from llamascope_sdk.explain.examples import ExampleSets
+from llamascope_sdk.explain.prompts import expected_answer, explainer_messages, scorer_messages
+from llamascope_sdk.explain.scoring import MAX_TOKENS_PER_ITEM, SCORERS, batches, items_for, rng_for
 
 #: A typical one-line explanation, counted in place of the one the explainer will write.
 EXPLANATION_GUESS = "the word 'the' at the start of a clause, mostly in news and encyclopedic text"

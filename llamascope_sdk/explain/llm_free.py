@@ -1,11 +1,11 @@
 """Output descriptions that need no LLM (Gur-Arieh et al., ACL 2025): VocabProj and TokenChange.
 
 * **VocabProj**: the tokens the feature's decoder direction promotes and suppresses through
-  the unembedding: the store's logit lens (:mod:`~llamascope_sdk.logit_lens`), read as is.
+  the unembedding: the store's logit lens (:mod:`~llamascope_sdk.core.logit_lens`), read as is.
 * **TokenChange**: the tokens whose next-token probability rises most when the feature is
   added. For each of :data:`PROMPTS`, the model runs once clean and once per feature with
   ``strength x typical activation`` times the feature's unit decoder direction added at the
-  SAE's output site on every token but BOS (:class:`~llamascope_sdk.interventions.Steer`'s
+  SAE's output site on every token but BOS (:class:`~llamascope_sdk.steering.interventions.Steer`'s
   math and coefficients, ``relative=True``); the change ``p_steered - p_clean`` of the
   distribution at the last position is averaged over the prompts and the ``k`` largest rises
   are kept. Features are batched: one forward per prompt and chunk of features, each row of
@@ -22,13 +22,12 @@ from typing import Any
 
 import torch
 
-from llamascope_sdk import feature_view as view
-from llamascope_sdk.compat import check_compatible
-from llamascope_sdk.hooks import hooked
-from llamascope_sdk.interventions import Steer
-from llamascope_sdk.models import model_device, tokenize
-
-from .records import EXPLANATIONS, LLM_FREE, write_feature
+from llamascope_sdk.core.hooks import hooked
+from llamascope_sdk.loading.compat import check_compatible
+from llamascope_sdk.loading.models import model_device, tokenize
+from llamascope_sdk.steering.interventions import Steer
+from llamascope_sdk.store import view
+from llamascope_sdk.store.explanations import EXPLANATIONS, LLM_FREE, write_feature
 
 PROMPTS = ("The", "In the beginning,", "She said that", "My favourite thing is",
            "The results show", "Once upon a time", "He walked into the", "It is important to")

@@ -16,7 +16,7 @@ import json
 import re
 from collections.abc import Collection, Sequence
 
-from .examples import Context
+from llamascope_sdk.explain.examples import Context
 
 PROMPT_VERSION = "llamascope-explain-2"
 

@@ -17,14 +17,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamascope_sdk.endpoint import ChatClient, Usage
-from llamascope_sdk.errors import InputError
-
-from .cost import Counter, Estimate, MessagesCounter, add, approx_tokens, estimate_feature
-from .examples import ExampleSets, example_sets
-from .prompts import PROMPT_VERSION, explainer_messages, parse_explanation
-from .records import claim_folder, is_done, run_folder, write_feature
-from .scoring import SCORERS, score
+from llamascope_sdk.base.endpoint import ChatClient, Usage
+from llamascope_sdk.base.errors import InputError
+from llamascope_sdk.explain.cost import (
+    Counter,
+    Estimate,
+    MessagesCounter,
+    add,
+    approx_tokens,
+    estimate_feature,
+)
+from llamascope_sdk.explain.examples import ExampleSets, example_sets
+from llamascope_sdk.explain.prompts import PROMPT_VERSION, explainer_messages, parse_explanation
+from llamascope_sdk.explain.scoring import SCORERS, score
+from llamascope_sdk.store.explanations import claim_folder, is_done, run_folder, write_feature
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from llamascope_sdk.endpoint import ChatClient
-
-from .examples import ExampleSets
-from .prompts import marked, parse_labels, plain, scorer_messages
+from llamascope_sdk.base.endpoint import ChatClient
+from llamascope_sdk.explain.examples import ExampleSets
+from llamascope_sdk.explain.prompts import marked, parse_labels, plain, scorer_messages
 
 #: max_tokens of a scorer request, per excerpt in it
 MAX_TOKENS_PER_ITEM = 8

@@ -8,8 +8,8 @@ graceful shutdown), :mod:`.errors` (HTTP errors). Needs the ``serve`` extra (fas
 
 from __future__ import annotations
 
-from .app import ServeConfig, create_app
-from .payloads import Limits
-from .runner import run
+from llamascope_sdk.serve.app import ServeConfig, create_app
+from llamascope_sdk.serve.payloads import Limits
+from llamascope_sdk.serve.runner import run
 
 __all__ = ["Limits", "ServeConfig", "create_app", "run"]

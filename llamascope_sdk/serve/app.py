@@ -21,13 +21,19 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from llamascope_sdk.batch_generation import Row, Token
-from llamascope_sdk.pool import SaePool
-
-from .errors import HttpError, http_error
-from .payloads import GenRequest, Limits, first_stop, parse_generation, parse_json
-from .scheduler import Job, Scheduler
-from .steering import Steering, build, check_name
+from llamascope_sdk.serve.encoding import encode_request
+from llamascope_sdk.serve.errors import HttpError, http_error
+from llamascope_sdk.serve.payloads import (
+    GenRequest,
+    Limits,
+    first_stop,
+    parse_generation,
+    parse_json,
+)
+from llamascope_sdk.serve.scheduler import Job, Scheduler
+from llamascope_sdk.serve.steering import Steering, build, check_name
+from llamascope_sdk.steering.batch_generation import Row, Token
+from llamascope_sdk.steering.pool import SaePool
 
 
 @dataclass
@@ -229,7 +235,6 @@ def create_app(model: Any, tokenizer: Any, pool: SaePool, config: ServeConfig) -
 
     @app.post("/v1/encode")
     async def encode(request: Request) -> Any:
-        from .encoding import encode_request
 
         body = parse_json(await request.body())
         return await encode_request(server, body)

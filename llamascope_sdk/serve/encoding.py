@@ -1,5 +1,5 @@
 """``POST /v1/encode``: which features of an SAE fire on which token of a text, as
-``llamascope encode --json`` prints it (:func:`~llamascope_sdk.reading.encode_report`).
+``llamascope encode --json`` prints it (:func:`~llamascope_sdk.steering.reading.encode_report`).
 
 Body: ``{"sae": NAME, "text": TEXT, "top_k": 5, "include_special": false}``. The forward runs on
 the scheduler's thread, between generation steps, with the SAE held in the pool meanwhile.
@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from llamascope_sdk.reading import encode_report, read_features
-
-from .errors import HttpError, http_error
-from .steering import check_name
+from llamascope_sdk.loading.compat import check_compatible
+from llamascope_sdk.loading.models import check_fits_window
+from llamascope_sdk.serve.errors import HttpError, http_error
+from llamascope_sdk.serve.steering import check_name
+from llamascope_sdk.steering.reading import encode_report, read_features
 
 if TYPE_CHECKING:
-    from .app import Server
+    from llamascope_sdk.serve.app import Server
 
 
 async def encode_request(server: Server, body: dict[str, Any]) -> dict[str, Any]:
@@ -36,7 +37,6 @@ async def encode_request(server: Server, body: dict[str, Any]) -> dict[str, Any]
                allow_local=server.config.allow_local_saes)
     ids = server.tokenizer(text, add_special_tokens=False)["input_ids"]
     try:
-        from llamascope_sdk.models import check_fits_window
 
         check_fits_window(server.model, len(ids) + 1)
     except ValueError as exc:
@@ -48,7 +48,6 @@ async def encode_request(server: Server, body: dict[str, Any]) -> dict[str, Any]
     except Exception as exc:
         raise http_error(exc, "sae") from None
     try:
-        from llamascope_sdk.compat import check_compatible
 
         check_compatible(server.model, sae)
 

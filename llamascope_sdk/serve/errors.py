@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llamascope_sdk.errors import (
+from llamascope_sdk.base.errors import (
     FeatureIndexError,
     IncompatibleModelError,
     InputError,

@@ -15,9 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from llamascope_sdk.models import check_fits_window
-
-from .errors import HttpError
+from llamascope_sdk.loading.models import check_fits_window, tokenize
+from llamascope_sdk.serve.errors import HttpError
 
 MODES = ("add", "clamp", "scale", "ablate")
 POSITIONS = ("prompt", "generated", "all")
@@ -189,7 +188,6 @@ def _chat_ids(body: dict[str, Any], tokenizer: Any) -> list[int]:
 
 
 def _completion_ids(body: dict[str, Any], tokenizer: Any) -> list[int]:
-    from llamascope_sdk.models import tokenize
 
     p = body.get("prompt")
     if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):

@@ -11,6 +11,8 @@ import socket
 import sys
 from typing import Any
 
+from llamascope_sdk.base.errors import InputError
+
 #: seconds running requests get to finish after SIGTERM
 DRAIN_SECONDS = 600
 
@@ -24,7 +26,6 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        from llamascope_sdk.errors import InputError
 
         raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
                          hint="choose another --port (0 picks a free one)") from None

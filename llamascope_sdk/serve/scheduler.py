@@ -22,16 +22,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from llamascope_sdk.batch_generation import BatchGenerator, Row, Token
-
-from .errors import HttpError, busy
+from llamascope_sdk.serve.errors import HttpError, busy
+from llamascope_sdk.steering.batch_generation import BatchGenerator, Row, Token
 
 
 @dataclass
 class Job:
     """A request's rows and where their tokens go (an asyncio queue of the request's loop).
 
-    Events put on ``events``: :class:`~llamascope_sdk.batch_generation.Token` with ``row``
+    Events put on ``events``: :class:`~llamascope_sdk.steering.batch_generation.Token` with ``row``
     replaced by the row's index in ``rows``; then None when every row finished, or an
     exception when the batch failed.
     """

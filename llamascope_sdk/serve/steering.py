@@ -3,7 +3,7 @@
 ``add`` edits come from :meth:`SaePool.steer_edit` (a steer from decoder rows alone when the SAE
 is not loaded); ``clamp``, ``scale`` and ``ablate`` need the SAE's encoder, so the SAE is taken
 from the pool and held (never evicted) until the request ends. Descriptions are
-:func:`~llamascope_sdk.generation.describe`'s lines, the CLI caption.
+:func:`~llamascope_sdk.steering.generation.describe`'s lines, the CLI caption.
 """
 
 from __future__ import annotations
@@ -13,15 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamascope_sdk.demo import is_demo
-from llamascope_sdk.generation import describe
-from llamascope_sdk.interventions import Ablate, Clamp, Intervention, Scale
-from llamascope_sdk.pool import SaePool
-from llamascope_sdk.row_edits import RowEdit, as_row_edits
-from llamascope_sdk.sae import SAE
-
-from .errors import HttpError, http_error
-from .payloads import EditSpec
+from llamascope_sdk.loading.demo import is_demo
+from llamascope_sdk.loading.sae import SAE
+from llamascope_sdk.serve.errors import HttpError, http_error
+from llamascope_sdk.serve.payloads import EditSpec
+from llamascope_sdk.steering.generation import describe
+from llamascope_sdk.steering.interventions import Ablate, Clamp, Intervention, Scale
+from llamascope_sdk.steering.pool import SaePool
+from llamascope_sdk.steering.row_edits import RowEdit, as_row_edits
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Activations for training: one LM pass feeds every requested site, stopping early.
 
 ``ActivationGenerator`` captures all sites (R/A/M/TC of several layers) at once through
-:func:`llamascope_sdk.capture.capture` (the capture mining and evaluation use too), which
+:func:`llamascope_sdk.loading.capture.capture` (the capture mining and evaluation use too), which
 ends the forward after the last site it needs, so
 layers after it never run (spec section 4; peers 5.2 "one LM pass -> many SAEs", "early exit"). Positions holding
 BOS/EOS/pad are dropped. ``LiveSource`` turns a :class:`~.data.TokenSource` into activation
@@ -16,11 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from llamascope_sdk.capture import capture, keep_mask, valid_mask
+from llamascope_sdk.core.sites import Site, module_for, parse_hook_point
 from llamascope_sdk.corpus import pad_rows
-from llamascope_sdk.sites import Site, module_for, parse_hook_point
-
-from .data import TokenSource
+from llamascope_sdk.loading.capture import capture, keep_mask, valid_mask
+from llamascope_sdk.training.data import TokenSource
 
 Chunk = dict[str, torch.Tensor]  # hook point -> [n, D]; plus "tokens"/"doc"/"pos" metadata
 

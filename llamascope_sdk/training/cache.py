@@ -23,9 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from llamascope_sdk.atomic import atomic_save_safetensors, atomic_write_text
-
-from .activations import Chunk, LiveSource
+from llamascope_sdk.base.atomic import atomic_save_safetensors, atomic_write_text
+from llamascope_sdk.training.activations import Chunk, LiveSource
 
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)

@@ -38,9 +38,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from llamascope_sdk.atomic import atomic_write_text
-
-from .errors import CheckpointError
+from llamascope_sdk.base.atomic import atomic_write_text
+from llamascope_sdk.training.errors import CheckpointError
 
 LATEST = "latest.json"
 MODEL, OPTIM, STATS, STATE = "model.safetensors", "optim.safetensors", "stats.safetensors", "state.json"

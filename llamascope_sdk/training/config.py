@@ -15,9 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from llamascope_sdk.registry import BASE_MODEL, D_MODEL
-
-from .errors import TrainConfigError
+from llamascope_sdk.loading.registry import BASE_MODEL, D_MODEL
+from llamascope_sdk.training.errors import TrainConfigError
 
 Variant = Literal["released", "paper"]
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from llamascope_sdk import corpus
-from llamascope_sdk.errors import DataUnavailableError
+from llamascope_sdk.base.errors import DataUnavailableError
 
 __all__ = ["PACK_CHARS", "TokenSource", "local_documents"]
 

@@ -1,11 +1,11 @@
-"""Errors of the training package (all :class:`llamascope_sdk.errors.LlamascopeError`).
+"""Errors of the training package (all :class:`llamascope_sdk.base.errors.LlamascopeError`).
 
 ``training/run.py`` prints any of these as one ``error:`` line plus its ``hint``.
 """
 
 from __future__ import annotations
 
-from llamascope_sdk.errors import LlamascopeError
+from llamascope_sdk.base.errors import LlamascopeError
 
 
 class TrainingError(LlamascopeError):

@@ -1,6 +1,6 @@
 """Export a trained SAE in the release layout, with a card that records the recipe.
 
-The card is rendered by :func:`llamascope_sdk.cards.render_card` from :func:`card_info`, the
+The card is rendered by :func:`llamascope_sdk.loading.cards.render_card` from :func:`card_info`, the
 same template as the 256 release cards.
 """
 
@@ -11,15 +11,15 @@ from typing import Any
 
 import torch
 
-from llamascope_sdk.cards import render_card
+from llamascope_sdk.base.dtypes import parse_dtype
+from llamascope_sdk.core.hyperparams import Hyperparams
+from llamascope_sdk.core.sites import parse_hook_point, position_of
 from llamascope_sdk.corpus import local_paths
-from llamascope_sdk.dtypes import parse_dtype
-from llamascope_sdk.hyperparams import Hyperparams
-from llamascope_sdk.model_cache import SMOLLM2_ID, is_smollm2
-from llamascope_sdk.release import default_lm_config, write_release
-from llamascope_sdk.sites import parse_hook_point, position_of
-
-from .config import TrainConfig
+from llamascope_sdk.loading.cards import render_card
+from llamascope_sdk.loading.formats.release_writer import write_release
+from llamascope_sdk.loading.model_cache import SMOLLM2_ID, is_smollm2
+from llamascope_sdk.loading.release import default_lm_config
+from llamascope_sdk.training.config import TrainConfig
 
 
 def release_hyperparams(cfg: TrainConfig, norm_in: float, norm_out: float, threshold: float,
@@ -58,7 +58,7 @@ def dataset_label(dataset: str) -> str:
 
 def card_info(cfg: TrainConfig, hp: dict[str, Any], metrics: Any = None, *,
               data_label: str | None = None, **extra: Any) -> dict[str, Any]:
-    """The :func:`llamascope_sdk.cards.render_card` description of a trained SAE.
+    """The :func:`llamascope_sdk.loading.cards.render_card` description of a trained SAE.
 
     Args:
         cfg, hp: the recipe and the release hyperparams (threshold, dataset norms).

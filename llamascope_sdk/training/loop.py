@@ -14,17 +14,16 @@ from typing import Any
 import torch
 
 import llamascope_sdk.training.checkpoint as ck
-from llamascope_sdk.cards import render_card
-
-from .buffer import ShuffleBuffer
-from .cache import CacheSource
-from .config import TrainConfig
-from .ddp import Dist, init_from_env, shutdown
-from .errors import CheckpointError
-from .export import card_info, export, release_hyperparams
-from .optimizer import SAEOptimizer
-from .postprocess import fold, jumprelu_threshold, mean_l0
-from .sources import build_source, hook_points_of
+from llamascope_sdk.base.dist import Dist, init_from_env, shutdown
+from llamascope_sdk.loading.cards import render_card
+from llamascope_sdk.training.buffer import ShuffleBuffer
+from llamascope_sdk.training.cache import CacheSource
+from llamascope_sdk.training.config import TrainConfig
+from llamascope_sdk.training.errors import CheckpointError
+from llamascope_sdk.training.export import card_info, export, release_hyperparams
+from llamascope_sdk.training.optimizer import SAEOptimizer
+from llamascope_sdk.training.postprocess import fold, jumprelu_threshold, mean_l0
+from llamascope_sdk.training.sources import build_source, hook_points_of
 
 log = logging.getLogger(__name__)
 

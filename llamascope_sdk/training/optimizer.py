@@ -8,12 +8,11 @@ from typing import Any
 import torch
 
 import llamascope_sdk.training.checkpoint as ck
-from llamascope_sdk.dtypes import parse_dtype
-
-from .config import TrainConfig
-from .ddp import Dist
-from .errors import NonFiniteError
-from .trainable import TopKSAE, batch_norm_mse, k_schedule, lr_lambda
+from llamascope_sdk.base.dist import Dist
+from llamascope_sdk.base.dtypes import parse_dtype
+from llamascope_sdk.training.config import TrainConfig
+from llamascope_sdk.training.errors import NonFiniteError
+from llamascope_sdk.training.trainable import TopKSAE, batch_norm_mse, k_schedule, lr_lambda
 
 _PARAMS = ["W_e", "b_e", "W_d", "b_d"]
 

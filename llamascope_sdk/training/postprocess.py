@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llamascope_sdk.sae import SAE
+from llamascope_sdk.loading.sae import SAE
 
 _CHUNK_ELEMS = 64 * 2**20
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from llamascope_sdk.registry import D_MODEL, list_saes, resolve
-
-from .config import TrainConfig
+from llamascope_sdk.loading.registry import D_MODEL, list_saes, resolve
+from llamascope_sdk.training.config import TrainConfig
 
 #: 800M tokens for 8x, 1.6B for 32x (the released k_warmup_steps are 10% of these steps).
 TOKENS = {8: 800_000_000, 32: 1_600_000_000}

@@ -7,13 +7,12 @@ from typing import Any
 import torch
 
 from llamascope_sdk.corpus import pad_id
-from llamascope_sdk.models import load_model, special_ids
-
-from .activations import ActivationGenerator, LiveSource
-from .cache import CacheSource
-from .config import TrainConfig
-from .data import TokenSource
-from .errors import TrainConfigError
+from llamascope_sdk.loading.models import load_model, special_ids
+from llamascope_sdk.training.activations import ActivationGenerator, LiveSource
+from llamascope_sdk.training.cache import CacheSource
+from llamascope_sdk.training.config import TrainConfig
+from llamascope_sdk.training.data import TokenSource
+from llamascope_sdk.training.errors import TrainConfigError
 
 
 def hook_points_of(cfgs: list[TrainConfig]) -> list[str]:

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainConfig
-from .kernels import bag_sum, select
+from llamascope_sdk.training.config import TrainConfig
+from llamascope_sdk.training.kernels import bag_sum, select
 
 #: Above this fraction of selected features the dense masked path is faster on CPU.
 _SPARSE_MAX_DENSITY = 0.02

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from llamascope_sdk.base.dist import Dist
 from llamascope_sdk.training import checkpoint as ck
-from llamascope_sdk.training.ddp import Dist
 from llamascope_sdk.training.errors import CheckpointError, NonFiniteError
 from llamascope_sdk.training.loop import Run
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llamascope_sdk.registry import list_saes
+from llamascope_sdk.loading.registry import list_saes
 from llamascope_sdk.training.config import TrainConfig
 from llamascope_sdk.training.errors import TrainConfigError
 from llamascope_sdk.training.recipes import all_recipes, paper_overrides, recipe_for

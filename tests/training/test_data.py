@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from llamascope_sdk.base.errors import DataUnavailableError
+from llamascope_sdk.core.sites import module_for, parse_hook_point, rms_normalized
 from llamascope_sdk.corpus import split_text
-from llamascope_sdk.errors import DataUnavailableError
-from llamascope_sdk.sites import module_for, parse_hook_point, rms_normalized
 from llamascope_sdk.training.activations import ActivationGenerator
 from llamascope_sdk.training.buffer import ShuffleBuffer
 from llamascope_sdk.training.cache import CacheSource, write_cache

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llamascope_sdk import demo
-from llamascope_sdk.sae import SAE
+from llamascope_sdk.loading import demo
+from llamascope_sdk.loading.sae import SAE
 
 
 def test_demo_sae_is_a_small_release_folder() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from llamascope_sdk.sae import SAE
-from llamascope_sdk.training.ddp import Dist
+from llamascope_sdk.base.dist import Dist
+from llamascope_sdk.loading.sae import SAE
 from llamascope_sdk.training.loop import Run, export_run, threshold_inputs
 from llamascope_sdk.training.postprocess import jumprelu_threshold, mean_l0
 from llamascope_sdk.training.sources import hook_points_of, live_source

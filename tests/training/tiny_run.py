@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from llamascope_sdk.base.dist import Dist  # noqa: E402
 from llamascope_sdk.training import checkpoint as ck  # noqa: E402
-from llamascope_sdk.training.ddp import Dist  # noqa: E402
 from llamascope_sdk.training.loop import Run  # noqa: E402
 from llamascope_sdk.training.sources import hook_points_of, live_source  # noqa: E402
 from tests.conftest import CharTokenizer  # noqa: E402

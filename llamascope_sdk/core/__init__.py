@@ -1,0 +1,2 @@
+"""The math and the hook points: sites, hyperparams, folding, hooks, feature statistics, the
+logit lens and metrics. Imports only :mod:`llamascope_sdk.base`."""

@@ -1,0 +1,339 @@
+"""The SAE pool: SAEs loaded on first use and evicted least-recently-used within a byte budget.
+
+All 256 Llama Scope SAEs are ~687 GB in fp32; a process that serves or explores many of them
+keeps only those it used last. :class:`SaePool` (one per device; the CLI and ``llamascope
+serve`` share it) gives out SAEs by any name :meth:`SAE.from_pretrained` accepts:
+
+* loaded on first use; a request for an SAE already loaded is a hit and makes it the most
+  recently used;
+* before a load, least-recently-used SAEs are evicted until the new one fits the budget
+  together with what the load itself needs while it runs (sizes read from hyperparams.json and
+  the checkpoint's header before any weight is read), so the budget holds at the peak;
+* an SAE held with :meth:`acquire` (a running batch uses it) is never evicted until
+  :meth:`release`; when only held SAEs are left, the load is refused with
+  :class:`~llamascope_sdk.base.errors.PoolBusyError` (try again later) instead of going over;
+* concurrent first requests for one SAE load it once: the others wait for that load;
+* :meth:`steer_edit` builds a steer from the features' decoder rows alone (safetensors
+  slicing), so adding a feature of an SAE that is not loaded costs a few rows, not the SAE.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from llamascope_sdk.base.devices import resolve_device
+from llamascope_sdk.base.dtypes import SAFETENSORS, parse_dtype
+from llamascope_sdk.base.errors import InputError, PoolBusyError, SaeBudgetError, SaeNotFoundError
+from llamascope_sdk.core.feature_stats import LABELS_FILE, STATS_FILE, FeatureStats, read_labels
+from llamascope_sdk.core.hyperparams import Hyperparams
+from llamascope_sdk.core.sites import parse_hook_point
+from llamascope_sdk.loading.demo import resolve_alias
+from llamascope_sdk.loading.locate import locate
+from llamascope_sdk.loading.registry import claims, resolve
+from llamascope_sdk.loading.release import CHECKPOINT, HYPERPARAMS, open_checkpoint
+from llamascope_sdk.loading.sae import SAE
+from llamascope_sdk.steering.generation import describe, describe_steer, feature_names
+from llamascope_sdk.steering.interventions import Positions, Steer, Values, _vector
+from llamascope_sdk.steering.row_edits import VectorEdit
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """``"8GB"`` -> 8e9, ``"512MiB"`` -> 512 * 2**20, an int as is.
+
+    Raises:
+        InputError: not a positive size with one of the units B, KB, MB, GB, TB, KiB..TiB.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        n = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise InputError(f"memory size {text!r} is not understood; give a number with a unit "
+                             "such as 512MB, 8GB or 16GiB")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise InputError(f"memory size must be positive, got {text!r}")
+    return n
+
+
+def sae_bytes(sae: SAE) -> int:
+    """Bytes the SAE's tensors hold."""
+    return sum(t.nbytes for t in [*sae.parameters(), *sae.buffers()])
+
+
+def estimate_bytes(hp: Hyperparams, dtype: torch.dtype) -> int:
+    """Bytes an SAE with these hyperparams will hold in ``dtype`` (see :func:`sae_bytes`)."""
+    f, d = hp.d_sae, hp.d_model
+    size = torch.empty((), dtype=dtype).element_size()
+    return (2 * f * d + f + d + 1) * size + 4 * f
+
+
+def load_overhead(folder: Path, hp: Hyperparams) -> int:
+    """Bytes a load of the release folder needs on top of the SAE itself, while it runs: the
+    checkpoint's pages mapped while read plus one raw tensor copied out of them (measured:
+    three raw [F, D] tensors at most)."""
+
+    with open_checkpoint(folder / CHECKPOINT, hp) as fh:
+        file_dtype = SAFETENSORS[fh.get_slice("decoder.weight").get_dtype()]
+    return 3 * hp.d_sae * hp.d_model * torch.empty((), dtype=file_dtype).element_size()
+
+
+def read_columns(path: Path, name: str, columns: list[int]) -> torch.Tensor:
+    """Columns [rows, n] of a 2-D tensor of a safetensors file, read element by element with
+    ``os.pread`` from the offsets its header gives: no mapping, so a process's memory grows by
+    the columns alone (reading a column through a memory map would map a page per row)."""
+    import json
+    import os
+    import struct
+
+
+    with open(path, "rb") as fh:
+        fd = fh.fileno()
+        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        header = json.loads(os.pread(fd, n, 8))
+        info = header[name]
+        dtype = SAFETENSORS[info["dtype"]]
+        rows, cols = info["shape"]
+        size = torch.empty((), dtype=dtype).element_size()
+        start = 8 + n + info["data_offsets"][0]
+        buf = bytearray()
+        for c in columns:
+            if not 0 <= c < cols:
+                raise IndexError(f"column {c} of {name} is out of range 0..{cols - 1}")
+            for r in range(rows):
+                buf += os.pread(fd, size, start + (r * cols + c) * size)
+    raw = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(len(columns), rows)
+    return raw.t().clone()
+
+
+class SaePool:
+    """SAEs by name within a byte budget on one device; see the module docstring.
+
+    Attributes:
+        hits, misses: requests served from memory / that needed a load.
+        evicted: keys of evicted SAEs, in eviction order.
+    """
+
+    def __init__(self, budget: int | str = "8GB", *, device: str | torch.device | None = None,
+                 dtype: torch.dtype | str | None = None,
+                 loader: Callable[[str], SAE] | None = None) -> None:
+        self.budget = parse_bytes(budget)
+        self.device = resolve_device(device)
+        self.dtype = parse_dtype(dtype)
+        self._loader = loader or (lambda name: SAE.from_pretrained(
+            name, device=self.device, dtype=self.dtype))
+        self._cond = threading.Condition()
+        self._saes: OrderedDict[str, SAE] = OrderedDict()  # least recently used first
+        self._sizes: dict[str, int] = {}
+        self._held: dict[str, int] = {}
+        self._loading: dict[str, int] = {}  # key -> bytes reserved for the load
+        self.hits = 0
+        self.misses = 0
+        self.evicted: list[str] = []
+
+    # ------------------------------------------------------------------ names
+    def key(self, name: str) -> str:
+        """One key per SAE, whatever the spelling: a folder's resolved path, else the
+        registry's canonical name.
+
+        Raises:
+            UnknownSaeError: neither a folder nor one of the Llama Scope names.
+        """
+        path = Path(resolve_alias(str(name))).expanduser()
+        if path.is_dir():
+            return str(path.resolve())
+
+        if claims(str(name)):  # a Llama Scope spelling: resolve says what is wrong with it
+            return resolve(str(name)).name
+        return locate(str(name)).name  # a Hub repository (folder) in any format
+
+    def _folder(self, name: str) -> Path | None:
+        """The release-layout folder of ``name`` (:func:`~llamascope_sdk.loading.locate.locate`
+        downloads a Hub name), or None for a folder in another format."""
+        path = Path(resolve_alias(str(name))).expanduser()
+        if path.is_dir():
+            return path if (path / HYPERPARAMS).is_file() else None
+
+        found = locate(str(name))
+        return found.folder if found.format == "release" else None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def used(self) -> int:
+        """Bytes held by loaded SAEs plus those reserved for loads in progress."""
+        return sum(self._sizes.values()) + sum(self._loading.values())
+
+    def loaded(self) -> list[str]:
+        """Keys of the loaded SAEs, least recently used first."""
+        with self._cond:
+            return list(self._saes)
+
+    # ------------------------------------------------------------------ getting
+    def get(self, name: str) -> SAE:
+        """The SAE for ``name``, loaded if needed (it may be evicted later: hold it with
+        :meth:`acquire` while a batch uses it)."""
+        return self._get(name, hold=False)
+
+    def acquire(self, name: str) -> SAE:
+        """:meth:`get` and hold: the SAE is not evicted until as many :meth:`release` calls."""
+        return self._get(name, hold=True)
+
+    def release(self, name_or_sae: str | SAE) -> None:
+        with self._cond:
+            k = self._key_of(name_or_sae)
+            if self._held.get(k, 0) <= 0:
+                raise ValueError(f"release: {k} is not held")
+            self._held[k] -= 1
+            self._cond.notify_all()
+
+    def _key_of(self, name_or_sae: str | SAE) -> str:
+        if isinstance(name_or_sae, SAE):
+            for k, s in self._saes.items():
+                if s is name_or_sae:
+                    return k
+            raise ValueError(f"release: {name_or_sae.name} is not in this pool")
+        return self.key(name_or_sae)
+
+    def _get(self, name: str, *, hold: bool) -> SAE:
+        k = self.key(name)
+        with self._cond:
+            while k in self._loading:  # someone else is loading it: wait for that load
+                self._cond.wait()
+            if k in self._saes:
+                self.hits += 1
+                self._saes.move_to_end(k)
+                if hold:
+                    self._held[k] = self._held.get(k, 0) + 1
+                return self._saes[k]
+            self.misses += 1
+            self._loading[k] = 0
+        try:
+            folder = self._folder_if_local(name)
+            if folder is not None:
+                hp = Hyperparams.from_file(folder / HYPERPARAMS)
+                need = estimate_bytes(hp, self.dtype)
+                with self._cond:
+                    self._make_room(need + load_overhead(folder, hp), k)
+                    self._loading[k] = need
+            sae = self._loader(name)
+            size = sae_bytes(sae)
+            with self._cond:
+                self._loading[k] = 0
+                self._make_room(size, k)
+                self._saes[k] = sae
+                self._sizes[k] = size
+                if hold:
+                    self._held[k] = self._held.get(k, 0) + 1
+                return sae
+        finally:
+            with self._cond:
+                self._loading.pop(k, None)
+                self._cond.notify_all()
+
+    def _folder_if_local(self, name: str) -> Path | None:
+        path = Path(resolve_alias(str(name))).expanduser()
+        return path if path.is_dir() and (path / HYPERPARAMS).is_file() else None
+
+    def _make_room(self, need: int, key: str) -> None:
+        """Evict least-recently-used SAEs that nobody holds until ``need`` more bytes fit.
+        Called with the lock held."""
+        if need > self.budget:
+            raise SaeBudgetError(f"{key} needs {need / 1e6:.0f} MB, more than the whole SAE "
+                                 f"memory budget of {self.budget / 1e6:.0f} MB",
+                                 hint="raise the budget (--sae-memory) or use a smaller dtype")
+        while self.used + need > self.budget:
+            victim = next((v for v in self._saes if self._held.get(v, 0) <= 0), None)
+            if victim is None:
+                raise PoolBusyError(
+                    f"the SAE memory budget ({self.budget / 1e6:.0f} MB) is taken by SAEs in use "
+                    f"({', '.join(self._saes) or 'loads in progress'}); {key} does not fit now",
+                    hint="try again when the running requests finish")
+            del self._saes[victim]
+            del self._sizes[victim]
+            self._held.pop(victim, None)
+            self.evicted.append(victim)
+
+    # ------------------------------------------------------------------ steering cheaply
+    def steer_edit(self, name: str, features: Any, strength: Values, *, relative: bool = False,
+                   positions: Positions = "all") -> tuple[Steer | VectorEdit, str]:
+        """A steer of ``features`` of SAE ``name`` and the line that describes it
+        (:func:`~llamascope_sdk.steering.generation.describe`).
+
+        When the SAE is loaded this is a plain :class:`Steer`. Otherwise only the features'
+        decoder columns are read from the checkpoint (safetensors slicing) and folded into unit
+        rows exactly as a full load folds them, giving a
+        :class:`~llamascope_sdk.steering.row_edits.VectorEdit` with the same vector.
+        """
+        k = self.key(name)
+        with self._cond:
+            sae = self._saes.get(k)
+            if sae is not None:
+                self.hits += 1
+                self._saes.move_to_end(k)
+        folder = None if sae is not None else self._folder(name)
+        if sae is not None or folder is None:
+            sae = sae if sae is not None else self.get(name)
+            iv = Steer(sae, features, strength, positions=positions, relative=relative)
+            return iv, describe(iv)
+        return self._rows_steer(folder, k, features, strength, relative, positions)
+
+    def _rows_steer(self, folder: Path, key: str, features: Any, strength: Values,
+                    relative: bool, positions: Positions) -> tuple[VectorEdit, str]:
+        hp = Hyperparams.from_file(folder / HYPERPARAMS)
+        name = folder.name
+        proxy = SimpleNamespace(name=name, d_sae=hp.d_sae, device=torch.device("cpu"))
+        idx = SAE.check_features(proxy, features)  # type: ignore[arg-type]  # same checks as an SAE's
+        if not isinstance(relative, bool):
+            raise InputError(f"Steer.relative must be True or False, got {relative!r}")
+        alpha = _vector(strength, idx.numel(), "Steer strength")
+        if relative:
+            if not (folder / STATS_FILE).is_file():
+                raise SaeNotFoundError(f"{name}: no feature statistics (no {STATS_FILE} beside "
+                                       f"the checkpoint in {folder})",
+                                       hint="mine them with `llamascope inspect`, or pass a raw strength")
+            typical = FeatureStats.load(folder / STATS_FILE).typical[idx]
+            for i, t in zip(idx.tolist(), typical.tolist(), strict=True):
+                if not t > 0:
+                    raise InputError(f"{name}: feature {i} never fired on the stats text, so it "
+                                     "has no typical activation; use a raw strength")
+            alpha = alpha * typical.float()
+        with open_checkpoint(folder / CHECKPOINT, hp):  # names, shapes and dtypes checked
+            pass
+        cols = read_columns(folder / CHECKPOINT, "decoder.weight", idx.tolist())  # [D, n]
+        compute = torch.float64 if self.dtype == torch.float64 else torch.float32
+        rows = cols.t().to(compute).contiguous()
+        norms = torch.linalg.vector_norm(rows, dim=1)
+        rows = (rows / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]).to(self.dtype)
+        vector = (alpha.to(self.device).to(self.dtype) @ rows.to(self.device))
+        labels = read_labels(folder / LABELS_FILE, hp.d_sae) if (folder / LABELS_FILE).is_file() else {}
+        norm = hp.dataset_average_activation_norm
+        where = f"positions={positions}" if isinstance(positions, str) else "chosen positions"
+        text = describe_steer(feature_names(idx.tolist(), labels), [float(a) for a in alpha],
+                              torch.as_tensor(strength).reshape(-1).tolist() if relative else None,
+                              norm.out if norm is not None else None, where)
+        edit = VectorEdit(vector, parse_hook_point(hp.hook_point_out), positions, group=key)
+        return edit, text
+
+
+def held_names(pool: SaePool, names: Sequence[str]) -> list[SAE]:
+    """:meth:`SaePool.acquire` each name; on a failure release those already held."""
+    got: list[SAE] = []
+    try:
+        for n in names:
+            got.append(pool.acquire(n))
+    except BaseException:
+        for s in got:
+            pool.release(s)
+        raise
+    return got

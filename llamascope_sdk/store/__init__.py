@@ -1,0 +1,1 @@
+"""The feature store and its views: files, search, scores, explanation records and static pages."""
