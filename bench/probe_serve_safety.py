@@ -27,10 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import llamascope_sdk  # noqa: E402
 from tests.fakehub import FakeHub, _patch_constants, set_offline  # noqa: E402
 from tests.helpers import make_release, raw_tensors, release_hyperparams  # noqa: E402
-
-import llamascope_sdk  # noqa: E402
 
 # the sub-package layout, or main before the floor plan (decided by this checkout's files: an
 # editable install elsewhere must not lend it modules)
@@ -118,11 +117,12 @@ def health_during(s: Served, send: Any, n: int = 1) -> tuple[list[httpx.Response
     for t in threads:
         t.start()
     worst = 0.0
-    while any(t.is_alive() for t in threads):
-        t0 = time.perf_counter()
-        httpx.get(s.url + "/health", timeout=600)
-        worst = max(worst, time.perf_counter() - t0)
-        time.sleep(0.02)
+    with httpx.Client(timeout=600) as client:  # one connection, as a monitor keeps
+        while any(t.is_alive() for t in threads):
+            t0 = time.perf_counter()
+            client.get(s.url + "/health")
+            worst = max(worst, time.perf_counter() - t0)
+            time.sleep(0.02)
     return out, worst
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+
 class ReplyText:
     """The text of one reply as tokens arrive; ``text`` is always whole characters."""
 

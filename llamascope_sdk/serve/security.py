@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from llamascope_sdk.base.errors import InputError
+from llamascope_sdk.loading.demo import DEMO_ALIASES, is_demo
 
 from .errors import HttpError
 
@@ -268,7 +269,6 @@ class SaeAllowList:
               folders: Collection[str | Path] = ()) -> SaeAllowList:
         """The list for a server started with ``served`` SAEs and these options; resolves
         the allowed folders once (they must exist)."""
-        from llamascope_sdk.loading.demo import DEMO_ALIASES, is_demo
 
         roots = []
         for f in folders:
@@ -291,7 +291,6 @@ class SaeAllowList:
             raise not_served(name, param)
 
     def allows(self, name: str) -> bool:
-        from llamascope_sdk.loading.demo import DEMO_ALIASES
 
         if name in self.served or (self.demo and name.lower() in DEMO_ALIASES):
             return True
