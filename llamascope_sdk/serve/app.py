@@ -26,7 +26,13 @@ from starlette.concurrency import run_in_threadpool
 from llamascope_sdk.base.errors import InputError
 from llamascope_sdk.serve.decoding import ReplyText
 from llamascope_sdk.serve.encoding import encode_request
-from llamascope_sdk.serve.errors import HttpError, http_error, internal
+from llamascope_sdk.serve.errors import (
+    HttpError,
+    QueueFullError,
+    ShuttingDownError,
+    http_error,
+    internal,
+)
 from llamascope_sdk.serve.payloads import GenRequest, Limits, parse_generation, parse_json
 from llamascope_sdk.serve.scheduler import Job, Scheduler
 from llamascope_sdk.serve.security import (
@@ -151,7 +157,10 @@ class Server:
 
         rows = [row(steering.edits)] + ([row([])] if req.return_baseline else [])
         job = Job(rows, asyncio.get_running_loop())
-        self.scheduler.submit(job)
+        try:
+            self.scheduler.submit(job)
+        except (QueueFullError, ShuttingDownError) as exc:
+            raise http_error(exc) from None
         return job
 
     async def tokens(self, job: Job, request: Any, *, watch: bool = False) -> AsyncIterator[Token]:

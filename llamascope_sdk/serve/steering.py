@@ -18,6 +18,8 @@ from llamascope_sdk.base.errors import (
     IncompatibleModelError,
     PoolBusyError,
     SaeBudgetError,
+    SaeNotFoundError,
+    UnknownSaeError,
 )
 from llamascope_sdk.loading.sae import SAE
 from llamascope_sdk.serve.errors import HttpError, busy, http_error, log
@@ -73,15 +75,21 @@ def fetch(pool: SaePool, name: str, param: str) -> None:
     try:
         pool.fetch(name)
     except Exception as exc:  # noqa: BLE001  (every cause gets the same answer)
-        log.warning("%s: SAE %r is not available: %s: %s", param, name, type(exc).__name__, exc)
-        raise HttpError(404, f"{param}: SAE {_shown(name)} is not available on this server "
-                             "(the server log says why)", param) from None
+        raise not_available(exc, name, param) from None
+
+
+def not_available(exc: BaseException, name: str, param: str) -> HttpError:
+    log.warning("%s: SAE %r is not available: %s: %s", param, name, type(exc).__name__, exc)
+    return HttpError(404, f"{param}: SAE {_shown(name)} is not available on this server (the "
+                          "server log says why)", param)
 
 
 def edit_error(exc: BaseException, spec: EditSpec, pool: SaePool, out: Steering) -> HttpError:
     """The answer for an error raised while building edit ``spec``, by the error's class."""
     if isinstance(exc, SaeBudgetError):
         return budget_error(exc, f"{spec.param}.sae", pool, out.held)
+    if isinstance(exc, (SaeNotFoundError, UnknownSaeError, OSError)):  # files gone meanwhile
+        return not_available(exc, spec.sae, f"{spec.param}.sae")
     if isinstance(exc, FeatureIndexError):
         return http_error(exc, f"{spec.param}.feature")
     if isinstance(exc, IncompatibleModelError):

@@ -176,7 +176,7 @@ class SaePool:
         with self._cond:
             if k in self._saes:
                 return k
-        self._folder(name)
+        locate(resolve_alias(str(name)))  # a folder's format checked; a Hub name's files here
         return k
 
     # ------------------------------------------------------------------ state
