@@ -152,6 +152,11 @@ def case_sizes(model: Any, tok: Any) -> None:
     rs, worst = health_during(s, lambda: s.post({"prompt": top, "max_tokens": 1}), n=3)
     row("2 three 100,000-character prompts at once", rs[0],
         f"slowest /health {worst * 1000:.0f} ms")
+    first = rss_mb()
+    for _ in range(10):
+        s.post({"prompt": top, "max_tokens": 1})
+    row("2 ten more 100,000-character prompts, one by one", "-",
+        f"RSS {first:.0f} MB before, {rss_mb():.0f} MB after")
     s.stop()
 
 
