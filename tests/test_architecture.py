@@ -159,9 +159,8 @@ def _long_functions() -> list[str]:
 
 #: Functions being split into named steps this round (issue 26 item 7); the list only shrinks.
 BEING_SPLIT = {
-    "llamascope_sdk.cli.eval_steer.eval_steer_cmd", "llamascope_sdk.cli.inspect.inspect",
-    "llamascope_sdk.cli.read.search", "llamascope_sdk.core.fold.fold_into",
-    "llamascope_sdk.evaluation.steer_eval.eval_steer", "llamascope_sdk.serve.app.create_app",
+    "llamascope_sdk.cli.eval_steer.eval_steer_cmd", "llamascope_sdk.evaluation.steer_eval.eval_steer",
+    "llamascope_sdk.serve.app.create_app",
 }
 
 

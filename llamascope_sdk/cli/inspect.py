@@ -65,9 +65,7 @@ def inspect(sae: SaesOpt,
     from llamascope_sdk.base.dist import init_from_env
     from llamascope_sdk.corpus import check_corpus
     from llamascope_sdk.loading import demo
-    from llamascope_sdk.loading.compat import check_compatible
     from llamascope_sdk.loading.models import check_fits_window
-    from llamascope_sdk.loading.sae import SAE
     from llamascope_sdk.mining.checkpoint import default_checkpoint_dir
     from llamascope_sdk.mining.mine import mine, run_identity
     from llamascope_sdk.store.feature_store import (
@@ -90,16 +88,7 @@ def inspect(sae: SaesOpt,
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     first, lm, tok = load_sae_and_model(sae[0], model, device, dtype, revision)
     check_fits_window(lm, context, what="--context")
-    saes = {name: first for name in sae[:1]}
-    for name in sae[1:]:
-        other = SAE.from_pretrained(name, revision=revision, device=device)
-        check_compatible(lm, other)
-        saes[name] = other
-    if len({s.name for s in saes.values()}) != len(saes):
-        raise typer.BadParameter("give each SAE once", param_hint="--sae")
-    for s in saes.values():
-        for f in features or []:
-            s.check_features(f)
+    saes = _other_saes(first, sae, lm, revision=revision, device=device, features=features)
     targets = {name: (out if len(saes) == 1 else (out / s.name if out else None))
                or default_store_dir(s.name) for name, s in saes.items()}
     for name, target in targets.items():
@@ -127,6 +116,32 @@ def inspect(sae: SaesOpt,
     if as_json:
         echo_json(reports[0] if len(reports) == 1 else reports)
         return
+    _print_reports(reports, hint_stats=stats_file is None and Path(sae[0]).expanduser().is_dir()
+                   and specs[sae[0]] != "demo", first_sae=sae[0])
+
+
+def _other_saes(first: Any, names: list[str], lm: Any, *, revision: str | None, device: str,
+                features: list[int] | None) -> dict[str, Any]:
+    """Every SAE of the run by its name: the first (already loaded with the model) and the
+    others, each checked against the model, given once, and holding ``features``."""
+    from llamascope_sdk.loading.compat import check_compatible
+    from llamascope_sdk.loading.sae import SAE
+
+    saes = {names[0]: first}
+    for name in names[1:]:
+        other = SAE.from_pretrained(name, revision=revision, device=device)
+        check_compatible(lm, other)
+        saes[name] = other
+    if len({s.name for s in saes.values()}) != len(saes):
+        raise typer.BadParameter("give each SAE once", param_hint="--sae")
+    for s in saes.values():
+        for f in features or []:
+            s.check_features(f)
+    return saes
+
+
+def _print_reports(reports: list[dict[str, Any]], *, hint_stats: bool, first_sae: str) -> None:
+    """What ``inspect`` says about each store it wrote (text mode)."""
     for r in reports:
         say(f"mined {r['d_sae']} features of {r['sae']} on {r['n_tokens']:,} tokens "
             f"({r['n_docs']:,} documents)")
@@ -142,8 +157,8 @@ def inspect(sae: SaesOpt,
             say(f"  feature {f}: {cmd or 'never fired on this corpus (nothing to steer by)'}")
     say(f"next: llamascope show {reports[0]['store']} FEATURE   |   in Python: "
         f"sae.stats = FeatureStats.load({reports[0]['store']!r})")
-    if stats_file is None and Path(sae[0]).expanduser().is_dir() and specs[sae[0]] != "demo":
-        say(f"hint: --save-stats-to {sae[0]} makes `steer --relative` work for this SAE", err=True)
+    if hint_stats:
+        say(f"hint: --save-stats-to {first_sae} makes `steer --relative` work for this SAE", err=True)
 
 
 def _write_store(spec_name: str, spec: str, s: Any, result: Any, lm: Any, tok: Any, target: Path, *,

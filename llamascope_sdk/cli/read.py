@@ -186,16 +186,7 @@ def search(sae: SaeOpt,
     from llamascope_sdk.store.view import steer_command
 
     if text is not None:
-        from llamascope_sdk.store.explanation_view import search_descriptions
-
-        check_text(text, "--text")
-        st = load_store(store if store is not None else sae)
-        found = search_descriptions(st, text, top)
-        if as_json:
-            echo_json({"sae": st.name, "text": text, "hits": found})
-        else:
-            table(f"explanations of {st.name} matching {text!r}", ["feature", "explanation", "scores", "explainer"],
-                  [[h["feature"], h["explanation"], h["scores"], h["model"]] for h in found])
+        _search_text(sae, store, text, top, as_json)
         return
     if prompt is None and sort == "output-score":
         _top_by_output_score(sae, store, top, include_dense, as_json)
@@ -237,23 +228,47 @@ def search(sae: SaeOpt,
                    "score": "mean_prompt - mean_vs" if vs else "mean_prompt / typical * -log(frequency)",
                    "hits": [h.to_dict() for h in hits], "steer": cmd})
         return
+    _print_hits(s.name, hits, scores is not None, vs is not None, cmd, spec, relative=s.stats is not None)
+
+
+def _search_text(sae: str, store: str | None, text: str, top: int, as_json: bool) -> None:
+    """``search --text``: the store's explanations matching the words (no model loaded)."""
+    from llamascope_sdk.store.explanation_view import search_descriptions
+    from llamascope_sdk.store.feature_store import load_store
+
+
+    check_text(text, "--text")
+    st = load_store(store if store is not None else sae)
+    found = search_descriptions(st, text, top)
+    if as_json:
+        echo_json({"sae": st.name, "text": text, "hits": found})
+    else:
+        table(f"explanations of {st.name} matching {text!r}", ["feature", "explanation", "scores", "explainer"],
+              [[h["feature"], h["explanation"], h["scores"], h["model"]] for h in found])
+
+
+def _print_hits(name: str, hits: list[Any], with_scores: bool, with_vs: bool, cmd: str | None,
+                spec: str, *, relative: bool) -> None:
+    """The search results as a table, then the steer command of the best hit that fired."""
+    from llamascope_sdk.store.view import steer_command
+
     rows = [[h.feature, f"{h.score:.3g}", f"{h.prompt_mean:.3g}"
              + ("" if h.vs_mean is None else f" vs {h.vs_mean:.3g}"),
              f"{h.typical:.3g}", f"{100 * h.frequency:.3g}%" + (" dense" if h.dense else ""),
              h.label or ""] for h in hits]
-    how = "mean(prompt) - mean(vs)" if vs else "mean / typical x -log(frequency)"
+    how = "mean(prompt) - mean(vs)" if with_vs else "mean / typical x -log(frequency)"
     cols = ["feature", "score", "mean act", "typical", "frequency", "label"]
-    if scores is not None:
+    if with_scores:
         cols.insert(2, "output score")
         for r, h in zip(rows, hits, strict=True):
             r.insert(2, f"{h.output_score:.3g}")
         how += "; sorted by output score"
-    table(f"features of {s.name} most specific to the prompt (score = {how})", cols, rows)
+    table(f"features of {name} most specific to the prompt (score = {how})", cols, rows)
     if cmd:
         say(f"try: {cmd}")
     elif hits:
         fired = next((h for h in hits if h.typical > 0), None)
-        alt = (steer_command(spec, fired.feature, relative=s.stats is not None,
+        alt = (steer_command(spec, fired.feature, relative=relative,
                              typical=fired.typical) if fired else None)
         say(f"feature {hits[0].feature} never fired in the mined statistics: it has no typical "
             "activation to steer by (mine more tokens)"
