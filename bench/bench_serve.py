@@ -93,7 +93,7 @@ def latency(model, tok, sae5_dir: str, n_requests: int, n_tokens: int) -> None:
     from llamascope_sdk.serve.runner import bind
     from llamascope_sdk.steering.pool import SaePool
 
-    cfg = ServeConfig(model_id="smollm2-135m", served_saes=(sae5_dir,),
+    cfg = ServeConfig(model_id="smollm2-135m", served_saes=(sae5_dir, "demo"),
                       limits=Limits(max_tokens=256), max_batch=16, max_queue=64)
     app = create_app(model, tok, SaePool("2GB"), cfg)
     sock = bind("127.0.0.1", 0)
