@@ -225,3 +225,24 @@ def test_host_header_parsing() -> None:
         "localhost", "::1", "127.0.0.1", "a.b", None, None, None, None]
     policy = GuardPolicy(api_key=KEY, allowed_hosts=("[fe80::1]", "Box"))
     assert policy.host_ok("fe80::1") and policy.host_ok("box") and not policy.host_ok("boxx")
+
+
+def test_cli_options_reach_the_server_config(tmp_path, monkeypatch, tiny_llama,
+                                             char_tokenizer) -> None:
+    import llamascope_sdk.loading.models as models
+    import llamascope_sdk.serve as serve
+
+    seen = {}
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (tiny_llama, char_tokenizer))
+    monkeypatch.setattr(serve, "create_app", lambda _m, _t, _p, config: seen.update(c=config))
+    monkeypatch.setattr(serve, "run", lambda app, host, port: seen.update(host=host))
+    r = CliRunner().invoke(cli_app, [
+        "serve", "--model", "tiny", "--host", "192.168.7.7", "--allowed-host", "box",
+        "--allow-sae", "L*R-8x", "--allow-sae-dir", str(tmp_path), "--max-body", "2MB",
+        "--max-prompt-chars", "5000", "--api-key", "k1", "--max-edits", "3"])
+    assert r.exit_code == 0, r.output
+    c = seen["c"]
+    assert (c.allowed_hosts, c.allow_saes, c.allow_sae_dirs, c.max_body, c.max_prompt_chars,
+            c.api_key, c.limits.max_edits, seen["host"]) == (
+        ("box", "192.168.7.7"), ("L*R-8x",), (str(tmp_path),), 2_000_000, 5000, "k1", 3,
+        "192.168.7.7")
