@@ -168,20 +168,26 @@ class Guard:
             await self.app(scope, receive, send)
             return
         body = await _read_body(receive, self.policy.max_body)
+        if body is _LEFT:
+            return  # the client went away while sending: nobody to answer
         if body is None:
             await send_error(send, too_large(self.policy.max_body))
             return
         await self.app(scope, _replay(body, receive), send)
 
 
+_LEFT = b"\0left"  # _read_body's answer when the client disconnected (compared by identity)
+
+
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole body, or None as soon as it passes ``limit`` bytes (or the client left)."""
+    """The whole body; None as soon as it passes ``limit`` bytes; ``_LEFT`` when the client
+    disconnected before sending it all."""
     parts: list[bytes] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            return None
+            return _LEFT
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
