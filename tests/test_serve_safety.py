@@ -230,7 +230,10 @@ def test_streamed_client_gone_while_queued_releases_holds(served) -> None:
     with scheduler_paused(sched):
         with httpx.Client(timeout=60) as c, c.stream("POST", f"{served.url}/v1/completions",
                                                      headers=AUTH, json=body) as r:
-            assert next(r.iter_lines()).startswith("data: ")  # the first chunk, then hang up
+            # the first chunk, then hang up (when the block ends: the line iterator is kept, as
+            # a discarded one closes the connection at once, racing the checks below)
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
             assert (sched.load["waiting"], _holds(served)) == (1, 1)
         wait_for(lambda: sched.load["waiting"] == 0 and _holds(served) == 0, timeout=10)
     wait_for(lambda: sched.load["rows"] == 0, timeout=30)
