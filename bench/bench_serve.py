@@ -194,8 +194,8 @@ def versus_transformers(folder: str, sae5_dir: str, n_tokens: int, threads: int,
     ours, theirs = _free_port(), _free_port()
     procs = [
         _start([sys.executable, "-m", "llamascope_sdk", "serve", "--model", "smollm2-135m",
-                "--port", str(ours), "--sae", sae5_dir, "--max-batch", "16"], ours, threads,
-               tmp / "llamascope.log"),
+                "--port", str(ours), "--sae", sae5_dir, "--sae", "demo", "--max-batch", "16"],
+               ours, threads, tmp / "llamascope.log"),
         _start([str(Path(sys.executable).parent / "transformers"), "serve", folder,
                 "--continuous-batching", "--device", "cpu", "--dtype", "float32", "--port",
                 str(theirs), "--log-level", "warning", "--cb-block-size", "32",

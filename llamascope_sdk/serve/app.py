@@ -6,15 +6,16 @@
 ``POST /tokenize``, ``POST /detokenize``, :mod:`.tokenize`). ``presets`` (named steering lists)
 are served as models of their own, ``MODEL:NAME``: a client that cannot add a ``steering`` field
 (lm-eval's loglikelihood requests) steers by naming one.
-With an API key every endpoint but ``/health`` needs ``Authorization: Bearer KEY`` (compared in
-constant time). Errors are one line in the OpenAI error shape (see :mod:`.errors`).
+Every request passes :class:`~.security.Guard` first (Host, Origin, API key, JSON only, body
+size); a body is then parsed, its prompts measured (no tokenising yet) and, on a worker thread,
+tokenised and its steering built, so the event loop only routes. Errors are one line in the
+OpenAI error shape (see :mod:`.errors`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -23,12 +24,20 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
+from llamascope_sdk.base.errors import InputError
 from llamascope_sdk.loading.models import context_window, special_ids
 from llamascope_sdk.serve import choices
 from llamascope_sdk.serve import tokenize as tokenizer_api
 from llamascope_sdk.serve.encoding import encode_request
-from llamascope_sdk.serve.errors import HttpError, http_error
+from llamascope_sdk.serve.errors import (
+    HttpError,
+    QueueFullError,
+    ShuttingDownError,
+    http_error,
+    internal,
+)
 from llamascope_sdk.serve.payloads import (
     GenRequest,
     Limits,
@@ -37,7 +46,16 @@ from llamascope_sdk.serve.payloads import (
     parse_steering_list,
 )
 from llamascope_sdk.serve.scheduler import Job, Scheduler
-from llamascope_sdk.serve.steering import ReadoutLog, Steering, build, check_name
+from llamascope_sdk.serve.security import (
+    MAX_BODY,
+    MAX_PROMPT_CHARS,
+    Guard,
+    GuardPolicy,
+    SaeAllowList,
+    check_api_key,
+    check_prompt_size,
+)
+from llamascope_sdk.serve.steering import ReadoutLog, Steering, build
 from llamascope_sdk.steering.batch_generation import Row, Token
 from llamascope_sdk.steering.pool import SaePool
 from llamascope_sdk.steering.readout import Readout
@@ -47,18 +65,40 @@ from llamascope_sdk.store.percentile import percentiles
 
 @dataclass
 class ServeConfig:
-    """What the server serves and its limits."""
+    """What the server serves and its limits; checked when made (:class:`InputError`).
+
+    Attributes:
+        served_saes: SAE names and folders given at start: requests may use these.
+        allow_saes: shell-style patterns of further SAE names requests may use (loaded, and
+            downloaded, on first use): ``"L*R-8x"``, ``"demo"``, ``"myorg/*"``.
+        allow_sae_dirs: folders whose sub-folders requests may name by absolute path.
+        allowed_hosts: ``Host`` names accepted besides the loopback ones.
+        max_body: largest request body in bytes (1 MiB).
+        max_prompt_chars: largest prompt of a request, characters plus token ids (100,000).
+    """
 
     model_id: str
     api_key: str | None = None
     limits: Limits = field(default_factory=Limits)
     served_saes: tuple[str, ...] = ()
-    allow_local_saes: bool = False
+    allow_saes: tuple[str, ...] = ()
+    allow_sae_dirs: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
     max_batch: int = 16
     max_queue: int = 64
+    max_body: int = MAX_BODY
+    max_prompt_chars: int = MAX_PROMPT_CHARS
     stores: tuple[str, ...] = ()  #: feature stores (folders or SAE names) for readout percentiles
     #: steering lists served as models named ``{model_id}:{name}`` (see the module docstring)
     presets: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_api_key(self.api_key)
+        for name, value, low in (("max_queue", self.max_queue, 1), ("max_batch", self.max_batch, 2),
+                                 ("max_body", self.max_body, 1),
+                                 ("max_prompt_chars", self.max_prompt_chars, 1)):
+            if value < low:
+                raise InputError(f"{name} must be at least {low}, got {value}")
 
     def model_ids(self) -> list[str]:
         return [self.model_id, *(f"{self.model_id}:{p}" for p in self.presets)]
@@ -95,6 +135,8 @@ class Server:
 
     def __init__(self, model: Any, tokenizer: Any, pool: SaePool, config: ServeConfig) -> None:
         self.model, self.tokenizer, self.pool, self.config = model, tokenizer, pool, config
+        self.names = SaeAllowList.build(config.served_saes, config.allow_saes,
+                                        config.allow_sae_dirs)
         self.scheduler = Scheduler(model, tokenizer, max_batch=config.max_batch,
                                    max_queue=config.max_queue)
         self.stores = [load_store(s) for s in config.stores]
@@ -103,7 +145,23 @@ class Server:
         self.max_model_len = context_window(model)
 
     # ------------------------------------------------------------------ generation
+    async def body(self, request: Request) -> dict[str, Any]:
+        """The request's JSON object, its prompts within ``max_prompt_chars`` (parsed on a
+        worker thread: a body of up to ``max_body`` bytes is no work for the event loop)."""
+        raw = await request.body()
+
+        def parse() -> dict[str, Any]:
+            body = parse_json(raw)
+            check_prompt_size(body, self.config.max_prompt_chars)
+            return body
+
+        return await run_in_threadpool(parse)
+
     async def prepare(self, body: dict[str, Any], chat: bool) -> tuple[GenRequest, Steering]:
+        """The checked request (tokenised) and its steering, built on a worker thread."""
+        return await run_in_threadpool(self._prepare, body, chat)
+
+    def _prepare(self, body: dict[str, Any], chat: bool) -> tuple[GenRequest, Steering]:
         req = parse_generation(body, chat=chat, tokenizer=self.tokenizer, model=self.model,
                                limits=self.config.limits)
         self._preset(req)
@@ -113,12 +171,14 @@ class Server:
             raise HttpError(400, f"{param}: the request needs {rows} rows (prompts x n), more "
                                  f"than this server's batch of {self.config.max_batch}; send "
                                  "fewer prompts per request", param)
-        from starlette.concurrency import run_in_threadpool
-
-        steering = await run_in_threadpool(
-            build, req.edits, self.pool, self.model, served=self.config.served_saes,
-            allow_local=self.config.allow_local_saes, readouts=req.readouts)
-        return req, steering
+        for spec in req.edits:
+            if len(spec.features) > self.config.limits.max_edits:
+                raise HttpError(400, f"{spec.param}.feature: {len(spec.features)} features in "
+                                     "one edit, more than this server's limit of "
+                                     f"{self.config.limits.max_edits} (--max-edits)",
+                                f"{spec.param}.feature")
+        return req, build(req.edits, self.pool, self.model, names=self.names,
+                          readouts=req.readouts)
 
     def readout_log(self, steering: Steering) -> ReadoutLog:
         """The log of ``steering``'s readouts, with percentiles where a store has the SAE."""
@@ -162,7 +222,10 @@ class Server:
         if req.return_baseline:
             rows.append(row(0, [], []))
         job = Job(rows, asyncio.get_running_loop())
-        self.scheduler.submit(job)
+        try:
+            self.scheduler.submit(job)
+        except (QueueFullError, ShuttingDownError) as exc:
+            raise http_error(exc) from None
         return job
 
     async def tokens(self, job: Job, request: Any, *, watch: bool = False) -> AsyncIterator[Token]:
@@ -215,42 +278,45 @@ def _store_fits(store: Any, sae: Any) -> bool:
     return True
 
 
-def _check_key(server: Server, request: Any) -> None:
-    key = server.config.api_key
-    if key is None:
-        return
-    got = request.headers.get("authorization", "")
-    want = f"Bearer {key}"
-    if not hmac.compare_digest(got.encode(), want.encode()):
-        raise HttpError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
-
-
 def create_app(model: Any, tokenizer: Any, pool: SaePool, config: ServeConfig) -> Any:
-    """The FastAPI application (needs the ``serve`` extra: fastapi, uvicorn)."""
+    """The FastAPI application (needs the ``serve`` extra: fastapi, uvicorn), behind the
+    :class:`~.security.Guard`."""
     server = Server(model, tokenizer, pool, config)
+    app = FastAPI(title="llamascope serve", lifespan=_lifespan(server), docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    app.state.server = server
+    _error_handlers(app)
+    _info_routes(app, server)
+    _generation_routes(app, server)
+    app.add_middleware(Guard, policy=GuardPolicy(config.api_key, config.allowed_hosts,
+                                                 config.max_body))
+    return app
 
+
+def _lifespan(server: Server) -> Callable[[Any], Any]:
+    """On shutdown the scheduler finishes what it runs (off the event loop)."""
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
         yield
         await asyncio.get_running_loop().run_in_executor(None, server.scheduler.stop)
 
-    app = FastAPI(title="llamascope serve", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
-    app.state.server = server
+    return lifespan
 
+
+def _error_handlers(app: FastAPI) -> None:
+    """Our errors as their JSON answer; anything unexpected as a 500 naming no host detail."""
     @app.exception_handler(HttpError)
     async def _http_error(_request: Request, exc: HttpError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Any:
-        if request.url.path != "/health":
-            try:
-                _check_key(server, request)
-            except HttpError as exc:
-                return JSONResponse(exc.body(), status_code=exc.status,
-                                    headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        err = internal(exc)
+        return JSONResponse(err.body(), status_code=err.status)
+
+
+def _info_routes(app: FastAPI, server: Server) -> None:
+    config, pool = server.config, server.pool
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -266,52 +332,54 @@ def create_app(model: Any, tokenizer: Any, pool: SaePool, config: ServeConfig) -
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
-        return tokenizer_api.tokenizer_info(tokenizer, config.model_id, server.max_model_len)
+        return tokenizer_api.tokenizer_info(server.tokenizer, config.model_id,
+                                            server.max_model_len)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
-        return tokenizer_api.tokenize(tokenizer, parse_json(await request.body()),
-                                      server.max_model_len)
+        body = await server.body(request)
+        return await run_in_threadpool(tokenizer_api.tokenize, server.tokenizer, body,
+                                       server.max_model_len)
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
-        return tokenizer_api.detokenize(tokenizer, parse_json(await request.body()))
+        body = await server.body(request)
+        return await run_in_threadpool(tokenizer_api.detokenize, server.tokenizer, body)
 
-    async def generate(request: Request, chat: bool) -> Any:
-        body = parse_json(await request.body())
-        req, steering = await server.prepare(body, chat)
-        try:
-            job = server.job(req, steering)
-        except BaseException:
-            steering.release()
-            raise
-        if req.stream:
-            def cleanup() -> None:
-                steering.release()
-                server.scheduler.cancel(job)  # a no-op once the job finished
 
-            return _Stream(choices.stream(server, req, job, steering, request), cleanup)
-        try:
-            rows = await choices.collect(server, req, job, steering, request)
-        finally:
-            steering.release()
-        return choices.body(server, req, steering, rows)
-
+def _generation_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        return await generate(request, chat=True)
+        return await generate(server, request, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        return await generate(request, chat=False)
+        return await generate(server, request, chat=False)
 
     @app.post("/v1/encode")
     async def encode(request: Request) -> Any:
-
-        body = parse_json(await request.body())
-        return await encode_request(server, body)
-
-    return app
+        return await encode_request(server, await server.body(request))
 
 
-__all__ = ["ServeConfig", "Server", "create_app", "check_name"]
+async def generate(server: Server, request: Request, chat: bool) -> Any:
+    """A chat or completion request, answered whole or streamed (shaped in :mod:`.choices`)."""
+    req, steering = await server.prepare(await server.body(request), chat)
+    try:
+        job = server.job(req, steering)
+    except BaseException:
+        steering.release()
+        raise
+    if req.stream:
+        def cleanup() -> None:
+            steering.release()
+            server.scheduler.cancel(job)  # a no-op once the job finished
+
+        return _Stream(choices.stream(server, req, job, steering, request), cleanup)
+    try:
+        rows = await choices.collect(server, req, job, steering, request)
+    finally:
+        steering.release()
+    return choices.body(server, req, steering, rows)
+
+
+__all__ = ["ServeConfig", "Server", "create_app"]

@@ -31,8 +31,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from llamascope_sdk.serve.decoding import ReplyText
 from llamascope_sdk.serve.errors import HttpError
-from llamascope_sdk.serve.payloads import GenRequest, first_stop
+from llamascope_sdk.serve.payloads import GenRequest
 from llamascope_sdk.steering.logprobs import Logprobs
 
 if TYPE_CHECKING:
@@ -44,8 +45,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class RowOut:
-    """What one row produced: token ids, finish reason, the stop cut, log-probabilities, and
-    its readouts (``log``, None for a row that reads nothing)."""
+    """What one row produced: token ids, its text (decoded as the tokens come, the stop
+    strings searched there), finish reason, the stop cut, log-probabilities, and its readouts
+    (``log``, None for a row that reads nothing)."""
 
     ids: list[int] = field(default_factory=list)
     finish: str = "length"
@@ -54,6 +56,7 @@ class RowOut:
     logprobs: Logprobs = field(default_factory=Logprobs)
     prompt: Logprobs | None = None
     log: ReadoutLog | None = None
+    text: ReplyText = field(default_factory=lambda: ReplyText(None))
 
     def add(self, t: Token) -> list[dict[str, Any]]:
         """Take event ``t``; returns the readouts it brought as JSON (empty when none)."""
@@ -65,15 +68,19 @@ class RowOut:
             if t.logprob is not None:
                 self.logprobs.token.append(t.logprob)
                 self.logprobs.top.append(list(t.top or []))
+        self.text.add(t.token, final=t.finish is not None)
         if t.finish:
             self.finish, self.done = t.finish, True
+        if self.text.stop_at is not None:  # a stop string: the row ends there
+            self.cut, self.finish, self.done = self.text.stop_at, "stop", True
         return read
 
 
 def _rows(server: Server, req: GenRequest, job: Job, steering: Steering) -> list[RowOut]:
     """One empty :class:`RowOut` per row of ``job``; the choices' with a readout log."""
     return [RowOut(log=server.readout_log(steering) if i < req.n_choices and steering.readouts
-                   else None) for i in range(len(job.rows))]
+                   else None, text=ReplyText(server.tokenizer, req.stop))
+            for i in range(len(job.rows))]
 
 
 async def collect(server: Server, req: GenRequest, job: Job, steering: Steering,
@@ -85,10 +92,6 @@ async def collect(server: Server, req: GenRequest, job: Job, steering: Steering,
         if out.done:
             continue  # this row met a stop string; the others still run
         out.add(t)
-        if req.stop and t.token is not None:
-            at = first_stop(server.decode(out.ids), req.stop)
-            if at is not None:
-                out.cut, out.finish, out.done = at, "stop", True
         if all(r.done for r in rows):
             break  # leaving server.tokens cancels the job: its rows are freed
     return rows
@@ -144,13 +147,13 @@ def _usage(req: GenRequest, rows: list[RowOut]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
 
-def _text(server: Server, out: RowOut) -> str:
-    return server.decode(out.ids)[:out.cut]  # [:None] is the whole text
+def _text(out: RowOut) -> str:
+    return out.text.reply  # up to the stop string, if one came
 
 
 def _completion_choice(server: Server, req: GenRequest, i: int, out: RowOut) -> dict[str, Any]:
     p = i // req.n
-    text = _text(server, out)
+    text = _text(out)
     kept = _kept(server, out)
     choice: dict[str, Any] = {"index": i, "text": text, "finish_reason": out.finish,
                               "logprobs": None}
@@ -169,7 +172,7 @@ def _completion_choice(server: Server, req: GenRequest, i: int, out: RowOut) -> 
 
 def _chat_choice(server: Server, req: GenRequest, i: int, out: RowOut) -> dict[str, Any]:
     kept = _kept(server, out)
-    return {"index": i, "message": {"role": "assistant", "content": _text(server, out)},
+    return {"index": i, "message": {"role": "assistant", "content": _text(out)},
             "finish_reason": out.finish,
             "logprobs": None if req.logprobs is None else
             _chat_logprobs(server, out.ids[:kept], _prefix(out.logprobs, kept))}
@@ -194,7 +197,7 @@ def body(server: Server, req: GenRequest, steering: Steering, rows: list[RowOut]
     }
     if req.return_baseline:
         base = rows[req.n_choices]
-        out["steering"]["baseline"] = {"text": _text(server, base), "finish_reason": base.finish,
+        out["steering"]["baseline"] = {"text": _text(base), "finish_reason": base.finish,
                                        "completion_tokens": len(base.ids)}
     return out
 
@@ -205,7 +208,7 @@ class _Sent:
     """A streamed row: its tokens, the text sent so far, the tokens not yet sent."""
 
     out: RowOut = field(default_factory=RowOut)
-    sent: str = ""
+    sent: int = 0  # characters of the row's text sent so far
     started: bool = False
     offset: int = 0  # text_offset of the next token (completions)
     queued: list[int] = field(default_factory=list)
@@ -275,17 +278,14 @@ def _advance(server: Server, req: GenRequest, row: _Sent, t: Token, prompt: int)
             lp = Logprobs(list(row.out.prompt.token), list(row.out.prompt.top))
             lp.extend(row.queued_lp)
             row.queued, row.queued_lp = list(req.prompts[prompt]) + row.queued, lp
-    text = server.decode(row.out.ids)
-    if t.finish is None and text.endswith("\ufffd"):
-        return (head, None) if head else None  # half of a multi-byte character: wait
-    at = first_stop(text, req.stop) if req.stop else None
-    if at is not None:
-        row.out.cut, row.out.finish, row.out.done = at, "stop", True
-        piece, row.sent = text[len(row.sent):at], text[:at]
+    text = row.out.text.text  # whole characters only: a half one waits for the rest
+    at = row.out.text.stop_at
+    if at is not None:  # RowOut.add ended the row there
+        piece, row.sent = text[row.sent:at], at
         return head + piece, "stop"
     hold = max((len(x) for x in req.stop), default=1) - 1  # a stop string may be forming
-    end = len(text) if t.finish else max(len(row.sent), len(text) - hold)
-    piece, row.sent = text[len(row.sent):end], text[:end]
+    end = len(text) if t.finish else max(row.sent, len(text) - hold)
+    piece, row.sent = text[row.sent:end], end
     if head or piece or t.finish or row.pending:
         return head + piece, t.finish
     return None
