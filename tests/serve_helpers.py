@@ -41,7 +41,7 @@ def running_server(model: Any, tok: Any, folder: Path, **config: Any):
 
     sae5 = layer5_sae(folder)
     pool = SaePool("1GB")
-    cfg = ServeConfig(model_id=MODEL_ID, api_key=KEY, served_saes=(sae5,),
+    cfg = ServeConfig(model_id=MODEL_ID, api_key=KEY, served_saes=(sae5, "demo"),
                       limits=Limits(max_edits=8, max_tokens=256, default_max_tokens=16), **config)
     app = create_app(model, tok, pool, cfg)
     sock = bind("127.0.0.1", 0)

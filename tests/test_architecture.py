@@ -157,14 +157,8 @@ def _long_functions() -> list[str]:
     return long
 
 
-#: Functions being split into named steps this round (issue 26 item 7); the list only shrinks.
-BEING_SPLIT = {
-    "llamascope_sdk.serve.app.create_app",
-}
-
-
 def test_no_function_longer_than_80_lines_without_a_measured_reason() -> None:
-    assert [f for f in _long_functions() if f.split(":")[0] not in BEING_SPLIT] == []
+    assert _long_functions() == []
 
 
 @pytest.mark.parametrize("layers", [LAYERS])

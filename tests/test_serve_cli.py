@@ -33,3 +33,14 @@ def test_help_names_the_safety_options() -> None:
     for opt in ("--host", "--api-key", "--sae-memory", "--max-batch", "--max-queue", "--max-edits"):
         assert opt in r.output
     assert "127.0.0.1" in r.output
+
+
+def test_a_bad_preset_is_one_line_before_the_model_loads(tmp_path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"sae": "demo", "feature": 1, "mode": "boost", "value": 1}]')
+    r = _run("--model", "smollm2-135m", "--preset", f"sea={bad}")
+    assert r.exit_code == 2 and "steering[0].mode: unknown mode 'boost'" in r.output
+    r = _run("--model", "smollm2-135m", "--preset", "nofile")
+    assert r.exit_code == 2 and "give NAME=FILE.json" in r.output
+    r = _run("--model", "smollm2-135m", "--preset", f"sea={tmp_path / 'missing.json'}")
+    assert r.exit_code == 2 and "missing.json" in r.output

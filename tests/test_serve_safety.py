@@ -29,7 +29,10 @@ def served(smollm2, tmp_path_factory):
 
 
 def _post(served, body, path: str = "/v1/completions", headers=None, raw: bytes | None = None):
-    return httpx.post(f"{served.url}{path}", timeout=300, headers=AUTH if headers is None else headers,
+    headers = AUTH if headers is None else headers
+    if raw is not None:
+        headers = {**headers, "content-type": "application/json"}
+    return httpx.post(f"{served.url}{path}", timeout=300, headers=headers,
                       **({"content": raw} if raw is not None else {"json": body}))
 
 
@@ -57,9 +60,9 @@ def test_api_key_is_required_and_compared(served) -> None:
     assert _post(served, _body()).status_code == 200
     import inspect
 
-    from llamascope_sdk.serve import app
+    from llamascope_sdk.serve import security
 
-    assert "hmac.compare_digest" in inspect.getsource(app._check_key)  # constant time
+    assert "hmac.compare_digest" in inspect.getsource(security.GuardPolicy._key_ok)  # constant time
 
 
 @pytest.mark.parametrize(("edit", "param", "fragments"), [
@@ -96,7 +99,7 @@ def test_too_many_edits_window_and_malformed_json(served) -> None:
     _error(_post(served, None, raw=b'{"prompt": "Hi",'), 400, None, "not valid JSON")
     _error(_post(served, None, raw=b'[1, 2]'), 400, None, "must be a JSON object")
     _error(_post(served, _body(max_tokens=10**6)), 400, "max_tokens", "between 1 and 256")
-    _error(_post(served, _body(n=2)), 400, "n", "n must be 1")
+    _error(_post(served, _body(n=0)), 400, "n", "n must be between 1 and 128")
     _error(_post(served, None, raw=b'{"prompt": "Hi", "temperature": NaN}'), 400,
            "temperature", "finite number")
     _error(_post(served, {"model": MODEL_ID, "messages": []}, "/v1/chat/completions"), 400,
@@ -105,16 +108,17 @@ def test_too_many_edits_window_and_malformed_json(served) -> None:
 
 
 def test_unknown_sae_404_and_local_folders_refused(served, tmp_path: Path) -> None:
-    _error(_post(served, _body(steering=[{"sae": "L99R-8x", "feature": 1, "value": 1}])), 404,
-           "steering[0].sae")
+    msg = _error(_post(served, _body(steering=[{"sae": "L99R-8x", "feature": 1, "value": 1}])),
+                 404, "steering[0].sae", "'L99R-8x' is not served here")
+    assert "--allow-sae" in msg
     # a folder holding a pickle, named in a request: never read
     folder = tmp_path / "evil"
     folder.mkdir()
     (folder / "cfg.json").write_text("{}")
     (folder / "sae_weights.pt").write_bytes(b"\x80\x04K\x01.")  # a pickle
     msg = _error(_post(served, _body(steering=[{"sae": str(folder), "feature": 1, "value": 1}])),
-                 404, "steering[0].sae", "is not served")
-    assert "--allow-local-saes" in msg
+                 404, "steering[0].sae", "is not served here")
+    assert "--allow-sae-dir" in msg
     assert all(str(folder) not in k for k in served.pool.loaded())
 
 
@@ -226,7 +230,10 @@ def test_streamed_client_gone_while_queued_releases_holds(served) -> None:
     with scheduler_paused(sched):
         with httpx.Client(timeout=60) as c, c.stream("POST", f"{served.url}/v1/completions",
                                                      headers=AUTH, json=body) as r:
-            assert next(r.iter_lines()).startswith("data: ")  # the first chunk, then hang up
+            # the first chunk, then hang up (when the block ends: the line iterator is kept, as
+            # a discarded one closes the connection at once, racing the checks below)
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
             assert (sched.load["waiting"], _holds(served)) == (1, 1)
         wait_for(lambda: sched.load["waiting"] == 0 and _holds(served) == 0, timeout=10)
     wait_for(lambda: sched.load["rows"] == 0, timeout=30)

@@ -1,18 +1,21 @@
 """The HTTP application: OpenAI-style endpoints over the scheduler, the pool and the model.
 
 ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``
-(both also streamed as server-sent events with ``stream: true``) and ``POST /v1/encode``.
-With an API key every endpoint but ``/health`` needs ``Authorization: Bearer KEY`` (compared in
-constant time). Errors are one line in the OpenAI error shape (see :mod:`.errors`).
+(both also streamed as server-sent events with ``stream: true``; answers shaped in
+:mod:`.choices`), ``POST /v1/encode``, and the tokenizer (``GET /tokenizer_info``,
+``POST /tokenize``, ``POST /detokenize``, :mod:`.tokenize`). ``presets`` (named steering lists)
+are served as models of their own, ``MODEL:NAME``: a client that cannot add a ``steering`` field
+(lm-eval's loglikelihood requests) steers by naming one.
+Every request passes :class:`~.security.Guard` first (Host, Origin, API key, JSON only, body
+size); a body is then parsed, its prompts measured (no tokenising yet) and, on a worker thread,
+tokenised and its steering built, so the event loop only routes. Errors are one line in the
+OpenAI error shape (see :mod:`.errors`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
-import time
-import uuid
+import functools
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,18 +24,38 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
+from llamascope_sdk.base.errors import InputError
+from llamascope_sdk.loading.models import context_window, special_ids
+from llamascope_sdk.serve import choices
+from llamascope_sdk.serve import tokenize as tokenizer_api
 from llamascope_sdk.serve.encoding import encode_request
-from llamascope_sdk.serve.errors import HttpError, http_error
+from llamascope_sdk.serve.errors import (
+    HttpError,
+    QueueFullError,
+    ShuttingDownError,
+    http_error,
+    internal,
+)
 from llamascope_sdk.serve.payloads import (
     GenRequest,
     Limits,
-    first_stop,
     parse_generation,
     parse_json,
+    parse_steering_list,
 )
 from llamascope_sdk.serve.scheduler import Job, Scheduler
-from llamascope_sdk.serve.steering import ReadoutLog, Steering, build, check_name
+from llamascope_sdk.serve.security import (
+    MAX_BODY,
+    MAX_PROMPT_CHARS,
+    Guard,
+    GuardPolicy,
+    SaeAllowList,
+    check_api_key,
+    check_prompt_size,
+)
+from llamascope_sdk.serve.steering import ReadoutLog, Steering, build
 from llamascope_sdk.steering.batch_generation import Row, Token
 from llamascope_sdk.steering.pool import SaePool
 from llamascope_sdk.steering.readout import Readout
@@ -42,16 +65,43 @@ from llamascope_sdk.store.percentile import percentiles
 
 @dataclass
 class ServeConfig:
-    """What the server serves and its limits."""
+    """What the server serves and its limits; checked when made (:class:`InputError`).
+
+    Attributes:
+        served_saes: SAE names and folders given at start: requests may use these.
+        allow_saes: shell-style patterns of further SAE names requests may use (loaded, and
+            downloaded, on first use): ``"L*R-8x"``, ``"demo"``, ``"myorg/*"``.
+        allow_sae_dirs: folders whose sub-folders requests may name by absolute path.
+        allowed_hosts: ``Host`` names accepted besides the loopback ones.
+        max_body: largest request body in bytes (1 MiB).
+        max_prompt_chars: largest prompt of a request, characters plus token ids (100,000).
+    """
 
     model_id: str
     api_key: str | None = None
     limits: Limits = field(default_factory=Limits)
     served_saes: tuple[str, ...] = ()
-    allow_local_saes: bool = False
+    allow_saes: tuple[str, ...] = ()
+    allow_sae_dirs: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
     max_batch: int = 16
     max_queue: int = 64
+    max_body: int = MAX_BODY
+    max_prompt_chars: int = MAX_PROMPT_CHARS
     stores: tuple[str, ...] = ()  #: feature stores (folders or SAE names) for readout percentiles
+    #: steering lists served as models named ``{model_id}:{name}`` (see the module docstring)
+    presets: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_api_key(self.api_key)
+        for name, value, low in (("max_queue", self.max_queue, 1), ("max_batch", self.max_batch, 2),
+                                 ("max_body", self.max_body, 1),
+                                 ("max_prompt_chars", self.max_prompt_chars, 1)):
+            if value < low:
+                raise InputError(f"{name} must be at least {low}, got {value}")
+
+    def model_ids(self) -> list[str]:
+        return [self.model_id, *(f"{self.model_id}:{p}" for p in self.presets)]
 
 
 _GONE = object()  # put on a job's events when its client disconnects
@@ -85,24 +135,50 @@ class Server:
 
     def __init__(self, model: Any, tokenizer: Any, pool: SaePool, config: ServeConfig) -> None:
         self.model, self.tokenizer, self.pool, self.config = model, tokenizer, pool, config
+        self.names = SaeAllowList.build(config.served_saes, config.allow_saes,
+                                        config.allow_sae_dirs)
         self.scheduler = Scheduler(model, tokenizer, max_batch=config.max_batch,
                                    max_queue=config.max_queue)
         self.stores = [load_store(s) for s in config.stores]
         self._store_of: dict[str, Any] = {}  # readout SAE name -> its store, or None
+        self.special = frozenset(special_ids(tokenizer))
+        self.max_model_len = context_window(model)
 
     # ------------------------------------------------------------------ generation
+    async def body(self, request: Request) -> dict[str, Any]:
+        """The request's JSON object, its prompts within ``max_prompt_chars`` (parsed on a
+        worker thread: a body of up to ``max_body`` bytes is no work for the event loop)."""
+        raw = await request.body()
+
+        def parse() -> dict[str, Any]:
+            body = parse_json(raw)
+            check_prompt_size(body, self.config.max_prompt_chars)
+            return body
+
+        return await run_in_threadpool(parse)
+
     async def prepare(self, body: dict[str, Any], chat: bool) -> tuple[GenRequest, Steering]:
+        """The checked request (tokenised) and its steering, built on a worker thread."""
+        return await run_in_threadpool(self._prepare, body, chat)
+
+    def _prepare(self, body: dict[str, Any], chat: bool) -> tuple[GenRequest, Steering]:
         req = parse_generation(body, chat=chat, tokenizer=self.tokenizer, model=self.model,
                                limits=self.config.limits)
-        if req.model not in (None, self.config.model_id):
-            raise HttpError(404, f"model {req.model!r} is not served; this server serves "
-                                 f"{self.config.model_id!r}", "model")
-        from starlette.concurrency import run_in_threadpool
-
-        steering = await run_in_threadpool(
-            build, req.edits, self.pool, self.model, served=self.config.served_saes,
-            allow_local=self.config.allow_local_saes, readouts=req.readouts)
-        return req, steering
+        self._preset(req)
+        rows = req.n_choices + req.return_baseline
+        if rows > self.config.max_batch:
+            param = "n" if req.n > 1 else "prompt"
+            raise HttpError(400, f"{param}: the request needs {rows} rows (prompts x n), more "
+                                 f"than this server's batch of {self.config.max_batch}; send "
+                                 "fewer prompts per request", param)
+        for spec in req.edits:
+            if len(spec.features) > self.config.limits.max_edits:
+                raise HttpError(400, f"{spec.param}.feature: {len(spec.features)} features in "
+                                     "one edit, more than this server's limit of "
+                                     f"{self.config.limits.max_edits} (--max-edits)",
+                                f"{spec.param}.feature")
+        return req, build(req.edits, self.pool, self.model, names=self.names,
+                          readouts=req.readouts)
 
     def readout_log(self, steering: Steering) -> ReadoutLog:
         """The log of ``steering``'s readouts, with percentiles where a store has the SAE."""
@@ -119,15 +195,37 @@ class Server:
         return ReadoutLog(steering.readouts, self.decode,
                           [percentile_fn(r) for r in steering.readouts])
 
-    def job(self, req: GenRequest, steering: Steering) -> Job:
-        def row(edits: list[Any], readouts: list[Readout]) -> Row:
-            return Row(req.ids, edits, req.max_tokens, req.temperature, req.top_p, req.seed,
-                       readouts=readouts)
+    def _preset(self, req: GenRequest) -> None:
+        """Check ``model``; a preset's name brings its steering list."""
+        if req.model in (None, self.config.model_id):
+            return
+        name = req.model.removeprefix(f"{self.config.model_id}:")
+        if name == req.model or name not in self.config.presets:
+            raise HttpError(404, f"model {req.model!r} is not served; this server serves "
+                                 f"{', '.join(map(repr, self.config.model_ids()))}", "model")
+        if req.edits:
+            raise HttpError(400, f"model {req.model!r} brings its own steering; send steering "
+                                 f"to {self.config.model_id!r} or drop the field", "steering")
+        req.edits = parse_steering_list(self.config.presets[name], chat=req.chat,
+                                        limits=self.config.limits)
 
-        rows = [row(steering.edits, steering.readouts)] + (
-            [row([], [])] if req.return_baseline else [])
+    def job(self, req: GenRequest, steering: Steering) -> Job:
+        """The request's rows (choice i: prompt i // n, sample i % n; then the baseline, which
+        has no edits and reads nothing)."""
+        def row(i: int, edits: list[Any], readouts: list[Readout]) -> Row:
+            seed = None if req.seed is None else req.seed + i % req.n
+            return Row(req.prompts[i // req.n], edits, req.max_tokens, req.temperature,
+                       req.top_p, seed, readouts=readouts, logprobs=req.logprobs,
+                       prompt_logprobs=req.echo and req.logprobs is not None)
+
+        rows = [row(i, steering.edits, steering.readouts) for i in range(req.n_choices)]
+        if req.return_baseline:
+            rows.append(row(0, [], []))
         job = Job(rows, asyncio.get_running_loop())
-        self.scheduler.submit(job)
+        try:
+            self.scheduler.submit(job)
+        except (QueueFullError, ShuttingDownError) as exc:
+            raise http_error(exc) from None
         return job
 
     async def tokens(self, job: Job, request: Any, *, watch: bool = False) -> AsyncIterator[Token]:
@@ -165,6 +263,11 @@ class Server:
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
+    @functools.lru_cache(maxsize=65536)  # noqa: B019  (one Server per app, alive as long)
+    def piece(self, token: int) -> str:
+        """One token's own string (special tokens spelled out), for log-probabilities."""
+        return str(self.tokenizer.decode([token], skip_special_tokens=False))
+
 
 def _store_fits(store: Any, sae: Any) -> bool:
     """Whether ``store`` was mined with ``sae`` (its weights' fingerprint)."""
@@ -175,42 +278,45 @@ def _store_fits(store: Any, sae: Any) -> bool:
     return True
 
 
-def _check_key(server: Server, request: Any) -> None:
-    key = server.config.api_key
-    if key is None:
-        return
-    got = request.headers.get("authorization", "")
-    want = f"Bearer {key}"
-    if not hmac.compare_digest(got.encode(), want.encode()):
-        raise HttpError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
-
-
 def create_app(model: Any, tokenizer: Any, pool: SaePool, config: ServeConfig) -> Any:
-    """The FastAPI application (needs the ``serve`` extra: fastapi, uvicorn)."""
+    """The FastAPI application (needs the ``serve`` extra: fastapi, uvicorn), behind the
+    :class:`~.security.Guard`."""
     server = Server(model, tokenizer, pool, config)
+    app = FastAPI(title="llamascope serve", lifespan=_lifespan(server), docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    app.state.server = server
+    _error_handlers(app)
+    _info_routes(app, server)
+    _generation_routes(app, server)
+    app.add_middleware(Guard, policy=GuardPolicy(config.api_key, config.allowed_hosts,
+                                                 config.max_body))
+    return app
 
+
+def _lifespan(server: Server) -> Callable[[Any], Any]:
+    """On shutdown the scheduler finishes what it runs (off the event loop)."""
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
         yield
         await asyncio.get_running_loop().run_in_executor(None, server.scheduler.stop)
 
-    app = FastAPI(title="llamascope serve", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
-    app.state.server = server
+    return lifespan
 
+
+def _error_handlers(app: FastAPI) -> None:
+    """Our errors as their JSON answer; anything unexpected as a 500 naming no host detail."""
     @app.exception_handler(HttpError)
     async def _http_error(_request: Request, exc: HttpError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Any:
-        if request.url.path != "/health":
-            try:
-                _check_key(server, request)
-            except HttpError as exc:
-                return JSONResponse(exc.body(), status_code=exc.status,
-                                    headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        err = internal(exc)
+        return JSONResponse(err.body(), status_code=err.status)
+
+
+def _info_routes(app: FastAPI, server: Server) -> None:
+    config, pool = server.config, server.pool
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -220,144 +326,60 @@ def create_app(model: Any, tokenizer: Any, pool: SaePool, config: ServeConfig) -
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": config.model_id, "object": "model",
-                                            "created": 0, "owned_by": "llamascope-sdk"}]}
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0,
+                                            "owned_by": "llamascope-sdk"}
+                                           for m in config.model_ids()]}
 
-    async def generate(request: Request, chat: bool) -> Any:
-        body = parse_json(await request.body())
-        req, steering = await server.prepare(body, chat)
-        try:
-            job = server.job(req, steering)
-        except BaseException:
-            steering.release()
-            raise
-        if req.stream:
-            def cleanup() -> None:
-                steering.release()
-                server.scheduler.cancel(job)  # a no-op once the job finished
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        return tokenizer_api.tokenizer_info(server.tokenizer, config.model_id,
+                                            server.max_model_len)
 
-            return _Stream(_stream(server, job, steering, request, chat, req.stop), cleanup)
-        try:
-            ids: list[list[int]] = [[] for _ in job.rows]
-            finish: list[str] = ["length"] * len(job.rows)
-            cut: list[int | None] = [None] * len(job.rows)
-            done = [False] * len(job.rows)
-            log = server.readout_log(steering)
-            async for t in server.tokens(job, request, watch=True):
-                if done[t.row]:
-                    continue  # this row met a stop string; the others still run
-                log.add(t.readout, t.read_ids)
-                if t.token is not None:
-                    ids[t.row].append(t.token)
-                if t.finish:
-                    finish[t.row], done[t.row] = t.finish, True
-                if req.stop:
-                    at = first_stop(server.decode(ids[t.row]), req.stop)
-                    if at is not None:
-                        cut[t.row], finish[t.row], done[t.row] = at, "stop", True
-                if all(done):
-                    break  # leaving server.tokens cancels the job: its rows are freed
-        finally:
-            steering.release()
-        out = _response(server, req, steering, ids, finish, chat, cut)
-        if steering.readouts:
-            out["choices"][0]["readout"] = log.json()
-        return out
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body = await server.body(request)
+        return await run_in_threadpool(tokenizer_api.tokenize, server.tokenizer, body,
+                                       server.max_model_len)
 
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body = await server.body(request)
+        return await run_in_threadpool(tokenizer_api.detokenize, server.tokenizer, body)
+
+
+def _generation_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        return await generate(request, chat=True)
+        return await generate(server, request, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        return await generate(request, chat=False)
+        return await generate(server, request, chat=False)
 
     @app.post("/v1/encode")
     async def encode(request: Request) -> Any:
-
-        body = parse_json(await request.body())
-        return await encode_request(server, body)
-
-    return app
+        return await encode_request(server, await server.body(request))
 
 
-def _response(server: Server, req: GenRequest, steering: Steering, ids: list[list[int]],
-              finish: list[str], chat: bool, cut: list[int | None]) -> dict[str, Any]:
-    def text_of(row: int) -> str:
-        return server.decode(ids[row])[:cut[row]]  # [:None] is the whole text
-
-    text = text_of(0)
-    choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": text},
-                               "finish_reason": finish[0], "logprobs": None} if chat else
-                              {"index": 0, "text": text, "finish_reason": finish[0], "logprobs": None})
-    out: dict[str, Any] = {
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()), "model": server.config.model_id, "choices": [choice],
-        "usage": {"prompt_tokens": len(req.ids), "completion_tokens": len(ids[0]),
-                  "total_tokens": len(req.ids) + len(ids[0])},
-        "steering": {"applied": steering.applied},
-    }
-    if req.return_baseline:
-        out["steering"]["baseline"] = {"text": text_of(1), "finish_reason": finish[1],
-                                       "completion_tokens": len(ids[1])}
-    return out
-
-
-async def _stream(server: Server, job: Job, steering: Steering, request: Any, chat: bool,
-                  stops: list[str]) -> AsyncIterator[str]:
-    """Server-sent events: the text in pieces that concatenate to the non-streamed text (with
-    ``stops``, the last few characters wait until no stop string can be forming there)."""
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    created = int(time.time())
-
-    def chunk(piece: str | None, finish: str | None, first: bool = False,
-              readout: list[dict[str, Any]] | None = None) -> str:
-        if chat:
-            delta: dict[str, Any] = {} if piece is None else {"content": piece}
-            if first:
-                delta["role"] = "assistant"
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish,
-                                      "logprobs": None}
-        else:
-            choice = {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}
-        if readout:
-            choice["readout"] = readout
-        body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk" if chat else
-                                "text_completion", "created": created,
-                                "model": server.config.model_id, "choices": [choice]}
-        if first:
-            body["steering"] = {"applied": steering.applied}
-        return f"data: {json.dumps(body)}\n\n"
-
-    ids: list[int] = []
-    sent = ""
-    hold = max((len(x) for x in stops), default=1) - 1  # a stop string may still be forming
-    log = server.readout_log(steering)
-    pending: list[dict[str, Any]] = []  # readouts not sent yet (they go with the next chunk)
+async def generate(server: Server, request: Request, chat: bool) -> Any:
+    """A chat or completion request, answered whole or streamed (shaped in :mod:`.choices`)."""
+    req, steering = await server.prepare(await server.body(request), chat)
     try:
-        yield chunk("" if chat else None, None, first=True)
-        async for t in server.tokens(job, request):
-            pending += log.add(t.readout, t.read_ids)
-            if t.token is not None:
-                ids.append(t.token)
-            text = server.decode(ids)
-            if t.finish is None and text.endswith("\ufffd"):
-                continue  # half of a multi-byte character: wait for the rest
-            at = first_stop(text, stops) if stops else None
-            if at is not None:
-                yield chunk(text[len(sent):at], "stop", readout=pending)
-                break  # leaving server.tokens cancels the job
-            end = len(text) if t.finish else max(len(sent), len(text) - hold)
-            piece, sent = text[len(sent):end], text[:end]
-            if piece or t.finish or pending:
-                yield chunk(piece, t.finish, readout=pending)
-                pending = []
-        yield "data: [DONE]\n\n"
-    except HttpError as exc:
-        yield f"data: {json.dumps(exc.body())}\n\n"
+        job = server.job(req, steering)
+    except BaseException:
+        steering.release()
+        raise
+    if req.stream:
+        def cleanup() -> None:
+            steering.release()
+            server.scheduler.cancel(job)  # a no-op once the job finished
+
+        return _Stream(choices.stream(server, req, job, steering, request), cleanup)
+    try:
+        rows = await choices.collect(server, req, job, steering, request)
     finally:
         steering.release()
+    return choices.body(server, req, steering, rows)
 
 
-__all__ = ["ServeConfig", "Server", "create_app", "check_name"]
+__all__ = ["ServeConfig", "Server", "create_app"]

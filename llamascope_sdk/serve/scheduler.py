@@ -6,7 +6,9 @@ forward, and advances every running row in one batched forward. A request whose 
 away is cancelled and its row freed at the next step. Every other use of the model (``/v1/encode``)
 runs on the same thread between steps, since hooks placed on the model apply to every forward.
 
-When more than ``max_queue`` requests wait, :meth:`Scheduler.submit` refuses with a 429.
+When ``max_queue`` requests wait already, :meth:`Scheduler.submit` raises
+:class:`~llamascope_sdk.serve.errors.QueueFullError` (the HTTP layer answers 429); while it stops,
+:class:`~llamascope_sdk.serve.errors.ShuttingDownError` (503). It raises no HTTP errors itself.
 :meth:`Scheduler.stop` lets running and waiting requests finish, refuses new ones, then ends
 the thread.
 """
@@ -22,7 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from llamascope_sdk.serve.errors import HttpError, busy
+from llamascope_sdk.serve.errors import QueueFullError, ShuttingDownError
 from llamascope_sdk.steering.batch_generation import BatchGenerator, Row, Token
 
 
@@ -54,6 +56,9 @@ class Scheduler:
                  batch_wait: float = 0.005) -> None:
         if max_batch < 2:
             raise ValueError(f"max_batch must be at least 2 (a steered row and its baseline), got {max_batch}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1 (with 0 every request would be "
+                             f"refused as the queue being full), got {max_queue}")
         self.gen = BatchGenerator(model, tokenizer)
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.batch_wait = max_batch, max_queue, batch_wait
@@ -70,12 +75,18 @@ class Scheduler:
 
     # ------------------------------------------------------------------ from request handlers
     def submit(self, job: Job) -> None:
-        """Queue ``job``; 429 when the queue is full, 503 while shutting down."""
+        """Queue ``job``.
+
+        Raises:
+            QueueFullError: ``max_queue`` requests wait already.
+            ShuttingDownError: :meth:`stop` was called.
+        """
         with self._cond:
             if self._stopping:
-                raise HttpError(503, "the server is shutting down; not accepting new requests")
+                raise ShuttingDownError("the server is shutting down; not accepting new requests")
             if len(self._waiting) >= self.max_queue:
-                raise busy(f"the queue is full ({self.max_queue} requests waiting); retry later")
+                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); "
+                                     "retry later")
             job.left = len(job.rows)
             self._waiting.append(job)
             self._cond.notify_all()
@@ -96,7 +107,7 @@ class Scheduler:
         fut: Future[Any] = Future()
         with self._cond:
             if self._stopping:
-                raise HttpError(503, "the server is shutting down; not accepting new requests")
+                raise ShuttingDownError("the server is shutting down; not accepting new requests")
             self._calls.append((fn, fut))
             self._cond.notify_all()
         return fut

@@ -16,6 +16,12 @@ Decoding: greedy (``temperature=0``, the default), or sampling with ``temperatur
 ``top_p`` from a per-row generator seeded by ``seed``. A row stops after one of its stop ids
 (default: the model's EOS ids), included in its tokens like ``model.generate`` does, or after
 ``max_new_tokens``.
+
+Log-probabilities: a row with ``logprobs=N`` gets, on each of its tokens, the token's
+log-probability and the N most likely tokens (:mod:`llamascope_sdk.steering.logprobs`); a row
+with ``prompt_logprobs`` gets, on its first event, its prompt's tokens scored the same way, under
+its edits, from the same prefill forward (``max_new_tokens=0`` then scores the prompt only: one
+event with no token).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from llamascope_sdk.loading.compat import check_compatible
 from llamascope_sdk.loading.models import check_fits_window, model_device, special_ids
 from llamascope_sdk.steering.generation import prompt_ids
 from llamascope_sdk.steering.interventions import Intervention
+from llamascope_sdk.steering.logprobs import MAX_TOP, FinalHidden, Logprobs, prompt_logprobs, score
 from llamascope_sdk.steering.readout import Readout, ReadoutValues
 from llamascope_sdk.steering.row_edits import RowEdit, RowState, as_row_edits, row_hooks
 
@@ -53,6 +60,8 @@ class Row:
     seed: int | None = None
     stop_ids: Collection[int] | None = None
     readouts: Sequence[Readout] = ()
+    logprobs: int | None = None  #: top-N alternatives per token (0: the token's own only)
+    prompt_logprobs: bool = False  #: score the prompt's tokens too (first event's ``prompt``)
 
 
 @dataclass
@@ -64,6 +73,11 @@ class Token:
     ``read_ids`` it ran on: the prompt at the first event, then the previous token. The last
     token is read by one more forward, whose event has no token (``token`` None) and carries
     ``finish``.
+
+    ``token`` is also None for a row with ``max_new_tokens=0`` (its prompt scored, nothing
+    generated). ``logprob`` and ``top`` (``(id, log-probability)``, most likely first) when the
+    row asked for ``logprobs``; ``prompt`` on the row's first event when it asked for
+    ``prompt_logprobs``.
     """
 
     row: int
@@ -73,6 +87,9 @@ class Token:
     read_ids: list[int] | None = None
     #: on the last event: whether a condition of the row's edits held anywhere (None: none)
     fired: bool | None = None
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+    prompt: Logprobs | None = None
 
 
 @dataclass
@@ -148,8 +165,11 @@ class BatchGenerator:
         ids = [int(i) for i in row.ids]
         if not ids:
             raise InputError("the prompt is empty (no token ids)", hint="give some text")
-        if row.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be at least 1, got {row.max_new_tokens}")
+        if row.max_new_tokens < (0 if row.prompt_logprobs else 1):
+            raise InputError(f"max_new_tokens must be at least 1 (0 only with prompt_logprobs), "
+                             f"got {row.max_new_tokens}")
+        if row.logprobs is not None and not 0 <= row.logprobs <= MAX_TOP:
+            raise InputError(f"logprobs must be in 0..{MAX_TOP}, got {row.logprobs}")
         if not (row.temperature >= 0 and row.temperature < float("inf")):
             raise InputError(f"temperature must be a finite number >= 0, got {row.temperature}")
         if not 0 < row.top_p <= 1:
@@ -205,7 +225,10 @@ class BatchGenerator:
         return events
 
     def _forward(self, rows: list[_State], ids_BT: torch.Tensor, mask_BL: torch.Tensor,
-                 pos_BT: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+                 pos_BT: torch.Tensor, cache: Any,
+                 prompts: bool = False) -> tuple[torch.Tensor, Any, list[Logprobs | None]]:
+        """Last-position logits [B, V], the cache, and (``prompts``) each row's prompt scored
+        when it asked for ``prompt_logprobs`` (from the final hidden states of this forward)."""
         keep = mask_BL[:, -ids_BT.shape[1]:].bool()
         if self.special:
             keep &= ~torch.isin(ids_BT, torch.tensor(self.special, device=ids_BT.device))
@@ -214,14 +237,22 @@ class BatchGenerator:
         # A forward that only reads the last tokens of finishing rows stops after the last
         # site it reads (their logits and cache are not needed: the rows leave after it).
         drain = bool(hooks) and all(st.finishing is not None for st in rows)
+        scored: list[Logprobs | None] = [None] * len(rows)
+        want = prompts and any(st.row.prompt_logprobs for st in rows)
+        final = FinalHidden(self.model, active=want)
         out = None
-        with hooked(self.model, hooks, stop_after_last=drain):
+        with hooked(self.model, hooks, stop_after_last=drain), final:
             out = self.model(input_ids=ids_BT, attention_mask=mask_BL,
                              position_ids=pos_BT.clamp(min=0), use_cache=True, logits_to_keep=1,
                              **{self._cache_arg: cache})
+            if final.hidden_BTD is not None:
+                for b, st in enumerate(rows):
+                    if st.row.prompt_logprobs:
+                        scored[b] = prompt_logprobs(self.model, final.hidden_BTD[b, st.offset:],
+                                                    st.row.ids, st.row.logprobs or 0)
         if out is None:
-            return torch.zeros(len(rows), 1, device=ids_BT.device), cache
-        return out.logits[:, -1, :], getattr(out, self._cache_arg)
+            return torch.zeros(len(rows), 1, device=ids_BT.device), cache, scored
+        return out.logits[:, -1, :], getattr(out, self._cache_arg), scored
 
     def _decode(self) -> list[Token]:
         assert self._mask is not None
@@ -230,7 +261,7 @@ class BatchGenerator:
         ids = torch.tensor([[st.out[-1]] for st in rows], device=self.device)
         mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
         pos = torch.tensor([[n_cols - st.offset] for st in rows], device=self.device)
-        logits, self._cache = self._forward(rows, ids, mask, pos, self._cache)
+        logits, self._cache, _ = self._forward(rows, ids, mask, pos, self._cache)
         self._mask = mask
         return self._emit(rows, logits, [[st.out[-1]] for st in rows])
 
@@ -247,16 +278,30 @@ class BatchGenerator:
             [[st.offset] for st in rows], device=self.device)
         from transformers import DynamicCache
 
-        logits, cache = self._forward(rows, ids, mask, pos, DynamicCache())
-        self._merge(rows, cache, mask)
-        return self._emit(rows, logits, [[int(i) for i in st.row.ids] for st in rows])
+        logits, cache, scored = self._forward(rows, ids, mask, pos, DynamicCache(), prompts=True)
+        events = self._emit(rows, logits, [[int(i) for i in st.row.ids] for st in rows], scored)
+        going = [b for b, e in enumerate(events) if e.finish is None]
+        if going:  # rows done at their first token (a loglikelihood request) never join
+            if len(going) < len(rows):
+                idx = torch.tensor(going, device=mask.device)
+                for layer in cache.layers:
+                    layer.keys = layer.keys.index_select(0, idx)
+                    layer.values = layer.values.index_select(0, idx)
+                mask = _trim_left(mask.index_select(0, idx), [rows[b] for b in going], cache)
+            self._merge([rows[b] for b in going], cache, mask)
+        return events
 
-    def _emit(self, rows: list[_State], logits: torch.Tensor, read_ids: list[list[int]]) -> list[Token]:
+    def _emit(self, rows: list[_State], logits: torch.Tensor, read_ids: list[list[int]],
+              scored: Sequence[Logprobs | None] | None = None) -> list[Token]:
         events = []
         for b, st in enumerate(rows):
-            read = (st.state.read, read_ids[b]) if st.state.readouts else (None, None)
-            if st.finishing is not None:  # this forward only read the last token
-                events.append(Token(st.handle, None, st.finishing, *read))
+            read, ids = (st.state.read, read_ids[b]) if st.state.readouts else (None, None)
+            prompt = scored[b] if scored is not None else None
+            if st.finishing is not None or st.row.max_new_tokens == 0:
+                # this forward only read the last token, or scored the prompt of a row that
+                # generates nothing
+                events.append(Token(st.handle, None, st.finishing or "length", read, ids,
+                                    prompt=prompt))
                 events[-1].fired = None if st.state.fired is None else bool(st.state.fired)
                 continue
             tok = self._pick(st, logits[b])
@@ -265,9 +310,13 @@ class BatchGenerator:
                       "length" if len(st.out) >= st.row.max_new_tokens else None)
             if finish is not None and st.state.readouts:
                 st.finishing, finish = finish, None  # one more forward reads this token
-            events.append(Token(st.handle, tok, finish, *read))
+            ev = Token(st.handle, tok, finish, read, ids, prompt=prompt)
+            if st.row.logprobs is not None:
+                got = score(logits[b:b + 1], torch.tensor([tok]), st.row.logprobs)
+                ev.logprob, ev.top = got.token[0], got.top[0]
             if finish is not None:
-                events[-1].fired = None if st.state.fired is None else bool(st.state.fired)
+                ev.fired = None if st.state.fired is None else bool(st.state.fired)
+            events.append(ev)
         return events
 
     @staticmethod
@@ -321,6 +370,18 @@ class BatchGenerator:
         self._mask = self._mask.index_select(0, idx)[:, trim:]
         for st in self._rows:
             st.offset -= trim
+
+
+def _trim_left(mask_BL: torch.Tensor, rows: list[_State], cache: Any) -> torch.Tensor:
+    """Drop the padding columns no row of ``rows`` needs (after some rows were removed), from
+    the mask and ``cache``; the rows' offsets follow."""
+    trim = min(st.offset for st in rows)
+    if trim:
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, trim:], layer.values[:, :, trim:]
+        for st in rows:
+            st.offset -= trim
+    return mask_BL[:, trim:]
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -156,6 +156,17 @@ class SaePool:
         found = locate(str(name))
         return (found.folder, found.name) if found.format == "release" else None
 
+    def fetch(self, name: str) -> str:
+        """Resolve ``name`` and bring its files to this machine (a Hub name is downloaded)
+        without loading it; its key. The step of a load that fails when the SAE is not
+        available, apart from the steps that fail on what it holds."""
+        k = self.key(name)
+        with self._cond:
+            if k in self._saes:
+                return k
+        locate(resolve_alias(str(name)))  # a folder's format checked; a Hub name's files here
+        return k
+
     # ------------------------------------------------------------------ state
     @property
     def used(self) -> int:
@@ -237,16 +248,20 @@ class SaePool:
         """Evict least-recently-used SAEs that nobody holds until ``need`` more bytes fit.
         Called with the lock held."""
         if need > self.budget:
-            raise SaeBudgetError(f"{key} needs {need / 1e6:.0f} MB, more than the whole SAE "
+            err = SaeBudgetError(f"{key} needs {need / 1e6:.0f} MB, more than the whole SAE "
                                  f"memory budget of {self.budget / 1e6:.0f} MB",
                                  hint="raise the budget (--sae-memory) or use a smaller dtype")
+            err.need = need  # type: ignore[attr-defined]  # bytes: a server says so, no key
+            raise err
         while self.used + need > self.budget:
             victim = next((v for v in self._saes if self._held.get(v, 0) <= 0), None)
             if victim is None:
-                raise PoolBusyError(
+                err = PoolBusyError(
                     f"the SAE memory budget ({self.budget / 1e6:.0f} MB) is taken by SAEs in use "
                     f"({', '.join(self._saes) or 'loads in progress'}); {key} does not fit now",
                     hint="try again when the running requests finish")
+                err.need = need  # type: ignore[attr-defined]
+                raise err
             del self._saes[victim]
             del self._sizes[victim]
             self._held.pop(victim, None)

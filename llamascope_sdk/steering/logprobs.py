@@ -1,0 +1,110 @@
+"""Token log-probabilities: of the token that came, and the top-N alternatives, per position.
+
+The numbers are ``log_softmax`` of the model's logits in fp32, at the model's own temperature
+(1.0): a request's ``temperature`` and ``top_p`` change which token is drawn, not the
+log-probabilities reported for it (as OpenAI's API and vLLM's default report them).
+
+For a prompt (``echo``), the logits at every prompt position are needed. The generator's
+forward keeps only the last position's logits (``logits_to_keep=1``: the whole [B, T, V] logits
+of a batch of long prompts would be gigabytes), so :class:`FinalHidden` keeps the final hidden
+states (the output of the model's last norm, [B, T, D]) and :func:`prompt_logprobs` applies the
+model's own output layer to one row's prompt positions at a time: the logits a plain forward
+computes, V x T floats for one row at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+#: top-N alternatives one position may ask for (OpenAI allows 5 on completions, 20 in chat)
+MAX_TOP = 20
+
+
+@dataclass
+class Logprobs:
+    """Log-probabilities at consecutive positions.
+
+    ``token[i]`` is the log-probability of the token at position ``i`` given the tokens before
+    it (None for a prompt's first token: nothing predicts it); ``top[i]`` the ``n`` most likely
+    tokens there as ``(token id, log-probability)``, most likely first (empty at the first
+    prompt token).
+    """
+
+    token: list[float | None] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
+
+    def extend(self, other: Logprobs) -> None:
+        self.token += other.token
+        self.top += other.top
+
+
+def score(logits_TV: torch.Tensor, next_T: torch.Tensor, top_n: int) -> Logprobs:
+    """Log-probabilities of ``next_T[t]`` under ``logits_TV[t]``, and the ``top_n`` best at each t.
+
+    The chosen token's value and the top values come from one ``log_softmax`` tensor, so a
+    token that is the most likely one has exactly the value listed first in ``top`` (lm-eval's
+    ``is_greedy`` compares them with ``==``).
+    """
+    lp_TV = torch.log_softmax(logits_TV.float(), dim=-1)
+    chosen_T = lp_TV.gather(-1, next_T.to(lp_TV.device)[:, None])[:, 0]
+    top: list[list[tuple[int, float]]] = [[] for _ in range(lp_TV.shape[0])]
+    if top_n > 0:
+        vals_TN, idx_TN = lp_TV.topk(top_n, dim=-1)
+        top = [list(zip(i, v, strict=True)) for i, v in zip(idx_TN.tolist(), vals_TN.tolist(),
+                                                             strict=True)]
+    return Logprobs(token=list(chosen_T.tolist()), top=top)
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm whose output the language-model head reads (``model.model.norm`` for Llama)."""
+    get = getattr(model, "get_decoder", None)
+    base = get() if callable(get) else getattr(model, "model", None)
+    norm = getattr(base, "norm", None)
+    if not isinstance(norm, nn.Module):
+        raise TypeError(f"{type(model).__name__}: no final norm found (expected model.model.norm "
+                        "of a Llama-family causal LM)")
+    return norm
+
+
+class FinalHidden:
+    """Keeps the final hidden states [B, T, D] of the forwards run inside the ``with`` block
+    (a forward hook on :func:`final_norm`, removed on exit); ``active=False``: does nothing."""
+
+    def __init__(self, model: nn.Module, *, active: bool = True) -> None:
+        self.model, self.active = model, active
+        self.hidden_BTD: torch.Tensor | None = None
+        self._handle: Any = None
+
+    def __enter__(self) -> FinalHidden:
+        def keep(_mod: nn.Module, _inp: Any, out: Any) -> None:
+            self.hidden_BTD = out[0] if isinstance(out, tuple) else out
+
+        if self.active:
+            self._handle = final_norm(self.model).register_forward_hook(keep)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def prompt_logprobs(model: nn.Module, hidden_TD: torch.Tensor, ids: Sequence[int],
+                    top_n: int) -> Logprobs:
+    """Log-probabilities of a prompt's tokens from its final hidden states (``hidden_TD``: the
+    row's prompt positions, no padding): None for the first, then ``log p(ids[t] | ids[:t])``."""
+    head = getattr(model, "get_output_embeddings")()  # noqa: B009  (nn.Module's typing hides it)
+    if len(ids) < 2:
+        return Logprobs(token=[None], top=[[]])
+    with torch.no_grad():
+        logits_TV = head(hidden_TD[:-1])
+    out = score(logits_TV, torch.tensor(list(ids[1:]), dtype=torch.long), top_n)
+    return Logprobs(token=[None, *out.token], top=[[], *out.top])
+
+
+__all__ = ["MAX_TOP", "FinalHidden", "Logprobs", "final_norm", "prompt_logprobs", "score"]
