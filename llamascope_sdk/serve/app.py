@@ -363,12 +363,13 @@ def _generation_routes(app: FastAPI, server: Server) -> None:
 
 async def generate(server: Server, request: Request, chat: bool) -> Any:
     """A chat or completion request, answered whole or streamed (shaped in :mod:`.choices`)."""
-    req, steering = await server.prepare(await server.body(request), chat)
-    try:
-        job = server.job(req, steering)
-    except BaseException:
-        steering.release()
-        raise
+    with server.scheduler.incoming():  # admission waits for requests still being read
+        req, steering = await server.prepare(await server.body(request), chat)
+        try:
+            job = server.job(req, steering)
+        except BaseException:
+            steering.release()
+            raise
     if req.stream:
         def cleanup() -> None:
             steering.release()

@@ -2,9 +2,23 @@
 
 Requests that arrive together are generated together: each step admits the waiting requests
 (up to ``max_batch`` rows; a request with ``return_baseline`` is two rows), prefills them in one
-forward, and advances every running row in one batched forward. A request whose client went
-away is cancelled and its row freed at the next step. Every other use of the model (``/v1/encode``)
-runs on the same thread between steps, since hooks placed on the model apply to every forward.
+forward, and advances every running row in one batched forward.
+
+A request whose client went away is cancelled and its row freed at the next step. Every other
+use of the model (``/v1/encode``) runs on the same thread between steps, since hooks placed on
+the model apply to every forward.
+
+Admission waits for the rest of a burst. A forward of 8 rows costs about what a forward of 1
+costs where it is bound by reading the weights (a small batch on a CPU), so requests that arrive
+a few milliseconds apart should be prefilled in one forward, not one each (and then they finish
+together). The HTTP layer counts the requests it has received but not yet queued
+(:meth:`Scheduler.incoming`: their bodies are being parsed and tokenised). Waiting requests are
+admitted once they fill the batch; or once none is on its way and none was queued for a quiet
+spell of an eighth of a step (at least ``batch_wait``); or once the oldest has waited one step
+(at most ``gather_max``): splitting a burst costs about one more forward, so waiting longer than
+that never pays. A step's time is a running average of the last steps. A lone request waits the
+quiet spell only. Which rows run together never changes a row's tokens (each row is computed as
+if alone), only how many forwards are run.
 
 When ``max_queue`` requests wait already, :meth:`Scheduler.submit` raises
 :class:`~llamascope_sdk.serve.errors.QueueFullError` (the HTTP layer answers 429); while it stops,
@@ -18,8 +32,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -49,11 +64,12 @@ class Job:
 
 
 class Scheduler:
-    """See the module docstring. ``batch_wait``: seconds an idle scheduler waits after the
-    first request for others to arrive with it."""
+    """See the module docstring. ``batch_wait``: the shortest quiet spell (seconds, no request
+    queued and none on its way) before waiting requests are admitted; ``gather_max``: the
+    longest a request waits for others of its burst."""
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 64,
-                 batch_wait: float = 0.005) -> None:
+                 batch_wait: float = 0.005, gather_max: float = 0.25) -> None:
         if max_batch < 2:
             raise ValueError(f"max_batch must be at least 2 (a steered row and its baseline), got {max_batch}")
         if max_queue < 1:
@@ -62,6 +78,11 @@ class Scheduler:
         self.gen = BatchGenerator(model, tokenizer)
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.batch_wait = max_batch, max_queue, batch_wait
+        self.gather_max = gather_max
+        self._incoming = 0  # requests received by the HTTP layer, not queued yet
+        self._last_queued = 0.0  # time.monotonic() of the last submit
+        self._since: dict[int, float] = {}  # id(job) -> when it was queued
+        self.step_s = 0.0  # running average of a step's seconds
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._running: dict[int, Job] = {}  # generator handle -> job
@@ -89,7 +110,22 @@ class Scheduler:
                                      "retry later")
             job.left = len(job.rows)
             self._waiting.append(job)
+            self._last_queued = time.monotonic()
+            self._since[id(job)] = self._last_queued
             self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Count a request as on its way while the block runs (the HTTP layer wraps its
+        parsing, tokenising and :meth:`submit` in it), so that admission waits for it."""
+        with self._cond:
+            self._incoming += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._incoming -= 1
+                self._cond.notify_all()
 
     def cancel(self, job: Job) -> None:
         """Drop a job (its client disconnected): waiting, or its rows at the next step.
@@ -98,6 +134,7 @@ class Scheduler:
         with self._cond:
             if job in self._waiting:
                 self._waiting.remove(job)
+                self._since.pop(id(job), None)
                 return
             self._cancel.append(job)
             self._cond.notify_all()
@@ -133,8 +170,10 @@ class Scheduler:
                     self._cond.wait()
                 if self._stopping and not (self._waiting or self._running or self._calls):
                     return
-                if self._waiting and not self._running and self.batch_wait > 0:
-                    self._cond.wait(self.batch_wait)  # let requests sent together arrive
+                ready = self._gathered()
+                while not ready and not (self._running or self._calls):
+                    self._cond.wait(max(self._gather_left(), 1e-4))  # idle: let the burst come
+                    ready = self._gathered()
                 calls = list(self._calls)
                 self._calls.clear()
                 gone = {id(j) for j in self._cancel}  # the jobs are alive here: ids are unique
@@ -142,8 +181,10 @@ class Scheduler:
                 self._cancel.clear()
                 admit = []
                 rows = self.gen.size - len(cancelled)
-                while self._waiting and rows + len(self._waiting[0].rows) <= self.max_batch:
+                while ready and self._waiting and \
+                        rows + len(self._waiting[0].rows) <= self.max_batch:
                     job = self._waiting.popleft()
+                    self._since.pop(id(job), None)
                     rows += len(job.rows)
                     admit.append(job)
             for fn, fut in calls:
@@ -159,6 +200,30 @@ class Scheduler:
                 self._admit(job)
             if self.gen.busy:
                 self._step()
+
+    def _windows(self) -> tuple[float, float]:
+        """(quiet spell, longest wait) in seconds, from the step time (module docstring)."""
+        longest = min(self.gather_max, max(self.batch_wait, self.step_s))
+        return min(longest, max(self.batch_wait, self.step_s / 8)), longest
+
+    def _gathered(self) -> bool:
+        """Whether the waiting requests may be admitted now (see the module docstring); called
+        holding the lock."""
+        if not self._waiting or self._stopping:
+            return True
+        if sum(len(j.rows) for j in self._waiting) >= self.max_batch - self.gen.size:
+            return True
+        return self._gather_left() <= 0
+
+    def _gather_left(self) -> float:
+        """Seconds until the waiting requests may be admitted without a notify (lock held)."""
+        now = time.monotonic()
+        quiet, longest = self._windows()
+        oldest = self._since.get(id(self._waiting[0]), now) if self._waiting else now
+        left = longest - (now - oldest)
+        if self._incoming == 0:
+            left = min(left, quiet - (now - self._last_queued))
+        return left
 
     def _admit(self, job: Job) -> None:
         try:
@@ -176,6 +241,7 @@ class Scheduler:
 
     def _step(self) -> None:
         self.max_rows_seen = max(self.max_rows_seen, self.gen.size)
+        t0 = time.monotonic()
         try:
             events: list[Token] = self.gen.step()
         except Exception as exc:  # noqa: BLE001  every running request learns of it
@@ -187,6 +253,8 @@ class Scheduler:
             self.gen = BatchGenerator(self.model, self.tokenizer)
             return
         self.steps += 1
+        took = time.monotonic() - t0
+        self.step_s = took if self.steps == 1 else 0.75 * self.step_s + 0.25 * took
         for e in events:
             with self._cond:
                 job = self._running.get(e.row)
