@@ -5,7 +5,8 @@ position. It is read at the SAE's input site during the running (steered) forwar
 edits at that site, exactly as :func:`~llamascope_sdk.steering.reading.read_features` and
 ``llamascope encode`` read it: the full-precision SAE activation of the activation there, zero
 at special tokens (BOS, EOS, pad). Named features touch their encoder rows only; ``top_k``
-encodes all features of the row's positions.
+encodes all features of the row's positions. Rows that read the same features of the same SAE
+in one forward are read together (:meth:`Readout.read_rows`: one encode, one copy to the host).
 
 :class:`~llamascope_sdk.steering.batch_generation.BatchGenerator` reads them for the rows that
 carry them and hands each forward's values out with that forward's tokens
@@ -73,18 +74,33 @@ class Readout:
             self.top_k = top_k
         self.site: Site = parse_hook_point(sae.hyperparams.hook_point_in)
 
+    @property
+    def key(self) -> tuple[int, tuple[int, ...] | int]:
+        """Readouts with equal keys read the same values (one SAE, the same features or the
+        same k): a batch reads them for all their rows at once (:meth:`read_rows`)."""
+        what = tuple(self.idx.tolist()) if self.idx is not None else int(self.top_k or 0)
+        return id(self.sae), what
+
     def read(self, x_TD: torch.Tensor, keep_T: torch.Tensor) -> ReadoutValues:
         """The readout at the positions of ``x_TD`` (the activation at :attr:`site`); zero at
         positions where ``keep_T`` is False."""
-        x = x_TD.to(self.sae.dtype)
-        keep = keep_T[:, None].to(x.device)
+        values, features = self.read_rows(x_TD[None], keep_T[None])
+        return ReadoutValues(values[0], features[0])
+
+    def read_rows(self, x_GTD: torch.Tensor,
+                  keep_GT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`read` for G rows at once: (values, features), each [G, T, n] on the CPU,
+        copied from the device in one transfer each. Named features touch their encoder rows
+        only."""
+        x = x_GTD.to(self.sae.dtype)
+        keep = keep_GT[..., None].to(x.device)
         if self.idx is not None:
-            v = self.sae.encode_features(x, self.idx).float() * keep
-            return ReadoutValues(v.cpu(), self.idx.cpu().expand(v.shape[0], -1).clone())
+            v = (self.sae.encode_features(x, self.idx).float() * keep).cpu()
+            return v, self.idx.cpu().expand(*v.shape[:-1], -1)
         assert self.top_k is not None
         f = self.sae.encode(x).float() * keep
         top = torch.topk(f, self.top_k, dim=-1)
-        return ReadoutValues(top.values.cpu(), top.indices.cpu())
+        return top.values.cpu(), top.indices.cpu()
 
     def __repr__(self) -> str:
         what = f"top_k={self.top_k}" if self.idx is None else f"features={self.idx.tolist()}"

@@ -143,9 +143,14 @@ class RowState:
     last forward read for them, and which of its edits' conditions have latched."""
 
     readouts: Sequence[Readout] = ()
-    read: list[ReadoutValues] = field(default_factory=list)  # one per readout, last forward
+    got: dict[int, ReadoutValues] = field(default_factory=dict)  # readout index -> last forward's
     latched: dict[int, torch.Tensor] = field(default_factory=dict)  # edit index -> bool [1]
     fired: torch.Tensor | None = None  # bool []: a condition held somewhere (None: none)
+
+    @property
+    def read(self) -> list[ReadoutValues]:
+        """What the last forward read, one entry per readout, in the order of ``readouts``."""
+        return [self.got[k] for k in range(len(self.readouts)) if k in self.got]
 
 
 def row_hooks(edits: Sequence[Sequence[RowEdit]], pos_BT: torch.Tensor,
@@ -174,6 +179,8 @@ def row_hooks(edits: Sequence[Sequence[RowEdit]], pos_BT: torch.Tensor,
     # site_out -> row -> [(edit, mask [1, T], edit index)], grouped by SAE in order of first use
     plan: dict[Site, dict[int, list[tuple[RowEdit, torch.Tensor, int]]]] = {}
     tc_layers: set[int] = set()
+    # (site, readout key) -> [(row, readout index, readout)]: read together
+    reads: dict[tuple[Site, object], list[tuple[int, int, Readout]]] = {}
     for b, row in enumerate(edits):
         groups: dict[tuple[Site, object], list[tuple[int, RowEdit]]] = {}
         for j, e in enumerate(row):
@@ -187,9 +194,11 @@ def row_hooks(edits: Sequence[Sequence[RowEdit]], pos_BT: torch.Tensor,
                 plan.setdefault(site, {}).setdefault(b, []).append((e, m[None, :], j))
                 if e.site_in.reads_input:
                     tc_layers.add(e.site_in.layer)
-        states[b].read = []
-        for r in states[b].readouts:
-            readers.setdefault(r.site, []).append(_readout_reader(r, b, pos_BT, keep_BT, states[b]))
+        states[b].got = {}
+        for k, r in enumerate(states[b].readouts):
+            reads.setdefault((r.site, r.key), []).append((b, k, r))
+    for (site, _), group in reads.items():
+        readers.setdefault(site, []).append(_readout_reader(group, pos_BT, keep_BT, states))
     tc_in: dict[int, torch.Tensor] = {}
     hooks: dict[Site, list[SiteFn]] = {}
     for layer in sorted(tc_layers):
@@ -223,13 +232,21 @@ def _condition_reader(when: Condition, b: int, j: int, keep_BT: torch.Tensor, st
     return read
 
 
-def _readout_reader(r: Readout, b: int, pos_BT: torch.Tensor, keep_BT: torch.Tensor,
-                    state: RowState) -> Callable[[torch.Tensor], None]:
-    """Reads row ``b``'s readout ``r`` at the row's real (non-padding) positions."""
-    real = pos_BT[b] >= 0
+def _readout_reader(members: list[tuple[int, int, Readout]], pos_BT: torch.Tensor,
+                    keep_BT: torch.Tensor, states: Sequence[RowState]
+                    ) -> Callable[[torch.Tensor], None]:
+    """Reads one readout (the same features of one SAE) for the rows of ``members`` in one
+    encode and one copy to the host, then keeps each row's real (non-padding) positions."""
+    rows = [b for b, _, _ in members]
+    real_BT = (pos_BT[rows] >= 0).cpu()
+    keep_GT = keep_BT[rows]
 
     def read(x: torch.Tensor) -> None:
-        state.read.append(r.read(x[b][real.to(x.device)], keep_BT[b][real]))
+        idx = torch.tensor(rows, device=x.device)
+        values, features = members[0][2].read_rows(x.index_select(0, idx), keep_GT)
+        for g, (b, k, _) in enumerate(members):
+            real = real_BT[g]
+            states[b].got[k] = ReadoutValues(values[g][real], features[g][real])
     return read
 
 
