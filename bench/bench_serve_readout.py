@@ -100,7 +100,7 @@ def serve_part(model, tok, cond_folder: Path, n_tokens: int, rounds: int) -> dic
     from llamascope_sdk.serve.runner import bind
     from llamascope_sdk.steering.pool import SaePool
 
-    cfg = ServeConfig(model_id="smollm2-135m", served_saes=(str(cond_folder),),
+    cfg = ServeConfig(model_id="smollm2-135m", served_saes=(str(cond_folder), "demo"),
                       limits=Limits(max_tokens=1024))
     app = create_app(model, tok, SaePool("1GB", device=model.device), cfg)
     sock = bind("127.0.0.1", 0)
