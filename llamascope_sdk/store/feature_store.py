@@ -66,6 +66,7 @@ from llamascope_sdk.loading.registry import claims, resolve
 from llamascope_sdk.mining.mine import HIST_EDGES, Contexts, Examples, MiningResult
 from llamascope_sdk.mining.spacing import spacing_rule
 from llamascope_sdk.mining.state import sample_priority
+from llamascope_sdk.store.compact import narrow, widen
 from llamascope_sdk.store.files import (
     FORMAT,
     KIND,
@@ -241,10 +242,12 @@ class FeatureStore:
         if self.contexts is not None:
             atomic_save_safetensors(context_tensors(self.contexts), tmp / "nonactivating.safetensors")
         self.stats.save(tmp / STATS_FILE)
-        atomic_save_safetensors({"counts": self.hist.long(), "edges": HIST_EDGES.float()},
+        atomic_save_safetensors({"counts": narrow(self.hist.long()), "edges": HIST_EDGES.float()},
                                 tmp / "histogram.safetensors")
         if self.lens is not None:
-            atomic_save_safetensors(self.lens.tensors(), tmp / "logit_lens.safetensors")
+            lens = self.lens.tensors()
+            lens |= {k: narrow(lens[k].long()) for k in ("top_ids", "bottom_ids")}
+            atomic_save_safetensors(lens, tmp / "logit_lens.safetensors")
         atomic_write_text(tmp / "vocab.json",
                           json.dumps({str(k): v for k, v in sorted(self.vocab.items())},
                                      ensure_ascii=False) + "\n")
@@ -281,7 +284,10 @@ class FeatureStore:
         version = int(meta["version"])
         top = read_examples(folder / "top.safetensors", f, center, version)
         bins = len(meta["histogram_edges"]) + 1
-        hist = read_tensors(folder / "histogram.safetensors", {"counts": (f, bins)})["counts"]
+        hist_path = folder / "histogram.safetensors"
+        hist_t = read_tensors(hist_path, {"counts": (f, bins)})
+        widen(hist_path, hist_t, ("counts",))
+        hist = hist_t["counts"]
         problems: list[str] = []
         optional = partial(read_optional, folder, meta, problems)
         lens = optional("logit_lens.safetensors", lambda p: _read_lens(p, f))
@@ -405,6 +411,7 @@ def _read_lens(path: Path, f: int) -> LogitLens:
     t = read_tensors(path, {k: (f, None) for k in ("top_ids", "top_values", "bottom_ids",
                                                   "bottom_values")})
     check_finite(path, t, ("top_values", "bottom_values"))
+    widen(path, t, ("top_ids", "bottom_ids"))
     return LogitLens(t["top_ids"], t["top_values"], t["bottom_ids"], t["bottom_values"])
 
 
