@@ -1,15 +1,17 @@
 """The on-disk feature store: what mining found for one SAE, reloadable without the model.
 
-A store is a folder of safetensors arrays and JSON; the layout of each file (version 3: the
-examples ragged, only where a feature fired) is at the top of :mod:`~llamascope_sdk.store.files`.
+A store is a folder of safetensors arrays and JSON; the layout of each file (version 4: the
+examples only where a feature fired, their windows encoded losslessly by
+:mod:`~llamascope_sdk.store.compact`) is at the top of :mod:`~llamascope_sdk.store.files`.
 
 The manifest names the format and kind (``"format": "llamascope-feature-store"``, ``"kind":
 "feature-store"``), every file of the store, and a fingerprint of the SAE's weights
 (:mod:`~llamascope_sdk.base.fingerprint`) so a store is never used with another SAE.
 
 Versions: 1 (no decile sample, no non-activating contexts; 16 samples of 21 tokens), 2 ([F,
-K] slots: a store as large as features x slots, examples could overlap) and 3 (ragged, spaced
-examples). Version-2 stores load as they are. A version-1 store still loads for ``show`` and pages; asking it for decile or
+K] slots: a store as large as features x slots, examples could overlap), 3 (ragged, spaced
+examples; windows as dense int32 tokens and float32 activations) and 4. Version-2 and
+version-3 stores load as they are. A version-1 store still loads for ``show`` and pages; asking it for decile or
 non-activating examples raises :class:`StoreVersionError` with the command that re-mines it.
 A newer version than this SDK knows is refused.
 
