@@ -164,7 +164,6 @@ def _window_tokens(path: Path, t: dict[str, torch.Tensor], center: int, w: int) 
     it: one search per window finds its first entry, and the run is in the table exactly
     when the entry ``hi - lo - 1`` further on has the run's last key (keys are distinct
     integers, rising)."""
-    n = t["doc"].numel()
     col = torch.arange(w)
     lo, hi = t["lo"], t["hi"]
     full = hi > lo
@@ -175,14 +174,20 @@ def _window_tokens(path: Path, t: dict[str, torch.Tensor], center: int, w: int) 
     last = table_key.numel() - 1
     start = torch.searchsorted(table_key, start_key).clamp(max=max(last, 0))
     end = (start + hi - lo - 1).clamp(0, max(last, 0))
-    if bool(full.any()) and (last < 0 or int(first[full].min()) < 0 or not torch.equal(table_key[start[full]], start_key[full])
+    if bool(full.any()) and (last < 0 or int(first[full].min()) < 0
+                             or not torch.equal(table_key[start[full]], start_key[full])
                              or not torch.equal(table_key[end[full]], (start_key + hi - lo - 1)[full])):
         raise CorruptCheckpointError(f"{path}: the token table lacks positions that the windows "
                                      "cover")
-    inside = (col >= lo[:, None]) & (col < hi[:, None])
-    at = (start[:, None] + col - lo[:, None]).clamp(0, max(last, 0))
-    tokens = (t["table_token"][at] if last >= 0 else torch.zeros(n, w, dtype=torch.long))
-    tokens = tokens.masked_fill_(~inside, -1)
+    # The table padded by W on both sides: row r's window is the W entries from start - lo + W
+    # (rows of the table's sliding windows, a view: one row copy per example, no clamp).
+    pad = torch.full((w,), -1, dtype=torch.long)
+    table = torch.cat([pad, t["table_token"], pad])
+    tokens = table.unfold(0, w, 1).index_select(0, start - lo + w)
+    cut = ((lo > 0) | (hi < w)).nonzero().squeeze(1)  # rows with entries outside the sequence
+    sub = tokens.index_select(0, cut)
+    sub.masked_fill_((col < lo[cut, None]) | (col >= hi[cut, None]), -1)
+    tokens.index_copy_(0, cut, sub)
     tokens[t["fix_row"], t["fix_col"]] = t["fix_token"]
     return tokens
 
