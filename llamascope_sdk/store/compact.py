@@ -86,7 +86,8 @@ def encode_examples(e: Examples) -> dict[str, torch.Tensor]:
     n, w = e.tokens.shape
     inside = e.tokens >= 0
     lo = torch.where(inside.any(1), inside.int().argmax(1), torch.zeros(n, dtype=torch.long))
-    hi = torch.where(inside.any(1), w - inside.flip(1).int().argmax(1), torch.zeros(n, dtype=torch.long))
+    hi = torch.where(inside.any(1), w - inside.flip(1).int().argmax(1),
+                     torch.zeros(n, dtype=torch.long))
     run = (torch.arange(w) >= lo[:, None]) & (torch.arange(w) < hi[:, None])
     if not torch.equal(run, inside):
         raise ValueError("an example window's tokens inside its sequence are not one run")
@@ -102,7 +103,8 @@ def encode_examples(e: Examples) -> dict[str, torch.Tensor]:
     rows, cols = inside.nonzero(as_tuple=True)
     nz = e.acts != 0
     arow, acol = nz.nonzero(as_tuple=True)
-    out = {"width": torch.tensor([w]), "indptr": e.indptr.long(), "doc": e.doc.long(), "pos": e.pos.long(), "lo": lo, "hi": hi,
+    out = {"width": torch.tensor([w]), "indptr": e.indptr.long(), "doc": e.doc.long(),
+           "pos": e.pos.long(), "lo": lo, "hi": hi,
            "table_doc": table[0] // span, "table_pos": table[0] % span, "table_token": table[1],
            "fix_row": rows[fix], "fix_col": cols[fix], "fix_token": tok[fix],
            "act_count": nz.sum(1), "act_col": acol}
