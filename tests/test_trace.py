@@ -289,6 +289,20 @@ def test_selected_features_keep_exact_edges() -> None:
     assert best in graph.selected_A
 
 
+@pytest.mark.parametrize("chunk", [1, 2500])
+def test_partial_batches_and_position_chunks_keep_exact_edges(monkeypatch, chunk: int) -> None:
+    """Rows in batches of 5 (the last one partial) with the decoder contraction cut into runs
+    of one position (chunk 1) or a few (2500 values): every edge still equals intervention."""
+    from llamascope_sdk.trace import rows
+
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", chunk)
+    model = tiny_model()
+    tcs = transcoders(list(range(N_LAYERS)))
+    graph = attribute(model, tcs, IDS, batch_size=5)
+    assert (graph.n_features + graph.n_logits) % 5 != 0
+    _check_graph(model, tcs, graph, 1e-10)
+
+
 def _hook_count(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 

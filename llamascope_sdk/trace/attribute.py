@@ -5,9 +5,9 @@ plain transformers model:
 
 1. one no-grad forward records each layer's transcoder input and MLP output; the active
    features, error nodes and logit targets follow (:mod:`.replacement`);
-2. one forward of the frozen replacement model on ``B`` copies of the prompt
-   (:mod:`.frozen`), B = min(batch_size, number of target rows);
-3. one backward pass per batch of B targets gives B rows of the edge matrix (:mod:`.rows`):
+2. one forward of the frozen replacement model on the prompt (:mod:`.frozen`);
+3. one batched backward pass per batch of B targets (B = min(batch_size, number of target
+   rows); autograd's ``is_grads_batched``) gives B rows of the edge matrix (:mod:`.rows`):
    first the logits, then features in order of their current influence on the logits
    (recomputed every ``update_interval`` batches), until ``max_feature_nodes`` have rows;
 4. the graph keeps the features that got rows, in node order.
@@ -82,12 +82,9 @@ class _RowFiller:
 
     def fill(self, start: int, targets: rows.Targets) -> None:
         grads, g_embed = rows.backward(self.tape, self.rep, targets)
-        batch = self.tape.embed.shape[0] if self.tape.embed is not None else len(targets.layers)
-        out = torch.zeros(batch, self.n_cols, dtype=self.rep.dtype, device=self.edges.device)
-        with torch.no_grad():
-            rows.contract(self.rep, grads, g_embed, out, self.offsets)
         n = len(targets.layers)
-        self.edges[start:start + n] = out[:n]
+        with torch.no_grad():
+            rows.contract(self.rep, grads, g_embed, self.edges[start:start + n], self.offsets)
 
     def feature_targets(self, idx: torch.Tensor) -> rows.Targets:
         """Targets for active features ``idx`` (node-order indices): their encoder rows."""
@@ -172,7 +169,7 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE],
         max_logits: at most this many logit targets ...
         logit_probability: ... the most probable ones until their probability sums to this.
         max_feature_nodes: feature rows computed (the most influential features first).
-        batch_size: targets per backward pass (the frozen forward runs on this many copies).
+        batch_size: targets per (batched) backward pass.
         target: attribute this one token id instead of the top logits.
         update_interval: batches between re-rankings of the features by influence.
         graph_device: where the edge matrix is kept (host memory by default).
@@ -225,12 +222,12 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE],
 def _run_rows(model: nn.Module, rep: Replacement, vecs_KD: torch.Tensor, n_feat: int,
               batch: int, update_interval: int, probs_K: torch.Tensor, device: torch.device,
               report: Callable[[str], None]) -> tuple[_RowFiller, torch.Tensor]:
-    """The frozen forward on ``batch`` copies, the logit rows, then the feature rows."""
+    """The frozen forward (once), the logit rows, then the feature rows, ``batch`` at a time."""
     n_logits = int(vecs_KD.shape[0])
-    ids_BT = rep.ids_T[None].expand(batch, -1).to(replacement.embed_device(model))
+    ids_1T = rep.ids_T[None].to(replacement.embed_device(model))
     inner = getattr(model, "model", model)
     with frozen_forward(model, rep.mlp_out) as tape:
-        inner(input_ids=ids_BT, use_cache=False)
+        inner(input_ids=ids_1T, use_cache=False)
         filler = _RowFiller(rep, tape, n_logits + n_feat, device)
         for s in range(0, n_logits, batch):
             k = min(batch, n_logits - s)
