@@ -120,6 +120,9 @@ def _select_features(filler: _RowFiller, n_logits: int, probs_K: torch.Tensor,
             infl = influence(filler.edges[:st], row_node[:st], w_R[:st], clamp=1e-8, max_iter=128)
             rank = torch.argsort(infl[:n_active], descending=True).cpu()
             pending = rank[~visited[rank]][:min(update_interval * batch, max_features - done)]
+        # within a round the rows do not depend on their order: batching the round's
+        # features by layer lets each backward stop at its batch's highest layer
+        pending = pending[torch.sort(filler.layer_A[pending], stable=True).indices]
         for s in range(0, len(pending), batch):
             idx = pending[s:s + batch]
             filler.fill(st, filler.feature_targets(idx))

@@ -41,17 +41,22 @@ class Targets:
 
 def _grad_outputs(tape: Tape, rep: Replacement, targets: Targets
                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(outputs, batched grad_outputs) for autograd: the read vectors placed at their rows;
-    each output is ``[1, T, D]``, its gradients ``[B, 1, T, D]``."""
+    """(outputs, batched grad_outputs) for autograd: per target layer, its input tensor
+    narrowed to the positions the batch reads there (``[1, P, D]``) and the read vectors
+    placed at their rows (``[B, 1, P, D]``), so injections take ``B P D``, not ``B T D``."""
     outputs, grads = [], []
     n = len(targets.layers)
     for layer in sorted(set(targets.layers)):
-        out = tape.final if layer == rep.n_layers else tape.tc_in[layer]
-        assert out is not None
+        full = tape.final if layer == rep.n_layers else tape.tc_in[layer]
+        assert full is not None
+        rows_b = [b for b, lt in enumerate(targets.layers) if lt == layer]
+        positions = sorted({targets.positions[b] for b in rows_b})
+        where = {p: i for i, p in enumerate(positions)}
+        out = full[:, positions]
         g = torch.zeros((n, *out.shape), dtype=out.dtype, device=out.device)
-        for b, (lt, pos) in enumerate(zip(targets.layers, targets.positions, strict=True)):
-            if lt == layer:
-                g[b, 0, pos] = targets.vectors_BD[b].to(device=g.device, dtype=g.dtype)
+        for b in rows_b:
+            vec = targets.vectors_BD[b].to(device=g.device, dtype=g.dtype)
+            g[b, 0, where[targets.positions[b]]] = vec
         outputs.append(out)
         grads.append(g)
     return outputs, grads
