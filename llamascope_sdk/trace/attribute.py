@@ -12,9 +12,9 @@ plain transformers model:
    (recomputed every ``update_interval`` batches), until ``max_feature_nodes`` have rows;
 4. the graph keeps the features that got rows, in node order.
 
-Host memory for the edge matrix during step 3 is ``4 * (F + K) * (A + (L+1) T)`` bytes
-(F = feature rows, K = logits, A = active features, L layers, T tokens); see
-:func:`llamascope_sdk.trace.memory.estimate`, printed before step 2.
+Peak memory follows :func:`llamascope_sdk.trace.memory.estimate` (the formula in
+docs/trace.md), printed before step 2; on glibc, :func:`~llamascope_sdk.trace.memory.
+return_freed_memory` is set first so that tensors freed between batches leave the process.
 """
 
 from __future__ import annotations
@@ -34,7 +34,12 @@ from llamascope_sdk.trace import replacement, rows
 from llamascope_sdk.trace.frozen import Tape, frozen_forward
 from llamascope_sdk.trace.graph import Graph
 from llamascope_sdk.trace.influence import influence
-from llamascope_sdk.trace.memory import check_edge_matrix_fits, estimate
+from llamascope_sdk.trace.memory import (
+    check_edge_matrix_fits,
+    estimate,
+    return_freed_memory,
+    widest_position,
+)
 from llamascope_sdk.trace.replacement import Replacement
 
 
@@ -188,6 +193,7 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE],
     if report is None:
         report = print if verbose else (lambda _m: None)
     t0 = time.perf_counter()
+    return_freed_memory()
     tcs = replacement.by_layer(model, transcoders)
     ids_T = _token_ids(prompt, tokenizer)
     rep = replacement.build(model, tcs, ids_T)
@@ -198,7 +204,7 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE],
     n_feat = min(max_feature_nodes, n_active)
     batch = max(1, min(batch_size, n_logits + n_feat))
     est = estimate(model, tcs, n_pos=rep.n_pos, n_active=n_active, n_feature_rows=n_feat,
-                   n_logits=n_logits, batch_size=batch)
+                   n_logits=n_logits, batch_size=batch, widest=widest_position(rep.active_A3()))
     report(f"{n_active} active features, {n_logits} logit targets, {n_feat} feature rows; "
            + est.describe())
     check_edge_matrix_fits(est, torch.device(graph_device), n_active=n_active,
@@ -217,7 +223,8 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE],
         info={"max_logits": max_logits, "logit_probability": logit_probability,
               "max_feature_nodes": max_feature_nodes, "batch_size": batch,
               "seconds": round(time.perf_counter() - t0, 3),
-              "estimate_bytes": {**asdict(est), "device": est.device, "host": est.host}})
+              "estimate_bytes": {**asdict(est), "device": est.device, "host": est.host,
+                                 "added": est.added}})
     report(f"attribution done in {graph.info['seconds']:.1f} s")
     return graph.check()
 
