@@ -324,3 +324,16 @@ def test_hooks_removed_and_grad_flags_restored_after_an_error(monkeypatch) -> No
         attribute(model, transcoders([1]), IDS, batch_size=8)
     assert _hook_count(model) == before
     assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_widest_position_counts_the_most_features_at_one_layer_and_position() -> None:
+    from collections import Counter
+
+    from llamascope_sdk.trace.memory import widest_position
+
+    model = tiny_model()
+    graph = attribute(model, transcoders(list(range(N_LAYERS))), IDS, batch_size=64)
+    a3 = graph.active_features_A3
+    want = max(Counter((int(r[0]), int(r[1])) for r in a3).values())
+    assert widest_position(a3) == want > 1
+    assert widest_position(a3[:0]) == 0

@@ -13,8 +13,9 @@ plain transformers model:
 4. the graph keeps the features that got rows, in node order.
 
 Peak memory follows :func:`llamascope_sdk.trace.memory.estimate` (the formula in
-docs/trace.md), printed before step 2; on glibc, :func:`~llamascope_sdk.trace.memory.
-return_freed_memory` is set first so that tensors freed between batches leave the process.
+docs/trace.md), printed before step 2; on glibc,
+:func:`~llamascope_sdk.trace.memory.return_freed_memory` runs first so that tensors freed
+between batches leave the process.
 """
 
 from __future__ import annotations
