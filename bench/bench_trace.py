@@ -8,7 +8,8 @@
    backward per batch of targets (``ceil((logits + feature rows) / batch)`` backward passes
    of ``batch`` gradients each, from the final norm to every MLP-output leaf and the
    embeddings: the most work any batch needs), timed with the same frozen forward and
-   nothing else; the ratio attribution / floor;
+   nothing else; the ratio attribution / floor (below 1 is possible: attribution batches a
+   round's features by layer, so most of its backward passes stop below the last layer);
 3. a 1,024-token prompt (the repository's corpus excerpts) under a stated memory cap;
 4. side by side, circuit-tracer's time and memory on the same 32-token graph (its own venv,
    through ``bench/trace_parity_circuit_tracer.py``), with the node-by-node comparison.
