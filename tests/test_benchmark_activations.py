@@ -115,3 +115,19 @@ def test_a_set_captured_again_with_other_prompts(tmp_path: Path, tiny_llama: Any
     assert torch.equal(y[0], x[2]) and torch.equal(y[1], x[1])
     for i, p in enumerate(new):
         torch.testing.assert_close(x[i], _direct(tiny_llama, tok, p, 1, 0), rtol=1e-4, atol=1e-5)
+
+
+def test_batches_bound_the_padding(tmp_path: Path, tiny_llama: Any) -> None:
+    """Rows of many lengths: no batch pads a row by more than 10% of the batch's width, and
+    every row still equals a plain forward of its prompt alone."""
+    tok = CharTokenizer()
+    prompts = ["x" * n for n in (3, 4, 5, 9, 10, 11, 20, 21, 22, 23, 40)]
+    cache = ActivationCache(tmp_path, tiny_llama, tok, max_len=64, batch_tokens=4096)
+    rows = cache.ids(prompts)
+    for chunk in cache._batches(rows, list(range(len(rows)))):
+        width = max(len(rows[i]) for i in chunk)
+        assert all(width - len(rows[i]) <= 0.1 * width for i in chunk)
+    x = cache.get("set", prompts, [Site(1, "resid_post")])[Site(1, "resid_post")]
+    assert cache.timing.padded_tokens <= 1.1 * cache.timing.tokens
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(x[i], _direct(tiny_llama, tok, p, 1, 0), rtol=1e-4, atol=1e-5)

