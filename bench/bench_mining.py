@@ -10,10 +10,11 @@ synthetic 64x SAE (36,864 features, random encoder, threshold set for an L0 of a
 
     .venv/bin/python bench/bench_mining.py --corpus DIR [--tokens 32768] [--runs 3]
 
-The state and the store grow with what fired (format 3, issue 29.4): each run prints the
-bytes the state held at the end and the worst case (every feature full, ``state_bytes``);
+The state and the store grow with what fired (formats 3 and 4, issue 29.4): each run prints
+the bytes the state held at the end and the worst case (every feature full, ``state_bytes``);
 ``--store-sizes 4000,32768`` mines the demo SAE on that many tokens and prints the store's size
-on disk without pages (target: 4,000 tokens <= 40 MB). Before format 3 the state was
+on disk without pages (target: 4,000 tokens <= 40 MB; format 3 wrote 40.8 MB there) and the
+time to load it. Before format 3 the state was
 allocated for every slot of every feature (2 GiB at 36,864 features) and at ``--tokens 4096``
 mining took 2.4x its floor there.
 
@@ -135,10 +136,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = st.save(Path(tmp) / "store")
             size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+            t = time.perf_counter()
+            FeatureStore.load(folder)
+            t_load = time.perf_counter() - t
         n_top, n_s = int(r.top.counts().sum()), int(r.samples.counts().sum()) if r.samples else 0
         print(f"demo store, {budget:,} tokens: {size / 1e6:.1f} MB on disk without pages "
               f"(target at 4,000 tokens <= 40 MB); {n_top:,} top examples, {n_s:,} samples; "
-              f"state held at the end {r.state_bytes / 2**20:.1f} MiB")
+              f"state held at the end {r.state_bytes / 2**20:.1f} MiB; loads in {t_load:.2f} s")
 
     res = mine(model, tok, demo, path, progress=False, **kw)[demo.name]
     store = FeatureStore.from_result(res, tok, model=model, sae_spec="demo", corpus=str(path.name))

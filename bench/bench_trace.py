@@ -4,10 +4,12 @@
 1. a 32-token SmolLM2-135M graph with the demo transcoder set: wall time and peak resident
    memory of the attribution call, against the memory formula the attribution prints
    (:func:`llamascope_sdk.trace.memory.estimate`; the target is within +-25%);
-2. its floor: one forward of the frozen replacement model on the batch copies of the prompt
-   plus one backward per batch of targets (``ceil((logits + feature rows) / batch)``
-   backward passes from the final norm to every MLP-output leaf and the embeddings), timed
-   with the same frozen forward and nothing else; the ratio attribution / floor;
+2. its floor: one forward of the frozen replacement model on the prompt plus one batched
+   backward per batch of targets (``ceil((logits + feature rows) / batch)`` backward passes
+   of ``batch`` gradients each, from the final norm to every MLP-output leaf and the
+   embeddings: the most work any batch needs), timed with the same frozen forward and
+   nothing else; the ratio attribution / floor (below 1 is possible: attribution batches a
+   round's features by layer, so most of its backward passes stop below the last layer);
 3. a 1,024-token prompt (the repository's corpus excerpts) under a stated memory cap;
 4. side by side, circuit-tracer's time and memory on the same 32-token graph (its own venv,
    through ``bench/trace_parity_circuit_tracer.py``), with the node-by-node comparison.
@@ -47,7 +49,7 @@ def timed_graph(model: Any, tok: Any, tcs: list[Any], ids: torch.Tensor,
                 **kw: Any) -> tuple[Any, float, PeakRSS, Any]:
     """(graph, seconds, memory, estimate) of one attribution."""
     from llamascope_sdk.trace import attribute, replacement
-    from llamascope_sdk.trace.memory import estimate
+    from llamascope_sdk.trace.memory import estimate, widest_position
 
     with PeakRSS() as mem:
         t0 = time.perf_counter()
@@ -56,31 +58,34 @@ def timed_graph(model: Any, tok: Any, tcs: list[Any], ids: torch.Tensor,
     tcs_by = replacement.by_layer(model, tcs)
     est = estimate(model, tcs_by, n_pos=g.n_pos, n_active=int(g.active_features_A3.shape[0]),
                    n_feature_rows=g.n_features, n_logits=g.n_logits,
-                   batch_size=int(g.info["batch_size"]))
+                   batch_size=int(g.info["batch_size"]),
+                   widest=widest_position(g.active_features_A3))
     return g, seconds, mem, est
 
 
 def floor_seconds(model: Any, ids: torch.Tensor, batch: int, n_backward: int) -> float:
-    """One frozen forward on ``batch`` copies plus ``n_backward`` backward passes from the
-    final norm's output to every MLP-output leaf and the embedding leaf."""
+    """One frozen forward of the prompt plus ``n_backward`` batched backward passes (``batch``
+    gradients each, as attribution runs them) from the final norm's output to every MLP-output
+    leaf and the embedding leaf."""
     from llamascope_sdk.trace.frozen import frozen_forward
 
     inner = getattr(model, "model", model)
     g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     with frozen_forward(model) as tape:
-        inner(input_ids=ids[None].expand(batch, -1), use_cache=False)
+        inner(input_ids=ids[None], use_cache=False)
         assert tape.final is not None and tape.embed is not None
         leaves = [tape.mlp_out[L] for L in sorted(tape.mlp_out)] + [tape.embed]
         for _ in range(n_backward):
-            grad = torch.randn(tape.final.shape, generator=g, dtype=tape.final.dtype)
-            torch.autograd.grad(tape.final, leaves, grad, retain_graph=True, allow_unused=True)
+            grad = torch.randn((batch, *tape.final.shape), generator=g, dtype=tape.final.dtype)
+            torch.autograd.grad(tape.final, leaves, grad, retain_graph=True, allow_unused=True,
+                                is_grads_batched=True)
     return time.perf_counter() - t0
 
 
 def added_estimate(est: Any) -> float:
     """The estimate's bytes beyond the weights (loaded before the measured call)."""
-    return float(est.device - est.weights + est.host)
+    return float(est.added)
 
 
 def long_prompt_ids(tok: Any, n: int) -> torch.Tensor:
@@ -167,7 +172,7 @@ def main() -> None:
     n_back = math.ceil((g.n_logits + g.n_features) / batch)
     fl = floor_seconds(model, ids, batch, n_back)
     res["floor"] = {"seconds": fl, "backward_passes": n_back, "ratio": sec / fl}
-    print(f"floor: frozen forward on {batch} copies + {n_back} backward passes = {fl:.1f} s; "
+    print(f"floor: frozen forward + {n_back} batched backward passes of {batch} = {fl:.1f} s; "
           f"attribution / floor = {sec / fl:.2f}")
     if not args.no_circuit_tracer:
         res.update(run_circuit_tracer(g, ids, settings, ROOT / "runs/trace-parity",

@@ -89,7 +89,7 @@ def random_transcoders(shape: dict[str, Any], device: str, dtype: torch.dtype,
 def one_prompt(model: Any, tcs: list[Any], n_tokens: int, max_nodes: int, batch: int,
                device: str) -> dict[str, Any]:
     from llamascope_sdk.trace import attribute, replacement
-    from llamascope_sdk.trace.memory import estimate
+    from llamascope_sdk.trace.memory import estimate, widest_position
 
     g = torch.Generator().manual_seed(n_tokens)
     ids = torch.randint(3, model.config.vocab_size, (n_tokens,), generator=g)
@@ -106,7 +106,8 @@ def one_prompt(model: Any, tcs: list[Any], n_tokens: int, max_nodes: int, batch:
     est = estimate(model, replacement.by_layer(model, tcs), n_pos=n_tokens,
                    n_active=int(graph.active_features_A3.shape[0]),
                    n_feature_rows=graph.n_features, n_logits=graph.n_logits,
-                   batch_size=int(graph.info["batch_size"]))
+                   batch_size=int(graph.info["batch_size"]),
+                   widest=widest_position(graph.active_features_A3))
     r = {"tokens": n_tokens, "active_features": int(graph.active_features_A3.shape[0]),
          "feature_rows": graph.n_features, "logits": graph.n_logits,
          "batch": graph.info["batch_size"], "seconds": seconds,

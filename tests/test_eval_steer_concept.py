@@ -94,3 +94,37 @@ def test_results_name_the_concept_and_a_sweep_of_only_the_no_op_exports_nothing(
     assert "\n" not in d["no_choice"]["feature"]
     out = _exports(sae, r, "add", tmp_path / "steer.pt", tmp_path / "req.json", "tiny")
     assert out == {} and not (tmp_path / "steer.pt").exists() and not (tmp_path / "req.json").exists()
+
+
+def test_with_a_judge_its_score_chooses_the_strength_and_heads_the_table(tiny_llama, capsys,
+                                                                         monkeypatch):
+    """Issue 29.1: with a judge endpoint the AxBench score is the headline: it chooses the
+    strength (not the concept lift) and is the first score column of the table."""
+    from llamascope_sdk.cli.eval_steer import _print_feature
+
+    sae = tiny_sae(layer=LAYER, d_sae=64, threshold=0.0)
+    sae.labels = {5: "letters"}
+    asked: list[tuple[str, str, str]] = []
+
+    def judge(items):  # a scripted judge: the fewer distinct characters, the better (0..2)
+        asked.extend(items)
+        return [max(0.0, 2.0 - len(set(c)) / 4) for _, c, _ in items]
+
+    (r,) = eval_steer(tiny_llama, _Tok(), sae, [5], strengths=[0, 2, 8, 32], fluency_limit=1e9,
+                      diversity_limit=0.0, prompts=["abc de", "hello", "xyz w", "good mor"],
+                      max_new_tokens=4, progress=False, baselines=False, judge=judge)
+    assert asked and {c for _, _, c in asked} == {"letters"}
+    d = r.to_dict()
+    assert d["headline"] == "judge" and d["concept"] == "letters"
+    sel = r.chosen_on["feature"]  # selection half; every strength eligible (no limits)
+    assert all(p.judge is not None and 0 <= p.judge <= 2 for p in sel)
+    best = max(range(len(sel)), key=lambda j: sel[j].judge)  # the first of the best
+    assert sel[best].strength != 0 and r.chosen["feature"].strength == sel[best].strength
+    # the concept lift alone would have chosen another strength (here: none beats no edit)
+    assert max(range(len(sel)), key=lambda j: sel[j].concept_lift) != best
+    monkeypatch.setenv("COLUMNS", "300")
+    _print_feature("tiny", "add", r)
+    out = capsys.readouterr().out
+    assert "chosen on the other half by the AxBench judge score" in " ".join(out.split())
+    header = [c.strip() for c in next(x for x in out.splitlines() if "method" in x).split("┃")]
+    assert header[1:5] == ["method", "strength", "judge (0-2)", "concept lift"]

@@ -60,7 +60,7 @@ def test_store_gives_deciles_and_non_activating_examples(mined, tmp_path):
     A = A[sae.name]
     store = FeatureStore.from_result(res, CharTokenizer(), sae_spec="my-sae", corpus="docs")
     back = FeatureStore.load(store.save(tmp_path / "st"))
-    assert back.meta["version"] == 3 and back.meta["deciles"] == 5
+    assert back.meta["version"] == 4 and back.meta["deciles"] == 5
     assert back.meta["example_spacing"]["samples"] == 8 and back.meta["example_spacing"]["top"] == 21
     ref = reference(A, doc_col, pos_col, order, seqs, specials, top_n=3, n_samples=20, before=16,
                     after=4, example_context=8)["samples"]
@@ -100,20 +100,24 @@ def test_store_gives_deciles_and_non_activating_examples(mined, tmp_path):
 DATA = Path(__file__).parent / "data"
 
 
-def test_a_version_2_store_reads_as_it_did_and_saves_as_version_3(tmp_path):
-    """tests/data/store_v2 was written by the SDK at f0aa478 (format 2, [F, K] slots); what
-    that SDK read from it is in store_v2_expected.json."""
-    old = FeatureStore.load(DATA / "store_v2")
-    assert old.meta["version"] == 2
-    want = json.loads((DATA / "store_v2_expected.json").read_text())
+@pytest.mark.parametrize("version", [2, 3])
+def test_older_stores_read_as_they_did_and_save_as_version_4(tmp_path, version):
+    """tests/data/store_v2 was written by the SDK at f0aa478 (format 2, [F, K] slots),
+    tests/data/store_v3 at 268e887 (format 3, ragged); what that SDK read from each is in
+    store_vN_expected.json."""
+    old = FeatureStore.load(DATA / f"store_v{version}")
+    assert old.meta["version"] == version
+    want = json.loads((DATA / f"store_v{version}_expected.json").read_text())
     for i in range(old.d_sae):
         got = {"top": old.examples(i), "deciles": old.decile_examples(i),
                "non_activating": old.non_activating(i)}
         assert json.loads(json.dumps(got)) == want[str(i)], i
-    new = FeatureStore.load(old.save(tmp_path / "v3"))
-    assert new.meta["version"] == 3
+    new = FeatureStore.load(old.save(tmp_path / "v4"))
+    assert new.meta["version"] == 4
     for i in range(new.d_sae):
         assert new.examples(i) == old.examples(i) and new.non_activating(i) == old.non_activating(i)
+        assert new.decile_examples(i) == old.decile_examples(i)
+    assert torch.equal(new.hist, old.hist) and new.hist.dtype == torch.long
 
 
 def test_version_1_store_loads_and_refuses_deciles_with_the_re_mine_command(tmp_path):
@@ -141,7 +145,7 @@ def test_version_1_store_loads_and_refuses_deciles_with_the_re_mine_command(tmp_
     assert msg.endswith(f"re-mine it: llamascope inspect --sae my-sae --dataset docs.txt --out {folder}")
     with pytest.raises(StoreVersionError):
         old.non_activating(0)
-    m["version"] = 4
+    m["version"] = 5
     (folder / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ValueError, match="store version 4 is newer than this SDK reads"):
+    with pytest.raises(ValueError, match="store version 5 is newer than this SDK reads"):
         FeatureStore.load(folder)

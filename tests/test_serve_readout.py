@@ -19,7 +19,7 @@ from llamascope_sdk import SAE
 from llamascope_sdk.loading import demo
 from llamascope_sdk.steering.reading import read_features
 from llamascope_sdk.store.percentile import percentiles
-from tests.serve_helpers import KEY, running_server, scheduler_paused
+from tests.serve_helpers import KEY, running_server, scheduler_paused, wait_for
 
 pytestmark = pytest.mark.smollm
 
@@ -134,7 +134,7 @@ def test_named_readout_streamed_equals_not_streamed_and_has_percentiles(served, 
 # --------------------------------------------------------------------------- conditions
 def _reference(model, ids: list[int], n_new: int, edits: list[dict], special: set[int]) -> list[int]:
     """Greedy continuation; each edit adds ``vector`` at the output of decoder layer
-    ``layer`` where ``cond(x_t)`` holds for the output of layer ``cond_layer`` (read before any
+    ``layer`` where ``cond(x_TD)[t]`` holds for the output of layer ``cond_layer`` (read before any
     edit of that layer), never at special tokens, latched if asked. No KV cache."""
     seq = list(ids)
     reads: dict[int, torch.Tensor] = {}
@@ -150,9 +150,10 @@ def _reference(model, ids: list[int], n_new: int, edits: list[dict], special: se
                     return None
                 h = h.clone()
                 for e in mine:
+                    fires_T = e["cond"](reads[e["cond_layer"]]).tolist()  # one reading per position
                     on = False
                     for t in range(h.shape[1]):
-                        fires = e["cond"](reads[e["cond_layer"]][t]) and seq[t] not in special
+                        fires = fires_T[t] and seq[t] not in special
                         on = (on or fires) if e["latch"] else fires
                         if on and seq[t] not in special:
                             h[0, t] += e["vector"]
@@ -203,12 +204,12 @@ def test_eight_concurrent_conditional_requests_equal_the_reference_loop(served, 
     v4154 = 40.0 * demo_sae.W_dec[4154]
     kinds = [
         ({"when": {"sae": served.layer5, "feature": f5, "above": t5}},
-         lambda x: float(l5.encode(x[None])[0, f5]) > t5, 5, False),
+         lambda x_TD: l5.encode(x_TD)[:, f5] > t5, 5, False),
         ({"when": {"sae": served.layer5, "feature": f5, "above": t5, "latch": True}},
-         lambda x: float(l5.encode(x[None])[0, f5]) > t5, 5, True),
+         lambda x_TD: l5.encode(x_TD)[:, f5] > t5, 5, True),
         ({"when": {"direction": direction.tolist(), "hook_point": "blocks.10.hook_resid_post",
                    "above": t_dir}},
-         lambda x: float(x @ unit) > t_dir, 10, False),
+         lambda x_TD: x_TD @ unit > t_dir, 10, False),
         (None, None, None, None),
     ]
     bodies, refs = [], []
@@ -224,9 +225,10 @@ def test_eight_concurrent_conditional_requests_equal_the_reference_loop(served, 
         else:
             refs.append(_reference(model, p, 6, [], special))
         bodies.append(body)
-    with scheduler_paused(served.scheduler), ThreadPoolExecutor(8) as ex:
+    with ThreadPoolExecutor(8) as ex, scheduler_paused(served.scheduler):
         futs = [ex.submit(_post, served, b) for b in bodies]
-    outs = [f.result() for f in futs]
+        wait_for(lambda: served.scheduler.load["waiting"] == 8)  # admitted together
+    outs = [f.result(timeout=600) for f in futs]
     got = [[t["token_id"] for t in o["choices"][0]["readout"][0]["tokens"]] for o in outs]
     eos = model.generation_config.eos_token_id
     stops = set(eos if isinstance(eos, list) else [eos])
@@ -236,7 +238,8 @@ def test_eight_concurrent_conditional_requests_equal_the_reference_loop(served, 
     assert served.scheduler.max_rows_seen >= 8
     # the conditions mattered: a conditional row differs from the always-on edit
     always = _reference(model, ids[0], 6, [{"layer": 15, "cond_layer": 15, "latch": False,
-                                            "cond": lambda x: True, "vector": v4154}], special)
+                                            "cond": lambda x_TD: torch.ones(len(x_TD), dtype=torch.bool),
+                                            "vector": v4154}], special)
     plain = _reference(model, ids[0], 6, [], special)
     assert refs[0] not in (always, plain) or refs[2] not in (always, plain)
     assert "when feature" in outs[0]["steering"]["applied"][0]

@@ -289,6 +289,20 @@ def test_selected_features_keep_exact_edges() -> None:
     assert best in graph.selected_A
 
 
+@pytest.mark.parametrize("chunk", [1, 2500])
+def test_partial_batches_and_position_chunks_keep_exact_edges(monkeypatch, chunk: int) -> None:
+    """Rows in batches of 5 (the last one partial) with the decoder contraction cut into runs
+    of one position (chunk 1) or a few (2500 values): every edge still equals intervention."""
+    from llamascope_sdk.trace import rows
+
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", chunk)
+    model = tiny_model()
+    tcs = transcoders(list(range(N_LAYERS)))
+    graph = attribute(model, tcs, IDS, batch_size=5)
+    assert (graph.n_features + graph.n_logits) % 5 != 0
+    _check_graph(model, tcs, graph, 1e-10)
+
+
 def _hook_count(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
@@ -310,3 +324,16 @@ def test_hooks_removed_and_grad_flags_restored_after_an_error(monkeypatch) -> No
         attribute(model, transcoders([1]), IDS, batch_size=8)
     assert _hook_count(model) == before
     assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_widest_position_counts_the_most_features_at_one_layer_and_position() -> None:
+    from collections import Counter
+
+    from llamascope_sdk.trace.memory import widest_position
+
+    model = tiny_model()
+    graph = attribute(model, transcoders(list(range(N_LAYERS))), IDS, batch_size=64)
+    a3 = graph.active_features_A3
+    want = max(Counter((int(r[0]), int(r[1])) for r in a3).values())
+    assert widest_position(a3) == want > 1
+    assert widest_position(a3[:0]) == 0

@@ -172,6 +172,7 @@ def run_probing(cache: ActivationCache, named: Mapping[str, SAE], names: Sequenc
     per_ds = timing.setdefault("probing_per_dataset", {})
     for ds in names:
         data = D.load(ds)
+        before = (cache.timing.forward_s, cache.timing.tokens, cache.timing.reused_rows)
         t0 = time.perf_counter()
         acts = cache.get(ds, data.prompts, list(by_site))
         t1 = time.perf_counter()
@@ -184,7 +185,10 @@ def run_probing(cache: ActivationCache, named: Mapping[str, SAE], names: Sequenc
                                                     _encoder(named[n]), seed=sd, ks=s.ks,
                                                     reg=s.reg, dense=dense))
         per_ds[ds] = {"activations_s": t1 - t0, "probe_fit_s": time.perf_counter() - t1,
-                      "rows": len(data.prompts)}
+                      "rows": len(data.prompts),
+                      "forward_s": cache.timing.forward_s - before[0],
+                      "model_tokens": cache.timing.tokens - before[1],
+                      "reused_rows": cache.timing.reused_rows - before[2]}
     cfg = {"model_name": _model_name(cache.model), "random_seed": BASE_SEED,
            "dataset_names": list(names), "k_values": list(s.ks), "reg_type": s.reg,
            "setting": "normal", "n_seeds": s.n_seeds, "context_length": cache.max_len}
@@ -378,6 +382,10 @@ def benchmark(saes: str | SAE | Sequence[str | SAE] | Mapping[str, SAE], *,
             timing[f"{m}_s"] = time.perf_counter() - t0
     timing["activation_forward_s"] = cache.timing.forward_s
     timing["activation_tokens"] = cache.timing.tokens
+    timing["activation_padded_tokens"] = cache.timing.padded_tokens
+    timing["activation_reused_rows"] = cache.timing.reused_rows
+    timing["activation_reused_tokens"] = cache.timing.reused_tokens
+    timing["tokenize_s"] = cache.timing.tokenize_s
     timing["total_s"] = time.perf_counter() - t_start
     return _write(out, named, results, timing)
 

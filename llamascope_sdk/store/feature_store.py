@@ -1,15 +1,17 @@
 """The on-disk feature store: what mining found for one SAE, reloadable without the model.
 
-A store is a folder of safetensors arrays and JSON; the layout of each file (version 3: the
-examples ragged, only where a feature fired) is at the top of :mod:`~llamascope_sdk.store.files`.
+A store is a folder of safetensors arrays and JSON; the layout of each file (version 4: the
+examples only where a feature fired, their windows encoded losslessly by
+:mod:`~llamascope_sdk.store.compact`) is at the top of :mod:`~llamascope_sdk.store.files`.
 
 The manifest names the format and kind (``"format": "llamascope-feature-store"``, ``"kind":
 "feature-store"``), every file of the store, and a fingerprint of the SAE's weights
 (:mod:`~llamascope_sdk.base.fingerprint`) so a store is never used with another SAE.
 
 Versions: 1 (no decile sample, no non-activating contexts; 16 samples of 21 tokens), 2 ([F,
-K] slots: a store as large as features x slots, examples could overlap) and 3 (ragged, spaced
-examples). Version-2 stores load as they are. A version-1 store still loads for ``show`` and pages; asking it for decile or
+K] slots: a store as large as features x slots, examples could overlap), 3 (ragged, spaced
+examples; windows as dense int32 tokens and float32 activations) and 4. Version-2 and
+version-3 stores load as they are. A version-1 store still loads for ``show`` and pages; asking it for decile or
 non-activating examples raises :class:`StoreVersionError` with the command that re-mines it.
 A newer version than this SDK knows is refused.
 
@@ -66,6 +68,7 @@ from llamascope_sdk.loading.registry import claims, resolve
 from llamascope_sdk.mining.mine import HIST_EDGES, Contexts, Examples, MiningResult
 from llamascope_sdk.mining.spacing import spacing_rule
 from llamascope_sdk.mining.state import sample_priority
+from llamascope_sdk.store.compact import narrow, widen
 from llamascope_sdk.store.files import (
     FORMAT,
     KIND,
@@ -241,10 +244,12 @@ class FeatureStore:
         if self.contexts is not None:
             atomic_save_safetensors(context_tensors(self.contexts), tmp / "nonactivating.safetensors")
         self.stats.save(tmp / STATS_FILE)
-        atomic_save_safetensors({"counts": self.hist.long(), "edges": HIST_EDGES.float()},
+        atomic_save_safetensors({"counts": narrow(self.hist.long()), "edges": HIST_EDGES.float()},
                                 tmp / "histogram.safetensors")
         if self.lens is not None:
-            atomic_save_safetensors(self.lens.tensors(), tmp / "logit_lens.safetensors")
+            lens = self.lens.tensors()
+            lens |= {k: narrow(lens[k].long()) for k in ("top_ids", "bottom_ids")}
+            atomic_save_safetensors(lens, tmp / "logit_lens.safetensors")
         atomic_write_text(tmp / "vocab.json",
                           json.dumps({str(k): v for k, v in sorted(self.vocab.items())},
                                      ensure_ascii=False) + "\n")
@@ -281,7 +286,10 @@ class FeatureStore:
         version = int(meta["version"])
         top = read_examples(folder / "top.safetensors", f, center, version)
         bins = len(meta["histogram_edges"]) + 1
-        hist = read_tensors(folder / "histogram.safetensors", {"counts": (f, bins)})["counts"]
+        hist_path = folder / "histogram.safetensors"
+        hist_t = read_tensors(hist_path, {"counts": (f, bins)})
+        widen(hist_path, hist_t, ("counts",))
+        hist = hist_t["counts"]
         problems: list[str] = []
         optional = partial(read_optional, folder, meta, problems)
         lens = optional("logit_lens.safetensors", lambda p: _read_lens(p, f))
@@ -405,6 +413,7 @@ def _read_lens(path: Path, f: int) -> LogitLens:
     t = read_tensors(path, {k: (f, None) for k in ("top_ids", "top_values", "bottom_ids",
                                                   "bottom_values")})
     check_finite(path, t, ("top_values", "bottom_values"))
+    widen(path, t, ("top_ids", "bottom_ids"))
     return LogitLens(t["top_ids"], t["top_values"], t["bottom_ids"], t["bottom_values"])
 
 

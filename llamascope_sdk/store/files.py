@@ -2,31 +2,39 @@
 output paths ``inspect`` checks before any work, and each file read back checked (JSON types,
 tensor names and shapes), so that a bad file is one line naming it.
 
-Layout, version 3 (F features; n_top, n_samples: the examples kept, only where the feature
-fired; W, C: window and context widths; R: random contexts; nnz: (context, feature) pairs)::
+Layout, version 4 (F features; n: the examples kept, only where the feature fired; W, C:
+window and context widths; R: random contexts; nnz: (context, feature) pairs; every integer
+array in the narrowest signed type that holds it, widened to int64 when read)::
 
-    manifest.json               written LAST; "version": 3, "example_spacing" (the rule that
+    manifest.json               written LAST; "version": 4, "example_spacing" (the rule that
                                 keeps examples a window apart, :mod:`~llamascope_sdk.mining.spacing`)
-    top.safetensors             indptr [F + 1] int64: feature i's examples are rows
-                                indptr[i]:indptr[i + 1], best first; values [n_top] float32,
-                                doc/pos [n_top] int64, tokens [n_top, W] int32 (-1 outside the
-                                sequence), acts [n_top, W] float32
+    top.safetensors             indptr [F + 1]: feature i's examples are rows indptr[i]:indptr[i + 1],
+                                best first; doc/pos [n]; the windows (W tokens) encoded by
+                                :mod:`~llamascope_sdk.store.compact`: a token table of the covered
+                                (document, position)s, each window's in-sequence range lo/hi [n]
+                                and its few differing entries (fixes), activations sparse
+                                (act_count [n], act_col/act_value [nnz], float32); the centre
+                                activations are the values
     samples.safetensors         the same for the decile sample (rows of a feature sorted by
                                 activation, highest first; context C) (optional)
-    nonactivating.safetensors   the pool of random contexts: tokens [R, C] int32, doc/pos/order
-                                [R] int64; fires_ptr [R + 1] int64 and fires_feature [nnz]
-                                int32: the features that fire somewhere in context j are
+    nonactivating.safetensors   the pool of random contexts: tokens [R, C] (-1 outside the
+                                sequence), doc/pos/order [R]; fires_ptr [R + 1] and fires_feature
+                                [nnz]: the features that fire somewhere in context j are
                                 fires_feature[fires_ptr[j]:fires_ptr[j + 1]] (optional)
     feature_stats.safetensors   FeatureStats
-    histogram.safetensors       counts [F, B] int64 over edges [B - 1] (log-spaced, model units)
+    histogram.safetensors       counts [F, B] over edges [B - 1] (log-spaced, model units)
     logit_lens.safetensors      top/bottom token ids and logits [F, k] (optional)
     vocab.json                  token id -> text of every token id the arrays use
     feature_labels.json         labels known for the SAE (optional)
     pages/                      the HTML feature pages (optional)
 
-So a store's size grows with the examples kept, not with features x slots. Version 2 (read,
-not written) kept [F, K] and [F, K, W] arrays with empty slots (``doc == -1``) and the pool's
-``fires`` as an [F, R] uint8 table; version 1 had no decile sample or pool.
+So a store's size grows with the examples kept and the activations in their windows, not with
+features x slots. Earlier versions are read, not written: version 3 kept, per example,
+``values`` [n] float32, doc/pos int64, ``tokens`` [n, W] int32 and ``acts`` [n, W] float32
+(8 bytes for every window entry; 40.8 MB for the demo on 4,000 tokens, 5.2 MB in version 4),
+and int64 histogram counts and logit-lens ids; version 2 kept [F, K] and [F, K, W] arrays
+with empty slots (``doc == -1``) and the pool's ``fires`` as an [F, R] uint8 table; version
+1 had no decile sample or pool.
 
 A folder is replaced only when it is provably an earlier store: its manifest says so (format
 and kind) and every file in it is one the manifest lists, or an explanation record the SDK
@@ -61,11 +69,18 @@ from llamascope_sdk.base.fingerprint import differences, fingerprint, is_fingerp
 from llamascope_sdk.core.feature_stats import STATS_FILE, FeatureStats
 from llamascope_sdk.mining.contexts import Contexts
 from llamascope_sdk.mining.slots import Examples
+from llamascope_sdk.store.compact import (
+    EXAMPLE_KEYS,
+    decode_examples,
+    encode_examples,
+    narrow,
+    widen,
+)
 from llamascope_sdk.store.ownership import inside
 
 FORMAT = "llamascope-feature-store"
 KIND = "feature-store"
-VERSION = 3
+VERSION = 4
 MANIFEST = "manifest.json"
 #: Files every store has; the others (samples, logit lens, labels, pages/) are optional.
 REQUIRED = ("top.safetensors", "histogram.safetensors", STATS_FILE, "vocab.json")
@@ -379,16 +394,19 @@ def read_vocab(path: Path) -> dict[int, str]:
 
 # ---------------------------------------------------------------------- examples, both versions
 def example_tensors(e: Examples) -> dict[str, torch.Tensor]:
-    """What ``top.safetensors`` / ``samples.safetensors`` hold (version 3)."""
-    return {"indptr": e.indptr.long(), "values": e.values.float(), "doc": e.doc.long(),
-            "pos": e.pos.long(), "tokens": e.tokens.int(), "acts": e.acts.float()}
+    """What ``top.safetensors`` / ``samples.safetensors`` hold (version 4,
+    :mod:`~llamascope_sdk.store.compact`)."""
+    return encode_examples(e)
+
+
+_CONTEXT_INTS = ("tokens", "doc", "pos", "order", "fires_ptr", "fires_feature")
 
 
 def context_tensors(c: Contexts) -> dict[str, torch.Tensor]:
-    """What ``nonactivating.safetensors`` holds (version 3)."""
-    return {"tokens": c.tokens.int(), "doc": c.doc.long(), "pos": c.pos.long(),
-            "order": c.order.long(), "fires_ptr": c.fires_ptr.long(),
-            "fires_feature": c.feature.int()}
+    """What ``nonactivating.safetensors`` holds (version 4: version 3's tensors, each in the
+    narrowest integer type that holds it)."""
+    return {k: narrow(v) for k, v in zip(_CONTEXT_INTS, (c.tokens, c.doc, c.pos, c.order,
+                                                         c.fires_ptr, c.feature), strict=True)}
 
 
 def _check_ptr(path: Path, ptr: torch.Tensor, n: int, what: str) -> None:
@@ -397,7 +415,12 @@ def _check_ptr(path: Path, ptr: torch.Tensor, n: int, what: str) -> None:
 
 
 def read_examples(path: Path, f: int, center: int, version: int) -> Examples:
-    """Examples from ``path``: ragged (version 3) or [F, K] slots (earlier), checked."""
+    """Examples from ``path``: compact (version 4), ragged (version 3) or [F, K] slots
+    (earlier), checked."""
+    if version >= 4:
+        t = read_tensors(path, {k: (None,) for k in EXAMPLE_KEYS})
+        check_finite(path, t, ("act_value", "values") if "values" in t else ("act_value",))
+        return decode_examples(path, t, f, center)
     if version < 3:
         t = read_tensors(path, {"values": (f, None), "doc": (f, None), "pos": (f, None),
                                 "tokens": (f, None, None), "acts": (f, None, None)})
@@ -430,6 +453,7 @@ def read_contexts(path: Path, f: int, center: int, version: int) -> Contexts:
                                                  "pos": (None,), "order": (None,)}
     shapes |= {"fires": (f, None)} if version < 3 else {"fires_ptr": (None,), "fires_feature": (None,)}
     t = read_tensors(path, shapes)
+    widen(path, t, tuple(k for k in _CONTEXT_INTS if k in t))
     r, w = t["tokens"].shape
     ok = all(t[k].shape[0] == r for k in ("doc", "pos", "order")) and 0 <= center < max(w, 1)
     ok = ok and (t["fires"].shape[1] == r if version < 3 else t["fires_ptr"].shape[0] == r + 1)

@@ -5,16 +5,17 @@ plain transformers model:
 
 1. one no-grad forward records each layer's transcoder input and MLP output; the active
    features, error nodes and logit targets follow (:mod:`.replacement`);
-2. one forward of the frozen replacement model on ``B`` copies of the prompt
-   (:mod:`.frozen`), B = min(batch_size, number of target rows);
-3. one backward pass per batch of B targets gives B rows of the edge matrix (:mod:`.rows`):
+2. one forward of the frozen replacement model on the prompt (:mod:`.frozen`);
+3. one batched backward pass per batch of B targets (B = min(batch_size, number of target
+   rows); autograd's ``is_grads_batched``) gives B rows of the edge matrix (:mod:`.rows`):
    first the logits, then features in order of their current influence on the logits
    (recomputed every ``update_interval`` batches), until ``max_feature_nodes`` have rows;
 4. the graph keeps the features that got rows, in node order.
 
-Host memory for the edge matrix during step 3 is ``4 * (F + K) * (A + (L+1) T)`` bytes
-(F = feature rows, K = logits, A = active features, L layers, T tokens); see
-:func:`llamascope_sdk.trace.memory.estimate`, printed before step 2.
+Peak memory follows :func:`llamascope_sdk.trace.memory.estimate` (the formula in
+docs/trace.md), printed before step 2; on glibc,
+:func:`~llamascope_sdk.trace.memory.return_freed_memory` runs first so that tensors freed
+between batches leave the process.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ from llamascope_sdk.trace import replacement, rows
 from llamascope_sdk.trace.frozen import Tape, frozen_forward
 from llamascope_sdk.trace.graph import Graph
 from llamascope_sdk.trace.influence import influence
-from llamascope_sdk.trace.memory import check_edge_matrix_fits, estimate
+from llamascope_sdk.trace.memory import (
+    check_edge_matrix_fits,
+    estimate,
+    return_freed_memory,
+    widest_position,
+)
 from llamascope_sdk.trace.replacement import Replacement
 
 
@@ -82,12 +88,9 @@ class _RowFiller:
 
     def fill(self, start: int, targets: rows.Targets) -> None:
         grads, g_embed = rows.backward(self.tape, self.rep, targets)
-        batch = self.tape.embed.shape[0] if self.tape.embed is not None else len(targets.layers)
-        out = torch.zeros(batch, self.n_cols, dtype=self.rep.dtype, device=self.edges.device)
-        with torch.no_grad():
-            rows.contract(self.rep, grads, g_embed, out, self.offsets)
         n = len(targets.layers)
-        self.edges[start:start + n] = out[:n]
+        with torch.no_grad():
+            rows.contract(self.rep, grads, g_embed, self.edges[start:start + n], self.offsets)
 
     def feature_targets(self, idx: torch.Tensor) -> rows.Targets:
         """Targets for active features ``idx`` (node-order indices): their encoder rows."""
@@ -123,6 +126,9 @@ def _select_features(filler: _RowFiller, n_logits: int, probs_K: torch.Tensor,
             infl = influence(filler.edges[:st], row_node[:st], w_R[:st], clamp=1e-8, max_iter=128)
             rank = torch.argsort(infl[:n_active], descending=True).cpu()
             pending = rank[~visited[rank]][:min(update_interval * batch, max_features - done)]
+        # within a round the rows do not depend on their order: batching the round's
+        # features by layer lets each backward stop at its batch's highest layer
+        pending = pending[torch.sort(filler.layer_A[pending], stable=True).indices]
         for s in range(0, len(pending), batch):
             idx = pending[s:s + batch]
             filler.fill(st, filler.feature_targets(idx))
@@ -172,7 +178,7 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE],
         max_logits: at most this many logit targets ...
         logit_probability: ... the most probable ones until their probability sums to this.
         max_feature_nodes: feature rows computed (the most influential features first).
-        batch_size: targets per backward pass (the frozen forward runs on this many copies).
+        batch_size: targets per (batched) backward pass.
         target: attribute this one token id instead of the top logits.
         update_interval: batches between re-rankings of the features by influence.
         graph_device: where the edge matrix is kept (host memory by default).
@@ -188,6 +194,7 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE],
     if report is None:
         report = print if verbose else (lambda _m: None)
     t0 = time.perf_counter()
+    return_freed_memory()
     tcs = replacement.by_layer(model, transcoders)
     ids_T = _token_ids(prompt, tokenizer)
     rep = replacement.build(model, tcs, ids_T)
@@ -198,7 +205,7 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE],
     n_feat = min(max_feature_nodes, n_active)
     batch = max(1, min(batch_size, n_logits + n_feat))
     est = estimate(model, tcs, n_pos=rep.n_pos, n_active=n_active, n_feature_rows=n_feat,
-                   n_logits=n_logits, batch_size=batch)
+                   n_logits=n_logits, batch_size=batch, widest=widest_position(rep.active_A3()))
     report(f"{n_active} active features, {n_logits} logit targets, {n_feat} feature rows; "
            + est.describe())
     check_edge_matrix_fits(est, torch.device(graph_device), n_active=n_active,
@@ -217,7 +224,8 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE],
         info={"max_logits": max_logits, "logit_probability": logit_probability,
               "max_feature_nodes": max_feature_nodes, "batch_size": batch,
               "seconds": round(time.perf_counter() - t0, 3),
-              "estimate_bytes": {**asdict(est), "device": est.device, "host": est.host}})
+              "estimate_bytes": {**asdict(est), "device": est.device, "host": est.host,
+                                 "added": est.added}})
     report(f"attribution done in {graph.info['seconds']:.1f} s")
     return graph.check()
 
@@ -225,12 +233,12 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE] | Mapping[int, SAE],
 def _run_rows(model: nn.Module, rep: Replacement, vecs_KD: torch.Tensor, n_feat: int,
               batch: int, update_interval: int, probs_K: torch.Tensor, device: torch.device,
               report: Callable[[str], None]) -> tuple[_RowFiller, torch.Tensor]:
-    """The frozen forward on ``batch`` copies, the logit rows, then the feature rows."""
+    """The frozen forward (once), the logit rows, then the feature rows, ``batch`` at a time."""
     n_logits = int(vecs_KD.shape[0])
-    ids_BT = rep.ids_T[None].expand(batch, -1).to(replacement.embed_device(model))
+    ids_1T = rep.ids_T[None].to(replacement.embed_device(model))
     inner = getattr(model, "model", model)
     with frozen_forward(model, rep.mlp_out) as tape:
-        inner(input_ids=ids_BT, use_cache=False)
+        inner(input_ids=ids_1T, use_cache=False)
         filler = _RowFiller(rep, tape, n_logits + n_feat, device)
         for s in range(0, n_logits, batch):
             k = min(batch, n_logits - s)
