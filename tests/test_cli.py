@@ -95,7 +95,7 @@ def test_steer_demo_json_changes_text() -> None:
     res = runner.invoke(app, ["steer", "--sae", "demo", "-n", "6", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
-    assert out["features"] == [4154] and out["sae"] == "smollm2-135m-L15R-8x"
+    assert out["features"] == [1297] and out["sae"] == "smollm2-135m-L15R-8x"
     assert out["baseline"] != out["steered"]
     assert len(out["baseline_ids"]) == 6
 
@@ -243,7 +243,7 @@ def test_relative_strength_uses_the_shipped_feature_stats() -> None:
     from llamascope_sdk import FeatureStats
     from llamascope_sdk.loading.demo import DEMO_SAE_DIR
 
-    typical = float(FeatureStats.load(DEMO_SAE_DIR / "feature_stats.safetensors").typical[4154])
+    typical = float(FeatureStats.load(DEMO_SAE_DIR / "feature_stats.safetensors").typical[1297])
     rel = runner.invoke(app, ["steer", "--sae", "demo", "-a", "4", "--relative", "-n", "5", "--json"])
     raw = runner.invoke(app, ["steer", "--sae", "demo", "-a", str(4 * typical), "-n", "5", "--json"])
     assert rel.exit_code == 0 and raw.exit_code == 0, rel.output + raw.output

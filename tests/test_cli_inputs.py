@@ -80,8 +80,8 @@ def test_json_is_strict_and_progress_stays_off_stdout() -> None:
         raise AssertionError(f"non-JSON constant {name}")
 
     out = json.loads(res.stdout, parse_constant=no_constants)
-    assert math.isfinite(out["value"]) and out["value"] == 80.0
-    assert out["description"].startswith("steer feature 4154 'Shakespeare")
+    assert math.isfinite(out["value"]) and out["value"] == 40.0
+    assert out["description"].startswith("steer feature 1297 'archaic pronouns")
 
 
 @pytest.mark.smollm
@@ -90,9 +90,9 @@ def test_caption_states_units_raw_and_relative() -> None:
 
     sae = SAE.from_pretrained("demo")
     site_norm = sae.hyperparams.dataset_average_activation_norm.out
-    typical = float(sae.stats.typical[4154])
+    typical = float(sae.stats.typical[1297])
     raw = json.loads(runner.invoke(app, ["steer", "--sae", "demo", "-n", "2", "--json"]).stdout)
-    assert f"a vector of length +80 along its unit decoder direction ({80 / site_norm:.2f} x the " \
+    assert f"a vector of length +40 along its unit decoder direction ({40 / site_norm:.2f} x the " \
            f"site's mean norm {site_norm:.4g})" in raw["description"]
     rel = json.loads(runner.invoke(app, ["steer", "--sae", "demo", "-n", "2", "--relative",
                                          "-a", "3", "--json"]).stdout)
@@ -120,7 +120,7 @@ def test_chat_steers_only_the_assistant_reply(smollm2) -> None:
     # Steering only generated positions leaves the first reply token (predicted from the
     # prompt) unchanged, as the library call with the same settings shows.
     lib = compare_generations(model, tok, "Tell me about the sea.",
-                              [Steer(sae, [4154], 80.0, positions="generated")],
+                              [Steer(sae, [1297], 40.0, positions="generated")],
                               max_new_tokens=12, chat=True)
     assert lib.steered_ids == out["steered_ids"] and lib.baseline_ids == out["baseline_ids"]
     assert lib.steered_ids[0] == lib.baseline_ids[0]

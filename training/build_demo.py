@@ -358,10 +358,13 @@ def _features_markdown(result: dict, demo_features) -> str:  # noqa: ANN001
     grid = "/".join(f"{m:g}x" for m in STRENGTH_FRACTIONS)
     lines += ["", f"The table steers at {SHOWN:g} x the dataset-average norm n_in; "
               f"`demo_results.json` holds the {grid} n_in grid. "
-              f"`llamascope_sdk.loading.demo.DEMO_FEATURES` recommends {chosen}.", "",
+              f"`llamascope_sdk.loading.demo.DEMO_FEATURES` lists {chosen}; the first is the "
+              "default of `llamascope steer --sae demo`, at the strength the held-out "
+              "`llamascope eval-steer` sweep chose (the package README, *Results on the demo*).",
+              "",
               "`feature_stats.safetensors` holds each feature's typical activation (the mean of "
               "its non-zero activations over 20,000 held-out non-special tokens), the unit of "
-              "relative strengths: `llamascope steer --sae demo -f 4154 -a 4 --relative`.", "",
+              "relative strengths: `llamascope steer --sae demo -f 1297 -a 4 --relative`.", "",
               f"Training took {result['train_seconds']:.0f} s on a shared 2-core CPU. Seeded; "
               "multi-threaded CPU sparse kernels sum in a varying order, so a re-run is close but "
               "not bit-identical. Measured on a second run of the build (with the earlier "

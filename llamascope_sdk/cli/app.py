@@ -43,7 +43,7 @@ PromptOpt = Annotated[str | None, typer.Option(
     "--prompt", "-p", help="Text to run. [default: the demo prompt, for the demo SAE only]",
     show_default=False)]
 FeatureOpt = Annotated[list[int] | None, typer.Option(
-    "--feature", "-f", help="Feature index; repeat for several. [default: 4154 for the demo]",
+    "--feature", "-f", help="Feature index; repeat for several. [default: 1297 for the demo]",
     show_default=False)]
 TokensOpt = Annotated[int, typer.Option(
     "--max-new-tokens", "-n", min=1, max=4096,

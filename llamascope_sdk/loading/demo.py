@@ -36,20 +36,26 @@ class DemoFeature:
 #: Found by training/build_demo.py (demo_results.json in the asset folder has its ranking).
 #: Strengths are in model units, the length of the vector added to the residual stream at
 #: every non-special position, prompt and generated tokens alike (positions="all"); the
-#: residual norm at this layer averages ~168. They were chosen by greedy generation from the
-#: prompt below with ``llamascope steer --sae demo -f N -a S``: stronger values (>= ~150)
-#: make the text degenerate into repetitions.
+#: residual norm at this layer averages ~168. The first entry is the default of
+#: ``llamascope steer --sae demo``: its strength is the one the held-out sweep chose
+#: (``llamascope eval-steer --sae demo -f 4154 -f 1297 --strengths 0,10,20,40,80,120,160 -n 24
+#: --no-baselines``, README "Results on the demo"). The other strengths were picked by eye from
+#: greedy generations of the prompt below; stronger values (>= ~150) make the text degenerate.
 DEMO_FEATURES: tuple[DemoFeature, ...] = (
+    # Archaic pronouns and verse (" thou", " thy", " my", "And"). The sweep chose 40: concept
+    # lift +0.75 nats at perplexity 5.52 (3.42 unsteered). At 40 the continuation turns to
+    # the ancient: "the way it's woven with the threads of history and tradition. I've
+    # always been drawn to the ancient, the mysterious, and the forgotten."
+    DemoFeature(1297, "My favourite thing about the city is", 40.0),
     # Fires on almost every token of Shakespeare (96% of its firings) and almost never on
-    # Wikipedia. At 80 the continuation turns archaic: "the sight of a stranger's beauty,
-    # that is a true delight, a true delight, a beauty that is not a man's own, nor a".
-    # Top tokens: "," " to" " the" " of" " and" "And".
+    # Wikipedia. Not a sweep choice: the same sweep measures no reliable gain for it (it chose
+    # 20, lift -0.18 nats on the other half of the prompts); 80 gives +0.17 nats at perplexity
+    # 13.3. At 80 the style turns archaic: "the sight of a stranger's beauty, that is a true
+    # delight, a true delight, a beauty that is not a man's own, nor a".
     DemoFeature(4154, "My favourite thing about the city is", 80.0),
-    # Archaic pronouns and verse (" thou", " thy", " my", "And"). At 120: "the ancient ones,
-    # the ones that have been long forgotten, the ones that have been long gone".
-    DemoFeature(1297, "My favourite thing about the city is", 120.0),
-    # Line breaks and quote/list markers ("\n", ">", ":"). At 80 the text breaks into short
-    # lines: "a good old-fashioned beer.\n\nThe only thing that can make a man's life ...".
+    # Line breaks and quote/list markers ("\n", ">", ":"). Not swept; at 80 (by eye) the text
+    # breaks into short lines: "a good old-fashioned beer.\n\nThe only thing that can make a
+    # man's life ...".
     DemoFeature(1062, "My favourite thing about the city is", 80.0),
 )
 DEMO_FEATURE = DEMO_FEATURES[0]

@@ -47,3 +47,24 @@ def test_shipped_recipe_names_corpus_files_that_build_demo_resolves(corpus_dir) 
     assert all(Path(p).is_file() for p in resolved.dataset.split(","))
     assert shipped_recipe(resolved) == shipped
     assert TrainConfig.load(RECIPE).dataset == shipped.dataset
+
+
+def test_demo_default_is_the_strength_the_recorded_sweep_chose() -> None:
+    """`llamascope steer --sae demo` steers a feature at the strength eval-steer chose on the
+    selection half (bench/out/eval_steer_sweep_plain.json), one with a positive test-half lift,
+    and the README's "What `make demo` shows" quotes that sweep's lift and perplexity."""
+    root = Path(__file__).resolve().parents[2]
+    sweep = json.loads((root / "bench/out/eval_steer_sweep_plain.json").read_text())
+    by_feature = {f["feature"]: f for f in sweep["features"]}
+    default = demo.DEMO_FEATURE
+    assert default.index in by_feature, sorted(by_feature)
+    chosen = by_feature[default.index]["chosen"]["feature"]
+    assert chosen["strength"] == default.strength == demo.DEMO_STRENGTH
+    assert chosen["concept_lift"] > 0
+    unsteered = next(p for p in by_feature[default.index]["curves"]["feature"]
+                     if p["strength"] == 0)
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    shows = readme[readme.index("**What `make demo` shows.**"):][:2000]
+    assert f"feature {default.index}" in shows and f"length {default.strength:g}" in shows
+    assert f"{chosen['concept_lift']:+.2f} nats" in shows
+    assert f"perplexity {chosen['perplexity']:.2f} ({unsteered['perplexity']:.2f} unsteered)" in shows
