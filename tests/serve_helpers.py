@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,30 +36,38 @@ def layer5_sae(folder: Path) -> str:
 
 
 @contextmanager
-def running_server(model: Any, tok: Any, folder: Path, **config: Any):
-    """Serve ``model`` until the block ends (the server stops within 60 s)."""
+def serving(app: Any, log_level: str) -> Iterator[str]:
+    """Run ``app`` with uvicorn on 127.0.0.1 (any free port) in a thread until the block ends;
+    yields its base URL. The server stops within 60 s of the block's end."""
     import uvicorn
 
-    sae5 = layer5_sae(folder)
-    pool = SaePool("1GB")
-    cfg = ServeConfig(model_id=MODEL_ID, api_key=KEY, served_saes=(sae5, "demo"),
-                      limits=Limits(max_edits=8, max_tokens=256, default_max_tokens=16), **config)
-    app = create_app(model, tok, pool, cfg)
     sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
+        time.sleep(0.02)
     try:
-        yield Running(f"http://127.0.0.1:{sock.getsockname()[1]}", app, pool, sae5)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(timeout=60)
         sock.close()
+
+
+@contextmanager
+def running_server(model: Any, tok: Any, folder: Path, **config: Any):
+    """Serve ``model`` until the block ends (the server stops within 60 s)."""
+    sae5 = layer5_sae(folder)
+    pool = SaePool("1GB")
+    cfg = ServeConfig(model_id=MODEL_ID, api_key=KEY, served_saes=(sae5, "demo"),
+                      limits=Limits(max_edits=8, max_tokens=256, default_max_tokens=16), **config)
+    app = create_app(model, tok, pool, cfg)
+    with serving(app, "warning") as url:
+        yield Running(url, app, pool, sae5)
 
 
 @contextmanager

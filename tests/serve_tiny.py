@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,8 +15,8 @@ import pytest
 import torch
 
 from llamascope_sdk.serve import Limits, ServeConfig, create_app
-from llamascope_sdk.serve.runner import bind
 from llamascope_sdk.steering.pool import SaePool
+from tests.serve_helpers import serving
 
 KEY = "safety-key-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -71,27 +69,12 @@ class Tiny:
 def tiny_server(model: Any, tok: Any, *, budget: int | str = "1GB",
                 **config: Any) -> Iterator[Tiny]:
     """Serve ``model`` on 127.0.0.1 (any free port) until the block ends."""
-    import uvicorn
-
     config.setdefault("api_key", KEY)
     config.setdefault("limits", Limits(max_edits=4, max_tokens=8, default_max_tokens=2))
     pool = SaePool(budget)
     app = create_app(model, tok, pool, ServeConfig(model_id="tiny", **config))
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield Tiny(f"http://127.0.0.1:{sock.getsockname()[1]}", app, pool)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        sock.close()
+    with serving(app, "critical") as url:
+        yield Tiny(url, app, pool)
 
 
 def error(r: httpx.Response, status: int, param: str | None, message: str) -> None:
