@@ -3,8 +3,10 @@
 Sums, firing counts and histograms are added (``all_reduce``); the kept examples, samples and
 the pool of random contexts are gathered (``all_gather`` of each rank's ragged entries) and
 each feature keeps its K largest keys, which is exactly what one process that saw every batch
-keeps (see :mod:`llamascope_sdk.mining.state`: a sequence is never split between ranks, so the
-spacing rule was already applied on the rank that read it). Examples are gathered in blocks of
+keeps (see :mod:`llamascope_sdk.mining.state`). A document whose sequences lie on several ranks
+is still open on each of them (:mod:`~llamascope_sdk.mining.open_docs`): first every rank's
+open rows are gathered and each such document is settled whole on rank ``doc % world``, so
+every rank's examples come from whole documents and the spacing rule holds across ranks. Examples are gathered in blocks of
 features so that the extra memory is bounded by :data:`BLOCK_BYTES` x world size, not by the
 whole state. Every rank ends with the merged state.
 """
@@ -92,10 +94,24 @@ def _merge_contexts(pool: Pool, world: int) -> None:
     pool.load(merge_pool(parts, pool.r))
 
 
+def _settle_open(tr: Tracker, world: int, rank: int) -> None:
+    """Every rank's rows of documents still open gathered (a document's sequences may lie on
+    several ranks), and those of documents with ``doc % world == rank`` settled here: each
+    document is then settled on exactly one rank, whole."""
+    mine = tr.open.tensors()
+    parts: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
+    for name, t in mine.items():
+        for r, g in enumerate(all_gather_ragged(t, world)):
+            parts[r][name] = g
+    tr.open.extend(parts)
+    tr.settle(world, rank)
+
+
 def merge_trackers(trackers: Mapping[str, Tracker], dist: Dist) -> None:
     """Replace every rank's trackers by the merge of all ranks' (in place)."""
     world = dist.world
     for tr in trackers.values():
+        _settle_open(tr, world, dist.rank)
         tr.total.copy_(dist.sum(tr.total))
         tr.fired.copy_(dist.sum(tr.fired))
         tr.hist.copy_(dist.sum(tr.hist))
