@@ -271,8 +271,9 @@ def test_a_later_window_drops_a_kept_example_and_revives_the_one_it_had_dropped(
 
 def test_ranks_that_split_a_document_merge_to_the_one_process_result():
     # Two "ranks" (two trackers) read alternate batches, so every document is split between
-    # them; gathering their open rows and settling each document on rank doc % 2 (what
-    # merge.merge_trackers does over torch.distributed) gives the one-process examples.
+    # them; sharing their open rows every 2 batches and at the end, each document settled
+    # whole on rank doc % 2 (what merge.share_open does over torch.distributed), then merging
+    # gives the one-process examples, and no rank holds a row twice.
     from llamascope_sdk.mining.merge import merge_slots
 
     for seed in range(4):
@@ -280,14 +281,26 @@ def test_ranks_that_split_a_document_merge_to_the_one_process_result():
         F = seqs[0][6].shape[1]
         one = Tracker(F, DOC_CFG, torch.device("cpu"))
         ranks = [Tracker(F, DOC_CFG, torch.device("cpu")) for _ in range(2)]
+
+        def share(final: bool, ranks=ranks) -> None:
+            parts = [r.open.tensors() for r in ranks]
+            for rank, r in enumerate(ranks):
+                r.share(parts, 2, rank, final)
+
+        held = []
         for i, (acts, batch) in enumerate(_doc_batches(seqs, list(range(len(seqs))), 2)):
             one.update(acts, batch)
             ranks[i % 2].update(acts, batch)
+            if i % 2 == 1:
+                share(False)
+                cells = [(int(d), int(p)) for r in ranks
+                         for d, p in zip(r.open.t["doc"], r.open.t["part"], strict=True)]
+                assert len(cells) == len(set(cells))
+                held.append(len(cells))
         one.settle()
-        parts = [r.open.tensors() for r in ranks]
-        for rank, r in enumerate(ranks):
-            r.open.extend(parts)
-            r.settle(2, rank)
+        assert max(held) > 0  # documents still open were kept, once, between shares
+        share(True)
+        assert all(r.open.rows == 0 for r in ranks)
         for kind, k in (("top", DOC_CFG.top_n), ("samples", DOC_CFG.n_samples)):
             merged = merge_slots([getattr(r, kind).tensors() for r in ranks], k)
             ref = getattr(one, kind)

@@ -13,8 +13,9 @@ from llamascope_sdk.base.errors import InputError
 from llamascope_sdk.corpus.documents import CorpusSource, ReadCounts, document_pieces
 from llamascope_sdk.corpus.textfile import PIECE_CHARS
 
-#: Documents sorted by length together before batching, in units of batch_size (less padding).
-_SORT_POOL = 16
+#: Sequences sorted by length together before batching, in units of batch_size (less padding):
+#: each pool gives SORT_POOL batches (the last pool fewer).
+SORT_POOL = 16
 
 Rule = Literal["windows", "first"]
 #: The two BOS-and-cut rules, as stated in a feature store's or an evaluation's metadata.
@@ -208,7 +209,7 @@ def batches(tokenizer: Any, docs: CorpusSource | Iterable[str], *, tokens: int |
                          split=split, text_field=text_field, counts=counts):
         pool.append((order, seq))
         order += len(seq.ids)
-        if len(pool) == batch_size * _SORT_POOL:
+        if len(pool) == batch_size * SORT_POOL:
             yield from _emit(pool, batch_size, pad)
             pool = []
     yield from _emit(pool, batch_size, pad)
@@ -245,7 +246,7 @@ def token_batches(tokenizer: Any, docs: CorpusSource | Iterable[str], *, tokens:
         ids = ids[:left]
         left -= len(ids)
         pool.append((0, Sequence(0, 0, ids)))
-        if len(pool) == batch_size * _SORT_POOL or left <= 0:
+        if len(pool) == batch_size * SORT_POOL or left <= 0:
             yield from ((b.ids, b.valid) for b in _emit(pool, batch_size, pad))
             pool = []
         if left <= 0:

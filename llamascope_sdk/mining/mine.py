@@ -44,8 +44,9 @@ O(batch tokens x F) (the batch's activations, as the encode itself needs).
 Several processes (``torchrun``): every rank reads and tokenises the whole corpus (so that
 every token has the same corpus order everywhere), runs the model only on batches i with
 i % world == rank, and the per-rank states are merged with torch.distributed collectives
-(:mod:`llamascope_sdk.mining.merge`; documents split between ranks are settled whole on one
-rank first); the merged result equals one process's.
+(:mod:`llamascope_sdk.mining.merge`; the documents split between ranks are settled whole on
+one rank, every sort pool of batches and at the end); the merged result equals one
+process's.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ from llamascope_sdk.mining.agreement import (
     job_identity,
 )
 from llamascope_sdk.mining.checkpoint import Checkpointer
-from llamascope_sdk.mining.merge import merge_trackers
+from llamascope_sdk.mining.merge import merge_trackers, share_open
 from llamascope_sdk.mining.state import (
     HIST_EDGES,
     Batch,
@@ -294,6 +295,8 @@ class _Run:
                               b.pos.to(dev), order.to(dev), T, b.part.to(dev), b.last.to(dev))
                 with torch.no_grad():
                     tr.update_sparse(*firings(self.named[name], acts[self.sites[name]]), batch)
+        if self.dist.world > 1 and (i + 1) % corpus_mod.SORT_POOL == 0:
+            share_open(self.trackers, self.dist)  # documents split between ranks, settled
         if self.ckpt is not None:
             self.ckpt.after_batch(i, int(b.lengths.sum()), self.trackers, self.n_tokens,
                                   self.n_docs)

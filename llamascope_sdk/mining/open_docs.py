@@ -79,14 +79,6 @@ class OpenDocs:
         """Replace what is held by ``t`` (as from :meth:`tensors`; nothing when empty)."""
         self.t = {n: t[n].to(self.device) for n in self.t} if t else self._empty()
 
-    def extend(self, parts: list[dict[str, torch.Tensor]]) -> None:
-        """Hold the rows of every part (each as from :meth:`tensors`) instead."""
-        shift = torch.tensor([0] + [int(p["length"].numel()) for p in parts], device=self.device)
-        shift = shift.cumsum(0)
-        out = {n: torch.cat([p[n].to(self.device) for p in parts]) for n in self.t}
-        out["frow"] = torch.cat([p["frow"].to(self.device) + shift[i] for i, p in enumerate(parts)])
-        self.t = out
-
     def take(self, batch: Batch, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
              useful: Useful) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's rows joined with the held ones: returns the rows of every document now
@@ -121,15 +113,32 @@ class OpenDocs:
         self.t |= {n: f[n][keep] for n in ("frow", "ft", "fcol", "fval")}
         return _as_batch(self._select(row, fire, done))
 
-    def drain(self, world: int = 1, rank: int = 0
-              ) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every held row of a document with ``doc % world == rank``, as a batch with its
-        firings (the end of the pass: nothing more is read); nothing is held afterwards."""
+    def drain(self) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every held row, as a batch with its firings (the end of the pass in one process:
+        nothing more is read); nothing is held afterwards."""
         s = self.t
         self.t = self._empty()
-        row = {n: s[n] for n in ("tok", "length", "doc", "start", "order0", "part", "last")}
-        fire = {n: s[n] for n in ("frow", "ft", "fcol", "fval")}
-        return _as_batch(self._select(row, fire, s["doc"] % world == rank))
+        return _as_batch(self._select(*_split(s), torch.ones_like(s["last"])))
+
+    def share(self, parts: list[dict[str, torch.Tensor]], world: int, rank: int, final: bool
+              ) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Under torchrun: ``parts`` are every rank's held rows (as :meth:`tensors`, in rank
+        order, this rank's among them). Returns, as a batch with its firings, the rows of the
+        documents they make whole (every document with ``final``, at the end of the pass)
+        that this rank settles, those with ``doc % world == rank``; afterwards this rank
+        holds only its own rows of the documents still open. So each document is settled
+        whole on exactly one rank, and no row is held twice."""
+        dev = self.device
+        n = [int(p["length"].numel()) for p in parts]
+        shift = torch.tensor([0, *n], device=dev).cumsum(0)
+        s = {k: torch.cat([p[k].to(dev) for p in parts]) for k in self.t}
+        s["frow"] = torch.cat([p["frow"].to(dev) + shift[i] for i, p in enumerate(parts)])
+        row, fire = _split(s)
+        done = torch.ones_like(s["last"]) if final else whole(s["doc"], s["part"], s["last"])
+        own = torch.zeros_like(done)
+        own[int(shift[rank]):int(shift[rank + 1])] = True
+        self.t = self._select(row, fire, ~done & own)
+        return _as_batch(self._select(row, fire, done & (s["doc"] % world == rank)))
 
     @staticmethod
     def _select(row: dict[str, torch.Tensor], fire: dict[str, torch.Tensor],
@@ -143,6 +152,12 @@ class OpenDocs:
         out |= {n: v[m] for n, v in fire.items()}
         out["frow"] = new[out["frow"]]
         return out
+
+
+def _split(t: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Held tensors as (per-row, per-firing) dicts."""
+    return ({k: t[k] for k in ("tok", "length", "doc", "start", "order0", "part", "last")},
+            {k: t[k] for k in ("frow", "ft", "fcol", "fval")})
 
 
 def _as_batch(t: dict[str, torch.Tensor]) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -142,10 +142,15 @@ class Tracker:
         if self.samples is not None:
             self.samples.offer(cols, (mix(order, cols) << 32) | inv, rows, batch, firings)
 
-    def settle(self, world: int = 1, rank: int = 0) -> None:
-        """The end of the pass: settle every document still open (under torchrun, after the
-        ranks' open rows were gathered, those with ``doc % world == rank``)."""
-        self._settle(*self.open.drain(world, rank))
+    def settle(self) -> None:
+        """The end of the pass in one process: settle every document still open."""
+        self._settle(*self.open.drain())
+
+    def share(self, parts: list[dict[str, torch.Tensor]], world: int, rank: int,
+              final: bool) -> None:
+        """Under torchrun, from every rank's open rows (``parts``): settle here the documents
+        they make whole that are this rank's (see :meth:`OpenDocs.share`)."""
+        self._settle(*self.open.share(parts, world, rank, final))
 
     def nbytes(self) -> int:
         """Bytes the state holds now (tables at their current capacity)."""
