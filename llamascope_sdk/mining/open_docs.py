@@ -20,7 +20,9 @@ position of column 0), ``order0`` (corpus ordinal of column 0), ``part`` and ``l
 firings held as ``frow`` (held row), ``ft`` (column), ``fcol`` (feature), ``fval``
 (activation). Memory: the held rows' ids and their useful firings (28 bytes each), at most the
 rows of the documents open at once: in one process those of one sort pool (16 batches) and of
-a document longer than that.
+a document longer than that (mining the demo on 32,768 WikiText tokens: at most 57 rows and
+454,617 firings, 12.3 MiB). Every batch joins the held rows to its own once (concatenations
+and one filter), so its extra work grows with what is held, not with what was read.
 """
 
 from __future__ import annotations
