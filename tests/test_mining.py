@@ -52,7 +52,8 @@ def materialise(model, tok, saes, docs, *, tokens, context, batch_size):
     lo = torch.tensor([o for o in starts for _ in seqs[o][2]])
     hi = torch.tensor([o + len(seqs[o][2]) for o in starts for _ in seqs[o][2]])
     acts = {n: torch.cat([a for _, a in sorted(r, key=lambda x: x[0])]) for n, r in rows.items()}
-    return acts, doc_col, pos_col, order, {"tok": tok_col, "lo": lo, "hi": hi, "by_start": seqs}, specials
+    return acts, doc_col, pos_col, order, {"tok": tok_col, "lo": lo, "hi": hi, "by_start": seqs,
+                                           "doc": doc_col, "pos": pos_col}, specials
 
 
 def reference(A, doc_col, pos_col, order, seqs, specials, *, top_n, n_samples, before, after,
@@ -73,7 +74,7 @@ def reference(A, doc_col, pos_col, order, seqs, specials, *, top_n, n_samples, b
     hist.index_put_((c, b), torch.ones_like(b), accumulate=True)
     out["hist"] = hist
     # Top-N: rows are in corpus order, so a stable descending sort puts earlier tokens first;
-    # then the spacing rule, one firing at a time (rows of one sequence share seqs["lo"]).
+    # then the spacing rule, one firing at a time (within a document, on document positions).
     vals, idx = torch.sort(A.T, dim=1, descending=True, stable=True)
     out["top"] = [_spaced(idx[f][vals[f] > 0].tolist(), seqs, before + 1 + after)[:top_n]
                   for f in range(F)]
@@ -89,10 +90,11 @@ def reference(A, doc_col, pos_col, order, seqs, specials, *, top_n, n_samples, b
 
 def _spaced(rows: list[int], seqs, gap: int) -> list[int]:
     """The spacing rule by hand: walk ``rows`` best first and keep a row unless a kept one of
-    the same sequence lies closer than ``gap``."""
+    the same document lies closer than ``gap`` document positions."""
     kept: list[int] = []
+    doc, pos = seqs["doc"].tolist(), seqs["pos"].tolist()
     for r in rows:
-        if all(int(seqs["lo"][k]) != int(seqs["lo"][r]) or abs(k - r) >= gap for k in kept):
+        if all(doc[k] != doc[r] or abs(pos[k] - pos[r]) >= gap for k in kept):
             kept.append(r)
     return kept
 

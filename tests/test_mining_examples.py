@@ -149,3 +149,33 @@ def test_version_1_store_loads_and_refuses_deciles_with_the_re_mine_command(tmp_
     (folder / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="store version 5 is newer than this SDK reads"):
         FeatureStore.load(folder)
+
+
+def test_examples_of_one_document_are_a_window_apart_and_the_scope_is_stated(mined, tmp_path):
+    # A real mine (tiny Llama, DOCS in windows of 40 ids): no two top examples or samples of
+    # a feature from one document are closer than their window, across sequences too,
+    # although the feature fires on both sides of a window's edge closer than that.
+    from llamascope_sdk.store.pages import feature_page, index_page
+
+    sae, res, (A, doc_col, pos_col, order, seqs, specials) = mined
+    A = A[sae.name]
+    close_firings = 0
+    for ex, gap in ((res.top, 21), (res.samples, 8)):
+        for i in range(ex.d_sae):
+            cells = list(zip(ex.doc[ex.span(i)].tolist(), ex.pos[ex.span(i)].tolist(), strict=True))
+            assert all(d != e or abs(p - q) >= gap for k, (d, p) in enumerate(cells)
+                       for e, q in cells[k + 1:]), i
+            r = (A[:, i] > 0).nonzero().squeeze(1)
+            lo = seqs["lo"][r]
+            same = (doc_col[r][:, None] == doc_col[r][None, :]) & (lo[:, None] != lo[None, :])
+            close_firings += int((same & ((pos_col[r][:, None] - pos_col[r][None, :]).abs() < gap)).sum())
+    assert close_firings > 0
+    store = FeatureStore.from_result(res, CharTokenizer(), sae_spec="my-sae", corpus="docs")
+    back = FeatureStore.load(store.save(tmp_path / "st"))
+    assert back.meta["example_spacing"]["scope"] == "document"
+    line = "at least a window apart within a document (top: 21 tokens, samples: 8)"
+    assert line in feature_page(back, 0) and line in index_page(back, [0])
+    # A store mined before the rule was document-wide says so, also once saved again.
+    old = FeatureStore.load(FeatureStore.load(DATA / "store_v3").save(tmp_path / "v3"))
+    assert old.meta["example_spacing"]["scope"] == "sequence"
+    assert "within a sequence (top: 5 tokens" in feature_page(old, 0)

@@ -58,6 +58,7 @@ from llamascope_sdk.corpus.documents import (
 from llamascope_sdk.corpus.textfile import PIECE_CHARS
 from llamascope_sdk.corpus.tokens import (
     RULES,
+    SORT_POOL,
     Batch,
     Rule,
     Sequence,
@@ -74,7 +75,7 @@ from llamascope_sdk.corpus.tokens import (
     token_batches,
 )
 
-__all__ = ["PIECE_CHARS", "RULES", "SUFFIXES", "Batch", "LocalDocuments", "ReadCounts", "Rule", "Sequence", "CorpusSource",
+__all__ = ["PIECE_CHARS", "RULES", "SORT_POOL", "SUFFIXES", "Batch", "LocalDocuments", "ReadCounts", "Rule", "Sequence", "CorpusSource",
            "batches", "bos_ids", "check_context", "check_corpus", "document_tokens", "encode", "file_documents",
            "hub_documents", "iter_documents", "local_documents", "local_paths", "pad_id",
            "pad_rows", "sequences", "split_document", "split_text", "tensor_batches",

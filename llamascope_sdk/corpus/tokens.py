@@ -13,8 +13,9 @@ from llamascope_sdk.base.errors import InputError
 from llamascope_sdk.corpus.documents import CorpusSource, ReadCounts, document_pieces
 from llamascope_sdk.corpus.textfile import PIECE_CHARS
 
-#: Documents sorted by length together before batching, in units of batch_size (less padding).
-_SORT_POOL = 16
+#: Sequences sorted by length together before batching, in units of batch_size (less padding):
+#: each pool gives SORT_POOL batches (the last pool fewer).
+SORT_POOL = 16
 
 Rule = Literal["windows", "first"]
 #: The two BOS-and-cut rules, as stated in a feature store's or an evaluation's metadata.
@@ -30,24 +31,31 @@ RULES: dict[str, str] = {
 @dataclass
 class Sequence:
     """One model input: ``ids`` (BOS first) from document ``doc`` (its index in the corpus,
-    counting every document), whose first id sits at document position ``pos``."""
+    counting every document), whose first id sits at document position ``pos``; ``part`` is
+    its index among its document's sequences and ``last`` says that no later sequence of its
+    document is read (mining holds a document's examples back until it is read whole)."""
 
     doc: int
     pos: int
     ids: list[int]
+    part: int = 0
+    last: bool = True
 
 
 @dataclass
 class Batch:
     """Right-padded sequences: ``ids`` [B, T], ``valid`` [B, T] (False on padding), and per row
     ``doc`` [B] (document index), ``pos`` [B] (document position of column 0) and ``order``
-    [B] (corpus ordinal of column 0: ids of all sequences counted in reading order)."""
+    [B] (corpus ordinal of column 0: ids of all sequences counted in reading order), ``part``
+    [B] and ``last`` [B] (see :class:`Sequence`)."""
 
     ids: torch.Tensor
     valid: torch.Tensor
     doc: torch.Tensor
     pos: torch.Tensor
     order: torch.Tensor
+    part: torch.Tensor | None = None
+    last: torch.Tensor | None = None
     lengths: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -166,19 +174,23 @@ def sequences(tokenizer: Any, docs: CorpusSource | Iterable[str], *, context: in
     for i, doc in enumerate(document_pieces(docs, split, text_field, None, counts)):
         counts.documents = i + 1
         split_up = split_document(tokenizer, doc, context, rule=rule, counts=counts)
-        for pos, ids in split_up:
+        nxt, part = next(split_up, None), 0
+        while nxt is not None:
+            pos, ids = nxt
             counts.sequences += 1
             if left is not None and len(ids) >= left:
                 seq = ids[:left]
                 counts.tokens_read += len(seq) - n_bos
                 # Read to its end only if nothing is cut here and nothing follows.
                 counts.documents_cut += len(ids) > left or next(split_up, None) is not None
-                yield Sequence(i, pos, seq)
+                yield Sequence(i, pos, seq, part, True)
                 return
             counts.tokens_read += len(ids) - n_bos
             if left is not None:
                 left -= len(ids)
-            yield Sequence(i, pos, ids)
+            nxt = next(split_up, None)  # one sequence ahead: is this the document's last?
+            yield Sequence(i, pos, ids, part, nxt is None)
+            part += 1
     counts.exhausted = True
 
 
@@ -197,7 +209,7 @@ def batches(tokenizer: Any, docs: CorpusSource | Iterable[str], *, tokens: int |
                          split=split, text_field=text_field, counts=counts):
         pool.append((order, seq))
         order += len(seq.ids)
-        if len(pool) == batch_size * _SORT_POOL:
+        if len(pool) == batch_size * SORT_POOL:
             yield from _emit(pool, batch_size, pad)
             pool = []
     yield from _emit(pool, batch_size, pad)
@@ -211,7 +223,9 @@ def _emit(pool: list[tuple[int, Sequence]], batch_size: int, pad: int) -> Iterat
         lengths = torch.tensor([len(s.ids) for _, s in part])
         valid = torch.arange(ids.shape[1])[None] < lengths[:, None]
         yield Batch(ids, valid, torch.tensor([s.doc for _, s in part]),
-                    torch.tensor([s.pos for _, s in part]), torch.tensor([o for o, _ in part]))
+                    torch.tensor([s.pos for _, s in part]), torch.tensor([o for o, _ in part]),
+                    torch.tensor([s.part for _, s in part]),
+                    torch.tensor([s.last for _, s in part], dtype=torch.bool))
 
 
 def token_batches(tokenizer: Any, docs: CorpusSource | Iterable[str], *, tokens: int, context: int,
@@ -232,7 +246,7 @@ def token_batches(tokenizer: Any, docs: CorpusSource | Iterable[str], *, tokens:
         ids = ids[:left]
         left -= len(ids)
         pool.append((0, Sequence(0, 0, ids)))
-        if len(pool) == batch_size * _SORT_POOL or left <= 0:
+        if len(pool) == batch_size * SORT_POOL or left <= 0:
             yield from ((b.ids, b.valid) for b in _emit(pool, batch_size, pad))
             pool = []
         if left <= 0:

@@ -22,6 +22,10 @@ class Batch:
     start: torch.Tensor  # [B] position in its document of the row's first token
     order: torch.Tensor  # [B, T] global token ordinal
     T: int
+    # [B] index of the row among its document's sequences, and whether it is the last one
+    # read; None: every document of the batch is whole in it (the rows are settled at once)
+    part: torch.Tensor | None = None
+    last: torch.Tensor | None = None
 
 
 class Firings:

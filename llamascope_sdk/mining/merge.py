@@ -3,8 +3,11 @@
 Sums, firing counts and histograms are added (``all_reduce``); the kept examples, samples and
 the pool of random contexts are gathered (``all_gather`` of each rank's ragged entries) and
 each feature keeps its K largest keys, which is exactly what one process that saw every batch
-keeps (see :mod:`llamascope_sdk.mining.state`: a sequence is never split between ranks, so the
-spacing rule was already applied on the rank that read it). Examples are gathered in blocks of
+keeps (see :mod:`llamascope_sdk.mining.state`). A document whose sequences lie on several ranks
+is still open on each of them (:mod:`~llamascope_sdk.mining.open_docs`): every sort pool of
+batches during the pass, and once more before the merge, the ranks' open rows are gathered
+and each document they make whole is settled on rank ``doc % world`` (:func:`share_open`), so
+every rank's examples come from whole documents and the spacing rule holds across ranks. Examples are gathered in blocks of
 features so that the extra memory is bounded by :data:`BLOCK_BYTES` x world size, not by the
 whole state. Every rank ends with the merged state.
 """
@@ -92,9 +95,23 @@ def _merge_contexts(pool: Pool, world: int) -> None:
     pool.load(merge_pool(parts, pool.r))
 
 
+def share_open(trackers: Mapping[str, Tracker], dist: Dist, final: bool = False) -> None:
+    """Every rank's rows of documents still open gathered (a document's sequences may lie on
+    several ranks), and the documents they make whole (all of them with ``final``) settled,
+    each on rank ``doc % world``, whole (see :meth:`OpenDocs.share`). Mining calls it every
+    sort pool of batches, so what a rank holds stays bounded, and once more at the end."""
+    for tr in trackers.values():
+        parts: list[dict[str, torch.Tensor]] = [{} for _ in range(dist.world)]
+        for name, t in tr.open.tensors().items():
+            for r, g in enumerate(all_gather_ragged(t, dist.world)):
+                parts[r][name] = g
+        tr.share(parts, dist.world, dist.rank, final)
+
+
 def merge_trackers(trackers: Mapping[str, Tracker], dist: Dist) -> None:
     """Replace every rank's trackers by the merge of all ranks' (in place)."""
     world = dist.world
+    share_open(trackers, dist, final=True)
     for tr in trackers.values():
         tr.total.copy_(dist.sum(tr.total))
         tr.fired.copy_(dist.sum(tr.fired))
@@ -106,5 +123,5 @@ def merge_trackers(trackers: Mapping[str, Tracker], dist: Dist) -> None:
             _merge_contexts(tr.pool, world)
 
 
-__all__ = ["merge_trackers", "merge_slots", "merge_pool", "all_gather", "all_gather_ragged",
+__all__ = ["merge_trackers", "share_open", "merge_slots", "merge_pool", "all_gather", "all_gather_ragged",
            "BLOCK_BYTES"]

@@ -25,9 +25,11 @@ What is kept per feature (all configurable, see :func:`mine`):
 * sums, firing counts and a histogram over :data:`HIST_EDGES`.
 
 Spacing (:mod:`~llamascope_sdk.mining.spacing`): two top examples of a feature from one
-sequence are at least ``window_before + 1 + window_after`` tokens apart, two decile samples
-at least ``example_context``; the kept set is exactly the greedy (best) spaced set, so the
-examples never show overlapping windows of one passage.
+document are at least ``window_before + 1 + window_after`` positions apart, two decile samples
+at least ``example_context``, across the document's sequences too; the kept set is exactly the
+greedy (best) spaced set, so the examples never show overlapping windows of one passage. The
+rows of a document not yet read whole are held until it is
+(:mod:`~llamascope_sdk.mining.open_docs`).
 
 Memory of the running state grows with what fired (:mod:`~llamascope_sdk.mining.slots`):
 per SAE of F features, with B = len(HIST_EDGES) + 1 bins, a fixed ``F * (8 B + 48)`` bytes
@@ -42,7 +44,9 @@ O(batch tokens x F) (the batch's activations, as the encode itself needs).
 Several processes (``torchrun``): every rank reads and tokenises the whole corpus (so that
 every token has the same corpus order everywhere), runs the model only on batches i with
 i % world == rank, and the per-rank states are merged with torch.distributed collectives
-(:mod:`llamascope_sdk.mining.merge`); the merged result equals one process's.
+(:mod:`llamascope_sdk.mining.merge`; the documents split between ranks are settled whole on
+one rank, every sort pool of batches and at the end); the merged result equals one
+process's.
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ from llamascope_sdk.mining.agreement import (
     job_identity,
 )
 from llamascope_sdk.mining.checkpoint import Checkpointer
-from llamascope_sdk.mining.merge import merge_trackers
+from llamascope_sdk.mining.merge import merge_trackers, share_open
 from llamascope_sdk.mining.state import (
     HIST_EDGES,
     Batch,
@@ -288,9 +292,11 @@ class _Run:
             for name, tr in self.trackers.items():
                 dev = self.named[name].device
                 batch = Batch(ids.to(dev), keep.to(dev), b.lengths.to(dev), b.doc.to(dev),
-                              b.pos.to(dev), order.to(dev), T)
+                              b.pos.to(dev), order.to(dev), T, b.part.to(dev), b.last.to(dev))
                 with torch.no_grad():
                     tr.update_sparse(*firings(self.named[name], acts[self.sites[name]]), batch)
+        if self.dist.world > 1 and (i + 1) % corpus_mod.SORT_POOL == 0:
+            share_open(self.trackers, self.dist)  # documents split between ranks, settled
         if self.ckpt is not None:
             self.ckpt.after_batch(i, int(b.lengths.sum()), self.trackers, self.n_tokens,
                                   self.n_docs)
@@ -302,6 +308,9 @@ class _Run:
         if self.dist.world > 1:
             check_same_tokens(self.digest, self.n_tokens, self.dist, model_device(self.model))
             merge_trackers(self.trackers, self.dist)
+        else:
+            for tr in self.trackers.values():
+                tr.settle()
         out = {name: _result(self.named[name], name, tr, self.n_tokens, self.n_docs, self.cfg)
                for name, tr in self.trackers.items()}
         for r in out.values():

@@ -108,7 +108,7 @@ class Slots:
     def __init__(self, f: int, k: int, before: int, after: int, device: torch.device) -> None:
         self.f, self.k, self.before = f, k, before
         self.w = before + 1 + after
-        self.gap = self.w  # the spacing rule: entries of one sequence at least a window apart
+        self.gap = self.w  # the spacing rule: entries of one document at least a window apart
         self.offsets = torch.arange(-before, after + 1, device=device)
         self.device = device
         self._alloc(0)
@@ -180,14 +180,18 @@ class Slots:
     def offer(self, feat: torch.Tensor, key: torch.Tensor, row: torch.Tensor, batch: Batch,
               firings: Firings) -> None:
         """Candidates: feature ``feat`` [n], its ``key`` [n] at flat batch row ``row`` [n]
-        (``b * T + t``); ``firings`` the batch's non-zero activations."""
+        (``b * T + t``); ``firings`` the batch's non-zero activations. Every document of the
+        batch must be in it whole (:mod:`~llamascope_sdk.mining.open_docs`): the spacing rule
+        is applied per (feature, document), on document positions."""
         m = key > self.floor[feat]
         feat, key, row = feat[m], key[m], row[m]
         if feat.numel() == 0:
             return
-        if self.gap > 1:  # the spacing rule, within each (feature, sequence)
+        if self.gap > 1:  # the spacing rule, within each (feature, document)
             b = row // batch.T
-            m = spaced(feat * batch.ids.shape[0] + b, row % batch.T, key, self.gap)
+            _, doc = torch.unique(batch.doc, return_inverse=True)
+            m = spaced(feat * batch.ids.shape[0] + doc[b], batch.start[b] + row % batch.T, key,
+                       self.gap)
             feat, key, row = feat[m], key[m], row[m]
         o, rank = rank_by_feature(feat, key)
         o = o[rank < self.k]

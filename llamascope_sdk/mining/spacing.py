@@ -1,23 +1,36 @@
 """The spacing rule of mined examples: a feature's examples never show overlapping windows.
 
-Rule (stored in a store's metadata as ``"example_spacing"``): two examples of one feature
-(two top examples, or two decile samples) from the same sequence lie at least one window
-apart, ``|pos_a - pos_b| >= W`` with W the example's window (``window_before + 1 +
-window_after`` for top examples, ``example_context`` for decile samples); examples from
-different sequences never share a token anyway, because a window stops at its sequence's
-edges. So no two windows shown for a feature share a token of the corpus.
+Rule (stored in a store's metadata as ``"example_spacing"``, ``"scope": "document"``): two
+examples of one feature (two top examples, or two decile samples) from the same DOCUMENT lie
+at least one window apart in document positions, ``|pos_a - pos_b| >= W`` with W the
+example's window (``window_before + 1 + window_after`` for top examples, ``example_context``
+for decile samples), whether they lie in one sequence or in two windows of the document
+(a document longer than one sequence is read in consecutive windows, see
+:data:`llamascope_sdk.corpus.RULES`). So no two examples of a feature show the same token of
+the corpus, and none show the same passage on either side of a window's edge. A window's
+content still stops at its sequence's edges (what the model saw). Stores mined before this
+rule say ``"scope": "sequence"``: there only examples of one sequence were spaced.
 
 Which examples survive is the greedy choice by key, which is exact: take the firing with the
 highest key (the activation for top examples, the random priority for the sample), drop every
-firing of the same sequence closer than W to it, take the highest remaining one, and so on.
+firing of the same document closer than W to it, take the highest remaining one, and so on.
 The result is the lexicographically best set of pairwise spaced firings (its keys, sorted,
 are larger than those of any other spaced set at the first place they differ); the first N
 of it are the top-N. Because the keys decide alone (ties impossible: a key ends with the
-token's corpus order), a firing's fate depends only on firings of its sequence with larger
-keys, so mining may first drop every firing below a feature's current N-th key and apply
-the rule to the rest, batch by batch (a sequence never spans two batches).
+token's corpus order), a firing's fate depends only on firings of its (feature, document)
+with larger keys. Two consequences make mining exact at the cost of one pass:
 
-:func:`spaced` computes the greedy choice for many (feature, sequence) groups at once, in
+* a firing whose key is at most its feature's floor (the N-th key among examples already
+  settled, which stay in the greedy set whatever comes later) can never be kept, and it only
+  decides the fate of firings with smaller keys, which cannot be kept either: it is dropped
+  at once;
+* a document's firings are settled only once the document is read whole: a firing kept so
+  far can be dropped by a larger one in a later window of its document, which in turn revives
+  a firing it had dropped, and so on along a chain. So the rows of a document still open at
+  the end of a batch are held back (:mod:`~llamascope_sdk.mining.open_docs`, with only the
+  firings above the floor) and settled with the batch that completes the document.
+
+:func:`spaced` computes the greedy choice for many (feature, document) groups at once, in
 rounds: an undecided firing whose key beats every undecided neighbour closer than W is kept
 (the sequential greedy keeps it too: every larger neighbour was already dropped), and its
 undecided neighbours are dropped. Each round keeps at least the largest undecided key of
@@ -30,16 +43,28 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["spaced", "spacing_rule"]
+__all__ = ["scope_line", "spaced", "spacing_rule"]
 
 
 def spacing_rule(top_window: int, sample_window: int) -> dict[str, object]:
     """The rule as stored in a store's metadata (``"example_spacing"``)."""
-    return {"top": top_window, "samples": sample_window, "scope": "sequence",
-            "rule": "two examples of a feature from one sequence are at least one window "
-                    "apart (|pos_a - pos_b| >= window), chosen greedily by key (activation "
-                    "for top examples, random priority for the decile sample); windows stop "
-                    "at their sequence's edges, so no two examples share a token"}
+    return {"top": top_window, "samples": sample_window, "scope": "document",
+            "rule": "two examples of a feature from one document are at least one window "
+                    "apart in document positions (|pos_a - pos_b| >= window), also across "
+                    "the document's sequences; chosen greedily by key (activation for top "
+                    "examples, random priority for the decile sample), the best spaced set; "
+                    "a window's content stops at its sequence's edges"}
+
+
+def scope_line(meta: dict[str, object]) -> str:
+    """One line saying how a store's examples are spaced (its ``example_spacing``), or that
+    the store predates the rule."""
+    rule = meta.get("example_spacing")
+    if not isinstance(rule, dict):
+        return "examples not spaced (store mined before the spacing rule)"
+    scope = rule.get("scope", "sequence")
+    return (f"examples of a feature at least a window apart within a {scope} (top: "
+            f"{rule.get('top')} tokens, samples: {rule.get('samples')})")
 
 
 def _range_max(vals_N: torch.Tensor, lo_N: torch.Tensor, hi_N: torch.Tensor,
@@ -71,7 +96,7 @@ def spaced(group_N: torch.Tensor, pos_N: torch.Tensor, key_N: torch.Tensor,
            gap: int) -> torch.Tensor:
     """Which entries the greedy spacing rule keeps: bool [N].
 
-    ``group_N`` (int64 >= 0) says which entries compete (one feature in one sequence),
+    ``group_N`` (int64 >= 0) says which entries compete (one feature in one document),
     ``pos_N`` their positions (distinct within a group), ``key_N`` their keys (distinct within
     a group, >= 0). Within each group, an entry is dropped when a kept entry with a larger key
     lies closer than ``gap`` positions; entries are kept greedily by key (see the module

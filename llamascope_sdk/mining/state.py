@@ -8,10 +8,11 @@ with the features that fire in each of them (the non-activating examples).
 
 Every entry has a unique 64-bit key (:mod:`~llamascope_sdk.mining.keys`) and each feature keeps
 the K largest keys among its firings that the spacing rule keeps (two examples of a feature
-from one sequence at least a window apart: :mod:`~llamascope_sdk.mining.spacing`). The kept
-set therefore does not depend on the order batches are seen in or on how they are split
-between processes: merging two states (:mod:`~llamascope_sdk.mining.merge`) gives exactly the
-state of one pass over both.
+from one document at least a window apart: :mod:`~llamascope_sdk.mining.spacing`). A
+document's firings are offered once the document is read whole; until then its rows wait in
+:class:`~llamascope_sdk.mining.open_docs.OpenDocs`. The kept set therefore does not depend on
+the order batches are seen in or on how they are split between processes: merging two states
+(:mod:`~llamascope_sdk.mining.merge`) gives exactly the state of one pass over both.
 
 Memory grows with what fired, not with features x slots: examples are rows of one growing
 table (:class:`~llamascope_sdk.mining.slots.Slots`), at most K per feature, and the pool keeps
@@ -37,6 +38,7 @@ import torch
 from llamascope_sdk.mining.batch import Batch, Firings
 from llamascope_sdk.mining.contexts import POOL_SALT, Contexts, Pool
 from llamascope_sdk.mining.keys import INV, key_order, mix, sample_priority
+from llamascope_sdk.mining.open_docs import OpenDocs
 from llamascope_sdk.mining.slots import Examples, Slots
 
 #: Histogram bin edges (model units): 8 bins per decade from 1e-3 to 1e4. Bin 0 counts
@@ -90,6 +92,7 @@ class Tracker:
                         if cfg.n_samples > 0 else None)
         self.pool = (Pool(cfg.pool, cfg.example_before, cfg.example_after, device)
                      if cfg.pool > 0 else None)
+        self.open = OpenDocs(device)
         self.total = torch.zeros(f, dtype=torch.float64, device=device)
         self.fired = torch.zeros(f, dtype=torch.long, device=device)
         self.hist = torch.zeros(f * N_BINS, dtype=torch.long, device=device)
@@ -114,19 +117,45 @@ class Tracker:
         self.fired += torch.bincount(cols, minlength=f)
         self.hist += torch.bincount(cols * N_BINS + torch.bucketize(vals, self.edges),
                                     minlength=self.hist.numel())
+        if self.pool is not None:
+            self.pool.offer(batch, rows, cols)
+        self._settle(*self.open.take(batch, rows, cols, vals, self._useful))
+
+    def _useful(self, cols: torch.Tensor, vals: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """Firings that may still be kept (key above their feature's floor in the top
+        examples or the sample): the rest of an open document need not be held."""
+        inv = INV - order
+        m = ((vals.view(torch.int32).long() << 32) | inv) > self.top.floor[cols]
+        if self.samples is not None:
+            m |= ((mix(order, cols) << 32) | inv) > self.samples.floor[cols]
+        return m
+
+    def _settle(self, batch: Batch, rows: torch.Tensor, cols: torch.Tensor,
+                vals: torch.Tensor) -> None:
+        """Offer the firings of whole documents to the top examples and the sample."""
+        if rows.numel() == 0:
+            return
         order = batch.order.reshape(-1)[rows]
         inv = INV - order
         firings = Firings(rows, cols, vals, batch.ids.numel())
         self.top.offer(cols, (vals.view(torch.int32).long() << 32) | inv, rows, batch, firings)
         if self.samples is not None:
             self.samples.offer(cols, (mix(order, cols) << 32) | inv, rows, batch, firings)
-        if self.pool is not None:
-            self.pool.offer(batch, rows, cols)
+
+    def settle(self) -> None:
+        """The end of the pass in one process: settle every document still open."""
+        self._settle(*self.open.drain())
+
+    def share(self, parts: list[dict[str, torch.Tensor]], world: int, rank: int,
+              final: bool) -> None:
+        """Under torchrun, from every rank's open rows (``parts``): settle here the documents
+        they make whole that are this rank's (see :meth:`OpenDocs.share`)."""
+        self._settle(*self.open.share(parts, world, rank, final))
 
     def nbytes(self) -> int:
         """Bytes the state holds now (tables at their current capacity)."""
         fixed = sum(t.numel() * t.element_size() for t in (self.total, self.fired, self.hist))
-        parts = [p for p in (self.top, self.samples, self.pool) if p is not None]
+        parts = [p for p in (self.top, self.samples, self.pool, self.open) if p is not None]
         return fixed + sum(p.nbytes() for p in parts)
 
     # ------------------------------------------------------------------ state
@@ -138,12 +167,13 @@ class Tracker:
             out |= {f"samples.{k}": v for k, v in self.samples.tensors().items()}
         if self.pool is not None:
             out |= {f"pool.{k}": v for k, v in self.pool.tensors().items()}
+        out |= {f"open.{k}": v for k, v in self.open.tensors().items()}
         return out
 
     def load(self, t: dict[str, torch.Tensor]) -> None:
         for name in ("total", "fired", "hist"):
             getattr(self, name).copy_(t[name])
-        for part in ("top", "samples", "pool"):
+        for part in ("top", "samples", "pool", "open"):
             obj = getattr(self, part)
             if obj is not None:
                 obj.load({k.split(".", 1)[1]: v for k, v in t.items() if k.startswith(part + ".")})

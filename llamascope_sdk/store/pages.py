@@ -21,6 +21,7 @@ from markupsafe import Markup
 from llamascope_sdk.base.atomic import atomic_write_text
 from llamascope_sdk.core.logit_lens import APPROXIMATION
 from llamascope_sdk.core.metrics import DENSE_FREQUENCY
+from llamascope_sdk.mining.spacing import scope_line
 from llamascope_sdk.store import view
 from llamascope_sdk.store.explanation_view import explanation_html
 from llamascope_sdk.store.feature_store import FeatureStore
@@ -63,6 +64,7 @@ _FEATURE = """<!doctype html>
 {% if f.steer %}<p>Try it: <pre class="cmd" id="steer">{{ f.steer }}</pre></p>{% endif %}
 {% if f.neuronpedia_url %}<p>Neuronpedia: <a href="{{ f.neuronpedia_url }}">{{ f.neuronpedia_url }}</a></p>{% endif %}
 <h2>Top examples</h2>
+<p class="muted" id="spacing">{{ spacing }}</p>
 <div id="top">{% for e in top %}{{ e }}{% else %}<p class="muted">This feature never fired on the corpus.</p>{% endfor %}</div>
 {% if bands %}<h2>Samples across activation quantiles</h2>
 {% for b in bands %}{% if b.examples %}<div class="band">{{ b.label }}</div>{% for e in b.examples %}{{ e }}{% endfor %}{% endif %}{% endfor %}{% endif %}
@@ -82,7 +84,7 @@ _INDEX = """<!doctype html>
 <style>{{ css }}</style></head><body>
 <h1>{{ sae }}: mined features</h1>
 <p class="muted">{{ hook }} &middot; {{ "{:,}".format(n_tokens) }} tokens of {{ corpus }} &middot;
-{{ rows|length }} feature pages. Click a column header to sort.</p>
+{{ rows|length }} feature pages; {{ spacing }}. Click a column header to sort.</p>
 <table id="features"><thead><tr><th data-k="n">feature</th><th data-k="s">label</th>
 <th data-k="n" class="num">frequency</th><th data-k="n" class="num">typical</th>
 <th data-k="n" class="num">max activation</th>{% if scored %}<th data-k="n" class="num" title="{{ sc_def.output_score }}">output score</th>{% endif %}<th data-k="s">top tokens</th></tr></thead><tbody>
@@ -197,6 +199,7 @@ def feature_page(store: FeatureStore, i: int, scores: FeatureScores | None = Non
     return _FEATURE_T.render(
         f=f, sae=store.name, hook=store.meta.get("hook_point_out"), css=Markup(_CSS),
         top=[Markup(example_html(e, scale)) for e in store.examples(i)], bands=bands,
+        spacing=scope_line(store.meta),
         svg=Markup(histogram_svg(view.histogram(store, i))), lens=view.logit_lens(store, i),
         approx=APPROXIMATION, num=_num, pct=_pct, tok=_tok, dense_pct=_pct(DENSE_FREQUENCY),
         explained=Markup(explanation_html(store, i)),
@@ -223,6 +226,7 @@ def index_page(store: FeatureStore, features: list[int],
     return _INDEX_T.render(rows=rows, sae=store.name, hook=store.meta.get("hook_point_out"),
                            n_tokens=int(store.stats.n_tokens), corpus=store.meta.get("corpus") or "a corpus",
                            css=Markup(_CSS), num=_num, pct=_pct, scored=scores is not None,
+                           spacing=scope_line(store.meta),
                            sc_def=DEFINITIONS)
 
 
