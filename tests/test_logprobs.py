@@ -120,3 +120,18 @@ def test_score_and_final_hidden(tiny_llama) -> None:
         logits_full = tiny_llama(x).logits
     assert fh.hidden_BTD is not None and not tiny_llama.model.norm._forward_hooks
     torch.testing.assert_close(tiny_llama.lm_head(fh.hidden_BTD), logits_full)
+
+
+def test_score_in_chunks_gives_the_whole_tensors_values_bit_for_bit() -> None:
+    from llamascope_sdk.steering import logprobs
+
+    torch.manual_seed(3)
+    n = 2 * logprobs.SCORE_CHUNK + 5  # two whole chunks and a short one
+    logits, nxt = torch.randn(n, 300) * 4, torch.randint(0, 300, (n,))
+    lp = torch.log_softmax(logits, -1)  # scored whole, as before chunks
+    vals, idx = lp.topk(3, dim=-1)
+    got = score(logits, nxt, 3)
+    assert got.token == lp.gather(-1, nxt[:, None])[:, 0].tolist()
+    assert got.top == [list(zip(i, v, strict=True))
+                       for i, v in zip(idx.tolist(), vals.tolist(), strict=True)]
+    assert score(logits, nxt, 0).top == [[]] * n

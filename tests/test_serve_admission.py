@@ -125,3 +125,22 @@ def test_gathered_rows_keep_their_tokens_with_edits(tiny_llama, char_tokenizer) 
     assert got == want
     assert sched.max_rows_seen == 3
     assert want[0] != want[1]
+
+
+def test_the_step_time_counts_decode_steps_only(tiny_llama, char_tokenizer) -> None:
+    """A prefill (a long prompt's, a loglikelihood request's) leaves the step time that sizes
+    the quiet spell as it was; decode steps set it."""
+    sched = Scheduler(tiny_llama, char_tokenizer, max_batch=4, batch_wait=0.001, gather_max=5)
+
+    async def run(n: int) -> list[int]:
+        job = Job([Row([1, 5, 6, 7], max_new_tokens=n, stop_ids=())], asyncio.get_running_loop())
+        sched.submit(job)
+        return await _tokens(job)
+
+    try:
+        assert len(asyncio.run(run(1))) == 1  # one step, a prefill: no decode step timed
+        assert (sched.steps, sched.step_s) == (1, 0.0)
+        assert len(asyncio.run(run(3))) == 3  # a prefill and two decode steps
+        assert sched.steps == 4 and sched.step_s > 0
+    finally:
+        sched.stop(60)
