@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import html
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,26 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # for bench.corpus_files
 
 from bench.corpus_files import add_corpus_argument, corpus_files  # noqa: E402
+from bench.headless import browse  # noqa: E402
 
 OUT = REPO / "bench" / "out"
 FEATURE = 4154
-
-
-def chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    sys.exit("no chromium found: apt-get install -y chromium")
-
-
-def run(args: list[str]) -> str:
-    base = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-            "--no-first-run", "--disable-extensions", "--allow-file-access-from-files"]
-    done = subprocess.run(base + args, capture_output=True, text=True, timeout=120)
-    if done.returncode != 0:
-        sys.exit(f"chromium failed ({done.returncode}): {done.stderr[-2000:]}")
-    return done.stdout
 
 
 def main() -> None:
@@ -66,7 +49,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="llamascope-pages-"))
     store.save(tmp / "store", extra=lambda st, d: write_pages(st, d / "pages", [FEATURE, 1297, 1062]))
     page = tmp / "store" / "pages" / "features" / f"{FEATURE}.html"
-    dom = run(["--dump-dom", page.as_uri()])
+    dom = browse(["--dump-dom", page.as_uri()])
     text = html.unescape(dom)
     summary = view.summary(store, FEATURE)
     top = store.examples(FEATURE)[0]
@@ -86,9 +69,9 @@ def main() -> None:
         print(f"{'ok ' if ok else 'FAIL'} {k}")
     OUT.mkdir(parents=True, exist_ok=True)
     png = OUT / f"feature_{FEATURE}.png"
-    run([f"--screenshot={png}", "--window-size=1200,1600", page.as_uri()])
+    browse([f"--screenshot={png}", "--window-size=1200,1600", page.as_uri()])
     index_png = OUT / "feature_index.png"
-    run([f"--screenshot={index_png}", "--window-size=1200,500",
+    browse([f"--screenshot={index_png}", "--window-size=1200,500",
          (tmp / "store" / "pages" / "index.html").as_uri()])
     print(f"screenshot: {png.relative_to(REPO)} ({png.stat().st_size:,} bytes); index: "
           f"{index_png.relative_to(REPO)}")

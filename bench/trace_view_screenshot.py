@@ -17,7 +17,6 @@ import argparse
 import html
 import json
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,27 +25,11 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # for bench.headless
+
+from bench.headless import browse  # noqa: E402
+
 PROMPT = "The capital of France is Paris. The capital of Italy is"
-
-
-def chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    sys.exit("no chromium found: apt-get install -y chromium")
-
-
-def browse(args: list[str]) -> str:
-    base = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-            "--no-first-run", "--disable-extensions", "--allow-file-access-from-files",
-            # any request that leaves the file fails: the view must need no network
-            "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9",
-            "--virtual-time-budget=5000"]
-    done = subprocess.run(base + args, capture_output=True, text=True, timeout=180)
-    if done.returncode != 0:
-        sys.exit(f"chromium failed ({done.returncode}): {done.stderr[-2000:]}")
-    return done.stdout
 
 
 def main() -> None:
