@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llamascope_sdk.base.atomic import atomic_write_bytes, atomic_write_text
+from llamascope_sdk.base.jsonsafe import json_safe
 from llamascope_sdk.benchmark.spread import Spread, within_noise
 
 
@@ -68,19 +69,9 @@ class MetricOutput:
         return all(math.isfinite(self.spreads[h].mean) for h in self.headline)
 
 
-def _finite(v: Any) -> Any:
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {str(k): _finite(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_finite(x) for x in v]
-    return v
-
-
 def saebench_json(out: MetricOutput, sae_name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The SAEBench eval output document of ``out``."""
-    return _finite({
+    return json_safe({
         "eval_type_id": EVAL_TYPES[out.metric], "eval_config": out.config,
         "eval_id": str(uuid.uuid4()), "datetime_epoch_millis": int(time.time() * 1000),
         "eval_result_metrics": out.metrics, "eval_result_details": out.details,

@@ -32,7 +32,6 @@ counts and the L0 distribution (a histogram of per-token L0) are integers.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -45,6 +44,7 @@ from torch import nn
 
 from llamascope_sdk.base.dist import init_from_env
 from llamascope_sdk.base.errors import IncompatibleModelError
+from llamascope_sdk.base.jsonsafe import json_safe
 from llamascope_sdk.core import metrics as M
 from llamascope_sdk.core.hooks import SiteFn, hooked, replace_with
 from llamascope_sdk.core.sites import (
@@ -104,7 +104,7 @@ class EvalResult:
         if frequencies and freq is not None:
             d["feature_frequency"] = [float(x) for x in freq]
         d["kl_direction"] = "KL(clean || spliced)"
-        return _json_safe(d)
+        return json_safe(d)
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(**kwargs), indent=2, sort_keys=True)
@@ -114,16 +114,6 @@ class EvalResult:
         if self.feature_frequency is None:
             raise ValueError(f"{self.sae}: no feature frequencies recorded")
         return M.plot_firing_histogram(self.feature_frequency, path, title=self.sae)
-
-
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_json_safe(x) for x in v]
-    return v
 
 
 # ---------------------------------------------------------------------------- evaluation
