@@ -353,3 +353,39 @@ def test_compatibility_is_checked_once_per_model_and_sae(tiny_llama, monkeypatch
     assert len(calls) == 2
     with pytest.raises(IncompatibleModelError):
         compat.check_compatible(tiny_llama, tiny_sae(d_model=32))
+
+
+# ---------------------------------------------------------------------------- module_hooks
+def test_module_hooks_remove_every_handle_also_when_a_later_one_fails() -> None:
+    from llamascope_sdk.core.hooks import module_hooks
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    seen: list[str] = []
+    specs = [(model[0], "post", lambda _m, _a, _o: seen.append("post")),
+             (model[1], "pre", lambda _m, _a: seen.append("pre"))]
+    with module_hooks(specs):
+        model(torch.zeros(1, 2))
+    assert seen == ["post", "pre"] and _empty_hook_dicts(model)
+    with pytest.raises(ValueError, match="hook kind 'around'; allowed are pre, pre_kwargs, post"):
+        with module_hooks([*specs, (model[1], "around", print)]):
+            pass
+    assert _empty_hook_dicts(model)  # the two registered before the bad one are gone too
+    with pytest.raises(RuntimeError, match="boom"):
+        with module_hooks(specs):
+            raise RuntimeError("boom")
+    assert _empty_hook_dicts(model)
+
+
+def test_only_core_hooks_registers_module_hooks() -> None:
+    """One mechanism: no other module of the package calls a ``register_*hook`` method."""
+    import ast
+    from pathlib import Path
+
+    import llamascope_sdk
+
+    root = Path(llamascope_sdk.__file__).parent
+    calls = {str(p.relative_to(root)) for p in root.rglob("*.py")
+             for node in ast.walk(ast.parse(p.read_text()))
+             if isinstance(node, ast.Attribute) and node.attr.startswith("register_")
+             and node.attr.endswith("hook")}
+    assert calls == {"core/hooks.py"}

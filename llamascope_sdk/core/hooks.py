@@ -1,17 +1,20 @@
-"""The one hook mechanism of the SDK: :func:`hooked`.
+"""The one hook mechanism of the SDK: :func:`module_hooks` and, on it, :func:`hooked`.
 
-:func:`hooked` is the only place where the SDK registers hooks on a model. It places a capture
-or replace function at each :class:`~llamascope_sdk.core.sites.Site` (the module
-:mod:`llamascope_sdk.core.sites` maps it to), can cut the forward short after the last site it
-needs, and removes every hook on exit, on an exception and on KeyboardInterrupt.
-:func:`~llamascope_sdk.steering.attachment.attach`, evaluation, feature mining and training's activation
-generation are all built on it. It depends only on :mod:`llamascope_sdk.core.sites` (whether an SAE
-fits a model is :mod:`llamascope_sdk.loading.compat`'s job).
+:func:`module_hooks` is the only place where the SDK registers hooks on a model's modules and
+removes them (on exit, on an exception, on KeyboardInterrupt, and when registering a later
+hook fails). :func:`hooked`, built on it, places a capture or replace function at each
+:class:`~llamascope_sdk.core.sites.Site` (the module :mod:`llamascope_sdk.core.sites` maps it
+to) and can cut the forward short after the last site it needs.
+:func:`~llamascope_sdk.steering.attachment.attach`, evaluation, feature mining and training's
+activation generation are built on :func:`hooked`; the trace's frozen forward and the final
+hidden states of served requests use :func:`module_hooks` directly (their modules are not
+sites). It depends only on :mod:`llamascope_sdk.core.sites` (whether an SAE fits a model is
+:mod:`llamascope_sdk.loading.compat`'s job).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,6 +29,12 @@ from llamascope_sdk.core.sites import Site, first, module_for, read_activation, 
 SiteFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 #: Called before every forward of the decoder stack with that forward's (args, kwargs).
 ForwardFn = Callable[[tuple[Any, ...], dict[str, Any]], None]
+
+#: One module hook: (module, kind, function). Kinds: "pre" (``register_forward_pre_hook``:
+#: ``fn(module, args)``), "pre_kwargs" (the same with kwargs: ``fn(module, args, kwargs)``)
+#: and "post" (``register_forward_hook``: ``fn(module, args, output)``).
+ModuleHook = tuple[nn.Module, str, Callable[..., Any]]
+
 
 class _StopForward(Exception):
     """Raised after the last needed site; swallowed by :func:`hooked` (early exit)."""
@@ -52,30 +61,43 @@ def hooked(model: nn.Module, hooks: Mapping[Site, SiteFn | Sequence[SiteFn]], *,
         ...     model(ids)
         >>> acts["L3R"].shape  # [B, T, D]
     """
-    handles: list[torch.utils.hooks.RemovableHandle] = []
+    specs: list[ModuleHook] = []
+    if before_forward is not None:
+        specs.append((getattr(model, "model", model), "pre_kwargs",
+                      lambda _m, args, kwargs: before_forward(args, kwargs)))
+    for site, fns in hooks.items():
+        chain = [fns] if callable(fns) else list(fns)
+        specs.append((module_for(model, site), "pre", _input_hook(site, chain))
+                     if site.reads_input else
+                     (module_for(model, site), "post", _output_hook(chain)))
+    if stop_after_last and hooks:
+        last = max(hooks, key=lambda s: s.order)
+        # Registered after the site's own hook on that module, so it runs after it.
+        specs.append((module_for(model, last), "pre" if last.reads_input else "post", _stop))
     try:
-        if before_forward is not None:
-            inner = getattr(model, "model", model)
-            handles.append(inner.register_forward_pre_hook(
-                lambda _m, args, kwargs: before_forward(args, kwargs), with_kwargs=True))
-        for site, fns in hooks.items():
-            chain = [fns] if callable(fns) else list(fns)
-            module = module_for(model, site)
-            if site.reads_input:
-                handles.append(module.register_forward_pre_hook(_input_hook(site, chain)))
-            else:
-                handles.append(module.register_forward_hook(_output_hook(chain)))
-        if stop_after_last and hooks:
-            last = max(hooks, key=lambda s: s.order)
-            module = module_for(model, last)
-            # Registered after the site's own hook on that module, so it runs after it.
-            if last.reads_input:
-                handles.append(module.register_forward_pre_hook(_stop))
-            else:
-                handles.append(module.register_forward_hook(_stop))
-        yield
+        with module_hooks(specs):
+            yield
     except _StopForward:
         pass
+
+
+@contextmanager
+def module_hooks(specs: Iterable[ModuleHook]) -> Iterator[None]:
+    """Register ``specs`` in order for the duration of a ``with`` block; every one is removed
+    on exit, on an exception, and if registering a later one fails. For hooks that are not at
+    a :class:`~llamascope_sdk.core.sites.Site` (the trace's freezes, the final norm's output);
+    everything at a site goes through :func:`hooked`."""
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        for module, kind, fn in specs:
+            if kind == "post":
+                handles.append(module.register_forward_hook(fn))
+            elif kind in ("pre", "pre_kwargs"):
+                handles.append(module.register_forward_pre_hook(
+                    fn, with_kwargs=kind == "pre_kwargs"))
+            else:
+                raise ValueError(f"hook kind {kind!r}; allowed are pre, pre_kwargs, post")
+        yield
     finally:
         for h in handles:
             h.remove()

@@ -15,11 +15,14 @@ computes, V x T floats for one row at a time.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from llamascope_sdk.core.hooks import module_hooks
 
 #: top-N alternatives one position may ask for (OpenAI allows 5 on completions, 20 in chat)
 MAX_TOP = 20
@@ -91,20 +94,18 @@ class FinalHidden:
     def __init__(self, model: nn.Module, *, active: bool = True) -> None:
         self.model, self.active = model, active
         self.hidden_BTD: torch.Tensor | None = None
-        self._handle: Any = None
+        self._stack = ExitStack()
 
     def __enter__(self) -> FinalHidden:
         def keep(_mod: nn.Module, _inp: Any, out: Any) -> None:
             self.hidden_BTD = out[0] if isinstance(out, tuple) else out
 
         if self.active:
-            self._handle = final_norm(self.model).register_forward_hook(keep)
+            self._stack.enter_context(module_hooks([(final_norm(self.model), "post", keep)]))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        self._stack.close()
 
 
 def prompt_logprobs(model: nn.Module, hidden_TD: torch.Tensor, ids: Sequence[int],

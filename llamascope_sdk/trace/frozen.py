@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from llamascope_sdk.base.errors import IncompatibleModelError
-from llamascope_sdk.core.hooks import hooked
+from llamascope_sdk.core.hooks import ModuleHook, hooked, module_hooks
 from llamascope_sdk.core.sites import Site, decoder_layers
 
 
@@ -126,10 +126,10 @@ def _submodule(parent: nn.Module, name: str, what: str) -> nn.Module:
     return mod
 
 
-def _register_freezes(model: nn.Module, tape: Tape, skip_mlp: bool
-                      ) -> list[torch.utils.hooks.RemovableHandle]:
+def _freezes(model: nn.Module, tape: Tape, skip_mlp: bool) -> list[ModuleHook]:
+    """The hooks that freeze the forward (attention patterns, norm denominators, MLP inputs)
+    and fill ``tape``, for :func:`~llamascope_sdk.core.hooks.module_hooks`."""
     inner = getattr(model, "model", model)
-    handles = []
 
     def keep_embed(_m: nn.Module, _a: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
         tape.embed = out.detach().requires_grad_(True)
@@ -143,20 +143,19 @@ def _register_freezes(model: nn.Module, tape: Tape, skip_mlp: bool
             tape.tc_in[layer] = normed
         return record
 
-    handles.append(_submodule(inner, "embed_tokens", "embedding").register_forward_hook(keep_embed))
+    specs: list[ModuleHook] = [(_submodule(inner, "embed_tokens", "embedding"), "post",
+                                keep_embed)]
     for layer, block in enumerate(decoder_layers(model)):
         attn = _submodule(block, "self_attn", "attention")
-        handles.append(_submodule(block, "input_layernorm", "norm").register_forward_hook(
-            _norm_hook(None)))
-        for proj in ("q_proj", "k_proj"):
-            handles.append(_submodule(attn, proj, "attention").register_forward_hook(_detach_output))
-        handles.append(_submodule(block, "post_attention_layernorm", "norm").register_forward_hook(
-            _norm_hook(keep_input(layer))))
-        handles.append(_submodule(block, "mlp", "MLP").register_forward_pre_hook(
-            _skip_input if skip_mlp else _detach_input))
-    handles.append(_submodule(inner, "norm", "final norm").register_forward_hook(
-        _norm_hook(keep_final)))
-    return handles
+        specs.append((_submodule(block, "input_layernorm", "norm"), "post", _norm_hook(None)))
+        specs += [(_submodule(attn, proj, "attention"), "post", _detach_output)
+                  for proj in ("q_proj", "k_proj")]
+        specs.append((_submodule(block, "post_attention_layernorm", "norm"), "post",
+                      _norm_hook(keep_input(layer))))
+        specs.append((_submodule(block, "mlp", "MLP"), "pre",
+                      _skip_input if skip_mlp else _detach_input))
+    specs.append((_submodule(inner, "norm", "final norm"), "post", _norm_hook(keep_final)))
+    return specs
 
 
 @contextmanager
@@ -171,18 +170,14 @@ def frozen_forward(model: nn.Module, mlp_out: Sequence[torch.Tensor] | None = No
     """
     tape = Tape()
     params = [p for p in model.parameters() if p.requires_grad]
-    handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
         for p in params:
             p.requires_grad_(False)
-        handles = _register_freezes(model, tape, mlp_out is not None)
         sites = {Site(layer, "mlp_out"): _leaf(tape.mlp_out, layer,
                                                None if mlp_out is None else mlp_out[layer])
                  for layer in range(len(decoder_layers(model)))}
-        with hooked(model, sites):
+        with module_hooks(_freezes(model, tape, mlp_out is not None)), hooked(model, sites):
             yield tape
     finally:
-        for h in handles:
-            h.remove()
         for p in params:
             p.requires_grad_(True)
