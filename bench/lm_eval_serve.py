@@ -3,9 +3,9 @@ own ``hf`` and ``steered`` models on the same weights.
 
 Needs the real lm-evaluation-harness in a virtualenv of its own (not a dependency of the SDK):
 
-    python -m venv /work/venvs/lmeval            # any path; the SDK importable in it
-    /work/venvs/lmeval/bin/pip install "lm-eval==0.4.*"
-    PYTHONPATH=. /work/venvs/lmeval/bin/python bench/lm_eval_serve.py [--limit N]
+    python -m venv .venvs/lmeval            # any path (.venvs/ is ignored by git); the SDK importable in it
+    .venvs/lmeval/bin/pip install "lm-eval==0.4.*"
+    PYTHONPATH=. .venvs/lmeval/bin/python bench/lm_eval_serve.py [--limit N]
 
 Run from the repository root (the tasks in bench/lm_eval_tasks/ read their data by relative
 path). The script starts ``llamascope serve --model smollm2-135m --preset sea=STEER.json``

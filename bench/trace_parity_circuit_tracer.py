@@ -8,8 +8,8 @@ node by node, with each side's time and peak memory.
 
 circuit-tracer pins transformers 4.57.3, so it runs in its own virtualenv (not in CI)::
 
-    python -m venv /work/venvs/circuittracer
-    /work/venvs/circuittracer/bin/pip install circuit-tracer      # 0.5.0 was measured
+    python -m venv .venvs/circuittracer            # in the repository (ignored by git); or any
+    .venvs/circuittracer/bin/pip install circuit-tracer   # path, given with --ct-python; 0.5.0 was measured
 
 Protocol: (1) this process (the SDK's venv) writes a work folder: SmolLM2-135M's weights as
 the SDK loads them (safetensors, HF key names) with its tokenizer, the demo transcoder set
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-CT_PYTHON = "/work/venvs/circuittracer/bin/python"
+CT_PYTHON = str(ROOT / ".venvs/circuittracer/bin/python")
 #: 32 tokens with SmolLM2's tokenizer, BOS included.
 PROMPT = ("Fact: the capital of the state containing Dallas is Austin. Fact: the capital of the "
           "state containing Seattle is Olympia. Fact: the capital of France is")

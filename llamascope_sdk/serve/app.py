@@ -26,10 +26,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+import llamascope_sdk.serve.choices as choices
+import llamascope_sdk.serve.tokenize as tokenizer_api
 from llamascope_sdk.base.errors import InputError
 from llamascope_sdk.loading.models import context_window, special_ids
-from llamascope_sdk.serve import choices
-from llamascope_sdk.serve import tokenize as tokenizer_api
 from llamascope_sdk.serve.encoding import encode_request
 from llamascope_sdk.serve.errors import (
     HttpError,

@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
+import llamascope_sdk.trace.replacement as replacement
+import llamascope_sdk.trace.rows as rows
 from llamascope_sdk.base.errors import InputError
 from llamascope_sdk.loading.models import tokenize
 from llamascope_sdk.loading.sae import SAE
-from llamascope_sdk.trace import replacement, rows
 from llamascope_sdk.trace.frozen import Tape, frozen_forward
 from llamascope_sdk.trace.graph import Graph
 from llamascope_sdk.trace.influence import influence

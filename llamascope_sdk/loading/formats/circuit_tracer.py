@@ -46,9 +46,9 @@ from typing import cast
 
 import torch
 
+import llamascope_sdk.loading.formats.layouts as layouts
 from llamascope_sdk.base.atomic import atomic_save_safetensors, atomic_write_text
 from llamascope_sdk.core.sites import HOOK_KINDS, POSITIONS
-from llamascope_sdk.loading.formats import layouts
 from llamascope_sdk.loading.formats._build import (
     Exportable,
     UnsupportedFormatError,

@@ -44,10 +44,10 @@ from typing import Any
 
 import torch
 
+import llamascope_sdk.loading.formats.layouts as layouts
 from llamascope_sdk.base.atomic import atomic_save_safetensors, atomic_write_text
 from llamascope_sdk.base.errors import CorruptCheckpointError
 from llamascope_sdk.core.hyperparams import Hyperparams
-from llamascope_sdk.loading.formats import layouts
 from llamascope_sdk.loading.formats._build import (
     Exportable,
     Plain,

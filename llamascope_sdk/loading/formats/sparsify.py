@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
+import llamascope_sdk.loading.formats.layouts as layouts
 from llamascope_sdk.base.errors import CorruptCheckpointError
 from llamascope_sdk.core.sites import HOOK_KINDS, Site, position_sites
-from llamascope_sdk.loading.formats import layouts
 from llamascope_sdk.loading.formats._build import (
     Plain,
     UnsupportedFormatError,
