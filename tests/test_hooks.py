@@ -366,13 +366,13 @@ def test_module_hooks_remove_every_handle_also_when_a_later_one_fails() -> None:
     with module_hooks(specs):
         model(torch.zeros(1, 2))
     assert seen == ["post", "pre"] and _empty_hook_dicts(model)
-    with pytest.raises(ValueError, match="hook kind 'around'; allowed are pre, pre_kwargs, post"):
-        with module_hooks([*specs, (model[1], "around", print)]):
-            pass
+    bad = [*specs, (model[1], "around", print)]
+    with pytest.raises(ValueError, match="hook kind 'around'; allowed are pre, pre_kwargs, post"), \
+            module_hooks(bad):
+        pass
     assert _empty_hook_dicts(model)  # the two registered before the bad one are gone too
-    with pytest.raises(RuntimeError, match="boom"):
-        with module_hooks(specs):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), module_hooks(specs):
+        raise RuntimeError("boom")
     assert _empty_hook_dicts(model)
 
 
