@@ -7,7 +7,8 @@
 2. both servers as subprocesses with the same torch threads, the same model folder and prompts:
    completion tokens/s (summed ``usage.completion_tokens`` over the wall time) and p50/p95
    request latency at 1, 4 and 8 concurrent clients (max(8, 2 x clients) requests each), for
-   ``transformers serve --continuous-batching``, llamascope serve without edits, and
+   ``transformers serve --continuous-batching``, llamascope serve without edits (also with
+   ``--row-copies off``, the one-row decode layout's share), and
    llamascope serve with 8 distinct edits in the batch (targets: >= 1.1x and >= 1.0x the
    transformers figure at every client count). The settings run interleaved, ``--rounds``
    times, and the fastest run of each counts (the machine may be shared; the 1-minute load
@@ -198,11 +199,13 @@ def versus_transformers(folder: str, sae5_dir: str, n_tokens: int, threads: int,
     Its paged KV cache is capped at 512 blocks of 32 tokens (16,384 tokens, 0.75 GB for this
     model): sized by default from the machine's memory, its engine was killed by the kernel
     (out of memory) on a shared 23 GB machine."""
-    ours, theirs = _free_port(), _free_port()
+    ours, theirs, plain = _free_port(), _free_port(), _free_port()
+    serve = [sys.executable, "-m", "llamascope_sdk", "serve", "--model", "smollm2-135m",
+             "--sae", sae5_dir, "--sae", "demo", "--max-batch", "16"]
     procs = [
-        _start([sys.executable, "-m", "llamascope_sdk", "serve", "--model", "smollm2-135m",
-                "--port", str(ours), "--sae", sae5_dir, "--sae", "demo", "--max-batch", "16"],
-               ours, threads, tmp / "llamascope.log"),
+        _start([*serve, "--port", str(ours)], ours, threads, tmp / "llamascope.log"),
+        _start([*serve, "--port", str(plain), "--row-copies", "off"], plain, threads,
+               tmp / "llamascope-no-row-copies.log"),
         _start([str(Path(sys.executable).parent / "transformers"), "serve", folder,
                 "--continuous-batching", "--device", "cpu", "--dtype", "float32", "--port",
                 str(theirs), "--log-level", "warning", "--cb-block-size", "32",
@@ -223,6 +226,7 @@ def versus_transformers(folder: str, sae5_dir: str, n_tokens: int, threads: int,
 
         setups = {"transformers serve --continuous-batching": (theirs, folder, False),
                   "llamascope serve, no edits": (ours, "smollm2-135m", False),
+                  "  the same, --row-copies off": (plain, "smollm2-135m", False),
                   "llamascope serve, 8 distinct edits": (ours, "smollm2-135m", True)}
         for port, model, edits in setups.values():  # warm-up (SAEs loaded, kernels ready)
             _load(f"http://127.0.0.1:{port}/v1/completions", bodies(model, 8, edits)[:8], 8)
@@ -243,7 +247,7 @@ def versus_transformers(folder: str, sae5_dir: str, n_tokens: int, threads: int,
                       f"p95 {p95:6.2f} s  ({n} tokens){ratio}")
         loglikelihood_cost(ours, threads, rounds)
     except Exception:
-        for name in ("llamascope.log", "transformers.log"):
+        for name in ("llamascope.log", "llamascope-no-row-copies.log", "transformers.log"):
             print(f"--- {name} (last lines):\n{(tmp / name).read_text()[-3000:]}", file=sys.stderr)
         raise
     finally:
