@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 from llamascope_sdk import Steer
 from llamascope_sdk.cli import app
 from llamascope_sdk.loading.row_copies import (
+    CHUNK,
+    CHUNK_MAX_ROWS,
     MAX_ROWS,
     add_row_copies,
     has_row_copies,
@@ -54,6 +56,25 @@ def test_few_rows_use_the_copy_and_more_rows_the_weight() -> None:
         row = torch.randn(5, 48)[2:3]  # one row, a view into a bigger tensor
         assert torch.equal(lin(row), row @ w.t().contiguous() + b)
         assert torch.allclose(lin(one), F.linear(one, w, b), atol=1e-5, rtol=0)
+
+
+def test_a_large_matrix_is_sliced_for_4_to_16_rows_bit_for_bit() -> None:
+    torch.manual_seed(5)
+    lin = nn.Linear(40, 2 * CHUNK + 300, bias=True)  # a last slice shorter than CHUNK
+    w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    add_row_copies(nn.Sequential(lin))
+    seen = []
+    orig = F.linear
+    with torch.no_grad():
+        for rows in (4, 9, CHUNK_MAX_ROWS, CHUNK_MAX_ROWS + 1):
+            x = torch.randn(rows, 1, 40)
+            F.linear = lambda *a: seen.append(a[1].shape[0]) or orig(*a)  # count the slices
+            try:
+                got = lin(x)
+            finally:
+                F.linear = orig
+            assert torch.equal(got, F.linear(x, w, b)), rows
+        assert seen == [CHUNK, CHUNK, 300] * 3 + [2 * CHUNK + 300]
 
 
 def test_a_weight_changed_in_place_is_used_not_the_stale_copy() -> None:
