@@ -152,6 +152,16 @@ def test_cli_refuses_an_unknown_mode_before_loading(monkeypatch) -> None:
     assert "'maybe' is not one of auto, on, off" in " ".join(r.output.split())
 
 
+def test_cli_refuses_copies_for_a_gpu_before_loading(monkeypatch) -> None:
+    import llamascope_sdk.loading.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    r = CliRunner().invoke(app, ["serve", "--model", "smollm2-135m", "--row-copies", "on",
+                                 "--device", "cuda"])
+    assert r.exit_code == 2
+    assert "row copies are for a model on the CPU, not cuda" in " ".join(r.output.split())
+
+
 @pytest.mark.parametrize(("mode", "copied"), [("auto", True), ("on", True), ("off", False)])
 def test_cli_modes(mode: str, copied: bool, monkeypatch, char_tokenizer) -> None:
     import llamascope_sdk.loading.models as models

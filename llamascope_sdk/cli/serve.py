@@ -56,9 +56,9 @@ def serve(model: ModelOpt = None,
           max_prompt_chars: Annotated[int, typer.Option(min=1, help="Largest prompt of one request in characters (token ids count one each); larger ones get 400 before tokenising.")] = MAX_PROMPT_CHARS,
           row_copies: Annotated[str, typer.Option(
               "--row-copies", help="auto, on or off: keep a column-major copy of every linear "
-              "weight for one-row decode steps on the CPU (MKL reads that layout about twice as "
-              "fast; costs one more copy of the weights). auto: on for a CPU model whose copy "
-              "is at most 2 GiB.")] = "auto",
+              "weight for decode steps of 1-3 rows on the CPU (MKL reads that layout up to 1.8x "
+              "as fast; costs one more copy of the weights). auto: on for a CPU model whose "
+              "copy is at most 2 GiB.")] = "auto",
           allow_local_saes: Annotated[bool, typer.Option(hidden=True)] = False,
           device: DeviceOpt = "cpu", dtype: DtypeOpt = None) -> None:
     """Serve the model with per-request feature steering (OpenAI-compatible API)."""
@@ -71,7 +71,7 @@ def serve(model: ModelOpt = None,
     from llamascope_sdk.steering.pool import SaePool, parse_bytes
     from llamascope_sdk.store.feature_store import resolve_store
 
-    api_key = _checked(api_key, allow_local_saes, row_copies)
+    api_key = _checked(api_key, allow_local_saes, row_copies, device)
     for st in store or []:
         resolve_store(st)  # a bad --store is reported before anything loads
     limits = Limits(max_edits=max_edits, max_tokens=max_tokens,
@@ -113,7 +113,8 @@ def _model(model: str | None, names: list[str], pool: Any, device: str,
     return lm, tok, model_id
 
 
-def _checked(api_key: str | None, allow_local_saes: bool, row_copies: str) -> str | None:
+def _checked(api_key: str | None, allow_local_saes: bool, row_copies: str,
+             device: str) -> str | None:
     """The API key (from LLAMASCOPE_API_KEY when not given), after the options checked
     before anything loads."""
     if allow_local_saes:
@@ -121,6 +122,10 @@ def _checked(api_key: str | None, allow_local_saes: bool, row_copies: str) -> st
                                  "use with --allow-sae-dir DIR", param_hint="--allow-local-saes")
     if row_copies not in ROW_COPIES:
         raise typer.BadParameter(f"{row_copies!r} is not one of {', '.join(ROW_COPIES)}",
+                                 param_hint="--row-copies")
+    if row_copies == "on" and device != "cpu":
+        raise typer.BadParameter(f"row copies are for a model on the CPU, not {device}: drop "
+                                 "--row-copies on or serve with --device cpu",
                                  param_hint="--row-copies")
     if api_key is None and "LLAMASCOPE_API_KEY" in os.environ:  # click drops an empty one
         api_key = os.environ["LLAMASCOPE_API_KEY"]
@@ -134,14 +139,11 @@ def _row_copies(lm: Any, mode: str) -> None:
     """Apply ``--row-copies`` (see llamascope_sdk.loading.row_copies)."""
     from llamascope_sdk.loading.row_copies import add_row_copies, row_copy_bytes
 
-    on_cpu = next(lm.parameters()).device.type == "cpu"
+    on_cpu = next(lm.parameters()).device.type == "cpu"  # "on" off the CPU: refused in _checked
     if mode == "off" or (mode == "auto" and (not on_cpu or row_copy_bytes(lm) > ROW_COPIES_AUTO_MAX)):
         return
-    if not on_cpu:
-        raise typer.BadParameter("row copies are for a model on the CPU; drop --row-copies on "
-                                 "or serve with --device cpu", param_hint="--row-copies")
     added = add_row_copies(lm)
-    typer.echo(f"row copies: {added / 2**20:,.0f} MiB more for one-row decode steps "
+    typer.echo(f"row copies: {added / 2**20:,.0f} MiB more for decode steps of 1-3 rows "
                "(--row-copies off to save it)", err=True)
 
 

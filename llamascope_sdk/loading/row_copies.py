@@ -42,7 +42,7 @@ CHUNK, CHUNK_MAX_ROWS = 1024, 16
 
 class _RowCopyLinear(nn.Linear):
     """``nn.Linear`` whose inputs of at most MAX_ROWS rows are multiplied by a contiguous copy
-    of ``W.T``."""
+    of ``W.T``, and whose large weight is sliced for up to CHUNK_MAX_ROWS rows."""
 
     row_copy: torch.Tensor
     _row_copy_version: int | None  # None: an inference tensor (no version counter)
